@@ -1,0 +1,328 @@
+"""Typed, frozen experiment configs: YAML files plus `key.sub=value` overrides.
+
+Every experiment is a YAML file in `configs/` that validates into `Config`. Unknown keys, wrong types
+and impossible values raise `ConfigError` naming the dotted key, before any compute happens.
+
+    cfg = load_config("configs/tiny.yaml", ["model.n_layers=4", "train.steps=100"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import types
+import typing
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, has the wrong type, or an impossible value."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+  if not cond:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Llama-style decoder: RMSNorm, RoPE, GQA attention, SwiGLU MLP."""
+  vocab_size: int = 259               # byte tokenizer: 256 bytes + PAD/BOS/EOS
+  d_model: int = 128
+  n_layers: int = 4
+  n_heads: int = 4
+  n_kv_heads: int = 2
+  head_dim: Optional[int] = None      # default d_model // n_heads
+  d_ff: Optional[int] = None          # default: 8/3 * d_model rounded up to a multiple of 64
+  max_seq_len: int = 2048
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  init_std: float = 0.02
+  attention_impl: str = "auto"        # auto | xla | cudnn
+  linear_impl: str = "dense"          # dense (later: bitlinear, lora)
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat: bool = False                 # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"):
+      _check(getattr(self, k) > 0, f"model.{k}", f"must be > 0, got {getattr(self, k)}")
+    if self.head_dim is None:
+      _check(self.d_model % self.n_heads == 0, "model.n_heads",
+             f"n_heads={self.n_heads} must divide d_model={self.d_model} (or set model.head_dim)")
+    else:
+      _check(self.head_dim > 0, "model.head_dim", f"must be > 0, got {self.head_dim}")
+    _check(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+           f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} (grouped-query attention)")
+    _check(self.hd % 2 == 0, "model.head_dim", f"head dim {self.hd} must be even for RoPE")
+    if self.d_ff is not None:
+      _check(self.d_ff > 0, "model.d_ff", f"must be > 0, got {self.d_ff}")
+    _check(self.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
+           f"must be one of auto|xla|cudnn, got {self.attention_impl!r}")
+    _check(self.linear_impl in ("dense",), "model.linear_impl",
+           f"must be 'dense', got {self.linear_impl!r}")
+    for k in ("compute_dtype", "param_dtype"):
+      _check(getattr(self, k) in ("float32", "bfloat16", "float16"), f"model.{k}",
+             f"must be float32|bfloat16|float16, got {getattr(self, k)!r}")
+    _check(self.init_std > 0, "model.init_std", "must be > 0")
+    _check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+
+  @property
+  def hd(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+  @property
+  def ff(self) -> int:
+    if self.d_ff is not None:
+      return self.d_ff
+    return int(math.ceil(8 * self.d_model / 3 / 64) * 64)
+
+  def num_params(self, include_embedding: bool = True) -> int:
+    d, hd = self.d_model, self.hd
+    attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
+    mlp = 3 * d * self.ff
+    per_layer = attn + mlp + 2 * d
+    n = self.n_layers * per_layer + d
+    if include_embedding:
+      n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    elif not self.tie_embeddings:
+      n += self.vocab_size * d  # the output projection is a matmul that costs FLOPs
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where examples come from and how they are cut and ordered."""
+  source: str = "bundled:tinyshakespeare"  # bundled:<name> | path.txt | path.jsonl | tfds:<name>[:split]
+  tfds_data_dir: Optional[str] = None
+  text_field: str = "text"                 # jsonl field holding the document text
+  seq_len: int = 128
+  packing: str = "pack"                    # pack | pad
+  valid_fraction: float = 0.05             # held-out share of the source (by document, or by bytes)
+  ordering: str = "shuffle"                # shuffle | sequential
+  seed: int = 0
+  max_documents: Optional[int] = None
+
+  def __post_init__(self):
+    _check(bool(self.source), "data.source", "must be non-empty")
+    _check(self.seq_len > 0, "data.seq_len", f"must be > 0, got {self.seq_len}")
+    _check(self.packing in ("pack", "pad"), "data.packing", f"must be pack|pad, got {self.packing!r}")
+    _check(0.0 <= self.valid_fraction < 1.0, "data.valid_fraction",
+           f"must be in [0, 1), got {self.valid_fraction}")
+    _check(self.ordering in ("shuffle", "sequential"), "data.ordering",
+           f"must be shuffle|sequential, got {self.ordering!r}")
+    if self.max_documents is not None:
+      _check(self.max_documents > 0, "data.max_documents", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with linear warmup and cosine decay to min_lr_ratio * lr."""
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 50
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  grad_clip: float = 1.0                   # global-norm clip; 0 disables
+
+  def __post_init__(self):
+    _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+    _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+    _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1", "b1 and b2 must be in [0, 1)")
+    _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 600
+  batch_size: int = 32                     # global batch (examples per optimiser step)
+  grad_accum: int = 1                      # micro-batches per step; batch_size must divide evenly
+  seed: int = 0
+  out_dir: str = "runs/tiny"
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  eval_every: int = 200
+  eval_batches: int = 8
+  log_every: int = 10
+  mesh_data: int = -1                      # data-parallel devices; -1 = all visible devices
+  progress: bool = True
+
+  def __post_init__(self):
+    _check(self.steps > 0, "train.steps", f"must be > 0, got {self.steps}")
+    _check(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
+    _check(self.grad_accum > 0, "train.grad_accum", f"must be > 0, got {self.grad_accum}")
+    _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
+           f"grad_accum={self.grad_accum} must divide batch_size={self.batch_size}")
+    _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
+    _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
+    _check(self.eval_every > 0, "train.eval_every", "must be > 0")
+    _check(self.eval_batches > 0, "train.eval_batches", "must be > 0")
+    _check(self.log_every > 0, "train.log_every", "must be > 0")
+    _check(self.mesh_data == -1 or self.mesh_data > 0, "train.mesh_data", "must be -1 or > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  splits: tuple[str, ...] = ("valid",)     # 'valid' (held-out part of data.source) or local file paths
+  batch_size: int = 16
+  max_batches: int = 64
+  num_samples: int = 2
+  sample_len: int = 200
+  prompt: str = "\n"
+  temperature: float = 0.8
+  top_k: int = 40
+
+  def __post_init__(self):
+    _check(len(self.splits) > 0, "eval.splits", "must name at least one split")
+    _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(self.max_batches > 0, "eval.max_batches", "must be > 0")
+    _check(self.num_samples >= 0, "eval.num_samples", "must be >= 0")
+    _check(self.sample_len >= 0, "eval.sample_len", "must be >= 0")
+    _check(self.temperature >= 0, "eval.temperature", "must be >= 0 (0 = greedy)")
+    _check(self.top_k >= 0, "eval.top_k", "must be >= 0 (0 = no top-k)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "tiny"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optim: OptimConfig = OptimConfig()
+  train: TrainConfig = TrainConfig()
+  eval: EvalConfig = EvalConfig()
+
+  def __post_init__(self):
+    _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
+           f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+    _check(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
+           f"warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checking
+
+
+def _type_name(tp: Any) -> str:
+  return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  origin = typing.get_origin(tp)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+      return None
+    inner = [a for a in args if a is not type(None)]
+    return _coerce(value, inner[0], key)
+  if dataclasses.is_dataclass(tp):
+    if not isinstance(value, dict):
+      raise ConfigError(f"config key '{key}': expected a mapping, got {type(value).__name__}")
+    return _from_dict(tp, value, key + ".")
+  if origin is tuple:
+    (elem, *_rest) = typing.get_args(tp)
+    if isinstance(value, str):
+      value = [value]
+    if not isinstance(value, (list, tuple)):
+      raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__}")
+    return tuple(_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value))
+  if tp is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    return value
+  if tp is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    return value
+  if tp is float:
+    if isinstance(value, str):  # YAML 1.1 reads '1e-4' (no dot) as a string
+      try:
+        value = float(value)
+      except ValueError:
+        pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    return float(value)
+  if tp is str:
+    if not isinstance(value, str):
+      raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    return value
+  raise ConfigError(f"config key '{key}': unsupported type {_type_name(tp)}")
+
+
+def _from_dict(cls: type, d: dict, prefix: str = "") -> Any:
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  for k in d:
+    if k not in names:
+      raise ConfigError(f"unknown config key '{prefix}{k}' (valid keys under "
+                        f"'{prefix.rstrip('.') or '<top>'}': {', '.join(sorted(names))})")
+  kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in d.items()}
+  return cls(**kwargs)
+
+
+def from_dict(d: dict) -> Config:
+  """Validates a nested dict (as read from YAML) into a `Config`."""
+  if not isinstance(d, dict):
+    raise ConfigError(f"a config must be a mapping at the top level, got {type(d).__name__}")
+  return _from_dict(Config, d)
+
+
+def to_dict(cfg: Any) -> dict:
+  """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+  def conv(x):
+    if dataclasses.is_dataclass(x):
+      return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, tuple):
+      return [conv(v) for v in x]
+    return x
+  return conv(cfg)
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+  """Applies `a.b=value` strings (value parsed as YAML) to a nested dict, returning a new dict."""
+  import copy
+  d = copy.deepcopy(d)
+  for ov in overrides:
+    if "=" not in ov:
+      raise ConfigError(f"override {ov!r} must look like key.sub=value")
+    key, raw = ov.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    node, cls = d, Config
+    for i, p in enumerate(parts):
+      fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+      if p not in fields:
+        raise ConfigError(f"unknown config key '{'.'.join(parts[:i + 1])}' in override {ov!r}")
+      ftype = typing.get_type_hints(cls)[p]
+      if i == len(parts) - 1:
+        node[p] = value
+      else:
+        if not dataclasses.is_dataclass(ftype):
+          raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}' is not a section")
+        node = node.setdefault(p, {})
+        cls = ftype
+  return d
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: list[str] | None = None) -> Config:
+  """Reads a YAML config (or the defaults when `path` is None) and applies overrides."""
+  d: dict = {}
+  if path is not None:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise ConfigError(f"config file not found: {p}")
+    try:
+      d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+  d = apply_overrides(d, list(overrides or []))
+  return from_dict(d)

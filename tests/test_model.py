@@ -1,0 +1,114 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from effjax.config import ModelConfig
+from effjax.model import apply, attention, attention_reference, init_params
+from effjax.model.transformer import apply_rope, rope_tables
+
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def naive_attention(q, k, v, causal=True):
+  """Loop over heads in float64 numpy: the textbook definition."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, N, H = q.shape
+  S, K = k.shape[1], k.shape[2]
+  out = np.zeros((B, T, N, H))
+  for n in range(N):
+    kv = n // (N // K)
+    s = np.einsum("bth,bsh->bts", q[:, :, n], k[:, :, kv]) / np.sqrt(H)
+    if causal:
+      mask = np.arange(S)[None, :] <= (np.arange(T)[:, None] + S - T)
+      s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out[:, :, n] = np.einsum("bts,bsh->bth", p, v[:, :, kv])
+  return out
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 13, 4, 2, 16), (1, 33, 8, 8, 32), (3, 7, 6, 1, 8)])
+def test_attention_reference_matches_naive(dtype, shape):
+  B, T, N, K, H = shape
+  kq, kk, kv = jax.random.split(jax.random.key(sum(shape)), 3)
+  q = jax.random.normal(kq, (B, T, N, H), dtype)
+  k = jax.random.normal(kk, (B, T, K, H), dtype)
+  v = jax.random.normal(kv, (B, T, K, H), dtype)
+  out = attention(q, k, v, implementation="xla")
+  assert out.dtype == dtype
+  chex.assert_trees_all_close(np.asarray(out, np.float64), naive_attention(q, k, v), **TOL[dtype])
+
+
+def test_attention_rejects_bad_shapes():
+  q = jnp.ones((1, 4, 6, 8))
+  with pytest.raises(ValueError, match="must divide"):
+    attention(q, jnp.ones((1, 4, 4, 8)), jnp.ones((1, 4, 4, 8)), implementation="xla")
+  with pytest.raises(ValueError, match="implementation"):
+    attention(q, jnp.ones((1, 4, 2, 8)), jnp.ones((1, 4, 2, 8)), implementation="flash9")
+
+
+def test_rope_is_a_rotation_with_relative_phase():
+  H = 16
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, H))
+  pos = jnp.arange(5)[None]
+  cos, sin = rope_tables(pos, H, 10000.0)
+  y = apply_rope(x, cos, sin)
+  # norms preserved per (token, head)
+  chex.assert_trees_all_close(jnp.linalg.norm(y, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  # dot products depend only on relative position: shift all positions by 7
+  cos2, sin2 = rope_tables(pos + 7, H, 10000.0)
+  y2 = apply_rope(x, cos2, sin2)
+  d1 = jnp.einsum("bthd,bshd->bhts", y, y)
+  d2 = jnp.einsum("bthd,bshd->bhts", y2, y2)
+  chex.assert_trees_all_close(d1, d2, rtol=1e-4, atol=1e-4)
+
+
+def small_cfg(**kw):
+  base = dict(vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
+              compute_dtype="float32")
+  base.update(kw)
+  return ModelConfig(**base)
+
+
+def test_param_count_and_dtypes():
+  cfg = small_cfg(tie_embeddings=False)
+  params = init_params(cfg, jax.random.key(0))
+  assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  assert params["layers"]["wq"]["kernel"].shape == (2, 64, 64)   # stacked [L, D, N*H]
+  assert params["layers"]["wk"]["kernel"].shape == (2, 64, 32)   # K*H = 2*16
+
+
+def test_forward_is_causal():
+  cfg = small_cfg()
+  params = init_params(cfg, jax.random.key(1))
+  toks = jax.random.randint(jax.random.key(2), (2, 20), 0, 259)
+  logits = apply(cfg, params, toks)
+  assert logits.shape == (2, 20, 259) and logits.dtype == jnp.float32
+  toks2 = toks.at[:, 12:].set((toks[:, 12:] + 1) % 259)
+  logits2 = apply(cfg, params, toks2)
+  chex.assert_trees_all_close(logits[:, :12], logits2[:, :12], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(logits[:, 12:], logits2[:, 12:])
+
+
+def test_bf16_compute_close_to_fp32():
+  cfg32 = small_cfg()
+  cfg16 = small_cfg(compute_dtype="bfloat16")
+  params = init_params(cfg32, jax.random.key(3))
+  toks = jax.random.randint(jax.random.key(4), (2, 24), 0, 259)
+  l32 = apply(cfg32, params, toks)
+  l16 = apply(cfg16, params, toks)
+  assert l16.dtype == jnp.float32
+  rel = float(jnp.linalg.norm(l16 - l32) / jnp.linalg.norm(l32))
+  assert rel < 2e-2, rel
+
+
+def test_remat_gives_same_gradients():
+  cfg = small_cfg()
+  params = init_params(cfg, jax.random.key(5))
+  toks = jax.random.randint(jax.random.key(6), (2, 16), 0, 259)
+  f = lambda c: jax.grad(lambda p: apply(c, p, toks).mean())(params)
+  chex.assert_trees_all_close(f(cfg), f(small_cfg(remat=True)), rtol=1e-5, atol=1e-7)
