@@ -253,7 +253,13 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   eval_fn = jax.jit(make_eval_step(cfg.model), in_shardings=(repl, shd.batch_sharding(mesh)))
 
   def run_eval(step):
-    batches = data_lib.eval_batches(valid_ex, cfg.eval.batch_size * n_data, cfg.train.eval_batches)
+    if len(valid_ex) == 0:  # data.valid_fraction = 0: nothing held out
+      return None
+    # The same examples whatever the device count: the first eval_batches * eval.batch_size, in
+    # batches rounded up to a multiple of the data axis (padding rows carry mask 0).
+    n_eval = min(len(valid_ex), cfg.train.eval_batches * cfg.eval.batch_size)
+    bs = -(-cfg.eval.batch_size // n_data) * n_data
+    batches = data_lib.eval_batches(valid_ex.take(np.arange(n_eval)), bs)
     r = evaluate_loss(eval_fn, state["params"], batches, mesh)
     with paths.metrics.open("a") as f:
       f.write(json.dumps({"step": step, "valid_loss": r["loss"], "valid_bpb": r["bpb"],
@@ -297,8 +303,8 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
         pbar.update(1)
       if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
         mf.flush()
-        last_valid = run_eval(step)
-        if pbar is not None:
+        last_valid = run_eval(step) or last_valid
+        if pbar is not None and last_valid is not None:
           pbar.write(f"step {step}: valid loss {last_valid['loss']:.4f} nats "
                      f"({last_valid['bpb']:.3f} bits/token)")
       if step % cfg.train.checkpoint_every == 0 or step == end:
