@@ -125,7 +125,10 @@ def run_one(cfg, batch: int, seq: int, n_steps: int, windows: int) -> dict:
   kind = card_name()
   peak = peak_tflops(kind)
   att = attention_time(cfg, batch, seq) * cfg.model.n_layers
-  mem = jax.devices()[0].memory_stats() or {}
+  mem_an = step.lower(state, batches[0]).compile().memory_analysis()
+  step_gib = None if mem_an is None else (
+      mem_an.temp_size_in_bytes + mem_an.argument_size_in_bytes + mem_an.output_size_in_bytes
+      - mem_an.alias_size_in_bytes) / 2**30
   out = {
       "batch": batch, "seq": seq, "tokens_per_step": tokens, "step_ms": sec * 1e3,
       "step_ms_windows": [t * 1e3 for t in all_t], "tokens_per_s": tokens / sec,
@@ -136,7 +139,7 @@ def run_one(cfg, batch: int, seq: int, n_steps: int, windows: int) -> dict:
       "mfu_causal_flops": None if peak is None else f_tok_causal * tokens / sec / 1e12 / peak,
       "attention_ms_per_step": att * 1e3, "attention_share": att / sec,
       "compile_s": compile_s, "final_loss": float(m["loss"]),
-      "peak_memory_gib": mem.get("peak_bytes_in_use", 0) / 2**30,
+      "step_memory_gib": step_gib,  # compiled step: arguments + outputs + temporaries
       "remat": cfg.model.remat, "attention_impl": cfg.model.attention_impl,
   }
   del state
@@ -151,18 +154,29 @@ def main():
   ap.add_argument("--steps", type=int, default=10, help="steps per timing window")
   ap.add_argument("--windows", type=int, default=3)
   ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<card>/train.json)")
+  ap.add_argument("--variant", action="append", default=None,
+                  help="LABEL=key=value,key=value: extra config overrides timed as one variant")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
   cfg = load_config(args.config, args.overrides)
   kind = card_name()
+  variants = [("default", [])]
+  if args.variant:
+    variants = []
+    for v in args.variant:
+      label, _, ovs = v.partition("=")
+      variants.append((label, [o for o in ovs.split(",") if o]))
   results = []
-  for b in args.batch or [16]:
-    try:
-      r = run_one(cfg, b, args.seq, args.steps, args.windows)
-    except Exception as e:  # e.g. out of memory at a large batch: record it, keep going
-      r = {"batch": b, "seq": args.seq, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    results.append(r)
-    print(json.dumps(r), flush=True)
+  for label, ovs in variants:
+    vcfg = load_config(args.config, args.overrides + ovs)
+    for b in args.batch or [16]:
+      try:
+        r = run_one(vcfg, b, args.seq, args.steps, args.windows)
+      except Exception as e:  # e.g. out of memory at a large batch: record it, keep going
+        r = {"batch": b, "seq": args.seq, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+      r = {"variant": label, "variant_overrides": ovs, **r}
+      results.append(r)
+      print(json.dumps(r), flush=True)
   ok = [r for r in results if "error" not in r]
   best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
   doc = {
@@ -177,15 +191,15 @@ def main():
       pathlib.Path(__file__).parent / "results" / kind.replace(" ", "_") / "train.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(doc, indent=2))
-  print(f"\n{'batch':>5} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFUc':>6} {'attn':>6} {'GiB':>6}")
+  print(f"\n{'variant':>12} {'batch':>5} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFUc':>6} {'attn':>6} {'GiB':>6}")
   for r in results:
     if "error" in r:
-      print(f"{r['batch']:>5}  error: {r['error'][:80]}")
+      print(f"{r['variant']:>12} {r['batch']:>5}  error: {r['error'][:80]}")
       continue
     mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}"
     mfuc = "n/a" if r["mfu_causal_flops"] is None else f"{r['mfu_causal_flops']:.1%}"
-    print(f"{r['batch']:>5} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['achieved_tflops']:>8.1f} "
-          f"{mfu:>6} {mfuc:>6} {r['attention_share']:>6.1%} {r['peak_memory_gib']:>6.1f}")
+    print(f"{r['variant']:>12} {r['batch']:>5} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {r['achieved_tflops']:>8.1f} "
+          f"{mfu:>6} {mfuc:>6} {r['attention_share']:>6.1%} {(r['step_memory_gib'] or 0):>6.1f}")
   print(f"wrote {out}")
 
 

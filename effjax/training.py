@@ -100,10 +100,16 @@ def make_train_step(cfg: Config, optimizer: optax.GradientTransformation) -> Cal
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+    metrics = {"loss": loss_sum / count, "grad_norm": _global_norm(grads), "tokens": count}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return step
+
+
+def _global_norm(tree):
+  # optax >= 0.2.5 moved this to optax.tree.norm; keep both JAX environments working
+  tree_ns = getattr(optax, "tree", None)
+  return tree_ns.norm(tree) if tree_ns is not None and hasattr(tree_ns, "norm") else optax.global_norm(tree)
 
 
 def make_eval_step(mcfg: ModelConfig) -> Callable:

@@ -74,7 +74,7 @@ def small_cfg(**kw):
 
 
 def test_param_count_and_dtypes():
-  cfg = small_cfg(tie_embeddings=False)
+  cfg = small_cfg(tie_embeddings=False, scan_layers=True)
   params = init_params(cfg, jax.random.key(0))
   assert sum(x.size for x in jax.tree.leaves(params)) == cfg.num_params()
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
@@ -112,3 +112,18 @@ def test_remat_gives_same_gradients():
   toks = jax.random.randint(jax.random.key(6), (2, 16), 0, 259)
   f = lambda c: jax.grad(lambda p: apply(c, p, toks).mean())(params)
   chex.assert_trees_all_close(f(cfg), f(small_cfg(remat=True)), rtol=1e-5, atol=1e-7)
+
+
+def test_layer_stacking_and_embedding_lookup_are_equivalent():
+  """scan-stacked vs unrolled layers, one-hot vs gather embedding: the same function."""
+  toks = jax.random.randint(jax.random.key(7), (2, 16), 0, 259)
+  scanned = small_cfg(scan_layers=True, embed_lookup="gather")
+  p_scan = init_params(scanned, jax.random.key(8))
+  # unstack [L, ...] params into layers_0, layers_1, ...
+  p_unroll = {k: v for k, v in p_scan.items() if k != "layers"}
+  for i in range(scanned.n_layers):
+    p_unroll[f"layers_{i}"] = jax.tree.map(lambda x: x[i], p_scan["layers"])
+  ref = apply(scanned, p_scan, toks)
+  for lookup in ("gather", "onehot"):
+    out = apply(small_cfg(scan_layers=False, embed_lookup=lookup), p_unroll, toks)
+    chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,15 @@ def attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, *, causal
   impl = resolve_implementation(implementation, q_BTNH.dtype)
   if impl == "xla":
     return attention_reference(q_BTNH, k_BSKH, v_BSKH, causal=causal)
-  if q_BTNH.shape[1] != k_BSKH.shape[1] and causal:
+  T = q_BTNH.shape[1]
+  if T != k_BSKH.shape[1] and causal:
     raise ValueError("cudnn path supports causal self-attention with T == S only")
+  if causal and T % 2:
+    # cuDNN's training kernels need even lengths. One extra trailing query/key is exact under the
+    # causal mask: no real query can see a key placed after all of them.
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 1), (0, 0), (0, 0)))
+    out = jax.nn.dot_product_attention(pad(q_BTNH), pad(k_BSKH), pad(v_BSKH), is_causal=True,
+                                       implementation="cudnn")
+    return out[:, :T]
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, is_causal=causal,
                                       implementation="cudnn")

@@ -95,13 +95,23 @@ class Transformer(nn.Module):
     embed_VD = self.param("embed", nn.initializers.normal(cfg.init_std),
                           (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
     # The residual stream stays in compute dtype; norms and softmax upcast internally.
-    x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
+    onehot = cfg.embed_lookup == "onehot" or (cfg.embed_lookup == "auto" and cfg.vocab_size <= 4096)
+    if onehot:
+      # Small vocabularies (bytes): a one-hot matmul. Its backward is a matmul too, where a gather's
+      # backward is a scatter-add of every token onto a few hundred rows (heavy atomic contention).
+      x_BTD = jnp.dot(jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=dt), embed_VD.astype(dt))
+    else:
+      x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
     rope = rope_tables(positions_BT, cfg.hd, cfg.rope_theta)
 
     block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     in_axes=(nn.broadcast,), length=cfg.n_layers)
-    x_BTD, _ = layers(cfg, name="layers")(x_BTD, rope)
+    if cfg.scan_layers:
+      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                       in_axes=(nn.broadcast,), length=cfg.n_layers)
+      x_BTD, _ = layers(cfg, name="layers")(x_BTD, rope)
+    else:
+      for i in range(cfg.n_layers):
+        x_BTD, _ = block(cfg, name=f"layers_{i}")(x_BTD, rope)
 
     x_BTD = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x_BTD)
     if cfg.tie_embeddings:
