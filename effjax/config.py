@@ -196,6 +196,59 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DeltConfig:
+  """DELT data efficacy: score -> select -> order, before training (effjax/data/delt.py)."""
+  scoring: str = "none"                    # none | lqs | pds | loss | random
+  selection: str = "none"                  # none | top_r | top_k | threshold
+  select_value: float = 1.0                # r (fraction), k (count) or the score threshold
+  ordering: str = "none"                   # none (= data.ordering) | sorted_asc | sorted_desc | folding | zigzag | shuffle
+  folds: int = 3                           # L for folding / zigzag
+  reference_source: str = ""               # the quality reference set (e.g. WikiText-2 valid)
+  reference_fraction: float = 0.5          # its first fraction of documents is the reference set
+  reference_examples: int = 256            # at most this many reference examples
+  proxy: ModelConfig = ModelConfig()       # proxy model (byte vocabulary)
+  proxy_pretrain_steps: int = 200          # AdamW warm-up of the proxy before its SGD trajectory
+  proxy_steps: int = 100                   # T: SGD steps scored (checkpoints every int(sqrt(T)))
+  proxy_lr: float = 0.05                   # constant SGD lr of the trajectory (and the adjoint)
+  proxy_batch_size: int = 32
+  score_sample: int = 0                    # 0: score every example with the proxy; else score this
+                                           # many and regress a learned scorer for the rest
+  projection_dim: int = 0                  # 0: exact gradients; else count-sketch dimension
+  chunk_size: int = 16                     # examples per vmapped per-example-gradient chunk
+  seed: int = 0
+  cache_dir: str = "runs/delt_cache"
+
+  def __post_init__(self):
+    _check(self.scoring in ("none", "lqs", "pds", "loss", "random"), "delt.scoring",
+           f"must be none|lqs|pds|loss|random, got {self.scoring!r}")
+    _check(self.selection in ("none", "top_r", "top_k", "threshold"), "delt.selection",
+           f"must be none|top_r|top_k|threshold, got {self.selection!r}")
+    _check(self.ordering in ("none", "sorted_asc", "sorted_desc", "folding", "zigzag", "shuffle"),
+           "delt.ordering", f"must be none|sorted_asc|sorted_desc|folding|zigzag|shuffle, got {self.ordering!r}")
+    if self.selection == "top_r":
+      _check(0 < self.select_value <= 1, "delt.select_value", f"top_r needs a fraction in (0, 1], got {self.select_value}")
+    if self.selection == "top_k":
+      _check(self.select_value >= 1 and float(self.select_value).is_integer(), "delt.select_value",
+             f"top_k needs a positive integer count, got {self.select_value}")
+    needs_scores = self.selection != "none" or self.ordering not in ("none", "shuffle")
+    _check(not needs_scores or self.scoring != "none", "delt.scoring",
+           f"delt.selection={self.selection!r} / delt.ordering={self.ordering!r} need scores: set delt.scoring")
+    _check(self.folds >= 1, "delt.folds", f"must be >= 1, got {self.folds}")
+    if self.scoring in ("lqs", "pds"):
+      _check(bool(self.reference_source), "delt.reference_source",
+             f"scoring={self.scoring!r} needs a reference set source")
+    _check(0 < self.reference_fraction <= 1, "delt.reference_fraction", "must be in (0, 1]")
+    _check(self.reference_examples > 0, "delt.reference_examples", "must be > 0")
+    _check(self.proxy_pretrain_steps >= 0, "delt.proxy_pretrain_steps", "must be >= 0")
+    _check(self.proxy_steps >= 1, "delt.proxy_steps", "must be >= 1")
+    _check(self.proxy_lr > 0, "delt.proxy_lr", "must be > 0")
+    _check(self.proxy_batch_size > 0, "delt.proxy_batch_size", "must be > 0")
+    _check(self.score_sample >= 0, "delt.score_sample", "must be >= 0")
+    _check(self.projection_dim >= 0, "delt.projection_dim", "must be >= 0")
+    _check(self.chunk_size > 0, "delt.chunk_size", "must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "tiny"
   model: ModelConfig = ModelConfig()
@@ -203,10 +256,15 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+  delt: DeltConfig = DeltConfig()
 
   def __post_init__(self):
     _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
            f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+    _check(self.delt.proxy.vocab_size == self.model.vocab_size, "delt.proxy.vocab_size",
+           "the proxy must share the model's tokenizer/vocabulary")
+    _check(self.data.seq_len <= self.delt.proxy.max_seq_len, "delt.proxy.max_seq_len",
+           f"must be >= data.seq_len={self.data.seq_len}")
     _check(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
            f"warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}")
 

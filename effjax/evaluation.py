@@ -64,9 +64,16 @@ def evaluate_splits(cfg: Config, params, splits=None) -> dict:
 @partial(jax.jit, static_argnames=("mcfg", "total_len", "top_k"))
 def _sample_loop(mcfg: ModelConfig, params, buf_BL, prompt_len, rng, temperature, total_len: int,
                  top_k: int):
+  # Condition on at most max_seq_len tokens: a window sliding over the fixed-size buffer.
+  W = min(total_len, mcfg.max_seq_len)
+
   def body(pos, carry):
     buf, rng = carry
-    logits_BV = model_lib.apply(mcfg, params, buf)[:, pos - 1].astype(jnp.float32)
+    start = jnp.maximum(pos - W, 0)
+    window = jax.lax.dynamic_slice_in_dim(buf, start, W, axis=1)
+    logits_BTV = model_lib.apply(mcfg, params, window)
+    logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, pos - start - 1, axis=1,
+                                             keepdims=False).astype(jnp.float32)
     rng, sub = jax.random.split(rng)
     if top_k > 0:
       kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
@@ -86,10 +93,9 @@ def sample(cfg: Config, params, prompt: str, num: int, length: int, temperature:
   from effjax.data import ByteTokenizer
   tok = ByteTokenizer()
   ids = tok.encode(prompt, add_bos=True)
+  if len(ids) > cfg.model.max_seq_len:  # keep the prompt's end: the model sees max_seq_len tokens
+    ids = ids[-cfg.model.max_seq_len:]
   total = len(ids) + length
-  if total > cfg.model.max_seq_len:
-    raise ValueError(f"prompt ({len(ids)} tokens) + sample_len ({length}) exceeds "
-                     f"model.max_seq_len={cfg.model.max_seq_len}")
   buf = np.zeros((num, total), np.int32)
   buf[:, :len(ids)] = ids
   out = _sample_loop(cfg.model, params, jnp.asarray(buf), len(ids), jax.random.key(seed),
