@@ -142,7 +142,7 @@ def _check_resume_config(paths: RunPaths, cfg: Config) -> None:
     return
   old = yaml.safe_load(paths.config.read_text())
   new = to_dict(cfg)
-  for section in ("model", "data", "optim"):
+  for section in ("model", "data", "optim", "delt"):
     if old.get(section) != new.get(section):
       diff = sorted(k for k in set(old.get(section, {})) | set(new[section])
                     if old.get(section, {}).get(k) != new[section].get(k))
@@ -247,9 +247,11 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   _truncate_metrics(paths.metrics, start_step)
   paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
+  from effjax.data import delt
+  order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
   it = data_lib.TrainIterator(train_ex, batch_size=cfg.train.batch_size,
                               ordering_kind=cfg.data.ordering, seed=cfg.data.seed,
-                              start_step=start_step)
+                              start_step=start_step, order=order)
   if data_state is not None:
     it.set_state(data_state)
 
@@ -323,7 +325,8 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
              "params": n_params, "unigram_entropy": entropy,
              "valid_loss": None if last_valid is None else last_valid["loss"],
              "valid_bpb": None if last_valid is None else last_valid["bpb"],
-             "checkpoint_dir": str(ckpt.dir), "metrics": str(paths.metrics)}
+             "checkpoint_dir": str(ckpt.dir), "metrics": str(paths.metrics),
+             "train_examples": len(train_ex), "delt": delt_info}
   if summary["finished"]:
     plot_metrics(paths.metrics, paths.plot, title=f"{cfg.name}: {n_params / 1e6:.2f}M params")
     summary["plot"] = str(paths.plot)

@@ -87,7 +87,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None):
+  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
+               return_hidden: bool = False):
     cfg = self.cfg
     dt = _dtype(cfg.compute_dtype)
     if positions_BT is None:
@@ -114,6 +115,8 @@ class Transformer(nn.Module):
         x_BTD, _ = block(cfg, name=f"layers_{i}")(x_BTD, rope)
 
     x_BTD = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x_BTD)
+    if return_hidden:  # final normed hidden states [B, T, D] (e.g. a mean-pooled encoder)
+      return x_BTD
     if cfg.tie_embeddings:
       out_DV = embed_VD.T
     else:
@@ -129,9 +132,9 @@ def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
   return model.init(rng, tokens)["params"]
 
 
-def apply(cfg: ModelConfig, params, tokens_BT, positions_BT=None):
-  """Forward pass: logits [B, T, V] float32."""
-  return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT)
+def apply(cfg: ModelConfig, params, tokens_BT, positions_BT=None, return_hidden: bool = False):
+  """Forward pass: logits [B, T, V] float32 (or final hidden states [B, T, D] in compute dtype)."""
+  return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, return_hidden)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -1,0 +1,174 @@
+"""The DELT pipeline before training: score -> select -> order, with cached scores.
+
+`prepare_order(cfg, train_examples)` returns the permutation of kept example ids the training
+iterator consumes (repeated every epoch), or None when DELT is off. Scores are cached under
+`delt.cache_dir/<key>/` (`scores.npy` float32 [N] + `meta.json`), keyed by everything that
+determines them (data, reference set, proxy, scoring settings and a checksum of the pool), so
+reruns and resumed runs skip scoring and see the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import time
+import zlib
+from typing import Callable
+
+import numpy as np
+
+from effjax.config import Config, OptimConfig, TrainConfig, to_dict
+from effjax.data import ordering as ordering_lib
+from effjax.data import selection as selection_lib
+from effjax.data.packing import Examples
+from effjax.data.pipeline import _to_examples
+from effjax.data.sources import load_documents
+from effjax.data.tokenizer import ByteTokenizer
+
+
+def reference_split(cfg: Config) -> tuple[Examples, Examples]:
+  """(reference set, held-out rest) of delt.reference_source: its first reference_fraction of
+  documents form the reference set (at most reference_examples examples); the remaining documents
+  are for evaluation and never touch scoring."""
+  d = cfg.delt
+  docs = load_documents(d.reference_source, text_field=cfg.data.text_field)
+  n_ref = max(1, int(len(docs) * d.reference_fraction))
+  tok = ByteTokenizer()
+  ref = _to_examples([tok.encode(x) for x in docs[:n_ref]], cfg.data)
+  rest = _to_examples([tok.encode(x) for x in docs[n_ref:]], cfg.data)
+  if len(ref) == 0:
+    raise ValueError(f"delt.reference_source {d.reference_source!r} gives no reference examples "
+                     f"of seq_len={cfg.data.seq_len}")
+  return ref.take(np.arange(min(len(ref), d.reference_examples))), rest
+
+
+def _cache_key(cfg: Config, pool: Examples) -> str:
+  d = to_dict(cfg.delt)
+  for k in ("selection", "select_value", "ordering", "folds", "cache_dir", "chunk_size"):
+    d.pop(k)
+  blob = json.dumps({"delt": d, "data": to_dict(cfg.data),
+                     "pool_crc32": zlib.crc32(np.ascontiguousarray(pool.tokens).tobytes()),
+                     "pool_n": len(pool)}, sort_keys=True)
+  return f"{cfg.delt.scoring}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
+def _pretrain_proxy(cfg: Config, pool: Examples, log: Callable[[str], None]):
+  """The proxy's starting point: init + delt.proxy_pretrain_steps of AdamW on the pool (DELT starts
+  its SGD trajectory from a pretrained proxy)."""
+  import jax
+  import jax.numpy as jnp
+  from effjax import training
+  d = cfg.delt
+  steps = d.proxy_pretrain_steps
+  pcfg = dataclasses.replace(
+      cfg, model=d.proxy,
+      optim=OptimConfig(lr=1e-3, warmup_steps=min(20, max(steps - 1, 0)), weight_decay=0.0),
+      train=TrainConfig(steps=max(steps, 1), batch_size=d.proxy_batch_size))
+  opt = training.make_optimizer(pcfg.optim, pcfg.train.steps)
+  state = training.init_train_state(pcfg, jax.random.key(d.seed), opt)
+  if steps == 0:
+    return state["params"]
+  step = jax.jit(training.make_train_step(pcfg, opt))
+  rng = np.random.default_rng((d.seed, 99))
+  for _ in range(steps):
+    ids = rng.integers(0, len(pool), d.proxy_batch_size)
+    t = pool.tokens[ids]
+    state, m = step(state, {"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
+                            "loss_mask": jnp.asarray(pool.mask[ids])})
+  log(f"proxy pretrained {steps} AdamW steps: loss {float(m['loss']):.3f}")
+  return state["params"]
+
+
+def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
+                   progress: bool = True) -> tuple[np.ndarray, dict]:
+  """Scores (float32 [N], higher = keep / later in curricula) for every pool example + metadata."""
+  from effjax.data import scoring
+  d = cfg.delt
+  t0 = time.perf_counter()
+  meta: dict = {"scoring": d.scoring, "n": len(pool)}
+  if d.scoring == "random":
+    return scoring.random_scores(len(pool), d.seed), meta
+  params0 = _pretrain_proxy(cfg, pool, log)
+  fns = scoring.ScoringFns(d.proxy, d.projection_dim, d.seed)
+  if d.score_sample and d.score_sample < len(pool):
+    sample_ids = np.sort(np.random.default_rng((d.seed, 5)).choice(len(pool), d.score_sample,
+                                                                   replace=False))
+  else:
+    sample_ids = np.arange(len(pool))
+  scored = pool.take(sample_ids)
+  if d.scoring == "loss":
+    sample_scores = scoring.loss_scores(fns, params0, scored, d.chunk_size)
+    encoder = params0
+  else:
+    ref, _ = reference_split(cfg)
+    trace = scoring.train_proxy(fns, params0, pool, d.proxy_steps, d.proxy_lr, d.proxy_batch_size,
+                                d.seed)
+    passes = scoring.scoring_passes(d.proxy_steps, trace.interval)
+    bar = None
+    if progress:
+      from tqdm.auto import tqdm
+      bar = tqdm(total=passes * len(scored), desc=f"{d.scoring} scoring", unit="ex",
+                 dynamic_ncols=True)
+    res = scoring.lqs_scores(fns, trace, pool, ref, scored, d.chunk_size,
+                             progress=bar.update if bar else None)
+    if bar:
+      bar.close()
+    sample_scores = res.lqs if d.scoring == "lqs" else res.pds
+    encoder = trace.checkpoints[trace.steps]
+    meta.update(reference_examples=len(ref), proxy_steps=trace.steps, interval=trace.interval,
+                scored_steps=res.steps, lam_norms={str(k): v for k, v in res.lam_norms.items()})
+  meta["scored_directly"] = len(sample_ids)
+  if len(sample_ids) < len(pool):
+    scorer = scoring.fit_learned_scorer(d.proxy, encoder, scored, sample_scores, seed=d.seed,
+                                        chunk=max(d.chunk_size, 32))
+    scores = scorer.predict(pool, chunk=max(d.chunk_size, 32))
+    meta["learned_scorer"] = scorer.fit
+    log(f"learned scorer fit on {len(sample_ids)} proxy-scored examples: {scorer.fit}")
+  else:
+    scores = sample_scores
+  meta["seconds"] = time.perf_counter() - t0
+  return np.asarray(scores, np.float32), meta
+
+
+def load_or_compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
+                           progress: bool = True) -> tuple[np.ndarray, dict]:
+  cache = pathlib.Path(cfg.delt.cache_dir) / _cache_key(cfg, pool)
+  f_scores, f_meta = cache / "scores.npy", cache / "meta.json"
+  if f_scores.exists() and f_meta.exists():
+    scores = np.load(f_scores)
+    if scores.shape != (len(pool),) or scores.dtype != np.float32:
+      raise ValueError(f"cached scores {f_scores} have shape {scores.shape} / {scores.dtype}, "
+                       f"expected ({len(pool)},) float32: delete {cache} to rescore")
+    log(f"using cached {cfg.delt.scoring} scores from {cache}")
+    return scores, json.loads(f_meta.read_text())
+  scores, meta = compute_scores(cfg, pool, log, progress)
+  cache.mkdir(parents=True, exist_ok=True)
+  tmp = cache / "scores.tmp.npy"
+  np.save(tmp, scores)
+  tmp.rename(f_scores)  # atomic: a half-written cache is never read back
+  f_meta.write_text(json.dumps(meta, indent=2))
+  log(f"{cfg.delt.scoring} scores of {len(pool)} examples cached in {cache} "
+      f"({meta.get('seconds', 0):.1f} s)")
+  return scores, meta
+
+
+def prepare_order(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
+                  progress: bool = True) -> tuple[np.ndarray | None, dict]:
+  """The DELT order (int64 permutation of the kept ids) for `pool`, or (None, {}) when off."""
+  d = cfg.delt
+  if d.scoring == "none" and d.selection == "none" and d.ordering == "none":
+    return None, {}
+  if d.scoring == "none":  # only 'shuffle' ordering can get here (config validation)
+    scores = np.zeros(len(pool), np.float32)
+    meta = {}
+  else:
+    scores, meta = load_or_compute_scores(cfg, pool, log, progress)
+  kept = selection_lib.select(scores, d.selection, d.select_value)
+  kind = d.ordering if d.ordering != "none" else "shuffle"
+  order = ordering_lib.score_ordering(kind, scores, kept, d.folds, d.seed)
+  info = {"scoring": d.scoring, "selection": d.selection, "select_value": d.select_value,
+          "ordering": kind, "folds": d.folds, "kept": int(len(kept)), "pool": len(pool), **meta}
+  log(f"DELT: {d.scoring} scores -> {d.selection} keeps {len(kept)}/{len(pool)} -> {kind} order")
+  return order, info
