@@ -109,7 +109,8 @@ class DataConfig:
   packing: str = "pack"                    # pack | pad
   valid_fraction: float = 0.05             # held-out share of the source (by document, or by bytes)
   ordering: str = "shuffle"                # shuffle | sequential
-  seed: int = 0
+  seed: int = 0                            # the held-out split (and the shuffle, by default)
+  shuffle_seed: Optional[int] = None       # the training shuffle's seed; default data.seed
   max_documents: Optional[int] = None
 
   def __post_init__(self):

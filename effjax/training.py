@@ -122,6 +122,22 @@ def make_eval_step(mcfg: ModelConfig) -> Callable:
 # the training loop
 
 
+_STEP_CACHE: dict = {}
+
+
+def _compiled_steps(cfg: Config, optimizer, mesh):
+  """Jitted (train_step, eval_step), shared by runs with the same model / optimiser / schedule /
+  mesh in one process (e.g. an experiment's seeds), so each compiles once."""
+  key = (cfg.model, cfg.optim, cfg.train.steps, cfg.train.grad_accum, mesh)
+  if key not in _STEP_CACHE:
+    repl, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    _STEP_CACHE[key] = (
+        jax.jit(make_train_step(cfg, optimizer), in_shardings=(repl, bsh), out_shardings=(repl, repl),
+                donate_argnums=0),
+        jax.jit(make_eval_step(cfg.model), in_shardings=(repl, bsh)))
+  return _STEP_CACHE[key]
+
+
 @dataclasses.dataclass
 class RunPaths:
   out: pathlib.Path
@@ -250,15 +266,13 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   from effjax.data import delt
   order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
   it = data_lib.TrainIterator(train_ex, batch_size=cfg.train.batch_size,
-                              ordering_kind=cfg.data.ordering, seed=cfg.data.seed,
+                              ordering_kind=cfg.data.ordering,
+                              seed=cfg.data.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
                               start_step=start_step, order=order)
   if data_state is not None:
     it.set_state(data_state)
 
-  step_fn = jax.jit(make_train_step(cfg, optimizer),
-                    in_shardings=(repl, shd.batch_sharding(mesh)), out_shardings=(repl, repl),
-                    donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(cfg.model), in_shardings=(repl, shd.batch_sharding(mesh)))
+  step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh)
 
   def run_eval(step):
     if len(valid_ex) == 0:  # data.valid_fraction = 0: nothing held out

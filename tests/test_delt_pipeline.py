@@ -39,7 +39,8 @@ def test_lqs_top_r_folding_end_to_end(tmp_path):
   pool = load_splits(cfg.data)["train"]
   logs = []
   order, info = delt.prepare_order(cfg, pool, log=logs.append, progress=False)
-  cache = next((tmp_path / "cache").iterdir())
+  cache = next((tmp_path / "cache").glob("lqs-*"))
+  assert len(list((tmp_path / "cache").glob("pds-*"))) == 1  # same trajectory: PDS cached too
   scores = np.load(cache / "scores.npy")
   assert scores.shape == (len(pool),) and scores.dtype == np.float32
   assert np.all(np.abs(scores) <= 3) and np.std(scores) > 0
@@ -53,6 +54,10 @@ def test_lqs_top_r_folding_end_to_end(tmp_path):
   order2, _ = delt.prepare_order(cfg, pool, log=logs2.append, progress=False)
   np.testing.assert_array_equal(order, order2)
   assert any("using cached" in m for m in logs2)
+  logs3 = []
+  delt.prepare_order(make_cfg(tmp_path, "delt.scoring=pds", "delt.ordering=folding"), pool,
+                     log=logs3.append, progress=False)
+  assert any("using cached pds" in m for m in logs3)
   # train() consumes it, and resumes bit-identically
   full = train(make_cfg(tmp_path, "delt.scoring=lqs", "delt.selection=top_r",
                         "delt.select_value=0.5", "delt.ordering=folding",

@@ -48,7 +48,10 @@ def _cache_key(cfg: Config, pool: Examples) -> str:
   d = to_dict(cfg.delt)
   for k in ("selection", "select_value", "ordering", "folds", "cache_dir", "chunk_size"):
     d.pop(k)
-  blob = json.dumps({"delt": d, "data": to_dict(cfg.data),
+  data = to_dict(cfg.data)
+  for k in ("ordering", "shuffle_seed"):  # the training shuffle does not change scores
+    data.pop(k)
+  blob = json.dumps({"delt": d, "data": data,
                      "pool_crc32": zlib.crc32(np.ascontiguousarray(pool.tokens).tobytes()),
                      "pool_n": len(pool)}, sort_keys=True)
   return f"{cfg.delt.scoring}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
@@ -82,14 +85,15 @@ def _pretrain_proxy(cfg: Config, pool: Examples, log: Callable[[str], None]):
 
 
 def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
-                   progress: bool = True) -> tuple[np.ndarray, dict]:
-  """Scores (float32 [N], higher = keep / later in curricula) for every pool example + metadata."""
+                   progress: bool = True) -> dict[str, tuple[np.ndarray, dict]]:
+  """{scoring name: (scores float32 [N], metadata)} for every pool example; higher = keep / later
+  in curricula. LQS and PDS come from the same proxy trajectory, so both are returned together."""
   from effjax.data import scoring
   d = cfg.delt
   t0 = time.perf_counter()
   meta: dict = {"scoring": d.scoring, "n": len(pool)}
   if d.scoring == "random":
-    return scoring.random_scores(len(pool), d.seed), meta
+    return {"random": (scoring.random_scores(len(pool), d.seed), meta)}
   params0 = _pretrain_proxy(cfg, pool, log)
   fns = scoring.ScoringFns(d.proxy, d.projection_dim, d.seed)
   if d.score_sample and d.score_sample < len(pool):
@@ -99,7 +103,7 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
     sample_ids = np.arange(len(pool))
   scored = pool.take(sample_ids)
   if d.scoring == "loss":
-    sample_scores = scoring.loss_scores(fns, params0, scored, d.chunk_size)
+    sample_scores = {"loss": scoring.loss_scores(fns, params0, scored, d.chunk_size)}
     encoder = params0
   else:
     ref, _ = reference_split(cfg)
@@ -115,21 +119,23 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
                              progress=bar.update if bar else None)
     if bar:
       bar.close()
-    sample_scores = res.lqs if d.scoring == "lqs" else res.pds
+    sample_scores = {"lqs": res.lqs, "pds": res.pds}
     encoder = trace.checkpoints[trace.steps]
     meta.update(reference_examples=len(ref), proxy_steps=trace.steps, interval=trace.interval,
                 scored_steps=res.steps, lam_norms={str(k): v for k, v in res.lam_norms.items()})
   meta["scored_directly"] = len(sample_ids)
-  if len(sample_ids) < len(pool):
-    scorer = scoring.fit_learned_scorer(d.proxy, encoder, scored, sample_scores, seed=d.seed,
-                                        chunk=max(d.chunk_size, 32))
-    scores = scorer.predict(pool, chunk=max(d.chunk_size, 32))
-    meta["learned_scorer"] = scorer.fit
-    log(f"learned scorer fit on {len(sample_ids)} proxy-scored examples: {scorer.fit}")
-  else:
-    scores = sample_scores
-  meta["seconds"] = time.perf_counter() - t0
-  return np.asarray(scores, np.float32), meta
+  out = {}
+  for name, s in sample_scores.items():
+    m = dict(meta, scoring=name)
+    if len(sample_ids) < len(pool):
+      scorer = scoring.fit_learned_scorer(d.proxy, encoder, scored, s, seed=d.seed,
+                                          chunk=max(d.chunk_size, 32))
+      s = scorer.predict(pool, chunk=max(d.chunk_size, 32))
+      m["learned_scorer"] = scorer.fit
+      log(f"{name}: learned scorer fit on {len(sample_ids)} proxy-scored examples: {scorer.fit}")
+    m["seconds"] = time.perf_counter() - t0
+    out[name] = (np.asarray(s, np.float32), m)
+  return out
 
 
 def load_or_compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
@@ -143,15 +149,17 @@ def load_or_compute_scores(cfg: Config, pool: Examples, log: Callable[[str], Non
                        f"expected ({len(pool)},) float32: delete {cache} to rescore")
     log(f"using cached {cfg.delt.scoring} scores from {cache}")
     return scores, json.loads(f_meta.read_text())
-  scores, meta = compute_scores(cfg, pool, log, progress)
-  cache.mkdir(parents=True, exist_ok=True)
-  tmp = cache / "scores.tmp.npy"
-  np.save(tmp, scores)
-  tmp.rename(f_scores)  # atomic: a half-written cache is never read back
-  f_meta.write_text(json.dumps(meta, indent=2))
-  log(f"{cfg.delt.scoring} scores of {len(pool)} examples cached in {cache} "
-      f"({meta.get('seconds', 0):.1f} s)")
-  return scores, meta
+  results = compute_scores(cfg, pool, log, progress)
+  for name, (scores, meta) in results.items():
+    c = pathlib.Path(cfg.delt.cache_dir) / _cache_key(
+        dataclasses.replace(cfg, delt=dataclasses.replace(cfg.delt, scoring=name)), pool)
+    c.mkdir(parents=True, exist_ok=True)
+    tmp = c / "scores.tmp.npy"
+    np.save(tmp, scores)
+    tmp.rename(c / "scores.npy")  # atomic: a half-written cache is never read back
+    (c / "meta.json").write_text(json.dumps(meta, indent=2))
+    log(f"{name} scores of {len(pool)} examples cached in {c} ({meta.get('seconds', 0):.1f} s)")
+  return results[cfg.delt.scoring]
 
 
 def prepare_order(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
