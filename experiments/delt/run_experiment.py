@@ -77,8 +77,9 @@ def main():
 
   runs = []
   t_all = time.perf_counter()
-  for cond in args.conditions:
-    for seed in args.seeds:
+  # seeds outermost: an interrupted experiment still has every condition for the seeds it finished
+  for seed in args.seeds:
+    for cond in args.conditions:
       ovs = args.overrides + CONDITIONS[cond] + [
           f"train.seed={seed}", f"data.shuffle_seed={seed}", "train.progress=false",
           f"train.out_dir={out}/runs/{cond}/seed{seed}"]
@@ -97,6 +98,7 @@ def main():
              if not s["delt"] else s["delt"]["kept"], "delt": {k: v for k, v in s["delt"].items()
                                                              if k not in ("lam_norms",)}, **res}
       runs.append(run)
+      (out / "results_partial.json").write_text(json.dumps(runs))
       print(f"{cond:>18} seed {seed}: wikitext {res['wikitext_heldout']:.4f}  pool "
             f"{res['pool_heldout']:.4f}  ({run['train_seconds']:.0f} s)", flush=True)
 
