@@ -12,6 +12,8 @@ iterator's whole state is the step number.
 
 from __future__ import annotations
 
+import dataclasses
+
 import sys
 import threading
 import zlib
@@ -73,8 +75,20 @@ def load_splits(cfg: DataConfig) -> dict[str, Examples]:
   """cfg.source -> {"train": Examples, "valid": Examples}, cut per cfg.packing / cfg.seq_len.
 
   Train and valid never share a document (or, below 20 documents, a byte). "valid" has 0 rows when
-  cfg.valid_fraction == 0.
+  cfg.valid_fraction == 0. Only the fields that shape the examples key an in-process cache (runs of
+  an experiment share one load); callers must not modify the returned arrays.
   """
+  key = dataclasses.replace(cfg, ordering="shuffle", shuffle_seed=None)
+  if key not in _SPLIT_CACHE:
+    _SPLIT_CACHE.clear()  # keep one corpus in memory at most
+    _SPLIT_CACHE[key] = _load_splits(cfg)
+  return dict(_SPLIT_CACHE[key])
+
+
+_SPLIT_CACHE: dict = {}
+
+
+def _load_splits(cfg: DataConfig) -> dict[str, Examples]:
   docs = load_documents(cfg.source, text_field=cfg.text_field, tfds_data_dir=cfg.tfds_data_dir,
                         max_documents=cfg.max_documents)
   tok = ByteTokenizer()
