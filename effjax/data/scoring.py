@@ -119,10 +119,15 @@ class ScoringFns:
       return tree_axpy(-lr, grad_b(params, tokens, mask), params)
     object.__setattr__(self, "sgd_step", sgd_step)
 
+    # JAX has no forward-mode rule for cuDNN attention's backward, so the HVP runs the same model
+    # with the XLA attention (the same function; only the kernel differs).
+    grad_x = jax.grad(lambda p, t, m: batch_loss(dataclasses.replace(mcfg, attention_impl="xla"),
+                                                 p, t, m))
+
     @jax.jit
     def hvp(params, tokens, mask, v):
       # forward-over-reverse: the directional derivative of the gradient along v
-      return jax.jvp(lambda p: grad_b(p, tokens, mask), (params,), (v,))[1]
+      return jax.jvp(lambda p: grad_x(p, tokens, mask), (params,), (v,))[1]
     object.__setattr__(self, "hvp", hvp)
 
     ex_grad = jax.vmap(jax.grad(lambda p, t, m: example_loss(mcfg, p, t, m)), in_axes=(None, 0, 0))
