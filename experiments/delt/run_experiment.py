@@ -53,8 +53,15 @@ def main():
   ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
   ap.add_argument("--out", default=str(ROOT / "experiments/delt/results"))
   ap.add_argument("--eval-examples", type=int, default=2048)
+  ap.add_argument("--merge", nargs="+", default=None,
+                  help="only rebuild the table/report from these results_partial.json files "
+                       "(runs split over several device calls)")
+  ap.add_argument("--card", default=None, help="with --merge: the card the runs ran on")
+  ap.add_argument("--jax-version", default=None, help="with --merge: the JAX version they ran with")
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
+  if args.merge:
+    return merge(args)
 
   import jax
   from effjax import sharding as shd
@@ -102,12 +109,6 @@ def main():
       print(f"{cond:>18} seed {seed}: wikitext {res['wikitext_heldout']:.4f}  pool "
             f"{res['pool_heldout']:.4f}  ({run['train_seconds']:.0f} s)", flush=True)
 
-  table = {}
-  for cond in args.conditions:
-    rs = [r for r in runs if r["condition"] == cond]
-    table[cond] = {k: {"mean": float(np.mean([r[k] for r in rs])),
-                       "std": float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0}
-                   for k in ("wikitext_heldout", "pool_heldout")}
   doc = {
       "experiment": "delt", "config": args.config, "overrides": args.overrides,
       "seeds": args.seeds, "card": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -115,7 +116,39 @@ def main():
       "total_seconds": time.perf_counter() - t_all, "steps": base.train.steps,
       "batch_size": base.train.batch_size, "seq_len": base.data.seq_len,
       "model_params": base.model.num_params(), "proxy_params": base.delt.proxy.num_params(),
-      "eval_examples": {k: len(v) for k, v in evals.items()}, "table": table, "runs": runs,
+      "eval_examples": {k: len(v) for k, v in evals.items()}, "table": make_table(runs), "runs": runs,
+  }
+  (out / "results.json").write_text(json.dumps(doc, indent=2))
+  write_report(doc, out)
+  print((out / "REPORT.md").read_text())
+
+
+def make_table(runs: list[dict]) -> dict:
+  table = {}
+  for cond in [c for c in CONDITIONS if any(r["condition"] == c for r in runs)]:
+    rs = [r for r in runs if r["condition"] == cond]
+    table[cond] = {k: {"mean": float(np.mean([r[k] for r in rs])),
+                       "std": float(np.std([r[k] for r in rs], ddof=1)) if len(rs) > 1 else 0.0,
+                       "n": len(rs), "seeds": sorted(r["seed"] for r in rs)}
+                   for k in ("wikitext_heldout", "pool_heldout")}
+  return table
+
+
+def merge(args) -> None:
+  from effjax.config import load_config
+  base = load_config(args.config, args.overrides)
+  runs = [r for f in args.merge for r in json.loads(pathlib.Path(f).read_text())]
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  doc = {
+      "experiment": "delt", "config": args.config, "overrides": args.overrides,
+      "seeds": sorted({r["seed"] for r in runs}), "card": args.card, "jax": args.jax_version,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "merged_from": [pathlib.Path(f).name for f in args.merge], "steps": base.train.steps,
+      "batch_size": base.train.batch_size, "seq_len": base.data.seq_len,
+      "model_params": base.model.num_params(), "proxy_params": base.delt.proxy.num_params(),
+      "eval_examples": {"wikitext_heldout": args.eval_examples, "pool_heldout": args.eval_examples},
+      "table": make_table(runs), "runs": runs,
   }
   (out / "results.json").write_text(json.dumps(doc, indent=2))
   write_report(doc, out)
@@ -164,14 +197,14 @@ def write_report(doc: dict, out: pathlib.Path) -> None:
       f"params. Seeds {doc['seeds']}. Held-out loss in nats per byte, mean +- std over seeds "
       f"(eval examples: {doc['eval_examples']}).",
       "",
-      "| condition | WikiText-2 held-out | vs conventional | held-out pool | vs conventional |",
-      "|---|---|---|---|---|",
+      "| condition | seeds | WikiText-2 held-out | vs conventional | held-out pool | vs conventional |",
+      "|---|---|---|---|---|---|",
   ]
   for c in table:
     w, p = table[c]["wikitext_heldout"], table[c]["pool_heldout"]
     dw = "" if conv is None else f"{w['mean'] - conv['wikitext_heldout']['mean']:+.4f}"
     dp = "" if conv is None else f"{p['mean'] - conv['pool_heldout']['mean']:+.4f}"
-    lines.append(f"| {c} | {w['mean']:.4f} +- {w['std']:.4f} | {dw} | {p['mean']:.4f} +- "
+    lines.append(f"| {c} | {w.get('n', '')} | {w['mean']:.4f} +- {w['std']:.4f} | {dw} | {p['mean']:.4f} +- "
                  f"{p['std']:.4f} | {dp} |")
   lines += ["", "![results](delt_experiment.png)", ""]
   (out / "REPORT.md").write_text("\n".join(lines))
