@@ -1,0 +1,99 @@
+"""Block scores -> block indices for the block-sparse decode kernel.
+
+Indices are int32 [B, K, M]: the selected KV blocks of each sequence and kv head (one decision per
+GQA group), ascending, padded with -1 -- the layout `pallas_kernels.sparse_decode` reads. Every
+rule always keeps the first block (attention sinks) and the current, partly filled block (the
+newest tokens), as SeerAttention-R and ReSA do.
+
+Quest (ReSA's training-free selector): per block and channel the min and max key; an upper bound of
+q . k over the block is sum_h max(q_h * min_h, q_h * max_h). A group's score is the max of that bound
+over its G query heads.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def num_blocks(lengths_B: jax.Array, block_size: int) -> jax.Array:
+  """Blocks holding at least one valid token: ceil(length / block_size), int32 [B]."""
+  return (lengths_B + block_size - 1) // block_size
+
+
+def block_minmax(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int):
+  """Per-block channel-wise key min and max over valid tokens: float32 [B, K, S/bs, H] each.
+  S must be a multiple of block_size. Blocks with no valid token get (+inf, -inf)."""
+  B, K, S, H = k_BKSH.shape
+  if S % block_size:
+    raise ValueError(f"cache capacity {S} must be a multiple of block_size {block_size}")
+  nb = S // block_size
+  k = k_BKSH.astype(jnp.float32).reshape(B, K, nb, block_size, H)
+  valid = (jnp.arange(S).reshape(nb, block_size)[None] < lengths_B[:, None, None])  # [B, nb, bs]
+  valid = valid[:, None, :, :, None]
+  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
+  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
+  return kmin, kmax
+
+
+def quest_scores(q_BKGH: jax.Array, kmin_BKNH: jax.Array, kmax_BKNH: jax.Array) -> jax.Array:
+  """Upper bound of max_{k in block} q . k, maxed over the group's heads: float32 [B, K, N]."""
+  q = q_BKGH.astype(jnp.float32)[:, :, :, None, :]                     # [B, K, G, 1, H]
+  lo, hi = kmin_BKNH[:, :, None], kmax_BKNH[:, :, None]                # [B, K, 1, N, H]
+  # q*lo is nan where a block is empty and q == 0 (0 * inf); those blocks are masked later
+  bound = jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1)                # [B, K, G, N]
+  return jnp.max(bound, axis=2)
+
+
+def _finish(chosen_BKN: jax.Array, max_blocks: int) -> jax.Array:
+  """Boolean block choices -> ascending indices, -1 padded, int32 [B, K, max_blocks]."""
+  N = chosen_BKN.shape[-1]
+  key = jnp.where(chosen_BKN, jnp.arange(N), N + jnp.arange(N))   # chosen first, in order
+  idx = jnp.argsort(key, axis=-1)[..., :max_blocks]
+  picked = jnp.take_along_axis(chosen_BKN, idx, axis=-1)
+  return jnp.where(picked, idx, -1).astype(jnp.int32)
+
+
+def _forced(lengths_B: jax.Array, N: int, block_size: int):
+  """(valid [B, 1, N], forced [B, 1, N]): valid blocks; the first and the current block."""
+  nb = num_blocks(lengths_B, block_size)[:, None, None]
+  ar = jnp.arange(N)[None, None]
+  valid = ar < nb
+  forced = valid & ((ar == 0) | (ar == nb - 1))
+  return valid, forced
+
+
+def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int) -> jax.Array:
+  """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
+  fewer are valid). Returns int32 [B, K, k]; a token budget of T tokens is k = T // block_size."""
+  if k < 2:
+    raise ValueError(f"a block budget must be >= 2 (first + current block), got {k}")
+  N = scores_BKN.shape[-1]
+  valid, forced = _forced(lengths_B, N, block_size)
+  s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
+  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
+  # rank with ties broken toward the lower block index; take k
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  chosen = (rank < k) & valid
+  return _finish(chosen, min(k, N))
+
+
+def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int, threshold: float,
+                     max_blocks: int) -> jax.Array:
+  """Blocks whose gate probability is >= threshold, plus the first and current ones; at most
+  max_blocks (the highest probabilities win). Returns int32 [B, K, max_blocks]."""
+  N = probs_BKN.shape[-1]
+  valid, forced = _forced(lengths_B, N, block_size)
+  keep = (valid & (probs_BKN >= threshold)) | forced
+  s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN, -jnp.inf))
+  order = jnp.argsort(-s, axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  return _finish(keep & (rank < max_blocks), min(max_blocks, N))
+
+
+def quest_select(q_BKGH, k_BKSH, lengths_B, block_size: int, budget_tokens: int) -> jax.Array:
+  """Quest end to end: bounds from the cache, top blocks within a token budget."""
+  kmin, kmax = block_minmax(k_BKSH, lengths_B, block_size)
+  return select_top_k(quest_scores(q_BKGH, kmin, kmax), lengths_B, block_size,
+                      max(2, budget_tokens // block_size))
