@@ -18,6 +18,7 @@ from effjax import model as model_lib
 from effjax import sharding as shd
 from effjax.checkpoint import CheckpointError, restore
 from effjax.config import Config, ModelConfig
+from effjax.decoding import sample_logits
 from effjax.training import evaluate_loss, make_eval_step
 
 
@@ -75,12 +76,7 @@ def _sample_loop(mcfg: ModelConfig, params, buf_BL, prompt_len, rng, temperature
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, pos - start - 1, axis=1,
                                              keepdims=False).astype(jnp.float32)
     rng, sub = jax.random.split(rng)
-    if top_k > 0:
-      kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-      logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
-    greedy = jnp.argmax(logits_BV, axis=-1)
-    sampled = jax.random.categorical(sub, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
-    tok = jnp.where(temperature > 0, sampled, greedy).astype(buf.dtype)
+    tok = sample_logits(logits_BV, sub, temperature, top_k).astype(buf.dtype)
     return buf.at[:, pos].set(tok), rng
 
   buf, _ = jax.lax.fori_loop(prompt_len, total_len, body, (buf_BL, rng))

@@ -23,6 +23,13 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float, dtype) -> jax.Array:
+  """RMSNorm in float32, cast to `dtype`."""
+  x = x_BTD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * scale_D).astype(dtype)
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.bfloat16
@@ -30,9 +37,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x_BTD):
     scale_D = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
-    x = x_BTD.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_D).astype(self.dtype)
+    return rms_norm(x_BTD, scale_D, self.eps, self.dtype)
 
 
 def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):

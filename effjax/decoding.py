@@ -1,0 +1,200 @@
+"""KV-cached decoding: jitted `prefill`, `decode_step` and an on-device generation loop.
+
+The cache is an explicit pytree:
+    {"k": [L, B, K, S, H], "v": [L, B, K, S, H]  (cache dtype, S = capacity),
+     "lengths": int32 [B]                          (valid tokens per sequence)}
+Keys/values are stored per kv head as [S, H] rows ([B, K, S, H] per layer), the layout the decode
+kernels in `pallas_kernels` read. Prompts are right-padded with per-sequence lengths.
+
+The decode path evaluates the same parameters as `effjax.model.Transformer` (unrolled `layers_i`
+or scan-stacked `layers`), through the same linear modules, so a decode step after a prefill
+reproduces the full forward's logits.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from effjax.config import ModelConfig
+from effjax.model.attention import attention
+from effjax.model.linear import make_linear
+from effjax.model.transformer import apply_rope, rms_norm, rope_tables
+
+Cache = dict
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> Cache:
+  """An empty cache for `batch` sequences of up to `capacity` tokens."""
+  if capacity > cfg.max_seq_len:
+    raise ValueError(f"cache capacity {capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.hd)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter access shared by prefill and decode
+
+
+def _layer(params, cfg: ModelConfig, i: int):
+  if "layers" in params:  # nn.scan-stacked
+    return jax.tree.map(lambda x: x[i], params["layers"])
+  return params[f"layers_{i}"]
+
+
+def _linear(cfg: ModelConfig, p, x, features: int):
+  dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
+  mod = make_linear(cfg.linear_impl)(features, dtype=dt, param_dtype=pdt)
+  return mod.apply({"params": p}, x)
+
+
+def _embed(cfg: ModelConfig, params, tokens):
+  dt = jnp.dtype(cfg.compute_dtype)
+  return jnp.take(params["embed"], tokens, axis=0).astype(dt)
+
+
+def _logits(cfg: ModelConfig, params, x):
+  dt = jnp.dtype(cfg.compute_dtype)
+  x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps, dt)
+  out = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  return jnp.dot(x, out.astype(dt), preferred_element_type=jnp.float32)
+
+
+def _qkv(cfg: ModelConfig, lp, x_BTD, positions_BT):
+  B, T, _ = x_BTD.shape
+  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+  h = rms_norm(x_BTD, lp["attn_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
+  q = _linear(cfg, lp["wq"], h, N * H).reshape(B, T, N, H)
+  k = _linear(cfg, lp["wk"], h, K * H).reshape(B, T, K, H)
+  v = _linear(cfg, lp["wv"], h, K * H).reshape(B, T, K, H)
+  cos, sin = rope_tables(positions_BT, H, cfg.rope_theta)
+  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _finish_block(cfg: ModelConfig, lp, x_BTD, o_BTNH):
+  B, T = x_BTD.shape[:2]
+  x_BTD = x_BTD + _linear(cfg, lp["wo"], o_BTNH.reshape(B, T, -1), cfg.d_model).astype(x_BTD.dtype)
+  h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
+  g = _linear(cfg, lp["w_gate"], h, cfg.ff)
+  u = _linear(cfg, lp["w_up"], h, cfg.ff)
+  return x_BTD + _linear(cfg, lp["w_down"], jax.nn.silu(g) * u, cfg.d_model).astype(x_BTD.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill and decode
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Cache):
+  """Runs right-padded prompts (tokens int32 [B, T], lengths int32 [B], 1 <= length <= T) and
+  writes their K/V to cache positions [0, T). Returns (logits float32 [B, V] at each sequence's
+  last prompt token, cache with lengths = lengths_B). Padding tokens sit after every real token, so
+  causal attention keeps them out of the real positions; decode masks them by length."""
+  B, T = tokens_BT.shape
+  if T > cache["k"].shape[3]:
+    raise ValueError(f"prompt length {T} exceeds cache capacity {cache['k'].shape[3]}")
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x = _embed(cfg, params, tokens_BT)
+  ks, vs = [], []
+  for i in range(cfg.n_layers):
+    lp = _layer(params, cfg, i)
+    q, k, v = _qkv(cfg, lp, x, positions)
+    o = attention(q, k, v, causal=True, implementation=cfg.attention_impl)
+    x = _finish_block(cfg, lp, x, o)
+    ks.append(k.transpose(0, 2, 1, 3))  # [B, K, T, H]
+    vs.append(v.transpose(0, 2, 1, 3))
+  dt = cache["k"].dtype
+  k_all = jax.lax.dynamic_update_slice(cache["k"], jnp.stack(ks).astype(dt), (0, 0, 0, 0, 0))
+  v_all = jax.lax.dynamic_update_slice(cache["v"], jnp.stack(vs).astype(dt), (0, 0, 0, 0, 0))
+  last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return _logits(cfg, params, last), {"k": k_all, "v": v_all, "lengths": lengths_B.astype(jnp.int32)}
+
+
+def _write_token(cache_BKSH, new_BKH, pos_B):
+  """cache[b, :, pos[b]] = new[b] for every sequence b."""
+  upd = lambda c, x, p: jax.lax.dynamic_update_slice(c, x[:, None, :].astype(c.dtype), (0, p, 0))
+  return jax.vmap(upd)(cache_BKSH, new_BKH, pos_B)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
+def decode_step(cfg: ModelConfig, params, cache: Cache, token_B: jax.Array,
+                decode_impl: str = "auto"):
+  """One new token per sequence (int32 [B]) at position cache["lengths"]: writes its K/V, attends
+  over the cache through `pallas_kernels.decode_attention` (implementation `decode_impl`) and
+  returns (logits float32 [B, V], cache with lengths + 1)."""
+  from pallas_kernels.decode_attention import decode_attention
+  pos = cache["lengths"]
+  B = token_B.shape[0]
+  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
+  x = _embed(cfg, params, token_B[:, None])
+  ks, vs = [], []
+  for i in range(cfg.n_layers):
+    lp = _layer(params, cfg, i)
+    q, k, v = _qkv(cfg, lp, x, pos[:, None])
+    k_cache = _write_token(cache["k"][i], k[:, 0], pos)
+    v_cache = _write_token(cache["v"][i], v[:, 0], pos)
+    q_BKGH = q[:, 0].reshape(B, K, G, H).astype(k_cache.dtype)
+    o = decode_attention(q_BKGH, k_cache, v_cache, pos + 1, implementation=decode_impl)
+    x = _finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
+    ks.append(k_cache)
+    vs.append(v_cache)
+  new = {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": pos + 1}
+  return _logits(cfg, params, x[:, 0]), new
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+
+def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array, top_k: int) -> jax.Array:
+  """Greedy when temperature == 0, else temperature / top-k sampling (top_k 0 = off): int32 [B]."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if top_k > 0:
+    kth = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth, -jnp.inf, logits_BV)
+  greedy = jnp.argmax(logits_BV, axis=-1)
+  sampled = jax.random.categorical(rng, logits_BV / jnp.maximum(temperature, 1e-6), axis=-1)
+  return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
+                                             "decode_impl", "cache_dtype"))
+def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
+             *, max_new_tokens: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
+             stop_tokens: tuple[int, ...] = (), pad_id: int = 256, decode_impl: str = "auto",
+             cache_dtype: Any = jnp.bfloat16):
+  """Prefill + a `lax.while_loop` of decode steps, all on device.
+
+  tokens_BT: right-padded prompts int32 [B, T]; lengths_B: int32 [B]. Returns (new tokens int32
+  [B, max_new_tokens], PAD after a sequence stops; number generated int32 [B], the stop token
+  included). The loop ends when every sequence has stopped or max_new_tokens is reached.
+  """
+  B, T = tokens_BT.shape
+  cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
+  logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache)
+  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+
+  def cond(c):
+    step, _, _, _, done, _, _ = c
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(c):
+    step, cache, logits, out, done, n, rng = c
+    rng, sub = jax.random.split(rng)
+    tok = sample_logits(logits, sub, temperature, top_k)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, step].set(tok)
+    n = n + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+    logits, cache = decode_step(cfg, params, cache, jnp.where(done, 0, tok), decode_impl)
+    return step + 1, cache, logits, out, done, n, rng
+
+  out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+  init = (jnp.int32(0), cache, logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng)
+  _, _, _, out, _, n, _ = jax.lax.while_loop(cond, body, init)
+  return out, n
