@@ -146,6 +146,51 @@ def decode_step(cfg: ModelConfig, params, cache: Cache, token_B: jax.Array,
   return _logits(cfg, params, x[:, 0]), new
 
 
+def _write_tokens(cache_BKSH, new_BKFH, start_B):
+  """cache[b, :, start[b]:start[b]+F] = new[b] for every sequence b."""
+  upd = lambda c, x, p: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, p, 0))
+  return jax.vmap(upd)(cache_BKSH, new_BKFH, start_B)
+
+
+def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B):
+  """F queries at positions start_b + i over the cache, causal: plain jnp, float32 softmax."""
+  B, F, N, H = q_BFNH.shape
+  K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+  q = q_BFNH.reshape(B, F, K, N // K, H)
+  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(q.dtype),
+                 preferred_element_type=jnp.float32) * (H ** -0.5)
+  q_pos = start_B[:, None] + jnp.arange(F)[None]                          # [B, F]
+  mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]                # [B, F, S]
+  s = jnp.where(mask[:, None, None], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1).astype(v_BKSH.dtype)
+  o = jnp.einsum("bkgfs,bksh->bfkgh", p, v_BKSH, preferred_element_type=jnp.float32)
+  return o.reshape(B, F, N, H).astype(q_BFNH.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def extend(cfg: ModelConfig, params, cache: Cache, tokens_BF: jax.Array, start_B: jax.Array):
+  """Dense forward of F tokens per sequence at positions [start_b, start_b + F) over the cache
+  (causal, every earlier cached token visible), overwriting their K/V in every layer. This is
+  ReSA's rectification (re-run the last f tokens densely so their cache entries equal a dense
+  model's) and a chunked prefill. Returns (logits float32 [B, F, V], cache with lengths =
+  max(lengths, start + F))."""
+  B, F = tokens_BF.shape
+  positions = start_B[:, None] + jnp.arange(F, dtype=jnp.int32)[None]
+  x = _embed(cfg, params, tokens_BF)
+  ks, vs = [], []
+  for i in range(cfg.n_layers):
+    lp = _layer(params, cfg, i)
+    q, k, v = _qkv(cfg, lp, x, positions)
+    k_cache = _write_tokens(cache["k"][i], k.transpose(0, 2, 1, 3), start_B)
+    v_cache = _write_tokens(cache["v"][i], v.transpose(0, 2, 1, 3), start_B)
+    o = _dense_cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, start_B)
+    x = _finish_block(cfg, lp, x, o.astype(x.dtype))
+    ks.append(k_cache)
+    vs.append(v_cache)
+  lengths = jnp.maximum(cache["lengths"], start_B + F)
+  return _logits(cfg, params, x), {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": lengths}
+
+
 # ----------------------------------------------------------------------------------------------
 # generation
 
