@@ -1,0 +1,109 @@
+"""SeerAttention-R decode gate: which KV blocks a new token's GQA group should attend to.
+
+Per layer and kv head (one decision per GQA group, no query pooling):
+  gate query  q_g = RoPE(concat_G(q heads of the group) @ Wq)          [Dg], at the token position
+  block key   k_g = RoPE(concat(max, min, mean of the block's keys) @ Wk)  [Dg], at the block start
+  score       s_n = q_g . k_g[n] / sqrt(Dg);  probabilities = softmax over the valid blocks
+The pooled-and-projected block keys form the **K-compression cache**: one [Dg] row per filled block,
+written once when a block fills (`compress_blocks`), so a decode step costs one gate matvec per
+group over Nb = S / block_size rows instead of a pass over S keys.
+
+Training is self-distillation from the frozen model: the target for a query token is the 1-D block
+max of its attention row (max attention probability over each block's tokens, then max over the
+group's G heads), normalised to sum 1 over blocks; the loss is KL(target || gate probabilities).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from effjax.config import ModelConfig
+from effjax.model.transformer import apply_rope, rope_tables
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+  block_size: int = 64
+  d_gate: int = 64
+
+  def __post_init__(self):
+    if self.block_size <= 0 or self.d_gate <= 0 or self.d_gate % 2:
+      raise ValueError(f"gate: block_size > 0 and an even d_gate > 0 needed, got {self}")
+
+
+def init_gate_params(mcfg: ModelConfig, gcfg: GateConfig, rng: jax.Array) -> dict:
+  """{"wq": [L, K, G*H, Dg], "wk": [L, K, 3H, Dg]} float32, scaled for unit-variance scores."""
+  L, K, G, H, D = mcfg.n_layers, mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd, gcfg.d_gate
+  kq, kk = jax.random.split(rng)
+  return {"wq": jax.random.normal(kq, (L, K, G * H, D), jnp.float32) * (G * H) ** -0.5,
+          "wk": jax.random.normal(kk, (L, K, 3 * H, D), jnp.float32) * (3 * H) ** -0.5}
+
+
+def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
+  """max / min / mean of each block's valid keys, concatenated: float32 [B, K, Nb, 3H]. Empty
+  blocks give zeros (they are masked from scores)."""
+  B, K, S, H = k_BKSH.shape
+  if S % block_size:
+    raise ValueError(f"cache capacity {S} must be a multiple of block_size {block_size}")
+  nb = S // block_size
+  k = k_BKSH.astype(jnp.float32).reshape(B, K, nb, block_size, H)
+  valid = (jnp.arange(S).reshape(nb, block_size)[None] < lengths_B[:, None, None])[:, None, :, :, None]
+  cnt = jnp.maximum(jnp.sum(valid, axis=3), 1)
+  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
+  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
+  mean = jnp.sum(jnp.where(valid, k, 0.0), axis=3) / cnt
+  any_valid = jnp.any(valid, axis=3)
+  pooled = jnp.concatenate([kmax, kmin, mean], axis=-1)
+  return jnp.where(any_valid, pooled, 0.0)
+
+
+def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int,
+                    rope_theta: float) -> jax.Array:
+  """The K-compression cache of one layer: projected, RoPE'd block keys float32 [B, K, Nb, Dg]."""
+  pooled = pool_blocks(k_BKSH, lengths_B, block_size)                     # [B, K, Nb, 3H]
+  kc = jnp.einsum("bknc,kcd->bknd", pooled, wk_KCD)
+  nb = kc.shape[2]
+  starts = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32) * block_size, (kc.shape[0], nb))
+  cos, sin = rope_tables(starts, kc.shape[-1], rope_theta)                  # [B, Nb, 1, Dg/2]
+  # apply_rope expects [B, T, N, H]: blocks play T, kv heads play N
+  return apply_rope(kc.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+
+
+def gate_logits(wq_KCD: jax.Array, q_BKGH: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
+                rope_theta: float) -> jax.Array:
+  """Gate scores of one layer for one new token per sequence: float32 [B, K, Nb]."""
+  B, K, G, H = q_BKGH.shape
+  qg = jnp.einsum("bkc,kcd->bkd", q_BKGH.astype(jnp.float32).reshape(B, K, G * H), wq_KCD)
+  cos, sin = rope_tables(pos_B[:, None], qg.shape[-1], rope_theta)          # [B, 1, 1, Dg/2]
+  qg = apply_rope(qg[:, None], cos, sin)[:, 0]                              # [B, K, Dg]
+  return jnp.einsum("bkd,bknd->bkn", qg, kc_BKND) * qg.shape[-1] ** -0.5
+
+
+def masked_softmax(logits_BKN: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
+  nb = (lengths_B + block_size - 1) // block_size
+  valid = jnp.arange(logits_BKN.shape[-1])[None, None] < nb[:, None, None]
+  return jax.nn.softmax(jnp.where(valid, logits_BKN, -jnp.inf), axis=-1)
+
+
+def distill_target(q_BKGH: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array,
+                   block_size: int) -> jax.Array:
+  """1-D block max of the dense attention row of each new token, max over the group's heads,
+  normalised over blocks: float32 [B, K, Nb] (zero on invalid blocks)."""
+  B, K, S, H = k_BKSH.shape
+  s = jnp.einsum("bkgh,bksh->bkgs", q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32)) * H ** -0.5
+  valid = jnp.arange(S)[None, None, None] < lengths_B[:, None, None, None]
+  p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
+  p = jnp.where(valid, p, 0.0)
+  blockmax = jnp.max(p.reshape(B, K, -1, S // block_size, block_size), axis=-1)   # [B, K, G, Nb]
+  t = jnp.max(blockmax, axis=2)
+  return t / jnp.maximum(jnp.sum(t, axis=-1, keepdims=True), 1e-30)
+
+
+def kl_loss(target_BKN: jax.Array, probs_BKN: jax.Array) -> jax.Array:
+  """Mean over (B, K) of KL(target || probs); blocks with zero target contribute nothing."""
+  t = target_BKN
+  kl = jnp.sum(jnp.where(t > 0, t * (jnp.log(jnp.maximum(t, 1e-30)) - jnp.log(jnp.maximum(probs_BKN, 1e-30))), 0.0), -1)
+  return jnp.mean(kl)

@@ -1,0 +1,93 @@
+"""SeerAttention-R decode gate: pooling, K-compression cache, distillation target, KL, learning."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from effjax.config import ModelConfig
+from effjax.sparse import gate
+
+
+def rand(shape, seed):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_pool_blocks_matches_loop():
+  B, K, S, H, bs = 2, 2, 48, 8, 16
+  k = rand((B, K, S, H), 0)
+  lengths = np.array([48, 20])
+  p = np.asarray(gate.pool_blocks(jnp.asarray(k), jnp.asarray(lengths), bs))
+  assert p.shape == (B, K, 3, 3 * H)
+  for b in range(B):
+    for h in range(K):
+      for n in range(3):
+        toks = k[b, h, n * bs:min((n + 1) * bs, lengths[b])]
+        if len(toks) == 0:
+          np.testing.assert_array_equal(p[b, h, n], 0)
+          continue
+        exp = np.concatenate([toks.max(0), toks.min(0), toks.mean(0)])
+        np.testing.assert_allclose(p[b, h, n], exp, rtol=1e-5, atol=1e-6)
+
+
+def test_distill_target_matches_loop():
+  B, K, G, S, H, bs = 2, 2, 3, 64, 8, 16
+  q, k = rand((B, K, G, H), 1), rand((B, K, S, H), 2)
+  lengths = np.array([64, 37])
+  t = np.asarray(gate.distill_target(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), bs))
+  for b in range(B):
+    for h in range(K):
+      rows = []
+      for g in range(G):
+        s = k[b, h, :lengths[b]] @ q[b, h, g] / np.sqrt(H)
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        rows.append([p[n * bs:(n + 1) * bs].max() if n * bs < lengths[b] else 0.0 for n in range(S // bs)])
+      exp = np.max(rows, axis=0)
+      exp /= exp.sum()
+      np.testing.assert_allclose(t[b, h], exp, rtol=1e-5, atol=1e-7)
+
+
+def test_kl_loss():
+  t = jnp.asarray([[[0.5, 0.5, 0.0]]])
+  assert abs(float(gate.kl_loss(t, t))) < 1e-7
+  p = jnp.asarray([[[0.8, 0.1, 0.1]]])
+  exp = 0.5 * np.log(0.5 / 0.8) + 0.5 * np.log(0.5 / 0.1)
+  np.testing.assert_allclose(float(gate.kl_loss(t, p)), exp, rtol=1e-6)
+
+
+def test_gate_learns_to_predict_block_maxima():
+  """A few hundred Adam steps on the distillation loss cut the KL substantially (frozen q/k)."""
+  mcfg = ModelConfig(d_model=128, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=256)  # H = 32, G = 2
+  gcfg = gate.GateConfig(block_size=16, d_gate=32)
+  B, K, G, S, H = 32, 2, 2, 128, 32
+  k = rand((B, K, S, H), 3)
+  # queries aligned with one planted block each, so the target is peaked and learnable
+  planted = np.random.default_rng(4).integers(1, S // 16 - 1, B)
+  q = rand((B, K, G, H), 5) * 0.3
+  for b in range(B):
+    q[b] += 2.0 * k[b, :, planted[b] * 16 + 3][:, None, :]
+  lengths = jnp.full((B,), S)
+  pos = jnp.full((B,), S - 1)
+  q, k = jnp.asarray(q), jnp.asarray(k)
+  target = gate.distill_target(q, k, lengths, gcfg.block_size)
+  params = jax.tree.map(lambda x: x[0], gate.init_gate_params(mcfg, gcfg, jax.random.key(0)))
+
+  def loss_fn(p):
+    kc = gate.compress_blocks(p["wk"], k, lengths, gcfg.block_size, mcfg.rope_theta)
+    logits = gate.gate_logits(p["wq"], q, kc, pos, mcfg.rope_theta)
+    return gate.kl_loss(target, gate.masked_softmax(logits, lengths, gcfg.block_size))
+
+  opt = optax.adam(1e-2)
+  st = opt.init(params)
+
+  @jax.jit
+  def step(p, st):
+    l, g = jax.value_and_grad(loss_fn)(p)
+    u, st = opt.update(g, st)
+    return optax.apply_updates(p, u), st, l
+
+  l0 = float(loss_fn(params))
+  for _ in range(300):
+    params, st, l = step(params, st)
+  assert float(loss_fn(params)) < 0.5 * l0, (l0, float(loss_fn(params)))
