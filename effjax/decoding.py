@@ -88,6 +88,25 @@ def _finish_block(cfg: ModelConfig, lp, x_BTD, o_BTNH):
 # prefill and decode
 
 
+def forward_layers(cfg: ModelConfig, params, tokens_BT: jax.Array):
+  """Dense causal forward from position 0: (final hidden [B, T, D], per-layer post-RoPE queries
+  [B, T, N, H], keys [B, T, K, H] and values [B, T, K, H]) -- what prefill caches and what the
+  gate distils from."""
+  B, T = tokens_BT.shape
+  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x = _embed(cfg, params, tokens_BT)
+  qs, ks, vs = [], [], []
+  for i in range(cfg.n_layers):
+    lp = _layer(params, cfg, i)
+    q, k, v = _qkv(cfg, lp, x, positions)
+    o = attention(q, k, v, causal=True, implementation=cfg.attention_impl)
+    x = _finish_block(cfg, lp, x, o)
+    qs.append(q)
+    ks.append(k)
+    vs.append(v)
+  return x, qs, ks, vs
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Cache):
   """Runs right-padded prompts (tokens int32 [B, T], lengths int32 [B], 1 <= length <= T) and
@@ -97,16 +116,9 @@ def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array
   B, T = tokens_BT.shape
   if T > cache["k"].shape[3]:
     raise ValueError(f"prompt length {T} exceeds cache capacity {cache['k'].shape[3]}")
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = _embed(cfg, params, tokens_BT)
-  ks, vs = [], []
-  for i in range(cfg.n_layers):
-    lp = _layer(params, cfg, i)
-    q, k, v = _qkv(cfg, lp, x, positions)
-    o = attention(q, k, v, causal=True, implementation=cfg.attention_impl)
-    x = _finish_block(cfg, lp, x, o)
-    ks.append(k.transpose(0, 2, 1, 3))  # [B, K, T, H]
-    vs.append(v.transpose(0, 2, 1, 3))
+  x, _, ks, vs = forward_layers(cfg, params, tokens_BT)
+  ks = [k.transpose(0, 2, 1, 3) for k in ks]  # [B, K, T, H]
+  vs = [v.transpose(0, 2, 1, 3) for v in vs]
   dt = cache["k"].dtype
   k_all = jax.lax.dynamic_update_slice(cache["k"], jnp.stack(ks).astype(dt), (0, 0, 0, 0, 0))
   v_all = jax.lax.dynamic_update_slice(cache["v"], jnp.stack(vs).astype(dt), (0, 0, 0, 0, 0))

@@ -91,3 +91,31 @@ def test_gate_learns_to_predict_block_maxima():
   for _ in range(300):
     params, st, l = step(params, st)
   assert float(loss_fn(params)) < 0.5 * l0, (l0, float(loss_fn(params)))
+
+
+def test_attention_recall_and_gate_training_on_a_model():
+  from effjax.model import init_params
+  from effjax.sparse import gate_training, selection
+  B, K, G, S, H, bs = 2, 2, 2, 64, 16, 16
+  q, k = jnp.asarray(rand((B, K, G, H), 6)), jnp.asarray(rand((B, K, S, H), 7))
+  lengths = jnp.asarray([64, 40])
+  all_blocks = jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (B, K, 4))
+  np.testing.assert_allclose(gate_training.attention_recall(q, k, lengths, all_blocks, bs), 1.0, rtol=1e-5)
+  some = jnp.asarray(np.array([[[0, 2, -1, -1]] * K, [[1, -1, -1, -1]] * K], np.int32))
+  r = np.asarray(gate_training.attention_recall(q, k, lengths, some, bs))
+  s = np.einsum("bkgh,bksh->bkgs", np.asarray(q), np.asarray(k)) / np.sqrt(H)
+  for b, blocks in ((0, [0, 2]), (1, [1])):
+    for h in range(K):
+      p = np.exp(s[b, h, :, :lengths[b]] - s[b, h, :, :lengths[b]].max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      want = np.mean([sum(p[g, n * bs:(n + 1) * bs].sum() for n in blocks) for g in range(G)])
+      np.testing.assert_allclose(r[b, h], want, rtol=1e-5)
+  # gate training on a (random) model's own attention lowers the distillation loss
+  mcfg = ModelConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=128,
+                     compute_dtype="float32", attention_impl="xla")
+  gcfg = gate.GateConfig(block_size=16, d_gate=16)
+  params = init_params(mcfg, jax.random.key(1))
+  toks = np.random.default_rng(2).integers(0, 256, (16, 96)).astype(np.int32)
+  gp, losses = gate_training.train_gate(mcfg, gcfg, params, toks, steps=60, batch_size=4,
+                                         queries=8, lr=1e-2)
+  assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-10:])
