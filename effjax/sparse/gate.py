@@ -61,12 +61,15 @@ def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int) -> jax
 
 
 def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int,
-                    rope_theta: float) -> jax.Array:
-  """The K-compression cache of one layer: projected, RoPE'd block keys float32 [B, K, Nb, Dg]."""
+                    rope_theta: float, first_block_B: jax.Array | None = None) -> jax.Array:
+  """The K-compression cache of one layer: projected, RoPE'd block keys float32 [B, K, Nb, Dg].
+  k_BKSH may be a slice of the cache starting at block first_block_B (lengths then count from the
+  slice start); RoPE uses the absolute block start positions."""
   pooled = pool_blocks(k_BKSH, lengths_B, block_size)                     # [B, K, Nb, 3H]
   kc = jnp.einsum("bknc,kcd->bknd", pooled, wk_KCD)
-  nb = kc.shape[2]
-  starts = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32) * block_size, (kc.shape[0], nb))
+  B, nb = kc.shape[0], kc.shape[2]
+  first = jnp.zeros((B,), jnp.int32) if first_block_B is None else first_block_B
+  starts = (first[:, None] + jnp.arange(nb, dtype=jnp.int32)[None]) * block_size
   cos, sin = rope_tables(starts, kc.shape[-1], rope_theta)                  # [B, Nb, 1, Dg/2]
   # apply_rope expects [B, T, N, H]: blocks play T, kv heads play N
   return apply_rope(kc.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)

@@ -1,0 +1,177 @@
+"""Block-sparse decoding with ReSA rectification.
+
+Each decode step, per layer and GQA group, a selector scores the KV blocks from a small summary
+cache -- Quest's per-block key min/max, or the SeerAttention-R gate's K-compression cache -- picks
+blocks under a token budget (or a gate-probability threshold), and the block-sparse kernel attends
+only to them. Summaries are kept incrementally: after a token is written, only its block's summary
+is recomputed (O(block_size)), so a filled block's entry is written once when it fills.
+
+Sparse steps make the new tokens' K/V approximate (they were computed from sparse attention in the
+layers below), and the error compounds. ReSA's rectification re-runs the last f generated tokens
+densely at their positions every f steps (`decoding.extend`), overwriting their cache entries with
+what a dense model would have stored, then refreshes the summaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from effjax import decoding
+from effjax.config import ModelConfig
+from effjax.sparse import gate as gate_lib
+from effjax.sparse import selection
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+  selector: str = "quest"          # quest | gate
+  block_size: int = 64
+  budget_tokens: int = 4096        # blocks kept = budget_tokens // block_size (incl. first + current)
+  threshold: float = 0.0           # gate only: > 0 selects by gate probability (capped by the budget)
+  rectify_every: int = 32          # ReSA f; 0 = never rectify
+  d_gate: int = 64
+
+  def __post_init__(self):
+    if self.selector not in ("quest", "gate"):
+      raise ValueError(f"selector must be quest|gate, got {self.selector!r}")
+    if self.budget_tokens // self.block_size < 2:
+      raise ValueError(f"budget_tokens={self.budget_tokens} keeps fewer than 2 blocks of {self.block_size}")
+    if self.rectify_every < 0:
+      raise ValueError(f"rectify_every must be >= 0, got {self.rectify_every}")
+
+  @property
+  def budget_blocks(self) -> int:
+    return self.budget_tokens // self.block_size
+
+  @property
+  def gate(self) -> gate_lib.GateConfig:
+    return gate_lib.GateConfig(block_size=self.block_size, d_gate=self.d_gate)
+
+
+def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
+  """Summaries of every block of a (prefilled) cache: {"kmin","kmax": [L, B, K, Nb, H]} (Quest) or
+  {"kc": [L, B, K, Nb, Dg]} (gate)."""
+  lengths = cache["lengths"]
+  out = []
+  for i in range(cfg.n_layers):
+    if scfg.selector == "quest":
+      out.append(selection.block_minmax(cache["k"][i], lengths, scfg.block_size))
+    else:
+      out.append((gate_lib.compress_blocks(gate_params["wk"][i], cache["k"][i], lengths,
+                                           scfg.block_size, cfg.rope_theta),))
+  if scfg.selector == "quest":
+    return {"kmin": jnp.stack([o[0] for o in out]), "kmax": jnp.stack([o[1] for o in out])}
+  return {"kc": jnp.stack([o[0] for o in out])}
+
+
+def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> dict:
+  """Recomputes the summary of the block holding each sequence's newest token."""
+  bs = scfg.block_size
+  blk = (lengths_B - 1) // bs
+  sl = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, bs, axis=1))(k_cache_BKSH, blk)
+  rel = lengths_B - blk * bs                                            # valid tokens in the block
+  put = lambda dst, new: jax.vmap(
+      lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))(dst, new, blk)
+  if scfg.selector == "quest":
+    kmin, kmax = selection.block_minmax(sl, rel, bs)                     # [B, K, 1, H]
+    return {"kmin": put(summ_l["kmin"], kmin), "kmax": put(summ_l["kmax"], kmax)}
+  kc = gate_lib.compress_blocks(wk, sl, rel, bs, cfg.rope_theta, first_block_B=blk)
+  return {"kc": put(summ_l["kc"], kc)}
+
+
+def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_B, wq=None):
+  if scfg.selector == "quest":
+    scores = selection.quest_scores(q_BKGH, summ_l["kmin"], summ_l["kmax"])
+    return selection.select_top_k(scores, lengths_B, scfg.block_size, scfg.budget_blocks)
+  logits = gate_lib.gate_logits(wq, q_BKGH, summ_l["kc"], lengths_B - 1, cfg.rope_theta)
+  if scfg.threshold > 0:
+    probs = gate_lib.masked_softmax(logits, lengths_B, scfg.block_size)
+    return selection.select_threshold(probs, lengths_B, scfg.block_size, scfg.threshold,
+                                      scfg.budget_blocks)
+  return selection.select_top_k(logits, lengths_B, scfg.block_size, scfg.budget_blocks)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl"),
+                   donate_argnames=("cache", "summ"))
+def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict, summ: dict,
+                       token_B: jax.Array, gate_params=None, decode_impl: str = "auto"):
+  """decode_step with block-sparse attention: returns (logits [B, V], cache, summaries)."""
+  from pallas_kernels.sparse_decode import sparse_decode_attention
+  pos = cache["lengths"]
+  B = token_B.shape[0]
+  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
+  x = decoding._embed(cfg, params, token_B[:, None])
+  ks, vs, sums = [], [], []
+  for i in range(cfg.n_layers):
+    lp = decoding._layer(params, cfg, i)
+    q, k, v = decoding._qkv(cfg, lp, x, pos[:, None])
+    k_cache = decoding._write_token(cache["k"][i], k[:, 0], pos)
+    v_cache = decoding._write_token(cache["v"][i], v[:, 0], pos)
+    s_l = _update_block(scfg, cfg, jax.tree.map(lambda a: a[i], summ), k_cache, pos + 1,
+                        None if gate_params is None else gate_params["wk"][i])
+    q_BKGH = q[:, 0].reshape(B, K, G, H)
+    idx = _select(scfg, cfg, s_l, q_BKGH, pos + 1, None if gate_params is None else gate_params["wq"][i])
+    o = sparse_decode_attention(q_BKGH.astype(k_cache.dtype), k_cache, v_cache, pos + 1, idx,
+                                block_size=scfg.block_size, implementation=decode_impl)
+    x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
+    ks.append(k_cache)
+    vs.append(v_cache)
+    sums.append(s_l)
+  summ = jax.tree.map(lambda *a: jnp.stack(a), *sums)
+  return (decoding._logits(cfg, params, x[:, 0]),
+          {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": pos + 1}, summ)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
+                                             "stop_tokens", "decode_impl", "cache_dtype", "sparse"))
+def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B, rng, gate_params=None,
+             *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
+             pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True):
+  """Generation on device: sparse decode steps (dense when `sparse` is False) with a dense
+  rectification of the last f = scfg.rectify_every tokens every f steps. Returns (tokens int32
+  [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`."""
+  B, T = tokens_BT.shape
+  bs = scfg.block_size
+  cap = -(-(T + max_new_tokens) // bs) * bs
+  cache = decoding.init_cache(cfg, B, cap, cache_dtype)
+  logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
+  summ = init_summaries(cfg, scfg, cache, gate_params)
+  stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  f = scfg.rectify_every
+
+  def cond(c):
+    return (c[0] < max_new_tokens) & ~jnp.all(c[5])
+
+  def body(c):
+    step, cache, summ, logits, out, done, n, rng = c
+    rng, sub = jax.random.split(rng)
+    tok = decoding.sample_logits(logits, sub, temperature, top_k)
+    tok = jnp.where(done, pad_id, tok)
+    out = out.at[:, step].set(tok)
+    n = n + (~done).astype(jnp.int32)
+    done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+    feed = jnp.where(done, 0, tok)
+    if sparse:
+      logits, cache, summ = sparse_decode_step(cfg, scfg, params, cache, summ, feed, gate_params,
+                                               decode_impl)
+    else:
+      logits, cache = decoding.decode_step(cfg, params, cache, feed, decode_impl)
+    if sparse and f > 0:
+      def rectify(args):
+        cache, summ, logits = args
+        last = jax.lax.dynamic_slice_in_dim(jnp.where(out == pad_id, 0, out), step + 1 - f, f, axis=1)
+        lg, cache = decoding.extend(cfg, params, cache, last, cache["lengths"] - f)
+        return cache, init_summaries(cfg, scfg, cache, gate_params), lg[:, -1]
+      cache, summ, logits = jax.lax.cond((step + 1) % f == 0, rectify, lambda a: a,
+                                         (cache, summ, logits))
+    return step + 1, cache, summ, logits, out, done, n, rng
+
+  out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
+  init = (jnp.int32(0), cache, summ, logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng)
+  res = jax.lax.while_loop(cond, body, init)
+  return res[4], res[6]
