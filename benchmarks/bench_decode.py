@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""Decode attention (dense and block-sparse Pallas-Triton kernels) vs cuDNN and the XLA reference.
+
+  python benchmarks/bench_decode.py [--quick] [--batches 1,8,16] [--seqs 8192,32768,131072]
+  python benchmarks/bench_decode.py --batches 1 --seqs 1024 --interpret --calls 2 --windows 1  # CPU smoke
+
+Shapes: Hq=32 query heads, Hkv=8 KV heads (G=4), d=128, bf16, every sequence full (length = S).
+Dense: `decode_attention` (pallas_triton) vs cuDNN (`jax.nn.dot_product_attention(...,
+implementation="cudnn")`, layout [B, S, K, H]) and vs the XLA reference. Sparse:
+`sparse_decode_attention` with random ascending block sets (block 64) at sparsity 0.5 / 0.8 / 0.9
+and at a 4K-token budget, against the same dense cuDNN call (what a user would run instead).
+
+Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan` over a stack of different
+queries -- and, for sparse, different block sets -- times a Python-unrolled loop over `--copies`
+distinct caches), so nothing can be hoisted and dispatch is amortised; the wall time of that jit,
+divided by the number of calls, median over `--windows` windows. The floor is the K/V bytes the
+op must read (all of them for dense; the selected blocks for sparse) at 3.0 TB/s (H100 measured
+copy bandwidth). Writes benchmarks/results/<card>/decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from pallas_kernels.decode_attention import DecodeConfig, decode_attention
+from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
+
+HQ, HKV, D = 32, 8, 128
+G = HQ // HKV
+DTYPE = jnp.bfloat16
+FLOOR_TBPS = 3.0
+
+
+def parse_ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(",") if x]
+
+
+def device_bytes_limit() -> int | None:
+  try:
+    return int(jax.devices()[0].memory_stats()["bytes_limit"])
+  except Exception:  # CPU and some backends report nothing
+    return None
+
+
+def time_calls(call, xs, caches, windows: int) -> float:
+  """Median seconds per `call(x, cache)` over windows; each window is one jit running every x in
+  xs (scan) against every cache (unrolled)."""
+  n_x = jax.tree.leaves(xs)[0].shape[0]
+
+  @jax.jit
+  def many(xs, caches):
+    def body(acc, x):
+      for c in caches:
+        acc = acc + call(x, c).astype(jnp.float32)
+      return acc, None
+    # Summing the outputs keeps every call live at the cost of one [B, K, G, H] add per call.
+    out = jax.eval_shape(call, jax.tree.map(lambda a: a[0], xs), caches[0])
+    return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs)[0]
+
+  jax.block_until_ready(many(xs, caches))  # compile + warm up
+  ts = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    jax.block_until_ready(many(xs, caches))
+    ts.append((time.perf_counter() - t0) / (n_x * len(caches)))
+  return statistics.median(ts)
+
+
+def random_block_sets(rng, n_rows: int, n_blocks: int, n_sel: int) -> np.ndarray:
+  """int32 [n_rows, n_sel]: distinct ascending random blocks per row (argsort of uniforms)."""
+  picks = np.argsort(rng.random((n_rows, n_blocks)), axis=1)[:, :n_sel]
+  return np.sort(picks, axis=1).astype(np.int32)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true", help="B in {1, 8}, S in {32K}, fewer windows")
+  ap.add_argument("--batches", default="1,8,16")
+  ap.add_argument("--seqs", default="8192,32768,131072")
+  ap.add_argument("--sparsities", default="0.5,0.8,0.9")
+  ap.add_argument("--budget-tokens", type=int, default=4096)
+  ap.add_argument("--sparse-block", type=int, default=64)
+  ap.add_argument("--block-k", type=int, default=None, help="dense DecodeConfig.block_k")
+  ap.add_argument("--num-splits", type=int, default=None, help="num_splits for both kernels")
+  ap.add_argument("--num-warps", type=int, default=4)
+  ap.add_argument("--num-stages", type=int, default=2)
+  ap.add_argument("--calls", type=int, default=16, help="kernel calls per timed jit")
+  ap.add_argument("--copies", type=int, default=4,
+                  help="distinct caches rotated inside the jit (4 x the smallest shape > 50 MB L2)")
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--mem-frac", type=float, default=0.6, help="share of device memory for caches")
+  ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
+  ap.add_argument("--no-sparse", action="store_true")
+  ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  if args.quick:
+    args.batches, args.seqs, args.windows = "1,8", "32768", 3
+
+  dev = jax.devices()[0]
+  card = dev.device_kind.replace(" ", "_")
+  on_gpu = jax.default_backend() == "gpu"
+  limit = device_bytes_limit()
+  dense_cfg = DecodeConfig(block_k=args.block_k, num_splits=args.num_splits,
+                           num_warps=args.num_warps, num_stages=args.num_stages)
+  sparse_cfg = SparseDecodeConfig(num_splits=args.num_splits, num_warps=args.num_warps,
+                                  num_stages=args.num_stages)
+  rng = np.random.default_rng(0)
+  results = []
+
+  def record(row):
+    results.append(row)
+    keep = {k: row[k] for k in row if k in ("B", "S", "impl", "plan", "ms", "GBps_effective",
+                                              "frac_of_floor", "speedup_vs_cudnn", "skipped")}
+    print(json.dumps(keep), flush=True)
+
+  for S in parse_ints(args.seqs):
+    for B in parse_ints(args.batches):
+      base = dict(B=B, S=S, Hq=HQ, Hkv=HKV, d=D, dtype="bfloat16", lengths="full (=S)")
+      cache_bytes = 2 * B * HKV * S * D * jnp.dtype(DTYPE).itemsize  # K and V of one copy
+      copies = args.copies
+      if limit is not None:
+        copies = min(copies, int(args.mem_frac * limit // cache_bytes))
+      if copies < 1:
+        record({**base, "impl": "all", "skipped": f"one K/V copy ({cache_bytes / 2**30:.1f} GiB) "
+                f"exceeds {args.mem_frac} of device memory ({limit / 2**30:.1f} GiB)"})
+        continue
+      n_q = max(1, args.calls // copies)
+      keys = jax.random.split(jax.random.key(S * 131 + B), 2 * copies + 1)
+      qs = jax.random.normal(keys[0], (n_q, B, HKV, G, D), DTYPE)
+      lengths = jnp.full((B,), S, jnp.int32)
+      common = {**base, "copies": copies, "calls_per_jit": n_q * copies}
+
+      def row(impl, seconds, bytes_read, **extra):
+        floor = bytes_read / (FLOOR_TBPS * 1e12)
+        return {**common, "impl": impl, **extra, "ms": seconds * 1e3, "bytes_read": bytes_read,
+                "floor_ms": floor * 1e3, "GBps_effective": bytes_read / seconds / 1e9,
+                "frac_of_floor": floor / seconds}
+
+      # ---- cuDNN first (its own [B, S, K, H] caches, freed before ours are made).
+      cudnn_s = None
+      if on_gpu:
+        try:
+          kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, S, HKV, D), DTYPE),
+                      jax.random.normal(keys[2 + 2 * c], (B, S, HKV, D), DTYPE)) for c in range(copies))
+
+          def cudnn_call(q, c):
+            o = jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1], implementation="cudnn")
+            return o.reshape(B, HKV, G, D)
+
+          cudnn_s = time_calls(cudnn_call, qs, kv, args.windows)
+          record(row("cudnn", cudnn_s, cache_bytes))
+          del kv
+        except Exception as e:  # report, keep going: the Pallas numbers are still useful
+          record({**common, "impl": "cudnn", "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+      else:
+        record({**common, "impl": "cudnn", "skipped": "cuDNN needs a GPU backend"})
+
+      kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, HKV, S, D), DTYPE),
+                  jax.random.normal(keys[2 + 2 * c], (B, HKV, S, D), DTYPE)) for c in range(copies))
+
+      def speedup(r):
+        if cudnn_s is not None:
+          r["speedup_vs_cudnn"] = cudnn_s * 1e3 / r["ms"]
+        return r
+
+      def dense_call(impl):
+        return lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation=impl,
+                                             interpret=args.interpret, config=dense_cfg)
+
+      s = time_calls(dense_call("pallas_triton"), qs, kv, args.windows)
+      record(speedup(row("pallas_triton", s, cache_bytes, config=repr(dense_cfg))))
+      if not args.no_xla:
+        # The reference materialises f32 scores and a f32 view of V.
+        need = B * HKV * S * (D * 4 + G * 8)
+        if limit is not None and copies * cache_bytes + need > 0.9 * limit:
+          record({**common, "impl": "xla", "skipped": "reference temporaries exceed device memory"})
+        else:
+          s = time_calls(dense_call("xla"), qs, kv, args.windows)
+          record(speedup(row("xla", s, cache_bytes)))
+
+      if not args.no_sparse:
+        bs = args.sparse_block
+        n_blocks = S // bs
+        plans = [(f"sparsity={sp}", sp, max(1, round((1 - sp) * n_blocks)))
+                 for sp in (float(x) for x in args.sparsities.split(","))]
+        plans.append((f"budget={args.budget_tokens}", None, min(n_blocks, args.budget_tokens // bs)))
+        for label, sp, n_sel in plans:
+          idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
+          xs = (qs, jnp.asarray(idx))
+
+          def sparse_call(x, c):
+            return sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
+                                           implementation="pallas_triton", interpret=args.interpret,
+                                           config=sparse_cfg)
+
+          s = time_calls(sparse_call, xs, kv, args.windows)
+          sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
+          record(speedup(row("pallas_triton_sparse", s, sel_bytes, plan=label, sparsity=sp,
+                             block_size=bs, blocks_selected=n_sel, blocks_total=n_blocks,
+                             config=repr(sparse_cfg))))
+      del kv
+
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  meta = {
+      "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+      "timing": (f"device time: one jit = lax.scan over distinct queries (and block sets) x "
+                 f"unrolled loop over distinct caches; jit wall time / calls; median of "
+                 f"{args.windows} windows after a warm-up call"),
+      "floor": f"K/V bytes read at {FLOOR_TBPS} TB/s", "interpret": args.interpret,
+      "argv": sys.argv[1:],
+  }
+  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()

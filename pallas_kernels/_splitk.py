@@ -1,0 +1,213 @@
+"""Shared pieces of the split-K decode-attention kernels (dense and block-sparse).
+
+Both kernels run one Pallas program per (batch, kv head, split); each program folds its share of
+key blocks into an online-softmax state (unnormalised accumulator, running max, running sum) and
+writes it out as a partial. The partials are merged here, in XLA, with a log-sum-exp combine.
+
+Everything that the two kernels would otherwise duplicate lives once in this module: the
+online-softmax block update, the combine, argument validation, padding and the config base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Finite stand-in for -inf: a fully masked row then gives exp(MASK - MASK) = 1 instead of NaN
+# from (-inf) - (-inf); the explicit `where(valid, ., 0)` below zeroes those weights.
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+# Tensor-core dots (mma) need at least 16 rows; Triton also needs power-of-2 tile shapes.
+MIN_DOT_ROWS = 16
+
+# A GPU is kept busy by several programs per SM (H100: 132 SMs). More programs means more loads
+# in flight, which is what a bandwidth-bound decode kernel needs at small batch.
+DEFAULT_TARGET_PROGRAMS = 528
+
+# Pallas-Triton stages each loaded tile whole, once per pipeline stage; Hopper has 227 KB of
+# shared memory per block, some of which Triton needs for layout conversions.
+SHARED_MEMORY_BUDGET = 160 * 1024
+
+# A block dimension squeezed out of the kernel's ref (explicit rather than `None`).
+SQUEEZED = pl.squeezed
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas_triton", "pallas_tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitKConfig:
+  """Launch parameters shared by the split-K decode kernels.
+
+  num_splits: programs per (batch, kv head); None picks `default_num_splits`.
+  num_warps / num_stages: Triton launch parameters (ignored in interpret mode).
+  """
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def validate(self) -> None:
+    if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
+      raise ValueError(f"config.num_splits must be a positive int or None, got {self.num_splits!r}")
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"config.num_warps must be a power of 2 in [1, 16], got {self.num_warps!r}")
+    if not isinstance(self.num_stages, int) or self.num_stages < 1:
+      raise ValueError(f"config.num_stages must be a positive int, got {self.num_stages!r}")
+
+
+def triton_compiler_params(config: SplitKConfig, tile_rows: int, head_dim: int, dtype):
+  """Triton launch parameters, with num_stages lowered until a K tile and a V tile of
+  [tile_rows, head_dim] per stage fit SHARED_MEMORY_BUDGET (f32 128 x 128 tiles fit one stage).
+
+  Imported lazily so CPU-only installs never need the GPU plugin.
+  """
+  from jax.experimental.pallas import triton as plgpu
+  stage_bytes = 2 * tile_rows * head_dim * jnp.dtype(dtype).itemsize
+  stages = max(1, min(config.num_stages, SHARED_MEMORY_BUDGET // stage_bytes))
+  return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages)
+
+
+def is_power_of_2(x: int) -> bool:
+  return x > 0 and (x & (x - 1)) == 0
+
+
+def next_power_of_2(x: int) -> int:
+  return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def pad_axis(x: jax.Array, axis: int, multiple: int) -> jax.Array:
+  """Zero-pads `axis` of x up to a multiple of `multiple` (no-op, no copy, when it already is)."""
+  pad = round_up(x.shape[axis], multiple) - x.shape[axis]
+  if pad == 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths)
+
+
+def dot_rows(g: int) -> int:
+  """Query rows a program works on: G padded to a power of 2 and at least MIN_DOT_ROWS."""
+  return max(MIN_DOT_ROWS, next_power_of_2(g))
+
+
+def default_num_splits(programs_per_split: int, work_units: int,
+                       target_programs: int = DEFAULT_TARGET_PROGRAMS) -> int:
+  """Splits per (batch, kv head) so that the grid has about `target_programs` programs.
+
+  programs_per_split: B * K. work_units: blocks (or block slots) per (batch, kv head); more
+  splits than units would only launch empty programs.
+  """
+  want = -(-target_programs // max(programs_per_split, 1))
+  return int(max(1, min(want, work_units)))
+
+
+def dot_precision(dtype) -> lax.Precision:
+  """f32 inputs ask for IEEE f32 dots: Triton's default for f32 is TF32 (~1e-3 error)."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def init_state(rows: int, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Empty online-softmax state: (acc f32 [rows, H], max f32 [rows], sum f32 [rows])."""
+  return (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+
+
+def attend_block(q_RH: jax.Array, k_TH: jax.Array, v_TH: jax.Array, valid_T: jax.Array,
+                 state: tuple[jax.Array, jax.Array, jax.Array], *, scale: float,
+                 precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Folds one block of T keys into the online-softmax state (FlashAttention-2 update).
+
+  q_RH [R, H], k_TH / v_TH [T, H] (same dtype), valid_T bool [T]; state = (acc f32 [R, H],
+  m f32 [R], l f32 [R]). Runs inside Pallas kernels (Triton lowering and interpret mode).
+  """
+  acc_RH, m_R, l_R = state
+  s_RT = jnp.dot(q_RH, k_TH.T, preferred_element_type=jnp.float32, precision=precision) * scale
+  valid_1T = valid_T[None, :]
+  s_RT = jnp.where(valid_1T, s_RT, MASK_VALUE)
+  m_new_R = jnp.maximum(m_R, jnp.max(s_RT, axis=1))
+  # Masked keys get weight exactly 0, so a block (or a whole split) with no valid key leaves
+  # l = 0 and acc = 0 however the running max sits.
+  p_RT = jnp.where(valid_1T, jnp.exp(s_RT - m_new_R[:, None]), 0.0)
+  corr_R = jnp.exp(m_R - m_new_R)
+  l_new_R = corr_R * l_R + jnp.sum(p_RT, axis=1)
+  # Probabilities in the cache dtype so that the PV product is a bf16 tensor-core dot.
+  pv_RH = jnp.dot(p_RT.astype(v_TH.dtype), v_TH, preferred_element_type=jnp.float32,
+                  precision=precision)
+  return corr_R[:, None] * acc_RH + pv_RH, m_new_R, l_new_R
+
+
+def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int,
+                   out_dtype) -> jax.Array:
+  """Log-sum-exp merge of split partials into the attention output.
+
+  o_BKNRH f32 [B, K, n_split, R, H] (unnormalised), m_BKNR / l_BKNR f32 [B, K, n_split, R];
+  returns [B, K, g, H] in out_dtype (the first g of the R padded rows). Rows with no valid key in
+  any split (l = 0 everywhere) come out as zeros, not NaN.
+  """
+  m_BKR = jnp.max(m_BKNR, axis=2)
+  w_BKNR = jnp.exp(m_BKNR - m_BKR[:, :, None])
+  l_BKR = jnp.sum(w_BKNR * l_BKNR, axis=2)
+  o_BKRH = jnp.sum(w_BKNR[..., None] * o_BKNRH, axis=2)
+  o_BKRH = o_BKRH / jnp.where(l_BKR > 0, l_BKR, 1.0)[..., None]
+  return o_BKRH[:, :, :g].astype(out_dtype)
+
+
+def check_implementation(implementation: str) -> None:
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def check_decode_args(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                      lengths_B: jax.Array) -> None:
+  """Shape / dtype checks shared by the decode ops (work on tracers; only static properties,
+  plus value checks when lengths_B is concrete)."""
+  for name, x in (("q_BKGH", q_BKGH), ("k_BKSH", k_BKSH), ("v_BKSH", v_BKSH)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D [B, K, ., H], got shape {getattr(x, 'shape', None)}")
+    if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
+                                  jnp.dtype(jnp.float16)):
+      raise ValueError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+  if k_BKSH.shape != v_BKSH.shape:
+    raise ValueError(f"k_BKSH {k_BKSH.shape} and v_BKSH {v_BKSH.shape} must have the same shape")
+  if not (q_BKGH.dtype == k_BKSH.dtype == v_BKSH.dtype):
+    raise ValueError("q_BKGH, k_BKSH and v_BKSH must share a dtype, got "
+                     f"{q_BKGH.dtype}, {k_BKSH.dtype}, {v_BKSH.dtype}")
+  B, K, G, H = q_BKGH.shape
+  if (k_BKSH.shape[0], k_BKSH.shape[1], k_BKSH.shape[3]) != (B, K, H):
+    raise ValueError(f"k_BKSH {k_BKSH.shape} must be [B, K, S, H] matching q_BKGH {q_BKGH.shape}")
+  if min(B, K, G, H, k_BKSH.shape[2]) < 1:
+    raise ValueError(f"empty dimension: q_BKGH {q_BKGH.shape}, k_BKSH {k_BKSH.shape}")
+  if getattr(lengths_B, "shape", None) != (B,):
+    raise ValueError(f"lengths_B must have shape [B]={B,}, got {getattr(lengths_B, 'shape', None)}")
+  if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
+    raise ValueError(f"lengths_B must be an integer array, got {lengths_B.dtype}")
+  if not isinstance(lengths_B, jax.core.Tracer):
+    lv = np.asarray(lengths_B)
+    if lv.min() < 0 or lv.max() > k_BKSH.shape[2]:
+      raise ValueError(f"lengths_B must lie in [0, S={k_BKSH.shape[2]}], got {lv.tolist()}")
+
+
+def triton_supported(head_dim: int, dtype) -> str | None:
+  """Why the Triton kernel can't take these inputs, or None if it can."""
+  if not is_power_of_2(head_dim) or head_dim < 16:
+    return f"head dim H={head_dim} must be a power of 2 >= 16 for Triton tiles"
+  return None
+
+
+def auto_implementation(head_dim: int, dtype, tpu_available: bool) -> str:
+  """`auto`: Pallas-Triton on GPU, Pallas TPU on TPU (when implemented), else the XLA reference."""
+  backend = jax.default_backend()
+  if backend == "gpu" and triton_supported(head_dim, dtype) is None:
+    return "pallas_triton"
+  if backend == "tpu" and tpu_available:
+    return "pallas_tpu"
+  return "xla"

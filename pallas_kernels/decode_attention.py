@@ -1,0 +1,205 @@
+"""Dense decode attention: one new query token per sequence against a ragged KV cache.
+
+  o_BKGH = decode_attention(q_BKGH, k_BKSH, v_BKSH, lengths_B, implementation="auto")
+
+GQA heads are packed per KV head (q_BKGH [B, K, G, H]), the cache is [B, K, S, H] with S the
+capacity, and keys at positions >= lengths_B[b] are ignored. Implementations:
+
+- `xla`: `decode_attention_reference`, plain jnp (f32 softmax, HIGHEST-precision matmuls).
+- `pallas_triton`: split-K flash decoding. Grid (B, K, num_splits); program (b, k, j) takes the
+  j-th share of the live key blocks of sequence b (the live blocks, cdiv(length, block_k), are
+  divided among splits at run time so ragged lengths balance), runs an online softmax over them
+  and writes an (acc, max, sum) partial; `_splitk.combine_splits` merges the partials in XLA.
+- `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _splitk
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(_splitk.SplitKConfig):
+  """Launch parameters of the dense Triton decode kernel.
+
+  block_k: keys per loop step (power of 2, >= 16); None picks 128 for 2-byte dtypes and 64 for
+  float32 (same tile bytes). num_splits / num_warps / num_stages: see `_splitk.SplitKConfig`.
+  """
+  block_k: int | None = None
+
+  def validate(self) -> None:
+    super().validate()
+    bk = self.block_k
+    if bk is not None and (not isinstance(bk, int) or not _splitk.is_power_of_2(bk) or bk < 16):
+      raise ValueError(f"config.block_k must be a power of 2 >= 16 or None, got {bk!r}")
+
+  def resolved_block_k(self, dtype) -> int:
+    if self.block_k is not None:
+      return self.block_k
+    return 64 if jnp.dtype(dtype).itemsize > 2 else 128
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def masked_decode_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                            valid_BKS: jax.Array) -> jax.Array:
+  """Softmax attention of q over the keys where valid_BKS is True (f32 softmax).
+
+  q_BKGH [B, K, G, H], k_BKSH / v_BKSH [B, K, S, H], valid_BKS bool [B, K, S]; returns
+  [B, K, G, H] in q's dtype, zeros for rows with no valid key. Shared by the dense and the
+  block-sparse references, which differ only in the mask.
+  """
+  hi = lax.Precision.HIGHEST
+  scale = q_BKGH.shape[-1] ** -0.5
+  # preferred_element_type instead of upcasting K: the bf16 x bf16 products are exact in f32,
+  # and a f32 copy of a long cache would double the reference's memory.
+  s_BKGS = jnp.einsum("bkgh,bksh->bkgs", q_BKGH, k_BKSH, precision=hi,
+                      preferred_element_type=jnp.float32) * scale
+  valid_BK1S = valid_BKS[:, :, None, :]
+  s_BKGS = jnp.where(valid_BK1S, s_BKGS, -jnp.inf)
+  m_BKG = jnp.max(s_BKGS, axis=-1, keepdims=True)
+  m_BKG = jnp.where(jnp.isfinite(m_BKG), m_BKG, 0.0)
+  p_BKGS = jnp.where(valid_BK1S, jnp.exp(s_BKGS - m_BKG), 0.0)
+  l_BKG = jnp.sum(p_BKGS, axis=-1, keepdims=True)
+  o_BKGH = jnp.einsum("bkgs,bksh->bkgh", p_BKGS, v_BKSH.astype(jnp.float32), precision=hi)
+  return (o_BKGH / jnp.where(l_BKG > 0, l_BKG, 1.0)).astype(q_BKGH.dtype)
+
+
+def length_mask(lengths_B: jax.Array, n_heads: int, seq: int) -> jax.Array:
+  """bool [B, K, S]: token s of sequence b is valid iff s < lengths_B[b]."""
+  valid_BS = jnp.arange(seq)[None, :] < lengths_B[:, None]
+  return jnp.broadcast_to(valid_BS[:, None, :], (lengths_B.shape[0], n_heads, seq))
+
+
+@jax.jit
+def decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                               lengths_B: jax.Array) -> jax.Array:
+  """Plain-jnp decode attention (the `xla` implementation); shapes as `decode_attention`."""
+  valid_BKS = length_mask(lengths_B, k_BKSH.shape[1], k_BKSH.shape[2])
+  return masked_decode_reference(q_BKGH, k_BKSH, v_BKSH, valid_BKS)
+
+
+# ------------------------------------------------------------------------- Pallas Triton kernel
+
+
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int,
+                   num_splits: int, scale: float, precision: lax.Precision):
+  """Program (b, k, j). len_ref: int32 []; q_ref [R, H]; k_ref / v_ref [S, H] (the whole cache of
+  this (b, k), so the split boundaries can follow the run-time length); o_ref f32 [R, H];
+  m_ref / l_ref f32 [R]."""
+  split = pl.program_id(2)
+  length = len_ref[()]
+  n_blocks = pl.cdiv(length, block_k)
+  per_split = pl.cdiv(n_blocks, num_splits)
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_blocks)
+  q_RH = q_ref[...]
+  offsets_T = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+  def body(i, state):
+    t0 = pl.multiple_of(i * block_k, block_k)
+    k_TH = k_ref[pl.ds(t0, block_k), :]
+    v_TH = v_ref[pl.ds(t0, block_k), :]
+    # Only the last block of a sequence is partial, but one compare per key is cheaper than
+    # a branch, and the kernel is bound by the K/V bytes anyway.
+    valid_T = t0 + offsets_T < length
+    return _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                precision=precision)
+
+  acc_RH, m_R, l_R = lax.fori_loop(start, end, body,
+                                   _splitk.init_state(q_RH.shape[0], q_RH.shape[1]))
+  o_ref[...] = acc_RH
+  m_ref[...] = m_R
+  l_ref[...] = l_R
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, lengths_B: jax.Array,
+                   config: DecodeConfig, interpret: bool) -> jax.Array:
+  B, K, G, H = q_BKGH.shape
+  block_k = config.resolved_block_k(q_BKGH.dtype)
+  # Capacity padded to whole blocks so a block load never runs past the buffer; a no-op (no copy)
+  # for the usual power-of-2 capacities.
+  k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_k)
+  v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_k)
+  S = k_BKSH.shape[2]
+  num_splits = config.num_splits or _splitk.default_num_splits(B * K, S // block_k)
+  R = _splitk.dot_rows(G)
+  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+  kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
+                             scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
+  sq = _splitk.SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
+  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
+      kernel,
+      grid=(B, K, num_splits),
+      in_specs=[
+          pl.BlockSpec((sq,), lambda b, k, j: (b,)),
+          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+      ],
+      compiler_params=_splitk.triton_compiler_params(config, block_k, H, q_BKGH.dtype),
+      interpret=interpret,
+      name="decode_attention",
+  )(lengths_B.astype(jnp.int32), q_BKRH, k_BKSH, v_BKSH)
+  return _splitk.combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                     lengths_B: jax.Array, *, implementation: str = "auto",
+                     interpret: bool = False, config: DecodeConfig | None = None) -> jax.Array:
+  """Attention of one new query token per sequence over a ragged KV cache.
+
+  Args:
+    q_BKGH: [B, K, G, H] float32 / bfloat16 / float16, G query heads per KV head.
+    k_BKSH, v_BKSH: [B, K, S, H], same dtype as q; S is the cache capacity.
+    lengths_B: int [B], valid cached tokens per sequence, in [0, S]; keys at positions
+      >= length are ignored.
+    implementation: "auto" | "xla" | "pallas_triton" ("pallas_tpu" is not implemented yet).
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
+    config: DecodeConfig for the Triton kernel; None uses the defaults.
+
+  Returns:
+    o_BKGH [B, K, G, H] in q's dtype; softmax scale H ** -0.5, softmax in float32; rows of a
+    sequence with length 0 are zeros.
+  """
+  _splitk.check_implementation(implementation)
+  _splitk.check_decode_args(q_BKGH, k_BKSH, v_BKSH, lengths_B)
+  config = DecodeConfig() if config is None else config
+  if not isinstance(config, DecodeConfig):
+    raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
+  config.validate()
+  H = q_BKGH.shape[-1]
+  if implementation == "auto":
+    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=False)
+  if implementation == "xla":
+    return decode_attention_reference(q_BKGH, k_BKSH, v_BKSH, lengths_B.astype(jnp.int32))
+  if implementation == "pallas_tpu":
+    raise ValueError("implementation='pallas_tpu' is not implemented for decode_attention yet; "
+                     "use 'xla' or 'auto' on TPU")
+  why = _splitk.triton_supported(H, q_BKGH.dtype)
+  if why is not None:
+    raise ValueError(f"implementation='pallas_triton': {why}")
+  return _decode_triton(q_BKGH, k_BKSH, v_BKSH, lengths_B, config, bool(interpret))

@@ -1,0 +1,241 @@
+"""Block-sparse decode attention: each (sequence, KV head) attends only to selected KV blocks.
+
+  o_BKGH = sparse_decode_attention(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
+                                   block_size=64, implementation="auto")
+
+The selection is given as indices, not a mask (DESIGN.md, like splash attention's `data_next` or
+SeerAttention-R's block indices): block_indices_BKM int32 [B, K, M] lists the selected blocks of
+`block_size` tokens, ascending, padded with -1 at the end. Tokens at positions >= lengths_B[b]
+are masked even inside a selected block. Implementations:
+
+- `xla`: `sparse_decode_attention_reference`, dense masked attention over the selected tokens.
+- `pallas_triton`: split-K over the M block slots. Grid (B, K, num_splits); program (b, k, j)
+  takes the j-th share of the live slots of (b, k), loads each block with a dynamic
+  `pl.ds(index * block_size, block_size)` (so only selected blocks are read), runs the shared
+  online softmax and writes a partial merged by `_splitk.combine_splits`.
+- `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _splitk
+from pallas_kernels.decode_attention import length_mask, masked_decode_reference
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDecodeConfig(_splitk.SplitKConfig):
+  """Launch parameters of the block-sparse Triton decode kernel (block size comes from the
+  selection, so only splits / warps / stages are tunable; see `_splitk.SplitKConfig`)."""
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def block_token_mask(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: int,
+                     seq: int) -> jax.Array:
+  """bool [B, K, S]: token s is valid iff its block is selected and s < lengths_B[b]."""
+  B, K, _ = block_indices_BKM.shape
+  n_blocks = -(-seq // block_size)
+  # -1 padding is sent past the end and dropped (a negative index would wrap to the last block).
+  idx_BKM = jnp.where(block_indices_BKM >= 0, block_indices_BKM, n_blocks)
+  b_BKM = jnp.arange(B)[:, None, None]
+  k_BKM = jnp.arange(K)[None, :, None]
+  sel_BKN = jnp.zeros((B, K, n_blocks), bool).at[b_BKM, k_BKM, idx_BKM].set(True, mode="drop")
+  sel_BKS = jnp.repeat(sel_BKN, block_size, axis=2)[:, :, :seq]
+  return sel_BKS & length_mask(lengths_B, K, seq)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def sparse_decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                                      lengths_B: jax.Array, block_indices_BKM: jax.Array, *,
+                                      block_size: int) -> jax.Array:
+  """Plain-jnp block-sparse decode attention (the `xla` implementation): dense attention with
+  every token outside the selected blocks (or past the length) masked. Shapes as
+  `sparse_decode_attention`."""
+  valid_BKS = block_token_mask(block_indices_BKM, lengths_B, block_size, k_BKSH.shape[2])
+  return masked_decode_reference(q_BKGH, k_BKSH, v_BKSH, valid_BKS)
+
+
+# ------------------------------------------------------------------------- Pallas Triton kernel
+
+
+def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+                   block_size: int, num_splits: int, scale: float, precision: lax.Precision):
+  """Program (b, k, j). len_ref / nslots_ref int32 []; idx_ref int32 [M]; q_ref [R, H];
+  k_ref / v_ref [S, H] (the whole cache of this (b, k): blocks are fetched by index);
+  o_ref f32 [R, H]; m_ref / l_ref f32 [R]."""
+  split = pl.program_id(2)
+  length = len_ref[()]
+  # Slots [0, n_slots) hold every selected block that starts before `length` (computed in XLA);
+  # dividing them at run time keeps the splits balanced when rows hold fewer than M blocks.
+  n_slots = nslots_ref[()]
+  per_split = pl.cdiv(n_slots, num_splits)
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_slots)
+  q_RH = q_ref[...]
+  offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+
+  def body(slot, state):
+    block = idx_ref[slot]
+    # A -1 inside the live range (malformed padding) loads block 0 and masks all of it, so it
+    # contributes nothing instead of reading before the buffer.
+    t0 = pl.multiple_of(jnp.maximum(block, 0) * block_size, block_size)
+    k_TH = k_ref[pl.ds(t0, block_size), :]
+    v_TH = v_ref[pl.ds(t0, block_size), :]
+    valid_T = (block >= 0) & (t0 + offsets_T < length)
+    return _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                precision=precision)
+
+  acc_RH, m_R, l_R = lax.fori_loop(start, end, body,
+                                   _splitk.init_state(q_RH.shape[0], q_RH.shape[1]))
+  o_ref[...] = acc_RH
+  m_ref[...] = m_R
+  l_ref[...] = l_R
+
+
+def live_slots(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
+  """int32 [B, K]: 1 + the last slot whose block is >= 0 and starts before the length (0 if
+  none). With ascending indices every slot before it is live, and blocks past the length
+  (trailing, being ascending) are never loaded."""
+  M = block_indices_BKM.shape[-1]
+  live_BKM = (block_indices_BKM >= 0) & (block_indices_BKM * block_size < lengths_B[:, None, None])
+  return jnp.max(jnp.where(live_BKM, jnp.arange(1, M + 1, dtype=jnp.int32), 0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "config", "interpret"))
+def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                          lengths_B: jax.Array, block_indices_BKM: jax.Array, block_size: int,
+                          config: SparseDecodeConfig, interpret: bool) -> jax.Array:
+  B, K, G, H = q_BKGH.shape
+  M = block_indices_BKM.shape[-1]
+  lengths_B = lengths_B.astype(jnp.int32)
+  block_indices_BKM = block_indices_BKM.astype(jnp.int32)
+  # Whole blocks in the buffer so the last (partial) block's load stays in bounds; a no-op for
+  # capacities that are block multiples.
+  k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
+  v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
+  S = k_BKSH.shape[2]
+  num_splits = config.num_splits or _splitk.default_num_splits(B * K, M)
+  R = _splitk.dot_rows(G)
+  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+  nslots_BK = live_slots(block_indices_BKM, lengths_B, block_size)
+  kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
+                             scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
+  sq = _splitk.SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
+  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
+      kernel,
+      grid=(B, K, num_splits),
+      in_specs=[
+          pl.BlockSpec((sq,), lambda b, k, j: (b,)),
+          pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)),
+          pl.BlockSpec((sq, sq, M), lambda b, k, j: (b, k, 0)),
+          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+      ],
+      compiler_params=_splitk.triton_compiler_params(config, block_size, H, q_BKGH.dtype),
+      interpret=interpret,
+      name="sparse_decode_attention",
+  )(lengths_B, nslots_BK, block_indices_BKM, q_BKRH, k_BKSH, v_BKSH)
+  return _splitk.combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def _check_block_args(q_BKGH: jax.Array, k_BKSH: jax.Array, block_indices_BKM: jax.Array,
+                      block_size: int) -> None:
+  B, K = q_BKGH.shape[:2]
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  shape = getattr(block_indices_BKM, "shape", None)
+  if shape is None or len(shape) != 3 or tuple(shape[:2]) != (B, K) or shape[2] < 1:
+    raise ValueError(f"block_indices_BKM must have shape [B={B}, K={K}, M>=1], got {shape}")
+  if not jnp.issubdtype(block_indices_BKM.dtype, jnp.integer):
+    raise ValueError(f"block_indices_BKM must be an integer array, got {block_indices_BKM.dtype}")
+  if not isinstance(block_indices_BKM, jax.core.Tracer):
+    # Value checks only for concrete inputs (under jit the indices are traced).
+    idx = np.asarray(block_indices_BKM)
+    n_blocks = -(-k_BKSH.shape[2] // block_size)
+    if idx.min() < -1 or idx.max() >= n_blocks:
+      raise ValueError(f"block_indices_BKM entries must be -1 or in [0, {n_blocks}) "
+                       f"(S={k_BKSH.shape[2]}, block_size={block_size}); got range "
+                       f"[{idx.min()}, {idx.max()}]")
+    live = idx >= 0
+    if np.any(~live[..., :-1] & live[..., 1:]):
+      raise ValueError("block_indices_BKM must hold its -1 padding after all live indices")
+    both = live[..., :-1] & live[..., 1:]
+    if np.any(both & (idx[..., 1:] <= idx[..., :-1])):
+      raise ValueError("block_indices_BKM live indices must be distinct and ascending")
+
+
+def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                            lengths_B: jax.Array, block_indices_BKM: jax.Array, *,
+                            block_size: int, implementation: str = "auto",
+                            interpret: bool = False,
+                            config: SparseDecodeConfig | None = None) -> jax.Array:
+  """Decode attention over the selected KV blocks only.
+
+  Args:
+    q_BKGH: [B, K, G, H] float32 / bfloat16 / float16, G query heads per KV head.
+    k_BKSH, v_BKSH: [B, K, S, H], same dtype as q; S is the cache capacity.
+    lengths_B: int [B], valid cached tokens per sequence, in [0, S].
+    block_indices_BKM: int32 [B, K, M], selected block ids (block j = tokens
+      [j * block_size, (j + 1) * block_size)), distinct and ascending, padded with -1 at the end.
+      Concrete inputs are checked; traced ones are trusted.
+    block_size: tokens per block (a power of 2 >= 16 for the Triton kernel, e.g. 16, 64, 128).
+    implementation: "auto" | "xla" | "pallas_triton" ("pallas_tpu" is not implemented yet).
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
+    config: SparseDecodeConfig for the Triton kernel; None uses the defaults.
+
+  Returns:
+    o_BKGH [B, K, G, H] in q's dtype: softmax (scale H ** -0.5, float32) over the tokens of the
+    selected blocks below the length; zeros where no such token exists.
+  """
+  _splitk.check_implementation(implementation)
+  _splitk.check_decode_args(q_BKGH, k_BKSH, v_BKSH, lengths_B)
+  _check_block_args(q_BKGH, k_BKSH, block_indices_BKM, block_size)
+  block_size = int(block_size)
+  config = SparseDecodeConfig() if config is None else config
+  if not isinstance(config, SparseDecodeConfig):
+    raise ValueError(f"config must be a SparseDecodeConfig, got {type(config).__name__}")
+  config.validate()
+  H = q_BKGH.shape[-1]
+  tile_ok = _splitk.is_power_of_2(block_size) and block_size >= 16
+  if implementation == "auto":
+    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=False)
+    if implementation == "pallas_triton" and not tile_ok:
+      implementation = "xla"
+  if implementation == "xla":
+    return sparse_decode_attention_reference(q_BKGH, k_BKSH, v_BKSH, lengths_B.astype(jnp.int32),
+                                             block_indices_BKM.astype(jnp.int32),
+                                             block_size=block_size)
+  if implementation == "pallas_tpu":
+    raise ValueError("implementation='pallas_tpu' is not implemented for sparse_decode_attention "
+                     "yet; use 'xla' or 'auto' on TPU")
+  why = _splitk.triton_supported(H, q_BKGH.dtype)
+  if why is None and not tile_ok:
+    why = f"block_size={block_size} must be a power of 2 >= 16 for Triton tiles"
+  if why is not None:
+    raise ValueError(f"implementation='pallas_triton': {why}")
+  return _sparse_decode_triton(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, block_size,
+                               config, bool(interpret))
