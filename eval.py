@@ -26,6 +26,23 @@ def main(argv=None) -> int:
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--out", default=None, help="output JSON (default: <run>/eval.json)")
   ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+  dg = ap.add_argument_group("decoding evaluations (KV cache, sparse decoding, ReSA)")
+  dg.add_argument("--drift", type=int, default=0, metavar="N",
+                  help="N prompts from the valid split: dense vs sparse vs sparse+rectification")
+  dg.add_argument("--prompt-len", type=int, default=128)
+  dg.add_argument("--new-tokens", type=int, default=96)
+  dg.add_argument("--block-size", type=int, default=16)
+  dg.add_argument("--budget", type=int, default=None,
+                  help="sparse token budget (default: 10%% of prompt+new tokens, i.e. 90%% sparsity)")
+  dg.add_argument("--rectify-every", type=int, default=16)
+  dg.add_argument("--selector", choices=["quest", "gate"], default="quest")
+  dg.add_argument("--gate", default=None, help="gate params .npz (from --train-gate)")
+  dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
+                  help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
+  dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")
+  dg.add_argument("--context", type=int, default=None, help="passkey context tokens")
+  dg.add_argument("--budgets", type=int, nargs="+", default=None, help="retrieval token budgets")
+  dg.add_argument("--decode-impl", default="auto", help="decode kernel implementation")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")
   args = ap.parse_args(argv)
   try:
@@ -59,12 +76,67 @@ def main(argv=None) -> int:
                                 cfg.eval.sample_len, cfg.eval.temperature, cfg.eval.top_k, args.seed)
     for i, s in enumerate(samples):
       print(f"--- sample {i} (temperature {cfg.eval.temperature}, top-k {cfg.eval.top_k}) ---\n{s}")
+  decoding_results = run_decoding_evals(args, cfg, params, run)
   out = pathlib.Path(args.out) if args.out else run / "eval.json"
   out.write_text(json.dumps({"run": str(run), "step": step, "splits": results, "samples": samples,
+                             **decoding_results,
                              "sampling": {"prompt": cfg.eval.prompt, "temperature": cfg.eval.temperature,
                                           "top_k": cfg.eval.top_k, "seed": args.seed}}, indent=2))
   print(f"wrote {out}")
   return 0
+
+
+def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
+  """--train-gate / --drift / --retrieval; returns their results for eval.json."""
+  import numpy as np
+  from effjax import evaluation
+  from effjax.sparse import gate as gate_lib
+  from effjax.sparse import gate_training, resa
+  out: dict = {}
+  gate_params = None
+  gcfg = gate_lib.GateConfig(block_size=args.block_size, d_gate=64)
+  if args.train_gate:
+    ex = evaluation.split_examples(cfg, "train")
+    gate_params, losses = gate_training.train_gate(
+        cfg.model, gcfg, params, ex.tokens[:, :-1], steps=args.train_gate, log=print)
+    np.savez(run / "gate.npz", **{k: np.asarray(v) for k, v in gate_params.items()})
+    out["gate_training"] = {"steps": args.train_gate, "first_kl": losses[0], "last_kl": losses[-1],
+                            "path": str(run / "gate.npz")}
+    print(f"gate: KL {losses[0]:.4f} -> {losses[-1]:.4f}, saved {run / 'gate.npz'}")
+  elif args.gate:
+    gate_params = dict(np.load(args.gate))
+  if args.selector == "gate" and gate_params is None and (args.drift or args.retrieval):
+    raise ValueError("--selector gate needs --gate PATH or --train-gate STEPS")
+  if args.drift:
+    ex = evaluation.split_examples(cfg, "valid")
+    n = min(args.drift, len(ex))
+    prompts = ex.tokens[:n, :args.prompt_len]
+    lengths = np.full((n,), prompts.shape[1], np.int32)
+    total = prompts.shape[1] + args.new_tokens
+    budget = args.budget or max(2 * args.block_size, total // 10 // args.block_size * args.block_size)
+    scfg = resa.SparseConfig(selector=args.selector, block_size=args.block_size,
+                             budget_tokens=budget, rectify_every=args.rectify_every,
+                             d_gate=gcfg.d_gate)
+    d = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=args.new_tokens, scfg=scfg,
+                              gate_params=gate_params, decode_impl=args.decode_impl)
+    out["drift"] = {"prompts": n, "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
+                    "budget_tokens": budget, "sparsity_at_end": 1 - budget / total,
+                    "selector": args.selector, "results": d}
+    print(f"drift ({n} prompts, {args.new_tokens} new tokens, budget {budget} of {total} tokens):")
+    for name, r in d.items():
+      print(f"  {name:>24}: dense-model NLL {r['nll']:.4f} | agreement with dense {r['agreement_with_dense']:.3f}")
+  if args.retrieval:
+    context = args.context or cfg.model.max_seq_len - 8
+    budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]
+    selectors = {"quest": ("quest", None)}
+    if gate_params is not None:
+      selectors["gate"] = ("gate", gate_params)
+    r = evaluation.retrieval_eval(cfg, params, n=args.retrieval, context_tokens=context,
+                                  budgets=budgets, selectors=selectors, block_size=args.block_size,
+                                  decode_impl=args.decode_impl)
+    out["retrieval"] = {"n": args.retrieval, "context_tokens": context, "accuracy": r}
+    print("passkey accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+  return out
 
 
 if __name__ == "__main__":

@@ -168,14 +168,14 @@ def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B):
   """F queries at positions start_b + i over the cache, causal: plain jnp, float32 softmax."""
   B, F, N, H = q_BFNH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-  q = q_BFNH.reshape(B, F, K, N // K, H)
-  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(q.dtype),
-                 preferred_element_type=jnp.float32) * (H ** -0.5)
+  # float32 operands: the reference path; XLA:CPU has no bf16 x bf16 -> f32 batched dot here
+  q = q_BFNH.astype(jnp.float32).reshape(B, F, K, N // K, H)
+  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(jnp.float32)) * (H ** -0.5)
   q_pos = start_B[:, None] + jnp.arange(F)[None]                          # [B, F]
   mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]                # [B, F, S]
   s = jnp.where(mask[:, None, None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1).astype(v_BKSH.dtype)
-  o = jnp.einsum("bkgfs,bksh->bfkgh", p, v_BKSH, preferred_element_type=jnp.float32)
+  p = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bkgfs,bksh->bfkgh", p, v_BKSH.astype(jnp.float32))
   return o.reshape(B, F, N, H).astype(q_BFNH.dtype)
 
 

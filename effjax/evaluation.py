@@ -97,3 +97,96 @@ def sample(cfg: Config, params, prompt: str, num: int, length: int, temperature:
   out = _sample_loop(cfg.model, params, jnp.asarray(buf), len(ids), jax.random.key(seed),
                      jnp.float32(temperature), total, top_k)
   return [tok.decode(np.asarray(row[len(ids):])) for row in out]
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding evaluations: drift of sparse decoding, and retrieval
+
+
+def continuation_nll(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray,
+                     cont_BN: np.ndarray) -> np.ndarray:
+  """Dense model's mean per-token NLL (nats) of each continuation given its prompt: float [B]."""
+  B, N = cont_BN.shape
+  nll = []
+  for b in range(B):
+    seq = np.concatenate([prompts_BT[b, :lengths_B[b]], cont_BN[b]])[None]
+    logits = model_lib.apply(cfg.model, params, jnp.asarray(seq[:, :-1]))[0]
+    lp = jax.nn.log_softmax(logits[-N:].astype(jnp.float32), axis=-1)
+    nll.append(-float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(cont_BN[b])[:, None], 1))))
+  return np.asarray(nll)
+
+
+def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, *,
+               new_tokens: int, scfg, gate_params=None, decode_impl: str = "auto") -> dict:
+  """Greedy continuations under dense, sparse and sparse + rectification decoding of the same
+  prompts: each one's dense-model NLL and its token agreement with the dense greedy continuation."""
+  import dataclasses as dc
+  from effjax import decoding
+  from effjax.sparse import resa
+  toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
+  kw = dict(max_new_tokens=new_tokens, decode_impl=decode_impl)
+  dense, _ = decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)
+  runs = {"dense": np.asarray(dense)}
+  runs["sparse"] = np.asarray(resa.generate(cfg.model, dc.replace(scfg, rectify_every=0), params,
+                                            toks, lens, jax.random.key(0), gate_params, **kw)[0])
+  f = scfg.rectify_every or 32
+  runs[f"sparse+rectify(f={f})"] = np.asarray(resa.generate(
+      cfg.model, dc.replace(scfg, rectify_every=f), params, toks, lens, jax.random.key(0),
+      gate_params, **kw)[0])
+  out = {}
+  for name, cont in runs.items():
+    out[name] = {"nll": float(np.mean(continuation_nll(cfg, params, prompts_BT, lengths_B, cont))),
+                 "agreement_with_dense": float(np.mean(cont == runs["dense"]))}
+  return out
+
+
+def passkey_prompts(n: int, context_tokens: int, seed: int = 0, filler: str | None = None):
+  """Needle-in-a-haystack prompts: filler text with 'The pass key is NNNNN. Remember it.' at a
+  random depth, ending 'What is the pass key? The pass key is '. Returns (prompts int32 [n, T]
+  right-padded, lengths [n], keys list[str])."""
+  from effjax.data import ByteTokenizer
+  rng = np.random.default_rng(seed)
+  tok = ByteTokenizer()
+  filler = filler or ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+                      "There and back again. ")
+  question = " What is the pass key? The pass key is "
+  prompts, keys = [], []
+  for _ in range(n):
+    key = f"{rng.integers(10000, 99999)}"
+    needle = f" The pass key is {key}. Remember it. {key} is the pass key. "
+    room = context_tokens - len(needle) - len(question) - 1
+    hay = (filler * (room // len(filler) + 1))[:room]
+    at = int(rng.integers(0, room + 1))
+    text = hay[:at] + needle + hay[at:] + question
+    prompts.append(tok.encode(text, add_bos=True))
+    keys.append(key)
+  T = max(len(p) for p in prompts)
+  arr = np.zeros((n, T), np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, :len(p)] = p
+  return arr, np.asarray([len(p) for p in prompts], np.int32), keys
+
+
+def retrieval_eval(cfg: Config, params, *, n: int, context_tokens: int, budgets: list[int],
+                   selectors: dict, block_size: int, decode_impl: str = "auto", seed: int = 0) -> dict:
+  """Passkey accuracy (all 5 digits generated greedily) for dense decoding and for each selector
+  (name -> (selector kind, gate params or None)) at each token budget."""
+  from effjax import decoding
+  from effjax.data import ByteTokenizer
+  from effjax.sparse import resa
+  tok = ByteTokenizer()
+  prompts, lengths, keys = passkey_prompts(n, context_tokens, seed)
+  toks, lens = jnp.asarray(prompts), jnp.asarray(lengths)
+
+  def acc(out):
+    return float(np.mean([tok.decode(o[:5]) == k for o, k in zip(np.asarray(out), keys)]))
+
+  kw = dict(max_new_tokens=5, decode_impl=decode_impl)
+  res = {"dense": acc(decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)[0])}
+  for name, (kind, gp) in selectors.items():
+    for budget in budgets:
+      scfg = resa.SparseConfig(selector=kind, block_size=block_size, budget_tokens=budget,
+                               rectify_every=0, d_gate=64 if gp is None else gp["wq"].shape[-1])
+      out, _ = resa.generate(cfg.model, scfg, params, toks, lens, jax.random.key(0), gp, **kw)
+      res[f"{name}@{budget}"] = acc(out)
+  return res
