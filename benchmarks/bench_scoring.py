@@ -104,7 +104,8 @@ def main():
   t_train = bench(train_call, [(b,) for b in batches], reps=6)
   res["train_examples_per_s"] = args.train_batch / t_train
   print(f"train step: {t_train * 1e3:.1f} ms / {args.train_batch} ex -> {res['train_examples_per_s']:.1f} ex/s", flush=True)
-  del holder, batches, state
+  holder.clear()  # free the train state before the scoring passes
+  del batches, state
 
   lam = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, jnp.float32) * 1e-3, params)
   chunks = [(params, rand_tokens(args.chunk), ones(args.chunk), lam) for _ in range(3)]

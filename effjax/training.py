@@ -12,7 +12,7 @@ import math
 import pathlib
 import shutil
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

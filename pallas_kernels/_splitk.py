@@ -145,6 +145,43 @@ def attend_block(q_RH: jax.Array, k_TH: jax.Array, v_TH: jax.Array, valid_T: jax
   return corr_R[:, None] * acc_RH + pv_RH, m_new_R, l_new_R
 
 
+def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array, k_BKSH: jax.Array,
+                v_BKSH: jax.Array, *, num_splits: int, tile_rows: int, config: SplitKConfig,
+                interpret: bool, name: str) -> jax.Array:
+  """The pallas_call both decode kernels share: grid (b, k, split); per-(b, k) scalar or index
+  inputs first (`prefix_specs` / `prefix_args`), then the query rows padded to `dot_rows` and the
+  whole [S, H] K and V of the (b, k) (the kernel loads `tile_rows`-token slices of them); outputs
+  are the per-split partial (o, m, l), combined here. Returns o [B, K, G, H] in q's dtype."""
+  B, K, G, H = q_BKGH.shape
+  S = k_BKSH.shape[2]
+  R = dot_rows(G)
+  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+  sq = SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
+  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
+      kernel,
+      grid=(B, K, num_splits),
+      in_specs=list(prefix_specs) + [
+          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+      ],
+      compiler_params=triton_compiler_params(config, tile_rows, H, q_BKGH.dtype),
+      interpret=interpret,
+      name=name,
+  )(*prefix_args, q_BKRH, k_BKSH, v_BKSH)
+  return combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
+
+
 def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int,
                    out_dtype) -> jax.Array:
   """Log-sum-exp merge of split partials into the attention output.

@@ -133,35 +133,12 @@ def _decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, leng
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_k)
   S = k_BKSH.shape[2]
   num_splits = config.num_splits or _splitk.default_num_splits(B * K, S // block_k)
-  R = _splitk.dot_rows(G)
-  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
   kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
-  sq = _splitk.SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
-  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
-      kernel,
-      grid=(B, K, num_splits),
-      in_specs=[
-          pl.BlockSpec((sq,), lambda b, k, j: (b,)),
-          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
-          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
-          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
-          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
-          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
-          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
-          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
-      ],
-      compiler_params=_splitk.triton_compiler_params(config, block_k, H, q_BKGH.dtype),
-      interpret=interpret,
-      name="decode_attention",
-  )(lengths_B.astype(jnp.int32), q_BKRH, k_BKSH, v_BKSH)
-  return _splitk.combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
+  return _splitk.splitk_call(
+      kernel, [pl.BlockSpec((_splitk.SQUEEZED,), lambda b, k, j: (b,))],
+      [lengths_B.astype(jnp.int32)], q_BKGH, k_BKSH, v_BKSH, num_splits=num_splits,
+      tile_rows=block_k, config=config, interpret=interpret, name="decode_attention")
 
 
 # ------------------------------------------------------------------------------------ dispatch

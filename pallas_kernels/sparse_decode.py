@@ -123,40 +123,19 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   # capacities that are block multiples.
   k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
-  S = k_BKSH.shape[2]
   num_splits = config.num_splits or _splitk.default_num_splits(B * K, M)
-  R = _splitk.dot_rows(G)
-  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
   nslots_BK = live_slots(block_indices_BKM, lengths_B, block_size)
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
-  sq = _splitk.SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
-  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
+  sq = _splitk.SQUEEZED
+  return _splitk.splitk_call(
       kernel,
-      grid=(B, K, num_splits),
-      in_specs=[
-          pl.BlockSpec((sq,), lambda b, k, j: (b,)),
-          pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)),
-          pl.BlockSpec((sq, sq, M), lambda b, k, j: (b, k, 0)),
-          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
-          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
-          pl.BlockSpec((sq, sq, S, H), lambda b, k, j: (b, k, 0, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
-          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
-          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
-          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
-          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
-      ],
-      compiler_params=_splitk.triton_compiler_params(config, block_size, H, q_BKGH.dtype),
-      interpret=interpret,
-      name="sparse_decode_attention",
-  )(lengths_B, nslots_BK, block_indices_BKM, q_BKRH, k_BKSH, v_BKSH)
-  return _splitk.combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
+      [pl.BlockSpec((sq,), lambda b, k, j: (b,)),
+       pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)),
+       pl.BlockSpec((sq, sq, M), lambda b, k, j: (b, k, 0))],
+      [lengths_B, nslots_BK, block_indices_BKM], q_BKGH, k_BKSH, v_BKSH,
+      num_splits=num_splits, tile_rows=block_size, config=config, interpret=interpret,
+      name="sparse_decode_attention")
 
 
 # ------------------------------------------------------------------------------------ dispatch

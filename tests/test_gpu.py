@@ -1,6 +1,5 @@
 """GPU-only checks (run on the device machine with `pytest -m gpu`)."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from effjax.config import ModelConfig
-from effjax.model import apply, attention, attention_reference, init_params
+from effjax.model import apply, attention, init_params
 from effjax.model.transformer import apply_rope, rope_tables
 
 TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}

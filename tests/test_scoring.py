@@ -1,6 +1,5 @@
 """LQS / PDS scoring against a slow per-example, per-step loop, and HVPs against finite differences."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -95,7 +95,7 @@ def test_gate_learns_to_predict_block_maxima():
 
 def test_attention_recall_and_gate_training_on_a_model():
   from effjax.model import init_params
-  from effjax.sparse import gate_training, selection
+  from effjax.sparse import gate_training
   B, K, G, S, H, bs = 2, 2, 2, 64, 16, 16
   q, k = jnp.asarray(rand((B, K, G, H), 6)), jnp.asarray(rand((B, K, S, H), 7))
   lengths = jnp.asarray([64, 40])

@@ -1,6 +1,5 @@
 """Block selection rules and Quest bounds."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
