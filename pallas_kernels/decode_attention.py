@@ -154,7 +154,7 @@ def decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     k_BKSH, v_BKSH: [B, K, S, H], same dtype as q; S is the cache capacity.
     lengths_B: int [B], valid cached tokens per sequence, in [0, S]; keys at positions
       >= length are ignored.
-    implementation: "auto" | "xla" | "pallas_triton" ("pallas_tpu" is not implemented yet).
+    implementation: "auto" | "xla" | "pallas_triton" | "pallas_tpu".
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     config: DecodeConfig for the Triton kernel; None uses the defaults.
 
@@ -170,12 +170,16 @@ def decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
   config.validate()
   H = q_BKGH.shape[-1]
   if implementation == "auto":
-    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=False)
+    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=True)
   if implementation == "xla":
     return decode_attention_reference(q_BKGH, k_BKSH, v_BKSH, lengths_B.astype(jnp.int32))
   if implementation == "pallas_tpu":
-    raise ValueError("implementation='pallas_tpu' is not implemented for decode_attention yet; "
-                     "use 'xla' or 'auto' on TPU")
+    from pallas_kernels import _tpu_decode
+    block_k = config.resolved_block_k(q_BKGH.dtype)
+    idx, n_live = _tpu_decode.dense_block_list(lengths_B, k_BKSH.shape[1], k_BKSH.shape[2], block_k)
+    return _tpu_decode.block_list_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, idx, n_live,
+                                         block_size=block_k,
+                                         interpret=_tpu_decode.tpu_interpret(interpret))
   why = _splitk.triton_supported(H, q_BKGH.dtype)
   if why is not None:
     raise ValueError(f"implementation='pallas_triton': {why}")

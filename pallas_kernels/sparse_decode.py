@@ -182,7 +182,7 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
       [j * block_size, (j + 1) * block_size)), distinct and ascending, padded with -1 at the end.
       Concrete inputs are checked; traced ones are trusted.
     block_size: tokens per block (a power of 2 >= 16 for the Triton kernel, e.g. 16, 64, 128).
-    implementation: "auto" | "xla" | "pallas_triton" ("pallas_tpu" is not implemented yet).
+    implementation: "auto" | "xla" | "pallas_triton" | "pallas_tpu".
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     config: SparseDecodeConfig for the Triton kernel; None uses the defaults.
 
@@ -201,7 +201,7 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
   H = q_BKGH.shape[-1]
   tile_ok = _splitk.is_power_of_2(block_size) and block_size >= 16
   if implementation == "auto":
-    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=False)
+    implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=True)
     if implementation == "pallas_triton" and not tile_ok:
       implementation = "xla"
   if implementation == "xla":
@@ -209,8 +209,12 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
                                              block_indices_BKM.astype(jnp.int32),
                                              block_size=block_size)
   if implementation == "pallas_tpu":
-    raise ValueError("implementation='pallas_tpu' is not implemented for sparse_decode_attention "
-                     "yet; use 'xla' or 'auto' on TPU")
+    from pallas_kernels import _tpu_decode
+    lengths_B = lengths_B.astype(jnp.int32)
+    return _tpu_decode.block_list_decode(
+        q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
+        live_slots(block_indices_BKM.astype(jnp.int32), lengths_B, block_size),
+        block_size=block_size, interpret=_tpu_decode.tpu_interpret(interpret))
   why = _splitk.triton_supported(H, q_BKGH.dtype)
   if why is None and not tile_ok:
     why = f"block_size={block_size} must be a power of 2 >= 16 for Triton tiles"

@@ -8,12 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# (implementation, interpret): the XLA reference, the Triton kernel interpreted on CPU, and the
-# same kernel compiled on a GPU (`pytest -m gpu` on the device machine).
+# (implementation, interpret): the XLA reference, the Triton kernel interpreted on CPU, the same
+# kernel compiled on a GPU (`pytest -m gpu` on the device machine), and the Mosaic TPU kernel in
+# the TPU interpreter.
 IMPLEMENTATIONS = [
     pytest.param("xla", False, id="xla"),
     pytest.param("pallas_triton", True, id="triton-interpret"),
     pytest.param("pallas_triton", False, id="triton-gpu", marks=pytest.mark.gpu),
+    pytest.param("pallas_tpu", True, id="tpu-interpret"),
 ]
 
 # chex tolerances per dtype: f32 kernels differ from float64 only by summation order; bf16 by the

@@ -124,7 +124,6 @@ def test_bad_inputs_raise(over, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(implementation="cudnn"), "implementation must be one of"),
-    (dict(implementation="pallas_tpu"), "not implemented"),
     (dict(implementation="pallas_triton", config=DecodeConfig(block_k=48)), "block_k must be a power of 2"),
     (dict(implementation="pallas_triton", config=DecodeConfig(num_splits=0)), "num_splits"),
     (dict(implementation="pallas_triton", config=DecodeConfig(num_warps=3)), "num_warps"),

@@ -185,7 +185,6 @@ def test_bad_inputs_raise(over, match):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(implementation="dense"), "implementation must be one of"),
-    (dict(implementation="pallas_tpu"), "not implemented"),
     (dict(implementation="pallas_triton", block_size=24), "block_size=24 must be a power of 2"),
     (dict(implementation="pallas_triton", block_size=8), "block_size=8 must be a power of 2 >= 16"),
     (dict(implementation="pallas_triton", config=SparseDecodeConfig(num_stages=0)), "num_stages"),

@@ -1,0 +1,112 @@
+"""The Pallas TPU (Mosaic) decode kernel shared by dense and block-sparse decode attention.
+
+Both ops are "attend to a list of KV blocks": the sparse op's list is its block indices, the dense
+op's is 0 .. cdiv(length, block) - 1. The block list, its live length and the sequence lengths go in
+through scalar prefetch (SMEM), so the K/V BlockSpec index_map fetches exactly the listed blocks:
+grid (B, K, M) walks the list, the pipeline DMAs block idx[b, k, j] while the previous one is being
+used, and a slot past the live length re-requests the last live block, which the pipeline does not
+fetch again (same block index) -- as splash attention's `data_next` does. The online softmax lives
+in VMEM scratch across the "arbitrary" last grid axis; the output is written at the last slot.
+
+Tested here in TPU interpret mode (`interpret=pltpu.InterpretParams()`); not yet run on a TPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _splitk
+
+_LANES = 128  # m / l scratch kept lane-dense (broadcast over 128 lanes), the layout Mosaic wants
+
+
+def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc, acc_sc, *,
+            block_size: int, scale: float, precision):
+  """Program (b, k, j). Scalar refs: lengths int32 [B], n_live int32 [B, K], idx int32 [B, K, M].
+  q_ref [R, H]; k_ref / v_ref [block, H] (block idx[b, k, j]); o_ref [R, H]."""
+  b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _init():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  @pl.when(j < nlive_ref[b, h])
+  def _attend():
+    block = idx_ref[b, h, j]
+    offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
+    valid_T = (block >= 0) & (block * block_size + offsets_T < len_ref[b])
+    state = (acc_sc[...], m_sc[:, 0], l_sc[:, 0])
+    acc, m, l = _splitk.attend_block(q_ref[...], k_ref[...], v_ref[...], valid_T, state,
+                                     scale=scale, precision=precision)
+    acc_sc[...] = acc
+    m_sc[...] = jnp.broadcast_to(m[:, None], m_sc.shape)
+    l_sc[...] = jnp.broadcast_to(l[:, None], l_sc.shape)
+
+  @pl.when(j == pl.num_programs(2) - 1)
+  def _finish():
+    l = l_sc[:, :1]
+    o_ref[...] = (acc_sc[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
+def block_list_decode(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, lengths_B: jax.Array,
+                      block_indices_BKM: jax.Array, n_live_BK: jax.Array, *, block_size: int,
+                      interpret) -> jax.Array:
+  """Attention of q over the listed blocks (slots [0, n_live) of block_indices, -1 allowed and
+  masked) and tokens < length. Shapes as `sparse_decode_attention`; returns [B, K, G, H]."""
+  B, K, G, H = q_BKGH.shape
+  M = block_indices_BKM.shape[-1]
+  k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
+  v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
+  R = _splitk.round_up(G, 8)  # sublane multiple
+  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+
+  def kv_map(b, h, j, len_ref, nlive_ref, idx_ref):
+    # past the live slots, keep pointing at the last live block: no new DMA is issued
+    slot = jnp.maximum(jnp.minimum(j, nlive_ref[b, h] - 1), 0)
+    return b, h, jnp.maximum(idx_ref[b, h, slot], 0), 0
+
+  fixed = lambda b, h, j, *_: (b, h, 0, 0)
+  out = pl.pallas_call(
+      functools.partial(_kernel, block_size=block_size, scale=H ** -0.5,
+                        precision=_splitk.dot_precision(q_BKGH.dtype)),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3,
+          grid=(B, K, M),
+          in_specs=[pl.BlockSpec((None, None, R, H), fixed),
+                    pl.BlockSpec((None, None, block_size, H), kv_map),
+                    pl.BlockSpec((None, None, block_size, H), kv_map)],
+          out_specs=pl.BlockSpec((None, None, R, H), fixed),
+          scratch_shapes=[pltpu.VMEM((R, _LANES), jnp.float32),
+                          pltpu.VMEM((R, _LANES), jnp.float32),
+                          pltpu.VMEM((R, H), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct((B, K, R, H), q_BKGH.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="block_list_decode_tpu",
+  )(lengths_B.astype(jnp.int32), n_live_BK.astype(jnp.int32), block_indices_BKM.astype(jnp.int32),
+    q_BKRH, k_BKSH, v_BKSH)
+  return out[:, :, :G]
+
+
+def tpu_interpret(interpret: bool):
+  """Our boolean `interpret` -> what a TPU pallas_call takes (the TPU interpreter on CPU)."""
+  return pltpu.InterpretParams() if interpret else False
+
+
+def dense_block_list(lengths_B: jax.Array, K: int, S: int, block_size: int):
+  """The dense op as a block list: (indices int32 [B, K, cdiv(S, block)], n_live int32 [B, K])."""
+  nb = -(-S // block_size)
+  B = lengths_B.shape[0]
+  idx = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, K, nb))
+  n_live = jnp.broadcast_to(((lengths_B + block_size - 1) // block_size)[:, None], (B, K))
+  return idx, n_live
