@@ -158,7 +158,8 @@ class TrainConfig:
   eval_every: int = 200
   eval_batches: int = 8
   log_every: int = 10
-  mesh_data: int = -1                      # data-parallel devices; -1 = all visible devices
+  mesh_data: int = -1                      # data-parallel devices; -1 = all visible devices / fsdp
+  mesh_fsdp: int = 1                       # devices params + optimiser state are sharded over
   progress: bool = True
 
   def __post_init__(self):
@@ -173,6 +174,7 @@ class TrainConfig:
     _check(self.eval_batches > 0, "train.eval_batches", "must be > 0")
     _check(self.log_every > 0, "train.log_every", "must be > 0")
     _check(self.mesh_data == -1 or self.mesh_data > 0, "train.mesh_data", "must be -1 or > 0")
+    _check(self.mesh_fsdp > 0, "train.mesh_fsdp", f"must be > 0, got {self.mesh_fsdp}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,16 +125,17 @@ def make_eval_step(mcfg: ModelConfig) -> Callable:
 _STEP_CACHE: dict = {}
 
 
-def _compiled_steps(cfg: Config, optimizer, mesh):
+def _compiled_steps(cfg: Config, optimizer, mesh, state_sh):
   """Jitted (train_step, eval_step), shared by runs with the same model / optimiser / schedule /
-  mesh in one process (e.g. an experiment's seeds), so each compiles once."""
+  mesh in one process (e.g. an experiment's seeds), so each compiles once. state_sh: the train
+  state's shardings (params and optimiser state sharded over fsdp)."""
   key = (cfg.model, cfg.optim, cfg.train.steps, cfg.train.grad_accum, mesh)
   if key not in _STEP_CACHE:
     repl, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
     _STEP_CACHE[key] = (
-        jax.jit(make_train_step(cfg, optimizer), in_shardings=(repl, bsh), out_shardings=(repl, repl),
-                donate_argnums=0),
-        jax.jit(make_eval_step(cfg.model), in_shardings=(repl, bsh)))
+        jax.jit(make_train_step(cfg, optimizer), in_shardings=(state_sh, bsh),
+                out_shardings=(state_sh, repl), donate_argnums=0),
+        jax.jit(make_eval_step(cfg.model), in_shardings=(state_sh["params"], bsh)))
   return _STEP_CACHE[key]
 
 
@@ -191,7 +192,7 @@ def evaluate_loss(eval_step, params, batches, mesh) -> dict:
   """Mean masked NLL over `batches` -> {"loss" (nats/token), "bpb" (bits per target token), "tokens"}."""
   tot, cnt = 0.0, 0.0
   for b in batches:
-    n = mesh.shape["data"]
+    n = shd.batch_devices(mesh)
     rows = b["inputs"].shape[0]
     if rows % n:  # pad the last partial batch with masked rows so it shards evenly
       pad = n - rows % n
@@ -239,20 +240,21 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   paths.out.mkdir(parents=True, exist_ok=True)
   _check_resume_config(paths, cfg)
 
-  mesh = shd.make_mesh(cfg.train.mesh_data)
-  n_data = mesh.shape["data"]
+  mesh = shd.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+  n_data = shd.batch_devices(mesh)
   micro = cfg.train.batch_size // cfg.train.grad_accum
   if micro % n_data:
     raise ValueError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by "
-                     f"the {n_data} data-parallel devices")
+                     f"the {n_data} devices a batch is split over (data x fsdp)")
 
   splits = data_lib.load_splits(cfg.data)
   train_ex, valid_ex = splits["train"], splits["valid"]
   entropy = unigram_entropy(train_ex.tokens[:, 1:], train_ex.mask)
 
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  repl = shd.replicated(mesh)
-  init_fn = jax.jit(lambda rng: init_train_state(cfg, rng, optimizer), out_shardings=repl)
+  make_state = lambda rng: init_train_state(cfg, rng, optimizer)
+  state_sh = shd.state_shardings(jax.eval_shape(make_state, jax.random.key(0)), mesh)
+  init_fn = jax.jit(make_state, out_shardings=state_sh)
   state = init_fn(jax.random.key(cfg.train.seed))
 
   ckpt = Checkpointer(paths.out, keep=cfg.train.keep_checkpoints)
@@ -272,7 +274,7 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   if data_state is not None:
     it.set_state(data_state)
 
-  step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh)
+  step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh, state_sh)
 
   def run_eval(step):
     if len(valid_ex) == 0:  # data.valid_fraction = 0: nothing held out
@@ -291,7 +293,8 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   n_params = cfg.model.num_params()
   log(f"model {cfg.name}: {n_params / 1e6:.2f}M params | {len(train_ex.tokens)} train / "
-      f"{len(valid_ex.tokens)} valid examples of {cfg.data.seq_len} tokens | mesh data={n_data} "
+      f"{len(valid_ex.tokens)} valid examples of {cfg.data.seq_len} tokens | mesh data="
+      f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
       f"({jax.default_backend()}) | unigram entropy {entropy:.3f} nats")
 
   end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)

@@ -115,8 +115,12 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
       from tqdm.auto import tqdm
       bar = tqdm(total=passes * len(scored), desc=f"{d.scoring} scoring", unit="ex",
                  dynamic_ncols=True)
+    from effjax import sharding as shd
+    mesh = shd.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+    # per-example gradients sharded over examples when the chunk splits evenly over the devices
+    mesh = mesh if shd.batch_devices(mesh) > 1 and d.chunk_size % shd.batch_devices(mesh) == 0 else None
     res = scoring.lqs_scores(fns, trace, pool, ref, scored, d.chunk_size,
-                             progress=bar.update if bar else None)
+                             progress=bar.update if bar else None, mesh=mesh)
     if bar:
       bar.close()
     sample_scores = {"lqs": res.lqs, "pds": res.pds}

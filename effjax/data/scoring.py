@@ -185,11 +185,16 @@ def reference_grad(fns: ScoringFns, params: Params, ref: Examples, chunk: int) -
 
 
 def example_stats(fns: ScoringFns, params: Params, ex: Examples, lam: Params, chunk: int,
-                  progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Per-example gradient norms and dots with lam over all of `ex`: float32 [N], [N]."""
+                  progress: Callable[[int], None] | None = None,
+                  mesh=None) -> tuple[np.ndarray, np.ndarray]:
+  """Per-example gradient norms and dots with lam over all of `ex`: float32 [N], [N]. With a
+  `mesh`, each chunk's examples are split over its data x fsdp devices (chunk must divide)."""
+  from effjax import sharding as shd
   norms, dots = [], []
   for s, e in _chunks(len(ex), chunk):
     t, m = _padded_chunk(ex, s, e, chunk)
+    if mesh is not None:
+      t, m = (shd.shard_batch({"x": a}, mesh)["x"] for a in (t, m))
     n, d = fns.example_stats(params, t, m, lam)
     norms.append(np.asarray(n)[: e - s])
     dots.append(np.asarray(d)[: e - s])
@@ -284,10 +289,12 @@ def normalize(x: np.ndarray, clip: float = 3.0) -> np.ndarray:
 
 
 def lqs_scores(fns: ScoringFns, trace: ProxyTrace, pool: Examples, ref: Examples, scored: Examples,
-               chunk: int = 16, progress: Callable[[int], None] | None = None) -> ScoreResult:
+               chunk: int = 16, progress: Callable[[int], None] | None = None,
+               mesh=None) -> ScoreResult:
   """LQS and PDS scores of every row of `scored` from a proxy trace (see the module docstring).
 
   pool: the examples the proxy trained on (trace.batch_ids index it); ref: the reference set.
+  mesh: split the per-example gradient chunks over its devices (scoring sharded over examples).
   """
   T, dt, lr = trace.steps, trace.interval, trace.lr
   scored_steps = [t for t in range(0, T, dt)]
@@ -295,7 +302,7 @@ def lqs_scores(fns: ScoringFns, trace: ProxyTrace, pool: Examples, ref: Examples
   theta_T = trace.checkpoints[T]
   lam = reference_grad(fns, theta_T, ref, chunk)                       # lambda_T
   zero = jax.tree.map(jnp.zeros_like, lam)
-  next_norm, _ = example_stats(fns, theta_T, scored, zero, chunk, progress)
+  next_norm, _ = example_stats(fns, theta_T, scored, zero, chunk, progress, mesh)
   grad_norms = {T: next_norm}
   lqs = np.zeros(len(scored), np.float64)
   pds = np.zeros(len(scored), np.float64)
@@ -307,7 +314,7 @@ def lqs_scores(fns: ScoringFns, trace: ProxyTrace, pool: Examples, ref: Examples
       theta_t = thetas[t - seg_start]
       if t in scored_steps:
         # score with lambda_{t+1}: the adjoint before this step's update
-        norms, dots = example_stats(fns, theta_t, scored, lam, chunk, progress)
+        norms, dots = example_stats(fns, theta_t, scored, lam, chunk, progress, mesh)
         lam_n = fns.lam_norm(lam)
         cos = np.clip(dots / np.maximum(norms * lam_n, 1e-30), -1.0, 1.0)
         learn = norms / np.maximum(next_norm, 1e-30)
