@@ -182,6 +182,22 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
   return combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
 
 
+def attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, *, scale: float,
+                 precision) -> None:
+  """A split's loop, shared by the Triton kernels: online softmax over blocks i in [start, end),
+  where load_block(i) -> (k_TH, v_TH, valid_T); writes the split's partial (o, m, l)."""
+  q_RH = q_ref[...]
+
+  def body(i, state):
+    k_TH, v_TH, valid_T = load_block(i)
+    return attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale, precision=precision)
+
+  acc_RH, m_R, l_R = lax.fori_loop(start, end, body, init_state(q_RH.shape[0], q_RH.shape[1]))
+  o_ref[...] = acc_RH
+  m_ref[...] = m_R
+  l_ref[...] = l_R
+
+
 def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int,
                    out_dtype) -> jax.Array:
   """Log-sum-exp merge of split partials into the attention output.

@@ -102,24 +102,17 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
   per_split = pl.cdiv(n_blocks, num_splits)
   start = split * per_split
   end = jnp.minimum(start + per_split, n_blocks)
-  q_RH = q_ref[...]
   offsets_T = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
-  def body(i, state):
+  def load_block(i):
     t0 = pl.multiple_of(i * block_k, block_k)
-    k_TH = k_ref[pl.ds(t0, block_k), :]
-    v_TH = v_ref[pl.ds(t0, block_k), :]
     # Only the last block of a sequence is partial, but one compare per key is cheaper than
     # a branch, and the kernel is bound by the K/V bytes anyway.
-    valid_T = t0 + offsets_T < length
-    return _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
-                                precision=precision)
+    return (k_ref[pl.ds(t0, block_k), :], v_ref[pl.ds(t0, block_k), :],
+            t0 + offsets_T < length)
 
-  acc_RH, m_R, l_R = lax.fori_loop(start, end, body,
-                                   _splitk.init_state(q_RH.shape[0], q_RH.shape[1]))
-  o_ref[...] = acc_RH
-  m_ref[...] = m_R
-  l_ref[...] = l_R
+  _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, scale=scale,
+                       precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -81,25 +81,18 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
   per_split = pl.cdiv(n_slots, num_splits)
   start = split * per_split
   end = jnp.minimum(start + per_split, n_slots)
-  q_RH = q_ref[...]
   offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
 
-  def body(slot, state):
+  def load_block(slot):
     block = idx_ref[slot]
     # A -1 inside the live range (malformed padding) loads block 0 and masks all of it, so it
     # contributes nothing instead of reading before the buffer.
     t0 = pl.multiple_of(jnp.maximum(block, 0) * block_size, block_size)
-    k_TH = k_ref[pl.ds(t0, block_size), :]
-    v_TH = v_ref[pl.ds(t0, block_size), :]
-    valid_T = (block >= 0) & (t0 + offsets_T < length)
-    return _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
-                                precision=precision)
+    return (k_ref[pl.ds(t0, block_size), :], v_ref[pl.ds(t0, block_size), :],
+            (block >= 0) & (t0 + offsets_T < length))
 
-  acc_RH, m_R, l_R = lax.fori_loop(start, end, body,
-                                   _splitk.init_state(q_RH.shape[0], q_RH.shape[1]))
-  o_ref[...] = acc_RH
-  m_ref[...] = m_R
-  l_ref[...] = l_R
+  _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, scale=scale,
+                       precision=precision)
 
 
 def live_slots(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
