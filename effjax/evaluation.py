@@ -33,6 +33,9 @@ def load_params(cfg: Config, run_dir: str | pathlib.Path, step: int | None = Non
   from effjax.training import init_train_state, make_optimizer
   opt = make_optimizer(cfg.optim, cfg.train.steps)
   abstract = jax.eval_shape(lambda: init_train_state(cfg, jax.random.key(0), opt))
+  # restore onto this process's first device, whatever mesh the run was saved from
+  repl = shd.replicated(shd.make_mesh(1, 1))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), abstract)
   state, data_state, step = restore(ckpt_dir, abstract, step)
   return state["params"], step
 

@@ -54,6 +54,13 @@ st = jax.jit(make, out_shardings=shd.state_shardings(jax.eval_shape(make, jax.ra
 full = sum(x.size for x in jax.tree.leaves(st["params"]))
 local = sum(int(np.prod(x.sharding.shard_shape(x.shape))) for x in jax.tree.leaves(st["params"]))
 out["param_fraction_per_device"] = local / full
+# a checkpoint saved from the 2 x 4 FSDP mesh loads for evaluation on one device
+from effjax.evaluation import load_params
+cfg_m = load_config(ROOT + "/configs/tiny.yaml", SMALL + ["train.mesh_data=2", "train.mesh_fsdp=4",
+                                                          f"train.out_dir={TMP}/m2x4"])
+p, step = load_params(cfg_m, f"{TMP}/m2x4")
+out["eval_restore_step"] = step
+out["eval_restore_devices"] = len(jax.tree.leaves(p)[0].sharding.device_set)
 print("RESULT" + json.dumps(out))
 """
 
@@ -73,6 +80,7 @@ def test_meshes_match_one_device_and_restore_on_another_mesh(tmp_path):
     np.testing.assert_allclose(res[mesh]["valid"], ref["valid"], rtol=2e-5, err_msg=mesh)
   # most parameters are split 8 ways (norm scales and the odd-sized embedding rows aside)
   assert res["param_fraction_per_device"] < 0.3, res["param_fraction_per_device"]
+  assert res["eval_restore_step"] == 6 and res["eval_restore_devices"] == 1
 
 
 SCORING = r"""
