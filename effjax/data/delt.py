@@ -23,7 +23,7 @@ from effjax.config import Config, OptimConfig, TrainConfig, to_dict
 from effjax.data import ordering as ordering_lib
 from effjax.data import selection as selection_lib
 from effjax.data.packing import Examples
-from effjax.data.pipeline import _to_examples
+from effjax.data.pipeline import to_examples
 from effjax.data.sources import load_documents
 from effjax.data.tokenizer import ByteTokenizer
 
@@ -36,8 +36,8 @@ def reference_split(cfg: Config) -> tuple[Examples, Examples]:
   docs = load_documents(d.reference_source, text_field=cfg.data.text_field)
   n_ref = max(1, int(len(docs) * d.reference_fraction))
   tok = ByteTokenizer()
-  ref = _to_examples([tok.encode(x) for x in docs[:n_ref]], cfg.data)
-  rest = _to_examples([tok.encode(x) for x in docs[n_ref:]], cfg.data)
+  ref = to_examples([tok.encode(x) for x in docs[:n_ref]], cfg.data)
+  rest = to_examples([tok.encode(x) for x in docs[n_ref:]], cfg.data)
   if len(ref) == 0:
     raise ValueError(f"delt.reference_source {d.reference_source!r} gives no reference examples "
                      f"of seq_len={cfg.data.seq_len}")

@@ -36,7 +36,7 @@ _HOLDOUT_SALT = 0x5EED_0DD5
 MIN_DOCS_FOR_DOC_HOLDOUT = 20
 
 
-def _to_examples(docs_ids: list[np.ndarray], cfg: DataConfig) -> Examples:
+def to_examples(docs_ids: list[np.ndarray], cfg: DataConfig) -> Examples:
   docs_ids = [d for d in docs_ids if d.shape[0] > 0]
   if cfg.packing == "pack":
     return pack_documents(docs_ids, cfg.seq_len)
@@ -94,7 +94,7 @@ def _load_splits(cfg: DataConfig) -> dict[str, Examples]:
   tok = ByteTokenizer()
   docs_ids = [tok.encode(d) for d in docs]
   train, valid = split_documents(docs_ids, cfg.valid_fraction, cfg.seed)
-  return {"train": _to_examples(train, cfg), "valid": _to_examples(valid, cfg)}
+  return {"train": to_examples(train, cfg), "valid": to_examples(valid, cfg)}
 
 
 def load_eval_split(path_or_source: str, cfg: DataConfig) -> Examples:
@@ -104,7 +104,7 @@ def load_eval_split(path_or_source: str, cfg: DataConfig) -> Examples:
   """
   docs = load_documents(path_or_source, text_field=cfg.text_field, tfds_data_dir=cfg.tfds_data_dir)
   tok = ByteTokenizer()
-  return _to_examples([tok.encode(d) for d in docs], cfg)
+  return to_examples([tok.encode(d) for d in docs], cfg)
 
 
 def _batch_dict(tokens: np.ndarray, mask: np.ndarray) -> Batch:

@@ -91,15 +91,21 @@ def masked_softmax(logits_BKN: jax.Array, lengths_B: jax.Array, block_size: int)
   return jax.nn.softmax(jnp.where(valid, logits_BKN, -jnp.inf), axis=-1)
 
 
+def dense_probs(q_BKGH: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array) -> jax.Array:
+  """Dense attention probabilities of each new token over the cache, zero past the length:
+  float32 [B, K, G, S]."""
+  H, S = q_BKGH.shape[-1], k_BKSH.shape[2]
+  s = jnp.einsum("bkgh,bksh->bkgs", q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32)) * H ** -0.5
+  valid = jnp.arange(S)[None, None, None] < lengths_B[:, None, None, None]
+  return jnp.where(valid, jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1), 0.0)
+
+
 def distill_target(q_BKGH: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array,
                    block_size: int) -> jax.Array:
   """1-D block max of the dense attention row of each new token, max over the group's heads,
   normalised over blocks: float32 [B, K, Nb] (zero on invalid blocks)."""
   B, K, S, H = k_BKSH.shape
-  s = jnp.einsum("bkgh,bksh->bkgs", q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32)) * H ** -0.5
-  valid = jnp.arange(S)[None, None, None] < lengths_B[:, None, None, None]
-  p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1)
-  p = jnp.where(valid, p, 0.0)
+  p = dense_probs(q_BKGH, k_BKSH, lengths_B)
   blockmax = jnp.max(p.reshape(B, K, -1, S // block_size, block_size), axis=-1)   # [B, K, G, Nb]
   t = jnp.max(blockmax, axis=2)
   return t / jnp.maximum(jnp.sum(t, axis=-1, keepdims=True), 1e-30)

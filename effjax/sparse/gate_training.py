@@ -85,9 +85,7 @@ def attention_recall(q_BKGH, k_BKSH, lengths_B, block_indices_BKM, block_size: i
   """Share of dense attention probability (mean over the group's heads) that falls in the chosen
   blocks: float32 [B, K], 1.0 for dense attention."""
   B, K, S, H = k_BKSH.shape
-  s = jnp.einsum("bkgh,bksh->bkgs", q_BKGH.astype(jnp.float32), k_BKSH.astype(jnp.float32)) * H ** -0.5
-  valid = jnp.arange(S)[None, None, None] < lengths_B[:, None, None, None]
-  p = jnp.where(valid, jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=-1), 0.0)
+  p = gate_lib.dense_probs(q_BKGH, k_BKSH, lengths_B)
   nb = S // block_size
   chosen = jnp.zeros((B, K, nb + 1), bool).at[
       jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None],
