@@ -37,6 +37,7 @@ MIN_DOCS_FOR_DOC_HOLDOUT = 20
 
 
 def to_examples(docs_ids: list[np.ndarray], cfg: DataConfig) -> Examples:
+  """Token-id documents (int [L] each) -> Examples per cfg.packing (pack | pad) and cfg.seq_len."""
   docs_ids = [d for d in docs_ids if d.shape[0] > 0]
   if cfg.packing == "pack":
     return pack_documents(docs_ids, cfg.seq_len)
