@@ -1,10 +1,15 @@
 """KV-cached decoding: jitted `prefill`, `decode_step` and an on-device generation loop.
 
 The cache is an explicit pytree:
-    {"k": [L, B, K, S, H], "v": [L, B, K, S, H]  (cache dtype, S = capacity),
-     "lengths": int32 [B]                          (valid tokens per sequence)}
+    {"k": (L arrays [B, K, S, H]), "v": (L arrays [B, K, S, H])  (cache dtype, S = capacity),
+     "lengths": int32 [B]                                          (valid tokens per sequence)}
 Keys/values are stored per kv head as [S, H] rows ([B, K, S, H] per layer), the layout the decode
 kernels in `pallas_kernels` read. Prompts are right-padded with per-sequence lengths.
+
+One buffer per layer, not a stacked [L, ...] array: a decode step writes one token into each
+layer's buffer in place (a scatter on a donated / loop-carried buffer) and hands that same buffer to
+the attention kernel. With a stacked cache, slicing a layer out for the kernel and stacking the
+updated layers back would copy the whole cache every step -- more bytes than attention reads.
 
 The decode path evaluates the same parameters as `effjax.model.Transformer` (unrolled `layers_i`
 or scan-stacked `layers`), through the same linear modules, so a decode step after a prefill
@@ -31,9 +36,15 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) 
   """An empty cache for `batch` sequences of up to `capacity` tokens."""
   if capacity > cfg.max_seq_len:
     raise ValueError(f"cache capacity {capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, capacity, cfg.hd)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+  shape = (batch, cfg.n_kv_heads, capacity, cfg.hd)
+  return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+          "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
           "lengths": jnp.zeros((batch,), jnp.int32)}
+
+
+def capacity(cache: Cache) -> int:
+  """Tokens the cache can hold (S)."""
+  return cache["k"][0].shape[2]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,14 +125,16 @@ def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array
   last prompt token, cache with lengths = lengths_B). Padding tokens sit after every real token, so
   causal attention keeps them out of the real positions; decode masks them by length."""
   B, T = tokens_BT.shape
-  if T > cache["k"].shape[3]:
-    raise ValueError(f"prompt length {T} exceeds cache capacity {cache['k'].shape[3]}")
+  if T > capacity(cache):
+    raise ValueError(f"prompt length {T} exceeds cache capacity {capacity(cache)}")
   x, _, ks, vs = forward_layers(cfg, params, tokens_BT)
-  ks = [k.transpose(0, 2, 1, 3) for k in ks]  # [B, K, T, H]
-  vs = [v.transpose(0, 2, 1, 3) for v in vs]
-  dt = cache["k"].dtype
-  k_all = jax.lax.dynamic_update_slice(cache["k"], jnp.stack(ks).astype(dt), (0, 0, 0, 0, 0))
-  v_all = jax.lax.dynamic_update_slice(cache["v"], jnp.stack(vs).astype(dt), (0, 0, 0, 0, 0))
+
+  def put(dst_BKSH, new_BTKH):  # [B, K, T, H] into positions [0, T)
+    new = new_BTKH.transpose(0, 2, 1, 3).astype(dst_BKSH.dtype)
+    return jax.lax.dynamic_update_slice(dst_BKSH, new, (0, 0, 0, 0))
+
+  k_all = tuple(put(c, k) for c, k in zip(cache["k"], ks))
+  v_all = tuple(put(c, v) for c, v in zip(cache["v"], vs))
   last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return _logits(cfg, params, last), {"k": k_all, "v": v_all, "lengths": lengths_B.astype(jnp.int32)}
 
@@ -154,7 +167,7 @@ def decode_step(cfg: ModelConfig, params, cache: Cache, token_B: jax.Array,
     x = _finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
     ks.append(k_cache)
     vs.append(v_cache)
-  new = {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": pos + 1}
+  new = {"k": tuple(ks), "v": tuple(vs), "lengths": pos + 1}
   return _logits(cfg, params, x[:, 0]), new
 
 
@@ -200,7 +213,7 @@ def extend(cfg: ModelConfig, params, cache: Cache, tokens_BF: jax.Array, start_B
     ks.append(k_cache)
     vs.append(v_cache)
   lengths = jnp.maximum(cache["lengths"], start_B + F)
-  return _logits(cfg, params, x), {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": lengths}
+  return _logits(cfg, params, x), {"k": tuple(ks), "v": tuple(vs), "lengths": lengths}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -206,12 +206,14 @@ def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: 
   returns [B, K, g, H] in out_dtype (the first g of the R padded rows). Rows with no valid key in
   any split (l = 0 everywhere) come out as zeros, not NaN.
   """
-  m_BKR = jnp.max(m_BKNR, axis=2)
-  w_BKNR = jnp.exp(m_BKNR - m_BKR[:, :, None])
-  l_BKR = jnp.sum(w_BKNR * l_BKNR, axis=2)
-  o_BKRH = jnp.sum(w_BKNR[..., None] * o_BKNRH, axis=2)
-  o_BKRH = o_BKRH / jnp.where(l_BKR > 0, l_BKR, 1.0)[..., None]
-  return o_BKRH[:, :, :g].astype(out_dtype)
+  # Drop the padding rows first, so the merge reads only the g real rows of each partial.
+  o_BKNGH, m_BKNG, l_BKNG = o_BKNRH[:, :, :, :g], m_BKNR[:, :, :, :g], l_BKNR[:, :, :, :g]
+  m_BKG = jnp.max(m_BKNG, axis=2)
+  w_BKNG = jnp.exp(m_BKNG - m_BKG[:, :, None])
+  l_BKG = jnp.sum(w_BKNG * l_BKNG, axis=2)
+  o_BKGH = jnp.sum(w_BKNG[..., None] * o_BKNGH, axis=2)
+  o_BKGH = o_BKGH / jnp.where(l_BKG > 0, l_BKG, 1.0)[..., None]
+  return o_BKGH.astype(out_dtype)
 
 
 def check_implementation(implementation: str) -> None:

@@ -11,6 +11,11 @@ from effjax.config import ModelConfig
 from effjax.model import apply, init_params
 
 
+def stacked(cache):
+  """The per-layer cache as stacked [L, B, K, S, H] arrays (for comparisons)."""
+  return {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"]), "lengths": cache["lengths"]}
+
+
 def cfg_(**kw):
   base = dict(vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64,
               compute_dtype="float32", attention_impl="xla")
@@ -123,14 +128,15 @@ def test_extend_rectifies_a_corrupted_cache_to_the_dense_one():
   f = 8
   start = lengths - f
   # a cache whose last f entries (every layer) are wrong, as after sparse decoding
-  bad = jax.tree.map(lambda x: x, dense)
+  bad = {"k": jnp.stack(dense["k"]), "v": jnp.stack(dense["v"]), "lengths": dense["lengths"]}
   noise = jax.random.normal(jax.random.key(7), bad["k"].shape)
   pos = np.arange(T)[None, :]
   region = jnp.asarray((pos >= start[:, None]) & (pos < lengths[:, None]))[None, :, None, :, None]
-  bad = {"k": jnp.where(region, bad["k"] + noise, bad["k"]),
-         "v": jnp.where(region, bad["v"] - noise, bad["v"]), "lengths": bad["lengths"]}
+  bad = {"k": tuple(jnp.where(region, bad["k"] + noise, bad["k"])),
+         "v": tuple(jnp.where(region, bad["v"] - noise, bad["v"])), "lengths": bad["lengths"]}
   toks = np.stack([full[b, start[b]:start[b] + f] for b in range(B)])
   logits, fixed = decoding.extend(cfg, params, bad, jnp.asarray(toks), jnp.asarray(start))
+  fixed, dense = stacked(fixed), stacked(dense)
   for b in range(B):
     sl = slice(0, int(lengths[b]))
     chex.assert_trees_all_close(fixed["k"][:, b, :, sl], dense["k"][:, b, :, sl], rtol=1e-4, atol=1e-5)

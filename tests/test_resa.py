@@ -52,7 +52,7 @@ def test_incremental_summaries_match_a_full_recompute():
     nb = np.asarray(selection.num_blocks(cache["lengths"], 16))
     for key in full:
       for b in range(2):
-        chex.assert_trees_all_close(summ[key][:, b, :, :nb[b]], full[key][:, b, :, :nb[b]],
+        chex.assert_trees_all_close(jnp.stack(summ[key])[:, b, :, :nb[b]], jnp.stack(full[key])[:, b, :, :nb[b]],
                                     rtol=1e-5, atol=1e-5)
 
 
@@ -74,13 +74,13 @@ def test_rectification_restores_the_dense_cache_after_sparse_steps():
   dense = decoding.init_cache(CFG, 2, 80, jnp.float32)
   _, dense = decoding.prefill(CFG, params, jnp.asarray(full), jnp.asarray(np.asarray(lengths) + 8), dense)
   L = np.asarray(lengths)
-  tail = lambda c, b: c["k"][:, b, :, L[b]:L[b] + 8]
+  tail = lambda c, b: jnp.stack(c["k"])[:, b, :, L[b]:L[b] + 8]
   assert float(jnp.max(jnp.abs(tail(cache, 0) - tail(dense, 0)))) > 1e-3   # sparse drifted
   _, fixed = decoding.extend(CFG, params, cache, jnp.asarray(fed), cache["lengths"] - 8)
   for b in range(2):
     sl = slice(0, int(L[b]) + 8)
-    chex.assert_trees_all_close(fixed["k"][:, b, :, sl], dense["k"][:, b, :, sl], rtol=1e-4, atol=1e-5)
-    chex.assert_trees_all_close(fixed["v"][:, b, :, sl], dense["v"][:, b, :, sl], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(jnp.stack(fixed["k"])[:, b, :, sl], jnp.stack(dense["k"])[:, b, :, sl], rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(jnp.stack(fixed["v"])[:, b, :, sl], jnp.stack(dense["v"])[:, b, :, sl], rtol=1e-4, atol=1e-5)
 
 
 def test_rectification_reduces_accumulated_cache_error():
@@ -100,7 +100,7 @@ def test_rectification_reduces_accumulated_cache_error():
   dense = start()
   for t in range(18):
     _, dense = decoding.decode_step(CFG, params, dense, jnp.asarray(fed[:, t]), decode_impl="xla")
-  gen = lambda c: jnp.stack([c["k"][:, b, :, L[b]:L[b] + 18] for b in range(2)])
+  gen = lambda c: jnp.stack([jnp.stack(c["k"])[:, b, :, L[b]:L[b] + 18] for b in range(2)])
   errs = {}
   for f in (0, 4):
     cache = start()

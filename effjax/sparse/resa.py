@@ -53,19 +53,15 @@ class SparseConfig:
 
 
 def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
-  """Summaries of every block of a (prefilled) cache: {"kmin","kmax": [L, B, K, Nb, H]} (Quest) or
-  {"kc": [L, B, K, Nb, Dg]} (gate)."""
+  """Summaries of every block of a (prefilled) cache, one buffer per layer like the cache:
+  {"kmin", "kmax": (L arrays [B, K, Nb, H])} (Quest) or {"kc": (L arrays [B, K, Nb, Dg])} (gate)."""
   lengths = cache["lengths"]
-  out = []
-  for i in range(cfg.n_layers):
-    if scfg.selector == "quest":
-      out.append(selection.block_minmax(cache["k"][i], lengths, scfg.block_size))
-    else:
-      out.append((gate_lib.compress_blocks(gate_params["wk"][i], cache["k"][i], lengths,
-                                           scfg.block_size, cfg.rope_theta),))
   if scfg.selector == "quest":
-    return {"kmin": jnp.stack([o[0] for o in out]), "kmax": jnp.stack([o[1] for o in out])}
-  return {"kc": jnp.stack([o[0] for o in out])}
+    mm = [selection.block_minmax(cache["k"][i], lengths, scfg.block_size) for i in range(cfg.n_layers)]
+    return {"kmin": tuple(m[0] for m in mm), "kmax": tuple(m[1] for m in mm)}
+  return {"kc": tuple(gate_lib.compress_blocks(gate_params["wk"][i], cache["k"][i], lengths,
+                                               scfg.block_size, cfg.rope_theta)
+                      for i in range(cfg.n_layers))}
 
 
 def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> dict:
@@ -111,7 +107,7 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
     q, k, v = decoding._qkv(cfg, lp, x, pos[:, None])
     k_cache = decoding._write_token(cache["k"][i], k[:, 0], pos)
     v_cache = decoding._write_token(cache["v"][i], v[:, 0], pos)
-    s_l = _update_block(scfg, cfg, jax.tree.map(lambda a: a[i], summ), k_cache, pos + 1,
+    s_l = _update_block(scfg, cfg, {name: summ[name][i] for name in summ}, k_cache, pos + 1,
                         None if gate_params is None else gate_params["wk"][i])
     q_BKGH = q[:, 0].reshape(B, K, G, H)
     idx = _select(scfg, cfg, s_l, q_BKGH, pos + 1, None if gate_params is None else gate_params["wq"][i])
@@ -121,9 +117,9 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
     ks.append(k_cache)
     vs.append(v_cache)
     sums.append(s_l)
-  summ = jax.tree.map(lambda *a: jnp.stack(a), *sums)
+  summ = {name: tuple(s_l[name] for s_l in sums) for name in summ}
   return (decoding._logits(cfg, params, x[:, 0]),
-          {"k": jnp.stack(ks), "v": jnp.stack(vs), "lengths": pos + 1}, summ)
+          {"k": tuple(ks), "v": tuple(vs), "lengths": pos + 1}, summ)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",

@@ -22,17 +22,19 @@ def num_blocks(lengths_B: jax.Array, block_size: int) -> jax.Array:
 
 
 def block_minmax(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int):
-  """Per-block channel-wise key min and max over valid tokens: float32 [B, K, S/bs, H] each.
-  S must be a multiple of block_size. Blocks with no valid token get (+inf, -inf)."""
+  """Per-block channel-wise key min and max over valid tokens: [B, K, S/bs, H] each, in k's dtype
+  (min / max of the cached keys are exact in it; bf16 summaries are half the bytes a decode step
+  reads). S must be a multiple of block_size. Blocks with no valid token get (+inf, -inf)."""
   B, K, S, H = k_BKSH.shape
   if S % block_size:
     raise ValueError(f"cache capacity {S} must be a multiple of block_size {block_size}")
   nb = S // block_size
-  k = k_BKSH.astype(jnp.float32).reshape(B, K, nb, block_size, H)
+  k = k_BKSH.reshape(B, K, nb, block_size, H)
   valid = (jnp.arange(S).reshape(nb, block_size)[None] < lengths_B[:, None, None])  # [B, nb, bs]
   valid = valid[:, None, :, :, None]
-  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
-  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
+  inf = jnp.asarray(jnp.inf, k.dtype)
+  kmin = jnp.min(jnp.where(valid, k, inf), axis=3)
+  kmax = jnp.max(jnp.where(valid, k, -inf), axis=3)
   return kmin, kmax
 
 
@@ -43,15 +45,6 @@ def quest_scores(q_BKGH: jax.Array, kmin_BKNH: jax.Array, kmax_BKNH: jax.Array) 
   # q*lo is nan where a block is empty and q == 0 (0 * inf); those blocks are masked later
   bound = jnp.sum(jnp.maximum(q * lo, q * hi), axis=-1)                # [B, K, G, N]
   return jnp.max(bound, axis=2)
-
-
-def _finish(chosen_BKN: jax.Array, max_blocks: int) -> jax.Array:
-  """Boolean block choices -> ascending indices, -1 padded, int32 [B, K, max_blocks]."""
-  N = chosen_BKN.shape[-1]
-  key = jnp.where(chosen_BKN, jnp.arange(N), N + jnp.arange(N))   # chosen first, in order
-  idx = jnp.argsort(key, axis=-1)[..., :max_blocks]
-  picked = jnp.take_along_axis(chosen_BKN, idx, axis=-1)
-  return jnp.where(picked, idx, -1).astype(jnp.int32)
 
 
 def _forced(lengths_B: jax.Array, N: int, block_size: int):
@@ -65,18 +58,23 @@ def _forced(lengths_B: jax.Array, N: int, block_size: int):
 
 def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
-  fewer are valid). Returns int32 [B, K, k]; a token budget of T tokens is k = T // block_size."""
+  fewer are valid). Returns int32 [B, K, k]; a token budget of T tokens is k = T // block_size.
+
+  One `lax.top_k` over the N blocks (ties go to the lower block index) and a sort of the k winners
+  into ascending order: this runs every layer of every decode step, so it avoids full argsorts
+  over N."""
   if k < 2:
     raise ValueError(f"a block budget must be >= 2 (first + current block), got {k}")
   N = scores_BKN.shape[-1]
+  k = min(k, N)
   valid, forced = _forced(lengths_B, N, block_size)
   s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
-  # rank with ties broken toward the lower block index; take k
-  order = jnp.argsort(-s, axis=-1, stable=True)
-  rank = jnp.argsort(order, axis=-1)
-  chosen = (rank < k) & valid
-  return _finish(chosen, min(k, N))
+  _, idx_BKk = jax.lax.top_k(s, k)
+  # a winner is live iff its block is valid (invalid blocks only fill up rows with < k valid)
+  live = jnp.take_along_axis(jnp.broadcast_to(valid, s.shape), idx_BKk, axis=-1)
+  idx_BKk = jnp.sort(jnp.where(live, idx_BKk, N), axis=-1)
+  return jnp.where(idx_BKk < N, idx_BKk, -1).astype(jnp.int32)
 
 
 def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int, threshold: float,
@@ -86,10 +84,11 @@ def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int
   N = probs_BKN.shape[-1]
   valid, forced = _forced(lengths_B, N, block_size)
   keep = (valid & (probs_BKN >= threshold)) | forced
-  s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN, -jnp.inf))
-  order = jnp.argsort(-s, axis=-1, stable=True)
-  rank = jnp.argsort(order, axis=-1)
-  return _finish(keep & (rank < max_blocks), min(max_blocks, N))
+  s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN.astype(jnp.float32), -jnp.inf))
+  _, idx_BKk = jax.lax.top_k(s, min(max_blocks, N))
+  live = jnp.take_along_axis(jnp.broadcast_to(keep, s.shape), idx_BKk, axis=-1)
+  idx_BKk = jnp.sort(jnp.where(live, idx_BKk, N), axis=-1)
+  return jnp.where(idx_BKk < N, idx_BKk, -1).astype(jnp.int32)
 
 
 def quest_select(q_BKGH, k_BKSH, lengths_B, block_size: int, budget_tokens: int) -> jax.Array:

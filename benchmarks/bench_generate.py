@@ -1,0 +1,313 @@
+#!/usr/bin/env python3
+"""End-to-end generation throughput at long context: dense vs block-sparse vs sparse + ReSA rectification.
+
+  python benchmarks/bench_generate.py                                  # 350m, 32K context, B in {1, 8}
+  python benchmarks/bench_generate.py --config configs/tiny.yaml --context 128 --new-tokens 8 \
+      --batch 1 --out /tmp/g.json                                      # CPU smoke (seconds)
+
+Model: a config from configs/ (default 350m: d 1024, 24 layers, 8 query / 4 kv heads, head dim 128)
+with `model.max_seq_len` raised to fit context + new tokens, **random weights** (`init_params`;
+throughput does not depend on the values), parameters in bf16 (`--param-dtype`; f32 master params
+would double the weight bytes every decode step reads). Prompts are random byte tokens, every
+sequence `--context` long; the KV cache is bf16.
+
+Modes (all through the public generation functions, greedy, the whole loop on device):
+  dense          `decoding.generate` (decode attention `--decode-impl`, auto = Pallas-Triton on GPU)
+  quest          `resa.generate`, SparseConfig(selector="quest", rectify_every=0)
+  gate           `resa.generate`, selector="gate", random gate params (`gate.init_gate_params`)
+  quest_rectify  `resa.generate`, selector="quest", rectify_every=`--rectify-every` (ReSA)
+Sparse modes run at a `--budget-tokens` budget and at each `--sparsities` budget (sparsity 0.9 =
+10% of the context), block size `--block-size`.
+
+Timing: host wall time of whole `generate` calls (one dispatch each; a call takes 0.1-10 s, so the
+~0.1 ms dispatch is noise). Prefill and decode are separated with two runs of the *same* compiled
+executable: one that generates N = `--new-tokens` tokens, and one that stops after its first token
+(a stop token, token 0: the second run's params zero the final-norm scale, so every logit is 0 and
+greedy argmax picks token 0; the first run's params zero token 0's logit column, so it never wins).
+The short run is prefill + 1 decode step, the long one prefill + N steps, with the same cache
+capacity and code, so
+    step_ms = (t_N - t_1) / (N - 1),   decode tokens/s = B * (N - 1) / (t_N - t_1),
+    prefill_ms = t_1 - step_ms (includes the sparse modes' summary build).
+The step time of quest_rectify includes its dense re-forward of f tokens every f steps, amortised.
+Medians over `--repeats` repeats after a warm-up run of each. The numbers of tokens generated are
+checked (N and 1 for every sequence). Memory: the compiled program's memory analysis (arguments +
+temporaries + outputs) and the device's process-wide peak (`memory_stats`, cumulative over rows).
+The floor of a step is the bytes it must read -- weights, the K/V it attends to (all of the valid
+cache for dense, the budget for sparse), block summaries -- at 3.0 TB/s (H100 measured copy
+bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
+memory are recorded as skipped. Writes benchmarks/results/<card>/generate.json after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax import decoding
+from effjax.config import load_config
+from effjax.model import init_params
+from effjax.sparse import gate as gate_lib
+from effjax.sparse import resa
+
+FLOOR_TBPS = 3.0
+MODES = ("dense", "quest", "gate", "quest_rectify")
+STOP = 0  # the stop token that ends the short run (see the module docstring)
+
+
+def parse_ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(",") if x]
+
+
+def parse_floats(s: str) -> list[float]:
+  return [float(x) for x in s.split(",") if x]
+
+
+def device_memory() -> tuple[int | None, int | None]:
+  """(bytes_limit, peak_bytes_in_use) of device 0; None where the backend reports nothing (CPU)."""
+  try:
+    st = jax.devices()[0].memory_stats() or {}
+  except Exception:
+    st = {}
+  return st.get("bytes_limit"), st.get("peak_bytes_in_use")
+
+
+def stop_params(params, tie_embeddings: bool):
+  """(params of the long run, params of the short run): see the module docstring. Only logits
+  change; every matmul and the attention work stay the same."""
+  p_long = dict(params)
+  if tie_embeddings:
+    p_long["embed"] = params["embed"].at[STOP].set(0)
+  else:
+    p_long["unembed"] = params["unembed"].at[:, STOP].set(0)
+  p_short = dict(p_long)
+  p_short["final_norm"] = jax.tree.map(jnp.zeros_like, params["final_norm"])
+  return p_long, p_short
+
+
+def compile_generate(fn, static_args: tuple, dyn_args: tuple, kwargs: dict):
+  """AOT-compiles `fn(*static_args, *dyn_args, **kwargs)` (kwargs all static). Returns
+  (call(*dyn_args), compile seconds, memory analysis dict or None)."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*static_args, *dyn_args, **kwargs).compile()
+  compile_s = time.perf_counter() - t0
+  mem = None
+  try:
+    ma = compiled.memory_analysis()
+    if ma is not None:
+      mem = {k: int(getattr(ma, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                               "alias_size_in_bytes", "temp_size_in_bytes")}
+  except Exception:  # not every backend / version reports it
+    pass
+  return compiled, compile_s, mem
+
+
+def timed(call, *args) -> tuple[float, np.ndarray]:
+  t0 = time.perf_counter()
+  _, n = call(*args)
+  n = np.asarray(jax.block_until_ready(n))  # (the host copy of B ints is part of any generate)
+  return time.perf_counter() - t0, n
+
+
+def main(argv: list[str] | None = None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--config", default="configs/350m.yaml")
+  ap.add_argument("--override", action="append", default=[], help="config key=value (repeatable)")
+  ap.add_argument("--context", type=int, default=32768, help="prompt tokens per sequence")
+  ap.add_argument("--new-tokens", type=int, default=256)
+  ap.add_argument("--batch", default="1,8")
+  ap.add_argument("--modes", default=",".join(MODES))
+  ap.add_argument("--budget-tokens", type=int, default=4096)
+  ap.add_argument("--sparsities", default="0.9", help="extra sparse budgets: (1 - s) * context")
+  ap.add_argument("--block-size", type=int, default=64)
+  ap.add_argument("--rectify-every", type=int, default=32,
+                  help="ReSA f of quest_rectify (clamped to --new-tokens)")
+  ap.add_argument("--d-gate", type=int, default=64)
+  ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas_triton")
+  ap.add_argument("--param-dtype", default="bfloat16")
+  ap.add_argument("--cache-dtype", default="bfloat16")
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--mem-frac", type=float, default=0.25,
+                  help="skip a batch whose KV cache exceeds this share of device memory (prefill "
+                       "and the decode loop hold a few cache-sized buffers at once)")
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  N = args.new_tokens
+  if N < 2:
+    ap.error("--new-tokens must be >= 2 (decode time is the difference of N and 1 steps)")
+  modes = [m for m in args.modes.split(",") if m]
+  for m in modes:
+    if m not in MODES:
+      ap.error(f"unknown mode {m!r}; choose from {MODES}")
+
+  dev = jax.devices()[0]
+  card = dev.device_kind.replace(" ", "_")
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/generate.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+
+  T, bs = args.context, args.block_size
+  capacity = -(-(T + N) // bs) * bs  # resa.generate rounds the cache up to whole blocks
+  cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}"])
+  mcfg = cfg.model
+  if mcfg.max_seq_len < capacity:
+    cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}",
+                                    f"model.max_seq_len={capacity}"])
+    mcfg = cfg.model
+  cache_dtype = jnp.dtype(args.cache_dtype)
+  L, K, G, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
+
+  params = init_params(mcfg, jax.random.key(args.seed))
+  p_long, p_short = stop_params(params, mcfg.tie_embeddings)
+  del params
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(p_long))
+
+  # Sparse budgets, deduplicated after clamping to [2 blocks, the whole capacity].
+  plans = []
+  for label, tokens in ([(f"budget={args.budget_tokens}", args.budget_tokens)] +
+                        [(f"sparsity={s}", int((1 - s) * T)) for s in parse_floats(args.sparsities)]):
+    tokens = min(max(tokens // bs, 2), capacity // bs) * bs
+    if all(tokens != p[1] for p in plans):
+      plans.append((label, tokens))
+
+  limit, _ = device_memory()
+  rng = np.random.default_rng(args.seed)
+  results = []
+
+  def meta():
+    return {
+        "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+        "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+        "config": args.config, "overrides": args.override, "model": {
+            "d_model": mcfg.d_model, "n_layers": L, "n_heads": mcfg.n_heads, "n_kv_heads": K,
+            "head_dim": H, "d_ff": mcfg.ff, "vocab_size": mcfg.vocab_size,
+            "params": mcfg.num_params(), "param_dtype": args.param_dtype,
+            "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl},
+        "weights": "random init (init_params); throughput does not depend on the values",
+        "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
+        "cache_capacity": capacity, "decode_impl": args.decode_impl, "sampling": "greedy",
+        "timing": (f"host wall time of whole generate calls (one dispatch each, loop on device), "
+                   f"same executable run for N={N} tokens and stopped after 1 token (stop token, "
+                   f"logit-only param change); step = (t_N - t_1)/(N - 1), prefill = t_1 - step; "
+                   f"median of {args.repeats} repeats after a warm-up run of each"),
+        "memory": ("compiled_bytes = memory_analysis() arguments + outputs + temporaries - aliased; "
+                   "peak_bytes_process = memory_stats()['peak_bytes_in_use'], cumulative over rows"),
+        "floor": (f"bytes a decode step reads (weights + attended K/V at the mean length + block "
+                  f"summaries) at {FLOOR_TBPS} TB/s; rectification excluded"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+    }
+
+  def record(row):
+    results.append(row)
+    keep = {k: row[k] for k in row if k in (
+        "B", "mode", "plan", "decode_tok_s", "step_ms", "prefill_ms", "frac_of_floor",
+        "decode_speedup_vs_dense", "compile_s", "skipped")}
+    print(json.dumps(keep), flush=True)
+    # Written after every row, so a run cut short by a timeout still leaves its rows.
+    out.write_text(json.dumps({"meta": meta(), "results": results}, indent=1))
+
+  for B in parse_ints(args.batch):
+    cache_bytes = 2 * L * B * K * capacity * H * cache_dtype.itemsize
+    base = dict(B=B, context=T, new_tokens=N, cache_capacity=capacity, cache_bytes=cache_bytes)
+    if limit is not None and cache_bytes > args.mem_frac * limit:
+      record({**base, "mode": "all", "skipped": f"KV cache {cache_bytes / 2**30:.1f} GiB exceeds "
+              f"{args.mem_frac} of device memory ({limit / 2**30:.1f} GiB)"})
+      continue
+    toks = jnp.asarray(rng.integers(0, 256, (B, T)), jnp.int32)
+    lengths = jnp.full((B,), T, jnp.int32)
+    key = jax.random.key(args.seed + 1)
+    mean_len = T + N / 2
+    dense_decode = None
+
+    rows = [("dense", None, None)] if "dense" in modes else []
+    for label, tokens in plans:
+      rows += [(m, label, tokens) for m in ("quest", "gate", "quest_rectify") if m in modes]
+
+    for mode, label, budget in rows:
+      common = dict(base, mode=mode)
+      kw = dict(max_new_tokens=N, stop_tokens=(STOP,), decode_impl=args.decode_impl,
+                cache_dtype=cache_dtype)
+      weight_read = param_bytes
+      if mode == "dense":
+        fn, static, gp = decoding.generate, (mcfg,), None
+        kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize
+        summ_read = 0
+        dyn = lambda p: (p, toks, lengths, key)
+      else:
+        # resa.generate slices the last f generated tokens out of the [B, N] output, so it cannot
+        # trace with f > N; such a run would never rectify anyway, so f is clamped to N.
+        f = min(args.rectify_every, N) if mode == "quest_rectify" else 0
+        scfg = resa.SparseConfig(selector="gate" if mode == "gate" else "quest", block_size=bs,
+                                 budget_tokens=budget, rectify_every=f, d_gate=args.d_gate)
+        gp = (gate_lib.init_gate_params(mcfg, scfg.gate, jax.random.key(args.seed + 2))
+              if mode == "gate" else None)
+        fn, static = resa.generate, (mcfg, scfg)
+        common.update(plan=label, selector=scfg.selector, budget_tokens=budget,
+                      budget_blocks=scfg.budget_blocks, block_size=bs,
+                      sparsity=max(0.0, 1 - budget / mean_len), rectify_every=f)
+        kv_read = 2 * L * B * K * min(budget, mean_len) * H * cache_dtype.itemsize
+        n_blocks = capacity // bs
+        summ_read = (L * B * K * n_blocks * (2 * H * cache_dtype.itemsize if mode != "gate"
+                                             else args.d_gate * 4))
+        if gp is not None:
+          weight_read += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gp))
+        dyn = lambda p, gp=gp: (p, toks, lengths, key, gp)
+
+      try:
+        call, compile_s, mem = compile_generate(fn, static, dyn(p_long), kw)
+        t1s, tns = [], []
+        for r in range(args.repeats + 1):  # repeat 0 is the warm-up
+          t_n, n_long = timed(call, *dyn(p_long))
+          t_1, n_short = timed(call, *dyn(p_short))
+          if not (np.all(n_long == N) and np.all(n_short == 1)):
+            raise RuntimeError(f"generated {n_long.tolist()} / {n_short.tolist()} tokens, "
+                               f"expected {N} / 1 (stop-token split failed)")
+          if r:
+            tns.append(t_n)
+            t1s.append(t_1)
+      except Exception as e:  # out of memory, a kernel that does not lower: report, keep going
+        record({**common, "skipped": f"{type(e).__name__}: {str(e)[:400]}"})
+        continue
+
+      t_n, t_1 = statistics.median(tns), statistics.median(t1s)
+      step = (t_n - t_1) / (N - 1)
+      step_bytes = weight_read + kv_read + summ_read
+      floor = step_bytes / (FLOOR_TBPS * 1e12)
+      row = {**common, "t_N_ms": t_n * 1e3, "t_1_ms": t_1 * 1e3,
+             "t_N_ms_all": [t * 1e3 for t in tns], "t_1_ms_all": [t * 1e3 for t in t1s],
+             "step_ms": step * 1e3, "decode_tok_s": B / step if step > 0 else float("inf"),
+             "prefill_ms": (t_1 - step) * 1e3, "prefill_tok_s": B * T / max(t_1 - step, 1e-12),
+             "end_to_end_tok_s": B * N / t_n, "compile_s": compile_s,
+             "step_bytes_read": step_bytes, "floor_step_ms": floor * 1e3,
+             "frac_of_floor": floor / step if step > 0 else None}
+      if mem is not None:
+        row["compiled_bytes"] = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"] +
+                                 mem["temp_size_in_bytes"] - mem["alias_size_in_bytes"])
+        row["compiled_temp_bytes"] = mem["temp_size_in_bytes"]
+      _, peak = device_memory()
+      if peak is not None:
+        row["peak_bytes_process"] = int(peak)
+      if mode == "dense":
+        dense_decode = row["decode_tok_s"]
+      elif dense_decode:
+        row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense_decode
+      record(row)
+      del call
+
+  if not results:
+    out.write_text(json.dumps({"meta": meta(), "results": results}, indent=1))
+  print(f"wrote {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,37 @@
+"""CPU smoke test of benchmarks/bench_generate.py: every mode runs and reports a sane throughput."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_generate_cpu_smoke(tmp_path):
+  out = tmp_path / "generate.json"
+  # 2 layers and one sparse budget keep the four compiles to seconds; block 16 with a 32-token
+  # budget out of 128 makes the sparse modes really sparse; f = 4 makes quest_rectify rectify 4 times.
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"),
+         "--config", "configs/tiny.yaml", "--override", "model.n_layers=2",
+         "--context", "128", "--new-tokens", "16", "--batch", "1",
+         "--block-size", "16", "--budget-tokens", "32", "--sparsities", "",
+         "--rectify-every", "4", "--repeats", "2", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+  data = json.loads(out.read_text())
+  assert data["meta"]["backend"] == "cpu" and "random" in data["meta"]["weights"]
+  rows = data["results"]
+  assert {r["mode"] for r in rows} == {"dense", "quest", "gate", "quest_rectify"}
+  for r in rows:
+    assert "skipped" not in r, r
+    assert r["B"] == 1 and r["context"] == 128 and r["new_tokens"] == 16
+    for k in ("decode_tok_s", "end_to_end_tok_s", "prefill_tok_s", "step_ms", "t_N_ms", "t_1_ms"):
+      assert math.isfinite(r[k]) and r[k] > 0, (k, r)
+    assert r["t_N_ms"] > r["t_1_ms"]
+  sparse = [r for r in rows if r["mode"] != "dense"]
+  assert all(r["budget_tokens"] == 32 and r["budget_blocks"] == 2 for r in sparse)
+  assert {r["rectify_every"] for r in sparse if r["mode"] == "quest_rectify"} == {4}
+  assert all("decode_speedup_vs_dense" in r for r in sparse)
