@@ -7,6 +7,7 @@
 #   tests     pytest -m gpu (cuDNN attention, Triton decode kernels, decode through the kernels)
 #   train     bench_train.py on configs/350m.yaml, seq 2048, batch 8 and 16 (BENCH_ARGS overrides)
 #   decode    bench_decode.py --quick (DECODE_ARGS overrides, e.g. the full sweep)
+#   tune      tune_decode.py: launch-parameter grid of both decode kernels + selector costs
 #   scoring   bench_scoring.py on configs/base.yaml, seq 1024 (needs ~5 min)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
 # Each job is given JOB_TIMEOUT seconds (default 280) so one hang cannot eat the whole call.
@@ -27,6 +28,8 @@ for job in "$@"; do
       timeout "$T" python3 benchmarks/bench_train.py --out "$OUT/train.json" ${BENCH_ARGS:---config configs/350m.yaml --seq 2048 --batch 8 --batch 16} 2>&1 | tee "$OUT/bench_train.log" | grep -v '^{' ;;
     decode)
       timeout "$T" python3 benchmarks/bench_decode.py ${DECODE_ARGS:---quick} --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -40 ;;
+    tune)
+      timeout "$T" python3 benchmarks/tune_decode.py --out "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -E "^--|cudnn|default|Error|error" ;;
     scoring)
       timeout "$T" python3 benchmarks/bench_scoring.py --config configs/base.yaml --seq 1024 --chunk 8 --train-batch 32 --proj 8192 --out "$OUT/scoring.json" 2>&1 | grep -v Warning | tee "$OUT/bench_scoring.log" ;;
     delt-pds1)

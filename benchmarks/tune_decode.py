@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Launch-parameter sweep for the Triton decode kernels, and the cost of block selection.
+
+  python benchmarks/tune_decode.py --out tune.json [--quick]
+
+For each shape (Hq=32, Hkv=8, d=128, bf16, full caches) it times every config of a small grid
+(block_k, num_warps, num_stages, num_splits) of the dense kernel and of the block-sparse kernel
+(block 64, random block sets) with the same device-time harness as bench_decode.py, next to cuDNN,
+and times the selectors alone (gate scores + top-k, Quest bounds + top-k) at the same shapes. The
+best configs feed the defaults in pallas_kernels/_splitk.py; the JSON is kept with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.bench_decode import D, DTYPE, FLOOR_TBPS, G, HKV, HQ, random_block_sets, time_calls
+from effjax.sparse import gate as gate_lib
+from effjax.sparse import selection
+from pallas_kernels.decode_attention import DecodeConfig, decode_attention
+from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shapes", default="1x32768,1x131072,8x131072", help="BxS list")
+  ap.add_argument("--sparse-shapes", default="1x131072,8x131072")
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--copies", type=int, default=2)
+  ap.add_argument("--calls", type=int, default=16)
+  ap.add_argument("--windows", type=int, default=3)
+  ap.add_argument("--interpret", action="store_true", help="CPU smoke test (no cuDNN row)")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args()
+  rows = []
+
+  def rec(r):
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+
+  def caches(B, S, copies, seed):
+    ks = jax.random.split(jax.random.key(seed), 2 * copies)
+    return tuple((jax.random.normal(ks[2 * c], (B, HKV, S, D), DTYPE),
+                  jax.random.normal(ks[2 * c + 1], (B, HKV, S, D), DTYPE)) for c in range(copies))
+
+  t_start = time.time()
+  for shape in args.shapes.split(","):
+    B, S = map(int, shape.split("x"))
+    n_q = max(1, args.calls // args.copies)
+    qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
+    lengths = jnp.full((B,), S, jnp.int32)
+    nbytes = 2 * B * HKV * S * D * 2
+    kv = tuple((c[0].transpose(0, 2, 1, 3), c[1].transpose(0, 2, 1, 3)) for c in caches(B, S, args.copies, 0))
+    if not args.interpret:
+      t = time_calls(lambda q, c: jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1],
+                                                               implementation="cudnn").reshape(B, HKV, G, D),
+                     qs, kv, args.windows)
+      rec(dict(kind="dense", B=B, S=S, impl="cudnn", ms=t * 1e3, frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+    del kv
+    kv = caches(B, S, args.copies, 0)
+    base_programs = B * HKV
+    split_opts = sorted({max(1, (132 * m) // base_programs) for m in (1, 2, 4, 8)})
+    grid = itertools.product((64, 128), (4, 8), (2, 3), split_opts)
+    if args.quick:
+      grid = itertools.product((128,), (4,), (2, 3), split_opts[:2])
+    for bk, w, st, sp in grid:
+      cfg = DecodeConfig(block_k=bk, num_warps=w, num_stages=st, num_splits=sp)
+      try:
+        t = time_calls(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
+                                                     config=cfg, interpret=args.interpret), qs, kv, args.windows)
+        rec(dict(kind="dense", B=B, S=S, impl="pallas_triton", block_k=bk, num_warps=w, num_stages=st,
+                 num_splits=sp, ms=t * 1e3, frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+      except Exception as e:  # a config Triton rejects (e.g. shared memory) is recorded, not fatal
+        rec(dict(kind="dense", B=B, S=S, block_k=bk, num_warps=w, num_stages=st, num_splits=sp,
+                 error=f"{type(e).__name__}: {str(e)[:200]}"))
+    t = time_calls(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
+                                                   interpret=args.interpret),
+                   qs, kv, args.windows)
+    rec(dict(kind="dense", B=B, S=S, impl="pallas_triton", config="default", ms=t * 1e3,
+             frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+    del kv
+    print(f"-- {shape} dense done at {time.time() - t_start:.0f}s", flush=True)
+
+  rng = np.random.default_rng(0)
+  for shape in args.sparse_shapes.split(","):
+    B, S = map(int, shape.split("x"))
+    bs = 64
+    nb = S // bs
+    n_q = max(1, args.calls // args.copies)
+    qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
+    lengths = jnp.full((B,), S, jnp.int32)
+    kv = caches(B, S, args.copies, 0)
+    for label, n_sel in (("sparsity=0.9", round(0.1 * nb)), ("budget=4096", 4096 // bs)):
+      idx = jnp.asarray(random_block_sets(rng, n_q * B * HKV, nb, n_sel).reshape(n_q, B, HKV, n_sel))
+      nbytes = 2 * B * HKV * n_sel * bs * D * 2
+      base_programs = B * HKV
+      split_opts = sorted({max(1, min(n_sel, (132 * m) // base_programs)) for m in (1, 2, 4, 8)})
+      grid = itertools.product((4, 8), (2, 3), split_opts)
+      if args.quick:
+        grid = itertools.product((4,), (2, 3), split_opts[:2])
+      for w, st, sp in list(grid) + [(None, None, None)]:
+        cfg = SparseDecodeConfig() if w is None else SparseDecodeConfig(num_warps=w, num_stages=st, num_splits=sp)
+        try:
+          t = time_calls(lambda x, c: sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
+                                                              implementation="pallas_triton", config=cfg,
+                                                              interpret=args.interpret),
+                         (qs, idx), kv, args.windows)
+          rec(dict(kind="sparse", B=B, S=S, plan=label, blocks=n_sel, num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages, num_splits=cfg.num_splits, ms=t * 1e3,
+                   frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t, config="default" if w is None else None))
+        except Exception as e:
+          rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,
+                   error=f"{type(e).__name__}: {str(e)[:200]}"))
+      # selector cost alone: gate (K-compression cache, Dg=64) and Quest (bf16 min/max) + top-k
+      k_sel = n_sel
+      wq = jax.random.normal(jax.random.key(2), (HKV, G * D, 64), jnp.float32) * 0.05
+      kc = tuple(jax.random.normal(jax.random.key(3 + c), (B, HKV, nb, 64), jnp.float32)
+                 for c in range(args.copies))
+      pos = lengths - 1
+      t = time_calls(lambda q, c: selection.select_top_k(gate_lib.gate_logits(wq, q, c, pos, 10000.0),
+                                                         lengths, bs, k_sel).astype(jnp.float32),
+                     qs, kc, args.windows)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="gate", ms=t * 1e3))
+      mm = tuple((jax.random.normal(jax.random.key(9 + c), (B, HKV, nb, D), DTYPE),
+                  jax.random.normal(jax.random.key(19 + c), (B, HKV, nb, D), DTYPE)) for c in range(args.copies))
+      t = time_calls(lambda q, c: selection.select_top_k(selection.quest_scores(q, c[0], c[1]),
+                                                         lengths, bs, k_sel).astype(jnp.float32),
+                     qs, mm, args.windows)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="quest", ms=t * 1e3))
+      scores = tuple(jax.random.normal(jax.random.key(29 + c), (B, HKV, nb), jnp.float32) for c in range(args.copies))
+      t = time_calls(lambda q, c: selection.select_top_k(c + q[:, :, 0, :1].astype(jnp.float32), lengths, bs,
+                                                         k_sel).astype(jnp.float32), qs, scores, args.windows)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="top_k only", ms=t * 1e3))
+    del kv
+    print(f"-- {shape} sparse done at {time.time() - t_start:.0f}s", flush=True)
+
+  meta = dict(card=jax.devices()[0].device_kind, jax=jax.__version__, floor_TBps=FLOOR_TBPS)
+  pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
