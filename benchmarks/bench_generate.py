@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
+import re
 import statistics
 import sys
 import time
@@ -96,7 +98,7 @@ def stop_params(params, tie_embeddings: bool):
 
 def compile_generate(fn, static_args: tuple, dyn_args: tuple, kwargs: dict):
   """AOT-compiles `fn(*static_args, *dyn_args, **kwargs)` (kwargs all static). Returns
-  (call(*dyn_args), compile seconds, memory analysis dict or None)."""
+  (call(*dyn_args), compile seconds, memory analysis dict or None, optimised HLO text or None)."""
   t0 = time.perf_counter()
   compiled = fn.lower(*static_args, *dyn_args, **kwargs).compile()
   compile_s = time.perf_counter() - t0
@@ -108,7 +110,37 @@ def compile_generate(fn, static_args: tuple, dyn_args: tuple, kwargs: dict):
                                                "alias_size_in_bytes", "temp_size_in_bytes")}
   except Exception:  # not every backend / version reports it
     pass
-  return compiled, compile_s, mem
+  try:
+    hlo = compiled.as_text()
+  except Exception:
+    hlo = None
+  return compiled, compile_s, mem, hlo
+
+
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "f32": 4, "s32": 4,
+              "u32": 4, "f64": 8, "s64": 8}
+_HLO_COPY = re.compile(r"= (\w+)\[([\d,]*)\]\{[^}]*\} copy(?:-start)?\(")
+
+
+def loop_copies(hlo_text: str, min_bytes: int) -> tuple[int, int]:
+  """(count, bytes) of `copy` ops of at least min_bytes outside the entry computation and fusion
+  bodies of an optimised HLO module: whole-buffer copies in the generation loop and its branches
+  (a static count, not per step). Per-step copies of the KV cache are what a decode loop must not
+  do; this flags them from the compiled program itself."""
+  n = total = 0
+  comp = ""
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      comp = line.split(" ", 1)[0]
+      continue
+    if comp == "ENTRY" or "fused" in comp or "wrapped" in comp:
+      continue
+    m = _HLO_COPY.search(line)
+    if m and m.group(1) in _HLO_BYTES:
+      size = _HLO_BYTES[m.group(1)] * math.prod(int(d) for d in m.group(2).split(",") if d)
+      if size >= min_bytes:
+        n, total = n + 1, total + size
+  return n, total
 
 
 def timed(call, *args) -> tuple[float, np.ndarray]:
@@ -139,6 +171,7 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--mem-frac", type=float, default=0.25,
                   help="skip a batch whose KV cache exceeds this share of device memory (prefill "
                        "and the decode loop hold a few cache-sized buffers at once)")
+  ap.add_argument("--dump-hlo", default=None, help="folder for each row's optimised HLO text")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -164,7 +197,7 @@ def main(argv: list[str] | None = None):
                                     f"model.max_seq_len={capacity}"])
     mcfg = cfg.model
   cache_dtype = jnp.dtype(args.cache_dtype)
-  L, K, G, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
+  L, K, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.hd
 
   params = init_params(mcfg, jax.random.key(args.seed))
   p_long, p_short = stop_params(params, mcfg.tie_embeddings)
@@ -194,11 +227,13 @@ def main(argv: list[str] | None = None):
             "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl},
         "weights": "random init (init_params); throughput does not depend on the values",
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
-        "cache_capacity": capacity, "decode_impl": args.decode_impl, "sampling": "greedy",
+        "decode_impl": args.decode_impl, "sampling": "greedy",
         "timing": (f"host wall time of whole generate calls (one dispatch each, loop on device), "
                    f"same executable run for N={N} tokens and stopped after 1 token (stop token, "
                    f"logit-only param change); step = (t_N - t_1)/(N - 1), prefill = t_1 - step; "
                    f"median of {args.repeats} repeats after a warm-up run of each"),
+        "hlo_loop_cache_copies": ("static count of copy ops of >= half a layer's K buffer inside "
+                                  "the loop / branch computations of the optimised HLO"),
         "memory": ("compiled_bytes = memory_analysis() arguments + outputs + temporaries - aliased; "
                    "peak_bytes_process = memory_stats()['peak_bytes_in_use'], cumulative over rows"),
         "floor": (f"bytes a decode step reads (weights + attended K/V at the mean length + block "
@@ -210,7 +245,7 @@ def main(argv: list[str] | None = None):
     results.append(row)
     keep = {k: row[k] for k in row if k in (
         "B", "mode", "plan", "decode_tok_s", "step_ms", "prefill_ms", "frac_of_floor",
-        "decode_speedup_vs_dense", "compile_s", "skipped")}
+        "decode_speedup_vs_dense", "compile_s", "hlo_loop_cache_copies", "skipped")}
     print(json.dumps(keep), flush=True)
     # Written after every row, so a run cut short by a timeout still leaves its rows.
     out.write_text(json.dumps({"meta": meta(), "results": results}, indent=1))
@@ -239,6 +274,8 @@ def main(argv: list[str] | None = None):
       weight_read = param_bytes
       if mode == "dense":
         fn, static, gp = decoding.generate, (mcfg,), None
+        common.update(cache_capacity=T + N,  # decoding.generate does not round it up
+                      cache_bytes=2 * L * B * K * (T + N) * H * cache_dtype.itemsize)
         kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize
         summ_read = 0
         dyn = lambda p: (p, toks, lengths, key)
@@ -263,7 +300,7 @@ def main(argv: list[str] | None = None):
         dyn = lambda p, gp=gp: (p, toks, lengths, key, gp)
 
       try:
-        call, compile_s, mem = compile_generate(fn, static, dyn(p_long), kw)
+        call, compile_s, mem, hlo = compile_generate(fn, static, dyn(p_long), kw)
         t1s, tns = [], []
         for r in range(args.repeats + 1):  # repeat 0 is the warm-up
           t_n, n_long = timed(call, *dyn(p_long))
@@ -284,7 +321,7 @@ def main(argv: list[str] | None = None):
       floor = step_bytes / (FLOOR_TBPS * 1e12)
       row = {**common, "t_N_ms": t_n * 1e3, "t_1_ms": t_1 * 1e3,
              "t_N_ms_all": [t * 1e3 for t in tns], "t_1_ms_all": [t * 1e3 for t in t1s],
-             "step_ms": step * 1e3, "decode_tok_s": B / step if step > 0 else float("inf"),
+             "step_ms": step * 1e3, "decode_tok_s": B / step if step > 0 else None,  # <= 0: timing noise
              "prefill_ms": (t_1 - step) * 1e3, "prefill_tok_s": B * T / max(t_1 - step, 1e-12),
              "end_to_end_tok_s": B * N / t_n, "compile_s": compile_s,
              "step_bytes_read": step_bytes, "floor_step_ms": floor * 1e3,
@@ -293,6 +330,14 @@ def main(argv: list[str] | None = None):
         row["compiled_bytes"] = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"] +
                                  mem["temp_size_in_bytes"] - mem["alias_size_in_bytes"])
         row["compiled_temp_bytes"] = mem["temp_size_in_bytes"]
+      if hlo is not None:
+        # "cache-sized": at least half of one layer's K (or V) buffer
+        n_copy, copy_bytes = loop_copies(hlo, B * K * T * H * cache_dtype.itemsize // 2)
+        row.update(hlo_loop_cache_copies=n_copy, hlo_loop_cache_copy_bytes=copy_bytes)
+        if args.dump_hlo:
+          d = pathlib.Path(args.dump_hlo)
+          d.mkdir(parents=True, exist_ok=True)
+          (d / f"generate_B{B}_{mode}_{label or 'dense'}.hlo.txt".replace("=", "")).write_text(hlo)
       _, peak = device_memory()
       if peak is not None:
         row["peak_bytes_process"] = int(peak)
