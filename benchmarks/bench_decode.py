@@ -95,7 +95,7 @@ def main():
   ap.add_argument("--block-k", type=int, default=None, help="dense DecodeConfig.block_k")
   ap.add_argument("--num-splits", type=int, default=None, help="num_splits for both kernels")
   ap.add_argument("--num-warps", type=int, default=4)
-  ap.add_argument("--num-stages", type=int, default=2)
+  ap.add_argument("--num-stages", type=int, default=None, help="default: each kernel's tuned value")
   ap.add_argument("--calls", type=int, default=16, help="kernel calls per timed jit")
   ap.add_argument("--copies", type=int, default=4,
                   help="distinct caches rotated inside the jit (4 x the smallest shape > 50 MB L2)")

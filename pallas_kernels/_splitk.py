@@ -25,9 +25,26 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Tensor-core dots (mma) need at least 16 rows; Triton also needs power-of-2 tile shapes.
 MIN_DOT_ROWS = 16
 
-# A GPU is kept busy by several programs per SM (H100: 132 SMs). More programs means more loads
-# in flight, which is what a bandwidth-bound decode kernel needs at small batch.
-DEFAULT_TARGET_PROGRAMS = 528
+# Programs per SM that the split heuristics aim for (H100: 132 SMs), from the launch-grid sweep
+# in benchmarks/tune_decode.py (results/<card>/tune_decode.json): the dense kernel is best with
+# about one program per SM, each streaming a long contiguous range through a 3-stage pipeline
+# (B1 S128K: 88% of the byte floor vs 84% at 4 per SM); the sparse kernel, whose loads are
+# gathered blocks behind an index load, is best with about 4 per SM.
+DENSE_PROGRAMS_PER_SM = 1
+SPARSE_PROGRAMS_PER_SM = 4
+DEFAULT_SM_COUNT = 132
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of the default GPU (132 when unknown, e.g. on CPU)."""
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 0)) or DEFAULT_SM_COUNT
+  except Exception:  # no device info: the H100 number
+    return DEFAULT_SM_COUNT
+
+
+def target_programs(per_sm: int) -> int:
+  return per_sm * sm_count()
 
 # Pallas-Triton stages each loaded tile whole, once per pipeline stage; Hopper has 227 KB of
 # shared memory per block, some of which Triton needs for layout conversions.
@@ -44,22 +61,24 @@ class SplitKConfig:
   """Launch parameters shared by the split-K decode kernels.
 
   num_splits: programs per (batch, kv head); None picks `default_num_splits`.
-  num_warps / num_stages: Triton launch parameters (ignored in interpret mode).
+  num_warps / num_stages: Triton launch parameters (ignored in interpret mode); num_stages None
+  picks each kernel's tuned default.
   """
   num_splits: int | None = None
   num_warps: int = 4
-  num_stages: int = 2
+  num_stages: int | None = None
 
   def validate(self) -> None:
     if self.num_splits is not None and (not isinstance(self.num_splits, int) or self.num_splits < 1):
       raise ValueError(f"config.num_splits must be a positive int or None, got {self.num_splits!r}")
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"config.num_warps must be a power of 2 in [1, 16], got {self.num_warps!r}")
-    if not isinstance(self.num_stages, int) or self.num_stages < 1:
-      raise ValueError(f"config.num_stages must be a positive int, got {self.num_stages!r}")
+    if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
+      raise ValueError(f"config.num_stages must be a positive int or None, got {self.num_stages!r}")
 
 
-def triton_compiler_params(config: SplitKConfig, tile_rows: int, head_dim: int, dtype):
+def triton_compiler_params(config: SplitKConfig, tile_rows: int, head_dim: int, dtype,
+                           default_stages: int = 2):
   """Triton launch parameters, with num_stages lowered until a K tile and a V tile of
   [tile_rows, head_dim] per stage fit SHARED_MEMORY_BUDGET (f32 128 x 128 tiles fit one stage).
 
@@ -67,7 +86,8 @@ def triton_compiler_params(config: SplitKConfig, tile_rows: int, head_dim: int, 
   """
   from jax.experimental.pallas import triton as plgpu
   stage_bytes = 2 * tile_rows * head_dim * jnp.dtype(dtype).itemsize
-  stages = max(1, min(config.num_stages, SHARED_MEMORY_BUDGET // stage_bytes))
+  want = default_stages if config.num_stages is None else config.num_stages
+  stages = max(1, min(want, SHARED_MEMORY_BUDGET // stage_bytes))
   return plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages)
 
 
@@ -98,8 +118,7 @@ def dot_rows(g: int) -> int:
   return max(MIN_DOT_ROWS, next_power_of_2(g))
 
 
-def default_num_splits(programs_per_split: int, work_units: int,
-                       target_programs: int = DEFAULT_TARGET_PROGRAMS) -> int:
+def default_num_splits(programs_per_split: int, work_units: int, target_programs: int) -> int:
   """Splits per (batch, kv head) so that the grid has about `target_programs` programs.
 
   programs_per_split: B * K. work_units: blocks (or block slots) per (batch, kv head); more
@@ -147,7 +166,7 @@ def attend_block(q_RH: jax.Array, k_TH: jax.Array, v_TH: jax.Array, valid_T: jax
 
 def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array, k_BKSH: jax.Array,
                 v_BKSH: jax.Array, *, num_splits: int, tile_rows: int, config: SplitKConfig,
-                interpret: bool, name: str) -> jax.Array:
+                interpret: bool, name: str, default_stages: int = 2) -> jax.Array:
   """The pallas_call both decode kernels share: grid (b, k, split); per-(b, k) scalar or index
   inputs first (`prefix_specs` / `prefix_args`), then the query rows padded to `dot_rows` and the
   whole [S, H] K and V of the (b, k) (the kernel loads `tile_rows`-token slices of them); outputs
@@ -175,7 +194,7 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
           jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
           jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
       ],
-      compiler_params=triton_compiler_params(config, tile_rows, H, q_BKGH.dtype),
+      compiler_params=triton_compiler_params(config, tile_rows, H, q_BKGH.dtype, default_stages),
       interpret=interpret,
       name=name,
   )(*prefix_args, q_BKRH, k_BKSH, v_BKSH)

@@ -30,8 +30,9 @@ from pallas_kernels import _splitk
 class DecodeConfig(_splitk.SplitKConfig):
   """Launch parameters of the dense Triton decode kernel.
 
-  block_k: keys per loop step (power of 2, >= 16); None picks 128 for 2-byte dtypes and 64 for
-  float32 (same tile bytes). num_splits / num_warps / num_stages: see `_splitk.SplitKConfig`.
+  block_k: keys per loop step (power of 2, >= 16); None picks 64 (tuned on the H100, with
+  3 pipeline stages and about one program per SM: benchmarks/tune_decode.py).
+  num_splits / num_warps / num_stages: see `_splitk.SplitKConfig`.
   """
   block_k: int | None = None
 
@@ -44,7 +45,7 @@ class DecodeConfig(_splitk.SplitKConfig):
   def resolved_block_k(self, dtype) -> int:
     if self.block_k is not None:
       return self.block_k
-    return 64 if jnp.dtype(dtype).itemsize > 2 else 128
+    return 64
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -125,13 +126,15 @@ def _decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, leng
   k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_k)
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_k)
   S = k_BKSH.shape[2]
-  num_splits = config.num_splits or _splitk.default_num_splits(B * K, S // block_k)
+  num_splits = config.num_splits or _splitk.default_num_splits(
+      B * K, S // block_k, _splitk.target_programs(_splitk.DENSE_PROGRAMS_PER_SM))
   kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
   return _splitk.splitk_call(
       kernel, [pl.BlockSpec((_splitk.SQUEEZED,), lambda b, k, j: (b,))],
       [lengths_B.astype(jnp.int32)], q_BKGH, k_BKSH, v_BKSH, num_splits=num_splits,
-      tile_rows=block_k, config=config, interpret=interpret, name="decode_attention")
+      tile_rows=block_k, config=config, interpret=interpret, name="decode_attention",
+      default_stages=3)
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -116,7 +116,8 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   # capacities that are block multiples.
   k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
-  num_splits = config.num_splits or _splitk.default_num_splits(B * K, M)
+  num_splits = config.num_splits or _splitk.default_num_splits(
+      B * K, M, _splitk.target_programs(_splitk.SPARSE_PROGRAMS_PER_SM))
   nslots_BK = live_slots(block_indices_BKM, lengths_B, block_size)
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
