@@ -106,7 +106,8 @@ def live_slots(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: i
 
 @functools.partial(jax.jit, static_argnames=("block_size", "config", "interpret"))
 def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                          lengths_B: jax.Array, block_indices_BKM: jax.Array, block_size: int,
+                          lengths_B: jax.Array, block_indices_BKM: jax.Array,
+                          num_live_BK: jax.Array | None, block_size: int,
                           config: SparseDecodeConfig, interpret: bool) -> jax.Array:
   B, K, G, H = q_BKGH.shape
   M = block_indices_BKM.shape[-1]
@@ -118,7 +119,8 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
   num_splits = config.num_splits or _splitk.default_num_splits(
       B * K, M, _splitk.target_programs(_splitk.SPARSE_PROGRAMS_PER_SM))
-  nslots_BK = live_slots(block_indices_BKM, lengths_B, block_size)
+  nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
+               else num_live_BK.astype(jnp.int32))
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
   sq = _splitk.SQUEEZED
@@ -165,7 +167,8 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
                             lengths_B: jax.Array, block_indices_BKM: jax.Array, *,
                             block_size: int, implementation: str = "auto",
                             interpret: bool = False,
-                            config: SparseDecodeConfig | None = None) -> jax.Array:
+                            config: SparseDecodeConfig | None = None,
+                            num_live_BK: jax.Array | None = None) -> jax.Array:
   """Decode attention over the selected KV blocks only.
 
   Args:
@@ -179,6 +182,9 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
     implementation: "auto" | "xla" | "pallas_triton" | "pallas_tpu".
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     config: SparseDecodeConfig for the Triton kernel; None uses the defaults.
+    num_live_BK: optional int32 [B, K], the number of leading live slots of each row (what
+      `live_slots` computes: selected blocks that start below the length), when the selector
+      already knows it (`block_topk` returns it); trusted, saves a pass over the indices.
 
   Returns:
     o_BKGH [B, K, G, H] in q's dtype: softmax (scale H ** -0.5, float32) over the tokens of the
@@ -214,5 +220,8 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
     why = f"block_size={block_size} must be a power of 2 >= 16 for Triton tiles"
   if why is not None:
     raise ValueError(f"implementation='pallas_triton': {why}")
-  return _sparse_decode_triton(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, block_size,
-                               config, bool(interpret))
+  if num_live_BK is not None and getattr(num_live_BK, "shape", None) != tuple(q_BKGH.shape[:2]):
+    raise ValueError(f"num_live_BK must have shape [B, K]={tuple(q_BKGH.shape[:2])}, got "
+                     f"{getattr(num_live_BK, 'shape', None)}")
+  return _sparse_decode_triton(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK,
+                               block_size, config, bool(interpret))

@@ -79,16 +79,22 @@ def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> 
   return {"kc": put(summ_l["kc"], kc)}
 
 
-def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_B, wq=None):
+def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_B, wq=None,
+            decode_impl: str = "auto"):
+  """Block ids [B, K, M] (ascending, -1 padded) and live ids per row [B, K] (None: let the
+  attention kernel count them)."""
+  from pallas_kernels.block_topk import block_topk
+  topk_impl = {"xla": "xla", "pallas_triton": "pallas_triton"}.get(decode_impl, "auto")
   if scfg.selector == "quest":
     scores = selection.quest_scores(q_BKGH, summ_l["kmin"], summ_l["kmax"])
-    return selection.select_top_k(scores, lengths_B, scfg.block_size, scfg.budget_blocks)
-  logits = gate_lib.gate_logits(wq, q_BKGH, summ_l["kc"], lengths_B - 1, cfg.rope_theta)
-  if scfg.threshold > 0:
-    probs = gate_lib.masked_softmax(logits, lengths_B, scfg.block_size)
-    return selection.select_threshold(probs, lengths_B, scfg.block_size, scfg.threshold,
-                                      scfg.budget_blocks)
-  return selection.select_top_k(logits, lengths_B, scfg.block_size, scfg.budget_blocks)
+  else:
+    scores = gate_lib.gate_logits(wq, q_BKGH, summ_l["kc"], lengths_B - 1, cfg.rope_theta)
+    if scfg.threshold > 0:
+      probs = gate_lib.masked_softmax(scores, lengths_B, scfg.block_size)
+      return selection.select_threshold(probs, lengths_B, scfg.block_size, scfg.threshold,
+                                        scfg.budget_blocks), None
+  return block_topk(scores, lengths_B, block_size=scfg.block_size, k=scfg.budget_blocks,
+                    implementation=topk_impl)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl"),
@@ -110,9 +116,11 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
     s_l = _update_block(scfg, cfg, {name: summ[name][i] for name in summ}, k_cache, pos + 1,
                         None if gate_params is None else gate_params["wk"][i])
     q_BKGH = q[:, 0].reshape(B, K, G, H)
-    idx = _select(scfg, cfg, s_l, q_BKGH, pos + 1, None if gate_params is None else gate_params["wq"][i])
+    idx, n_live = _select(scfg, cfg, s_l, q_BKGH, pos + 1,
+                          None if gate_params is None else gate_params["wq"][i], decode_impl)
     o = sparse_decode_attention(q_BKGH.astype(k_cache.dtype), k_cache, v_cache, pos + 1, idx,
-                                block_size=scfg.block_size, implementation=decode_impl)
+                                block_size=scfg.block_size, implementation=decode_impl,
+                                num_live_BK=n_live)
     x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
     ks.append(k_cache)
     vs.append(v_cache)

@@ -58,23 +58,13 @@ def _forced(lengths_B: jax.Array, N: int, block_size: int):
 
 def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
-  fewer are valid). Returns int32 [B, K, k]; a token budget of T tokens is k = T // block_size.
-
-  One `lax.top_k` over the N blocks (ties go to the lower block index) and a sort of the k winners
-  into ascending order: this runs every layer of every decode step, so it avoids full argsorts
-  over N."""
+  fewer are valid), ties to the lower block index. Returns ascending ids, -1 padded, int32
+  [B, K, min(k, N)]; a token budget of T tokens is k = T // block_size. The XLA path of
+  `pallas_kernels.block_topk` (which also has the GPU kernel decode steps use)."""
+  from pallas_kernels.block_topk import block_topk_reference
   if k < 2:
     raise ValueError(f"a block budget must be >= 2 (first + current block), got {k}")
-  N = scores_BKN.shape[-1]
-  k = min(k, N)
-  valid, forced = _forced(lengths_B, N, block_size)
-  s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
-  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
-  _, idx_BKk = jax.lax.top_k(s, k)
-  # a winner is live iff its block is valid (invalid blocks only fill up rows with < k valid)
-  live = jnp.take_along_axis(jnp.broadcast_to(valid, s.shape), idx_BKk, axis=-1)
-  idx_BKk = jnp.sort(jnp.where(live, idx_BKk, N), axis=-1)
-  return jnp.where(idx_BKk < N, idx_BKk, -1).astype(jnp.int32)
+  return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k)[0]
 
 
 def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int, threshold: float,

@@ -1,0 +1,172 @@
+"""Top-k block selection for sparse decoding, as one small kernel per decode step and layer.
+
+  idx_BKM, n_live_BK = block_topk(scores_BKN, lengths_B, block_size=64, k=205)
+
+Per (sequence, KV head) row: the first and the current block (the one holding token length - 1)
+are always kept, then the highest-scoring other valid blocks (block n is valid iff
+n * block_size < length), k blocks in all, ties to the lower block index, NaN scores treated as
+-inf. The result is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with
+-1 (`idx_BKM` int32 [B, K, M], M >= k) and the number of live ids per row (`n_live_BK` int32
+[B, K]), so the attention kernel needs no extra pass to count them.
+
+Implementations:
+- `xla`: `block_topk_reference` -- `lax.top_k` over the N blocks, then a sort of the k winners
+  (M = k). On the H100 `lax.top_k` with k in the hundreds runs as a full sort (~35-40 us for
+  B*K = 8..64 rows of 2048 blocks: tune_decode.json), more than the sparse attention it feeds.
+- `pallas_triton`: one program per row holds the N scores in registers, finds the k-th largest
+  score exactly by building its order-preserving int32 key bit by bit (32 counting passes,
+  no sort), resolves ties by index with a prefix sum, and writes the ascending ids with a
+  prefix-sum compaction (M = the power of 2 above k, the tail -1).
+- `auto`: pallas_triton on GPU, xla elsewhere.
+Both give identical integers (tested in interpret mode and on the GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _splitk
+
+INT32_MIN = np.int32(-2**31)
+INT32_MAX_POSITIVE = np.int32(2**31 - 1)
+
+
+def _check(scores_BKN, lengths_B, block_size: int, k: int) -> None:
+  if getattr(scores_BKN, "ndim", None) != 3:
+    raise ValueError(f"scores_BKN must be 3-D [B, K, N], got shape {getattr(scores_BKN, 'shape', None)}")
+  if not jnp.issubdtype(scores_BKN.dtype, jnp.floating):
+    raise ValueError(f"scores_BKN must be floating point, got {scores_BKN.dtype}")
+  if getattr(lengths_B, "shape", None) != (scores_BKN.shape[0],):
+    raise ValueError(f"lengths_B must have shape [B]=({scores_BKN.shape[0]},), got "
+                     f"{getattr(lengths_B, 'shape', None)}")
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if not isinstance(k, (int, np.integer)) or k < 2:
+    raise ValueError(f"k must be an int >= 2 (first + current block), got {k!r}")
+
+
+def _valid_forced(lengths_B: jax.Array, n: int, block_size: int):
+  """(valid [B, 1, N], forced [B, 1, N]): blocks below the length; the first and current one."""
+  nb = ((lengths_B + block_size - 1) // block_size)[:, None, None]
+  ar = jnp.arange(n)[None, None]
+  valid = ar < nb
+  return valid, valid & ((ar == 0) | (ar == nb - 1))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "k"))
+def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int,
+                         k: int) -> tuple[jax.Array, jax.Array]:
+  """Plain-XLA selection: (idx int32 [B, K, min(k, N)], n_live int32 [B, K])."""
+  N = scores_BKN.shape[-1]
+  k = min(k, N)
+  valid, forced = _valid_forced(lengths_B, N, block_size)
+  s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
+  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
+  _, idx_BKk = lax.top_k(s, k)  # ties: lower index first
+  live = jnp.take_along_axis(jnp.broadcast_to(valid, s.shape), idx_BKk, axis=-1)
+  idx_BKk = jnp.sort(jnp.where(live, idx_BKk, N), axis=-1)
+  return (jnp.where(idx_BKk < N, idx_BKk, -1).astype(jnp.int32),
+          jnp.sum(live, axis=-1).astype(jnp.int32))
+
+
+def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
+  """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
+  idx_ref int32 [M]; n_ref int32 []."""
+  length = len_ref[()]
+  n_pad = s_ref.shape[0]
+  ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+  nb = (length + block_size - 1) // block_size
+  valid = (ar < nb) & (ar < n_blocks)
+  forced = valid & ((ar == 0) | (ar == nb - 1))
+  s = s_ref[...].astype(jnp.float32)
+  s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
+  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
+  bits = lax.bitcast_convert_type(s, jnp.int32)
+  # int32 key with the float order: negative floats have their magnitude bits flipped
+  key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
+  # The k-th largest key T is the largest t with #(key >= t) >= k. Build it from the most
+  # significant bit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
+  # the signed order), keeping each bit whose candidate still has >= k keys at or above it.
+  def bit_step(i, t_u):
+    cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
+    count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
+    return jnp.where(count >= k, cand_u, t_u)
+
+  t = lax.fori_loop(0, 32, bit_step, jnp.int32(0)) ^ INT32_MIN
+  above = key > t
+  n_above = jnp.sum(above.astype(jnp.int32))
+  tie = key == t
+  tie_rank = jnp.cumsum(tie.astype(jnp.int32))                         # 1-based among ties
+  sel = (above | (tie & (tie_rank <= k - n_above))) & valid
+  pos = jnp.cumsum(sel.astype(jnp.int32)) - 1
+  count = jnp.sum(sel.astype(jnp.int32))
+  m = idx_ref.shape[0]
+  slots = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  plgpu.store(idx_ref.at[slots], jnp.full((m,), -1, jnp.int32), mask=slots >= count)
+  # Ascending ids, compacted. Masked-off lanes point at the last slot, which m > k keeps -1 and
+  # unclaimed: the GPU skips them, and interpret mode (which rewrites masked lanes with the old
+  # value) then writes -1 over -1 instead of racing a real id.
+  plgpu.store(idx_ref.at[jnp.where(sel, pos, m - 1)], ar, mask=sel)
+  n_ref[()] = count
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret"))
+def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool):
+  B, K, N = scores_BKN.shape
+  k = min(k, N)
+  n_pad = _splitk.next_power_of_2(N)
+  m = _splitk.next_power_of_2(k + 1)  # power-of-2 width with at least one slot past k
+  scores_BKN = _splitk.pad_axis(scores_BKN.astype(jnp.float32), 2, n_pad)
+  sq = _splitk.SQUEEZED
+  # Registers: a handful of [Np] vectors per program; more warps for long rows.
+  warps = 4 if n_pad <= 2048 else 8 if n_pad <= 8192 else 16
+  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
+  compiler_params = None
+  if not interpret:
+    compiler_params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
+  return pl.pallas_call(
+      kernel,
+      grid=(B, K),
+      in_specs=[pl.BlockSpec((sq,), lambda b, h: (b,)),
+                pl.BlockSpec((sq, sq, n_pad), lambda b, h: (b, h, 0))],
+      out_specs=[pl.BlockSpec((sq, sq, m), lambda b, h: (b, h, 0)),
+                 pl.BlockSpec((sq, sq), lambda b, h: (b, h))],
+      out_shape=[jax.ShapeDtypeStruct((B, K, m), jnp.int32),
+                 jax.ShapeDtypeStruct((B, K), jnp.int32)],
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name="block_topk",
+  )(lengths_B.astype(jnp.int32), scores_BKN)
+
+
+def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
+               implementation: str = "auto", interpret: bool = False):
+  """Top-k block selection (see the module docstring).
+
+  Args:
+    scores_BKN: float [B, K, N] block scores (gate logits or Quest bounds), N = cache blocks.
+    lengths_B: int [B] valid tokens per sequence (block n is valid iff n * block_size < length).
+    block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
+    implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
+
+  Returns:
+    (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
+    (M = min(k, N) for xla, the power of 2 above it for pallas_triton), and how many
+    are live per row.
+  """
+  _check(scores_BKN, lengths_B, block_size, k)
+  if implementation not in ("auto", "xla", "pallas_triton"):
+    raise ValueError(f"implementation must be auto | xla | pallas_triton, got {implementation!r}")
+  if implementation == "auto":
+    implementation = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
+  if implementation == "xla":
+    return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=int(block_size),
+                                k=int(k))
+  return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret))
