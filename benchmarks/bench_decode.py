@@ -8,7 +8,9 @@ Shapes: Hq=32 query heads, Hkv=8 KV heads (G=4), d=128, bf16, every sequence ful
 Dense: `decode_attention` (pallas_triton) vs cuDNN (`jax.nn.dot_product_attention(...,
 implementation="cudnn")`, layout [B, S, K, H]) and vs the XLA reference. Sparse:
 `sparse_decode_attention` with random ascending block sets (block 64) at sparsity 0.5 / 0.8 / 0.9
-and at a 4K-token budget, against the same dense cuDNN call (what a user would run instead).
+and at a 4K-token budget, against the same dense cuDNN call (what a user would run instead);
+then the same plans as a whole sparse attention step, selector included: SeerAttention-R gate
+scores over the K-compression cache (Dg=64) + `block_topk` + the sparse kernel.
 
 Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan` over a stack of different
 queries -- and, for sparse, different block sets -- times a Python-unrolled loop over `--copies`
@@ -34,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from effjax.sparse import gate as gate_lib
+from pallas_kernels.block_topk import block_topk
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
 from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
 
@@ -41,6 +45,7 @@ HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
 DTYPE = jnp.bfloat16
 FLOOR_TBPS = 3.0
+GATE_DIM = 64
 
 
 def parse_ints(s: str) -> list[int]:
@@ -103,6 +108,7 @@ def main():
   ap.add_argument("--mem-frac", type=float, default=0.6, help="share of device memory for caches")
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
   ap.add_argument("--no-sparse", action="store_true")
+  ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
@@ -211,6 +217,30 @@ def main():
           record(speedup(row("pallas_triton_sparse", s, sel_bytes, plan=label, sparsity=sp,
                              block_size=bs, blocks_selected=n_sel, blocks_total=n_blocks,
                              config=repr(sparse_cfg))))
+          if args.no_selector:
+            continue
+          # The whole sparse attention of a decode step: the SeerAttention-R gate's scores over
+          # its K-compression cache (Dg = 64, f32, one row per block), top-k block selection
+          # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
+          kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM), jnp.float32)
+                     for c in range(copies))
+          wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
+          impl = "xla" if args.interpret else "pallas_triton"
+
+          def gated_call(q, c):
+            scores = gate_lib.gate_logits(wq, q, c[2], lengths - 1, 10000.0)
+            idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
+                                     interpret=args.interpret)
+            return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
+                                           implementation="pallas_triton", interpret=args.interpret,
+                                           config=sparse_cfg, num_live_BK=n_live)
+
+          s = time_calls(gated_call, qs, tuple((a, b, g) for (a, b), g in zip(kv, kc)), args.windows)
+          gate_bytes = B * HKV * n_blocks * GATE_DIM * 4
+          record(speedup(row("gate+topk+pallas_triton_sparse", s, sel_bytes + gate_bytes, plan=label,
+                             sparsity=sp, block_size=bs, blocks_selected=n_sel,
+                             blocks_total=n_blocks, gate_dim=GATE_DIM, config=repr(sparse_cfg))))
+          del kc
       del kv
 
   out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
