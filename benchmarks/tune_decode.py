@@ -32,11 +32,19 @@ from pallas_kernels.decode_attention import DecodeConfig, decode_attention
 from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
 
 
+def ints(s: str) -> list[int]:
+  return [int(x) for x in s.split(",") if x]
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--shapes", default="1x32768,1x131072,8x131072", help="BxS list")
   ap.add_argument("--sparse-shapes", default="1x131072,8x131072")
   ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--block-ks", default="64,128", help="dense block_k values")
+  ap.add_argument("--warps", default="4,8")
+  ap.add_argument("--stages", default="2,3")
+  ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
   ap.add_argument("--copies", type=int, default=2)
   ap.add_argument("--calls", type=int, default=16)
   ap.add_argument("--windows", type=int, default=3)
@@ -55,7 +63,7 @@ def main():
                   jax.random.normal(ks[2 * c + 1], (B, HKV, S, D), DTYPE)) for c in range(copies))
 
   t_start = time.time()
-  for shape in args.shapes.split(","):
+  for shape in [x for x in args.shapes.split(",") if x]:
     B, S = map(int, shape.split("x"))
     n_q = max(1, args.calls // args.copies)
     qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
@@ -70,8 +78,8 @@ def main():
     del kv
     kv = caches(B, S, args.copies, 0)
     base_programs = B * HKV
-    split_opts = sorted({max(1, (132 * m) // base_programs) for m in (1, 2, 4, 8)})
-    grid = itertools.product((64, 128), (4, 8), (2, 3), split_opts)
+    split_opts = sorted({max(1, (132 * m) // base_programs) for m in ints(args.programs_per_sm)})
+    grid = itertools.product(ints(args.block_ks), ints(args.warps), ints(args.stages), split_opts)
     if args.quick:
       grid = itertools.product((128,), (4,), (2, 3), split_opts[:2])
     for bk, w, st, sp in grid:
@@ -93,7 +101,7 @@ def main():
     print(f"-- {shape} dense done at {time.time() - t_start:.0f}s", flush=True)
 
   rng = np.random.default_rng(0)
-  for shape in args.sparse_shapes.split(","):
+  for shape in [x for x in args.sparse_shapes.split(",") if x]:
     B, S = map(int, shape.split("x"))
     bs = 64
     nb = S // bs
@@ -105,8 +113,9 @@ def main():
       idx = jnp.asarray(random_block_sets(rng, n_q * B * HKV, nb, n_sel).reshape(n_q, B, HKV, n_sel))
       nbytes = 2 * B * HKV * n_sel * bs * D * 2
       base_programs = B * HKV
-      split_opts = sorted({max(1, min(n_sel, (132 * m) // base_programs)) for m in (1, 2, 4, 8)})
-      grid = itertools.product((4, 8), (2, 3), split_opts)
+      split_opts = sorted({max(1, min(n_sel, (132 * m) // base_programs))
+                           for m in ints(args.programs_per_sm)})
+      grid = itertools.product(ints(args.warps), ints(args.stages), split_opts)
       if args.quick:
         grid = itertools.product((4,), (2, 3), split_opts[:2])
       for w, st, sp in list(grid) + [(None, None, None)]:
