@@ -186,6 +186,10 @@ def main():
         return lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation=impl,
                                              interpret=args.interpret, config=dense_cfg)
 
+      # What the harness itself costs per call (slice a query, add it to the accumulator): the
+      # part of every row below that no kernel can remove; it matters at the small shapes.
+      s = time_calls(lambda q, c: q, qs, kv, args.windows)
+      record(row("harness_overhead", s, 0))
       s = time_calls(dense_call("pallas_triton"), qs, kv, args.windows)
       record(speedup(row("pallas_triton", s, cache_bytes, config=repr(dense_cfg))))
       if not args.no_xla:

@@ -45,6 +45,7 @@ def main():
   ap.add_argument("--warps", default="4,8")
   ap.add_argument("--stages", default="2,3")
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
+  ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
   ap.add_argument("--copies", type=int, default=2)
   ap.add_argument("--calls", type=int, default=16)
   ap.add_argument("--windows", type=int, default=3)
@@ -115,18 +116,20 @@ def main():
       base_programs = B * HKV
       split_opts = sorted({max(1, min(n_sel, (132 * m) // base_programs))
                            for m in ints(args.programs_per_sm)})
-      grid = itertools.product(ints(args.warps), ints(args.stages), split_opts)
+      grid = itertools.product(ints(args.warps), ints(args.stages), split_opts, ints(args.prefetch))
       if args.quick:
-        grid = itertools.product((4,), (2, 3), split_opts[:2])
-      for w, st, sp in list(grid) + [(None, None, None)]:
-        cfg = SparseDecodeConfig() if w is None else SparseDecodeConfig(num_warps=w, num_stages=st, num_splits=sp)
+        grid = itertools.product((4,), (2, 3), split_opts[:2], (0,))
+      for w, st, sp, pf in list(grid) + [(None, None, None, None)]:
+        cfg = SparseDecodeConfig() if w is None else SparseDecodeConfig(
+            num_warps=w, num_stages=st, num_splits=sp, prefetch_index=bool(pf))
         try:
           t = time_calls(lambda x, c: sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
                                                               implementation="pallas_triton", config=cfg,
                                                               interpret=args.interpret),
                          (qs, idx), kv, args.windows)
           rec(dict(kind="sparse", B=B, S=S, plan=label, blocks=n_sel, num_warps=cfg.num_warps,
-                   num_stages=cfg.num_stages, num_splits=cfg.num_splits, ms=t * 1e3,
+                   num_stages=cfg.num_stages, num_splits=cfg.num_splits,
+                   prefetch_index=cfg.prefetch_index, ms=t * 1e3,
                    frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t, config="default" if w is None else None))
         except Exception as e:
           rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,

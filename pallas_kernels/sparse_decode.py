@@ -34,7 +34,17 @@ from pallas_kernels.decode_attention import length_mask, masked_decode_reference
 @dataclasses.dataclass(frozen=True)
 class SparseDecodeConfig(_splitk.SplitKConfig):
   """Launch parameters of the block-sparse Triton decode kernel (block size comes from the
-  selection, so only splits / warps / stages are tunable; see `_splitk.SplitKConfig`)."""
+  selection, so only splits / warps / stages are tunable; see `_splitk.SplitKConfig`).
+
+  prefetch_index: load the next slot's block id one loop iteration ahead (a software-pipelined
+  index), instead of at the top of the iteration that uses it.
+  """
+  prefetch_index: bool = False
+
+  def validate(self) -> None:
+    super().validate()
+    if not isinstance(self.prefetch_index, bool):
+      raise ValueError(f"config.prefetch_index must be a bool, got {self.prefetch_index!r}")
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -69,7 +79,8 @@ def sparse_decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BK
 
 
 def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                   block_size: int, num_splits: int, scale: float, precision: lax.Precision):
+                   block_size: int, num_splits: int, scale: float, precision: lax.Precision,
+                   prefetch_index: bool = False):
   """Program (b, k, j). len_ref / nslots_ref int32 []; idx_ref int32 [M]; q_ref [R, H];
   k_ref / v_ref [S, H] (the whole cache of this (b, k): blocks are fetched by index);
   o_ref f32 [R, H]; m_ref / l_ref f32 [R]."""
@@ -83,16 +94,36 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
   end = jnp.minimum(start + per_split, n_slots)
   offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
 
-  def load_block(slot):
-    block = idx_ref[slot]
+  def load_block_id(block):
     # A -1 inside the live range (malformed padding) loads block 0 and masks all of it, so it
     # contributes nothing instead of reading before the buffer.
     t0 = pl.multiple_of(jnp.maximum(block, 0) * block_size, block_size)
     return (k_ref[pl.ds(t0, block_size), :], v_ref[pl.ds(t0, block_size), :],
             (block >= 0) & (t0 + offsets_T < length))
 
-  _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, scale=scale,
-                       precision=precision)
+  if not prefetch_index:
+    _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end,
+                         lambda slot: load_block_id(idx_ref[slot]), scale=scale,
+                         precision=precision)
+    return
+  # Index prefetch: the id of the next slot is loaded one iteration ahead and carried, so the
+  # K/V loads of a step never wait on that step's index load.
+  last = idx_ref.shape[0] - 1
+  q_RH = q_ref[...]
+
+  def body(slot, carry):
+    state, block = carry
+    nxt = idx_ref[jnp.minimum(slot + 1, last)]
+    k_TH, v_TH, valid_T = load_block_id(block)
+    state = _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                 precision=precision)
+    return state, nxt
+
+  init = (_splitk.init_state(q_RH.shape[0], q_RH.shape[1]), idx_ref[jnp.minimum(start, last)])
+  (acc_RH, m_R, l_R), _ = lax.fori_loop(start, end, body, init)
+  o_ref[...] = acc_RH
+  m_ref[...] = m_R
+  l_ref[...] = l_R
 
 
 def live_slots(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
@@ -122,7 +153,8 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
                else num_live_BK.astype(jnp.int32))
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
-                             scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype))
+                             scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype),
+                             prefetch_index=config.prefetch_index)
   sq = _splitk.SQUEEZED
   return _splitk.splitk_call(
       kernel,

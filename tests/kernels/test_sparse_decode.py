@@ -105,10 +105,16 @@ def test_no_live_block_gives_zeros(implementation, interpret):
   _check(out, oracle(q, k, v, block_valid(idx, lengths, bs, S)), jnp.float32)
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS[1:])
+TRITON = [p for p in IMPLEMENTATIONS if p.values[0] == "pallas_triton"]
+SPLIT_CASES = ([pytest.param(*p.values, False, marks=p.marks, id=p.id) for p in IMPLEMENTATIONS[1:]]
+               + [pytest.param(*p.values, True, marks=p.marks, id=p.id + "-prefetch") for p in TRITON])
+
+
+@pytest.mark.parametrize("implementation,interpret,prefetch", SPLIT_CASES)
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16])
-def test_split_counts(implementation, interpret, num_splits):
-  """Splits partition the live slots at run time; any count (even > M) gives the same result."""
+def test_split_counts(implementation, interpret, prefetch, num_splits):
+  """Splits partition the live slots at run time; any count (even > M) gives the same result,
+  with the block id loaded in its iteration or prefetched one iteration ahead (Triton option)."""
   require_backend(implementation, interpret)
   B, K, G, H, S, bs, M = 2, 2, 8, 64, 512, 32, 9
   q, k, v = random_inputs(5, B, K, G, H, S, jnp.float32)
@@ -116,7 +122,8 @@ def test_split_counts(implementation, interpret, num_splits):
   idx = random_blocks(num_splits, B, K, S // bs, M)
   out = sparse_decode_attention(q, k, v, jnp.asarray(lengths, jnp.int32), jnp.asarray(idx),
                                 block_size=bs, implementation=implementation, interpret=interpret,
-                                config=SparseDecodeConfig(num_splits=num_splits))
+                                config=SparseDecodeConfig(num_splits=num_splits,
+                                                          prefetch_index=prefetch))
   _check(out, oracle(q, k, v, block_valid(idx, lengths, bs, S)), jnp.float32)
 
 
