@@ -19,6 +19,7 @@ reproduces the full forward's logits.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -177,18 +178,29 @@ def _write_tokens(cache_BKSH, new_BKFH, start_B):
   return jax.vmap(upd)(cache_BKSH, new_BKFH, start_B)
 
 
-def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B):
-  """F queries at positions start_b + i over the cache, causal: plain jnp, float32 softmax."""
+def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B, upcast: bool | None = None):
+  """F queries [B, F, N, H] at positions start_b + i over the cache [B, K, S, H], causal: scores
+  and softmax in float32, dots on the cache dtype's operands with float32 accumulation (no f32
+  copy of the cache: at 32K x B8 with bf16 K/V that copy is ~1 GB per layer). Returns [B, F, N, H]
+  in q's dtype.
+
+  upcast (None = only on the CPU backend) casts the operands to float32 first: XLA:CPU has lacked
+  a bf16 x bf16 -> f32 batched dot inside some loops."""
   B, F, N, H = q_BFNH.shape
   K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-  # float32 operands: the reference path; XLA:CPU has no bf16 x bf16 -> f32 batched dot here
-  q = q_BFNH.astype(jnp.float32).reshape(B, F, K, N // K, H)
-  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(jnp.float32)) * (H ** -0.5)
+  if upcast is None:
+    upcast = jax.default_backend() == "cpu"
+  dt = jnp.float32 if upcast else k_BKSH.dtype
+  q = q_BFNH.astype(dt).reshape(B, F, K, N // K, H)
+  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(dt),
+                 preferred_element_type=jnp.float32) * (H ** -0.5)
   q_pos = start_B[:, None] + jnp.arange(F)[None]                          # [B, F]
   mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]                # [B, F, S]
   s = jnp.where(mask[:, None, None], s, -jnp.inf)
   p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgfs,bksh->bfkgh", p, v_BKSH.astype(jnp.float32))
+  # probabilities in the value dtype for the second dot, as flash attention does
+  o = jnp.einsum("bkgfs,bksh->bfkgh", p.astype(dt), v_BKSH.astype(dt),
+                 preferred_element_type=jnp.float32)
   return o.reshape(B, F, N, H).astype(q_BFNH.dtype)
 
 
@@ -231,6 +243,30 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array, temperature: jax.Array, 
   return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
 
 
+# The dense Triton decode kernel zero-pads the cache to a multiple of its key block (64 or 128) on
+# every call whose capacity is not one -- a copy of every layer's K/V per step. Generation caches
+# are therefore sized in multiples of this.
+CAPACITY_MULTIPLE = 128
+
+
+def generation_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
+                        multiple: int = 1) -> int:
+  """Cache capacity for prompts of `prompt_len` tokens plus `max_new_tokens`: the need rounded up
+  to a multiple of lcm(multiple, CAPACITY_MULTIPLE), or, where that exceeds model.max_seq_len, the
+  largest multiple of `multiple` within it (correct, at the price of the kernel's padding). Raises
+  ValueError when the need does not fit."""
+  need = prompt_len + max_new_tokens
+  step = math.lcm(multiple, CAPACITY_MULTIPLE)
+  cap = -(-need // step) * step
+  if cap > cfg.max_seq_len:
+    cap = cfg.max_seq_len // multiple * multiple
+  if cap < need:
+    raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {need} tokens "
+                     f"do not fit model.max_seq_len={cfg.max_seq_len}"
+                     + (f" in whole blocks of {multiple}" if multiple > 1 else ""))
+  return cap
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
                                              "decode_impl", "cache_dtype"))
 def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
@@ -241,10 +277,11 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
 
   tokens_BT: right-padded prompts int32 [B, T]; lengths_B: int32 [B]. Returns (new tokens int32
   [B, max_new_tokens], PAD after a sequence stops; number generated int32 [B], the stop token
-  included). The loop ends when every sequence has stopped or max_new_tokens is reached.
+  included). The loop ends when every sequence has stopped or max_new_tokens is reached. The cache
+  holds `generation_capacity(cfg, T, max_new_tokens)` tokens.
   """
   B, T = tokens_BT.shape
-  cache = init_cache(cfg, B, T + max_new_tokens, cache_dtype)
+  cache = init_cache(cfg, B, generation_capacity(cfg, T, max_new_tokens), cache_dtype)
   logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)

@@ -113,6 +113,63 @@ def test_cache_capacity_errors():
   cfg = cfg_()
   with pytest.raises(ValueError, match="max_seq_len"):
     decoding.init_cache(cfg, 1, 65)
+  with pytest.raises(ValueError, match="max_new_tokens 60 = 66 tokens do not fit model.max_seq_len=64"):
+    decoding.generate(cfg, init_params(cfg, jax.random.key(0)), jnp.zeros((1, 6), jnp.int32),
+                      jnp.asarray([6]), jax.random.key(0), max_new_tokens=60)
+
+
+def test_generation_capacity_rounds_to_whole_kernel_blocks():
+  big = cfg_(max_seq_len=1024)
+  assert decoding.generation_capacity(big, 6, 10) == 128
+  assert decoding.generation_capacity(big, 200, 57) == 384
+  assert decoding.generation_capacity(big, 128, 0) == 128
+  assert decoding.generation_capacity(big, 100, 10, multiple=96) == 384      # lcm(96, 128)
+  # no multiple of 128 fits: the largest capacity within max_seq_len (in whole blocks) instead
+  assert decoding.generation_capacity(cfg_(max_seq_len=200), 100, 90) == 200
+  assert decoding.generation_capacity(cfg_(max_seq_len=200), 100, 90, multiple=16) == 192
+  with pytest.raises(ValueError, match="in whole blocks of 16"):
+    decoding.generation_capacity(cfg_(max_seq_len=200), 100, 95, multiple=16)
+
+
+def _attention_inputs(F, dtype, B=3, N=4, K=2, S=40, H=16):
+  rng = np.random.default_rng(11)
+  q, k, v = (jnp.asarray(rng.normal(size=sh), dtype)
+             for sh in ((B, F, N, H), (B, K, S, H), (B, K, S, H)))
+  return q, k, v, jnp.asarray([0, 17, S - F], jnp.int32)
+
+
+@pytest.mark.parametrize("F", [1, 5])
+def test_dense_cached_attention_is_exact_causal_attention(F):
+  """extend's attention on the CPU path (float32): softmax over positions [0, start_b + i] of each
+  query, per GQA group; ragged start positions."""
+  q, k, v, start = _attention_inputs(F, jnp.float32)
+  out = decoding._dense_cached_attention(q, k, v, start)
+  (B, _, N, H), G = q.shape, q.shape[2] // k.shape[1]
+  qf, kf, vf = (np.asarray(x) for x in (q, k, v))
+  for b in range(B):
+    for i in range(F):
+      kv = slice(0, int(start[b]) + i + 1)
+      for n in range(N):
+        s = kf[b, n // G, kv] @ qf[b, i, n] / np.sqrt(H)
+        p = np.exp(s - s.max())
+        np.testing.assert_allclose(out[b, i, n], (p / p.sum()) @ vf[b, n // G, kv],
+                                   rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("F", [1, 5])
+def test_dense_cached_attention_on_bf16_operands_matches_float32(F):
+  """The GPU path of extend's attention (bf16 cache operands, float32 accumulation and softmax;
+  XLA:CPU has no bf16 x bf16 -> f32 dot to run it) against float32 on the same bf16 values."""
+  if jax.default_backend() != "gpu":
+    pytest.fail("needs a GPU backend (run on the device machine with -m gpu)")
+  q, k, v, start = _attention_inputs(F, jnp.bfloat16)
+  native = jax.jit(decoding._dense_cached_attention)(q, k, v, start)
+  ref = decoding._dense_cached_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                         v.astype(jnp.float32), start)
+  assert native.dtype == jnp.bfloat16 and native.shape == q.shape
+  rel = jnp.linalg.norm(native.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
+  assert float(rel) < 1e-2, float(rel)
 
 
 def test_extend_rectifies_a_corrupted_cache_to_the_dense_one():

@@ -1,5 +1,7 @@
 """Block-sparse decoding with Quest / gate selectors and ReSA rectification."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -124,3 +126,103 @@ def test_resa_generate_is_deterministic_and_shaped():
   a, n = resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(3), **kw)
   b, _ = resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(3), **kw)
   assert a.shape == (2, 20) and np.array_equal(a, b) and list(np.asarray(n)) == [20, 20]
+
+
+def _host_generate(params, toks, lengths, scfg, max_new_tokens, temperature, rng, stop_tokens=(),
+                   gp=None):
+  """ReSA generation as a host loop of the jitted pieces (same sampling keys as `resa.generate`),
+  rectifying after steps f, 2f, ... below max_new_tokens with a full `init_summaries`: the
+  reference for the on-device loop."""
+  B, T = toks.shape
+  f, pad = scfg.rectify_every, 256
+  cap = decoding.generation_capacity(CFG, T, max_new_tokens, multiple=scfg.block_size)
+  cache = decoding.init_cache(CFG, B, cap, jnp.float32)
+  logits, cache = decoding.prefill(CFG, params, toks, lengths, cache)
+  summ = resa.init_summaries(CFG, scfg, cache, gp)
+  out = np.full((B, max_new_tokens), pad, np.int32)
+  done, n, fed = np.zeros(B, bool), np.zeros(B, np.int32), []
+  for step in range(max_new_tokens):
+    if done.all():
+      break
+    rng, sub = jax.random.split(rng)
+    tok = np.asarray(decoding.sample_logits(logits, sub, jnp.float32(temperature), 0))
+    tok = np.where(done, pad, tok).astype(np.int32)
+    out[:, step] = tok
+    n += ~done
+    done = done | np.isin(tok, stop_tokens)
+    fed.append(np.where(done, 0, tok).astype(np.int32))
+    logits, cache, summ = resa.sparse_decode_step(CFG, scfg, params, cache, summ, jnp.asarray(fed[-1]),
+                                                  gp, decode_impl="xla")
+    if f and (step + 1) % f == 0 and step + 1 < max_new_tokens:
+      lg, cache = decoding.extend(CFG, params, cache, jnp.asarray(np.stack(fed[-f:], 1)),
+                                  cache["lengths"] - f)
+      summ, logits = resa.init_summaries(CFG, scfg, cache, gp), lg[:, -1]
+  return out, n
+
+
+@pytest.mark.parametrize("selector", ["quest", "gate"])
+def test_generate_rectifies_in_chunks_like_a_host_loop(selector):
+  """Batch of 2 with different prompt lengths, max_new_tokens (11) not a multiple of f (4): the
+  on-device chunked loop (rectify after steps 4 and 8, summaries refreshed only where rewritten)
+  gives the host loop's tokens, also when one sequence stops early; f > max_new_tokens never
+  rectifies. Low-temperature sampling: greedy tokens of this random model repeat one token and do
+  not react to the rectifications; these do."""
+  params, toks, lengths = setup(3)
+  scfg = resa.SparseConfig(selector=selector, block_size=16, budget_tokens=32, rectify_every=4,
+                           d_gate=16)
+  gp = gate_lib.init_gate_params(CFG, scfg.gate, jax.random.key(2)) if selector == "gate" else None
+  key, temp = jax.random.key(0), 0.2
+  kw = dict(max_new_tokens=11, temperature=temp, decode_impl="xla", cache_dtype=jnp.float32)
+  out, n = resa.generate(CFG, scfg, params, toks, lengths, key, gp, **kw)
+  ref, ref_n = _host_generate(params, toks, lengths, scfg, 11, temp, key, gp=gp)
+  np.testing.assert_array_equal(out, ref)
+  np.testing.assert_array_equal(n, ref_n)
+  plain = dataclasses.replace(scfg, rectify_every=0)
+  unrect, _ = _host_generate(params, toks, lengths, plain, 11, temp, key, gp=gp)
+  assert not np.array_equal(unrect, ref)     # the rectifications change tokens here
+  if selector == "gate":                     # the loop logic below does not depend on the selector
+    return
+  # sequence 0 stops at its 6th token; the later chunks go on for sequence 1
+  stop = int(ref[0, 5])
+  out_s, n_s = resa.generate(CFG, scfg, params, toks, lengths, key, gp, stop_tokens=(stop,), **kw)
+  ref_s, ref_ns = _host_generate(params, toks, lengths, scfg, 11, temp, key, stop_tokens=(stop,), gp=gp)
+  np.testing.assert_array_equal(out_s, ref_s)
+  np.testing.assert_array_equal(n_s, ref_ns)
+  assert int(n_s[0]) <= 6 and int(n_s[1]) > 6
+  # f > max_new_tokens: no rectification at all (this used to fail to trace)
+  late = dataclasses.replace(scfg, rectify_every=32)
+  out_l, _ = resa.generate(CFG, late, params, toks, lengths, key, gp, **kw)
+  np.testing.assert_array_equal(out_l, unrect)
+
+
+@pytest.mark.parametrize("selector", ["quest", "gate"])
+def test_refreshed_summaries_after_rectification_equal_a_full_recompute(selector):
+  """After sparse steps and a rectification of the last f = 20 tokens (more than a block, not a
+  multiple of it, at per-sequence offsets), refreshing only the rewritten blocks of the stale
+  summaries gives `init_summaries` of the rectified cache. Positions 60..79 and 47..66 both span
+  3 blocks (ceil(f / 16) + 1); sequence 0's window (from block 3) is clamped to end at the cache's
+  last block."""
+  params, toks, lengths = setup(3, T=60)
+  f = 20
+  scfg = resa.SparseConfig(selector=selector, block_size=16, budget_tokens=32, rectify_every=f,
+                           d_gate=16)
+  gp = gate_lib.init_gate_params(CFG, scfg.gate, jax.random.key(4))
+  cache = decoding.init_cache(CFG, 2, 80, jnp.float32)   # 5 blocks; lengths end at 80 and 67
+  _, cache = decoding.prefill(CFG, params, toks, lengths, cache)
+  summ = resa.init_summaries(CFG, scfg, cache, gp)
+  fed = np.random.default_rng(9).integers(0, 256, (2, f)).astype(np.int32)
+  for t in range(f):
+    _, cache, summ = resa.sparse_decode_step(CFG, scfg, params, cache, summ, jnp.asarray(fed[:, t]),
+                                             gp, decode_impl="xla")
+  start = cache["lengths"] - f
+  _, cache = decoding.extend(CFG, params, cache, jnp.asarray(fed), start)
+  full = resa.init_summaries(CFG, scfg, cache, gp)
+  refreshed = resa.refresh_summaries(CFG, scfg, summ, cache, start, f, gp)
+  nb = np.asarray(selection.num_blocks(cache["lengths"], 16))
+  valid = lambda s, b: jnp.stack(s)[:, b, :, :nb[b]]
+  for key in full:
+    stale = max(float(jnp.max(jnp.abs(valid(summ[key], b) - valid(full[key], b)))) for b in range(2))
+    assert stale > 1e-4, (key, stale)      # the rectification did change some summaries
+    for b in range(2):
+      chex.assert_trees_all_close(valid(refreshed[key], b), valid(full[key], b), rtol=1e-5, atol=1e-5)
+      chex.assert_shape(refreshed[key][0], full[key][0].shape)

@@ -9,7 +9,7 @@ is recomputed (O(block_size)), so a filled block's entry is written once when it
 Sparse steps make the new tokens' K/V approximate (they were computed from sparse attention in the
 layers below), and the error compounds. ReSA's rectification re-runs the last f generated tokens
 densely at their positions every f steps (`decoding.extend`), overwriting their cache entries with
-what a dense model would have stored, then refreshes the summaries.
+what a dense model would have stored, then refreshes the summaries of the blocks it rewrote.
 """
 
 from __future__ import annotations
@@ -52,16 +52,49 @@ class SparseConfig:
     return gate_lib.GateConfig(block_size=self.block_size, d_gate=self.d_gate)
 
 
+def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk=None,
+                     first_block_B=None) -> dict:
+  """One layer's summaries of the blocks of k_BKSH -- the cache, or a slice of it that starts at
+  block first_block_B (lengths then count from the slice start): {"kmin", "kmax": [B, K, nb, H]}
+  (k's dtype) or {"kc": float32 [B, K, nb, Dg]}."""
+  if scfg.selector == "quest":
+    kmin, kmax = selection.block_minmax(k_BKSH, lengths_B, scfg.block_size)
+    return {"kmin": kmin, "kmax": kmax}
+  return {"kc": gate_lib.compress_blocks(wk, k_BKSH, lengths_B, scfg.block_size, cfg.rope_theta,
+                                         first_block_B=first_block_B)}
+
+
 def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
   """Summaries of every block of a (prefilled) cache, one buffer per layer like the cache:
   {"kmin", "kmax": (L arrays [B, K, Nb, H])} (Quest) or {"kc": (L arrays [B, K, Nb, Dg])} (gate)."""
-  lengths = cache["lengths"]
-  if scfg.selector == "quest":
-    mm = [selection.block_minmax(cache["k"][i], lengths, scfg.block_size) for i in range(cfg.n_layers)]
-    return {"kmin": tuple(m[0] for m in mm), "kmax": tuple(m[1] for m in mm)}
-  return {"kc": tuple(gate_lib.compress_blocks(gate_params["wk"][i], cache["k"][i], lengths,
-                                               scfg.block_size, cfg.rope_theta)
-                      for i in range(cfg.n_layers))}
+  layers = [_block_summaries(cfg, scfg, cache["k"][i], cache["lengths"],
+                             None if gate_params is None else gate_params["wk"][i])
+            for i in range(cfg.n_layers)]
+  return {name: tuple(s_l[name] for s_l in layers) for name in layers[0]}
+
+
+def refresh_summaries(cfg: ModelConfig, scfg: SparseConfig, summ: dict, cache: dict,
+                      start_B: jax.Array, n_tokens: int, gate_params=None) -> dict:
+  """Summaries after positions [start_b, start_b + n_tokens) of every layer were rewritten (a
+  rectification): recomputes only the blocks holding them -- ceil(n_tokens / block_size) + 1
+  blocks per sequence at per-sequence offsets -- instead of every block (`init_summaries` reads
+  all of K). Same layout as `init_summaries`; equal to it on every block the window covers."""
+  bs = scfg.block_size
+  nb_all = decoding.capacity(cache) // bs
+  nb = min(-(-n_tokens // bs) + 1, nb_all)       # a span of n tokens touches at most this many
+  # window start: the block of each sequence's first rewritten token, clamped so the window stays
+  # inside the cache (it then still covers every rewritten block)
+  first_B = jnp.clip(start_B // bs, 0, nb_all - nb).astype(jnp.int32)
+  rel_B = cache["lengths"] - first_B * bs        # valid tokens counted from the window start
+  window = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, nb * bs, axis=1))
+  put = jax.vmap(lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))
+  out = {name: [] for name in summ}
+  for i in range(cfg.n_layers):
+    new = _block_summaries(cfg, scfg, window(cache["k"][i], first_B), rel_B,
+                           None if gate_params is None else gate_params["wk"][i], first_B)
+    for name in summ:
+      out[name].append(put(summ[name][i], new[name], first_B))
+  return {name: tuple(v) for name, v in out.items()}
 
 
 def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> dict:
@@ -136,23 +169,34 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
              *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
              pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True):
   """Generation on device: sparse decode steps (dense when `sparse` is False) with a dense
-  rectification of the last f = scfg.rectify_every tokens every f steps. Returns (tokens int32
-  [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`."""
+  rectification of the last f = scfg.rectify_every tokens after every f steps. Returns (tokens
+  int32 [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`.
+
+  Loop structure: a first inner `lax.while_loop` of up to f sparse steps, then an outer
+  `lax.while_loop` whose body rectifies unconditionally (`decoding.extend` + `refresh_summaries`)
+  and runs the next up to f steps. A per-step `lax.cond(rectify, identity)` made XLA copy every
+  layer's K/V on the steps that did not rectify (seen in XLA:CPU's HLO). The price: the step
+  appears in two loops, so it is compiled twice.
+
+  A rectification runs only where a token is sampled after it: after steps f, 2f, ... below
+  max_new_tokens, while some sequence has not stopped. The steps after the last one -- a partial
+  last chunk when f does not divide max_new_tokens, or a last full chunk -- are left unrectified:
+  rectifying them could change only the cache, which is not returned. So f >= max_new_tokens never
+  rectifies, and a run whose sequences all stop early does no rectification after they stop."""
   B, T = tokens_BT.shape
-  bs = scfg.block_size
-  cap = -(-(T + max_new_tokens) // bs) * bs
+  cap = decoding.generation_capacity(cfg, T, max_new_tokens, multiple=scfg.block_size)
   cache = decoding.init_cache(cfg, B, cap, cache_dtype)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
   summ = init_summaries(cfg, scfg, cache, gate_params)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
-  f = scfg.rectify_every
+  f = scfg.rectify_every if sparse else 0
+  N = max_new_tokens
 
-  def cond(c):
-    return (c[0] < max_new_tokens) & ~jnp.all(c[5])
-
-  def body(c):
-    step, cache, summ, logits, out, done, n, rng = c
+  # carry: (step, cache, summaries, logits, out [B, N], fed [B, N], done, n, rng); `fed` holds the
+  # tokens actually fed (0 after a stop), what a rectification must re-run
+  def step_fn(c):
+    step, cache, summ, logits, out, fed, done, n, rng = c
     rng, sub = jax.random.split(rng)
     tok = decoding.sample_logits(logits, sub, temperature, top_k)
     tok = jnp.where(done, pad_id, tok)
@@ -160,22 +204,29 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
     n = n + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
     feed = jnp.where(done, 0, tok)
+    fed = fed.at[:, step].set(feed)
     if sparse:
       logits, cache, summ = sparse_decode_step(cfg, scfg, params, cache, summ, feed, gate_params,
                                                decode_impl)
     else:
       logits, cache = decoding.decode_step(cfg, params, cache, feed, decode_impl)
-    if sparse and f > 0:
-      def rectify(args):
-        cache, summ, logits = args
-        last = jax.lax.dynamic_slice_in_dim(jnp.where(out == pad_id, 0, out), step + 1 - f, f, axis=1)
-        lg, cache = decoding.extend(cfg, params, cache, last, cache["lengths"] - f)
-        return cache, init_summaries(cfg, scfg, cache, gate_params), lg[:, -1]
-      cache, summ, logits = jax.lax.cond((step + 1) % f == 0, rectify, lambda a: a,
-                                         (cache, summ, logits))
-    return step + 1, cache, summ, logits, out, done, n, rng
+    return step + 1, cache, summ, logits, out, fed, done, n, rng
 
-  out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
-  init = (jnp.int32(0), cache, summ, logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng)
-  res = jax.lax.while_loop(cond, body, init)
-  return res[4], res[6]
+  def run_until(c, end):
+    return jax.lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[6]), step_fn, c)
+
+  def rectify_then_run(c):   # entered at step = k * f < N, k >= 1
+    step, cache, summ, logits, out, fed, done, n, rng = c
+    start = cache["lengths"] - f
+    last = jax.lax.dynamic_slice_in_dim(fed, step - f, f, axis=1)
+    lg, cache = decoding.extend(cfg, params, cache, last, start)
+    summ = refresh_summaries(cfg, scfg, summ, cache, start, f, gate_params)
+    return run_until((step, cache, summ, lg[:, -1], out, fed, done, n, rng), jnp.minimum(step + f, N))
+
+  out = jnp.full((B, N), pad_id, jnp.int32)
+  c = (jnp.int32(0), cache, summ, logits, out, jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), bool),
+       jnp.zeros((B,), jnp.int32), rng)
+  c = run_until(c, min(f, N) if f else N)
+  if 0 < f < N:
+    c = jax.lax.while_loop(lambda c: (c[0] < N) & ~jnp.all(c[6]), rectify_then_run, c)
+  return c[4], c[7]
