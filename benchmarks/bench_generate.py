@@ -189,13 +189,16 @@ def main(argv: list[str] | None = None):
   out.parent.mkdir(parents=True, exist_ok=True)
 
   T, bs = args.context, args.block_size
-  capacity = -(-(T + N) // bs) * bs  # resa.generate rounds the cache up to whole blocks
   cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}"])
   mcfg = cfg.model
-  if mcfg.max_seq_len < capacity:
+  # the capacity both generate functions use (rounded up to 128 and whole blocks)
+  need = -(-(T + N) // math.lcm(bs, 128)) * math.lcm(bs, 128)
+  if mcfg.max_seq_len < need:
     cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}",
-                                    f"model.max_seq_len={capacity}"])
+                                    f"model.max_seq_len={need}"])
     mcfg = cfg.model
+  capacity = decoding.generation_capacity(mcfg, T, N, multiple=bs)
+  dense_capacity = decoding.generation_capacity(mcfg, T, N)
   cache_dtype = jnp.dtype(args.cache_dtype)
   L, K, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.hd
 
@@ -274,8 +277,8 @@ def main(argv: list[str] | None = None):
       weight_read = param_bytes
       if mode == "dense":
         fn, static, gp = decoding.generate, (mcfg,), None
-        common.update(cache_capacity=T + N,  # decoding.generate does not round it up
-                      cache_bytes=2 * L * B * K * (T + N) * H * cache_dtype.itemsize)
+        common.update(cache_capacity=dense_capacity,
+                      cache_bytes=2 * L * B * K * dense_capacity * H * cache_dtype.itemsize)
         kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize
         summ_read = 0
         dyn = lambda p: (p, toks, lengths, key)
