@@ -65,6 +65,7 @@ def main():
   ap.add_argument("--chunk", type=int, default=8)
   ap.add_argument("--train-batch", type=int, default=32)
   ap.add_argument("--proj", type=int, default=8192)
+  ap.add_argument("--skip", default="", help="comma list of parts already measured: train,exact,proj")
   ap.add_argument("--proxy-steps", type=int, default=100)
   ap.add_argument("--n", type=int, default=100_000, help="corpus size for the fixed-cost share")
   ap.add_argument("--out", default=None)
@@ -101,7 +102,9 @@ def main():
   def train_call(b):
     holder["s"], m = step(holder["s"], b)
     return m["loss"]
-  t_train = bench(train_call, [(b,) for b in batches], reps=6)
+  skip = set(args.skip.split(","))
+  t_train = bench(train_call, [(b,) for b in batches], reps=6 if "train" not in skip else 1,
+                  windows=3 if "train" not in skip else 1)
   res["train_examples_per_s"] = args.train_batch / t_train
   print(f"train step: {t_train * 1e3:.1f} ms / {args.train_batch} ex -> {res['train_examples_per_s']:.1f} ex/s", flush=True)
   holder.clear()  # free the train state before the scoring passes
@@ -110,6 +113,8 @@ def main():
   lam = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, jnp.float32) * 1e-3, params)
   chunks = [(params, rand_tokens(args.chunk), ones(args.chunk), lam) for _ in range(3)]
   for proj in (0, args.proj):
+    if ("exact" if proj == 0 else "proj") in skip:
+      continue
     fns = scoring.ScoringFns(mc, projection_dim=proj, projection_seed=0)
     try:
       t = bench(fns.example_stats, chunks, reps=6)
