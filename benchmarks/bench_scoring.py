@@ -67,6 +67,7 @@ def main():
   ap.add_argument("--proj", type=int, default=8192)
   ap.add_argument("--skip", default="", help="comma list of parts already measured: train,exact,proj")
   ap.add_argument("--proxy-steps", type=int, default=100)
+  ap.add_argument("--hvp-chunk", type=int, default=8, help="ScoringFns.hvp_chunk (micro-batch)")
   ap.add_argument("--n", type=int, default=100_000, help="corpus size for the fixed-cost share")
   ap.add_argument("--out", default=None)
   ap.add_argument("overrides", nargs="*")
@@ -127,12 +128,12 @@ def main():
       res[f"score_proj{proj}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print("error", res[f"score_proj{proj}_error"], flush=True)
 
-  fns = scoring.ScoringFns(mc)
+  fns = scoring.ScoringFns(mc, hvp_chunk=args.hvp_chunk)
   pb = [(params, rand_tokens(32), ones(32)) for _ in range(2)]
   t_sgd = bench(lambda p, t, m: fns.sgd_step(p, t, m, 0.01), pb, reps=4)
   t_hvp = bench(lambda p, t, m: fns.hvp(p, t, m, lam), pb, reps=4)
   t_ref = bench(fns.batch_grad, pb, reps=4) * 256 / 32  # a 256-example reference set
-  res.update(sgd_step_s=t_sgd, hvp_s=t_hvp, ref_grad_256_s=t_ref)
+  res.update(sgd_step_s=t_sgd, hvp_s=t_hvp, hvp_chunk=args.hvp_chunk, ref_grad_256_s=t_ref)
   print(f"proxy step: sgd {t_sgd * 1e3:.1f} ms, hvp {t_hvp * 1e3:.1f} ms, ref grad {t_ref * 1e3:.1f} ms", flush=True)
 
   emb_batch = 64

@@ -217,6 +217,7 @@ class DeltConfig:
   score_sample: int = 0                    # 0: score every example with the proxy; else score this
                                            # many and regress a learned scorer for the rest
   projection_dim: int = 0                  # 0: exact gradients; else count-sketch dimension
+  hvp_chunk: int = 0                       # HVP micro-batch (sequences); 0: the whole proxy batch
   chunk_size: int = 16                     # examples per vmapped per-example-gradient chunk
   seed: int = 0
   cache_dir: str = "runs/delt_cache"
@@ -248,6 +249,7 @@ class DeltConfig:
     _check(self.proxy_batch_size > 0, "delt.proxy_batch_size", "must be > 0")
     _check(self.score_sample >= 0, "delt.score_sample", "must be >= 0")
     _check(self.projection_dim >= 0, "delt.projection_dim", "must be >= 0")
+    _check(self.hvp_chunk >= 0, "delt.hvp_chunk", "must be >= 0")
     _check(self.chunk_size > 0, "delt.chunk_size", "must be > 0")
 
 

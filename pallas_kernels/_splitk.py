@@ -25,13 +25,16 @@ MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 # Tensor-core dots (mma) need at least 16 rows; Triton also needs power-of-2 tile shapes.
 MIN_DOT_ROWS = 16
 
-# Programs per SM that the split heuristics aim for (H100: 132 SMs), from the launch-grid sweep
-# in benchmarks/tune_decode.py (results/<card>/tune_decode.json): the dense kernel is best with
+# Programs per SM that the split heuristics aim for (H100: 132 SMs), from the launch-grid sweeps
+# in benchmarks/tune_decode.py (results/<card>/tune_decode*.json): the dense kernel is best with
 # about one program per SM, each streaming a long contiguous range through a 3-stage pipeline
-# (B1 S128K: 88% of the byte floor vs 84% at 4 per SM); the sparse kernel, whose loads are
-# gathered blocks behind an index load, is best with about 4 per SM.
+# (B1 S128K: 87% of the byte floor vs 84% at 4 per SM; B8 S128K: 2 splits 1.415 ms, 3 splits
+# 1.533 ms -- split counts that do not divide the power-of-2 block counts leave ragged tails, so
+# counts are rounded down to a power of 2). The sparse kernel, whose loads are gathered blocks
+# behind an index load, wants more programs: 4 per SM at small batch, 2 per SM from B * K >= 64.
 DENSE_PROGRAMS_PER_SM = 1
 SPARSE_PROGRAMS_PER_SM = 4
+SPARSE_PROGRAMS_PER_SM_LARGE = 2
 DEFAULT_SM_COUNT = 132
 
 
@@ -119,12 +122,14 @@ def dot_rows(g: int) -> int:
 
 
 def default_num_splits(programs_per_split: int, work_units: int, target_programs: int) -> int:
-  """Splits per (batch, kv head) so that the grid has about `target_programs` programs.
+  """Splits per (batch, kv head) so that the grid has about (at most) `target_programs` programs,
+  rounded down to a power of 2.
 
   programs_per_split: B * K. work_units: blocks (or block slots) per (batch, kv head); more
   splits than units would only launch empty programs.
   """
-  want = -(-target_programs // max(programs_per_split, 1))
+  want = max(1, target_programs // max(programs_per_split, 1))
+  want = 1 << (want.bit_length() - 1)
   return int(max(1, min(want, work_units)))
 
 

@@ -37,9 +37,10 @@ class SparseDecodeConfig(_splitk.SplitKConfig):
   selection, so only splits / warps / stages are tunable; see `_splitk.SplitKConfig`).
 
   prefetch_index: load the next slot's block id one loop iteration ahead (a software-pipelined
-  index), instead of at the top of the iteration that uses it.
+  index) instead of at the top of the iteration that uses it; on the H100 3-8% faster at S128K
+  (tune_decode_2.json), so the default.
   """
-  prefetch_index: bool = False
+  prefetch_index: bool = True
 
   def validate(self) -> None:
     super().validate()
@@ -148,8 +149,9 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   # capacities that are block multiples.
   k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
+  per_sm = (_splitk.SPARSE_PROGRAMS_PER_SM if B * K < 64 else _splitk.SPARSE_PROGRAMS_PER_SM_LARGE)
   num_splits = config.num_splits or _splitk.default_num_splits(
-      B * K, M, _splitk.target_programs(_splitk.SPARSE_PROGRAMS_PER_SM))
+      B * K, M, _splitk.target_programs(per_sm))
   nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
                else num_live_BK.astype(jnp.int32))
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,

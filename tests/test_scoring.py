@@ -86,6 +86,19 @@ def test_lqs_matches_slow_loop(steps):
   assert np.std(res.lqs_raw) > 0  # non-degenerate scores
 
 
+def test_chunked_hvp_equals_the_whole_batch_hvp():
+  params = init_params(MCFG, jax.random.key(4))
+  ex = rand_examples(6, 10, 5)
+  v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  t, m = jnp.asarray(ex.tokens), jnp.asarray(ex.mask)
+  whole = scoring.ScoringFns(MCFG).hvp(params, t, m, v)
+  chunked = scoring.ScoringFns(MCFG, hvp_chunk=2).hvp(params, t, m, v)
+  np.testing.assert_allclose(ravel_pytree(chunked)[0], ravel_pytree(whole)[0], rtol=1e-4, atol=1e-6)
+  # a chunk that does not divide the batch falls back to the whole batch
+  odd = scoring.ScoringFns(MCFG, hvp_chunk=4).hvp(params, t, m, v)
+  np.testing.assert_allclose(ravel_pytree(odd)[0], ravel_pytree(whole)[0], rtol=1e-6, atol=1e-7)
+
+
 def test_hvp_matches_finite_differences_and_reverse_mode():
   params = init_params(MCFG, jax.random.key(4))
   ex = rand_examples(6, 10, 5)

@@ -46,7 +46,7 @@ def reference_split(cfg: Config) -> tuple[Examples, Examples]:
 
 def _cache_key(cfg: Config, pool: Examples) -> str:
   d = to_dict(cfg.delt)
-  for k in ("selection", "select_value", "ordering", "folds", "cache_dir", "chunk_size"):
+  for k in ("selection", "select_value", "ordering", "folds", "cache_dir", "chunk_size", "hvp_chunk"):
     d.pop(k)
   data = to_dict(cfg.data)
   for k in ("ordering", "shuffle_seed"):  # the training shuffle does not change scores
@@ -95,7 +95,7 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
   if d.scoring == "random":
     return {"random": (scoring.random_scores(len(pool), d.seed), meta)}
   params0 = _pretrain_proxy(cfg, pool, log)
-  fns = scoring.ScoringFns(d.proxy, d.projection_dim, d.seed)
+  fns = scoring.ScoringFns(d.proxy, d.projection_dim, d.seed, d.hvp_chunk)
   if d.score_sample and d.score_sample < len(pool):
     sample_ids = np.sort(np.random.default_rng((d.seed, 5)).choice(len(pool), d.score_sample,
                                                                    replace=False))

@@ -102,10 +102,17 @@ def sketch(tree: Params, dim: int, seed: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class ScoringFns:
-  """Jitted functions for one proxy model config."""
+  """Jitted functions for one proxy model config.
+
+  hvp_chunk: run the Hessian-vector product over micro-batches of this many sequences (a scan,
+  averaged: the batch loss is a mean over sequences) when it divides the batch; 0 = whole batch.
+  Forward-over-reverse through the XLA attention keeps [B, heads, T, T] scores and their tangents
+  alive: a 121M proxy at batch 32 x 1024 tokens needs ~79 GiB in one piece.
+  """
   mcfg: ModelConfig
   projection_dim: int = 0
   projection_seed: int = 0
+  hvp_chunk: int = 0
 
   def __post_init__(self):
     mcfg = self.mcfg
@@ -124,10 +131,24 @@ class ScoringFns:
     grad_x = jax.grad(lambda p, t, m: batch_loss(dataclasses.replace(mcfg, attention_impl="xla"),
                                                  p, t, m))
 
+    hvp_chunk = self.hvp_chunk
+
     @jax.jit
     def hvp(params, tokens, mask, v):
       # forward-over-reverse: the directional derivative of the gradient along v
-      return jax.jvp(lambda p: grad_x(p, tokens, mask), (params,), (v,))[1]
+      one = lambda t, m: jax.jvp(lambda p: grad_x(p, t, m), (params,), (v,))[1]
+      B = tokens.shape[0]
+      if not hvp_chunk or hvp_chunk >= B or B % hvp_chunk:
+        return one(tokens, mask)
+      n = B // hvp_chunk
+      split = lambda x: x.reshape(n, hvp_chunk, *x.shape[1:])
+
+      def body(acc, tm):
+        return jax.tree.map(lambda a, h: a + h.astype(jnp.float32), acc, one(*tm)), None
+
+      zero = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+      acc, _ = jax.lax.scan(body, zero, (split(tokens), split(mask)))
+      return jax.tree.map(lambda a, x: (a / n).astype(x.dtype), acc, params)
     object.__setattr__(self, "hvp", hvp)
 
     ex_grad = jax.vmap(jax.grad(lambda p, t, m: example_loss(mcfg, p, t, m)), in_axes=(None, 0, 0))
