@@ -3,7 +3,7 @@
 
   python benchmarks/plot_decode.py benchmarks/results/NVIDIA_H100_80GB_HBM3/decode.json
 
-Writes decode.md and decode.png next to the JSON: per (B, S), milliseconds per call and speedup over
+Writes <name>.md and <name>.png next to the JSON: per (B, S), milliseconds per call and speedup over
 cuDNN for the dense kernel, the sparse kernel alone, and gate + top-k + sparse kernel, at each
 sparsity / budget plan.
 """
@@ -78,8 +78,8 @@ def main(argv=None) -> int:
   path = pathlib.Path(argv[0])
   meta, rows = load(path)
   md = table(rows)
-  (path.parent / "decode.md").write_text(f"{meta['card']}, JAX {meta['jax']}; {meta['timing']}\n\n{md}\n")
-  plot(rows, path.parent / "decode.png", f"{meta['card']} (JAX {meta['jax']}), Hq=32 Hkv=8 d=128 bf16, block 64")
+  (path.with_suffix(".md")).write_text(f"{meta['card']}, JAX {meta['jax']}; {meta['timing']}\n\n{md}\n")
+  plot(rows, path.with_suffix(".png"), f"{meta['card']} (JAX {meta['jax']}), Hq=32 Hkv=8 d=128 bf16, block 64")
   print(md)
   return 0
 
