@@ -1,0 +1,198 @@
+"""The sparse-quality experiment's evaluations, on top of the public decoding API
+(`decoding.generate`, `resa.generate`, `gate_training.attention_recall`):
+
+  drift      greedy continuations of held-out text under dense, block-sparse and block-sparse +
+             ReSA-rectified decoding; each one's mean per-token NLL under the dense model, its token
+             agreement with the dense continuation (the definitions of `evaluation.drift_eval`) and
+             how many tokens it follows the dense one before the first difference.
+  retrieval  passkey accuracy (all 5 digits, greedy) for dense decoding and each selector at each
+             token budget, on given prompts (`evaluation.retrieval_eval` builds its own prompts with
+             a repetitive filler; this takes any, e.g. real-text haystacks).
+  recall     the share of dense attention probability inside the blocks Quest / the gate choose, per
+             budget, at given query positions (teacher-forced: one dense forward, no decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from effjax import decoding
+from effjax import model as model_lib
+from effjax.config import Config, ModelConfig
+from effjax.data import ByteTokenizer
+from effjax.sparse import gate as gate_lib
+from effjax.sparse import resa, selection
+from effjax.sparse.gate_training import attention_recall
+
+
+def _block(x):
+  return jax.block_until_ready(x)
+
+
+def sparse_config(kind: str, gate_params, *, block_size: int, budget: int,
+                  rectify_every: int = 0) -> resa.SparseConfig:
+  d_gate = 64 if gate_params is None else int(gate_params["wq"].shape[-1])
+  return resa.SparseConfig(selector=kind, block_size=block_size, budget_tokens=budget,
+                           rectify_every=rectify_every, d_gate=d_gate)
+
+
+# ----------------------------------------------------------------------------------------------
+# drift
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg", "n"))
+def _continuation_nll(mcfg: ModelConfig, params, seq_BL, n: int):
+  logits_BNV = model_lib.apply(mcfg, params, seq_BL[:, :-1])[:, -n:]
+  lp_BNV = jax.nn.log_softmax(logits_BNV.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(lp_BNV, seq_BL[:, -n:, None], axis=-1)[..., 0], axis=-1)
+
+
+def dense_nll(mcfg: ModelConfig, params, prompts_BT: np.ndarray, cont_BN: np.ndarray,
+              chunk: int = 8) -> np.ndarray:
+  """Dense model's mean per-token NLL (nats) of each continuation given its prompt: float [B].
+  `evaluation.continuation_nll` for prompts of one length, batched (chunk sequences per jitted
+  forward) instead of one eager forward per sequence."""
+  seq = np.concatenate([prompts_BT, cont_BN], axis=1).astype(np.int32)
+  out = []
+  for s in range(0, len(seq), chunk):
+    part = seq[s:s + chunk]
+    pad = chunk - len(part) if len(seq) > chunk else 0   # one compiled shape for every chunk
+    if pad:
+      part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+    out.append(np.asarray(_continuation_nll(mcfg, params, jnp.asarray(part), cont_BN.shape[1]))[:chunk - pad])
+  return np.concatenate(out)
+
+
+def first_divergence(cont_BN: np.ndarray, ref_BN: np.ndarray) -> np.ndarray:
+  """Tokens each continuation shares with the reference before the first difference: int [B]
+  (N when identical)."""
+  diff = cont_BN != ref_BN
+  return np.where(diff.any(axis=1), diff.argmax(axis=1), cont_BN.shape[1])
+
+
+def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, block_size: int,
+          budget: int, rectify: list[int], selectors: dict, decode_impl: str = "auto",
+          log=print) -> dict:
+  """Greedy continuations of len(true_BN[0]) tokens of equal-length prompts under dense decoding
+  and, per selector (name -> (kind, gate params or None)), block-sparse decoding at `budget`
+  tokens without rectification and with ReSA rectification every f in `rectify` steps.
+  Returns {"rows": {run: {"nll", "agreement_with_dense", "first_divergence"}},
+  "true_continuation_nll": the dense NLL of the real held-out continuation, "seconds": per run
+  (wall, compile included), "continuations": {run: first continuation as text}}."""
+  B, T = prompts_BT.shape
+  N = true_BN.shape[1]
+  toks, lens = jnp.asarray(prompts_BT), jnp.full((B,), T, jnp.int32)
+  key = jax.random.key(0)
+  runs, seconds = {}, {}
+  t0 = time.perf_counter()
+  runs["dense"] = np.asarray(_block(decoding.generate(
+      cfg.model, params, toks, lens, key, max_new_tokens=N, decode_impl=decode_impl)[0]))
+  seconds["dense"] = time.perf_counter() - t0
+  log(f"  drift dense: {seconds['dense']:.1f} s")
+  for sel, (kind, gp) in selectors.items():
+    for f in [0] + list(rectify):
+      name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
+      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f)
+      t0 = time.perf_counter()
+      runs[name] = np.asarray(_block(resa.generate(
+          cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
+      seconds[name] = time.perf_counter() - t0
+      log(f"  drift {name}: {seconds[name]:.1f} s")
+  rows = {}
+  for name, cont in runs.items():
+    rows[name] = {"nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, cont))),
+                  "agreement_with_dense": float(np.mean(cont == runs["dense"])),
+                  "first_divergence": float(np.mean(first_divergence(cont, runs["dense"])))}
+  tok = ByteTokenizer()
+  return {"rows": rows,
+          "true_continuation_nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, true_BN))),
+          "seconds": seconds,
+          "continuations": {name: tok.decode(cont[0]) for name, cont in runs.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# retrieval
+
+
+def retrieval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, keys: list[str],
+              *, budgets: list[int], selectors: dict, block_size: int, decode_impl: str = "auto",
+              log=print) -> dict:
+  """Passkey accuracy on given prompts, the definition of `evaluation.retrieval_eval`: the 5
+  greedily generated tokens must spell the key. Returns {"accuracy": {"dense": a, "<sel>@<budget>":
+  a, ...}, "digit_accuracy": same keys, share of the 5 digits right, "seconds": same keys}."""
+  tok = ByteTokenizer()
+  toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
+  key = jax.random.key(0)
+  acc, digits, seconds = {}, {}, {}
+
+  def score(name, out, t0):
+    got = [tok.decode(o[:5]) for o in np.asarray(out)]
+    acc[name] = float(np.mean([g == k for g, k in zip(got, keys)]))
+    digits[name] = float(np.mean([sum(a == b for a, b in zip(g, k)) / len(k) for g, k in zip(got, keys)]))
+    seconds[name] = time.perf_counter() - t0
+    log(f"  passkey {name}: accuracy {acc[name]:.3f} (digits {digits[name]:.3f}), {seconds[name]:.1f} s")
+
+  t0 = time.perf_counter()
+  score("dense", _block(decoding.generate(cfg.model, params, toks, lens, key, max_new_tokens=5,
+                                          decode_impl=decode_impl)[0]), t0)
+  for sel, (kind, gp) in selectors.items():
+    for budget in budgets:
+      t0 = time.perf_counter()
+      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget)
+      score(f"{sel}@{budget}", _block(resa.generate(cfg.model, scfg, params, toks, lens, key, gp,
+                                                    max_new_tokens=5, decode_impl=decode_impl)[0]), t0)
+  return {"accuracy": acc, "digit_accuracy": digits, "seconds": seconds}
+
+
+# ----------------------------------------------------------------------------------------------
+# attention recall of the block choices
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg", "block_size", "budgets"))
+def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size: int,
+            budgets: tuple[int, ...]):
+  """[L, P, 2 (quest, gate), len(budgets), B, K] recall of each selector's top-k choice."""
+  B, T = tokens_BT.shape
+  K, G, H = mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
+  S = -(-T // block_size) * block_size
+  _, qs, ks, _ = decoding.forward_layers(mcfg, params, tokens_BT)
+  per_layer = []
+  for i in range(mcfg.n_layers):
+    k_BKSH = jnp.pad(ks[i].astype(jnp.float32), ((0, 0), (0, S - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    def one(p, i=i, k_BKSH=k_BKSH):
+      lengths = jnp.full((B,), p + 1, jnp.int32)
+      q_BKGH = jax.lax.dynamic_index_in_dim(qs[i], p, axis=1, keepdims=False)
+      q_BKGH = q_BKGH.astype(jnp.float32).reshape(B, K, G, H)
+      kmin, kmax = selection.block_minmax(k_BKSH, lengths, block_size)
+      scores = [selection.quest_scores(q_BKGH, kmin, kmax)]
+      kc = gate_lib.compress_blocks(gate_params["wk"][i], k_BKSH, lengths, block_size, mcfg.rope_theta)
+      scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH, kc, lengths - 1, mcfg.rope_theta))
+      return jnp.stack([jnp.stack([
+          attention_recall(q_BKGH, k_BKSH, lengths,
+                           selection.select_top_k(s, lengths, block_size, b // block_size), block_size)
+          for b in budgets]) for s in scores])
+
+    per_layer.append(jax.lax.map(one, pos_P))
+  return jnp.stack(per_layer)
+
+
+def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positions: list[int], *,
+           block_size: int, budgets: list[int]) -> dict:
+  """Mean share of dense attention probability (over layers, kv heads, their query heads,
+  sequences and the query positions) that falls in the blocks Quest and the gate pick, per
+  budget: {"quest": {budget: r}, "gate": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
+  tokens_BT: int32 [B, T]; positions: the query positions (each query sees keys 0..p)."""
+  r = np.asarray(_recall(mcfg, params, gate_params, jnp.asarray(tokens_BT),
+                         jnp.asarray(positions, jnp.int32), block_size, tuple(budgets)))
+  out: dict = {"positions": [int(p) for p in positions], "by_layer": {}}
+  for s, name in enumerate(("quest", "gate")):
+    out[name] = {str(b): float(r[:, :, s, j].mean()) for j, b in enumerate(budgets)}
+    out["by_layer"][name] = {str(b): [float(x) for x in r[:, :, s, j].mean(axis=(1, 2, 3))]
+                             for j, b in enumerate(budgets)}
+  return out

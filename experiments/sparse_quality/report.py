@@ -1,0 +1,172 @@
+"""REPORT.md and the plots (retrieval.png, drift.png) of the sparse-quality experiment, from its
+results.json document."""
+
+from __future__ import annotations
+
+import pathlib
+
+
+def _fmt(x, nd=3):
+  return "-" if x is None else f"{x:.{nd}f}"
+
+
+def _retrieval_table(acc: dict, digits: dict, budgets: list[int], selectors: list[str]) -> list[str]:
+  lines = ["| selector | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
+           "|---|" + "---|" * len(budgets)]
+  lines.append("| dense | " + " | ".join(
+      f"{acc['dense']:.2f} ({digits['dense']:.2f})" for _ in budgets) + " |")
+  for s in selectors:
+    cells = [f"{acc[f'{s}@{b}']:.2f} ({digits[f'{s}@{b}']:.2f})" if f"{s}@{b}" in acc else "-"
+             for b in budgets]
+    lines.append(f"| {s} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def write_markdown(doc: dict, out: pathlib.Path) -> None:
+  a, tr, ev = doc["args"], doc.get("train") or {}, doc.get("eval") or {}
+  m = doc["model"]
+  lines = [
+      "# Sparse decoding quality on a trained long-context model",
+      "",
+      f"Card: {doc['device']} ({doc['backend']}), JAX {doc['jax']}, {doc['date']}."
+      + (" **Smoke run (tiny sizes): the numbers mean nothing.**" if a.get("smoke") else ""),
+      "",
+      "## Set-up",
+      "",
+      f"- **Model:** `{a['config']}`, {m['params'] / 1e6:.1f}M params (d {m['d_model']}, "
+      f"{m['n_layers']} layers, {m['n_heads']} query / {m['n_kv_heads']} kv heads, head dim "
+      f"{m['head_dim']}), byte tokenizer, {m['compute_dtype']}.",
+      f"- **Training:** {tr.get('steps_done', '?')} of {tr.get('steps_planned', '?')} planned steps x "
+      f"batch {a['batch']} x seq {a['seq']} = {tr.get('tokens', 0) / 1e6:.0f}M tokens in "
+      f"{_fmt(tr.get('seconds'), 0)} s ({_fmt(tr.get('tokens_per_s'), 0)} tokens/s at the end); "
+      f"final train loss {_fmt(tr.get('final_loss'))} nats/byte"
+      + (" (**stopped early by --train-seconds**: the cosine schedule did not finish)"
+         if tr.get("truncated") else "") + ".",
+      f"- **Data:** {doc['data']['docs']} documents of {doc['data']['doc_chars']} bytes: windows of "
+      f"{', '.join(pathlib.Path(p).name for p in a['corpus'])} (ASCII-folded, "
+      f"{a['heldout_frac']:.0%} of documents held out) and {doc['data']['passkey_docs']} passkey "
+      f"documents ({a['passkey_frac']:.0%}; needle at a uniform depth, question and answer at the "
+      f"end; {doc['data']['synthetic_filler_docs']} with passkey_prompts' repetitive filler, the "
+      f"rest with real-text haystacks)"
+      + (f" and {doc['data']['copy_docs']} copy documents ({a['copy_frac']:.0%}; real text with "
+         f"copies of its own earlier stretches at random distances)" if doc['data'].get('copy_docs') else "")
+      + ".",
+      f"- **Gate:** SeerAttention-R decode gate (block {a['block_size']}, d_gate {a['d_gate']}) "
+      f"distilled {a['gate_steps']} steps from the frozen model; KL "
+      f"{_fmt((doc.get('gate') or {}).get('first_kl'))} -> {_fmt((doc.get('gate') or {}).get('last_kl'))}.",
+      "",
+  ]
+  d = ev.get("drift")
+  if d:
+    lines += [
+        f"## Drift at {d['sparsity_at_end']:.1%} sparsity",
+        "",
+        f"{d['prompts']} held-out prompts of {d['prompt_len']} tokens, {d['new_tokens']} greedy tokens; "
+        f"sparse runs keep {d['budget_tokens']} tokens ({d['budget_tokens'] // a['block_size']} blocks "
+        f"of {a['block_size']}, the first and the current block included) of up to "
+        f"{d['prompt_len'] + d['new_tokens']}. NLL: mean per-token NLL of the continuation under the "
+        f"dense model (nats/byte); agreement: share of positions equal to the dense continuation; "
+        f"first divergence: tokens before the first difference. The dense model's NLL of the "
+        f"*true* held-out continuation is {d['true_continuation_nll']:.3f}.",
+        "",
+        "| decoding | dense-model NLL | agreement with dense | first divergence (tokens) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in d["rows"].items():
+      lines.append(f"| {name} | {r['nll']:.3f} | {r['agreement_with_dense']:.3f} | "
+                   f"{r['first_divergence']:.1f} |")
+    lines += ["", "![drift](drift.png)", ""]
+  for key, title in (("retrieval_real", "real-text haystacks (held-out text)"),
+                     ("retrieval_synthetic", "passkey_prompts' repetitive filler "
+                                             "(`evaluation.retrieval_eval`)")):
+    r = ev.get(key)
+    if not r:
+      continue
+    lines += [
+        f"## Passkey retrieval, {title}",
+        "",
+        f"{r['n']} prompts of {r['context_tokens']} tokens, needle at a uniform depth; accuracy = all "
+        f"5 digits right (in brackets: share of digits right). The first digit comes from the dense "
+        f"prefill; digits 2-5 are decoded sparsely.",
+        "",
+        *_retrieval_table(r["accuracy"], r.get("digit_accuracy", r["accuracy"]), r["budgets"],
+                          r["selectors"]),
+        "",
+    ]
+  if ev.get("retrieval_real") or ev.get("retrieval_synthetic"):
+    lines += ["![retrieval](retrieval.png)", ""]
+  rc = ev.get("recall")
+  if rc:
+    budgets = rc["budgets"]
+    lines += [
+        "## Attention recall of the block choice",
+        "",
+        "Share of the dense attention probability that falls inside the chosen blocks (mean over "
+        "layers, kv heads and their query heads, sequences and query positions; teacher-forced).",
+        "",
+        "| queries | selector | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for where, label in (("text", "held-out text"), ("passkey", "passkey answer")):
+      if where not in rc:
+        continue
+      for s in ("quest", "gate"):
+        lines.append(f"| {label} | {s} | " + " | ".join(f"{rc[where][s][str(b)]:.3f}" for b in budgets) + " |")
+    lines.append("")
+  t = doc.get("timings_s") or {}
+  if t:
+    lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    lines.append("")
+  lines += ["Raw numbers: `results.json`.", ""]
+  (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  ev = doc.get("eval") or {}
+  written = []
+  panels = [(k, t) for k, t in (("retrieval_real", "real-text haystack"),
+                                 ("retrieval_synthetic", "repetitive filler")) if ev.get(k)]
+  if panels:
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, (k, title) in zip(axes[0], panels):
+      r = ev[k]
+      for i, s in enumerate(r["selectors"]):
+        bs = [b for b in r["budgets"] if f"{s}@{b}" in r["accuracy"]]
+        ax.plot(bs, [r["accuracy"][f"{s}@{b}"] for b in bs], "o-", color=f"C{i}", label=s)
+      ax.axhline(r["accuracy"]["dense"], ls="--", c="gray", label="dense")
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(r["budgets"], [str(b) for b in r["budgets"]])
+      ax.set_ylim(-0.03, 1.03)
+      ax.set_xlabel("token budget")
+      ax.set_ylabel("passkey accuracy")
+      ax.set_title(f"{title}, {r['context_tokens']} tokens, n={r['n']}")
+      ax.grid(alpha=0.3)
+      ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "retrieval.png")
+    plt.close(fig)
+    written.append("retrieval.png")
+  d = ev.get("drift")
+  if d:
+    names = list(d["rows"])
+    colors = ["gray" if n == "dense" else ("C0" if n.startswith("quest") else "C1") for n in names]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    for ax, key, label in ((axes[0], "nll", "dense-model NLL (nats/byte)"),
+                           (axes[1], "agreement_with_dense", "agreement with dense")):
+      ax.bar(range(len(names)), [d["rows"][n][key] for n in names], color=colors)
+      ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+      ax.set_ylabel(label)
+      ax.grid(axis="y", alpha=0.3)
+    axes[0].axhline(d["true_continuation_nll"], ls="--", c="k", lw=1, label="true continuation")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"drift: {d['new_tokens']} greedy tokens after {d['prompt_len']}, budget "
+                 f"{d['budget_tokens']} tokens ({d['sparsity_at_end']:.0%} sparsity at the end)")
+    fig.tight_layout()
+    fig.savefig(out / "drift.png")
+    plt.close(fig)
+    written.append("drift.png")
+  return written

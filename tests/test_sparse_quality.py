@@ -1,0 +1,154 @@
+"""experiments/sparse_quality: the passkey corpus, and the whole experiment at smoke sizes on CPU."""
+
+import json
+import math
+import pathlib
+import re
+import sys
+
+import numpy as np
+import pytest
+
+EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sparse_quality"
+if str(EXP) not in sys.path:
+  sys.path.insert(0, str(EXP))
+
+import corpus  # noqa: E402  (experiments/sparse_quality/corpus.py)
+
+NEEDLE = re.compile(r" The pass key is (\d{5})\. Remember it\. \1 is the pass key\. ")
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+        "age of foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
+
+
+def _docs(path):
+  return [json.loads(l) for l in pathlib.Path(path).read_text().splitlines()]
+
+
+def test_passkey_corpus_format_and_determinism(tmp_path):
+  kw = dict(seq_len=256, n_docs=60, passkey_fraction=0.25, synthetic_filler_fraction=0.5,
+            copy_fraction=0.1)
+  a = corpus.write_corpus(tmp_path / "a", TEXT, seed=3, **kw)
+  b = corpus.write_corpus(tmp_path / "b", TEXT, seed=3, **kw)
+  c = corpus.write_corpus(tmp_path / "c", TEXT, seed=4, **kw)
+  assert a["sha256"] == b["sha256"] != c["sha256"]
+  assert (tmp_path / "a" / "train.jsonl").read_bytes() == (tmp_path / "b" / "train.jsonl").read_bytes()
+  docs = _docs(tmp_path / "a" / "train.jsonl")
+  assert len(docs) == 60 and a["passkey_docs"] == 15
+  assert all(len(d["text"]) == 255 for d in docs)      # BOS + doc + EOS = one row of seq_len + 1
+  pk = [d["text"] for d in docs if d["kind"] == "passkey"]
+  assert len(pk) == 15
+  synthetic = 0
+  for text in pk:
+    m = NEEDLE.search(text)
+    assert m, text
+    assert text.endswith(f" What is the pass key? The pass key is {m.group(1)}.")
+    synthetic += "The grass is green." in text
+  assert synthetic == a["synthetic_filler_docs"] and 0 < synthetic < 15
+  # text documents are windows of the source text; copy documents hold copies of their own text
+  assert all(d["text"] in TEXT + TEXT for d in docs if d["kind"] == "text")
+  cp = [d["text"] for d in docs if d["kind"] == "copy"]
+  assert len(cp) == a["copy_docs"] == 6
+
+
+def test_copy_document_copies_earlier_stretches():
+  rng = np.random.default_rng(0)
+  text = "".join(chr(97 + int(i)) for i in np.random.default_rng(1).integers(0, 26, 5000))  # no repeats
+  doc = corpus.copy_document(text, 1000, rng)
+  assert len(doc) == 1000
+  # every 16-gram is either fresh source text or a copy of an earlier one; copies exist
+  grams = [doc[i:i + 16] for i in range(len(doc) - 15)]
+  repeated = sum(g in doc[:i + 15] for i, g in enumerate(grams))
+  assert repeated > 200
+
+
+def test_split_text_and_eval_prompts():
+  docs = [f"document {i}: " + "word " * 50 for i in range(40)]
+  train, held = corpus.split_text(docs, 0.1, seed=0)
+  assert train.count("document") == 36 and held.count("document") == 4
+  assert corpus.split_text(docs, 0.1, seed=0) == (train, held)
+  prompts, lengths, keys = corpus.real_passkey_prompts(3, 200, TEXT, seed=1)
+  assert prompts.shape == (3, 200) and list(lengths) == [200] * 3
+  from effjax.data import ByteTokenizer
+  tok = ByteTokenizer()
+  for p, k in zip(prompts, keys):
+    s = tok.decode(p)
+    assert NEEDLE.search(s).group(1) == k
+    assert s.endswith(" What is the pass key? The pass key is ")
+  p, true = corpus.text_prompts(2, 100, 20, TEXT, seed=0)
+  assert p.shape == (2, 100) and true.shape == (2, 20) and p[0, 0] == tok.bos_id
+  assert corpus.ascii_text("caf\u00e9 \u2014 na\u00efve") == "cafe  naive"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  import run as sq_run
+  out = tmp_path_factory.mktemp("sparse_quality")
+  # --train-seconds: the capped path of the GPU command (a first chunk times the steps, then a
+  # second train() call; the cap is generous, so all 24 steps run). --no-jax-cache: leave JAX's
+  # global config alone.
+  argv = ["--smoke", "--out", str(out), "--results-dir", str(out / "committed"),
+          "--train-seconds", "600", "--no-jax-cache"]
+  assert sq_run.main(argv) == 0
+  return sq_run, argv, out
+
+
+def test_smoke_run_writes_sane_results(smoke_run):
+  _, _, out = smoke_run
+  for f in ("results.json", "REPORT.md", "retrieval.png", "drift.png", "loss.png", "gate.npz"):
+    assert (out / f).is_file(), f
+  for f in ("results.json", "REPORT.md", "retrieval.png", "drift.png", "train_metrics.jsonl"):
+    assert (out / "committed" / f).is_file(), f
+  doc = json.loads((out / "results.json").read_text())
+  assert doc["train"]["steps_done"] == 24 and math.isfinite(doc["train"]["final_loss"])
+  assert math.isfinite(doc["gate"]["first_kl"]) and math.isfinite(doc["gate"]["last_kl"])
+  ev = doc["eval"]
+  for key in ("retrieval_real", "retrieval_synthetic"):
+    acc = ev[key]["accuracy"]
+    assert set(acc) == {"dense", "quest@32", "quest@64", "gate@32", "gate@64"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+  d = ev["drift"]
+  assert set(d["rows"]) == {"dense", "quest sparse", "quest sparse+rectify(f=16)", "gate sparse",
+                            "gate sparse+rectify(f=16)"}
+  for r in d["rows"].values():
+    assert math.isfinite(r["nll"]) and r["nll"] > 0
+    assert 0.0 <= r["agreement_with_dense"] <= 1.0
+  assert d["rows"]["dense"]["agreement_with_dense"] == 1.0
+  assert math.isfinite(d["true_continuation_nll"])
+  for where in ("text", "passkey"):
+    for s in ("quest", "gate"):
+      assert all(0.0 <= v <= 1.0 + 1e-5 for v in ev["recall"][where][s].values())
+  report = (out / "REPORT.md").read_text()
+  assert "Drift at" in report and "Passkey retrieval" in report
+
+
+def test_smoke_drift_matches_evaluation_drift_eval(smoke_run):
+  """The experiment's batched drift numbers equal effjax.evaluation.drift_eval's definition."""
+  import corpus as c
+  from effjax import evaluation
+  sq_run, argv, out = smoke_run
+  args = sq_run.parse_args(argv)
+  cfg = sq_run.make_config(args, sq_run.Run(out))
+  params, _ = evaluation.load_params(cfg, cfg.train.out_dir)
+  d = json.loads((out / "results.json").read_text())["eval"]["drift"]
+  heldout = (out / "data" / "heldout.txt").read_text()
+  prompts, _ = c.text_prompts(args.drift_n, d["prompt_len"], d["new_tokens"], heldout, args.seed)
+  from effjax.sparse import resa
+  scfg = resa.SparseConfig(selector="quest", block_size=args.block_size,
+                           budget_tokens=d["budget_tokens"], rectify_every=16, d_gate=args.d_gate)
+  ref = evaluation.drift_eval(cfg, params, prompts, np.full((len(prompts),), prompts.shape[1], np.int32),
+                              new_tokens=d["new_tokens"], scfg=scfg)
+  for mine, theirs in (("dense", "dense"), ("quest sparse", "sparse"),
+                       ("quest sparse+rectify(f=16)", "sparse+rectify(f=16)")):
+    np.testing.assert_allclose(d["rows"][mine]["nll"], ref[theirs]["nll"], rtol=1e-4)
+    assert d["rows"][mine]["agreement_with_dense"] == ref[theirs]["agreement_with_dense"]
+
+
+def test_smoke_rerun_skips_finished_phases(smoke_run, capsys):
+  sq_run, argv, out = smoke_run
+  before = json.loads((out / "results.json").read_text())
+  assert sq_run.main(argv) == 0
+  log = capsys.readouterr().out
+  for phase in ("data: reusing", "train: done earlier", "gate: done earlier", "eval: done earlier"):
+    assert phase in log
+  after = json.loads((out / "results.json").read_text())
+  assert after["eval"] == before["eval"] and after["train"] == before["train"]
