@@ -10,6 +10,7 @@
 #   tune      tune_decode.py: launch-parameter grid of both decode kernels + selector costs
 #   generate  bench_generate.py: end-to-end decode tokens/s at 32K context (GENERATE_ARGS)
 #   scoring   bench_scoring.py on configs/base.yaml, seq 1024 (needs ~5 min)
+#   quality   experiments/sparse_quality/run.py (carry "shared_data"; T_quality=560, ~9 min)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
 # Each job is given T_<job> or JOB_TIMEOUT seconds (default 280) so one hang cannot eat the call.
 set -uo pipefail
@@ -36,6 +37,8 @@ for job in "$@"; do
       timeout "$T" python3 benchmarks/bench_scoring.py --config configs/base.yaml --seq 1024 --chunk 8 --train-batch 32 --proj 8192 ${SCORING_ARGS:-} --out "$OUT/scoring.json" 2>&1 | grep -v Warning | tee "$OUT/bench_scoring.log" ;;
     generate)
       timeout "$T" python3 benchmarks/bench_generate.py ${GENERATE_ARGS:-} --out "$OUT/generate.json" 2>&1 | tee "$OUT/bench_generate.log" ;;
+    quality)
+      timeout "$T" python3 experiments/sparse_quality/run.py --out /tmp/sparse_quality --results-dir "$OUT" ${QUALITY_ARGS:---steps 2000 --batch 16 --seq 4096 --train-seconds 260} 2>&1 | tail -80 ;;
     delt-pds1)
       timeout "$T" python3 experiments/delt/run_experiment.py data.source=shared_data/nltk-english-mix delt.reference_source=shared_data/wikitext-2/valid.txt delt.cache_dir=/tmp/delt_cache train.checkpoint_every=1000 train.eval_every=1000 --seeds 1 --conditions pds_folding --out /tmp/delt_pds1 2>&1 | grep -vE "^    (model|DELT|using)"
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
