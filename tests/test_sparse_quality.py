@@ -104,7 +104,7 @@ def test_smoke_run_writes_sane_results(smoke_run):
   ev = doc["eval"]
   for key in ("retrieval_real", "retrieval_synthetic"):
     acc = ev[key]["accuracy"]
-    assert set(acc) == {"dense", "quest@32", "quest@64", "gate@32", "gate@64"}
+    assert set(acc) == {"dense", "quest@48", "gate@48"}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
   d = ev["drift"]
   assert set(d["rows"]) == {"dense", "quest sparse", "quest sparse+rectify(f=16)", "gate sparse",

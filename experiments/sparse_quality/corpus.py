@@ -1,6 +1,7 @@
-"""The sparse-quality experiment's training corpus: real text cut into fixed-length documents, and
+"""The sparse-quality experiment's training corpus: real text cut into fixed-length documents,
 passkey documents (a real-text haystack with a needle at a random depth, ending with the question
-and its answer) in exactly the format of `effjax.evaluation.passkey_prompts`.
+and its answer) in exactly the format of `effjax.evaluation.passkey_prompts`, and copy documents
+(text with copies of its own earlier stretches at random distances).
 
 Every document is seq_len - 1 characters of ASCII text, so with the byte tokenizer it is seq_len - 1
 tokens and BOS + document + EOS is exactly one training row of seq_len + 1 tokens: a passkey
@@ -8,7 +9,8 @@ document is never cut in two by packing, and its answer is always the last thing
 
     docs = read_documents(["shared_data/nltk-english-mix"])
     train_text, heldout_text = split_text(docs, heldout_fraction=0.03, seed=0)
-    meta = write_corpus(out_dir, train_text, seq_len=4096, n_docs=32768, passkey_fraction=0.1, seed=0)
+    meta = write_corpus(out_dir, train_text, seq_len=4096, n_docs=32064, passkey_fraction=0.2,
+                        synthetic_filler_fraction=0.25, copy_fraction=0.2, seed=0)
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ FULL = dict(steps=2000, batch=16, seq=4096, valid_docs=64, gate_steps=300,
             budgets=[128, 256, 512, 1024], retrieval_n=64, drift_n=16, new_tokens=512,
             rectify=[32, 16], recall_n=8)
 SMOKE = dict(steps=24, batch=4, seq=256, valid_docs=8, gate_steps=4, gate_batch=2,
-             gate_queries=4, gate_seqs=16, block_size=16, d_gate=16, budgets=[32, 64],
+             gate_queries=4, gate_seqs=16, block_size=16, d_gate=16, budgets=[48],
              retrieval_n=4, drift_n=2, new_tokens=48, rectify=[16], recall_n=2)
 SMOKE_MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                "model.d_ff=128", "model.compute_dtype=float32", "train.log_every=4",
