@@ -286,10 +286,12 @@ class _Progress(threading.Thread):
     self.stop = threading.Event()
 
   def run(self):
+    last = None
     while not self.stop.wait(self.every):
       rows = [r for r in _metrics(self.path) if "loss" in r]
-      if rows:
+      if rows and rows[-1]["step"] != last:
         r = rows[-1]
+        last = r["step"]
         eta = (self.total - r["step"]) * self.tps / max(r["tokens_per_s"], 1.0)
         self.r.log(f"train: step {r['step']}/{self.total} loss {r['loss']:.3f} "
                    f"{r['tokens_per_s']:,.0f} tokens/s, {eta:.0f} s to step {self.total}")
