@@ -15,6 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.block_topk import _valid_forced, block_topk_reference
+
 
 def num_blocks(lengths_B: jax.Array, block_size: int) -> jax.Array:
   """Blocks holding at least one valid token: ceil(length / block_size), int32 [B]."""
@@ -47,21 +49,11 @@ def quest_scores(q_BKGH: jax.Array, kmin_BKNH: jax.Array, kmax_BKNH: jax.Array) 
   return jnp.max(bound, axis=2)
 
 
-def _forced(lengths_B: jax.Array, N: int, block_size: int):
-  """(valid [B, 1, N], forced [B, 1, N]): valid blocks; the first and the current block."""
-  nb = num_blocks(lengths_B, block_size)[:, None, None]
-  ar = jnp.arange(N)[None, None]
-  valid = ar < nb
-  forced = valid & ((ar == 0) | (ar == nb - 1))
-  return valid, forced
-
-
 def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
   fewer are valid), ties to the lower block index. Returns ascending ids, -1 padded, int32
   [B, K, min(k, N)]; a token budget of T tokens is k = T // block_size. The XLA path of
   `pallas_kernels.block_topk` (which also has the GPU kernel decode steps use)."""
-  from pallas_kernels.block_topk import block_topk_reference
   if k < 2:
     raise ValueError(f"a block budget must be >= 2 (first + current block), got {k}")
   return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k)[0]
@@ -72,7 +64,7 @@ def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int
   """Blocks whose gate probability is >= threshold, plus the first and current ones; at most
   max_blocks (the highest probabilities win). Returns int32 [B, K, max_blocks]."""
   N = probs_BKN.shape[-1]
-  valid, forced = _forced(lengths_B, N, block_size)
+  valid, forced = _valid_forced(lengths_B, N, block_size)
   keep = (valid & (probs_BKN >= threshold)) | forced
   s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN.astype(jnp.float32), -jnp.inf))
   _, idx_BKk = jax.lax.top_k(s, min(max_blocks, N))
