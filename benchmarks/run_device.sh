@@ -12,6 +12,12 @@
 #   scoring   bench_scoring.py on configs/base.yaml, seq 1024 (needs ~5 min)
 #   quality   experiments/sparse_quality/run.py (carry "shared_data"; T_quality=560, ~9 min)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
+#   quality-bg    start the quality run detached (setsid: it outlives this call; GPU memory 60%,
+#                 later jobs of this call allocate on demand), QUALITY_ARGS as for quality
+#   quality-wait  wait (T_quality_wait) for the detached run; copy its log and results to $OUT.
+#                 A next call on the still-warm machine (within its 30 s idle window) can wait more:
+#                 bash benchmarks/run_device.sh quality-bg tests quality-wait   (call 1)
+#                 bash benchmarks/run_device.sh quality-wait                     (call 2)
 # Each job is given T_<job> or JOB_TIMEOUT seconds (default 280) so one hang cannot eat the call.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -42,6 +48,28 @@ for job in "$@"; do
     delt-pds1)
       timeout "$T" python3 experiments/delt/run_experiment.py data.source=shared_data/nltk-english-mix delt.reference_source=shared_data/wikitext-2/valid.txt delt.cache_dir=/tmp/delt_cache train.checkpoint_every=1000 train.eval_every=1000 --seeds 1 --conditions pds_folding --out /tmp/delt_pds1 2>&1 | grep -vE "^    (model|DELT|using)"
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
+    quality-bg)
+      if [ -f /tmp/sq_bg.pid ] && kill -0 "$(cat /tmp/sq_bg.pid)" 2>/dev/null; then
+        echo "quality run already running (pid $(cat /tmp/sq_bg.pid))"
+      else
+        rm -f /tmp/sq_bg.rc
+        XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 setsid nohup bash -c "python3 experiments/sparse_quality/run.py \
+          --out /tmp/sparse_quality --results-dir /tmp/sq_results ${QUALITY_ARGS:---steps 2000 --batch 16 --seq 4096 --train-seconds 260} \
+          > /tmp/sq_bg.log 2>&1; echo \$? > /tmp/sq_bg.rc" > /dev/null 2>&1 &
+        echo $! > /tmp/sq_bg.pid
+        echo "quality run started in the background (log /tmp/sq_bg.log)"
+      fi
+      export XLA_PYTHON_CLIENT_PREALLOCATE=false ;;
+    quality-wait)
+      end=$((SECONDS + T))
+      while [ ! -f /tmp/sq_bg.rc ] && [ $SECONDS -lt $end ]; do sleep 5; done
+      if [ -f /tmp/sq_bg.rc ]; then echo "quality run finished, rc $(cat /tmp/sq_bg.rc)"; else echo "quality run still running"; fi
+      tail -40 /tmp/sq_bg.log
+      cp /tmp/sq_bg.log "$OUT/quality_run.log" 2>/dev/null
+      for f in results.json REPORT.md retrieval.png drift.png loss.png train_metrics.jsonl; do
+        [ -f "/tmp/sq_results/$f" ] && cp "/tmp/sq_results/$f" "$OUT/"
+      done
+      ;;
     *) echo "unknown job $job" ;;
   esac
 done
