@@ -12,10 +12,13 @@ and at a 4K-token budget, against the same dense cuDNN call (what a user would r
 then the same plans as a whole sparse attention step, selector included: SeerAttention-R gate
 scores over the K-compression cache (Dg=64) + `block_topk` + the sparse kernel.
 
-Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan` over a stack of different
-queries -- and, for sparse, different block sets -- times a Python-unrolled loop over `--copies`
-distinct caches), so nothing can be hoisted and dispatch is amortised; the wall time of that jit,
-divided by the number of calls, median over `--windows` windows. The floor is the K/V bytes the
+Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan`, unrolled `--unroll`
+times, over a stack of different queries -- and, for sparse, different block sets -- times a
+Python-unrolled loop over `--copies` distinct caches), so nothing can be hoisted and dispatch is
+amortised; the wall time of that jit, divided by the number of calls, median over `--windows`
+windows. Until decode_v2.json the harness was 16 calls per jit with a rolled scan
+(`--calls 16 --unroll 1`); its fixed cost per window added 0.010-0.019 ms to every call (the
+`harness_overhead` row: the same jit with an identity in place of the kernel). The floor is the K/V bytes the
 op must read (all of them for dense; the selected blocks for sparse) at 3.0 TB/s (H100 measured
 copy bandwidth). Writes benchmarks/results/<card>/decode.json.
 """
@@ -59,9 +62,11 @@ def device_bytes_limit() -> int | None:
     return None
 
 
-def time_calls(call, xs, caches, windows: int) -> float:
+def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
   """Median seconds per `call(x, cache)` over windows; each window is one jit running every x in
-  xs (scan) against every cache (unrolled)."""
+  xs (a lax.scan unrolled `unroll` times) against every cache (unrolled). The fixed cost of a
+  window (dispatch, the final sync) and of each loop trip is spread over the calls: more calls
+  per jit and fewer trips measure the calls themselves more closely."""
   n_x = jax.tree.leaves(xs)[0].shape[0]
 
   @jax.jit
@@ -72,7 +77,7 @@ def time_calls(call, xs, caches, windows: int) -> float:
       return acc, None
     # Summing the outputs keeps every call live at the cost of one [B, K, G, H] add per call.
     out = jax.eval_shape(call, jax.tree.map(lambda a: a[0], xs), caches[0])
-    return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs)[0]
+    return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs, unroll=unroll)[0]
 
   jax.block_until_ready(many(xs, caches))  # compile + warm up
   ts = []
@@ -101,7 +106,11 @@ def main():
   ap.add_argument("--num-splits", type=int, default=None, help="num_splits for both kernels")
   ap.add_argument("--num-warps", type=int, default=4)
   ap.add_argument("--num-stages", type=int, default=None, help="default: each kernel's tuned value")
-  ap.add_argument("--calls", type=int, default=16, help="kernel calls per timed jit")
+  ap.add_argument("--calls", type=int, default=128,
+                  help="kernel calls per timed jit (16 until decode_v2.json: the fixed cost of a "
+                       "window then added 0.010-0.019 ms to every call)")
+  ap.add_argument("--unroll", type=int, default=2,
+                  help="unroll factor of the scan over queries (1 until decode_v2.json)")
   ap.add_argument("--copies", type=int, default=4,
                   help="distinct caches rotated inside the jit (4 x the smallest shape > 50 MB L2)")
   ap.add_argument("--windows", type=int, default=5)
@@ -131,6 +140,22 @@ def main():
     keep = {k: row[k] for k in row if k in ("B", "S", "impl", "plan", "ms", "GBps_effective",
                                               "frac_of_floor", "speedup_vs_cudnn", "skipped")}
     print(json.dumps(keep), flush=True)
+
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  meta = {
+      "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+      "timing": (f"device time: one jit of {args.calls} calls = lax.scan (unroll {args.unroll}) "
+                 f"over distinct queries (and block sets) x unrolled loop over distinct caches; "
+                 f"jit wall time / calls; median of "
+                 f"{args.windows} windows after a warm-up call"),
+      "floor": f"K/V bytes read at {FLOOR_TBPS} TB/s", "interpret": args.interpret,
+      "argv": sys.argv[1:],
+  }
+
+  def save():  # after every shape too: a run cut short by a time limit keeps what it measured
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
   for S in parse_ints(args.seqs):
     for B in parse_ints(args.batches):
@@ -166,7 +191,7 @@ def main():
             o = jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1], implementation="cudnn")
             return o.reshape(B, HKV, G, D)
 
-          cudnn_s = time_calls(cudnn_call, qs, kv, args.windows)
+          cudnn_s = time_calls(cudnn_call, qs, kv, args.windows, args.unroll)
           record(row("cudnn", cudnn_s, cache_bytes))
           del kv
         except Exception as e:  # report, keep going: the Pallas numbers are still useful
@@ -188,9 +213,9 @@ def main():
 
       # What the harness itself costs per call (slice a query, add it to the accumulator): the
       # part of every row below that no kernel can remove; it matters at the small shapes.
-      s = time_calls(lambda q, c: q, qs, kv, args.windows)
+      s = time_calls(lambda q, c: q, qs, kv, args.windows, args.unroll)
       record(row("harness_overhead", s, 0))
-      s = time_calls(dense_call("pallas_triton"), qs, kv, args.windows)
+      s = time_calls(dense_call("pallas_triton"), qs, kv, args.windows, args.unroll)
       record(speedup(row("pallas_triton", s, cache_bytes, config=repr(dense_cfg))))
       if not args.no_xla:
         # The reference materialises f32 scores and a f32 view of V.
@@ -198,7 +223,7 @@ def main():
         if limit is not None and copies * cache_bytes + need > 0.9 * limit:
           record({**common, "impl": "xla", "skipped": "reference temporaries exceed device memory"})
         else:
-          s = time_calls(dense_call("xla"), qs, kv, args.windows)
+          s = time_calls(dense_call("xla"), qs, kv, args.windows, args.unroll)
           record(speedup(row("xla", s, cache_bytes)))
 
       if not args.no_sparse:
@@ -216,7 +241,7 @@ def main():
                                            implementation="pallas_triton", interpret=args.interpret,
                                            config=sparse_cfg)
 
-          s = time_calls(sparse_call, xs, kv, args.windows)
+          s = time_calls(sparse_call, xs, kv, args.windows, args.unroll)
           sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
           record(speedup(row("pallas_triton_sparse", s, sel_bytes, plan=label, sparsity=sp,
                              block_size=bs, blocks_selected=n_sel, blocks_total=n_blocks,
@@ -239,26 +264,17 @@ def main():
                                            implementation="pallas_triton", interpret=args.interpret,
                                            config=sparse_cfg, num_live_BK=n_live)
 
-          s = time_calls(gated_call, qs, tuple((a, b, g) for (a, b), g in zip(kv, kc)), args.windows)
+          s = time_calls(gated_call, qs, tuple((a, b, g) for (a, b), g in zip(kv, kc)), args.windows,
+                         args.unroll)
           gate_bytes = B * HKV * n_blocks * GATE_DIM * 4
           record(speedup(row("gate+topk+pallas_triton_sparse", s, sel_bytes + gate_bytes, plan=label,
                              sparsity=sp, block_size=bs, blocks_selected=n_sel,
                              blocks_total=n_blocks, gate_dim=GATE_DIM, config=repr(sparse_cfg))))
           del kc
       del kv
+      save()
 
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  meta = {
-      "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-      "timing": (f"device time: one jit = lax.scan over distinct queries (and block sets) x "
-                 f"unrolled loop over distinct caches; jit wall time / calls; median of "
-                 f"{args.windows} windows after a warm-up call"),
-      "floor": f"K/V bytes read at {FLOOR_TBPS} TB/s", "interpret": args.interpret,
-      "argv": sys.argv[1:],
-  }
-  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  save()
   print(f"wrote {out}")
 
 
