@@ -117,8 +117,9 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   n_ref[()] = count
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret"))
-def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps"))
+def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool,
+                       num_warps: int | None = None):
   B, K, N = scores_BKN.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
@@ -126,7 +127,7 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   scores_BKN = _splitk.pad_axis(scores_BKN.astype(jnp.float32), 2, n_pad)
   sq = _splitk.SQUEEZED
   # Registers: a handful of [Np] vectors per program; more warps for long rows.
-  warps = 4 if n_pad <= 2048 else 8 if n_pad <= 8192 else 16
+  warps = num_warps or (4 if n_pad <= 2048 else 8 if n_pad <= 8192 else 16)
   kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
   compiler_params = None
   if not interpret:
@@ -147,7 +148,7 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
 
 
 def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
-               implementation: str = "auto", interpret: bool = False):
+               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None):
   """Top-k block selection (see the module docstring).
 
   Args:
@@ -155,6 +156,7 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     lengths_B: int [B] valid tokens per sequence (block n is valid iff n * block_size < length).
     block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
+    num_warps: pallas_triton warps per row (default 4 up to 2048 blocks, then 8, then 16).
 
   Returns:
     (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
@@ -162,6 +164,9 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     are live per row.
   """
   _check(scores_BKN, lengths_B, block_size, k)
+  if num_warps is not None and (not isinstance(num_warps, (int, np.integer)) or num_warps < 1
+                                or num_warps & (num_warps - 1)):
+    raise ValueError(f"num_warps must be a power of 2, got {num_warps!r}")
   if implementation not in ("auto", "xla", "pallas_triton"):
     raise ValueError(f"implementation must be auto | xla | pallas_triton, got {implementation!r}")
   if implementation == "auto":
@@ -169,4 +174,5 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
   if implementation == "xla":
     return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=int(block_size),
                                 k=int(k))
-  return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret))
+  return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret),
+                            None if num_warps is None else int(num_warps))

@@ -81,6 +81,20 @@ def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k):
       assert got == want[b][h], (b, h)
 
 
+@pytest.mark.parametrize("interpret", KERNELS)
+@pytest.mark.parametrize("warps", [1, 8, 16])
+def test_num_warps_override_gives_the_same_ids(interpret, warps):
+  require_backend("pallas_triton", interpret)
+  B, K, N, bs, lengths, k = 2, 2, 100, 16, [1600, 300], 16
+  s = jnp.asarray(random_scores(warps, B, K, N))
+  L = jnp.asarray(lengths, jnp.int32)
+  ref_idx, ref_n = block_topk_reference(s, L, block_size=bs, k=k)
+  idx, n = block_topk(s, L, block_size=bs, k=k, implementation="pallas_triton",
+                      interpret=interpret, num_warps=warps)
+  np.testing.assert_array_equal(np.asarray(idx)[..., :ref_idx.shape[-1]], np.asarray(ref_idx))
+  np.testing.assert_array_equal(n, ref_n)
+
+
 def test_auto_is_xla_on_cpu_and_validates():
   s = jnp.asarray(random_scores(0, 1, 1, 8))
   L = jnp.asarray([100], jnp.int32)
@@ -94,6 +108,8 @@ def test_auto_is_xla_on_cpu_and_validates():
     block_topk(s, jnp.asarray([1, 2]), block_size=16, k=3)
   with pytest.raises(ValueError, match="implementation"):
     block_topk(s, L, block_size=16, k=3, implementation="cuda")
+  with pytest.raises(ValueError, match="num_warps must be a power of 2"):
+    block_topk(s, L, block_size=16, k=3, num_warps=6)
 
 
 def test_triton_kernel_lowers_for_cuda():

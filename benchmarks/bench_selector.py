@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Where the selector's time goes in a sparse decode step: the SeerAttention-R gate's scores, the
+top-k block choice, and both, per call, as device time (the harness of bench_decode.py).
+
+  python benchmarks/bench_selector.py [--batches 1,8] [--seqs 131072] [--out PATH]
+  python benchmarks/bench_selector.py --interpret --batches 1 --seqs 2048 --calls 2 --windows 1  # CPU
+
+Rows per (B, S, plan): `harness` (identity), `gate_scores` (query projection, RoPE, scores over
+the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk` on
+given scores, Triton, at 1 / 4 / 8 / 16 warps, and `lax.top_k` for reference), `gate+topk`
+(float32 and bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a 4,096-token
+budget (k = 64). Writes benchmarks/results/<card>/selector.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench_decode import D, DTYPE, G, GATE_DIM, HKV, parse_ints, time_calls
+from effjax.sparse import gate as gate_lib
+from pallas_kernels.block_topk import block_topk
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--seqs", default="131072")
+  ap.add_argument("--block", type=int, default=64)
+  ap.add_argument("--budget-tokens", type=int, default=4096)
+  ap.add_argument("--calls", type=int, default=128)
+  ap.add_argument("--copies", type=int, default=4)
+  ap.add_argument("--unroll", type=int, default=2)
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--warps", default="1,4,8,16", help="block_topk num_warps variants")
+  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  card = jax.devices()[0].device_kind.replace(" ", "_")
+  impl = "xla" if args.interpret else "pallas_triton"
+  results = []
+
+  def record(**row):
+    results.append(row)
+    print(json.dumps(row), flush=True)
+
+  for S in parse_ints(args.seqs):
+    for B in parse_ints(args.batches):
+      nb = S // args.block
+      n_q = max(1, args.calls // args.copies)
+      key = jax.random.key(S + B)
+      kq, kw, kc_key, ks = jax.random.split(key, 4)
+      qs = jax.random.normal(kq, (n_q, B, HKV, G, D), DTYPE)
+      lengths = jnp.full((B,), S, jnp.int32)
+      wq = jax.random.normal(kw, (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
+      kc32 = tuple(jax.random.normal(jax.random.fold_in(kc_key, c), (B, HKV, nb, GATE_DIM), jnp.float32)
+                   for c in range(args.copies))
+      kc16 = tuple(x.astype(jnp.bfloat16) for x in kc32)
+      scores = jax.random.normal(ks, (n_q, B, HKV, nb), jnp.float32)
+      base = dict(B=B, S=S, blocks=nb, calls_per_jit=n_q * args.copies)
+      t = lambda call, xs, caches: time_calls(call, xs, caches, args.windows, args.unroll) * 1e3
+      record(**base, row="harness", ms=t(lambda q, c: q, qs, kc32))
+      for name, kc in (("float32", kc32), ("bfloat16", kc16)):
+        record(**base, row="gate_scores", kc_dtype=name,
+               ms=t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
+      plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",
+                                                           min(nb, args.budget_tokens // args.block))]
+      for plan, k in plans:
+        for w in parse_ints(args.warps):
+          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w,
+                 ms=t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
+                                              interpret=args.interpret, num_warps=w)[0], scores, kc32))
+        record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
+               ms=t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
+                                            implementation="xla")[0], scores, kc32))
+        for name, kc in (("float32", kc32), ("bfloat16", kc16)):
+          def both(q, c):
+            sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
+            return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
+                              interpret=args.interpret)[0]
+          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, ms=t(both, qs, kc))
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/selector.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  meta = {"card": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:],
+          "timing": f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
+                    f"{args.unroll}), median of {args.windows} windows"}
+  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
