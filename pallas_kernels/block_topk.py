@@ -126,8 +126,9 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   m = _splitk.next_power_of_2(k + 1)  # power-of-2 width with at least one slot past k
   scores_BKN = _splitk.pad_axis(scores_BKN.astype(jnp.float32), 2, n_pad)
   sq = _splitk.SQUEEZED
-  # Registers: a handful of [Np] vectors per program; more warps for long rows.
-  warps = num_warps or (4 if n_pad <= 2048 else 8 if n_pad <= 8192 else 16)
+  # Registers: a handful of [Np] vectors per program; more warps for long rows. At Np = 2048 on
+  # the H100, 8 warps took 0.6-1.3 us less than 4 (benchmarks/results/.../selector.json).
+  warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
   kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
   compiler_params = None
   if not interpret:
@@ -156,7 +157,7 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     lengths_B: int [B] valid tokens per sequence (block n is valid iff n * block_size < length).
     block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
-    num_warps: pallas_triton warps per row (default 4 up to 2048 blocks, then 8, then 16).
+    num_warps: pallas_triton warps per row (default 4 up to 1024 blocks, 8 up to 8192, then 16).
 
   Returns:
     (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
