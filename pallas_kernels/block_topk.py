@@ -127,7 +127,8 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   scores_BKN = _splitk.pad_axis(scores_BKN.astype(jnp.float32), 2, n_pad)
   sq = _splitk.SQUEEZED
   # Registers: a handful of [Np] vectors per program; more warps for long rows. At Np = 2048 on
-  # the H100, 8 warps took 0.6-1.3 us less than 4 (benchmarks/results/.../selector.json).
+  # the H100, 8 warps took 0.6-1.3 us less than 4 alone (benchmarks/results/.../selector.json);
+  # inside a whole gated sparse step the difference was within noise (decode_v3_topk8.json).
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
   kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
   compiler_params = None
