@@ -16,6 +16,8 @@ Modes (all through the public generation functions, greedy, the whole loop on de
   quest          `resa.generate`, SparseConfig(selector="quest", rectify_every=0)
   gate           `resa.generate`, selector="gate", random gate params (`gate.init_gate_params`)
   quest_rectify  `resa.generate`, selector="quest", rectify_every=`--rectify-every` (ReSA)
+  quest_rectify_xla  the same with the rectification's attention in XLA (rectify_impl="xla",
+                 the path before the multi-token Triton kernel; [F, S] f32 scores per layer)
 Sparse modes run at a `--budget-tokens` budget and at each `--sparsities` budget (sparsity 0.9 =
 10% of the context), block size `--block-size`.
 
@@ -62,7 +64,7 @@ from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa
 
 FLOOR_TBPS = 3.0
-MODES = ("dense", "quest", "gate", "quest_rectify")
+MODES = ("dense", "quest", "gate", "quest_rectify", "quest_rectify_xla")
 STOP = 0  # the stop token that ends the short run (see the module docstring)
 
 
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None):
 
     rows = [("dense", None, None)] if "dense" in modes else []
     for label, tokens in plans:
-      rows += [(m, label, tokens) for m in ("quest", "gate", "quest_rectify") if m in modes]
+      rows += [(m, label, tokens) for m in ("quest", "gate", "quest_rectify", "quest_rectify_xla")
+               if m in modes]
 
     for mode, label, budget in rows:
       common = dict(base, mode=mode)
@@ -285,7 +288,9 @@ def main(argv: list[str] | None = None):
       else:
         # resa.generate slices the last f generated tokens out of the [B, N] output, so it cannot
         # trace with f > N; such a run would never rectify anyway, so f is clamped to N.
-        f = min(args.rectify_every, N) if mode == "quest_rectify" else 0
+        f = min(args.rectify_every, N) if mode.startswith("quest_rectify") else 0
+        if mode == "quest_rectify_xla":
+          kw["rectify_impl"] = "xla"
         scfg = resa.SparseConfig(selector="gate" if mode == "gate" else "quest", block_size=bs,
                                  budget_tokens=budget, rectify_every=f, d_gate=args.d_gate)
         gp = (gate_lib.init_gate_params(mcfg, scfg.gate, jax.random.key(args.seed + 2))

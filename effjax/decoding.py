@@ -204,23 +204,46 @@ def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B, upcast: bool | None
   return o.reshape(B, F, N, H).astype(q_BFNH.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def extend(cfg: ModelConfig, params, cache: Cache, tokens_BF: jax.Array, start_B: jax.Array):
+def _extend_impl(decode_impl: str, head_dim: int, dtype) -> str:
+  """The attention `extend` uses: the Triton multi-token kernel where decode steps would use
+  Triton, else the XLA path (no TPU kernel for F tokens yet)."""
+  from pallas_kernels import _splitk
+  if decode_impl == "auto":
+    decode_impl = _splitk.auto_implementation(head_dim, dtype, tpu_available=False)
+  return "pallas_triton" if decode_impl == "pallas_triton" else "xla"
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
+def extend(cfg: ModelConfig, params, cache: Cache, tokens_BF: jax.Array, start_B: jax.Array,
+           decode_impl: str = "auto"):
   """Dense forward of F tokens per sequence at positions [start_b, start_b + F) over the cache
   (causal, every earlier cached token visible), overwriting their K/V in every layer. This is
   ReSA's rectification (re-run the last f tokens densely so their cache entries equal a dense
   model's) and a chunked prefill. Returns (logits float32 [B, F, V], cache with lengths =
-  max(lengths, start + F))."""
+  max(lengths, start + F)).
+
+  decode_impl "auto" / "pallas_triton" on a GPU attends with
+  `pallas_kernels.decode_attention.extend_attention` (reads each layer's cache once for all F
+  tokens, no [F, S] scores); "xla" (and the CPU) with `_dense_cached_attention`."""
   B, F = tokens_BF.shape
+  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
   positions = start_B[:, None] + jnp.arange(F, dtype=jnp.int32)[None]
   x = _embed(cfg, params, tokens_BF)
+  impl = _extend_impl(decode_impl, H, cache["k"][0].dtype)
   ks, vs = [], []
   for i in range(cfg.n_layers):
     lp = _layer(params, cfg, i)
     q, k, v = _qkv(cfg, lp, x, positions)
     k_cache = _write_tokens(cache["k"][i], k.transpose(0, 2, 1, 3), start_B)
     v_cache = _write_tokens(cache["v"][i], v.transpose(0, 2, 1, 3), start_B)
-    o = _dense_cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, start_B)
+    if impl == "pallas_triton":
+      from pallas_kernels.decode_attention import extend_attention
+      q_BKFGH = q.reshape(B, F, K, G, H).transpose(0, 2, 1, 3, 4).astype(k_cache.dtype)
+      o = extend_attention(q_BKFGH, k_cache, v_cache, start_B.astype(jnp.int32),
+                           implementation="pallas_triton")
+      o = o.transpose(0, 2, 1, 3, 4).reshape(B, F, K * G, H)
+    else:
+      o = _dense_cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, start_B)
     x = _finish_block(cfg, lp, x, o.astype(x.dtype))
     ks.append(k_cache)
     vs.append(v_cache)

@@ -150,12 +150,13 @@ def attend_block(q_RH: jax.Array, k_TH: jax.Array, v_TH: jax.Array, valid_T: jax
                  precision: lax.Precision) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Folds one block of T keys into the online-softmax state (FlashAttention-2 update).
 
-  q_RH [R, H], k_TH / v_TH [T, H] (same dtype), valid_T bool [T]; state = (acc f32 [R, H],
+  q_RH [R, H], k_TH / v_TH [T, H] (same dtype), valid_T bool [T] or [R, T]; state = (acc f32 [R, H],
   m f32 [R], l f32 [R]). Runs inside Pallas kernels (Triton lowering and interpret mode).
   """
   acc_RH, m_R, l_R = state
   s_RT = jnp.dot(q_RH, k_TH.T, preferred_element_type=jnp.float32, precision=precision) * scale
-  valid_1T = valid_T[None, :]
+  # valid_T [T] (one mask for every row) or [R, T] (per-row masks: causal multi-token queries)
+  valid_1T = valid_T[None, :] if valid_T.ndim == 1 else valid_T
   s_RT = jnp.where(valid_1T, s_RT, MASK_VALUE)
   m_new_R = jnp.maximum(m_R, jnp.max(s_RT, axis=1))
   # Masked keys get weight exactly 0, so a block (or a whole split) with no valid key leaves

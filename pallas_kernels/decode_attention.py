@@ -11,6 +11,11 @@ capacity, and keys at positions >= lengths_B[b] are ignored. Implementations:
   divided among splits at run time so ragged lengths balance), runs an online softmax over them
   and writes an (acc, max, sum) partial; `_splitk.combine_splits` merges the partials in XLA.
 - `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
+
+`extend_attention` is the same split-K kernel for F consecutive new tokens per sequence (ReSA's
+rectification, chunked prefill): the F x G query rows of a KV head share every K/V block load,
+each row masked causally at its own position, so the cache is read once for all F tokens and no
+[F, S] score matrix is ever materialised.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -135,6 +141,125 @@ def _decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, leng
       [lengths_B.astype(jnp.int32)], q_BKGH, k_BKSH, v_BKSH, num_splits=num_splits,
       tile_rows=block_k, config=config, interpret=interpret, name="decode_attention",
       default_stages=3)
+
+
+# ------------------------------------------------------------- F new tokens per sequence (extend)
+
+
+def extend_attention_reference(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                               start_B: jax.Array) -> jax.Array:
+  """Plain-jnp causal attention of F new tokens per sequence at positions start_b + f over a
+  cache that already holds them: token f sees keys [0, start_b + f]. Shapes as
+  `extend_attention`; f32 softmax, HIGHEST-precision dots."""
+  B, K, F, G, H = q_BKFGH.shape
+  S = k_BKSH.shape[2]
+  hi = lax.Precision.HIGHEST
+  s = jnp.einsum("bkfgh,bksh->bkfgs", q_BKFGH, k_BKSH, precision=hi,
+                 preferred_element_type=jnp.float32) * H ** -0.5
+  q_pos_BF = start_B[:, None] + jnp.arange(F)[None]
+  valid = (jnp.arange(S)[None, None, :] <= q_pos_BF[:, :, None])[:, None, :, None, :]
+  s = jnp.where(valid, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(valid, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  o = jnp.einsum("bkfgs,bksh->bkfgh", p, v_BKSH.astype(jnp.float32), precision=hi)
+  return (o / jnp.where(l > 0, l, 1.0)).astype(q_BKFGH.dtype)
+
+
+def _extend_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int,
+                   num_splits: int, group: int, n_tokens: int, scale: float,
+                   precision: lax.Precision):
+  """Program (b, k, j). start_ref int32 []; q_ref [R, H]: row r is query head r % group of new
+  token r // group (rows from n_tokens * group on are padding); the rest as `_decode_kernel`."""
+  split = pl.program_id(2)
+  start = start_ref[()]
+  rows_R = lax.broadcasted_iota(jnp.int32, (q_ref.shape[0],), 0)
+  # keys visible to each row: its token's position + 1 (padding rows: the last token's)
+  row_len_R = start + jnp.minimum(rows_R // group, n_tokens - 1) + 1
+  n_blocks = pl.cdiv(start + n_tokens, block_k)
+  per_split = pl.cdiv(n_blocks, num_splits)
+  first = split * per_split
+  end = jnp.minimum(first + per_split, n_blocks)
+  offsets_T = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
+
+  def load_block(i):
+    t0 = pl.multiple_of(i * block_k, block_k)
+    return (k_ref[pl.ds(t0, block_k), :], v_ref[pl.ds(t0, block_k), :],
+            (t0 + offsets_T)[None, :] < row_len_R[:, None])
+
+  _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, first, end, load_block, scale=scale,
+                       precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _extend_triton(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, start_B: jax.Array,
+                   config: DecodeConfig, interpret: bool) -> jax.Array:
+  B, K, F, G, H = q_BKFGH.shape
+  block_k = config.resolved_block_k(q_BKFGH.dtype)
+  k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_k)
+  v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_k)
+  S = k_BKSH.shape[2]
+  rows = F * G
+  if config.num_warps == DecodeConfig().num_warps and _splitk.dot_rows(rows) >= 64:
+    # [R, H] accumulators of 64+ rows: twice the warps keep them in registers
+    config = dataclasses.replace(config, num_warps=8)
+  num_splits = config.num_splits or _splitk.default_num_splits(
+      B * K, S // block_k, _splitk.target_programs(_splitk.DENSE_PROGRAMS_PER_SM))
+  kernel = functools.partial(_extend_kernel, block_k=block_k, num_splits=num_splits, group=G,
+                             n_tokens=F, scale=H ** -0.5,
+                             precision=_splitk.dot_precision(q_BKFGH.dtype))
+  o = _splitk.splitk_call(
+      kernel, [pl.BlockSpec((_splitk.SQUEEZED,), lambda b, k, j: (b,))],
+      [start_B.astype(jnp.int32)], q_BKFGH.reshape(B, K, rows, H), k_BKSH, v_BKSH,
+      num_splits=num_splits, tile_rows=block_k, config=config, interpret=interpret,
+      name="extend_attention", default_stages=2)
+  return o.reshape(B, K, F, G, H)
+
+
+def extend_attention(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                     start_B: jax.Array, *, implementation: str = "auto", interpret: bool = False,
+                     config: DecodeConfig | None = None) -> jax.Array:
+  """Causal attention of F new tokens per sequence over a cache that already holds their K/V.
+
+  Args:
+    q_BKFGH: [B, K, F, G, H]: the G query heads of KV head k for new token f of sequence b,
+      at position start_B[b] + f.
+    k_BKSH, v_BKSH: [B, K, S, H] cache (same dtype as q) holding at least start_b + F tokens.
+    start_B: int [B], position of each sequence's first new token (start_b + F <= S).
+    implementation: "auto" (pallas_triton on GPU, else xla) | "xla" | "pallas_triton".
+
+  Returns:
+    [B, K, F, G, H] in q's dtype; token f attends to keys [0, start_b + f] (f32 softmax).
+  """
+  _splitk.check_implementation(implementation)
+  if q_BKFGH.ndim != 5:
+    raise ValueError(f"q_BKFGH must be 5-D [B, K, F, G, H], got shape {q_BKFGH.shape}")
+  B, K, F, G, H = q_BKFGH.shape
+  _splitk.check_decode_args(q_BKFGH.reshape(B, K, F * G, H), k_BKSH, v_BKSH,
+                            jnp.zeros((B,), jnp.int32))
+  if getattr(start_B, "shape", None) != (B,):
+    raise ValueError(f"start_B must have shape [B]=({B},), got {getattr(start_B, 'shape', None)}")
+  if not jnp.issubdtype(start_B.dtype, jnp.integer):
+    raise ValueError(f"start_B must be an integer array, got {start_B.dtype}")
+  if not isinstance(start_B, jax.core.Tracer):
+    st = np.asarray(start_B)
+    if st.min() < 0 or st.max() + F > k_BKSH.shape[2]:
+      raise ValueError(f"start_B + F must lie in [0, S={k_BKSH.shape[2]}]; got starts in "
+                       f"[{st.min()}, {st.max()}] with F={F}")
+  config = DecodeConfig() if config is None else config
+  if not isinstance(config, DecodeConfig):
+    raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
+  config.validate()
+  if implementation == "auto":
+    implementation = _splitk.auto_implementation(H, q_BKFGH.dtype, tpu_available=False)
+  if implementation == "pallas_tpu":
+    raise ValueError("extend_attention has no TPU kernel yet: use implementation='xla'")
+  if implementation == "xla":
+    return extend_attention_reference(q_BKFGH, k_BKSH, v_BKSH, start_B.astype(jnp.int32))
+  why = _splitk.triton_supported(H, q_BKFGH.dtype)
+  if why is not None:
+    raise ValueError(f"implementation='pallas_triton': {why}")
+  return _extend_triton(q_BKFGH, k_BKSH, v_BKSH, start_B, config, bool(interpret))
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -172,7 +172,11 @@ def test_dense_cached_attention_on_bf16_operands_matches_float32(F):
   assert float(rel) < 1e-2, float(rel)
 
 
-def test_extend_rectifies_a_corrupted_cache_to_the_dense_one():
+@pytest.mark.parametrize("impl", ["xla", pytest.param("pallas_triton", marks=pytest.mark.gpu)])
+def test_extend_rectifies_a_corrupted_cache_to_the_dense_one(impl):
+  """On the GPU ("pallas_triton") the attention runs through the multi-token Triton kernel."""
+  if impl == "pallas_triton" and jax.default_backend() != "gpu":
+    pytest.fail("the Triton extend path needs a GPU backend (run `pytest -m gpu` on the device)")
   """ReSA rectification: re-running the last f tokens densely leaves their cache entries equal to a
   dense recomputation, whatever approximate values were there (batch > 1, different positions)."""
   cfg = cfg_()
@@ -192,7 +196,8 @@ def test_extend_rectifies_a_corrupted_cache_to_the_dense_one():
   bad = {"k": tuple(jnp.where(region, bad["k"] + noise, bad["k"])),
          "v": tuple(jnp.where(region, bad["v"] - noise, bad["v"])), "lengths": bad["lengths"]}
   toks = np.stack([full[b, start[b]:start[b] + f] for b in range(B)])
-  logits, fixed = decoding.extend(cfg, params, bad, jnp.asarray(toks), jnp.asarray(start))
+  logits, fixed = decoding.extend(cfg, params, bad, jnp.asarray(toks), jnp.asarray(start),
+                                  decode_impl=impl)
   fixed, dense = stacked(fixed), stacked(dense)
   for b in range(B):
     sl = slice(0, int(lengths[b]))

@@ -164,13 +164,17 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
-                                             "stop_tokens", "decode_impl", "cache_dtype", "sparse"))
+                                             "stop_tokens", "decode_impl", "cache_dtype", "sparse",
+                                             "rectify_impl"))
 def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B, rng, gate_params=None,
              *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
-             pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True):
+             pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True,
+             rectify_impl: str | None = None):
   """Generation on device: sparse decode steps (dense when `sparse` is False) with a dense
   rectification of the last f = scfg.rectify_every tokens after every f steps. Returns (tokens
   int32 [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`.
+  rectify_impl: the attention of the rectification (`decoding.extend`'s decode_impl); None
+  follows decode_impl (on a GPU: the multi-token Triton kernel).
 
   Loop structure: a first inner `lax.while_loop` of up to f sparse steps, then an outer
   `lax.while_loop` whose body rectifies unconditionally (`decoding.extend` + `refresh_summaries`)
@@ -219,7 +223,8 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
     step, cache, summ, logits, out, fed, done, n, rng = c
     start = cache["lengths"] - f
     last = jax.lax.dynamic_slice_in_dim(fed, step - f, f, axis=1)
-    lg, cache = decoding.extend(cfg, params, cache, last, start)
+    lg, cache = decoding.extend(cfg, params, cache, last, start,
+                                decode_impl if rectify_impl is None else rectify_impl)
     summ = refresh_summaries(cfg, scfg, summ, cache, start, f, gate_params)
     return run_until((step, cache, summ, lg[:, -1], out, fed, done, n, rng), jnp.minimum(step + f, N))
 

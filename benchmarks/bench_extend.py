@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Attention of F new tokens per sequence over a long cache (ReSA rectification, chunked prefill):
+the multi-token Triton kernel (`extend_attention`) vs the XLA path `decoding.extend` used before
+(`_dense_cached_attention`: [B, K, G, F, S] f32 scores), device time as in bench_decode.py.
+
+  python benchmarks/bench_extend.py [--batches 1,8] [--seqs 32768,131072] [--f 32]
+  python benchmarks/bench_extend.py --interpret --batches 1 --seqs 512 --f 4 --calls 2 --windows 1
+
+Hq=32, Hkv=8, d=128, bf16, the F tokens at the end of a full cache. Floor: the K/V bytes at
+3.0 TB/s (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench_decode import D, DTYPE, FLOOR_TBPS, G, HKV, parse_ints, time_calls
+from effjax.decoding import _dense_cached_attention
+from pallas_kernels.decode_attention import extend_attention
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--seqs", default="32768,131072")
+  ap.add_argument("--f", type=int, default=32)
+  ap.add_argument("--calls", type=int, default=32)
+  ap.add_argument("--copies", type=int, default=2)
+  ap.add_argument("--unroll", type=int, default=2)
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  card = jax.devices()[0].device_kind.replace(" ", "_")
+  F = args.f
+  results = []
+  for S in parse_ints(args.seqs):
+    for B in parse_ints(args.batches):
+      n_q = max(1, args.calls // args.copies)
+      key = jax.random.key(S + B)
+      qs = jax.random.normal(key, (n_q, B, HKV, F, G, D), DTYPE)
+      kv = tuple((jax.random.normal(jax.random.fold_in(key, 2 * c + 1), (B, HKV, S, D), DTYPE),
+                  jax.random.normal(jax.random.fold_in(key, 2 * c + 2), (B, HKV, S, D), DTYPE))
+                 for c in range(args.copies))
+      start = jnp.full((B,), S - F, jnp.int32)
+      floor_ms = 2 * B * HKV * S * D * 2 / (FLOOR_TBPS * 1e12) * 1e3
+      base = dict(B=B, S=S, F=F, Hq=HKV * G, Hkv=HKV, d=D, floor_ms=floor_ms)
+      t = lambda call: time_calls(call, qs, kv, args.windows, args.unroll) * 1e3
+
+      def kernel(q, c):
+        return extend_attention(q, c[0], c[1], start, implementation="pallas_triton",
+                                interpret=args.interpret)
+
+      def xla(q, c):  # decoding.extend's XLA path takes q as [B, F, N, H]
+        q_BFNH = q.transpose(0, 2, 1, 3, 4).reshape(B, F, HKV * G, D)
+        return _dense_cached_attention(q_BFNH, c[0], c[1], start, upcast=args.interpret)
+
+      for name, call in (("pallas_triton", kernel), ("xla", xla)):
+        try:
+          ms = t(call)
+          row = dict(base, impl=name, ms=ms, frac_of_floor=floor_ms / ms)
+        except Exception as e:  # e.g. the XLA path's scores exceeding memory
+          row = dict(base, impl=name, skipped=f"{type(e).__name__}: {str(e)[:200]}")
+        results.append(row)
+        print(json.dumps(row), flush=True)
+      del kv
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/extend.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  meta = {"card": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:],
+          "timing": f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
+                    f"{args.unroll}), median of {args.windows} windows"}
+  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
