@@ -268,8 +268,10 @@ class Config:
            f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
     _check(self.delt.proxy.vocab_size == self.model.vocab_size, "delt.proxy.vocab_size",
            "the proxy must share the model's tokenizer/vocabulary")
-    _check(self.data.seq_len <= self.delt.proxy.max_seq_len, "delt.proxy.max_seq_len",
-           f"must be >= data.seq_len={self.data.seq_len}")
+    if self.delt.scoring in ("lqs", "pds", "loss"):  # the scorings that run the proxy model
+      _check(self.data.seq_len <= self.delt.proxy.max_seq_len, "delt.proxy.max_seq_len",
+             f"must be >= data.seq_len={self.data.seq_len} (delt.scoring={self.delt.scoring!r} "
+             "runs the proxy on the training examples)")
     _check(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
            f"warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}")
 

@@ -85,3 +85,13 @@ def test_configs_are_frozen():
   cfg = Config()
   with pytest.raises(dataclasses.FrozenInstanceError):
     cfg.model.d_model = 3  # type: ignore[misc]
+
+
+def test_proxy_context_checked_only_when_the_proxy_runs():
+  """A long-context model without DELT needs no matching proxy context; with a proxy-based
+  scoring the proxy must cover the training sequence length."""
+  base = ["model.max_seq_len=4096", "data.seq_len=4096", "delt.proxy.max_seq_len=1024"]
+  assert load_config("configs/tiny.yaml", base).delt.scoring == "none"
+  load_config("configs/tiny.yaml", base + ["delt.scoring=random", "delt.ordering=folding"])
+  with pytest.raises(ConfigError, match=r"delt\.proxy\.max_seq_len"):
+    load_config("configs/tiny.yaml", base + ["delt.scoring=loss", "delt.ordering=folding"])

@@ -223,7 +223,7 @@ def make_config(args, run: Run):
   ovs = [f"data.source={run.out / 'data' / 'train.jsonl'}", f"data.seq_len={args.seq}",
          "data.packing=pad", f"data.valid_fraction={args.valid_docs / n_docs!r}",
          "data.ordering=shuffle", f"data.seed={args.seed}",
-         f"model.max_seq_len={args.seq}", f"delt.proxy.max_seq_len={args.seq}",
+         f"model.max_seq_len={args.seq}",
          f"train.steps={args.steps}", f"train.batch_size={args.batch}", f"train.seed={args.seed}",
          f"train.out_dir={run.out / 'train'}", "train.progress=false",
          f"train.checkpoint_every={max(1, args.steps // 4)}", "train.keep_checkpoints=2",
