@@ -118,6 +118,8 @@ def main():
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
   ap.add_argument("--no-sparse", action="store_true")
   ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
+  ap.add_argument("--gate-dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="K-compression cache dtype in the gate rows (effjax.sparse keeps float32)")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
@@ -251,8 +253,8 @@ def main():
           # The whole sparse attention of a decode step: the SeerAttention-R gate's scores over
           # its K-compression cache (Dg = 64, f32, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
-          kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM), jnp.float32)
-                     for c in range(copies))
+          kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
+                                       jnp.float32).astype(args.gate_dtype) for c in range(copies))
           wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
           impl = "xla" if args.interpret else "pallas_triton"
 
@@ -266,10 +268,11 @@ def main():
 
           s = time_calls(gated_call, qs, tuple((a, b, g) for (a, b), g in zip(kv, kc)), args.windows,
                          args.unroll)
-          gate_bytes = B * HKV * n_blocks * GATE_DIM * 4
+          gate_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(args.gate_dtype).itemsize
           record(speedup(row("gate+topk+pallas_triton_sparse", s, sel_bytes + gate_bytes, plan=label,
                              sparsity=sp, block_size=bs, blocks_selected=n_sel,
-                             blocks_total=n_blocks, gate_dim=GATE_DIM, config=repr(sparse_cfg))))
+                             blocks_total=n_blocks, gate_dim=GATE_DIM, gate_dtype=args.gate_dtype,
+                             config=repr(sparse_cfg))))
           del kc
       del kv
       save()
