@@ -88,6 +88,29 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
   return statistics.median(ts)
 
 
+def add_harness_args(ap, *, batches: str, seqs: str, calls: int, copies: int) -> None:
+  """The shape and timing flags the decode micro-benchmarks share (bench_selector, bench_extend)."""
+  ap.add_argument("--batches", default=batches)
+  ap.add_argument("--seqs", default=seqs)
+  ap.add_argument("--calls", type=int, default=calls, help="calls per timed jit")
+  ap.add_argument("--copies", type=int, default=copies, help="distinct inputs rotated inside the jit")
+  ap.add_argument("--unroll", type=int, default=2, help="unroll factor of the scan over calls")
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+  ap.add_argument("--out", default=None)
+
+
+def write_results(out, default_name: str, results: list, argv: list, timing: str):
+  """benchmarks/results/<card>/<default_name> (or `out`) with a meta block; returns the path."""
+  dev = jax.devices()[0]
+  path = pathlib.Path(out or f"benchmarks/results/{dev.device_kind.replace(' ', '_')}/{default_name}")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  meta = {"card": dev.device_kind, "jax": jax.__version__, "argv": argv, "timing": timing}
+  path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+  print(f"wrote {path}")
+  return path
+
+
 def random_block_sets(rng, n_rows: int, n_blocks: int, n_sel: int) -> np.ndarray:
   """int32 [n_rows, n_sel]: distinct ascending random blocks per row (argsort of uniforms)."""
   picks = np.argsort(rng.random((n_rows, n_blocks)), axis=1)[:, :n_sel]

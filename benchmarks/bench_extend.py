@@ -22,24 +22,17 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench_decode import D, DTYPE, FLOOR_TBPS, G, HKV, parse_ints, time_calls
+from bench_decode import (D, DTYPE, FLOOR_TBPS, G, HKV, add_harness_args, parse_ints, time_calls,
+                          write_results)
 from effjax.decoding import _dense_cached_attention
 from pallas_kernels.decode_attention import extend_attention
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--batches", default="1,8")
-  ap.add_argument("--seqs", default="32768,131072")
-  ap.add_argument("--f", type=int, default=32)
-  ap.add_argument("--calls", type=int, default=32)
-  ap.add_argument("--copies", type=int, default=2)
-  ap.add_argument("--unroll", type=int, default=2)
-  ap.add_argument("--windows", type=int, default=5)
-  ap.add_argument("--interpret", action="store_true")
-  ap.add_argument("--out", default=None)
+  add_harness_args(ap, batches="1,8", seqs="32768,131072", calls=32, copies=2)
+  ap.add_argument("--f", type=int, default=32, help="new tokens per sequence")
   args = ap.parse_args()
-  card = jax.devices()[0].device_kind.replace(" ", "_")
   F = args.f
   results = []
   for S in parse_ints(args.seqs):
@@ -71,14 +64,10 @@ def main():
           row = dict(base, impl=name, skipped=f"{type(e).__name__}: {str(e)[:200]}")
         results.append(row)
         print(json.dumps(row), flush=True)
-      del kv
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/extend.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  meta = {"card": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:],
-          "timing": f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
-                    f"{args.unroll}), median of {args.windows} windows"}
-  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-  print(f"wrote {out}")
+      kv = None  # frees this shape's caches before the next are made
+  write_results(args.out, "extend.json", results, sys.argv[1:],
+                f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
+                f"{args.unroll}), median of {args.windows} windows")
 
 
 if __name__ == "__main__":

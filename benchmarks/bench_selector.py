@@ -24,26 +24,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench_decode import D, DTYPE, G, GATE_DIM, HKV, parse_ints, time_calls
+from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, parse_ints, time_calls,
+                          write_results)
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--batches", default="1,8")
-  ap.add_argument("--seqs", default="131072")
+  add_harness_args(ap, batches="1,8", seqs="131072", calls=128, copies=4)
   ap.add_argument("--block", type=int, default=64)
   ap.add_argument("--budget-tokens", type=int, default=4096)
-  ap.add_argument("--calls", type=int, default=128)
-  ap.add_argument("--copies", type=int, default=4)
-  ap.add_argument("--unroll", type=int, default=2)
-  ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--warps", default="1,4,8,16", help="block_topk num_warps variants")
-  ap.add_argument("--interpret", action="store_true")
-  ap.add_argument("--out", default=None)
   args = ap.parse_args()
-  card = jax.devices()[0].device_kind.replace(" ", "_")
   impl = "xla" if args.interpret else "pallas_triton"
   results = []
 
@@ -86,13 +79,9 @@ def main():
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
                               interpret=args.interpret)[0]
           record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, ms=t(both, qs, kc))
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/selector.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  meta = {"card": jax.devices()[0].device_kind, "jax": jax.__version__, "argv": sys.argv[1:],
-          "timing": f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
-                    f"{args.unroll}), median of {args.windows} windows"}
-  out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-  print(f"wrote {out}")
+  write_results(args.out, "selector.json", results, sys.argv[1:],
+                f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
+                f"{args.unroll}), median of {args.windows} windows")
 
 
 if __name__ == "__main__":

@@ -98,17 +98,31 @@ def decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax
 # ------------------------------------------------------------------------- Pallas Triton kernel
 
 
+def _split_range(n_keys, block_k: int, num_splits: int):
+  """This program's share [first, end) of the cdiv(n_keys, block_k) key blocks (split = program
+  axis 2), decided at run time so ragged lengths balance across the splits."""
+  n_blocks = pl.cdiv(n_keys, block_k)
+  per_split = pl.cdiv(n_blocks, num_splits)
+  first = pl.program_id(2) * per_split
+  return first, jnp.minimum(first + per_split, n_blocks)
+
+
+def _resolve_config(config) -> DecodeConfig:
+  """The config argument: None -> defaults; anything but a valid DecodeConfig -> ValueError."""
+  config = DecodeConfig() if config is None else config
+  if not isinstance(config, DecodeConfig):
+    raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
+  config.validate()
+  return config
+
+
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int,
                    num_splits: int, scale: float, precision: lax.Precision):
   """Program (b, k, j). len_ref: int32 []; q_ref [R, H]; k_ref / v_ref [S, H] (the whole cache of
   this (b, k), so the split boundaries can follow the run-time length); o_ref f32 [R, H];
   m_ref / l_ref f32 [R]."""
-  split = pl.program_id(2)
   length = len_ref[()]
-  n_blocks = pl.cdiv(length, block_k)
-  per_split = pl.cdiv(n_blocks, num_splits)
-  start = split * per_split
-  end = jnp.minimum(start + per_split, n_blocks)
+  start, end = _split_range(length, block_k, num_splits)
   offsets_T = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
   def load_block(i):
@@ -171,15 +185,11 @@ def _extend_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block
                    precision: lax.Precision):
   """Program (b, k, j). start_ref int32 []; q_ref [R, H]: row r is query head r % group of new
   token r // group (rows from n_tokens * group on are padding); the rest as `_decode_kernel`."""
-  split = pl.program_id(2)
   start = start_ref[()]
   rows_R = lax.broadcasted_iota(jnp.int32, (q_ref.shape[0],), 0)
   # keys visible to each row: its token's position + 1 (padding rows: the last token's)
   row_len_R = start + jnp.minimum(rows_R // group, n_tokens - 1) + 1
-  n_blocks = pl.cdiv(start + n_tokens, block_k)
-  per_split = pl.cdiv(n_blocks, num_splits)
-  first = split * per_split
-  end = jnp.minimum(first + per_split, n_blocks)
+  first, end = _split_range(start + n_tokens, block_k, num_splits)
   offsets_T = lax.broadcasted_iota(jnp.int32, (block_k,), 0)
 
   def load_block(i):
@@ -246,10 +256,7 @@ def extend_attention(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     if st.min() < 0 or st.max() + F > k_BKSH.shape[2]:
       raise ValueError(f"start_B + F must lie in [0, S={k_BKSH.shape[2]}]; got starts in "
                        f"[{st.min()}, {st.max()}] with F={F}")
-  config = DecodeConfig() if config is None else config
-  if not isinstance(config, DecodeConfig):
-    raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
-  config.validate()
+  config = _resolve_config(config)
   if implementation == "auto":
     implementation = _splitk.auto_implementation(H, q_BKFGH.dtype, tpu_available=False)
   if implementation == "pallas_tpu":
@@ -285,10 +292,7 @@ def decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
   """
   _splitk.check_implementation(implementation)
   _splitk.check_decode_args(q_BKGH, k_BKSH, v_BKSH, lengths_B)
-  config = DecodeConfig() if config is None else config
-  if not isinstance(config, DecodeConfig):
-    raise ValueError(f"config must be a DecodeConfig, got {type(config).__name__}")
-  config.validate()
+  config = _resolve_config(config)
   H = q_BKGH.shape[-1]
   if implementation == "auto":
     implementation = _splitk.auto_implementation(H, q_BKGH.dtype, tpu_available=True)
