@@ -54,3 +54,35 @@ def test_bench_extend_smoke(tmp_path):
   positive(rows)
   assert {r["impl"] for r in rows} == {"pallas_triton", "xla"}
   assert all(r["F"] == 4 and r["floor_ms"] > 0 for r in rows)
+
+
+def test_profile_trace_summary_counts_device_events_only():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  from profile_decode import summarize_trace
+  trace = {"traceEvents": [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+      {"ph": "X", "pid": 1, "name": "PjitFunction", "dur": 500.0},
+      {"ph": "X", "pid": 2, "name": "sparse_decode_attention", "dur": 40.0},
+      {"ph": "X", "pid": 2, "name": "sparse_decode_attention", "dur": 44.0},
+      {"ph": "X", "pid": 2, "name": "fusion.3", "dur": 6.0},
+      {"ph": "i", "pid": 2, "name": "marker"},
+  ]}
+  s = summarize_trace(trace, calls=2)
+  assert s["device"] is True
+  assert [(e["name"], e["count"]) for e in s["events"]] == [("sparse_decode_attention", 2), ("fusion.3", 1)]
+  assert s["events"][0]["per_call_us"] == 42.0 and s["sum_per_call_us"] == 45.0
+  # no device process (CPU): every process's events are reported
+  cpu = summarize_trace({"traceEvents": trace["traceEvents"][:1] + trace["traceEvents"][2:3]}, calls=1)
+  assert cpu["device"] is False and cpu["events"][0]["name"] == "PjitFunction"
+
+
+def test_profile_decode_smoke(tmp_path):
+  out = tmp_path / "p.json"
+  cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--interpret", "--batch", "1",
+         "--seq", "2048", "--calls", "2", "--budget-tokens", "256", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads(out.read_text())["results"]
+  assert {"dense", "gate+topk+sparse sparsity=0.9", "gate+topk+sparse budget=256"} <= set(res)
+  assert all(r["events"] and r["sum_per_call_us"] > 0 for r in res.values())

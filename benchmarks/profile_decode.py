@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Per-kernel device time of one sparse decode attention step (gate scores, top-k, the sparse
+kernel, the combine, and every small XLA op between them) from a profiler trace, next to the
+dense kernel and cuDNN: where the microseconds of a step go, which the one-number device time of
+bench_decode.py cannot say.
+
+  python benchmarks/profile_decode.py [--batch 8] [--seq 131072] [--budget-tokens 4096]
+  python benchmarks/profile_decode.py --interpret --batch 1 --seq 2048 --calls 2   # CPU smoke
+
+Runs `--calls` calls (distinct queries) inside one jit under `jax.profiler.trace(create_perfetto_trace=True)`, reads
+the Perfetto JSON and sums the complete ("X") events of the device processes (GPU streams) by
+name; per call = total / calls. On CPU there are no device processes: the host events are
+reported instead (and say little). Writes benchmarks/results/<card>/profile_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import pathlib
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def summarize_trace(trace: dict | list, calls: int, top: int = 40) -> dict:
+  """{"device": bool, "events": [{"name", "count", "total_us", "per_call_us"}...]} from a
+  Perfetto/Chrome trace: complete events of the processes named like a device ("/device:GPU:0",
+  "GPU", "stream"), or of every process if none is."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device_pids = {pid for pid, n in names.items()
+                 if "/device:" in n or "GPU" in n or "gpu" in n or "stream" in n.lower()}
+  use = device_pids or set(names) or {e.get("pid") for e in events}
+  count, total = collections.Counter(), collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in use:
+      count[e["name"]] += 1
+      total[e["name"]] += float(e.get("dur", 0.0))
+  rows = [{"name": n, "count": count[n], "total_us": total[n], "per_call_us": total[n] / max(calls, 1)}
+          for n, _ in total.most_common(top)]
+  return {"device": bool(device_pids), "events": rows,
+          "sum_per_call_us": sum(total.values()) / max(calls, 1)}
+
+
+def profile(fn, qs, rest: tuple) -> dict:
+  """Trace fn(q, *rest) for every q of the stack qs inside one jit (a scan over distinct queries,
+  as the benchmarks time it, so nothing is loop-invariant and hoisted) and summarise the device
+  events per call."""
+  calls = qs.shape[0]
+
+  @jax.jit
+  def many(qs, rest):
+    def body(acc, q):
+      return acc + jnp.sum(fn(q, *rest).astype(jnp.float32)), None
+    return lax.scan(body, jnp.float32(0), qs)[0]
+
+  jax.block_until_ready(many(qs, rest))  # compile + warm up outside the trace
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(many(qs, rest))
+    paths = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+      raise RuntimeError(f"no perfetto_trace.json.gz written under {d}")
+    with gzip.open(paths[0]) as f:
+      return summarize_trace(json.load(f), calls)
+
+
+def main():
+  from bench_decode import D, DTYPE, G, GATE_DIM, HKV
+  from effjax.sparse import gate as gate_lib
+  from pallas_kernels.block_topk import block_topk
+  from pallas_kernels.decode_attention import decode_attention
+  from pallas_kernels.sparse_decode import sparse_decode_attention
+
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=131072)
+  ap.add_argument("--block", type=int, default=64)
+  ap.add_argument("--budget-tokens", type=int, default=4096)
+  ap.add_argument("--sparsity", type=float, default=0.9)
+  ap.add_argument("--calls", type=int, default=64)
+  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  B, S, bs = args.batch, args.seq, args.block
+  nb = S // bs
+  key = jax.random.key(0)
+  qs = jax.random.normal(key, (args.calls, B, HKV, G, D), DTYPE)
+  k = jax.random.normal(jax.random.fold_in(key, 1), (B, HKV, S, D), DTYPE)
+  v = jax.random.normal(jax.random.fold_in(key, 2), (B, HKV, S, D), DTYPE)
+  kc = jax.random.normal(jax.random.fold_in(key, 3), (B, HKV, nb, GATE_DIM), jnp.float32)
+  wq = jax.random.normal(jax.random.fold_in(key, 4), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
+  lengths = jnp.full((B,), S, jnp.int32)
+  impl = "xla" if args.interpret else "pallas_triton"
+
+  def gated(n_sel):
+    def step(q, k, v, kc):
+      scores = gate_lib.gate_logits(wq, q, kc, lengths - 1, 10000.0)
+      idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl)
+      return sparse_decode_attention(q, k, v, lengths, idx, block_size=bs, implementation="pallas_triton",
+                                     interpret=args.interpret, num_live_BK=n_live)
+    return step
+
+  plans = {"dense": lambda q, k, v, kc: decode_attention(q, k, v, lengths, implementation="pallas_triton",
+                                                         interpret=args.interpret),
+           f"gate+topk+sparse sparsity={args.sparsity}": gated(max(2, round((1 - args.sparsity) * nb))),
+           f"gate+topk+sparse budget={args.budget_tokens}": gated(min(nb, args.budget_tokens // bs))}
+  if jax.default_backend() == "gpu":
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    plans["cudnn"] = lambda q, k, v, kc: jax.nn.dot_product_attention(
+        q.reshape(B, 1, HKV * G, D), kt, vt, implementation="cudnn")
+  results = {}
+  for name, fn in plans.items():
+    results[name] = profile(fn, qs, (k, v, kc))
+    r = results[name]
+    print(f"== {name}: {r['sum_per_call_us']:.1f} us of {'device' if r['device'] else 'host'} "
+          f"events per call")
+    for e in r["events"][:12]:
+      print(f"   {e['per_call_us']:9.2f} us  x{e['count'] / args.calls:.0f}  {e['name'][:90]}")
+  card = jax.devices()[0].device_kind.replace(" ", "_")
+  out = pathlib.Path(args.out or f"benchmarks/results/{card}/profile_decode.json")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"meta": {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
+                                      "argv": sys.argv[1:], "B": B, "S": S, "calls": args.calls},
+                             "results": results}, indent=1))
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
