@@ -12,6 +12,9 @@
 #   scoring   bench_scoring.py on configs/base.yaml, seq 1024 (needs ~5 min)
 #   quality   experiments/sparse_quality/run.py (carry "shared_data"; T_quality=560, ~9 min)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
+#   selector  bench_selector.py: gate scores / top-k / both, per call (SELECTOR_ARGS)
+#   extend    bench_extend.py: multi-token (rectification) attention, Triton vs XLA (EXTEND_ARGS)
+#   profile   profile_decode.py: per-kernel device time of a gated sparse step (PROFILE_ARGS)
 #   quality-bg    start the quality run detached (setsid: it outlives this call; GPU memory 60%,
 #                 later jobs of this call allocate on demand), QUALITY_ARGS as for quality
 #   quality-wait  wait (T_quality_wait) for the detached run; copy its log and results to $OUT.
@@ -48,6 +51,12 @@ for job in "$@"; do
     delt-pds1)
       timeout "$T" python3 experiments/delt/run_experiment.py data.source=shared_data/nltk-english-mix delt.reference_source=shared_data/wikitext-2/valid.txt delt.cache_dir=/tmp/delt_cache train.checkpoint_every=1000 train.eval_every=1000 --seeds 1 --conditions pds_folding --out /tmp/delt_pds1 2>&1 | grep -vE "^    (model|DELT|using)"
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
+    selector)
+      timeout "$T" python3 benchmarks/bench_selector.py --out "$OUT/selector.json" ${SELECTOR_ARGS:-} 2>&1 | tee "$OUT/selector.log" | tail -40 ;;
+    extend)
+      timeout "$T" python3 benchmarks/bench_extend.py --out "$OUT/extend.json" ${EXTEND_ARGS:-} 2>&1 | tee "$OUT/extend.log" | tail -20 ;;
+    profile)
+      timeout "$T" python3 benchmarks/profile_decode.py --out "$OUT/profile_decode.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_decode.log" | tail -60 ;;
     quality-bg)
       if [ -f /tmp/sq_bg.pid ] && kill -0 "$(cat /tmp/sq_bg.pid)" 2>/dev/null; then
         echo "quality run already running (pid $(cat /tmp/sq_bg.pid))"
