@@ -170,26 +170,49 @@ def passkey_prompts(n: int, context_tokens: int, seed: int = 0, filler: str | No
   return arr, np.asarray([len(p) for p in prompts], np.int32), keys
 
 
-def retrieval_eval(cfg: Config, params, *, n: int, context_tokens: int, budgets: list[int],
-                   selectors: dict, block_size: int, decode_impl: str = "auto", seed: int = 0) -> dict:
-  """Passkey accuracy (all 5 digits generated greedily) for dense decoding and for each selector
-  (name -> (selector kind, gate params or None)) at each token budget."""
+def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray,
+                     keys: list[str], *, budgets: list[int], selectors: dict, block_size: int,
+                     decode_impl: str = "auto", log=None) -> dict:
+  """Passkey accuracy on given prompts (right-padded tokens, lengths, the keys): the 5 greedily
+  generated tokens must spell the key. Dense decoding, then each selector (name -> (selector
+  kind, gate params or None)) at each token budget. Returns {"accuracy": {"dense": a,
+  "<name>@<budget>": a, ...}, "digit_accuracy": same keys (share of the 5 digits right),
+  "seconds": same keys}; `log` (optional) gets a line per row."""
+  import time
   from effjax import decoding
   from effjax.data import ByteTokenizer
   from effjax.sparse import resa
   tok = ByteTokenizer()
-  prompts, lengths, keys = passkey_prompts(n, context_tokens, seed)
-  toks, lens = jnp.asarray(prompts), jnp.asarray(lengths)
-
-  def acc(out):
-    return float(np.mean([tok.decode(o[:5]) == k for o, k in zip(np.asarray(out), keys)]))
-
+  toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
+  rng = jax.random.key(0)
+  acc, digits, seconds = {}, {}, {}
   kw = dict(max_new_tokens=5, decode_impl=decode_impl)
-  res = {"dense": acc(decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)[0])}
+
+  def score(name, out, t0):
+    got = [tok.decode(o[:5]) for o in np.asarray(jax.block_until_ready(out))]
+    acc[name] = float(np.mean([g == k for g, k in zip(got, keys)]))
+    digits[name] = float(np.mean([sum(a == b for a, b in zip(g, k)) / len(k) for g, k in zip(got, keys)]))
+    seconds[name] = time.perf_counter() - t0
+    if log is not None:
+      log(f"  passkey {name}: accuracy {acc[name]:.3f} (digits {digits[name]:.3f}), {seconds[name]:.1f} s")
+
+  t0 = time.perf_counter()
+  score("dense", decoding.generate(cfg.model, params, toks, lens, rng, **kw)[0], t0)
   for name, (kind, gp) in selectors.items():
     for budget in budgets:
+      t0 = time.perf_counter()
       scfg = resa.SparseConfig(selector=kind, block_size=block_size, budget_tokens=budget,
-                               rectify_every=0, d_gate=64 if gp is None else gp["wq"].shape[-1])
-      out, _ = resa.generate(cfg.model, scfg, params, toks, lens, jax.random.key(0), gp, **kw)
-      res[f"{name}@{budget}"] = acc(out)
-  return res
+                               rectify_every=0, d_gate=64 if gp is None else int(gp["wq"].shape[-1]))
+      score(f"{name}@{budget}", resa.generate(cfg.model, scfg, params, toks, lens, rng, gp, **kw)[0], t0)
+  return {"accuracy": acc, "digit_accuracy": digits, "seconds": seconds}
+
+
+def retrieval_eval(cfg: Config, params, *, n: int, context_tokens: int, budgets: list[int],
+                   selectors: dict, block_size: int, decode_impl: str = "auto", seed: int = 0,
+                   filler: str | None = None) -> dict:
+  """Passkey accuracy (all 5 digits generated greedily) for dense decoding and for each selector
+  (name -> (selector kind, gate params or None)) at each token budget, on `passkey_prompts(n,
+  context_tokens, seed, filler)`: {"dense": a, "<name>@<budget>": a, ...}."""
+  prompts, lengths, keys = passkey_prompts(n, context_tokens, seed, filler=filler)
+  return passkey_accuracy(cfg, params, prompts, lengths, keys, budgets=budgets, selectors=selectors,
+                          block_size=block_size, decode_impl=decode_impl)["accuracy"]

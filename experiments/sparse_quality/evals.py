@@ -6,8 +6,8 @@
              agreement with the dense continuation (the definitions of `evaluation.drift_eval`) and
              how many tokens it follows the dense one before the first difference.
   retrieval  passkey accuracy (all 5 digits, greedy) for dense decoding and each selector at each
-             token budget, on given prompts (`evaluation.retrieval_eval` builds its own prompts with
-             a repetitive filler; this takes any, e.g. real-text haystacks).
+             token budget, on given prompts (`evaluation.passkey_accuracy`, e.g. on real-text
+             haystacks; `evaluation.retrieval_eval` builds its own prompts).
   recall     the share of dense attention probability inside the blocks Quest / the gate choose, per
              budget, at given query positions (teacher-forced: one dense forward, no decoding).
 """
@@ -25,6 +25,7 @@ from effjax import decoding
 from effjax import model as model_lib
 from effjax.config import Config, ModelConfig
 from effjax.data import ByteTokenizer
+from effjax.evaluation import passkey_accuracy
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa, selection
 from effjax.sparse.gate_training import attention_recall
@@ -122,31 +123,10 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
 def retrieval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, keys: list[str],
               *, budgets: list[int], selectors: dict, block_size: int, decode_impl: str = "auto",
               log=print) -> dict:
-  """Passkey accuracy on given prompts, the definition of `evaluation.retrieval_eval`: the 5
-  greedily generated tokens must spell the key. Returns {"accuracy": {"dense": a, "<sel>@<budget>":
-  a, ...}, "digit_accuracy": same keys, share of the 5 digits right, "seconds": same keys}."""
-  tok = ByteTokenizer()
-  toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
-  key = jax.random.key(0)
-  acc, digits, seconds = {}, {}, {}
-
-  def score(name, out, t0):
-    got = [tok.decode(o[:5]) for o in np.asarray(out)]
-    acc[name] = float(np.mean([g == k for g, k in zip(got, keys)]))
-    digits[name] = float(np.mean([sum(a == b for a, b in zip(g, k)) / len(k) for g, k in zip(got, keys)]))
-    seconds[name] = time.perf_counter() - t0
-    log(f"  passkey {name}: accuracy {acc[name]:.3f} (digits {digits[name]:.3f}), {seconds[name]:.1f} s")
-
-  t0 = time.perf_counter()
-  score("dense", _block(decoding.generate(cfg.model, params, toks, lens, key, max_new_tokens=5,
-                                          decode_impl=decode_impl)[0]), t0)
-  for sel, (kind, gp) in selectors.items():
-    for budget in budgets:
-      t0 = time.perf_counter()
-      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget)
-      score(f"{sel}@{budget}", _block(resa.generate(cfg.model, scfg, params, toks, lens, key, gp,
-                                                    max_new_tokens=5, decode_impl=decode_impl)[0]), t0)
-  return {"accuracy": acc, "digit_accuracy": digits, "seconds": seconds}
+  """Passkey accuracy on given prompts (`evaluation.passkey_accuracy`, the definition of
+  `evaluation.retrieval_eval`): {"accuracy", "digit_accuracy", "seconds"} by row."""
+  return passkey_accuracy(cfg, params, prompts_BT, lengths_B, keys, budgets=budgets,
+                          selectors=selectors, block_size=block_size, decode_impl=decode_impl, log=log)
 
 
 # ----------------------------------------------------------------------------------------------
