@@ -73,6 +73,18 @@ def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_param
   return {name: tuple(s_l[name] for s_l in layers) for name in layers[0]}
 
 
+def _refresh_window(cfg: ModelConfig, scfg: SparseConfig, summ_l: dict, k_BKSH, lengths_B,
+                    first_B, nb: int, wk=None) -> dict:
+  """One layer's summaries with blocks [first_b, first_b + nb) of each sequence recomputed from
+  the cache (the rest kept)."""
+  bs = scfg.block_size
+  window = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, nb * bs, axis=1))
+  put = jax.vmap(lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))
+  rel_B = lengths_B - first_B * bs               # valid tokens counted from the window start
+  new = _block_summaries(cfg, scfg, window(k_BKSH, first_B), rel_B, wk, first_B)
+  return {name: put(summ_l[name], new[name], first_B) for name in summ_l}
+
+
 def refresh_summaries(cfg: ModelConfig, scfg: SparseConfig, summ: dict, cache: dict,
                       start_B: jax.Array, n_tokens: int, gate_params=None) -> dict:
   """Summaries after positions [start_b, start_b + n_tokens) of every layer were rewritten (a
@@ -85,31 +97,17 @@ def refresh_summaries(cfg: ModelConfig, scfg: SparseConfig, summ: dict, cache: d
   # window start: the block of each sequence's first rewritten token, clamped so the window stays
   # inside the cache (it then still covers every rewritten block)
   first_B = jnp.clip(start_B // bs, 0, nb_all - nb).astype(jnp.int32)
-  rel_B = cache["lengths"] - first_B * bs        # valid tokens counted from the window start
-  window = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, nb * bs, axis=1))
-  put = jax.vmap(lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))
-  out = {name: [] for name in summ}
-  for i in range(cfg.n_layers):
-    new = _block_summaries(cfg, scfg, window(cache["k"][i], first_B), rel_B,
-                           None if gate_params is None else gate_params["wk"][i], first_B)
-    for name in summ:
-      out[name].append(put(summ[name][i], new[name], first_B))
-  return {name: tuple(v) for name, v in out.items()}
+  layers = [_refresh_window(cfg, scfg, {name: summ[name][i] for name in summ}, cache["k"][i],
+                            cache["lengths"], first_B, nb,
+                            None if gate_params is None else gate_params["wk"][i])
+            for i in range(cfg.n_layers)]
+  return {name: tuple(s_l[name] for s_l in layers) for name in summ}
 
 
 def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> dict:
   """Recomputes the summary of the block holding each sequence's newest token."""
-  bs = scfg.block_size
-  blk = (lengths_B - 1) // bs
-  sl = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, bs, axis=1))(k_cache_BKSH, blk)
-  rel = lengths_B - blk * bs                                            # valid tokens in the block
-  put = lambda dst, new: jax.vmap(
-      lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))(dst, new, blk)
-  if scfg.selector == "quest":
-    kmin, kmax = selection.block_minmax(sl, rel, bs)                     # [B, K, 1, H]
-    return {"kmin": put(summ_l["kmin"], kmin), "kmax": put(summ_l["kmax"], kmax)}
-  kc = gate_lib.compress_blocks(wk, sl, rel, bs, cfg.rope_theta, first_block_B=blk)
-  return {"kc": put(summ_l["kc"], kc)}
+  blk = ((lengths_B - 1) // scfg.block_size).astype(jnp.int32)
+  return _refresh_window(cfg, scfg, summ_l, k_cache_BKSH, lengths_B, blk, 1, wk)
 
 
 def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_B, wq=None,
