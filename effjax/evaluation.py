@@ -106,17 +106,40 @@ def sample(cfg: Config, params, prompt: str, num: int, length: int, temperature:
 # decoding evaluations: drift of sparse decoding, and retrieval
 
 
-def continuation_nll(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray,
-                     cont_BN: np.ndarray) -> np.ndarray:
-  """Dense model's mean per-token NLL (nats) of each continuation given its prompt: float [B]."""
+@partial(jax.jit, static_argnames=("mcfg", "n"))
+def _continuation_nll_rows(mcfg: ModelConfig, params, seq_BL, start_B, n: int):
+  """Mean NLL of tokens seq[b, start_b : start_b + n] given everything before them: float [B]."""
+  logits_BLV = model_lib.apply(mcfg, params, seq_BL[:, :-1])
+  pos_BN = start_B[:, None] + jnp.arange(n)[None]
+  lp_BNV = jax.nn.log_softmax(
+      jnp.take_along_axis(logits_BLV, (pos_BN - 1)[..., None], axis=1).astype(jnp.float32), axis=-1)
+  tgt_BN = jnp.take_along_axis(seq_BL, pos_BN, axis=1)
+  return -jnp.mean(jnp.take_along_axis(lp_BNV, tgt_BN[..., None], axis=-1)[..., 0], axis=-1)
+
+
+def continuation_nll(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
+                     lengths_B: np.ndarray, cont_BN: np.ndarray, chunk: int = 8) -> np.ndarray:
+  """Dense model's mean per-token NLL (nats) of each continuation given its prompt (the first
+  lengths_b tokens of row b): float [B]. Rows are right-padded to one length and run `chunk` at a
+  time through one jitted forward (causal, so the padding after a row's tokens changes nothing)."""
+  mcfg = cfg.model if isinstance(cfg, Config) else cfg
   B, N = cont_BN.shape
-  nll = []
+  lengths_B = np.asarray(lengths_B, np.int32)
+  if np.any(lengths_B < 1):
+    raise ValueError("continuation_nll needs prompts of at least one token")
+  seq = np.zeros((B, int(lengths_B.max()) + N), np.int32)
   for b in range(B):
-    seq = np.concatenate([prompts_BT[b, :lengths_B[b]], cont_BN[b]])[None]
-    logits = model_lib.apply(cfg.model, params, jnp.asarray(seq[:, :-1]))[0]
-    lp = jax.nn.log_softmax(logits[-N:].astype(jnp.float32), axis=-1)
-    nll.append(-float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(cont_BN[b])[:, None], 1))))
-  return np.asarray(nll)
+    seq[b, :lengths_B[b]] = prompts_BT[b, :lengths_B[b]]
+    seq[b, lengths_B[b]:lengths_B[b] + N] = cont_BN[b]
+  out = []
+  for s in range(0, B, chunk):
+    part, start = seq[s:s + chunk], lengths_B[s:s + chunk]
+    pad = chunk - len(part) if B > chunk else 0      # one compiled shape for every chunk
+    if pad:
+      part, start = np.concatenate([part, part[-1:].repeat(pad, 0)]), np.concatenate([start, start[-1:].repeat(pad)])
+    nll = _continuation_nll_rows(mcfg, params, jnp.asarray(part), jnp.asarray(start), N)
+    out.append(np.asarray(nll)[:len(part) - pad])
+  return np.concatenate(out)
 
 
 def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, *,

@@ -235,9 +235,15 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   tight = dataclasses.replace(full, budget_tokens=32)
   d2 = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=16, scfg=tight, decode_impl="xla")
   assert set(d2) == {"dense", "sparse", "sparse+rectify(f=8)"}
-  # the host NLL helper agrees with a direct computation
-  nll = evaluation.continuation_nll(cfg, params, prompts, lengths, prompts[:, :4])
-  assert nll.shape == (3,) and np.all(nll > 0)
+  # the batched NLL helper (ragged prompts, chunks with padding) equals one forward per sequence
+  rag = np.array([32, 7, 20], np.int32)
+  cont = random_batch(3, 5, 11)
+  nll = evaluation.continuation_nll(cfg, params, prompts, rag, cont, chunk=2)
+  for b in range(3):
+    seq = np.concatenate([prompts[b, :rag[b]], cont[b]])[None]
+    lp = jax.nn.log_softmax(apply(cfg.model, params, jnp.asarray(seq[:, :-1]))[0, -5:], axis=-1)
+    want = -float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(cont[b])[:, None], 1)))
+    assert abs(nll[b] - want) < 1e-5, (b, nll[b], want)
   p, lens, keys = evaluation.passkey_prompts(4, 200, seed=1)
   from effjax.data import ByteTokenizer
   for row, n, k in zip(p, lens, keys):

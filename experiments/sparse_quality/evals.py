@@ -22,10 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from effjax import decoding
-from effjax import model as model_lib
 from effjax.config import Config, ModelConfig
 from effjax.data import ByteTokenizer
-from effjax.evaluation import passkey_accuracy
+from effjax.evaluation import continuation_nll, passkey_accuracy
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa, selection
 from effjax.sparse.gate_training import attention_recall
@@ -46,27 +45,12 @@ def sparse_config(kind: str, gate_params, *, block_size: int, budget: int,
 # drift
 
 
-@functools.partial(jax.jit, static_argnames=("mcfg", "n"))
-def _continuation_nll(mcfg: ModelConfig, params, seq_BL, n: int):
-  logits_BNV = model_lib.apply(mcfg, params, seq_BL[:, :-1])[:, -n:]
-  lp_BNV = jax.nn.log_softmax(logits_BNV.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(lp_BNV, seq_BL[:, -n:, None], axis=-1)[..., 0], axis=-1)
-
-
 def dense_nll(mcfg: ModelConfig, params, prompts_BT: np.ndarray, cont_BN: np.ndarray,
               chunk: int = 8) -> np.ndarray:
-  """Dense model's mean per-token NLL (nats) of each continuation given its prompt: float [B].
-  `evaluation.continuation_nll` for prompts of one length, batched (chunk sequences per jitted
-  forward) instead of one eager forward per sequence."""
-  seq = np.concatenate([prompts_BT, cont_BN], axis=1).astype(np.int32)
-  out = []
-  for s in range(0, len(seq), chunk):
-    part = seq[s:s + chunk]
-    pad = chunk - len(part) if len(seq) > chunk else 0   # one compiled shape for every chunk
-    if pad:
-      part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-    out.append(np.asarray(_continuation_nll(mcfg, params, jnp.asarray(part), cont_BN.shape[1]))[:chunk - pad])
-  return np.concatenate(out)
+  """Dense model's mean per-token NLL (nats) of each continuation given its (full-length) prompt:
+  float [B] (`evaluation.continuation_nll`)."""
+  lengths = np.full((len(prompts_BT),), prompts_BT.shape[1], np.int32)
+  return continuation_nll(mcfg, params, prompts_BT, lengths, cont_BN, chunk=chunk)
 
 
 def first_divergence(cont_BN: np.ndarray, ref_BN: np.ndarray) -> np.ndarray:
