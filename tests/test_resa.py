@@ -226,3 +226,30 @@ def test_refreshed_summaries_after_rectification_equal_a_full_recompute(selector
     for b in range(2):
       chex.assert_trees_all_close(valid(refreshed[key], b), valid(full[key], b), rtol=1e-5, atol=1e-5)
       chex.assert_shape(refreshed[key][0], full[key][0].shape)
+
+
+def test_bfloat16_gate_cache_keeps_its_dtype_and_nearly_the_same_choice():
+  """gate_cache_dtype="bfloat16": the K-compression cache is stored (and kept through decode
+  steps) in bf16; the blocks it picks are those of the f32 cache but for near-ties."""
+  params, toks, lengths = setup(4)
+  # block 8, budget 3 blocks of the 6 / 5 the sequences fill: one real choice besides the forced two
+  base = resa.SparseConfig(selector="gate", block_size=8, budget_tokens=24, d_gate=16)
+  gp = gate_lib.init_gate_params(CFG, base.gate, jax.random.key(5))
+  picks = {}
+  for dt in ("float32", "bfloat16"):
+    scfg = dataclasses.replace(base, gate_cache_dtype=dt)
+    cache = decoding.init_cache(CFG, 2, 80, jnp.float32)
+    _, cache = decoding.prefill(CFG, params, toks, lengths, cache)
+    summ = resa.init_summaries(CFG, scfg, cache, gp)
+    for t in range(6):
+      _, cache, summ = resa.sparse_decode_step(CFG, scfg, params, cache, summ,
+                                               jnp.asarray([t + 1, t + 7]), gp, decode_impl="xla")
+    assert all(kc.dtype == jnp.dtype(dt) for kc in summ["kc"])
+    q = jax.random.normal(jax.random.key(9), (2, 2, 2, CFG.hd))
+    idx, _ = resa._select(scfg, CFG, {"kc": summ["kc"][0]}, q, cache["lengths"], gp["wq"][0],
+                          decode_impl="xla")
+    picks[dt] = np.asarray(idx)
+  agree = np.mean(picks["float32"] == picks["bfloat16"])
+  assert agree >= 0.9, (agree, picks)
+  with pytest.raises(ValueError, match="gate_cache_dtype"):
+    resa.SparseConfig(selector="gate", gate_cache_dtype="float16")

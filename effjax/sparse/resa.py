@@ -34,8 +34,12 @@ class SparseConfig:
   threshold: float = 0.0           # gate only: > 0 selects by gate probability (capped by the budget)
   rectify_every: int = 32          # ReSA f; 0 = never rectify
   d_gate: int = 64
+  gate_cache_dtype: str = "float32"  # K-compression cache storage: float32 | bfloat16 (half the
+                                     # bytes a step's gate scores read; scores still in float32)
 
   def __post_init__(self):
+    if self.gate_cache_dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"gate_cache_dtype must be float32|bfloat16, got {self.gate_cache_dtype!r}")
     if self.selector not in ("quest", "gate"):
       raise ValueError(f"selector must be quest|gate, got {self.selector!r}")
     if self.budget_tokens // self.block_size < 2:
@@ -56,12 +60,12 @@ def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk
                      first_block_B=None) -> dict:
   """One layer's summaries of the blocks of k_BKSH -- the cache, or a slice of it that starts at
   block first_block_B (lengths then count from the slice start): {"kmin", "kmax": [B, K, nb, H]}
-  (k's dtype) or {"kc": float32 [B, K, nb, Dg]}."""
+  (k's dtype) or {"kc": [B, K, nb, Dg] in scfg.gate_cache_dtype}."""
   if scfg.selector == "quest":
     kmin, kmax = selection.block_minmax(k_BKSH, lengths_B, scfg.block_size)
     return {"kmin": kmin, "kmax": kmax}
   return {"kc": gate_lib.compress_blocks(wk, k_BKSH, lengths_B, scfg.block_size, cfg.rope_theta,
-                                         first_block_B=first_block_B)}
+                                         first_block_B=first_block_B).astype(scfg.gate_cache_dtype)}
 
 
 def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
