@@ -10,7 +10,7 @@
 #   tune      tune_decode.py: launch-parameter grid of both decode kernels + selector costs
 #   generate  bench_generate.py: end-to-end decode tokens/s at 32K context (GENERATE_ARGS)
 #   scoring   bench_scoring.py on configs/base.yaml, seq 1024 (needs ~5 min)
-#   quality   experiments/sparse_quality/run.py (carry "shared_data"; T_quality=560, ~9 min)
+#   quality   experiments/sparse_quality/run.py (carry "shared_data"; ~12 min: use quality-bg / quality-wait)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
 #   selector  bench_selector.py: gate scores / top-k / both, per call (SELECTOR_ARGS)
 #   extend    bench_extend.py: multi-token (rectification) attention, Triton vs XLA (EXTEND_ARGS)
@@ -47,7 +47,7 @@ for job in "$@"; do
     generate)
       timeout "$T" python3 benchmarks/bench_generate.py ${GENERATE_ARGS:-} --out "$OUT/generate.json" 2>&1 | tee "$OUT/bench_generate.log" ;;
     quality)
-      timeout "$T" python3 experiments/sparse_quality/run.py --out /tmp/sparse_quality --results-dir "$OUT" ${QUALITY_ARGS:---steps 2000 --batch 16 --seq 4096 --train-seconds 260} 2>&1 | tail -80 ;;
+      timeout "$T" python3 experiments/sparse_quality/run.py --out /tmp/sparse_quality --results-dir "$OUT" ${QUALITY_ARGS:---steps 9000 --batch 16 --seq 4096} 2>&1 | tail -80 ;;
     delt-pds1)
       timeout "$T" python3 experiments/delt/run_experiment.py data.source=shared_data/nltk-english-mix delt.reference_source=shared_data/wikitext-2/valid.txt delt.cache_dir=/tmp/delt_cache train.checkpoint_every=1000 train.eval_every=1000 --seeds 1 --conditions pds_folding --out /tmp/delt_pds1 2>&1 | grep -vE "^    (model|DELT|using)"
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
@@ -63,7 +63,7 @@ for job in "$@"; do
       else
         rm -f /tmp/sq_bg.rc
         XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 setsid nohup bash -c "python3 experiments/sparse_quality/run.py \
-          --out /tmp/sparse_quality --results-dir /tmp/sq_results ${QUALITY_ARGS:---steps 2000 --batch 16 --seq 4096 --train-seconds 260} \
+          --out /tmp/sparse_quality --results-dir /tmp/sq_results ${QUALITY_ARGS:---steps 9000 --batch 16 --seq 4096} \
           > /tmp/sq_bg.log 2>&1; echo \$? > /tmp/sq_bg.rc" > /dev/null 2>&1 &
         echo $! > /tmp/sq_bg.pid
         echo "quality run started in the background (log /tmp/sq_bg.log)"

@@ -11,8 +11,8 @@ the SeerAttention-R gate vs Quest.
 Phases (each skipped when its outputs exist in --out, so re-running resumes; --force PHASE redoes
 it and every later one):
   data    <out>/data/train.jsonl: documents of exactly seq-1 bytes (one document = one training
-          row): windows of real text, 20% passkey documents (a real-text haystack, the needle at a
-          random depth, the question and the answer at the end) and 20% copy documents (real text
+          row): windows of real text, 30% passkey documents (a real-text haystack, the needle at a
+          random depth, the question and the answer at the end) and 30% copy documents (real text
           and random codes with copies of their own earlier stretches at random distances: a dense
           signal for the content-based look-up retrieval needs); <out>/data/heldout.txt: held-out
           real text (drift prompts, real-text haystacks for retrieval).
@@ -52,7 +52,7 @@ import numpy as np
 PHASES = ("data", "train", "gate", "eval", "report")
 
 # Defaults sized for one H100 (see README.md), and the --smoke sizes (2 CPU cores, ~1 minute).
-FULL = dict(steps=2000, batch=16, seq=4096, valid_docs=64, gate_steps=300,
+FULL = dict(steps=9000, batch=16, seq=4096, valid_docs=64, gate_steps=300,
             gate_batch=8, gate_queries=16, gate_seqs=1024, block_size=64, d_gate=64,
             budgets=[128, 256, 512, 1024], retrieval_n=64, drift_n=16, new_tokens=512,
             rectify=[32, 16], recall_n=8)
@@ -92,8 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--corpus", nargs="+", default=None,
                  help="real-text sources (default: nltk-english-mix and wikitext-2/valid.txt from "
                       "shared_data/ or ../shared/data/)")
-  g.add_argument("--passkey-frac", type=float, default=0.2, help="share of passkey documents")
-  g.add_argument("--copy-frac", type=float, default=0.2,
+  g.add_argument("--passkey-frac", type=float, default=0.3, help="share of passkey documents")
+  g.add_argument("--copy-frac", type=float, default=0.3,
                  help="share of documents of real text with copies of its own earlier stretches")
   g.add_argument("--synthetic-filler-frac", type=float, default=0.25,
                  help="share of passkey documents whose haystack is passkey_prompts' repetitive filler")
