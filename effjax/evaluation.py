@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import pathlib
+import time
 from functools import partial
 
 import jax
@@ -201,7 +202,6 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
   kind, gate params or None)) at each token budget. Returns {"accuracy": {"dense": a,
   "<name>@<budget>": a, ...}, "digit_accuracy": same keys (share of the 5 digits right),
   "seconds": same keys}; `log` (optional) gets a line per row."""
-  import time
   from effjax import decoding
   from effjax.data import ByteTokenizer
   from effjax.sparse import resa

@@ -247,9 +247,9 @@ def check_implementation(implementation: str) -> None:
 
 
 def check_decode_args(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
-                      lengths_B: jax.Array) -> None:
+                      lengths_B: jax.Array | None) -> None:
   """Shape / dtype checks shared by the decode ops (work on tracers; only static properties,
-  plus value checks when lengths_B is concrete)."""
+  plus value checks when lengths_B is concrete; lengths_B None skips them)."""
   for name, x in (("q_BKGH", q_BKGH), ("k_BKSH", k_BKSH), ("v_BKSH", v_BKSH)):
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"{name} must be 4-D [B, K, ., H], got shape {getattr(x, 'shape', None)}")
@@ -266,14 +266,21 @@ def check_decode_args(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     raise ValueError(f"k_BKSH {k_BKSH.shape} must be [B, K, S, H] matching q_BKGH {q_BKGH.shape}")
   if min(B, K, G, H, k_BKSH.shape[2]) < 1:
     raise ValueError(f"empty dimension: q_BKGH {q_BKGH.shape}, k_BKSH {k_BKSH.shape}")
-  if getattr(lengths_B, "shape", None) != (B,):
-    raise ValueError(f"lengths_B must have shape [B]={B,}, got {getattr(lengths_B, 'shape', None)}")
-  if not jnp.issubdtype(lengths_B.dtype, jnp.integer):
-    raise ValueError(f"lengths_B must be an integer array, got {lengths_B.dtype}")
-  if not isinstance(lengths_B, jax.core.Tracer):
-    lv = np.asarray(lengths_B)
-    if lv.min() < 0 or lv.max() > k_BKSH.shape[2]:
-      raise ValueError(f"lengths_B must lie in [0, S={k_BKSH.shape[2]}], got {lv.tolist()}")
+  if lengths_B is not None:
+    check_positions("lengths_B", lengths_B, B, k_BKSH.shape[2], "S")
+
+
+def check_positions(name: str, x_B, batch: int, high: int, high_name: str) -> None:
+  """x_B: an integer [batch] array; when concrete, every entry in [0, high] (high_name says what
+  high is in the message, e.g. "S" or "S - F")."""
+  if getattr(x_B, "shape", None) != (batch,):
+    raise ValueError(f"{name} must have shape [B]={batch,}, got {getattr(x_B, 'shape', None)}")
+  if not jnp.issubdtype(x_B.dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got {x_B.dtype}")
+  if not isinstance(x_B, jax.core.Tracer):
+    xv = np.asarray(x_B)
+    if xv.min() < 0 or xv.max() > high:
+      raise ValueError(f"{name} must lie in [0, {high_name}={high}], got {xv.tolist()}")
 
 
 def triton_supported(head_dim: int, dtype) -> str | None:

@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
@@ -237,6 +236,8 @@ def extend_attention(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
     k_BKSH, v_BKSH: [B, K, S, H] cache (same dtype as q) holding at least start_b + F tokens.
     start_B: int [B], position of each sequence's first new token (start_b + F <= S).
     implementation: "auto" (pallas_triton on GPU, else xla) | "xla" | "pallas_triton".
+    config: DecodeConfig for the Triton kernel; a num_warps left at its default (4) becomes 8
+      when F x G is 33 rows or more (the [rows, H] accumulators need the registers).
 
   Returns:
     [B, K, F, G, H] in q's dtype; token f attends to keys [0, start_b + f] (f32 softmax).
@@ -245,17 +246,8 @@ def extend_attention(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
   if q_BKFGH.ndim != 5:
     raise ValueError(f"q_BKFGH must be 5-D [B, K, F, G, H], got shape {q_BKFGH.shape}")
   B, K, F, G, H = q_BKFGH.shape
-  _splitk.check_decode_args(q_BKFGH.reshape(B, K, F * G, H), k_BKSH, v_BKSH,
-                            jnp.zeros((B,), jnp.int32))
-  if getattr(start_B, "shape", None) != (B,):
-    raise ValueError(f"start_B must have shape [B]=({B},), got {getattr(start_B, 'shape', None)}")
-  if not jnp.issubdtype(start_B.dtype, jnp.integer):
-    raise ValueError(f"start_B must be an integer array, got {start_B.dtype}")
-  if not isinstance(start_B, jax.core.Tracer):
-    st = np.asarray(start_B)
-    if st.min() < 0 or st.max() + F > k_BKSH.shape[2]:
-      raise ValueError(f"start_B + F must lie in [0, S={k_BKSH.shape[2]}]; got starts in "
-                       f"[{st.min()}, {st.max()}] with F={F}")
+  _splitk.check_decode_args(q_BKFGH.reshape(B, K, F * G, H), k_BKSH, v_BKSH, None)
+  _splitk.check_positions("start_B", start_B, B, k_BKSH.shape[2] - F, "S - F")
   config = _resolve_config(config)
   if implementation == "auto":
     implementation = _splitk.auto_implementation(H, q_BKFGH.dtype, tpu_available=False)

@@ -94,7 +94,7 @@ def test_validates():
     extend_attention(q[:, :, 0], k, v, jnp.asarray([0]))
   with pytest.raises(ValueError, match="start_B must have shape"):
     extend_attention(q, k, v, jnp.asarray([0, 1]))
-  with pytest.raises(ValueError, match=r"start_B \+ F must lie in"):
+  with pytest.raises(ValueError, match=r"start_B must lie in \[0, S - F=60\]"):
     extend_attention(q, k, v, jnp.asarray([61]))
   with pytest.raises(ValueError, match="start_B must be an integer"):
     extend_attention(q, k, v, jnp.asarray([0.0]))
