@@ -28,17 +28,17 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+import devtime
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
@@ -47,7 +47,6 @@ from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_atten
 HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
 DTYPE = jnp.bfloat16
-FLOOR_TBPS = 3.0
 GATE_DIM = 64
 
 
@@ -66,26 +65,21 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
   """Median seconds per `call(x, cache)` over windows; each window is one jit running every x in
   xs (a lax.scan unrolled `unroll` times) against every cache (unrolled). The fixed cost of a
   window (dispatch, the final sync) and of each loop trip is spread over the calls: more calls
-  per jit and fewer trips measure the calls themselves more closely."""
-  n_x = jax.tree.leaves(xs)[0].shape[0]
+  per jit and fewer trips measure the calls themselves more closely (devtime.py)."""
+  return devtime.wall_seconds(devtime.build_many(call, xs, caches, unroll), xs, caches, windows)
 
-  @jax.jit
-  def many(xs, caches):
-    def body(acc, x):
-      for c in caches:
-        acc = acc + call(x, c).astype(jnp.float32)
-      return acc, None
-    # Summing the outputs keeps every call live at the cost of one [B, K, G, H] add per call.
-    out = jax.eval_shape(call, jax.tree.map(lambda a: a[0], xs), caches[0])
-    return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs, unroll=unroll)[0]
 
-  jax.block_until_ready(many(xs, caches))  # compile + warm up
-  ts = []
-  for _ in range(windows):
-    t0 = time.perf_counter()
-    jax.block_until_ready(many(xs, caches))
-    ts.append((time.perf_counter() - t0) / (n_x * len(caches)))
-  return statistics.median(ts)
+def measure(call, xs, caches, windows: int, unroll: int, trace: bool) -> dict:
+  """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
+  the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call)...]} (devtime.py)."""
+  many = devtime.build_many(call, xs, caches, unroll)
+  out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
+  if trace:
+    t = devtime.trace_summary(many, (xs, caches), devtime.n_calls(xs, caches))
+    out.update(busy_s=t["busy_us_per_call"] * 1e-6, span_s=t["span_us_per_call"] * 1e-6,
+               on_device=t["device"],
+               kernels=[(e["name"][:80], round(e["per_call_us"], 3)) for e in t["events"][:8]])
+  return out
 
 
 def add_harness_args(ap, *, batches: str, seqs: str, calls: int, copies: int) -> None:
@@ -141,8 +135,13 @@ def main():
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
   ap.add_argument("--no-sparse", action="store_true")
   ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
-  ap.add_argument("--gate-dtype", default="float32", choices=("float32", "bfloat16"),
-                  help="K-compression cache dtype in the gate rows (effjax.sparse keeps float32)")
+  ap.add_argument("--gate-dtypes", default="float32",
+                  help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
+                       "bfloat16; effjax.sparse keeps float32 by default)")
+  ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
+                  help="also time every row from a profiler trace (default: on a GPU)")
+  ap.add_argument("--floor-tbps", type=float, default=None,
+                  help="bandwidth of the byte floor (default: measured copy bandwidth on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
@@ -152,6 +151,7 @@ def main():
   dev = jax.devices()[0]
   card = dev.device_kind.replace(" ", "_")
   on_gpu = jax.default_backend() == "gpu"
+  trace = on_gpu if args.trace is None else args.trace
   limit = device_bytes_limit()
   dense_cfg = DecodeConfig(block_k=args.block_k, num_splits=args.num_splits,
                            num_warps=args.num_warps, num_stages=args.num_stages)
@@ -159,11 +159,14 @@ def main():
                                   num_stages=args.num_stages)
   rng = np.random.default_rng(0)
   results = []
+  floor_tbps, floor_src = devtime.floor_bandwidth(args.floor_tbps)
+  print(f"floor bandwidth {floor_tbps:.2f} TB/s ({floor_src})", flush=True)
 
   def record(row):
     results.append(row)
-    keep = {k: row[k] for k in row if k in ("B", "S", "impl", "plan", "ms", "GBps_effective",
-                                              "frac_of_floor", "speedup_vs_cudnn", "skipped")}
+    keep = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+            if k in ("B", "S", "impl", "plan", "ms", "trace_busy_ms", "frac_of_floor",
+                     "speedup_vs_cudnn", "trace_speedup_vs_cudnn", "skipped")}
     print(json.dumps(keep), flush=True)
 
   out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
@@ -173,10 +176,12 @@ def main():
       "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
       "timing": (f"device time: one jit of {args.calls} calls = lax.scan (unroll {args.unroll}) "
                  f"over distinct queries (and block sets) x unrolled loop over distinct caches; "
-                 f"jit wall time / calls; median of "
-                 f"{args.windows} windows after a warm-up call"),
-      "floor": f"K/V bytes read at {FLOOR_TBPS} TB/s", "interpret": args.interpret,
-      "argv": sys.argv[1:],
+                 f"`ms` = jit wall time / calls, median of {args.windows} windows after a "
+                 f"warm-up call" + ("; `trace_busy_ms` / `trace_span_ms` = the same jit under "
+                                    "jax.profiler: kernel time summed over the GPU stream lines "
+                                    "/ first start to last end, per call" if trace else "")),
+      "floor": f"K/V (+ gate cache) bytes read at {floor_tbps:.3f} TB/s ({floor_src})",
+      "floor_tbps": floor_tbps, "interpret": args.interpret, "argv": sys.argv[1:],
   }
 
   def save():  # after every shape too: a run cut short by a time limit keeps what it measured
@@ -198,15 +203,27 @@ def main():
       qs = jax.random.normal(keys[0], (n_q, B, HKV, G, D), DTYPE)
       lengths = jnp.full((B,), S, jnp.int32)
       common = {**base, "copies": copies, "calls_per_jit": n_q * copies}
+      cudnn = {}
 
-      def row(impl, seconds, bytes_read, **extra):
-        floor = bytes_read / (FLOOR_TBPS * 1e12)
-        return {**common, "impl": impl, **extra, "ms": seconds * 1e3, "bytes_read": bytes_read,
-                "floor_ms": floor * 1e3, "GBps_effective": bytes_read / seconds / 1e9,
-                "frac_of_floor": floor / seconds}
+      def timed(impl, call, xs, caches, bytes_read, **extra):
+        m = measure(call, xs, caches, args.windows, args.unroll, trace)
+        floor = bytes_read / (floor_tbps * 1e12)
+        r = {**common, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
+             "floor_ms": floor * 1e3, "GBps_effective": bytes_read / m["s"] / 1e9,
+             "frac_of_floor": floor / m["s"]}
+        if trace:
+          r.update(trace_busy_ms=m["busy_s"] * 1e3, trace_span_ms=m["span_s"] * 1e3,
+                   trace_on_device=m["on_device"], kernels=m["kernels"],
+                   trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
+        if impl == "cudnn":
+          cudnn.update(m)
+        elif cudnn and bytes_read:
+          r["speedup_vs_cudnn"] = cudnn["s"] / m["s"]
+          if trace and m["busy_s"]:
+            r["trace_speedup_vs_cudnn"] = cudnn["busy_s"] / m["busy_s"]
+        record(r)
 
       # ---- cuDNN first (its own [B, S, K, H] caches, freed before ours are made).
-      cudnn_s = None
       if on_gpu:
         try:
           kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, S, HKV, D), DTYPE),
@@ -216,8 +233,7 @@ def main():
             o = jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1], implementation="cudnn")
             return o.reshape(B, HKV, G, D)
 
-          cudnn_s = time_calls(cudnn_call, qs, kv, args.windows, args.unroll)
-          record(row("cudnn", cudnn_s, cache_bytes))
+          timed("cudnn", cudnn_call, qs, kv, cache_bytes)
           del kv
         except Exception as e:  # report, keep going: the Pallas numbers are still useful
           record({**common, "impl": "cudnn", "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
@@ -227,76 +243,69 @@ def main():
       kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, HKV, S, D), DTYPE),
                   jax.random.normal(keys[2 + 2 * c], (B, HKV, S, D), DTYPE)) for c in range(copies))
 
-      def speedup(r):
-        if cudnn_s is not None:
-          r["speedup_vs_cudnn"] = cudnn_s * 1e3 / r["ms"]
-        return r
-
       def dense_call(impl):
         return lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation=impl,
                                              interpret=args.interpret, config=dense_cfg)
 
       # What the harness itself costs per call (slice a query, add it to the accumulator): the
       # part of every row below that no kernel can remove; it matters at the small shapes.
-      s = time_calls(lambda q, c: q, qs, kv, args.windows, args.unroll)
-      record(row("harness_overhead", s, 0))
-      s = time_calls(dense_call("pallas_triton"), qs, kv, args.windows, args.unroll)
-      record(speedup(row("pallas_triton", s, cache_bytes, config=repr(dense_cfg))))
+      timed("harness_overhead", lambda q, c: q, qs, kv, 0)
+      timed("pallas_triton", dense_call("pallas_triton"), qs, kv, cache_bytes,
+            config=repr(dense_cfg))
       if not args.no_xla:
         # The reference materialises f32 scores and a f32 view of V.
         need = B * HKV * S * (D * 4 + G * 8)
         if limit is not None and copies * cache_bytes + need > 0.9 * limit:
           record({**common, "impl": "xla", "skipped": "reference temporaries exceed device memory"})
         else:
-          s = time_calls(dense_call("xla"), qs, kv, args.windows, args.unroll)
-          record(speedup(row("xla", s, cache_bytes)))
+          timed("xla", dense_call("xla"), qs, kv, cache_bytes)
 
       if not args.no_sparse:
         bs = args.sparse_block
         n_blocks = S // bs
         plans = [(f"sparsity={sp}", sp, max(1, round((1 - sp) * n_blocks)))
-                 for sp in (float(x) for x in args.sparsities.split(","))]
-        plans.append((f"budget={args.budget_tokens}", None, min(n_blocks, args.budget_tokens // bs)))
+                 for sp in (float(x) for x in args.sparsities.split(",") if x)]
+        if args.budget_tokens:
+          plans.append((f"budget={args.budget_tokens}", None,
+                        min(n_blocks, args.budget_tokens // bs)))
         for label, sp, n_sel in plans:
           idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
           xs = (qs, jnp.asarray(idx))
+          plan = dict(plan=label, sparsity=sp, block_size=bs, blocks_selected=n_sel,
+                      blocks_total=n_blocks, config=repr(sparse_cfg))
 
           def sparse_call(x, c):
             return sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
                                            implementation="pallas_triton", interpret=args.interpret,
                                            config=sparse_cfg)
 
-          s = time_calls(sparse_call, xs, kv, args.windows, args.unroll)
           sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
-          record(speedup(row("pallas_triton_sparse", s, sel_bytes, plan=label, sparsity=sp,
-                             block_size=bs, blocks_selected=n_sel, blocks_total=n_blocks,
-                             config=repr(sparse_cfg))))
+          timed("pallas_triton_sparse", sparse_call, xs, kv, sel_bytes, **plan)
           if args.no_selector:
             continue
           # The whole sparse attention of a decode step: the SeerAttention-R gate's scores over
-          # its K-compression cache (Dg = 64, f32, one row per block), top-k block selection
+          # its K-compression cache (Dg = 64, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
-          kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
-                                       jnp.float32).astype(args.gate_dtype) for c in range(copies))
-          wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
           impl = "xla" if args.interpret else "pallas_triton"
+          wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
+          for gate_dtype in args.gate_dtypes.split(","):
+            kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
+                                         jnp.float32).astype(gate_dtype) for c in range(copies))
 
-          def gated_call(q, c):
-            scores = gate_lib.gate_logits(wq, q, c[2], lengths - 1, 10000.0)
-            idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
-                                     interpret=args.interpret)
-            return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
-                                           implementation="pallas_triton", interpret=args.interpret,
-                                           config=sparse_cfg, num_live_BK=n_live)
+            def gated_call(q, c):
+              scores = gate_lib.gate_logits(wq, q, c[2], lengths - 1, 10000.0)
+              idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
+                                       interpret=args.interpret)
+              return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
+                                             implementation="pallas_triton",
+                                             interpret=args.interpret, config=sparse_cfg,
+                                             num_live_BK=n_live)
 
-          s = time_calls(gated_call, qs, tuple((a, b, g) for (a, b), g in zip(kv, kc)), args.windows,
-                         args.unroll)
-          gate_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(args.gate_dtype).itemsize
-          record(speedup(row("gate+topk+pallas_triton_sparse", s, sel_bytes + gate_bytes, plan=label,
-                             sparsity=sp, block_size=bs, blocks_selected=n_sel,
-                             blocks_total=n_blocks, gate_dim=GATE_DIM, gate_dtype=args.gate_dtype,
-                             config=repr(sparse_cfg))))
-          del kc
+            gate_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
+            timed("gate+topk+pallas_triton_sparse", gated_call, qs,
+                  tuple((a, b, g) for (a, b), g in zip(kv, kc)), sel_bytes + gate_bytes,
+                  gate_dim=GATE_DIM, gate_dtype=gate_dtype, **plan)
+            del kc
       del kv
       save()
 

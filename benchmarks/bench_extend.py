@@ -7,7 +7,7 @@ the multi-token Triton kernel (`extend_attention`) vs the XLA path `decoding.ext
   python benchmarks/bench_extend.py --interpret --batches 1 --seqs 512 --f 4 --calls 2 --windows 1
 
 Hq=32, Hkv=8, d=128, bf16, the F tokens at the end of a full cache. Floor: the K/V bytes at
-3.0 TB/s (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
+the copy bandwidth measured in the same run (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench_decode import (D, DTYPE, FLOOR_TBPS, G, HKV, add_harness_args, parse_ints, time_calls,
+import devtime
+from bench_decode import (D, DTYPE, G, HKV, add_harness_args, parse_ints, time_calls,
                           write_results)
 from effjax.decoding import _dense_cached_attention
 from pallas_kernels.decode_attention import extend_attention
@@ -35,6 +36,7 @@ def main():
   args = ap.parse_args()
   F = args.f
   results = []
+  floor_tbps, floor_src = devtime.floor_bandwidth()
   for S in parse_ints(args.seqs):
     for B in parse_ints(args.batches):
       n_q = max(1, args.calls // args.copies)
@@ -44,7 +46,7 @@ def main():
                   jax.random.normal(jax.random.fold_in(key, 2 * c + 2), (B, HKV, S, D), DTYPE))
                  for c in range(args.copies))
       start = jnp.full((B,), S - F, jnp.int32)
-      floor_ms = 2 * B * HKV * S * D * 2 / (FLOOR_TBPS * 1e12) * 1e3
+      floor_ms = 2 * B * HKV * S * D * 2 / (floor_tbps * 1e12) * 1e3
       base = dict(B=B, S=S, F=F, Hq=HKV * G, Hkv=HKV, d=D, floor_ms=floor_ms)
       t = lambda call: time_calls(call, qs, kv, args.windows, args.unroll) * 1e3
 
@@ -67,7 +69,8 @@ def main():
       kv = None  # frees this shape's caches before the next are made
   write_results(args.out, "extend.json", results, sys.argv[1:],
                 f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
-                f"{args.unroll}), median of {args.windows} windows")
+                f"{args.unroll}), median of {args.windows} windows; floor: K/V bytes at "
+                f"{floor_tbps:.3f} TB/s ({floor_src})")
 
 
 if __name__ == "__main__":

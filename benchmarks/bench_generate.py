@@ -35,8 +35,8 @@ Medians over `--repeats` repeats after a warm-up run of each. The numbers of tok
 checked (N and 1 for every sequence). Memory: the compiled program's memory analysis (arguments +
 temporaries + outputs) and the device's process-wide peak (`memory_stats`, cumulative over rows).
 The floor of a step is the bytes it must read -- weights, the K/V it attends to (all of the valid
-cache for dense, the budget for sparse), block summaries -- at 3.0 TB/s (H100 measured copy
-bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
+cache for dense, the budget for sparse), block summaries -- at the copy bandwidth measured in the same
+run (devtime.floor_bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
 memory are recorded as skipped. Writes benchmarks/results/<card>/generate.json after every row.
 """
 
@@ -52,18 +52,19 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import devtime
 from effjax import decoding
 from effjax.config import load_config
 from effjax.model import init_params
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa
 
-FLOOR_TBPS = 3.0
 MODES = ("dense", "quest", "gate", "quest_rectify", "quest_rectify_xla")
 STOP = 0  # the stop token that ends the short run (see the module docstring)
 
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None):
 
   dev = jax.devices()[0]
   card = dev.device_kind.replace(" ", "_")
+  floor_tbps, floor_src = devtime.floor_bandwidth()
   out = pathlib.Path(args.out or f"benchmarks/results/{card}/generate.json")
   out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None):
         "memory": ("compiled_bytes = memory_analysis() arguments + outputs + temporaries - aliased; "
                    "peak_bytes_process = memory_stats()['peak_bytes_in_use'], cumulative over rows"),
         "floor": (f"bytes a decode step reads (weights + attended K/V at the mean length + block "
-                  f"summaries) at {FLOOR_TBPS} TB/s; rectification excluded"),
+                  f"summaries) at {floor_tbps:.3f} TB/s ({floor_src}); rectification excluded"),
         "argv": sys.argv[1:] if argv is None else list(argv),
     }
 
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None):
       t_n, t_1 = statistics.median(tns), statistics.median(t1s)
       step = (t_n - t_1) / (N - 1)
       step_bytes = weight_read + kv_read + summ_read
-      floor = step_bytes / (FLOOR_TBPS * 1e12)
+      floor = step_bytes / (floor_tbps * 1e12)
       row = {**common, "t_N_ms": t_n * 1e3, "t_1_ms": t_1 * 1e3,
              "t_N_ms_all": [t * 1e3 for t in tns], "t_1_ms_all": [t * 1e3 for t in t1s],
              "step_ms": step * 1e3, "decode_tok_s": B / step if step > 0 else None,  # <= 0: timing noise

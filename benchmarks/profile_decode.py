@@ -16,46 +16,24 @@ reported instead (and say little). Writes benchmarks/results/<card>/profile_deco
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
 import json
 import pathlib
 import sys
-import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def summarize_trace(trace: dict | list, calls: int, top: int = 40) -> dict:
-  """{"device": bool, "events": [{"name", "count", "total_us", "per_call_us"}...]} from a
-  Perfetto/Chrome trace: complete events of the processes named like a device ("/device:GPU:0",
-  "GPU", "stream"), or of every process if none is."""
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  names = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device_pids = {pid for pid, n in names.items()
-                 if "/device:" in n or "GPU" in n or "gpu" in n or "stream" in n.lower()}
-  use = device_pids or set(names) or {e.get("pid") for e in events}
-  count, total = collections.Counter(), collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and e.get("pid") in use:
-      count[e["name"]] += 1
-      total[e["name"]] += float(e.get("dur", 0.0))
-  rows = [{"name": n, "count": count[n], "total_us": total[n], "per_call_us": total[n] / max(calls, 1)}
-          for n, _ in total.most_common(top)]
-  return {"device": bool(device_pids), "events": rows,
-          "sum_per_call_us": sum(total.values()) / max(calls, 1)}
+import devtime
 
 
 def profile(fn, qs, rest: tuple) -> dict:
   """Trace fn(q, *rest) for every q of the stack qs inside one jit (a scan over distinct queries,
   as the benchmarks time it, so nothing is loop-invariant and hoisted) and summarise the device
-  events per call."""
+  events per call (devtime.summarize_trace)."""
   calls = qs.shape[0]
 
   @jax.jit
@@ -64,15 +42,7 @@ def profile(fn, qs, rest: tuple) -> dict:
       return acc + jnp.sum(fn(q, *rest).astype(jnp.float32)), None
     return lax.scan(body, jnp.float32(0), qs)[0]
 
-  jax.block_until_ready(many(qs, rest))  # compile + warm up outside the trace
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      jax.block_until_ready(many(qs, rest))
-    paths = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
-    if not paths:
-      raise RuntimeError(f"no perfetto_trace.json.gz written under {d}")
-    with gzip.open(paths[0]) as f:
-      return summarize_trace(json.load(f), calls)
+  return devtime.trace_summary(many, (qs, rest), calls)
 
 
 def main():
@@ -123,8 +93,8 @@ def main():
   for name, fn in plans.items():
     results[name] = profile(fn, qs, (k, v, kc))
     r = results[name]
-    print(f"== {name}: {r['sum_per_call_us']:.1f} us of {'device' if r['device'] else 'host'} "
-          f"events per call")
+    print(f"== {name}: {r['busy_us_per_call']:.1f} us of {'device' if r['device'] else 'host'} "
+          f"events per call (span {r['span_us_per_call']:.1f} us; lines {r['lines']})")
     for e in r["events"][:12]:
       print(f"   {e['per_call_us']:9.2f} us  x{e['count'] / args.calls:.0f}  {e['name'][:90]}")
   card = jax.devices()[0].device_kind.replace(" ", "_")

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.bench_decode import D, DTYPE, FLOOR_TBPS, G, HKV, HQ, random_block_sets, time_calls
+from benchmarks import devtime
+from benchmarks.bench_decode import D, DTYPE, G, HKV, HQ, random_block_sets, time_calls
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import selection
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
@@ -53,6 +54,7 @@ def main():
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
   rows = []
+  FLOOR_TBPS, floor_src = devtime.floor_bandwidth()
 
   def rec(r):
     rows.append(r)
@@ -157,7 +159,7 @@ def main():
     del kv
     print(f"-- {shape} sparse done at {time.time() - t_start:.0f}s", flush=True)
 
-  meta = dict(card=jax.devices()[0].device_kind, jax=jax.__version__, floor_TBps=FLOOR_TBPS)
+  meta = dict(card=jax.devices()[0].device_kind, jax=jax.__version__, floor_TBps=FLOOR_TBPS, floor_source=floor_src)
   pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")
 

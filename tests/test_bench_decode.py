@@ -31,8 +31,13 @@ def positive(rows):
 
 def test_bench_decode_smoke(tmp_path):
   rows = run("bench_decode.py", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
-             "--sparsities", "0.5", "--budget-tokens", "256", "--no-xla", tmp_path=tmp_path)
+             "--sparsities", "0.5", "--budget-tokens", "256", "--no-xla", "--trace",
+             "--gate-dtypes", "float32,bfloat16", tmp_path=tmp_path)
   positive(rows)
+  # --trace: every timed row also carries the profiler's (here: host) time and kernel list
+  timed = [r for r in rows if "ms" in r]
+  assert timed and all(r["trace_busy_ms"] > 0 and r["kernels"] for r in timed)
+  assert {r["gate_dtype"] for r in rows if r["impl"].startswith("gate")} == {"float32", "bfloat16"}
   impls = {r["impl"] for r in rows}
   assert {"cudnn", "harness_overhead", "pallas_triton", "pallas_triton_sparse",
           "gate+topk+pallas_triton_sparse"} <= impls
@@ -56,24 +61,37 @@ def test_bench_extend_smoke(tmp_path):
   assert all(r["F"] == 4 and r["floor_ms"] > 0 for r in rows)
 
 
-def test_profile_trace_summary_counts_device_events_only():
+def test_trace_summary_counts_stream_lines_of_the_device_only():
   sys.path.insert(0, str(ROOT / "benchmarks"))
-  from profile_decode import summarize_trace
+  from devtime import summarize_trace
+  M = lambda pid, name, tid=None: ({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
+                                   if tid is None else
+                                   {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
+                                    "args": {"name": name}})
   trace = {"traceEvents": [
-      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
-      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
-      {"ph": "X", "pid": 1, "name": "PjitFunction", "dur": 500.0},
-      {"ph": "X", "pid": 2, "name": "sparse_decode_attention", "dur": 40.0},
-      {"ph": "X", "pid": 2, "name": "sparse_decode_attention", "dur": 44.0},
-      {"ph": "X", "pid": 2, "name": "fusion.3", "dur": 6.0},
-      {"ph": "i", "pid": 2, "name": "marker"},
+      M(1, "/host:CPU"), M(2, "/device:GPU:0"),
+      M(2, "XLA Modules", tid=1), M(2, "XLA Ops", tid=2), M(2, "Stream #14(Compute)", tid=3),
+      {"ph": "X", "pid": 1, "tid": 9, "name": "PjitFunction", "ts": 0.0, "dur": 500.0},
+      {"ph": "X", "pid": 2, "tid": 1, "name": "jit_many", "ts": 10.0, "dur": 200.0},
+      {"ph": "X", "pid": 2, "tid": 2, "name": "custom-call.1", "ts": 10.0, "dur": 40.0},
+      {"ph": "X", "pid": 2, "tid": 3, "name": "sparse_decode_attention", "ts": 10.0, "dur": 40.0},
+      {"ph": "X", "pid": 2, "tid": 3, "name": "sparse_decode_attention", "ts": 60.0, "dur": 44.0},
+      {"ph": "X", "pid": 2, "tid": 3, "name": "fusion.3", "ts": 104.0, "dur": 6.0},
+      {"ph": "i", "pid": 2, "tid": 3, "name": "marker", "ts": 0.0},
   ]}
   s = summarize_trace(trace, calls=2)
-  assert s["device"] is True
+  assert s["device"] is True and s["lines"] == ["Stream #14(Compute)"]
+  # module / op aggregate lines and host events are not kernel time
   assert [(e["name"], e["count"]) for e in s["events"]] == [("sparse_decode_attention", 2), ("fusion.3", 1)]
-  assert s["events"][0]["per_call_us"] == 42.0 and s["sum_per_call_us"] == 45.0
-  # no device process (CPU): every process's events are reported
-  cpu = summarize_trace({"traceEvents": trace["traceEvents"][:1] + trace["traceEvents"][2:3]}, calls=1)
+  assert s["events"][0]["per_call_us"] == 42.0 and s["busy_us_per_call"] == 45.0
+  assert s["span_us_per_call"] == 50.0          # (110 - 10) / 2: the gap at 50..60 counts here
+  # no stream-named line: every device line but the aggregate ones
+  no_stream = [e for e in trace["traceEvents"] if e.get("args", {}).get("name") != "Stream #14(Compute)"]
+  no_stream.append(M(2, "/gpu:0 compute", tid=3))
+  s2 = summarize_trace({"traceEvents": no_stream}, calls=2)
+  assert s2["busy_us_per_call"] == 45.0 and s2["lines"] == ["/gpu:0 compute"]
+  # no device process (CPU): every event is reported
+  cpu = summarize_trace({"traceEvents": trace["traceEvents"][:1] + trace["traceEvents"][5:6]}, calls=1)
   assert cpu["device"] is False and cpu["events"][0]["name"] == "PjitFunction"
 
 

@@ -1,0 +1,163 @@
+"""Device-time measurement shared by the benchmarks (DESIGN.md's method, two ways).
+
+1. **Wall time of many calls inside one jit** (`build_many` + `wall_seconds`): a `lax.scan`
+   (partly unrolled) over a stack of distinct inputs times a Python-unrolled loop over distinct
+   caches, so nothing can be hoisted and dispatch is amortised; the jit's wall time / calls.
+   What it still contains: the loop's per-trip cost (XLA:GPU reads the while-loop predicate back
+   on the host every trip) and any gap in which the GPU waits for the host to launch the next
+   kernel -- a chain of short kernels can cost more than its parts this way.
+2. **Kernel time from a profiler trace** (`trace_summary`): the same jitted function run once
+   under `jax.profiler.trace`; the durations of the events on the GPU's stream lines are summed
+   (`busy`: the time the device spent executing, gaps excluded) and the first-start to last-end
+   extent is taken (`span`: gaps included), both per call. Kernel names give the breakdown.
+
+`copy_bandwidth` measures the card's read+write bandwidth (the byte floor's denominator) in the
+same process, so results on different cards (H100: ~3.0 TB/s, H200: ~4.3 TB/s) use their own.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Device-process lines that aggregate kernels (module / op spans) rather than being kernels.
+_AGGREGATE_LINES = ("XLA Modules", "XLA Ops", "Steps", "TensorFlow Ops", "Framework Ops",
+                    "Launch Stats", "Source code")
+
+
+def build_many(call, xs, caches, unroll: int = 1):
+  """jit of: for every x in xs (a scan, unrolled `unroll` times), for every cache in caches
+  (unrolled), acc += call(x, cache). Returns the jitted function of (xs, caches)."""
+
+  @jax.jit
+  def many(xs, caches):
+    def body(acc, x):
+      for c in caches:
+        acc = acc + call(x, c).astype(jnp.float32)
+      return acc, None
+    # Summing the outputs keeps every call live at the cost of one small add per call.
+    out = jax.eval_shape(call, jax.tree.map(lambda a: a[0], xs), caches[0])
+    return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs, unroll=unroll)[0]
+
+  return many
+
+
+def n_calls(xs, caches) -> int:
+  return jax.tree.leaves(xs)[0].shape[0] * len(caches)
+
+
+def wall_seconds(many, xs, caches, windows: int) -> float:
+  """Median over `windows` of the jit's wall time / calls (after a compile + warm-up call)."""
+  jax.block_until_ready(many(xs, caches))
+  ts = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    jax.block_until_ready(many(xs, caches))
+    ts.append((time.perf_counter() - t0) / n_calls(xs, caches))
+  return statistics.median(ts)
+
+
+def _line_names(events) -> tuple[dict, dict]:
+  procs = {e.get("pid"): str(e.get("args", {}).get("name", "")) for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  threads = {(e.get("pid"), e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  return procs, threads
+
+
+def summarize_trace(trace: dict | list, calls: int, top: int = 40) -> dict:
+  """Per-call device time from a Perfetto/Chrome trace.
+
+  Device processes are those named like a device ("/device:GPU:0"); on them, the kernel lines
+  are the threads named "Stream ..." (or, if none is, every line except the aggregate ones:
+  "XLA Modules", "XLA Ops", ...). Returns {"device": bool, "busy_us_per_call",
+  "span_us_per_call", "lines": [thread names used], "events": [{"name", "count", "total_us",
+  "per_call_us"}...]} (largest first; `sum_per_call_us` = busy, kept for older readers). With no
+  device process (CPU) every host event is counted and the numbers say little.
+  """
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs, threads = _line_names(events)
+  device_pids = {pid for pid, n in procs.items() if "/device:" in n or "GPU" in n}
+  if device_pids:
+    dev_lines = {k: n for k, n in threads.items() if k[0] in device_pids}
+    stream = {k for k, n in dev_lines.items() if "stream" in n.lower()}
+    use_lines = stream or {k for k, n in dev_lines.items()
+                           if not any(a in n for a in _AGGREGATE_LINES)}
+    # events on a device pid whose thread never got a name: counted only if no line is named
+    keep = (lambda e: (e.get("pid"), e.get("tid")) in use_lines) if use_lines else \
+        (lambda e: e.get("pid") in device_pids)
+  else:
+    use_lines = set()
+    keep = lambda e: True
+  count, total = collections.Counter(), collections.Counter()
+  first, last = float("inf"), float("-inf")
+  for e in events:
+    if e.get("ph") == "X" and keep(e):
+      dur = float(e.get("dur", 0.0))
+      count[e["name"]] += 1
+      total[e["name"]] += dur
+      ts = float(e.get("ts", 0.0))
+      first, last = min(first, ts), max(last, ts + dur)
+  c = max(calls, 1)
+  busy = sum(total.values()) / c
+  rows = [{"name": n, "count": count[n], "total_us": total[n], "per_call_us": total[n] / c}
+          for n, _ in total.most_common(top)]
+  return {"device": bool(device_pids), "busy_us_per_call": busy, "sum_per_call_us": busy,
+          "span_us_per_call": (last - first) / c if total else 0.0,
+          "lines": sorted(threads[k] for k in use_lines), "events": rows}
+
+
+def trace_summary(fn, args: tuple, calls: int) -> dict:
+  """Runs fn(*args) (already compiled: call it once before) under the profiler and returns
+  `summarize_trace` of it, `calls` being the number of kernel calls one run makes."""
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d, create_perfetto_trace=True):
+      jax.block_until_ready(fn(*args))
+    paths = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+      raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {d}")
+    with gzip.open(paths[0]) as f:
+      return summarize_trace(json.load(f), calls)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, passes: int = 8, windows: int = 3) -> float:
+  """Bytes per second of read + write over a large bf16 buffer (x -> x * a + b, `passes` times
+  inside one jit), median of `windows`: the practical bandwidth ceiling of the card."""
+  n = nbytes // 2
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+
+  @jax.jit
+  def run(x):
+    return lax.fori_loop(0, passes, lambda i, y: y * jnp.bfloat16(0.999) + jnp.bfloat16(1e-3), x)
+
+  jax.block_until_ready(run(x))
+  ts = []
+  for _ in range(windows):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(x))
+    ts.append(time.perf_counter() - t0)
+  return 2 * n * 2 * passes / statistics.median(ts)
+
+
+# H100 SXM measured copy bandwidth (benchmarks of sessions 1-3); the floor when no GPU is there.
+H100_COPY_TBPS = 3.0
+
+
+def floor_bandwidth(override: float | None = None) -> tuple[float, str]:
+  """(TB/s, where it came from) for byte floors: `override` if given, else the copy bandwidth
+  measured now on a GPU, else the H100's measured 3.0 TB/s (CPU runs: smoke tests only)."""
+  if override:
+    return float(override), "given on the command line"
+  if jax.default_backend() == "gpu":
+    return copy_bandwidth() / 1e12, "copy (read + write) bandwidth measured in this run"
+  return H100_COPY_TBPS, "H100 copy bandwidth (no GPU here: nothing measured)"
