@@ -71,11 +71,16 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
 
 def measure(call, xs, caches, windows: int, unroll: int, trace: bool) -> dict:
   """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
-  the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call)...]} (devtime.py)."""
+  the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call)...]} (devtime.py),
+  or {"trace_error": why} if the profiler failed."""
   many = devtime.build_many(call, xs, caches, unroll)
   out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
   if trace:
-    t = devtime.trace_summary(many, (xs, caches), devtime.n_calls(xs, caches))
+    try:
+      t = devtime.trace_summary(many, (xs, caches), devtime.n_calls(xs, caches))
+    except Exception as e:  # a profiler that fails must not cost the wall-time numbers
+      out["trace_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      return out
     out.update(busy_s=t["busy_us_per_call"] * 1e-6, span_s=t["span_us_per_call"] * 1e-6,
                on_device=t["device"],
                kernels=[(e["name"][:80], round(e["per_call_us"], 3)) for e in t["events"][:8]])
@@ -211,7 +216,9 @@ def main():
         r = {**common, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
              "floor_ms": floor * 1e3, "GBps_effective": bytes_read / m["s"] / 1e9,
              "frac_of_floor": floor / m["s"]}
-        if trace:
+        if "trace_error" in m:
+          r["trace_error"] = m["trace_error"]
+        elif trace:
           r.update(trace_busy_ms=m["busy_s"] * 1e3, trace_span_ms=m["span_s"] * 1e3,
                    trace_on_device=m["on_device"], kernels=m["kernels"],
                    trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
@@ -219,7 +226,7 @@ def main():
           cudnn.update(m)
         elif cudnn and bytes_read:
           r["speedup_vs_cudnn"] = cudnn["s"] / m["s"]
-          if trace and m["busy_s"]:
+          if m.get("busy_s") and cudnn.get("busy_s"):
             r["trace_speedup_vs_cudnn"] = cudnn["busy_s"] / m["busy_s"]
         record(r)
 

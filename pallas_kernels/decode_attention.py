@@ -116,7 +116,7 @@ def _resolve_config(config) -> DecodeConfig:
 
 
 def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int,
-                   num_splits: int, scale: float, precision: lax.Precision):
+                   num_splits: int, scale: float, precision: lax.Precision, n_rows: int):
   """Program (b, k, j). len_ref: int32 []; q_ref [R, H]; k_ref / v_ref [S, H] (the whole cache of
   this (b, k), so the split boundaries can follow the run-time length); o_ref f32 [R, H];
   m_ref / l_ref f32 [R]."""
@@ -132,7 +132,7 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
             t0 + offsets_T < length)
 
   _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, scale=scale,
-                       precision=precision)
+                       precision=precision, n_rows=n_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -181,7 +181,7 @@ def extend_attention_reference(q_BKFGH: jax.Array, k_BKSH: jax.Array, v_BKSH: ja
 
 def _extend_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k: int,
                    num_splits: int, group: int, n_tokens: int, scale: float,
-                   precision: lax.Precision):
+                   precision: lax.Precision, n_rows: int):
   """Program (b, k, j). start_ref int32 []; q_ref [R, H]: row r is query head r % group of new
   token r // group (rows from n_tokens * group on are padding); the rest as `_decode_kernel`."""
   start = start_ref[()]
@@ -197,7 +197,7 @@ def _extend_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block
             (t0 + offsets_T)[None, :] < row_len_R[:, None])
 
   _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, first, end, load_block, scale=scale,
-                       precision=precision)
+                       precision=precision, n_rows=n_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

@@ -81,7 +81,7 @@ def sparse_decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BK
 
 def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    block_size: int, num_splits: int, scale: float, precision: lax.Precision,
-                   prefetch_index: bool = False):
+                   n_rows: int, prefetch_index: bool = False):
   """Program (b, k, j). len_ref / nslots_ref int32 []; idx_ref int32 [M]; q_ref [R, H];
   k_ref / v_ref [S, H] (the whole cache of this (b, k): blocks are fetched by index);
   o_ref f32 [R, H]; m_ref / l_ref f32 [R]."""
@@ -105,7 +105,7 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
   if not prefetch_index:
     _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end,
                          lambda slot: load_block_id(idx_ref[slot]), scale=scale,
-                         precision=precision)
+                         precision=precision, n_rows=n_rows)
     return
   # Index prefetch: the id of the next slot is loaded one iteration ahead and carried, so the
   # K/V loads of a step never wait on that step's index load.
@@ -121,10 +121,8 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
     return state, nxt
 
   init = (_splitk.init_state(q_RH.shape[0], q_RH.shape[1]), idx_ref[jnp.minimum(start, last)])
-  (acc_RH, m_R, l_R), _ = lax.fori_loop(start, end, body, init)
-  o_ref[...] = acc_RH
-  m_ref[...] = m_R
-  l_ref[...] = l_R
+  state, _ = lax.fori_loop(start, end, body, init)
+  _splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
 
 
 def live_slots(block_indices_BKM: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
