@@ -5,6 +5,7 @@
 #
 # Jobs:
 #   tests     pytest -m gpu (cuDNN attention, Triton decode kernels, decode through the kernels)
+#   kernels   pytest -m gpu tests/kernels (the kernel equivalence tests only)
 #   train     bench_train.py on configs/350m.yaml, seq 2048, batch 8 and 16 (BENCH_ARGS overrides)
 #   decode    bench_decode.py --quick (DECODE_ARGS overrides, e.g. the full sweep)
 #   tune      tune_decode.py: launch-parameter grid of both decode kernels + selector costs
@@ -36,12 +37,14 @@ for job in "$@"; do
   case "$job" in
     tests)
       timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
+    kernels)
+      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest_gpu_kernels.log" | tail -8 ;;
     train)
       timeout "$T" python3 benchmarks/bench_train.py --out "$OUT/train.json" ${BENCH_ARGS:---config configs/350m.yaml --seq 2048 --batch 8 --batch 16} 2>&1 | tee "$OUT/bench_train.log" | grep -v '^{' ;;
     decode)
-      timeout "$T" python3 benchmarks/bench_decode.py ${DECODE_ARGS:---quick} --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" | tail -40 ;;
+      timeout "$T" python3 benchmarks/bench_decode.py ${DECODE_ARGS:---quick} --out "$OUT/decode.json" 2>&1 | tee "$OUT/bench_decode.log" | grep -v Warning | cut -c1-330 | tail -60 ;;
     tune)
-      timeout "$T" python3 benchmarks/tune_decode.py --out "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -E "^--|cudnn|default|Error|error" ;;
+      timeout "$T" python3 benchmarks/tune_decode.py --out "$OUT/tune.json" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" | grep -E "^--|cudnn|default|Error|error" | cut -c1-400 ;;
     scoring)
       timeout "$T" python3 benchmarks/bench_scoring.py --config configs/base.yaml --seq 1024 --chunk 8 --train-batch 32 --proj 8192 ${SCORING_ARGS:-} --out "$OUT/scoring.json" 2>&1 | grep -v Warning | tee "$OUT/bench_scoring.log" ;;
     generate)

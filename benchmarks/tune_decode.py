@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import devtime
-from benchmarks.bench_decode import D, DTYPE, G, HKV, HQ, random_block_sets, time_calls
+from benchmarks.bench_decode import D, DTYPE, G, HKV, HQ, measure, random_block_sets
 from effjax.sparse import gate as gate_lib
+from pallas_kernels import _splitk
 from effjax.sparse import selection
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
 from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
@@ -48,17 +49,37 @@ def main():
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
   ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
   ap.add_argument("--copies", type=int, default=2)
-  ap.add_argument("--calls", type=int, default=16)
+  ap.add_argument("--calls", type=int, default=64)
+  ap.add_argument("--unroll", type=int, default=2)
   ap.add_argument("--windows", type=int, default=3)
+  ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
+                  help="also time each config from a profiler trace (default: on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="CPU smoke test (no cuDNN row)")
   ap.add_argument("--out", required=True)
   args = ap.parse_args()
   rows = []
   FLOOR_TBPS, floor_src = devtime.floor_bandwidth()
 
+  trace = jax.default_backend() == "gpu" if args.trace is None else args.trace
+
   def rec(r):
     rows.append(r)
-    print(json.dumps(r), flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
+    # after every row: a sweep cut short by a time limit keeps what it measured
+    pathlib.Path(args.out).write_text(json.dumps({"meta": {"partial": True}, "rows": rows}, indent=1))
+
+  def timing(call, xs, kv, nbytes):
+    """ms (wall, bench_decode's harness) and, with --trace, trace_ms (kernel time per call)
+    and the fraction of the byte floor of each."""
+    m = measure(call, xs, kv, args.windows, args.unroll, trace)
+    floor = nbytes / (FLOOR_TBPS * 1e12)
+    r = dict(ms=m["s"] * 1e3, frac_of_floor=floor / m["s"] if nbytes else None)
+    if m.get("busy_s"):
+      r.update(trace_ms=m["busy_s"] * 1e3, trace_frac_of_floor=floor / m["busy_s"] if nbytes else None,
+               kernels=m["kernels"])
+    elif "trace_error" in m:
+      r["trace_error"] = m["trace_error"]
+    return r
 
   def caches(B, S, copies, seed):
     ks = jax.random.split(jax.random.key(seed), 2 * copies)
@@ -74,32 +95,31 @@ def main():
     nbytes = 2 * B * HKV * S * D * 2
     kv = tuple((c[0].transpose(0, 2, 1, 3), c[1].transpose(0, 2, 1, 3)) for c in caches(B, S, args.copies, 0))
     if not args.interpret:
-      t = time_calls(lambda q, c: jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1],
-                                                               implementation="cudnn").reshape(B, HKV, G, D),
-                     qs, kv, args.windows)
-      rec(dict(kind="dense", B=B, S=S, impl="cudnn", ms=t * 1e3, frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+      t = timing(lambda q, c: jax.nn.dot_product_attention(q.reshape(B, 1, HQ, D), c[0], c[1],
+                                                           implementation="cudnn").reshape(B, HKV, G, D),
+                 qs, kv, nbytes)
+      rec(dict(kind="dense", B=B, S=S, impl="cudnn", **t))
     del kv
     kv = caches(B, S, args.copies, 0)
     base_programs = B * HKV
-    split_opts = sorted({max(1, (132 * m) // base_programs) for m in ints(args.programs_per_sm)})
+    sms = _splitk.sm_count()
+    split_opts = sorted({max(1, (sms * m) // base_programs) for m in ints(args.programs_per_sm)})
     grid = itertools.product(ints(args.block_ks), ints(args.warps), ints(args.stages), split_opts)
     if args.quick:
       grid = itertools.product((128,), (4,), (2, 3), split_opts[:2])
     for bk, w, st, sp in grid:
       cfg = DecodeConfig(block_k=bk, num_warps=w, num_stages=st, num_splits=sp)
       try:
-        t = time_calls(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
-                                                     config=cfg, interpret=args.interpret), qs, kv, args.windows)
+        t = timing(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
+                                                 config=cfg, interpret=args.interpret), qs, kv, nbytes)
         rec(dict(kind="dense", B=B, S=S, impl="pallas_triton", block_k=bk, num_warps=w, num_stages=st,
-                 num_splits=sp, ms=t * 1e3, frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+                 num_splits=sp, **t))
       except Exception as e:  # a config Triton rejects (e.g. shared memory) is recorded, not fatal
         rec(dict(kind="dense", B=B, S=S, block_k=bk, num_warps=w, num_stages=st, num_splits=sp,
                  error=f"{type(e).__name__}: {str(e)[:200]}"))
-    t = time_calls(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
-                                                   interpret=args.interpret),
-                   qs, kv, args.windows)
-    rec(dict(kind="dense", B=B, S=S, impl="pallas_triton", config="default", ms=t * 1e3,
-             frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t))
+    t = timing(lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation="pallas_triton",
+                                             interpret=args.interpret), qs, kv, nbytes)
+    rec(dict(kind="dense", B=B, S=S, impl="pallas_triton", config="default", **t))
     del kv
     print(f"-- {shape} dense done at {time.time() - t_start:.0f}s", flush=True)
 
@@ -112,11 +132,11 @@ def main():
     qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
     lengths = jnp.full((B,), S, jnp.int32)
     kv = caches(B, S, args.copies, 0)
-    for label, n_sel in (("sparsity=0.9", round(0.1 * nb)), ("budget=4096", 4096 // bs)):
+    for label, n_sel in (("sparsity=0.9", round(0.1 * nb)), ("budget=4096", min(nb, 4096 // bs))):
       idx = jnp.asarray(random_block_sets(rng, n_q * B * HKV, nb, n_sel).reshape(n_q, B, HKV, n_sel))
       nbytes = 2 * B * HKV * n_sel * bs * D * 2
       base_programs = B * HKV
-      split_opts = sorted({max(1, min(n_sel, (132 * m) // base_programs))
+      split_opts = sorted({max(1, min(n_sel, (_splitk.sm_count() * m) // base_programs))
                            for m in ints(args.programs_per_sm)})
       grid = itertools.product(ints(args.warps), ints(args.stages), split_opts, ints(args.prefetch))
       if args.quick:
@@ -125,14 +145,13 @@ def main():
         cfg = SparseDecodeConfig() if w is None else SparseDecodeConfig(
             num_warps=w, num_stages=st, num_splits=sp, prefetch_index=bool(pf))
         try:
-          t = time_calls(lambda x, c: sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
-                                                              implementation="pallas_triton", config=cfg,
-                                                              interpret=args.interpret),
-                         (qs, idx), kv, args.windows)
+          t = timing(lambda x, c: sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
+                                                          implementation="pallas_triton", config=cfg,
+                                                          interpret=args.interpret),
+                     (qs, idx), kv, nbytes)
           rec(dict(kind="sparse", B=B, S=S, plan=label, blocks=n_sel, num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages, num_splits=cfg.num_splits,
-                   prefetch_index=cfg.prefetch_index, ms=t * 1e3,
-                   frac_of_floor=nbytes / (FLOOR_TBPS * 1e12) / t, config="default" if w is None else None))
+                   prefetch_index=cfg.prefetch_index, config="default" if w is None else None, **t))
         except Exception as e:
           rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,
                    error=f"{type(e).__name__}: {str(e)[:200]}"))
@@ -142,24 +161,26 @@ def main():
       kc = tuple(jax.random.normal(jax.random.key(3 + c), (B, HKV, nb, 64), jnp.float32)
                  for c in range(args.copies))
       pos = lengths - 1
-      t = time_calls(lambda q, c: selection.select_top_k(gate_lib.gate_logits(wq, q, c, pos, 10000.0),
-                                                         lengths, bs, k_sel).astype(jnp.float32),
-                     qs, kc, args.windows)
-      rec(dict(kind="selector", B=B, S=S, plan=label, selector="gate", ms=t * 1e3))
+      t = timing(lambda q, c: selection.select_top_k(gate_lib.gate_logits(wq, q, c, pos, 10000.0),
+                                                     lengths, bs, k_sel).astype(jnp.float32),
+                 qs, kc, 0)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="gate", **t))
       mm = tuple((jax.random.normal(jax.random.key(9 + c), (B, HKV, nb, D), DTYPE),
                   jax.random.normal(jax.random.key(19 + c), (B, HKV, nb, D), DTYPE)) for c in range(args.copies))
-      t = time_calls(lambda q, c: selection.select_top_k(selection.quest_scores(q, c[0], c[1]),
-                                                         lengths, bs, k_sel).astype(jnp.float32),
-                     qs, mm, args.windows)
-      rec(dict(kind="selector", B=B, S=S, plan=label, selector="quest", ms=t * 1e3))
+      t = timing(lambda q, c: selection.select_top_k(selection.quest_scores(q, c[0], c[1]),
+                                                     lengths, bs, k_sel).astype(jnp.float32),
+                 qs, mm, 0)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="quest", **t))
       scores = tuple(jax.random.normal(jax.random.key(29 + c), (B, HKV, nb), jnp.float32) for c in range(args.copies))
-      t = time_calls(lambda q, c: selection.select_top_k(c + q[:, :, 0, :1].astype(jnp.float32), lengths, bs,
-                                                         k_sel).astype(jnp.float32), qs, scores, args.windows)
-      rec(dict(kind="selector", B=B, S=S, plan=label, selector="top_k only", ms=t * 1e3))
+      t = timing(lambda q, c: selection.select_top_k(c + q[:, :, 0, :1].astype(jnp.float32), lengths, bs,
+                                                     k_sel).astype(jnp.float32), qs, scores, 0)
+      rec(dict(kind="selector", B=B, S=S, plan=label, selector="top_k only", **t))
     del kv
     print(f"-- {shape} sparse done at {time.time() - t_start:.0f}s", flush=True)
 
   meta = dict(card=jax.devices()[0].device_kind, jax=jax.__version__, floor_TBps=FLOOR_TBPS, floor_source=floor_src)
+  meta.update(timing=f"bench_decode.measure: {args.calls} calls per jit (scan unroll {args.unroll}); "
+                     f"ms = wall / calls (median of {args.windows}); trace_ms = profiler kernel time per call")
   pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
   print(f"wrote {args.out}")
 
