@@ -24,7 +24,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 
-from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, parse_ints, time_calls,
+from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, measure, parse_ints,
                           write_results)
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
@@ -36,13 +36,17 @@ def main():
   ap.add_argument("--block", type=int, default=64)
   ap.add_argument("--budget-tokens", type=int, default=4096)
   ap.add_argument("--warps", default="1,4,8,16", help="block_topk num_warps variants")
+  ap.add_argument("--radix", default="1,2,4", help="block_topk radix_bits variants (at 8 warps)")
+  ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
+                  help="also time every row from a profiler trace (default: on a GPU)")
   args = ap.parse_args()
   impl = "xla" if args.interpret else "pallas_triton"
+  trace = jax.default_backend() == "gpu" if args.trace is None else args.trace
   results = []
 
   def record(**row):
     results.append(row)
-    print(json.dumps(row), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
 
   for S in parse_ints(args.seqs):
     for B in parse_ints(args.batches):
@@ -58,29 +62,38 @@ def main():
       kc16 = tuple(x.astype(jnp.bfloat16) for x in kc32)
       scores = jax.random.normal(ks, (n_q, B, HKV, nb), jnp.float32)
       base = dict(B=B, S=S, blocks=nb, calls_per_jit=n_q * args.copies)
-      t = lambda call, xs, caches: time_calls(call, xs, caches, args.windows, args.unroll) * 1e3
-      record(**base, row="harness", ms=t(lambda q, c: q, qs, kc32))
+      def t(call, xs, caches) -> dict:
+        m = measure(call, xs, caches, args.windows, args.unroll, trace)
+        r = {"ms": m["s"] * 1e3}
+        if "busy_s" in m:
+          r.update(trace_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
+        return r
+
+      record(**base, row="harness", **t(lambda q, c: q, qs, kc32))
       for name, kc in (("float32", kc32), ("bfloat16", kc16)):
         record(**base, row="gate_scores", kc_dtype=name,
-               ms=t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
+               **t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
       plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",
                                                            min(nb, args.budget_tokens // args.block))]
       for plan, k in plans:
-        for w in parse_ints(args.warps):
-          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w,
-                 ms=t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
-                                              interpret=args.interpret, num_warps=w)[0], scores, kc32))
+        variants = [(w, 2) for w in parse_ints(args.warps)] + [(8, r) for r in parse_ints(args.radix)
+                                                                if r != 2]
+        for w, r in variants:
+          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w, radix_bits=r,
+                 **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
+                                             interpret=args.interpret, num_warps=w,
+                                             radix_bits=r)[0], scores, kc32))
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
-               ms=t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
-                                            implementation="xla")[0], scores, kc32))
+               **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
+                                           implementation="xla")[0], scores, kc32))
         for name, kc in (("float32", kc32), ("bfloat16", kc16)):
           def both(q, c):
             sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
                               interpret=args.interpret)[0]
-          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, ms=t(both, qs, kc))
+          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, **t(both, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],
-                f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
+                f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "
                 f"{args.unroll}), median of {args.windows} windows")
 
 

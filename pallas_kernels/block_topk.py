@@ -14,9 +14,9 @@ Implementations:
   (M = k). On the H100 `lax.top_k` with k in the hundreds runs as a full sort (~35-40 us for
   B*K = 8..64 rows of 2048 blocks: tune_decode.json), more than the sparse attention it feeds.
 - `pallas_triton`: one program per row holds the N scores in registers, finds the k-th largest
-  score exactly by building its order-preserving int32 key bit by bit (32 counting passes,
-  no sort), resolves ties by index with a prefix sum, and writes the ascending ids with a
-  prefix-sum compaction (M = the power of 2 above k, the tail -1).
+  score exactly by building its order-preserving int32 key `radix_bits` bits at a time (32 / r
+  counting passes of 2^r candidates each, no sort), then resolves ties by index and compacts the
+  ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
 - `auto`: pallas_triton on GPU, xla elsewhere.
 Both give identical integers (tested in interpret mode and on the GPU).
 """
@@ -76,7 +76,8 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
           jnp.sum(live, axis=-1).astype(jnp.int32))
 
 
-def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
+def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int,
+                 radix_bits: int):
   """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
   idx_ref int32 [M]; n_ref int32 []."""
   length = len_ref[()]
@@ -92,20 +93,34 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # int32 key with the float order: negative floats have their magnitude bits flipped
   key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
   # The k-th largest key T is the largest t with #(key >= t) >= k. Build it from the most
-  # significant bit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
-  # the signed order), keeping each bit whose candidate still has >= k keys at or above it.
-  def bit_step(i, t_u):
-    cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
-    count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
-    return jnp.where(count >= k, cand_u, t_u)
+  # significant digit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
+  # the signed order), `radix_bits` bits per pass: the 2^r candidates of a pass are counted at
+  # once ([2^r, Np] compares, one reduction), and since the counts fall with the digit, the
+  # digit is the number of candidates with >= k keys at or above them, minus one (digit 0
+  # always qualifies). 32 / r dependent row reductions: each costs a cross-warp round trip,
+  # which is what the kernel's time is made of (H200: ~0.24 us each at Np = 2048).
+  n_digits = 1 << radix_bits
+  digits_D1 = lax.broadcasted_iota(jnp.int32, (n_digits, 1), 0)
+  key_1N = key[None, :]
 
-  t = lax.fori_loop(0, 32, bit_step, jnp.int32(0)) ^ INT32_MIN
+  def pass_step(i, t_u):
+    shift = (32 - radix_bits * (i + 1)).astype(jnp.int32)
+    cand_D1 = (t_u | lax.shift_left(digits_D1, shift)) ^ INT32_MIN
+    counts_D = jnp.sum((key_1N >= cand_D1).astype(jnp.int32), axis=1)
+    digit = jnp.sum((counts_D >= k).astype(jnp.int32)) - 1
+    return t_u | lax.shift_left(digit, shift)
+
+  t = lax.fori_loop(0, 32 // radix_bits, pass_step, jnp.int32(0)) ^ INT32_MIN
   above = key > t
-  n_above = jnp.sum(above.astype(jnp.int32))
   tie = key == t
-  tie_rank = jnp.cumsum(tie.astype(jnp.int32))                         # 1-based among ties
-  sel = (above | (tie & (tie_rank <= k - n_above))) & valid
-  pos = jnp.cumsum(sel.astype(jnp.int32)) - 1
+  need = k - jnp.sum(above.astype(jnp.int32))                          # ties to take, lowest ids first
+  # One prefix sum for both counts: #above in the low 16 bits, #tie in the high ones (N < 2^15).
+  packed = jnp.cumsum(above.astype(jnp.int32) + lax.shift_left(tie.astype(jnp.int32), 16))
+  cum_above = packed & 0xFFFF
+  cum_tie = lax.shift_right_logical(packed, 16)                        # 1-based rank among ties
+  sel = (above | (tie & (cum_tie <= need))) & valid
+  # position among the selected = selected at or before it - 1 (the taken ties are a prefix)
+  pos = cum_above + jnp.minimum(cum_tie, need) - 1
   count = jnp.sum(sel.astype(jnp.int32))
   m = idx_ref.shape[0]
   slots = lax.broadcasted_iota(jnp.int32, (m,), 0)
@@ -117,9 +132,13 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   n_ref[()] = count
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps"))
+RADIX_BITS = (1, 2, 4, 8)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps",
+                                             "radix_bits"))
 def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool,
-                       num_warps: int | None = None):
+                       num_warps: int | None = None, radix_bits: int = 2):
   B, K, N = scores_BKN.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
@@ -130,7 +149,8 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   # the H100, 8 warps took 0.6-1.3 us less than 4 alone (benchmarks/results/.../selector.json);
   # inside a whole gated sparse step the difference was within noise (decode_v3_topk8.json).
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
-  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
+  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k,
+                             radix_bits=radix_bits)
   compiler_params = None
   if not interpret:
     compiler_params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -149,8 +169,13 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   )(lengths_B.astype(jnp.int32), scores_BKN)
 
 
+# The kernel's single prefix sum packs two counts of up to Np into the halves of an int32.
+MAX_TRITON_BLOCKS = 1 << 15
+
+
 def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
-               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None):
+               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None,
+               radix_bits: int = 2):
   """Top-k block selection (see the module docstring).
 
   Args:
@@ -159,6 +184,8 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
     num_warps: pallas_triton warps per row (default 4 up to 1024 blocks, 8 up to 8192, then 16).
+    radix_bits: pallas_triton bits of the k-th largest key found per pass (1, 2, 4 or 8): 32 / r
+      dependent passes of 2^r counts each.
 
   Returns:
     (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
@@ -171,10 +198,17 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     raise ValueError(f"num_warps must be a power of 2, got {num_warps!r}")
   if implementation not in ("auto", "xla", "pallas_triton"):
     raise ValueError(f"implementation must be auto | xla | pallas_triton, got {implementation!r}")
+  if radix_bits not in RADIX_BITS:
+    raise ValueError(f"radix_bits must be one of {RADIX_BITS}, got {radix_bits!r}")
+  too_long = _splitk.next_power_of_2(scores_BKN.shape[-1]) > MAX_TRITON_BLOCKS
   if implementation == "auto":
-    implementation = "pallas_triton" if jax.default_backend() == "gpu" else "xla"
+    gpu = jax.default_backend() == "gpu"
+    implementation = "pallas_triton" if gpu and not too_long else "xla"
   if implementation == "xla":
     return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=int(block_size),
                                 k=int(k))
+  if too_long:
+    raise ValueError(f"implementation='pallas_triton' takes at most {MAX_TRITON_BLOCKS} blocks per "
+                     f"row (padded to a power of 2), got N={scores_BKN.shape[-1]}; use 'xla'")
   return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret),
-                            None if num_warps is None else int(num_warps))
+                            None if num_warps is None else int(num_warps), int(radix_bits))

@@ -64,8 +64,10 @@ def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k):
   s = random_scores(B * 1000 + N + k, B, K, N)
   L = jnp.asarray(lengths, jnp.int32)
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
+  # the radix width changes only how the k-th largest key is searched, never the result
+  radix = (1, 2, 4, 8)[(B + N + k) % 4]
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret)
+                      interpret=interpret, radix_bits=radix)
   idx, ref_idx = np.asarray(idx), np.asarray(ref_idx)
   M = ref_idx.shape[-1]
   assert idx.shape[-1] > M and idx.shape[-1] & (idx.shape[-1] - 1) == 0
@@ -95,6 +97,23 @@ def test_num_warps_override_gives_the_same_ids(interpret, warps):
   np.testing.assert_array_equal(n, ref_n)
 
 
+@pytest.mark.parametrize("interpret", KERNELS)
+@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
+def test_every_radix_width_gives_the_same_ids(interpret, radix_bits):
+  require_backend("pallas_triton", interpret)
+  # many exact ties around the k-th score (every 7th block 0.25, a run of equal scores),
+  # negative and positive scores, a partial row
+  B, K, N, bs, lengths, k = 2, 2, 300, 16, [300 * 16, 1000], 40
+  s = random_scores(radix_bits, B, K, N)
+  s[:, :, 100:160] = 0.5
+  L = jnp.asarray(lengths, jnp.int32)
+  ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
+  idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
+                      interpret=interpret, radix_bits=radix_bits)
+  np.testing.assert_array_equal(np.asarray(idx)[..., :ref_idx.shape[-1]], np.asarray(ref_idx))
+  np.testing.assert_array_equal(n, ref_n)
+
+
 def test_auto_is_xla_on_cpu_and_validates():
   s = jnp.asarray(random_scores(0, 1, 1, 8))
   L = jnp.asarray([100], jnp.int32)
@@ -110,11 +129,19 @@ def test_auto_is_xla_on_cpu_and_validates():
     block_topk(s, L, block_size=16, k=3, implementation="cuda")
   with pytest.raises(ValueError, match="num_warps must be a power of 2"):
     block_topk(s, L, block_size=16, k=3, num_warps=6)
+  with pytest.raises(ValueError, match="radix_bits"):
+    block_topk(s, L, block_size=16, k=3, radix_bits=3)
+  # rows longer than the kernel's packed prefix sum allows: a clear error, and auto uses xla
+  long = jax.ShapeDtypeStruct((1, 1, (1 << 15) + 1), jnp.float32)
+  with pytest.raises(ValueError, match="at most 32768 blocks"):
+    jax.eval_shape(lambda x: block_topk(x, L, block_size=16, k=3, implementation="pallas_triton"), long)
+  assert jax.eval_shape(lambda x: block_topk(x, L, block_size=16, k=3), long)[0].shape == (1, 1, 3)
 
 
-def test_triton_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
+def test_triton_kernel_lowers_for_cuda(radix_bits):
   s = jax.ShapeDtypeStruct((2, 8, 2048), jnp.float32)
   L = jax.ShapeDtypeStruct((2,), jnp.int32)
-  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205,
+  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205, radix_bits=radix_bits,
                                                 implementation="pallas_triton"), s, L)
   assert "xla.gpu.triton" in text and 'name = "block_topk"' in text
