@@ -5,11 +5,16 @@ top-k block choice, and both, per call, as device time (the harness of bench_dec
   python benchmarks/bench_selector.py [--batches 1,8] [--seqs 131072] [--out PATH]
   python benchmarks/bench_selector.py --interpret --batches 1 --seqs 2048 --calls 2 --windows 1  # CPU
 
-Rows per (B, S, plan): `harness` (identity), `gate_scores` (query projection, RoPE, scores over
-the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk` on
-given scores, Triton, at 1 / 4 / 8 / 16 warps, and `lax.top_k` for reference), `gate+topk`
-(float32 and bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a 4,096-token
-budget (k = 64). Writes benchmarks/results/<card>/selector.json.
+Rows per (B, S, plan): `harness` (slice + add), `gate_scores` (query projection, RoPE, scores
+over the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk`
+on given scores, one distinct score set per call, at every --warps x --radix pair, and `lax.top_k`
+for reference), `gate+topk` (the gate's scores then `block_topk`, each pair, float32 cache; and
+the defaults with a bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a
+4,096-token budget (k = 64). Timing: bench_decode.measure (wall and, on a GPU, the profiler's
+kernel time). Writes benchmarks/results/<card>/selector.json.
+
+Until selector.json of 2026-11-29 the `topk` rows passed the same scores to the calls of every
+cache copy, which XLA merged (CSE): those rows under-counted block_topk by the copy factor (4).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ def main():
   add_harness_args(ap, batches="1,8", seqs="131072", calls=128, copies=4)
   ap.add_argument("--block", type=int, default=64)
   ap.add_argument("--budget-tokens", type=int, default=4096)
-  ap.add_argument("--warps", default="1,4,8,16", help="block_topk num_warps variants")
-  ap.add_argument("--radix", default="1,2,4", help="block_topk radix_bits variants (at 8 warps)")
+  ap.add_argument("--warps", default="1,2,4,8", help="block_topk num_warps variants")
+  ap.add_argument("--radix", default="1,2", help="block_topk radix_bits variants")
+  ap.add_argument("--plans", default="sparsity,budget", help="which of the two plans to run")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   args = ap.parse_args()
@@ -60,7 +66,10 @@ def main():
       kc32 = tuple(jax.random.normal(jax.random.fold_in(kc_key, c), (B, HKV, nb, GATE_DIM), jnp.float32)
                    for c in range(args.copies))
       kc16 = tuple(x.astype(jnp.bfloat16) for x in kc32)
-      scores = jax.random.normal(ks, (n_q, B, HKV, nb), jnp.float32)
+      # one [B, K, N] score row set per call: a call that ignored its cache argument would be
+      # the same computation for every cache copy, and XLA would merge those copies (CSE)
+      scores = jax.random.normal(ks, (n_q * args.copies, B, HKV, nb), jnp.float32)
+      one = (jnp.zeros((), jnp.float32),)
       base = dict(B=B, S=S, blocks=nb, calls_per_jit=n_q * args.copies)
       def t(call, xs, caches) -> dict:
         m = measure(call, xs, caches, args.windows, args.unroll, trace)
@@ -69,29 +78,33 @@ def main():
           r.update(trace_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
         return r
 
-      record(**base, row="harness", **t(lambda q, c: q, qs, kc32))
+      record(**base, row="harness", **t(lambda q, c: q.astype(jnp.float32) + c[0, 0, 0, 0], qs, kc32))
       for name, kc in (("float32", kc32), ("bfloat16", kc16)):
         record(**base, row="gate_scores", kc_dtype=name,
                **t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
       plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",
                                                            min(nb, args.budget_tokens // args.block))]
+      plans = [p for p in plans if p[0] in args.plans.split(",") or p[0].split("=")[0] in args.plans]
+      # block_topk variants: every num_warps x radix_bits pair, alone (on given scores) and
+      # chained after the gate's scores (what a decode step runs)
+      variants = [(w, r) for w in parse_ints(args.warps) for r in parse_ints(args.radix)]
       for plan, k in plans:
-        variants = [(w, 2) for w in parse_ints(args.warps)] + [(8, r) for r in parse_ints(args.radix)
-                                                                if r != 2]
         for w, r in variants:
           record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w, radix_bits=r,
                  **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
                                              interpret=args.interpret, num_warps=w,
-                                             radix_bits=r)[0], scores, kc32))
+                                             radix_bits=r)[0], scores, one))
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
                **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
-                                           implementation="xla")[0], scores, kc32))
-        for name, kc in (("float32", kc32), ("bfloat16", kc16)):
+                                           implementation="xla")[0], scores, one))
+        chained = [("float32", kc32, w, r) for w, r in variants] + [("bfloat16", kc16, None, 2)]
+        for name, kc, w, r in chained:
           def both(q, c):
             sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
-                              interpret=args.interpret)[0]
-          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, **t(both, qs, kc))
+                              interpret=args.interpret, num_warps=w, radix_bits=r)[0]
+          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w, radix_bits=r,
+                 **t(both, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],
                 f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "
                 f"{args.unroll}), median of {args.windows} windows")

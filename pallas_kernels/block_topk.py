@@ -99,16 +99,22 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # digit is the number of candidates with >= k keys at or above them, minus one (digit 0
   # always qualifies). 32 / r dependent row reductions: each costs a cross-warp round trip,
   # which is what the kernel's time is made of (H200: ~0.24 us each at Np = 2048).
-  n_digits = 1 << radix_bits
-  digits_D1 = lax.broadcasted_iota(jnp.int32, (n_digits, 1), 0)
-  key_1N = key[None, :]
+  if radix_bits == 1:
+    # one candidate per pass (digit 1; digit 0 always qualifies): a 1-D count
+    def pass_step(i, t_u):
+      cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
+      count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
+      return jnp.where(count >= k, cand_u, t_u)
+  else:
+    digits_D1 = lax.broadcasted_iota(jnp.int32, (1 << radix_bits, 1), 0)
+    key_1N = key[None, :]
 
-  def pass_step(i, t_u):
-    shift = (32 - radix_bits * (i + 1)).astype(jnp.int32)
-    cand_D1 = (t_u | lax.shift_left(digits_D1, shift)) ^ INT32_MIN
-    counts_D = jnp.sum((key_1N >= cand_D1).astype(jnp.int32), axis=1)
-    digit = jnp.sum((counts_D >= k).astype(jnp.int32)) - 1
-    return t_u | lax.shift_left(digit, shift)
+    def pass_step(i, t_u):
+      shift = (32 - radix_bits * (i + 1)).astype(jnp.int32)
+      cand_D1 = (t_u | lax.shift_left(digits_D1, shift)) ^ INT32_MIN
+      counts_D = jnp.sum((key_1N >= cand_D1).astype(jnp.int32), axis=1)
+      digit = jnp.sum((counts_D >= k).astype(jnp.int32)) - 1
+      return t_u | lax.shift_left(digit, shift)
 
   t = lax.fori_loop(0, 32 // radix_bits, pass_step, jnp.int32(0)) ^ INT32_MIN
   above = key > t
