@@ -143,6 +143,8 @@ def main():
   ap.add_argument("--gate-dtypes", default="float32",
                   help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
                        "bfloat16; effjax.sparse keeps float32 by default)")
+  ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
+  ap.add_argument("--topk-radix", type=int, default=None, help="block_topk radix_bits (default: its own)")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   ap.add_argument("--floor-tbps", type=float, default=None,
@@ -295,6 +297,8 @@ def main():
           # its K-compression cache (Dg = 64, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
           impl = "xla" if args.interpret else "pallas_triton"
+          topk_kw = {k: v for k, v in (("num_warps", args.topk_warps),
+                                       ("radix_bits", args.topk_radix)) if v is not None}
           wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
           for gate_dtype in args.gate_dtypes.split(","):
             kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
@@ -303,7 +307,7 @@ def main():
             def gated_call(q, c):
               scores = gate_lib.gate_logits(wq, q, c[2], lengths - 1, 10000.0)
               idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
-                                       interpret=args.interpret)
+                                       interpret=args.interpret, **topk_kw)
               return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
                                              implementation="pallas_triton",
                                              interpret=args.interpret, config=sparse_cfg,
@@ -312,7 +316,7 @@ def main():
             gate_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
             timed("gate+topk+pallas_triton_sparse", gated_call, qs,
                   tuple((a, b, g) for (a, b), g in zip(kv, kc)), sel_bytes + gate_bytes,
-                  gate_dim=GATE_DIM, gate_dtype=gate_dtype, **plan)
+                  gate_dim=GATE_DIM, gate_dtype=gate_dtype, topk=topk_kw or "default", **plan)
             del kc
       del kv
       save()

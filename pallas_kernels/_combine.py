@@ -6,8 +6,9 @@ A drop-in alternative to `_splitk.combine_splits`: same inputs, same result. XLA
 merge into three small kernels (max over the splits, then the weighted sums, then the divide),
 about 5 us on an H200 when the split axis is long (64 splits). Here one program per (b, k, query
 row) (`block_rows` rows per program, default 1: see `default_block_rows` for the timings) loads
-the splits of its row in chunks of up to 64, merges them with an online softmax and writes the
-normalised row: the partials are read once, in one launch (H200: 2.2 us at B1 K8 N64 g4).
+the splits of its row in chunks of up to 8K f32 (64 splits at H = 128), merges them with an
+online softmax and writes the normalised row: the partials are read once, in one launch (H200:
+2.2 us at B1 K8 N64 g4).
 
 Only the first g of the R rows of a partial are real: the split kernels leave the padding rows
 unwritten (`_splitk.write_partial`), so they may hold anything (NaN, inf). The BlockSpecs below

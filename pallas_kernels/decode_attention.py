@@ -35,8 +35,9 @@ from pallas_kernels import _splitk
 class DecodeConfig(_splitk.SplitKConfig):
   """Launch parameters of the dense Triton decode kernel.
 
-  block_k: keys per loop step (power of 2, >= 16); None picks 64 (tuned on the H100, with
-  3 pipeline stages and about one program per SM: benchmarks/tune_decode.py).
+  block_k: keys per loop step (power of 2, >= 16); None picks 64 (tuned with about one program
+  per SM: benchmarks/tune_decode.py; 4 pipeline stages by default since the H200 sweep, where 4
+  beat 3 by 3-5% at B1 S128K, B8 S128K, B1 S32K and B16 S8K: results/NVIDIA_H200/tune_2.json).
   num_splits / num_warps / num_stages: see `_splitk.SplitKConfig`.
   """
   block_k: int | None = None
@@ -153,7 +154,7 @@ def _decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, leng
       kernel, [pl.BlockSpec((_splitk.SQUEEZED,), lambda b, k, j: (b,))],
       [lengths_B.astype(jnp.int32)], q_BKGH, k_BKSH, v_BKSH, num_splits=num_splits,
       tile_rows=block_k, config=config, interpret=interpret, name="decode_attention",
-      default_stages=3)
+      default_stages=4)
 
 
 # ------------------------------------------------------------- F new tokens per sequence (extend)

@@ -163,7 +163,7 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
        pl.BlockSpec((sq, sq, M), lambda b, k, j: (b, k, 0))],
       [lengths_B, nslots_BK, block_indices_BKM], q_BKGH, k_BKSH, v_BKSH,
       num_splits=num_splits, tile_rows=block_size, config=config, interpret=interpret,
-      name="sparse_decode_attention")
+      name="sparse_decode_attention", default_stages=3)
 
 
 # ------------------------------------------------------------------------------------ dispatch

@@ -88,13 +88,15 @@ def test_bfloat16_output(interpret, B, K, N, R, g, H):
 
 
 @pytest.mark.parametrize("interpret", KERNELS)
-@pytest.mark.parametrize("chunk,block_rows", [(1, 8), (2, 4), (4, 2), (64, 1)])
-def test_chunk_and_row_tiles_give_the_same_result(interpret, chunk, block_rows):
+@pytest.mark.parametrize("N,R,g,chunk,block_rows", [
+    (7, 16, 8, 1, 8), (7, 16, 8, 2, 4), (7, 16, 8, 4, 2), (7, 16, 8, 64, 1), (5, 128, 128, 2, 32),
+])
+def test_chunk_and_row_tiles_give_the_same_result(interpret, N, R, g, chunk, block_rows):
   # N = 7: a loop of whole chunks plus a ragged tail (chunk 2, 4), one split per step (chunk 1),
-  # a chunk capped at N's power of 2 (64 -> 4); rows tiled over 1-8 programs per (b, k).
+  # a chunk capped at N's power of 2 (64 -> 4); several rows per program, up to all g of them.
   require_backend("pallas_triton", interpret)
-  B, K, N, R, g, H = 1, 2, 7, 16, 8, 64
-  o, m, l = random_partials(chunk + block_rows, B, K, N, R, g, H)
+  B, K, H = 1, 2, 64
+  o, m, l = random_partials(N + chunk + block_rows, B, K, N, R, g, H)
   want = _splitk.combine_splits(o, m, l, g, jnp.float32)
   got = combine_splits_triton(o, m, l, g, jnp.float32, interpret=interpret, chunk=chunk,
                               block_rows=block_rows)
