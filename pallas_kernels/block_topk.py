@@ -98,7 +98,7 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # once ([2^r, Np] compares, one reduction), and since the counts fall with the digit, the
   # digit is the number of candidates with >= k keys at or above them, minus one (digit 0
   # always qualifies). 32 / r dependent row reductions: each costs a cross-warp round trip,
-  # which is what the kernel's time is made of (H200: ~0.24 us each at Np = 2048).
+  # which is what the kernel's time is made of (H200: ~0.23 us each at Np = 2048, 8 warps).
   if radix_bits == 1:
     # one candidate per pass (digit 1; digit 0 always qualifies): a 1-D count
     def pass_step(i, t_u):
@@ -144,7 +144,7 @@ RADIX_BITS = (1, 2, 4, 8)
 @functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps",
                                              "radix_bits"))
 def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool,
-                       num_warps: int | None = None, radix_bits: int = 2):
+                       num_warps: int | None = None, radix_bits: int = 1):
   B, K, N = scores_BKN.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
@@ -181,7 +181,7 @@ MAX_TRITON_BLOCKS = 1 << 15
 
 def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
                implementation: str = "auto", interpret: bool = False, num_warps: int | None = None,
-               radix_bits: int = 2):
+               radix_bits: int = 1):
   """Top-k block selection (see the module docstring).
 
   Args:
@@ -191,7 +191,9 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
     num_warps: pallas_triton warps per row (default 4 up to 1024 blocks, 8 up to 8192, then 16).
     radix_bits: pallas_triton bits of the k-th largest key found per pass (1, 2, 4 or 8): 32 / r
-      dependent passes of 2^r counts each.
+      dependent passes of 2^r counts each. 1 is fastest (H200, chained after the gate at B8
+      S128K: 7.7 us at 8 warps vs 10.0 us for 2; 4 and 8 slower still: [2^r, N] counts cost
+      more than the passes they save; results/NVIDIA_H200/selector.json).
 
   Returns:
     (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
