@@ -97,12 +97,14 @@ def main():
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
                **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
                                            implementation="xla")[0], scores, one))
-        chained = [("float32", kc32, w, r) for w, r in variants] + [("bfloat16", kc16, None, 2)]
+        # (None, None): block_topk's own defaults
+        chained = [("float32", kc32, w, r) for w, r in variants] + [("bfloat16", kc16, None, None)]
         for name, kc, w, r in chained:
           def both(q, c):
             sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
+            kw = {} if r is None else {"radix_bits": r}
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
-                              interpret=args.interpret, num_warps=w, radix_bits=r)[0]
+                              interpret=args.interpret, num_warps=w, **kw)[0]
           record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w, radix_bits=r,
                  **t(both, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],

@@ -21,7 +21,10 @@ def load(path: pathlib.Path):
   return doc["meta"], rows
 
 
-def table(rows) -> str:
+def table(rows, ms: str = "ms", speedup: str = "speedup_vs_cudnn") -> str:
+  """One row per (B, S); `ms` / `speedup` name the time and ratio fields (wall: "ms",
+  "speedup_vs_cudnn"; profiler kernel time: "trace_busy_ms", "trace_speedup_vs_cudnn"). Gate rows
+  are the float32 K-compression cache's when several dtypes were run."""
   shapes = sorted({(r["B"], r["S"]) for r in rows}, key=lambda x: (x[1], x[0]))
   plans = [p for p in dict.fromkeys(r.get("plan") for r in rows) if p]
   head = ("| B | S | cuDNN ms | dense ms (x) | harness ms | "
@@ -29,9 +32,10 @@ def table(rows) -> str:
   lines = [head, "|" + "---|" * (5 + len(plans))]
   for B, S in shapes:
     get = lambda impl, plan=None: next((r for r in rows if r["B"] == B and r["S"] == S
-                                        and r["impl"] == impl and r.get("plan") == plan), None)
-    fmt = lambda r: "-" if r is None else (f"{r['ms']:.4f} ({r['speedup_vs_cudnn']:.2f}x)"
-                                           if "speedup_vs_cudnn" in r else f"{r['ms']:.4f}")
+                                        and r["impl"] == impl and r.get("plan") == plan
+                                        and r.get("gate_dtype", "float32") == "float32"), None)
+    fmt = lambda r: "-" if r is None or ms not in r else (
+        f"{r[ms]:.4f} ({r[speedup]:.2f}x)" if speedup in r else f"{r[ms]:.4f}")
     cells = [str(B), f"{S // 1024}K", fmt(get("cudnn")), fmt(get("pallas_triton")),
              fmt(get("harness_overhead"))]
     for p in plans:
@@ -77,8 +81,12 @@ def main(argv=None) -> int:
     return 2
   path = pathlib.Path(argv[0])
   meta, rows = load(path)
-  md = table(rows)
-  (path.with_suffix(".md")).write_text(f"{meta['card']}, JAX {meta['jax']}; {meta['timing']}\n\n{md}\n")
+  md = "Wall time of the jit / calls (ms per call, speedup over cuDNN):\n\n" + table(rows)
+  if any("trace_busy_ms" in r for r in rows):
+    md += ("\n\nProfiler kernel time per call (same runs; gaps between kernels excluded):\n\n"
+           + table(rows, "trace_busy_ms", "trace_speedup_vs_cudnn"))
+  (path.with_suffix(".md")).write_text(f"{meta['card']}, JAX {meta['jax']}; {meta['timing']}; "
+                                       f"floor: {meta.get('floor', '')}\n\n{md}\n")
   plot(rows, path.with_suffix(".png"), f"{meta['card']} (JAX {meta['jax']}), Hq=32 Hkv=8 d=128 bf16, block 64")
   print(md)
   return 0
