@@ -100,11 +100,23 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # always qualifies). 32 / r dependent row reductions: each costs a cross-warp round trip,
   # which is what the kernel's time is made of (H200: ~0.23 us each at Np = 2048, 8 warps).
   if radix_bits == 1:
-    # one candidate per pass (digit 1; digit 0 always qualifies): a 1-D count
-    def pass_step(i, t_u):
+    # One candidate per pass (digit 1; digit 0 always qualifies): a 1-D count. The search stops
+    # early once exactly k keys lie at or above the prefix's lower bound: those k are then the
+    # selection whatever the remaining bits of the k-th key are, and the tie rule below sees no
+    # tie (or takes every key equal to the bound). On Gaussian scores (N = 2048, k = 64..205)
+    # that is after ~17 of the 32 passes.
+    def more(c):
+      i, _, count_lo = c
+      return (i < 32) & (count_lo != k)
+
+    def pass_step(c):
+      i, t_u, count_lo = c
       cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
       count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
-      return jnp.where(count >= k, cand_u, t_u)
+      take = count >= k
+      return i + 1, jnp.where(take, cand_u, t_u), jnp.where(take, count, count_lo)
+
+    t_u = lax.while_loop(more, pass_step, (jnp.int32(0), jnp.int32(0), jnp.int32(n_pad)))[1]
   else:
     digits_D1 = lax.broadcasted_iota(jnp.int32, (1 << radix_bits, 1), 0)
     key_1N = key[None, :]
@@ -116,7 +128,8 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
       digit = jnp.sum((counts_D >= k).astype(jnp.int32)) - 1
       return t_u | lax.shift_left(digit, shift)
 
-  t = lax.fori_loop(0, 32 // radix_bits, pass_step, jnp.int32(0)) ^ INT32_MIN
+    t_u = lax.fori_loop(0, 32 // radix_bits, pass_step, jnp.int32(0))
+  t = t_u ^ INT32_MIN
   above = key > t
   tie = key == t
   need = k - jnp.sum(above.astype(jnp.int32))                          # ties to take, lowest ids first

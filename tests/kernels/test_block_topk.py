@@ -114,6 +114,27 @@ def test_every_radix_width_gives_the_same_ids(interpret, radix_bits):
   np.testing.assert_array_equal(n, ref_n)
 
 
+@pytest.mark.parametrize("interpret", KERNELS)
+def test_early_exit_and_full_search_give_the_reference_ids(interpret):
+  """The radix-1 search stops once exactly k keys sit at or above its prefix; rows where that
+  happens early (distinct scores), never (ties straddling the k-th score: all 32 passes, then
+  the lowest-id ties), and at once (k = every valid block) must all match the reference."""
+  require_backend("pallas_triton", interpret)
+  rng = np.random.default_rng(7)
+  N, bs, k = 256, 16, 40
+  s = rng.uniform(-1.0, 0.5, (3, 2, N)).astype(np.float32)   # row (0, *): distinct scores
+  s[1, :, 10:40] = 2.0                                        # rows (1, *): 30 above, then
+  s[1, :, 100:120] = 1.0                                      # 20 tied for the last 10 places
+  L = jnp.asarray([N * bs, N * bs, 40 * bs - 3], jnp.int32)   # row 2: exactly k valid blocks
+  ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
+  idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
+                      interpret=interpret, radix_bits=1)
+  np.testing.assert_array_equal(np.asarray(idx)[..., :k], np.asarray(ref_idx))
+  np.testing.assert_array_equal(n, ref_n)
+  # the forced first and last blocks, the 30 scores of 2.0, then the lowest-id 8 of the 20 ties
+  assert list(np.asarray(idx)[1, 0, :k]) == [0, *range(10, 40), *range(100, 108), N - 1]
+
+
 def test_auto_is_xla_on_cpu_and_validates():
   s = jnp.asarray(random_scores(0, 1, 1, 8))
   L = jnp.asarray([100], jnp.int32)
