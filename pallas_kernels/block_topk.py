@@ -11,11 +11,12 @@ n * block_size < length), k blocks in all, ties to the lower block index, NaN sc
 
 Implementations:
 - `xla`: `block_topk_reference` -- `lax.top_k` over the N blocks, then a sort of the k winners
-  (M = k). On the H100 `lax.top_k` with k in the hundreds runs as a full sort (~35-40 us for
-  B*K = 8..64 rows of 2048 blocks: tune_decode.json), more than the sparse attention it feeds.
+  (M = k). `lax.top_k` with k in the hundreds runs as sorts: ~25 us of kernel time for 64 rows
+  of 2048 blocks on the H200 (results/NVIDIA_H200/selector.json), ~35-40 us wall on the H100.
 - `pallas_triton`: one program per row holds the N scores in registers, finds the k-th largest
   score exactly by building its order-preserving int32 key `radix_bits` bits at a time (32 / r
-  counting passes of 2^r candidates each, no sort), then resolves ties by index and compacts the
+  counting passes of 2^r candidates each, no sort; with 1 bit it stops as soon as exactly k keys
+  lie at or above the prefix: 6.0-6.4 us on the H200), then resolves ties by index and compacts the
   ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
 - `auto`: pallas_triton on GPU, xla elsewhere.
 Both give identical integers (tested in interpret mode and on the GPU).
@@ -165,8 +166,8 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   scores_BKN = _splitk.pad_axis(scores_BKN.astype(jnp.float32), 2, n_pad)
   sq = _splitk.SQUEEZED
   # Registers: a handful of [Np] vectors per program; more warps for long rows. At Np = 2048 on
-  # the H100, 8 warps took 0.6-1.3 us less than 4 alone (benchmarks/results/.../selector.json);
-  # inside a whole gated sparse step the difference was within noise (decode_v3_topk8.json).
+  # the H200 (kernel time, 32 passes, results/NVIDIA_H200/selector*.json): 1 / 2 / 4 / 8 / 16
+  # warps 21.8 / 13.4 / 8.8 / 7.4 / 7.4 us.
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
   kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k,
                              radix_bits=radix_bits)
