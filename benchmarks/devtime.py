@@ -130,30 +130,11 @@ def trace_summary(fn, args: tuple, calls: int) -> dict:
       return summarize_trace(json.load(f), calls)
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, passes: int = 8, windows: int = 3) -> float:
-  """Bytes per second of read + write over a large bf16 buffer (x -> x * a + b, `passes` times
-  inside one jit), median of `windows`: the practical bandwidth ceiling of the card."""
-  n = nbytes // 2
-  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-
-  @jax.jit
-  def run(x):
-    return lax.fori_loop(0, passes, lambda i, y: y * jnp.bfloat16(0.999) + jnp.bfloat16(1e-3), x)
-
-  jax.block_until_ready(run(x))
-  ts = []
-  for _ in range(windows):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(x))
-    ts.append(time.perf_counter() - t0)
-  return 2 * n * 2 * passes / statistics.median(ts)
-
-
 def read_bandwidth(nbytes: int = 4 << 30) -> float:
   """Bytes per second of one large read (a float32 sum over a bf16 buffer), from the profiler's
   kernel time of that reduction (wall time if no device line is traced): the ceiling of a
-  read-bound kernel such as decode attention. (The x -> x * a + b copy of `copy_bandwidth`
-  measured only 2.9 TB/s on an H200 where cuDNN decode read 4.5 TB/s.)"""
+  read-bound kernel such as decode attention. (An x -> x * a + b copy in a fori_loop measured
+  only 2.9 TB/s of read + write on an H200 where cuDNN decode read 4.5 TB/s: not a ceiling.)"""
   n = nbytes // 2
   x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
   f = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
