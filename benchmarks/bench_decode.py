@@ -144,11 +144,10 @@ def main():
                   help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
                        "bfloat16; effjax.sparse keeps float32 by default)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
-  ap.add_argument("--topk-radix", type=int, default=None, help="block_topk radix_bits (default: its own)")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   ap.add_argument("--floor-tbps", type=float, default=None,
-                  help="bandwidth of the byte floor (default: measured copy bandwidth on a GPU)")
+                  help="bandwidth of the byte floor (default: read bandwidth measured on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
@@ -297,8 +296,7 @@ def main():
           # its K-compression cache (Dg = 64, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
           impl = "xla" if args.interpret else "pallas_triton"
-          topk_kw = {k: v for k, v in (("num_warps", args.topk_warps),
-                                       ("radix_bits", args.topk_radix)) if v is not None}
+          topk_kw = {} if args.topk_warps is None else {"num_warps": args.topk_warps}
           wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
           for gate_dtype in args.gate_dtypes.split(","):
             kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),

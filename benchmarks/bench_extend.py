@@ -7,7 +7,7 @@ the multi-token Triton kernel (`extend_attention`) vs the XLA path `decoding.ext
   python benchmarks/bench_extend.py --interpret --batches 1 --seqs 512 --f 4 --calls 2 --windows 1
 
 Hq=32, Hkv=8, d=128, bf16, the F tokens at the end of a full cache. Floor: the K/V bytes at
-the copy bandwidth measured in the same run (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
+the read bandwidth measured in the same run (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
 """
 
 from __future__ import annotations

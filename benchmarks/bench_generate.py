@@ -35,7 +35,7 @@ Medians over `--repeats` repeats after a warm-up run of each. The numbers of tok
 checked (N and 1 for every sequence). Memory: the compiled program's memory analysis (arguments +
 temporaries + outputs) and the device's process-wide peak (`memory_stats`, cumulative over rows).
 The floor of a step is the bytes it must read -- weights, the K/V it attends to (all of the valid
-cache for dense, the budget for sparse), block summaries -- at the copy bandwidth measured in the same
+cache for dense, the budget for sparse), block summaries -- at the read bandwidth measured in the same
 run (devtime.floor_bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
 memory are recorded as skipped. Writes benchmarks/results/<card>/generate.json after every row.
 """

@@ -7,8 +7,8 @@ top-k block choice, and both, per call, as device time (the harness of bench_dec
 
 Rows per (B, S, plan): `harness` (slice + add), `gate_scores` (query projection, RoPE, scores
 over the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk`
-on given scores, one distinct score set per call, at every --warps x --radix pair, and `lax.top_k`
-for reference), `gate+topk` (the gate's scores then `block_topk`, each pair, float32 cache; and
+on given scores, one distinct score set per call, at each --warps, and `lax.top_k` for
+reference), `gate+topk` (the gate's scores then `block_topk`, each --warps, float32 cache; and
 the defaults with a bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a
 4,096-token budget (k = 64). Timing: bench_decode.measure (wall and, on a GPU, the profiler's
 kernel time). Writes benchmarks/results/<card>/selector.json.
@@ -41,8 +41,7 @@ def main():
   ap.add_argument("--block", type=int, default=64)
   ap.add_argument("--budget-tokens", type=int, default=4096)
   ap.add_argument("--warps", default="1,2,4,8", help="block_topk num_warps variants")
-  ap.add_argument("--radix", default="1,2", help="block_topk radix_bits variants")
-  ap.add_argument("--plans", default="sparsity,budget", help="which of the two plans to run")
+  ap.add_argument("--plans", default="sparsity,budget", help="which plans to run: sparsity, budget")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   args = ap.parse_args()
@@ -84,28 +83,25 @@ def main():
                **t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
       plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",
                                                            min(nb, args.budget_tokens // args.block))]
-      plans = [p for p in plans if p[0] in args.plans.split(",") or p[0].split("=")[0] in args.plans]
-      # block_topk variants: every num_warps x radix_bits pair, alone (on given scores) and
-      # chained after the gate's scores (what a decode step runs)
-      variants = [(w, r) for w in parse_ints(args.warps) for r in parse_ints(args.radix)]
+      plans = [p for p in plans if p[0].split("=")[0] in args.plans.split(",")]
+      # block_topk at each num_warps, alone (on given scores) and chained after the gate's scores
+      # (what a decode step runs)
       for plan, k in plans:
-        for w, r in variants:
-          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w, radix_bits=r,
+        for w in parse_ints(args.warps):
+          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w,
                  **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
-                                             interpret=args.interpret, num_warps=w,
-                                             radix_bits=r)[0], scores, one))
+                                             interpret=args.interpret, num_warps=w)[0], scores, one))
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
                **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
                                            implementation="xla")[0], scores, one))
-        # (None, None): block_topk's own defaults
-        chained = [("float32", kc32, w, r) for w, r in variants] + [("bfloat16", kc16, None, None)]
-        for name, kc, w, r in chained:
+        # num_warps None: block_topk's default
+        chained = [("float32", kc32, w) for w in parse_ints(args.warps)] + [("bfloat16", kc16, None)]
+        for name, kc, w in chained:
           def both(q, c):
             sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
-            kw = {} if r is None else {"radix_bits": r}
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
-                              interpret=args.interpret, num_warps=w, **kw)[0]
-          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w, radix_bits=r,
+                              interpret=args.interpret, num_warps=w)[0]
+          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w,
                  **t(both, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],
                 f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "

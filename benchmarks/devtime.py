@@ -156,8 +156,8 @@ H100_COPY_TBPS = 3.0
 
 
 def floor_bandwidth(override: float | None = None) -> tuple[float, str]:
-  """(TB/s, where it came from) for byte floors: `override` if given, else the copy bandwidth
-  measured now on a GPU, else the H100's measured 3.0 TB/s (CPU runs: smoke tests only)."""
+  """(TB/s, where it came from) for byte floors: `override` if given, else the read bandwidth
+  measured now on a GPU (`read_bandwidth`), else the H100's measured 3.0 TB/s (CPU runs: smoke tests only)."""
   if override:
     return float(override), "given on the command line"
   if jax.default_backend() == "gpu":

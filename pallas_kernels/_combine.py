@@ -5,7 +5,7 @@
 A drop-in alternative to `_splitk.combine_splits`: same inputs, same result. XLA compiles that
 merge into three small kernels (max over the splits, then the weighted sums, then the divide),
 about 5 us on an H200 when the split axis is long (64 splits). Here one program per (b, k, query
-row) (`block_rows` rows per program, default 1: see `default_block_rows` for the timings) loads
+row) (`block_rows` rows per program, default 1: see `DEFAULT_BLOCK_ROWS` for the timings) loads
 the splits of its row in chunks of up to 8K f32 (64 splits at H = 128), merges them with an
 online softmax and writes the normalised row: the partials are read once, in one launch (H200:
 2.2 us at B1 K8 N64 g4).
@@ -44,18 +44,16 @@ def triton_combine_supported(g: int, R: int, H: int) -> str | None:
   return None
 
 
-def default_block_rows(g: int, H: int) -> int:
-  """Query rows per program: 1. More, smaller programs win because the merge is latency bound:
-  a program's loads of all its splits go out together, and the grid (B, K, g) puts more of them
-  in flight. H200, bf16 out, kernel time (profiler) against `combine_splits` (3 XLA kernels):
-    B1 K8 N64 g4 H128:     1 row 2.2 us, 4 rows 4.2 us, XLA 5.0 us
-    B8 K8 N64 g4 H128:     1 row 4.9 us, 4 rows 13.3 us, XLA 8.1 us
-    B1 K8 N66 g8 H128:     1 row 2.7 us, 8 rows 12.9 us, XLA 5.7 us
-    B1 K8 N16 g128 H128:   1 row 4.7 us, 32 rows 13.4 us, XLA 7.8 us
-  (num_warps 8 and num_stages 1 changed these by < 0.6 us; chunks of 4 splits instead of all
-  64 made them 1.5-5x slower.)"""
-  del g, H
-  return 1
+# Query rows per program: 1. More, smaller programs win because the merge is latency bound:
+# a program's loads of all its splits go out together, and the grid (B, K, g) puts more of them
+# in flight. H200, bf16 out, kernel time (profiler) against `combine_splits` (3 XLA kernels):
+# B1 K8 N64 g4 H128:     1 row 2.2 us, 4 rows 4.2 us, XLA 5.0 us
+# B8 K8 N64 g4 H128:     1 row 4.9 us, 4 rows 13.3 us, XLA 8.1 us
+# B1 K8 N66 g8 H128:     1 row 2.7 us, 8 rows 12.9 us, XLA 5.7 us
+# B1 K8 N16 g128 H128:   1 row 4.7 us, 32 rows 13.4 us, XLA 7.8 us
+# (num_warps 8 and num_stages 1 changed these by < 0.6 us; chunks of 4 splits instead of all
+# 64 made them 1.5-5x slower.)
+DEFAULT_BLOCK_ROWS = 1
 
 
 def prev_power_of_2(x: int) -> int:
@@ -176,7 +174,7 @@ def combine_splits_triton(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Arr
       parameters (ignored in interpret mode).
     chunk: splits merged per loop step, a power of 2 (default `default_chunk`; capped at the
       largest power of 2 <= N).
-    block_rows: query rows per program, a power of 2 dividing g (default `default_block_rows`).
+    block_rows: query rows per program, a power of 2 dividing g (default `DEFAULT_BLOCK_ROWS`).
 
   Returns:
     [B, K, g, H] in out_dtype, equal to `_splitk.combine_splits(o, m, l, g, out_dtype)` up to f32
@@ -199,7 +197,7 @@ def combine_splits_triton(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Arr
   if not isinstance(num_stages, int) or num_stages < 1:
     raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
   if block_rows is None:
-    block_rows = default_block_rows(g, H)
+    block_rows = DEFAULT_BLOCK_ROWS
   if not isinstance(block_rows, int) or not _splitk.is_power_of_2(block_rows) or g % block_rows:
     raise ValueError(f"block_rows must be a power of 2 dividing g={g}, got {block_rows!r}")
   if chunk is None:

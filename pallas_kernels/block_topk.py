@@ -14,9 +14,9 @@ Implementations:
   (M = k). `lax.top_k` with k in the hundreds runs as sorts: ~25 us of kernel time for 64 rows
   of 2048 blocks on the H200 (results/NVIDIA_H200/selector.json), ~35-40 us wall on the H100.
 - `pallas_triton`: one program per row holds the N scores in registers, finds the k-th largest
-  score exactly by building its order-preserving int32 key `radix_bits` bits at a time (32 / r
-  counting passes of 2^r candidates each, no sort; with 1 bit it stops as soon as exactly k keys
-  lie at or above the prefix: 6.0-6.4 us on the H200), then resolves ties by index and compacts the
+  score exactly by building its order-preserving int32 key bit by bit (at most 32 counting
+  passes, no sort; it stops as soon as exactly k keys lie at or above the prefix: 6.0-6.4 us on
+  the H200), then resolves ties by index and compacts the
   ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
 - `auto`: pallas_triton on GPU, xla elsewhere.
 Both give identical integers (tested in interpret mode and on the GPU).
@@ -77,8 +77,7 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
           jnp.sum(live, axis=-1).astype(jnp.int32))
 
 
-def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int,
-                 radix_bits: int):
+def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
   """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
   idx_ref int32 [M]; n_ref int32 []."""
   length = len_ref[()]
@@ -94,42 +93,27 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # int32 key with the float order: negative floats have their magnitude bits flipped
   key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
   # The k-th largest key T is the largest t with #(key >= t) >= k. Build it from the most
-  # significant digit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
-  # the signed order), `radix_bits` bits per pass: the 2^r candidates of a pass are counted at
-  # once ([2^r, Np] compares, one reduction), and since the counts fall with the digit, the
-  # digit is the number of candidates with >= k keys at or above them, minus one (digit 0
-  # always qualifies). 32 / r dependent row reductions: each costs a cross-warp round trip,
-  # which is what the kernel's time is made of (H200: ~0.23 us each at Np = 2048, 8 warps).
-  if radix_bits == 1:
-    # One candidate per pass (digit 1; digit 0 always qualifies): a 1-D count. The search stops
-    # early once exactly k keys lie at or above the prefix's lower bound: those k are then the
-    # selection whatever the remaining bits of the k-th key are, and the tie rule below sees no
-    # tie (or takes every key equal to the bound). On Gaussian scores (N = 2048, k = 64..205)
-    # that is after ~17 of the 32 passes.
-    def more(c):
-      i, _, count_lo = c
-      return (i < 32) & (count_lo != k)
+  # significant bit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
+  # the signed order), keeping each bit whose candidate still has >= k keys at or above it. The
+  # search stops early once exactly k keys lie at or above the prefix's lower bound: those k are
+  # then the selection whatever the remaining bits of T are, and the tie rule below sees no tie
+  # (or takes every key equal to the bound). On Gaussian scores (N = 2048, k = 64..205) that is
+  # after ~17 of the 32 passes. Each pass is one dependent row reduction (a cross-warp round
+  # trip, ~0.23 us at Np = 2048 and 8 warps on the H200): that is what the kernel's time is made
+  # of. Counting 2^r candidates per pass ([2^r, Np] compares, 32 / r passes) was measured slower
+  # for r = 2, 4, 8 (10 / 17 / 37 us against 7.7 us for 32 one-bit passes: selector.json).
+  def more(c):
+    i, _, count_lo = c
+    return (i < 32) & (count_lo != k)
 
-    def pass_step(c):
-      i, t_u, count_lo = c
-      cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
-      count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
-      take = count >= k
-      return i + 1, jnp.where(take, cand_u, t_u), jnp.where(take, count, count_lo)
+  def pass_step(c):
+    i, t_u, count_lo = c
+    cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
+    count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
+    take = count >= k
+    return i + 1, jnp.where(take, cand_u, t_u), jnp.where(take, count, count_lo)
 
-    t_u = lax.while_loop(more, pass_step, (jnp.int32(0), jnp.int32(0), jnp.int32(n_pad)))[1]
-  else:
-    digits_D1 = lax.broadcasted_iota(jnp.int32, (1 << radix_bits, 1), 0)
-    key_1N = key[None, :]
-
-    def pass_step(i, t_u):
-      shift = (32 - radix_bits * (i + 1)).astype(jnp.int32)
-      cand_D1 = (t_u | lax.shift_left(digits_D1, shift)) ^ INT32_MIN
-      counts_D = jnp.sum((key_1N >= cand_D1).astype(jnp.int32), axis=1)
-      digit = jnp.sum((counts_D >= k).astype(jnp.int32)) - 1
-      return t_u | lax.shift_left(digit, shift)
-
-    t_u = lax.fori_loop(0, 32 // radix_bits, pass_step, jnp.int32(0))
+  t_u = lax.while_loop(more, pass_step, (jnp.int32(0), jnp.int32(0), jnp.int32(n_pad)))[1]
   t = t_u ^ INT32_MIN
   above = key > t
   tie = key == t
@@ -152,13 +136,9 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   n_ref[()] = count
 
 
-RADIX_BITS = (1, 2, 4, 8)
-
-
-@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps",
-                                             "radix_bits"))
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps"))
 def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool,
-                       num_warps: int | None = None, radix_bits: int = 1):
+                       num_warps: int | None = None):
   B, K, N = scores_BKN.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
@@ -169,8 +149,7 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   # the H200 (kernel time, 32 passes, results/NVIDIA_H200/selector*.json): 1 / 2 / 4 / 8 / 16
   # warps 21.8 / 13.4 / 8.8 / 7.4 / 7.4 us.
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
-  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k,
-                             radix_bits=radix_bits)
+  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
   compiler_params = None
   if not interpret:
     compiler_params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -194,8 +173,7 @@ MAX_TRITON_BLOCKS = 1 << 15
 
 
 def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
-               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None,
-               radix_bits: int = 1):
+               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None):
   """Top-k block selection (see the module docstring).
 
   Args:
@@ -204,10 +182,6 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
     num_warps: pallas_triton warps per row (default 4 up to 1024 blocks, 8 up to 8192, then 16).
-    radix_bits: pallas_triton bits of the k-th largest key found per pass (1, 2, 4 or 8): 32 / r
-      dependent passes of 2^r counts each. 1 is fastest (H200, chained after the gate at B8
-      S128K: 7.7 us at 8 warps vs 10.0 us for 2; 4 and 8 slower still: [2^r, N] counts cost
-      more than the passes they save; results/NVIDIA_H200/selector.json).
 
   Returns:
     (idx int32 [B, K, M], n_live int32 [B, K]): ascending selected block ids, -1 padded
@@ -220,8 +194,6 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     raise ValueError(f"num_warps must be a power of 2, got {num_warps!r}")
   if implementation not in ("auto", "xla", "pallas_triton"):
     raise ValueError(f"implementation must be auto | xla | pallas_triton, got {implementation!r}")
-  if radix_bits not in RADIX_BITS:
-    raise ValueError(f"radix_bits must be one of {RADIX_BITS}, got {radix_bits!r}")
   too_long = _splitk.next_power_of_2(scores_BKN.shape[-1]) > MAX_TRITON_BLOCKS
   if implementation == "auto":
     gpu = jax.default_backend() == "gpu"
@@ -233,4 +205,4 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     raise ValueError(f"implementation='pallas_triton' takes at most {MAX_TRITON_BLOCKS} blocks per "
                      f"row (padded to a power of 2), got N={scores_BKN.shape[-1]}; use 'xla'")
   return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret),
-                            None if num_warps is None else int(num_warps), int(radix_bits))
+                            None if num_warps is None else int(num_warps))

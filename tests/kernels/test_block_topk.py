@@ -64,10 +64,8 @@ def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k):
   s = random_scores(B * 1000 + N + k, B, K, N)
   L = jnp.asarray(lengths, jnp.int32)
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
-  # the radix width changes only how the k-th largest key is searched, never the result
-  radix = (1, 2, 4, 8)[(B + N + k) % 4]
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, radix_bits=radix)
+                      interpret=interpret)
   idx, ref_idx = np.asarray(idx), np.asarray(ref_idx)
   M = ref_idx.shape[-1]
   assert idx.shape[-1] > M and idx.shape[-1] & (idx.shape[-1] - 1) == 0
@@ -98,25 +96,8 @@ def test_num_warps_override_gives_the_same_ids(interpret, warps):
 
 
 @pytest.mark.parametrize("interpret", KERNELS)
-@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
-def test_every_radix_width_gives_the_same_ids(interpret, radix_bits):
-  require_backend("pallas_triton", interpret)
-  # many exact ties around the k-th score (every 7th block 0.25, a run of equal scores),
-  # negative and positive scores, a partial row
-  B, K, N, bs, lengths, k = 2, 2, 300, 16, [300 * 16, 1000], 40
-  s = random_scores(radix_bits, B, K, N)
-  s[:, :, 100:160] = 0.5
-  L = jnp.asarray(lengths, jnp.int32)
-  ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
-  idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, radix_bits=radix_bits)
-  np.testing.assert_array_equal(np.asarray(idx)[..., :ref_idx.shape[-1]], np.asarray(ref_idx))
-  np.testing.assert_array_equal(n, ref_n)
-
-
-@pytest.mark.parametrize("interpret", KERNELS)
 def test_early_exit_and_full_search_give_the_reference_ids(interpret):
-  """The radix-1 search stops once exactly k keys sit at or above its prefix; rows where that
+  """The key search stops once exactly k keys sit at or above its prefix; rows where that
   happens early (distinct scores), never (ties straddling the k-th score: all 32 passes, then
   the lowest-id ties), and at once (k = every valid block) must all match the reference."""
   require_backend("pallas_triton", interpret)
@@ -128,7 +109,7 @@ def test_early_exit_and_full_search_give_the_reference_ids(interpret):
   L = jnp.asarray([N * bs, N * bs, 40 * bs - 3], jnp.int32)   # row 2: exactly k valid blocks
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, radix_bits=1)
+                      interpret=interpret)
   np.testing.assert_array_equal(np.asarray(idx)[..., :k], np.asarray(ref_idx))
   np.testing.assert_array_equal(n, ref_n)
   # the forced first and last blocks, the 30 scores of 2.0, then the lowest-id 8 of the 20 ties
@@ -150,8 +131,6 @@ def test_auto_is_xla_on_cpu_and_validates():
     block_topk(s, L, block_size=16, k=3, implementation="cuda")
   with pytest.raises(ValueError, match="num_warps must be a power of 2"):
     block_topk(s, L, block_size=16, k=3, num_warps=6)
-  with pytest.raises(ValueError, match="radix_bits"):
-    block_topk(s, L, block_size=16, k=3, radix_bits=3)
   # rows longer than the kernel's packed prefix sum allows: a clear error, and auto uses xla
   long = jax.ShapeDtypeStruct((1, 1, (1 << 15) + 1), jnp.float32)
   with pytest.raises(ValueError, match="at most 32768 blocks"):
@@ -159,10 +138,9 @@ def test_auto_is_xla_on_cpu_and_validates():
   assert jax.eval_shape(lambda x: block_topk(x, L, block_size=16, k=3), long)[0].shape == (1, 1, 3)
 
 
-@pytest.mark.parametrize("radix_bits", [1, 2, 4, 8])
-def test_triton_kernel_lowers_for_cuda(radix_bits):
+def test_triton_kernel_lowers_for_cuda():
   s = jax.ShapeDtypeStruct((2, 8, 2048), jnp.float32)
   L = jax.ShapeDtypeStruct((2,), jnp.int32)
-  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205, radix_bits=radix_bits,
+  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205,
                                                 implementation="pallas_triton"), s, L)
   assert "xla.gpu.triton" in text and 'name = "block_topk"' in text
