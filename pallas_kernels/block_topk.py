@@ -37,6 +37,7 @@ from pallas_kernels import _splitk
 
 INT32_MIN = np.int32(-2**31)
 INT32_MAX_POSITIVE = np.int32(2**31 - 1)
+KEY_ABOVE_ALL = np.int32(0x7F800001)   # the order key of +inf, plus one
 
 
 def _check(scores_BKN, lengths_B, block_size: int, k: int) -> None:
@@ -92,32 +93,45 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   bits = lax.bitcast_convert_type(s, jnp.int32)
   # int32 key with the float order: negative floats have their magnitude bits flipped
   key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
-  # The k-th largest key T is the largest t with #(key >= t) >= k. Build it from the most
-  # significant bit down in the offset-binary view u = t ^ INT32_MIN (where unsigned order is
-  # the signed order), keeping each bit whose candidate still has >= k keys at or above it. The
-  # search stops early once exactly k keys lie at or above the prefix's lower bound: those k are
-  # then the selection whatever the remaining bits of T are, and the tie rule below sees no tie
-  # (or takes every key equal to the bound). On Gaussian scores (N = 2048, k = 64..205) that is
-  # after ~17 of the 32 passes. Each pass is one dependent row reduction (a cross-warp round
-  # trip, ~0.23 us at Np = 2048 and 8 warps on the H200): that is what the kernel's time is made
-  # of. Counting 2^r candidates per pass ([2^r, Np] compares, 32 / r passes) was measured slower
-  # for r = 2, 4, 8 (10 / 17 / 37 us against 7.7 us for 32 one-bit passes: selector.json).
+  # The k-th largest key T is the largest t with #(key >= t) >= k. The search keeps a bracket
+  # lo <= T < hi (#(key >= lo) >= k > #(key >= hi)) and cuts it in three per pass: two candidate
+  # thresholds at about 1/3 and 2/3 of [lo, hi), both counted by ONE row reduction (the two
+  # counts, each <= Np <= 2^15, packed in the halves of an int32 sum). Each pass is one dependent
+  # cross-warp reduction (~0.23 us at Np = 2048 and 8 warps on the H200), so passes are what the
+  # kernel's time is made of: a third of the bracket per pass needs ~10-11 passes on Gaussian,
+  # exponential or Cauchy scores (N = 2048, k = 64..205) where one bit per pass needed ~16-17,
+  # and at most 21 (many ties) instead of 32. The search stops as soon as exactly k keys lie at
+  # or above lo (those k are then the selection) or the bracket is one key wide (T = lo). Counting
+  # 2^r candidates per pass as [2^r, Np] compares summed along one axis was measured slower
+  # (r = 2, 4, 8: 10 / 17 / 37 us against 7.7 us for 32 one-bit passes: selector.json).
   def more(c):
-    i, _, count_lo = c
-    return (i < 32) & (count_lo != k)
+    lo, hi, count_lo, _ = c
+    return (count_lo != k) & (hi - lo != 1)   # (hi - lo wraps past 2^31: compare with != only)
 
   def pass_step(c):
-    i, t_u, count_lo = c
-    cand_u = t_u | lax.shift_left(jnp.int32(1), (31 - i).astype(jnp.int32))
-    count = jnp.sum((key >= (cand_u ^ INT32_MIN)).astype(jnp.int32))
-    take = count >= k
-    return i + 1, jnp.where(take, cand_u, t_u), jnp.where(take, count, count_lo)
+    lo, hi, count_lo, count_hi = c
+    width = hi - lo                                        # as unsigned: the bracket is < 2^32
+    half = lax.shift_right_logical(width, 1)
+    third = jnp.maximum(half // 3 + half // 3, 1)          # ~width / 3, no int32 overflow
+    c1 = lo + third
+    c2 = jnp.minimum(c1 + third, hi - 1)
+    packed = jnp.sum((key >= c1).astype(jnp.int32) + lax.shift_left((key >= c2).astype(jnp.int32), 16))
+    n1 = packed & 0xFFFF
+    n2 = lax.shift_right_logical(packed, 16)
+    # the new bracket: [c2, hi) if n2 >= k, [c1, c2) if only n1 >= k, else [lo, c1)
+    return (jnp.where(n2 >= k, c2, jnp.where(n1 >= k, c1, lo)),
+            jnp.where(n2 >= k, hi, jnp.where(n1 >= k, c2, c1)),
+            jnp.where(n2 >= k, n2, jnp.where(n1 >= k, n1, count_lo)),
+            jnp.where(n2 >= k, count_hi, jnp.where(n1 >= k, n2, n1)))
 
-  t_u = lax.while_loop(more, pass_step, (jnp.int32(0), jnp.int32(0), jnp.int32(n_pad)))[1]
-  t = t_u ^ INT32_MIN
+  # key(+inf) + 1 is above every key (NaN scores are -inf by now); INT32_MIN is at or below all.
+  init = (INT32_MIN, jnp.int32(KEY_ABOVE_ALL), jnp.int32(n_pad), jnp.int32(0))
+  t, hi, count_lo, count_hi = lax.while_loop(more, pass_step, init)
   above = key > t
   tie = key == t
-  need = k - jnp.sum(above.astype(jnp.int32))                          # ties to take, lowest ids first
+  # Ties to take, lowest ids first: with exactly k keys at or above t, all of them (k is enough);
+  # else the bracket is [t, t + 1) and count_hi = #(key > t).
+  need = jnp.where(count_lo == k, k, k - count_hi)
   # One prefix sum for both counts: #above in the low 16 bits, #tie in the high ones (N < 2^15).
   packed = jnp.cumsum(above.astype(jnp.int32) + lax.shift_left(tie.astype(jnp.int32), 16))
   cum_above = packed & 0xFFFF
@@ -125,7 +139,9 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   sel = (above | (tie & (cum_tie <= need))) & valid
   # position among the selected = selected at or before it - 1 (the taken ties are a prefix)
   pos = cum_above + jnp.minimum(cum_tie, need) - 1
-  count = jnp.sum(sel.astype(jnp.int32))
+  # k keys are selected before `& valid`; invalid blocks are -inf and sit after every valid one,
+  # so the valid among them are min(k, valid blocks) -- no reduction needed to count them.
+  count = jnp.minimum(k, jnp.clip(nb, 0, n_blocks))
   m = idx_ref.shape[0]
   slots = lax.broadcasted_iota(jnp.int32, (m,), 0)
   plgpu.store(idx_ref.at[slots], jnp.full((m,), -1, jnp.int32), mask=slots >= count)

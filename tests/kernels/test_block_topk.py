@@ -97,9 +97,10 @@ def test_num_warps_override_gives_the_same_ids(interpret, warps):
 
 @pytest.mark.parametrize("interpret", KERNELS)
 def test_early_exit_and_full_search_give_the_reference_ids(interpret):
-  """The key search stops once exactly k keys sit at or above its prefix; rows where that
-  happens early (distinct scores), never (ties straddling the k-th score: all 32 passes, then
-  the lowest-id ties), and at once (k = every valid block) must all match the reference."""
+  """The key search stops once exactly k keys sit at or above the bracket's low end; rows where
+  that happens early (distinct scores), never (ties straddling the k-th score: the bracket
+  shrinks to one key, then the lowest-id ties), and at once (k = every valid block) must all
+  match the reference."""
   require_backend("pallas_triton", interpret)
   rng = np.random.default_rng(7)
   N, bs, k = 256, 16, 40
@@ -114,6 +115,31 @@ def test_early_exit_and_full_search_give_the_reference_ids(interpret):
   np.testing.assert_array_equal(n, ref_n)
   # the forced first and last blocks, the 30 scores of 2.0, then the lowest-id 8 of the 20 ties
   assert list(np.asarray(idx)[1, 0, :k]) == [0, *range(10, 40), *range(100, 108), N - 1]
+
+
+@pytest.mark.parametrize("interpret", KERNELS)
+def test_search_over_score_scales_and_distributions(interpret):
+  """Rows whose scores span tiny, huge, one-signed, heavy-tailed, two-valued and all-equal
+  ranges, with infinities and NaN: the bracket search (whose first cuts span more than 2^31
+  keys) must give the reference's ids for every k."""
+  require_backend("pallas_triton", interpret)
+  rng = np.random.default_rng(11)
+  N, bs = 300, 16
+  rows = [rng.standard_normal(N) * 1e-30, rng.standard_normal(N) * 1e30,
+          -np.abs(rng.standard_normal(N)) - 5.0, np.abs(rng.standard_normal(N)) + 3.0,
+          rng.standard_cauchy(N), rng.choice([-1.0, 2.0], N), np.full(N, 0.5),
+          np.where(rng.random(N) < 0.3, -np.inf, rng.standard_normal(N))]
+  s = np.stack(rows).astype(np.float32)[None]                  # [1, 8, N]
+  s[0, 4, 7] = np.nan
+  s[0, 5, 9] = np.inf
+  L = jnp.asarray([N * bs - 5], jnp.int32)
+  for k in (2, 3, 37, 150, 299, 300):
+    ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
+    idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
+                        interpret=interpret)
+    np.testing.assert_array_equal(np.asarray(idx)[..., :ref_idx.shape[-1]], np.asarray(ref_idx),
+                                  err_msg=f"k={k}")
+    np.testing.assert_array_equal(n, ref_n)
 
 
 def test_auto_is_xla_on_cpu_and_validates():
