@@ -199,7 +199,8 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
                      decode_impl: str = "auto", log=None) -> dict:
   """Passkey accuracy on given prompts (right-padded tokens, lengths, the keys): the 5 greedily
   generated tokens must spell the key. Dense decoding, then each selector (name -> (selector
-  kind, gate params or None)) at each token budget. Returns {"accuracy": {"dense": a,
+  kind, gate params or None[, dict of further SparseConfig fields, e.g. {"gate_cache_dtype":
+  "bfloat16"}])) at each token budget. Returns {"accuracy": {"dense": a,
   "<name>@<budget>": a, ...}, "digit_accuracy": same keys (share of the 5 digits right),
   "seconds": same keys}; `log` (optional) gets a line per row."""
   from effjax import decoding
@@ -221,11 +222,12 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
 
   t0 = time.perf_counter()
   score("dense", decoding.generate(cfg.model, params, toks, lens, rng, **kw)[0], t0)
-  for name, (kind, gp) in selectors.items():
+  for name, (kind, gp, *extra) in selectors.items():
     for budget in budgets:
       t0 = time.perf_counter()
       scfg = resa.SparseConfig(selector=kind, block_size=block_size, budget_tokens=budget,
-                               rectify_every=0, d_gate=64 if gp is None else int(gp["wq"].shape[-1]))
+                               rectify_every=0, d_gate=64 if gp is None else int(gp["wq"].shape[-1]),
+                               **(extra[0] if extra else {}))
       score(f"{name}@{budget}", resa.generate(cfg.model, scfg, params, toks, lens, rng, gp, **kw)[0], t0)
   return {"accuracy": acc, "digit_accuracy": digits, "seconds": seconds}
 

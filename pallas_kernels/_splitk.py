@@ -180,7 +180,7 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
                 v_BKSH: jax.Array, *, num_splits: int, tile_rows: int, config: SplitKConfig,
                 interpret: bool, name: str, default_stages: int = 2) -> jax.Array:
   """The pallas_call both decode kernels share: grid (b, k, split); per-(b, k) scalar or index
-  inputs first (`prefix_specs` / `prefix_args`), then the query rows padded to `dot_rows` and the
+  inputs first (`prefix_specs` / `prefix_args`), then the query rows (read as `dot_rows` rows) and the
   whole [S, H] K and V of the (b, k) (the kernel loads `tile_rows`-token slices of them); outputs
   are the per-split partial (o, m, l), combined here (`_combine.combine_splits_triton` from
   TRITON_COMBINE_MIN_SPLITS splits, else `combine_splits`). The kernel gets `n_rows=G` (the real rows:
@@ -189,7 +189,10 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
   B, K, G, H = q_BKGH.shape
   S = k_BKSH.shape[2]
   R = dot_rows(G)
-  q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
+  # The query block is R rows of the unpadded [B, K, G, H] array: Triton masks the rows past G
+  # (their values are unspecified; interpret mode fills them with NaN), which costs nothing,
+  # where padding in XLA was a separate kernel (0.2 us a call at B8). A padding row's dot
+  # products, softmax and output stay in that row, and `write_partial` never stores it.
   sq = SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
   o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
       functools.partial(kernel, n_rows=G),
@@ -212,7 +215,7 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
       compiler_params=triton_compiler_params(config, tile_rows, H, q_BKGH.dtype, default_stages),
       interpret=interpret,
       name=name,
-  )(*prefix_args, q_BKRH, k_BKSH, v_BKSH)
+  )(*prefix_args, q_BKGH, k_BKSH, v_BKSH)
   from pallas_kernels import _combine
   if (num_splits >= TRITON_COMBINE_MIN_SPLITS
       and _combine.triton_combine_supported(G, R, H) is None):

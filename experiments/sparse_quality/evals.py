@@ -35,10 +35,11 @@ def _block(x):
 
 
 def sparse_config(kind: str, gate_params, *, block_size: int, budget: int,
-                  rectify_every: int = 0) -> resa.SparseConfig:
+                  rectify_every: int = 0, **fields) -> resa.SparseConfig:
+  """fields: further SparseConfig fields (e.g. gate_cache_dtype)."""
   d_gate = 64 if gate_params is None else int(gate_params["wq"].shape[-1])
   return resa.SparseConfig(selector=kind, block_size=block_size, budget_tokens=budget,
-                           rectify_every=rectify_every, d_gate=d_gate)
+                           rectify_every=rectify_every, d_gate=d_gate, **fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,7 +65,8 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
           budget: int, rectify: list[int], selectors: dict, decode_impl: str = "auto",
           log=print) -> dict:
   """Greedy continuations of len(true_BN[0]) tokens of equal-length prompts under dense decoding
-  and, per selector (name -> (kind, gate params or None)), block-sparse decoding at `budget`
+  and, per selector (name -> (kind, gate params or None[, further SparseConfig fields])),
+  block-sparse decoding at `budget`
   tokens without rectification and with ReSA rectification every f in `rectify` steps.
   Returns {"rows": {run: {"nll", "agreement_with_dense", "first_divergence"}},
   "true_continuation_nll": the dense NLL of the real held-out continuation, "seconds": per run
@@ -79,10 +81,11 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
       cfg.model, params, toks, lens, key, max_new_tokens=N, decode_impl=decode_impl)[0]))
   seconds["dense"] = time.perf_counter() - t0
   log(f"  drift dense: {seconds['dense']:.1f} s")
-  for sel, (kind, gp) in selectors.items():
+  for sel, (kind, gp, *extra) in selectors.items():
     for f in [0] + list(rectify):
       name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
-      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f)
+      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f,
+                           **(extra[0] if extra else {}))
       t0 = time.perf_counter()
       runs[name] = np.asarray(_block(resa.generate(
           cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
@@ -120,7 +123,7 @@ def retrieval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray
 @functools.partial(jax.jit, static_argnames=("mcfg", "block_size", "budgets"))
 def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size: int,
             budgets: tuple[int, ...]):
-  """[L, P, 2 (quest, gate), len(budgets), B, K] recall of each selector's top-k choice."""
+  """[L, P, 3 (RECALL_SELECTORS), len(budgets), B, K] recall of each selector's top-k choice."""
   B, T = tokens_BT.shape
   K, G, H = mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
   S = -(-T // block_size) * block_size
@@ -136,7 +139,9 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
       kmin, kmax = selection.block_minmax(k_BKSH, lengths, block_size)
       scores = [selection.quest_scores(q_BKGH, kmin, kmax)]
       kc = gate_lib.compress_blocks(gate_params["wk"][i], k_BKSH, lengths, block_size, mcfg.rope_theta)
-      scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH, kc, lengths - 1, mcfg.rope_theta))
+      for kc_dtype in (jnp.float32, jnp.bfloat16):   # the K-compression cache as stored
+        scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH, kc.astype(kc_dtype),
+                                           lengths - 1, mcfg.rope_theta))
       return jnp.stack([jnp.stack([
           attention_recall(q_BKGH, k_BKSH, lengths,
                            selection.select_top_k(s, lengths, block_size, b // block_size), block_size)
@@ -146,16 +151,22 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
   return jnp.stack(per_layer)
 
 
+# the selectors `_recall` scores: Quest, the gate over a float32 and over a bfloat16 K-compression
+# cache (resa.SparseConfig.gate_cache_dtype)
+RECALL_SELECTORS = ("quest", "gate", "gate-bf16")
+
+
 def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positions: list[int], *,
            block_size: int, budgets: list[int]) -> dict:
   """Mean share of dense attention probability (over layers, kv heads, their query heads,
-  sequences and the query positions) that falls in the blocks Quest and the gate pick, per
-  budget: {"quest": {budget: r}, "gate": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
+  sequences and the query positions) that falls in the blocks Quest and the gate (float32 and
+  bfloat16 K-compression cache) pick, per budget: {"quest": {budget: r}, "gate": {budget: r},
+  "gate-bf16": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
   tokens_BT: int32 [B, T]; positions: the query positions (each query sees keys 0..p)."""
   r = np.asarray(_recall(mcfg, params, gate_params, jnp.asarray(tokens_BT),
                          jnp.asarray(positions, jnp.int32), block_size, tuple(budgets)))
   out: dict = {"positions": [int(p) for p in positions], "by_layer": {}}
-  for s, name in enumerate(("quest", "gate")):
+  for s, name in enumerate(RECALL_SELECTORS):
     out[name] = {str(b): float(r[:, :, s, j].mean()) for j, b in enumerate(budgets)}
     out["by_layer"][name] = {str(b): [float(x) for x in r[:, :, s, j].mean(axis=(1, 2, 3))]
                              for j, b in enumerate(budgets)}

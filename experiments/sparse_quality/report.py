@@ -110,7 +110,7 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     for where, label in (("text", "held-out text"), ("passkey", "passkey answer")):
       if where not in rc:
         continue
-      for s in ("quest", "gate"):
+      for s in [s for s in ("quest", "gate", "gate-bf16") if s in rc[where]]:
         lines.append(f"| {label} | {s} | " + " | ".join(f"{rc[where][s][str(b)]:.3f}" for b in budgets) + " |")
     lines.append("")
   t = doc.get("timings_s") or {}
@@ -153,7 +153,8 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
   d = ev.get("drift")
   if d:
     names = list(d["rows"])
-    colors = ["gray" if n == "dense" else ("C0" if n.startswith("quest") else "C1") for n in names]
+    colors = ["gray" if n == "dense" else "C0" if n.startswith("quest") else
+              "C2" if n.startswith("gate-bf16") else "C1" for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     for ax, key, label in ((axes[0], "nll", "dense-model NLL (nats/byte)"),
                            (axes[1], "agreement_with_dense", "agreement with dense")):

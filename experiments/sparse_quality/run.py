@@ -135,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--recall-n", type=int, default=None, help="sequences for attention recall (0 = skip)")
   g.add_argument("--skip-synthetic", action="store_true",
                  help="skip retrieval_eval's repetitive-filler table")
+  g.add_argument("--no-gate-bf16", dest="gate_bf16", action="store_false",
+                 help="skip the 'gate-bf16' selector (the gate over a bfloat16 K-compression cache, "
+                      "SparseConfig.gate_cache_dtype) in retrieval and drift")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (applied last)")
   args = ap.parse_args(argv)
   for k, v in (SMOKE if args.smoke else FULL).items():
@@ -471,7 +474,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   from effjax.evaluation import load_params, retrieval_eval
   want = {k: getattr(args, k) for k in ("block_size", "budgets", "retrieval_n", "context", "drift_n",
                                          "new_tokens", "rectify", "sparsity", "recall_n", "seed",
-                                         "skip_synthetic", "decode_impl")}
+                                         "skip_synthetic", "decode_impl", "gate_bf16")}
   want["gate"] = gate_request(args, run)
   done = run.read("eval.json")
   if done is not None and done.get("request") == want:
@@ -487,6 +490,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   gp = {k: jnp.asarray(v) for k, v in np.load(run.out / "gate.npz").items()}
   heldout = (run.out / "data" / "heldout.txt").read_text()
   selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
+  if args.gate_bf16:  # the same gate, its K-compression cache stored in bfloat16 (half the bytes)
+    selectors["gate-bf16"] = ("gate", gp, {"gate_cache_dtype": "bfloat16"})
   bs, log = args.block_size, (lambda m: run.log(f"eval: {m}"))
   kw = dict(block_size=bs, decode_impl=args.decode_impl)
   res["model_step"] = int(step)
@@ -545,7 +550,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
           "passkey": evals.recall(cfg.model, params, gp, pk, pos_pk, block_size=bs, budgets=args.budgets)}
     for where in ("text", "passkey"):
       log(f"  recall {where}: " + "; ".join(
-          f"{s} " + " ".join(f"{b}:{rc[where][s][str(b)]:.3f}" for b in args.budgets) for s in ("quest", "gate")))
+          f"{s} " + " ".join(f"{b}:{rc[where][s][str(b)]:.3f}" for b in args.budgets)
+          for s in evals.RECALL_SELECTORS))
     save("recall", rc, t0)
   run.write("eval.json", res)
   run.timed("eval", time.perf_counter() - t_phase)
