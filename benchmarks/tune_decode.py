@@ -48,6 +48,9 @@ def main():
   ap.add_argument("--stages", default="2,3")
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
   ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
+  ap.add_argument("--sparse-splits", default=None,
+                  help="sparse: explicit num_splits values (instead of --programs-per-sm)")
+  ap.add_argument("--plans", default="sparsity=0.9,budget=4096", help="sparse plans to sweep")
   ap.add_argument("--copies", type=int, default=2)
   ap.add_argument("--calls", type=int, default=64)
   ap.add_argument("--unroll", type=int, default=2)
@@ -132,12 +135,15 @@ def main():
     qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
     lengths = jnp.full((B,), S, jnp.int32)
     kv = caches(B, S, args.copies, 0)
-    for label, n_sel in (("sparsity=0.9", round(0.1 * nb)), ("budget=4096", min(nb, 4096 // bs))):
+    plans = {"sparsity=0.9": round(0.1 * nb), "budget=4096": min(nb, 4096 // bs)}
+    for label, n_sel in [(p, plans[p]) for p in args.plans.split(",") if p]:
       idx = jnp.asarray(random_block_sets(rng, n_q * B * HKV, nb, n_sel).reshape(n_q, B, HKV, n_sel))
       nbytes = 2 * B * HKV * n_sel * bs * D * 2
       base_programs = B * HKV
       split_opts = sorted({max(1, min(n_sel, (_splitk.sm_count() * m) // base_programs))
                            for m in ints(args.programs_per_sm)})
+      if args.sparse_splits:
+        split_opts = ints(args.sparse_splits)
       grid = itertools.product(ints(args.warps), ints(args.stages), split_opts, ints(args.prefetch))
       if args.quick:
         grid = itertools.product((4,), (2, 3), split_opts[:2], (0,))
