@@ -14,10 +14,11 @@ Implementations:
   (M = k). `lax.top_k` with k in the hundreds runs as sorts: ~25 us of kernel time for 64 rows
   of 2048 blocks on the H200 (results/NVIDIA_H200/selector.json), ~35-40 us wall on the H100.
 - `pallas_triton`: one program per row holds the N scores in registers, finds the k-th largest
-  score exactly by building its order-preserving int32 key bit by bit (at most 32 counting
-  passes, no sort; it stops as soon as exactly k keys lie at or above the prefix: 6.0-6.4 us on
-  the H200), then resolves ties by index and compacts the
-  ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
+  score exactly by a bracket search over its order-preserving int32 key (two thresholds per
+  counting pass, ~10-11 passes on Gaussian scores, at most 21; no sort; it stops as soon as
+  exactly k keys lie at or above the bracket: 5.7-6.2 us of kernel time for 64 rows of 2048 on
+  the H200, of which 2.0 us is the kernel without its search), then resolves ties by index and
+  compacts the ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
 - `auto`: pallas_triton on GPU, xla elsewhere.
 Both give identical integers (tested in interpret mode and on the GPU).
 """
@@ -97,10 +98,10 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # lo <= T < hi (#(key >= lo) >= k > #(key >= hi)) and cuts it in three per pass: two candidate
   # thresholds at about 1/3 and 2/3 of [lo, hi), both counted by ONE row reduction (the two
   # counts, each <= Np <= 2^15, packed in the halves of an int32 sum). Each pass is one dependent
-  # cross-warp reduction (~0.23 us at Np = 2048 and 8 warps on the H200), so passes are what the
-  # kernel's time is made of: a third of the bracket per pass needs ~10-11 passes on Gaussian,
-  # exponential or Cauchy scores (N = 2048, k = 64..205) where one bit per pass needed ~16-17,
-  # and at most 21 (many ties) instead of 32. The search stops as soon as exactly k keys lie at
+  # cross-warp reduction: a ternary pass ~0.37 us at Np = 2048 and 8 warps on the H200 (a one-bit
+  # pass was ~0.24 us), ~3.7 of the kernel's 5.7 us (topk_variants.json). A third of the bracket
+  # per pass needs ~10-11 passes on Gaussian, exponential or Cauchy scores (N = 2048, k = 64..205)
+  # where one bit per pass needed ~16-17, and at most 21 (many ties) instead of 32. The search stops as soon as exactly k keys lie at
   # or above lo (those k are then the selection) or the bracket is one key wide (T = lo). Counting
   # 2^r candidates per pass as [2^r, Np] compares summed along one axis was measured slower
   # (r = 2, 4, 8: 10 / 17 / 37 us against 7.7 us for 32 one-bit passes: selector.json).
