@@ -101,10 +101,11 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # cross-warp reduction: a ternary pass ~0.37 us at Np = 2048 and 8 warps on the H200 (a one-bit
   # pass was ~0.24 us), ~3.7 of the kernel's 5.7 us (topk_variants.json). A third of the bracket
   # per pass needs ~10-11 passes on Gaussian, exponential or Cauchy scores (N = 2048, k = 64..205)
-  # where one bit per pass needed ~16-17, and at most 21 (many ties) instead of 32. The search stops as soon as exactly k keys lie at
-  # or above lo (those k are then the selection) or the bracket is one key wide (T = lo). Counting
-  # 2^r candidates per pass as [2^r, Np] compares summed along one axis was measured slower
-  # (r = 2, 4, 8: 10 / 17 / 37 us against 7.7 us for 32 one-bit passes: selector.json).
+  # where one bit per pass needed ~16-17, and at most 21 (many ties) instead of 32. The search
+  # stops as soon as exactly k keys lie at or above lo (those k are then the selection) or the
+  # bracket is one key wide (T = lo). Counting 2^r candidates per pass as [2^r, Np] compares
+  # summed along one axis was measured slower (r = 2, 4, 8: 10 / 17 / 37 us against 7.7 us for
+  # 32 one-bit passes: selector.json).
   def more(c):
     lo, hi, count_lo, _ = c
     return (count_lo != k) & (hi - lo != 1)   # (hi - lo wraps past 2^31: compare with != only)
