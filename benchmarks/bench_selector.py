@@ -15,6 +15,9 @@ kernel time). Writes benchmarks/results/<card>/selector.json.
 
 Until selector.json of 2026-11-29 the `topk` rows passed the same scores to the calls of every
 cache copy, which XLA merged (CSE): those rows under-counted block_topk by the copy factor (4).
+The gate rows rotate `--copies` K-compression caches (4 x 34 MB float32 at B8 S128K), which stay
+partly in the 60 MB L2 of an H200 (5.7 us = 5.9 TB/s for the float32 scores, above the HBM peak;
+8.2 us when bench_decode.py rotates 16 caches): read them as L2-warm lower bounds.
 """
 
 from __future__ import annotations
