@@ -61,7 +61,9 @@ for job in "$@"; do
     profile)
       timeout "$T" python3 benchmarks/profile_decode.py --out "$OUT/profile_decode.json" ${PROFILE_ARGS:-} 2>&1 | tee "$OUT/profile_decode.log" | tail -60 ;;
     quality-bg)
-      if [ -f /tmp/sq_bg.pid ] && kill -0 "$(cat /tmp/sq_bg.pid)" 2>/dev/null; then
+      if [ ! -d shared_data ] && [ ! -d ../shared/data ]; then
+        echo "quality-bg: no shared_data/ here -- make it before the call (mkdir shared_data && cp -r ../shared/data/nltk-english-mix ../shared/data/wikitext-2 shared_data/) and carry it"
+      elif [ -f /tmp/sq_bg.pid ] && kill -0 "$(cat /tmp/sq_bg.pid)" 2>/dev/null; then
         echo "quality run already running (pid $(cat /tmp/sq_bg.pid))"
       else
         rm -f /tmp/sq_bg.rc
