@@ -120,6 +120,16 @@ def write_results(out, default_name: str, results: list, argv: list, timing: str
   return path
 
 
+def gate_cache_copies(kc_bytes: int, copies: int, on_gpu: bool) -> int:
+  """Distinct gate caches the gate rows rotate through: a multiple of the K/V `copies` whose
+  bytes reach GATE_L2_DEFEAT_BYTES, at most MAX_GATE_COPIES (and at least `copies`); just `copies`
+  off the GPU (no L2 to defeat; more copies would only slow the CPU smoke run)."""
+  if not on_gpu:
+    return copies
+  per_kv = -(-GATE_L2_DEFEAT_BYTES // (kc_bytes * copies))
+  return copies * max(1, min(MAX_GATE_COPIES // copies, per_kv))
+
+
 def random_block_sets(rng, n_rows: int, n_blocks: int, n_sel: int) -> np.ndarray:
   """int32 [n_rows, n_sel]: distinct ascending random blocks per row (argsort of uniforms)."""
   picks = np.argsort(rng.random((n_rows, n_blocks)), axis=1)[:, :n_sel]
@@ -310,8 +320,7 @@ def main():
           wq = jax.random.normal(jax.random.key(5), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
           for gate_dtype in args.gate_dtypes.split(","):
             kc_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
-            per_kv = max(1, min(MAX_GATE_COPIES // copies, -(-GATE_L2_DEFEAT_BYTES // (kc_bytes * copies))))
-            gate_copies = copies * per_kv   # entry i: K/V copy i % copies, its own gate cache
+            gate_copies = gate_cache_copies(kc_bytes, copies, on_gpu)  # entry i: K/V copy i % copies
             n_q_gate = max(1, args.calls // gate_copies)
             kc = tuple(jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
                                          jnp.float32).astype(gate_dtype) for c in range(gate_copies))

@@ -45,6 +45,19 @@ def test_bench_decode_smoke(tmp_path):
                                                                                  "budget=256"}
 
 
+def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():
+  sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
+  from bench_decode import GATE_L2_DEFEAT_BYTES, MAX_GATE_COPIES, gate_cache_copies
+  mb = 2 ** 20
+  # B8 S128K float32 (32 MiB) / bfloat16 (16 MiB) gate caches, 4 K/V copies: 16 and 32 copies
+  assert gate_cache_copies(32 * mb, 4, True) == 16 and 16 * 32 * mb >= GATE_L2_DEFEAT_BYTES
+  assert gate_cache_copies(16 * mb, 4, True) == 32
+  assert gate_cache_copies(4 * mb, 4, True) == MAX_GATE_COPIES        # capped
+  assert gate_cache_copies(1024 * mb, 4, True) == 4                   # already far past the L2
+  assert gate_cache_copies(4 * mb, 3, True) % 3 == 0                  # whole rounds of K/V copies
+  assert gate_cache_copies(4 * mb, 4, False) == 4                     # CPU: no L2 to defeat
+
+
 def test_bench_selector_smoke(tmp_path):
   rows = run("bench_selector.py", "--batches", "1", "--seqs", "2048", "--calls", "2", "--copies", "1",
              "--warps", "4", tmp_path=tmp_path)
