@@ -2,7 +2,8 @@
 
 Both kernels run one Pallas program per (batch, kv head, split); each program folds its share of
 key blocks into an online-softmax state (unnormalised accumulator, running max, running sum) and
-writes it out as a partial. The partials are merged here, in XLA, with a log-sum-exp combine.
+writes it out as a partial. The partials are merged by a log-sum-exp combine: in XLA here, or
+from TRITON_COMBINE_MIN_SPLITS splits by one Triton kernel (`_combine.py`).
 
 Everything that the two kernels would otherwise duplicate lives once in this module: the
 online-softmax block update, the combine, argument validation, padding and the config base.

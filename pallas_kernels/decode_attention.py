@@ -9,7 +9,8 @@ capacity, and keys at positions >= lengths_B[b] are ignored. Implementations:
 - `pallas_triton`: split-K flash decoding. Grid (B, K, num_splits); program (b, k, j) takes the
   j-th share of the live key blocks of sequence b (the live blocks, cdiv(length, block_k), are
   divided among splits at run time so ragged lengths balance), runs an online softmax over them
-  and writes an (acc, max, sum) partial; `_splitk.combine_splits` merges the partials in XLA.
+  and writes an (acc, max, sum) partial; `_splitk.splitk_call` merges the partials (in XLA, or
+  by `_combine.py` from 8 splits).
 - `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
 
 `extend_attention` is the same split-K kernel for F consecutive new tokens per sequence (ReSA's

@@ -12,7 +12,7 @@ are masked even inside a selected block. Implementations:
 - `pallas_triton`: split-K over the M block slots. Grid (B, K, num_splits); program (b, k, j)
   takes the j-th share of the live slots of (b, k), loads each block with a dynamic
   `pl.ds(index * block_size, block_size)` (so only selected blocks are read), runs the shared
-  online softmax and writes a partial merged by `_splitk.combine_splits`.
+  online softmax and writes a partial merged by `_splitk.splitk_call`'s combine.
 - `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
 """
 
