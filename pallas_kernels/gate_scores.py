@@ -1,0 +1,320 @@
+"""SeerAttention-R gate scores of one decode step as one kernel, optionally with the top-k.
+
+  scores_BKN = gate_scores(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta=1e4)
+  idx_BKM, n_live_BK = gate_topk(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, rope_theta=1e4,
+                                 block_size=64, k=64)
+
+Per (sequence b, KV head k), with Dg the gate dim and G the query heads of the group:
+  gate query  r = RoPE(concat_g q[b, k, g] @ wq[k], pos[b]) / sqrt(Dg)       [Dg], rotate-half RoPE
+  scores      s[n] = r . kc[b, k, n]                                          over the Nb cache rows
+(`effjax.sparse.gate.gate_logits`'s math; kc is the K-compression cache, float32 or bfloat16.)
+
+Why a kernel: in XLA a decode step's gate was five small kernels (convert, transposes, the
+projection GEMM, RoPE, the scores reduction), each ~1-2 us of launch and ramp on the H200 against a
+3.6 us read of the bf16 cache at B8 S128K. Here one program per (b, k, chunk of rows) computes the
+gate query itself (G x H x Dg multiply-adds; wq[k] comes from L2) and streams its rows of the cache
+in sub-tiles of `SUB_ROWS` (two half-width loads, so the RoPE halves never need a register
+shuffle). `gate_topk` runs the whole row in one program and, after a CTA barrier, the exact top-k
+search of `block_topk` on the scores it just wrote: one launch for the whole selector.
+
+Implementations: `xla` (`gate_scores_reference` [+ `block_topk_reference`]), `pallas_triton`,
+`auto` (Triton on GPU, XLA elsewhere). Scores agree to float32 rounding (the sums run in a
+different order); the top-k of `gate_topk` is exactly `block_topk` of its own scores.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _splitk
+from pallas_kernels import block_topk as _topk
+
+# Cache rows a program folds per loop step: [SUB_ROWS, Dg / 2] per half (8K bf16 at Dg = 64).
+SUB_ROWS = 256
+
+
+def rope_inv_freq(d_gate: int, theta: float) -> jax.Array:
+  """RoPE inverse frequencies [Dg / 2], as `effjax.model.transformer.rope_tables` computes them."""
+  return 1.0 / (theta ** (jnp.arange(0, d_gate, 2, dtype=jnp.float32) / d_gate))
+
+
+def gate_query_reference(q_BKGH: jax.Array, wq_KCD: jax.Array, pos_B: jax.Array,
+                         rope_theta: float) -> jax.Array:
+  """The scaled, rotated gate query: float32 [B, K, Dg] (full float32 products)."""
+  B, K, G, H = q_BKGH.shape
+  D = wq_KCD.shape[-1]
+  qg = jnp.einsum("bkc,kcd->bkd", q_BKGH.astype(jnp.float32).reshape(B, K, G * H),
+                  wq_KCD.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  ang = pos_B.astype(jnp.float32)[:, None] * rope_inv_freq(D, rope_theta)        # [B, Dg/2]
+  cos, sin = jnp.cos(ang)[:, None], jnp.sin(ang)[:, None]
+  q1, q2 = qg[..., :D // 2], qg[..., D // 2:]
+  return jnp.concatenate([q1 * cos - q2 * sin, q2 * cos + q1 * sin], axis=-1) * D ** -0.5
+
+
+@functools.partial(jax.jit, static_argnames=("rope_theta",))
+def gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, *, rope_theta: float) -> jax.Array:
+  """Plain-XLA gate scores: float32 [B, K, Nb]."""
+  r = gate_query_reference(q_BKGH, wq_KCD, pos_B, rope_theta)
+  return jnp.einsum("bkd,bknd->bkn", r, kc_BKND.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST)
+
+
+# ------------------------------------------------------------------------- Pallas Triton kernels
+
+
+def _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, *, g: int, scale: float):
+  """(r1, r2) f32 [Dg/2] each: the two RoPE halves of the scaled gate query of this program's
+  (b, k). q_ref [Gp, H] (rows >= g are padding, never read); w1_ref / w2_ref [Gp, H, Dg/2]:
+  the halves of wq[k]."""
+  q1 = q2 = None
+  for gi in range(g):            # static: G heads, each a [H] x [H, Dg/2] product per half
+    qh = q_ref[gi, :].astype(jnp.float32)[:, None]
+    p1 = jnp.sum(qh * w1_ref[gi, :, :].astype(jnp.float32), axis=0)
+    p2 = jnp.sum(qh * w2_ref[gi, :, :].astype(jnp.float32), axis=0)
+    q1, q2 = (p1, p2) if q1 is None else (q1 + p1, q2 + p2)
+  ang = pos_ref[()].astype(jnp.float32) * invf_ref[...]
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  return (q1 * cos - q2 * sin) * scale, (q2 * cos + q1 * sin) * scale
+
+
+def _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub: int) -> None:
+  """s_ref[n] = r1 . kc1[n] + r2 . kc2[n] over the block's rows, `sub` rows per loop step."""
+  rows = kc1_ref.shape[0]
+  sub = min(sub, rows)
+
+  def body(i, carry):
+    sl = pl.ds(pl.multiple_of(i * sub, sub), sub)
+    s = (jnp.sum(kc1_ref[sl, :].astype(jnp.float32) * r1[None, :], axis=1)
+         + jnp.sum(kc2_ref[sl, :].astype(jnp.float32) * r2[None, :], axis=1))
+    s_ref[sl] = s
+    return carry
+
+  lax.fori_loop(0, rows // sub, body, 0)
+
+
+def _gate_scores_kernel(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, kc1_ref, kc2_ref, s_ref, *,
+                        g: int, scale: float, sub: int):
+  """Program (b, k, j): rows [j T, (j + 1) T) of the (b, k) cache; kc*_ref [T, Dg/2], s_ref [T]."""
+  r1, r2 = _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, g=g, scale=scale)
+  _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub)
+
+
+def _gate_topk_kernel(len_ref, pos_ref, invf_ref, q_ref, w1_ref, w2_ref, kc1_ref, kc2_ref, s_ref,
+                      idx_ref, n_ref, *, g: int, scale: float, sub: int, block_size: int,
+                      n_blocks: int, k: int, interpret: bool):
+  """Program (b, k): the whole row. kc*_ref [Np, Dg/2] (Np a power of 2; rows >= Nb masked),
+  s_ref f32 [Np] (the scores, also the search's input), idx_ref int32 [M], n_ref int32 []."""
+  r1, r2 = _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, g=g, scale=scale)
+  _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub)
+  if not interpret:
+    # Every thread reads every score next: the CTA barrier orders the stores above (made by
+    # other threads) before the load (bar.sync also makes global writes visible in the CTA).
+    from jax.experimental.pallas import triton as plgpu
+    plgpu.debug_barrier()
+  _topk.select_row(s_ref[...], len_ref[()], idx_ref, n_ref, block_size=block_size,
+                   n_blocks=n_blocks, k=k)
+
+
+def _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta: float, rows: int):
+  """(in_specs, args) shared by both kernels for grid (b, k[, j]) with `rows` cache rows per
+  program. The halves of wq and kc are read as two blocks of the same arrays (no copies); q and
+  wq blocks are G padded to a power of 2 (Triton masks the padding rows, which are never read)."""
+  B, K, G, H = q_BKGH.shape
+  D = kc_BKND.shape[-1]
+  Dh = D // 2
+  Gp = _splitk.next_power_of_2(G)
+  wq_KGHD = wq_KCD.reshape(K, G, H, D)
+  invf = rope_inv_freq(D, rope_theta)
+  sq = _splitk.SQUEEZED
+  specs = [pl.BlockSpec((sq,), lambda b, k, *j: (b,)),
+           pl.BlockSpec((Dh,), lambda b, k, *j: (0,)),
+           pl.BlockSpec((sq, sq, Gp, H), lambda b, k, *j: (b, k, 0, 0)),
+           pl.BlockSpec((sq, Gp, H, Dh), lambda b, k, *j: (k, 0, 0, 0)),
+           pl.BlockSpec((sq, Gp, H, Dh), lambda b, k, *j: (k, 0, 0, 1)),
+           pl.BlockSpec((sq, sq, rows, Dh), lambda b, k, *j: (b, k, j[0] if j else 0, 0)),
+           pl.BlockSpec((sq, sq, rows, Dh), lambda b, k, *j: (b, k, j[0] if j else 0, 1))]
+  args = [pos_B.astype(jnp.int32), invf, q_BKGH, wq_KGHD, wq_KGHD, kc_BKND, kc_BKND]
+  return specs, args
+
+
+def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
+  if interpret:
+    return None
+  from jax.experimental.pallas import triton as plgpu
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def default_chunks(batch_kv: int, n_blocks: int) -> int:
+  """Programs per (b, k) row for `gate_scores`: each program re-derives the gate query from wq[k]
+  (G * H * Dg float32 = 128 KB at G4 H128 Dg64, from L2), so chunks are kept >= 1024 rows
+  (>= 128 KB of bf16 cache each) and the grid at about 128 programs."""
+  want = max(1, 128 // max(batch_kv, 1))
+  return int(min(1 << (want.bit_length() - 1), max(1, n_blocks // 1024)))
+
+
+@functools.partial(jax.jit, static_argnames=("rope_theta", "chunks", "num_warps", "num_stages",
+                                             "interpret"))
+def _gate_scores_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta: float, chunks: int,
+                        num_warps: int, num_stages: int, interpret: bool):
+  B, K, G, H = q_BKGH.shape
+  N, D = kc_BKND.shape[2:]
+  rows = _splitk.next_power_of_2(-(-N // chunks))
+  grid_j = -(-N // rows)
+  specs, args = _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta, rows)
+  sq = _splitk.SQUEEZED
+  return pl.pallas_call(
+      functools.partial(_gate_scores_kernel, g=G, scale=D ** -0.5, sub=SUB_ROWS),
+      grid=(B, K, grid_j),
+      in_specs=specs,
+      out_specs=pl.BlockSpec((sq, sq, rows), lambda b, k, j: (b, k, j)),
+      out_shape=jax.ShapeDtypeStruct((B, K, N), jnp.float32),
+      compiler_params=_compiler_params(interpret, num_warps, num_stages),
+      interpret=interpret,
+      name="gate_scores",
+  )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("rope_theta", "block_size", "k", "num_warps",
+                                             "num_stages", "interpret"))
+def _gate_topk_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, rope_theta: float,
+                      block_size: int, k: int, num_warps: int, num_stages: int, interpret: bool):
+  B, K, G, H = q_BKGH.shape
+  N, D = kc_BKND.shape[2:]
+  k = min(k, N)
+  n_pad = _splitk.next_power_of_2(N)
+  m = _splitk.next_power_of_2(k + 1)
+  specs, args = _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta, n_pad)
+  sq = _splitk.SQUEEZED
+  scores, idx, n_live = pl.pallas_call(
+      functools.partial(_gate_topk_kernel, g=G, scale=D ** -0.5, sub=SUB_ROWS,
+                        block_size=block_size, n_blocks=N, k=k, interpret=interpret),
+      grid=(B, K),
+      in_specs=[pl.BlockSpec((sq,), lambda b, h: (b,))] + specs,
+      out_specs=[pl.BlockSpec((sq, sq, n_pad), lambda b, h: (b, h, 0)),
+                 pl.BlockSpec((sq, sq, m), lambda b, h: (b, h, 0)),
+                 pl.BlockSpec((sq, sq), lambda b, h: (b, h))],
+      out_shape=[jax.ShapeDtypeStruct((B, K, N), jnp.float32),
+                 jax.ShapeDtypeStruct((B, K, m), jnp.int32),
+                 jax.ShapeDtypeStruct((B, K), jnp.int32)],
+      compiler_params=_compiler_params(interpret, num_warps, num_stages),
+      interpret=interpret,
+      name="gate_topk",
+  )(lengths_B.astype(jnp.int32), *args)
+  return idx, n_live, scores
+
+
+# ------------------------------------------------------------------------------------ dispatch
+
+
+def _check(q_BKGH, wq_KCD, kc_BKND, pos_B) -> None:
+  if getattr(q_BKGH, "ndim", None) != 4:
+    raise ValueError(f"q_BKGH must be 4-D [B, K, G, H], got shape {getattr(q_BKGH, 'shape', None)}")
+  B, K, G, H = q_BKGH.shape
+  if getattr(kc_BKND, "ndim", None) != 4 or tuple(kc_BKND.shape[:2]) != (B, K):
+    raise ValueError(f"kc_BKND must be [B={B}, K={K}, Nb, Dg], got {getattr(kc_BKND, 'shape', None)}")
+  D = kc_BKND.shape[-1]
+  if getattr(wq_KCD, "shape", None) != (K, G * H, D):
+    raise ValueError(f"wq_KCD must be [K, G*H, Dg]=({K}, {G * H}, {D}), got "
+                     f"{getattr(wq_KCD, 'shape', None)}")
+  if D % 2 or kc_BKND.shape[2] < 1:
+    raise ValueError(f"gate dim Dg={D} must be even and the cache non-empty, got {kc_BKND.shape}")
+  for name, x in (("q_BKGH", q_BKGH), ("wq_KCD", wq_KCD), ("kc_BKND", kc_BKND)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} must be floating point, got {x.dtype}")
+  _splitk.check_positions("pos_B", pos_B, B, np.iinfo(np.int32).max, "int32 max")
+
+
+def _why_not_triton(q_BKGH, kc_BKND) -> str | None:
+  H, D = q_BKGH.shape[-1], kc_BKND.shape[-1]
+  if not _splitk.is_power_of_2(H) or not _splitk.is_power_of_2(D // 2):
+    return f"head dim H={H} and Dg/2={D // 2} must be powers of 2 for Triton tiles"
+  return None
+
+
+def _resolve(implementation: str, q_BKGH, kc_BKND) -> str:
+  if implementation not in ("auto", "xla", "pallas_triton"):
+    raise ValueError(f"implementation must be auto | xla | pallas_triton, got {implementation!r}")
+  why = _why_not_triton(q_BKGH, kc_BKND)
+  if implementation == "auto":
+    return "pallas_triton" if jax.default_backend() == "gpu" and why is None else "xla"
+  if implementation == "pallas_triton" and why is not None:
+    raise ValueError(f"implementation='pallas_triton': {why}")
+  return implementation
+
+
+def _check_launch(num_warps, num_stages) -> None:
+  if num_warps is not None and (not isinstance(num_warps, (int, np.integer)) or num_warps < 1
+                                or num_warps & (num_warps - 1)):
+    raise ValueError(f"num_warps must be a power of 2, got {num_warps!r}")
+  if num_stages is not None and (not isinstance(num_stages, (int, np.integer)) or num_stages < 1):
+    raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+
+
+def gate_scores(q_BKGH: jax.Array, wq_KCD: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array, *,
+                rope_theta: float, implementation: str = "auto", interpret: bool = False,
+                chunks: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None) -> jax.Array:
+  """Gate scores of one new token per sequence (see the module docstring).
+
+  Args:
+    q_BKGH: [B, K, G, H] query heads (any float dtype; used as float32).
+    wq_KCD: [K, G*H, Dg] gate query projection of the layer.
+    kc_BKND: [B, K, Nb, Dg] K-compression cache (float32 or bfloat16).
+    pos_B: int [B] position of the new token (RoPE angle).
+    rope_theta: RoPE base. implementation: "auto" | "xla" | "pallas_triton".
+    chunks: Triton programs per (b, k) row (default `default_chunks`); num_warps (default 4) /
+      num_stages (default 3): Triton launch parameters.
+
+  Returns: float32 [B, K, Nb].
+  """
+  _check(q_BKGH, wq_KCD, kc_BKND, pos_B)
+  _check_launch(num_warps, num_stages)
+  if chunks is not None and (not isinstance(chunks, (int, np.integer)) or chunks < 1):
+    raise ValueError(f"chunks must be a positive int, got {chunks!r}")
+  if _resolve(implementation, q_BKGH, kc_BKND) == "xla":
+    return gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta=float(rope_theta))
+  B, K = q_BKGH.shape[:2]
+  N = kc_BKND.shape[2]
+  chunks = int(chunks or default_chunks(B * K, N))
+  return _gate_scores_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, float(rope_theta), chunks,
+                             int(num_warps or 4), int(num_stages or 3), bool(interpret))
+
+
+def gate_topk(q_BKGH: jax.Array, wq_KCD: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
+              lengths_B: jax.Array, *, rope_theta: float, block_size: int, k: int,
+              implementation: str = "auto", interpret: bool = False,
+              num_warps: int | None = None, num_stages: int | None = None):
+  """`block_topk(gate_scores(...), lengths_B, block_size=, k=)` in one kernel (pallas_triton: one
+  program per (b, k) row). Returns (idx int32 [B, K, M], n_live int32 [B, K]) as `block_topk`
+  (M = min(k, Nb) for xla, the power of 2 above it for pallas_triton)."""
+  _check(q_BKGH, wq_KCD, kc_BKND, pos_B)
+  _check_launch(num_warps, num_stages)
+  N = kc_BKND.shape[2]
+  B = q_BKGH.shape[0]
+  _splitk.check_positions("lengths_B", lengths_B, B, N * block_size if isinstance(
+      block_size, (int, np.integer)) else np.iinfo(np.int32).max, "Nb * block_size")
+  if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if not isinstance(k, (int, np.integer)) or k < 2:
+    raise ValueError(f"k must be an int >= 2 (first + current block), got {k!r}")
+  impl = _resolve(implementation, q_BKGH, kc_BKND)
+  if impl == "pallas_triton" and _splitk.next_power_of_2(N) > _topk.MAX_TRITON_BLOCKS:
+    if implementation == "pallas_triton":
+      raise ValueError(f"implementation='pallas_triton' takes at most {_topk.MAX_TRITON_BLOCKS} "
+                       f"blocks per row (padded to a power of 2), got Nb={N}; use 'xla'")
+    impl = "xla"
+  if impl == "xla":
+    s = gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta=float(rope_theta))
+    return _topk.block_topk_reference(s, lengths_B.astype(jnp.int32), block_size=int(block_size),
+                                      k=int(k))
+  n_pad = _splitk.next_power_of_2(N)
+  warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
+  return _gate_topk_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, float(rope_theta),
+                           int(block_size), int(k), int(warps), int(num_stages or 3),
+                           bool(interpret))[:2]
