@@ -5,7 +5,7 @@
 #
 # Jobs:
 #   tests     pytest -m gpu (cuDNN attention, Triton decode kernels, decode through the kernels)
-#   kernels   pytest -m gpu tests/kernels (the kernel equivalence tests only)
+#   kernels   pytest -m gpu tests/kernels (the kernel equivalence tests only; KERNEL_TESTS: paths)
 #   train     bench_train.py on configs/350m.yaml, seq 2048, batch 8 and 16 (BENCH_ARGS overrides)
 #   decode    bench_decode.py --quick (DECODE_ARGS overrides, e.g. the full sweep)
 #   tune      tune_decode.py: launch-parameter grid of both decode kernels + selector costs
@@ -14,6 +14,7 @@
 #   quality   experiments/sparse_quality/run.py (carry "shared_data"; ~12 min: use quality-bg / quality-wait)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
 #   selector  bench_selector.py: gate scores / top-k / both, per call (SELECTOR_ARGS)
+#   gate      bench_gate.py: the gate selector by implementation (XLA, kernels, fused) (GATE_ARGS)
 #   extend    bench_extend.py: multi-token (rectification) attention, Triton vs XLA (EXTEND_ARGS)
 #   profile   profile_decode.py: per-kernel device time of a gated sparse step (PROFILE_ARGS)
 #   quality-bg    start the quality run detached (setsid: it outlives this call; GPU memory 60%,
@@ -38,7 +39,7 @@ for job in "$@"; do
     tests)
       timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25 ;;
     kernels)
-      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider tests/kernels 2>&1 | tee "$OUT/pytest_gpu_kernels.log" | tail -8 ;;
+      timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider ${KERNEL_TESTS:-tests/kernels} 2>&1 | tee "$OUT/pytest_gpu_kernels.log" | tail -8 ;;
     train)
       timeout "$T" python3 benchmarks/bench_train.py --out "$OUT/train.json" ${BENCH_ARGS:---config configs/350m.yaml --seq 2048 --batch 8 --batch 16} 2>&1 | tee "$OUT/bench_train.log" | grep -v '^{' ;;
     decode)
@@ -56,6 +57,8 @@ for job in "$@"; do
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
     selector)
       timeout "$T" python3 benchmarks/bench_selector.py --out "$OUT/selector.json" ${SELECTOR_ARGS:-} 2>&1 | tee "$OUT/selector.log" | tail -40 ;;
+    gate)
+      timeout "$T" python3 benchmarks/bench_gate.py --out "$OUT/gate.json" ${GATE_ARGS:-} 2>&1 | tee "$OUT/gate.log" | grep -v -i warning | tail -60 ;;
     extend)
       timeout "$T" python3 benchmarks/bench_extend.py --out "$OUT/extend.json" ${EXTEND_ARGS:-} 2>&1 | tee "$OUT/extend.log" | tail -20 ;;
     profile)
