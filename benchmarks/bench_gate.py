@@ -28,7 +28,7 @@ from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies, measure
                           write_results)
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
-from pallas_kernels.gate_scores import gate_scores, gate_topk
+from pallas_kernels import gate_scores as gs
 
 THETA = 1e4
 
@@ -72,9 +72,15 @@ def main():
         def xla_scores(q, c):
           return gate_lib.gate_logits(c[1], q, c[0], pos, THETA)
 
-        def kernel_scores(chunks, stages):
-          return lambda q, c: gate_scores(q, c[1], c[0], pos, rope_theta=THETA, implementation=impl,
-                                          chunks=chunks, num_stages=stages, **kw)
+        def query(q, c):
+          return gs.gate_query_reference(q, c[1], pos, rope_theta=THETA)
+
+        def kernel_scores(chunks=None, stages=None, sub=gs.SUB_ROWS, warps=4):
+          if chunks is None and stages is None:   # the public entry point, its defaults
+            return lambda q, c: gs.gate_scores(q, c[1], c[0], pos, rope_theta=THETA,
+                                               implementation=impl, **kw)
+          return lambda q, c: gs._gate_scores_triton(query(q, c), c[0], chunks, warps, stages,
+                                                     args.interpret, sub)
 
         def then_topk(scores_fn):
           def call(q, c):
@@ -83,25 +89,34 @@ def main():
             return idx[..., :1] + n[..., None]   # keeps both outputs live
           return call
 
-        def fused(stages, warps):
+        def fused(stages=None, warps=None, sub=gs.SUB_ROWS):
           def call(q, c):
-            idx, n = gate_topk(q, c[1], c[0], pos, lengths, rope_theta=THETA, block_size=args.block,
-                               k=k, implementation=impl, num_stages=stages, num_warps=warps, **kw)
+            if stages is None and warps is None:
+              idx, n = gs.gate_topk(q, c[1], c[0], pos, lengths, rope_theta=THETA,
+                                    block_size=args.block, k=k, implementation=impl, **kw)
+            else:
+              idx, n, _ = gs._gate_topk_triton(query(q, c), c[0], lengths, args.block, k, warps,
+                                               stages, args.interpret, sub)
             return idx[..., :1] + n[..., None]
           return call
 
         variants = [("xla + block_topk", then_topk(xla_scores)),
-                    ("kernel + block_topk", then_topk(kernel_scores(None, None))),
-                    ("fused", fused(None, None))]
+                    ("kernel + block_topk", then_topk(kernel_scores())),
+                    ("fused", fused())]
         if args.variants == "all":
-          variants += [("scores only: xla", xla_scores),
-                       ("scores only: kernel", kernel_scores(None, None))]
-          variants += [(f"scores only: kernel c{c} s{s}", kernel_scores(c, s))
-                       for c, s in ((1, 3), (2, 2), (2, 4), (4, 3), (8, 3), (16, 3))]
-          variants += [(f"fused s{s} w{w}", fused(s, w))
-                       for s, w in ((2, 8), (4, 8), (3, 4), (3, 16))]
+          variants += [("query only: xla", query),
+                       ("scores only: xla", xla_scores),
+                       ("scores only: kernel", kernel_scores())]
+          variants += [(f"scores only: kernel c{c} s{s} sub{u} w{w}", kernel_scores(c, s, u, w))
+                       for c, s, u, w in ((1, 3, 256, 4), (2, 3, 256, 4), (4, 3, 256, 4),
+                                          (8, 3, 256, 4), (16, 3, 128, 4), (4, 2, 256, 4),
+                                          (4, 4, 256, 4), (4, 3, 128, 4), (4, 3, 512, 8),
+                                          (8, 3, 256, 8))]
+          variants += [(f"fused s{s} w{w} sub{u}", fused(s, w, u))
+                       for s, w, u in ((2, 8, 256), (4, 8, 256), (3, 4, 256), (3, 16, 256),
+                                       (3, 8, 512), (4, 8, 128))]
         for name, call in variants:
-          if name.startswith("scores only") and k != parse_ints(args.ks)[0]:
+          if name.split(":")[0] in ("scores only", "query only") and k != parse_ints(args.ks)[0]:
             continue   # scores do not depend on k
           m = measure(call, qs, layers, args.windows, args.unroll, trace)
           row = dict(B=B, S=args.seq, Nb=N, k=k, gate_dtype=dtype, variant=name, copies=copies,

@@ -44,9 +44,12 @@ def rope_inv_freq(d_gate: int, theta: float) -> jax.Array:
   return 1.0 / (theta ** (jnp.arange(0, d_gate, 2, dtype=jnp.float32) / d_gate))
 
 
+@functools.partial(jax.jit, static_argnames=("rope_theta",))
 def gate_query_reference(q_BKGH: jax.Array, wq_KCD: jax.Array, pos_B: jax.Array,
                          rope_theta: float) -> jax.Array:
-  """The scaled, rotated gate query: float32 [B, K, Dg] (full float32 products)."""
+  """The scaled, rotated gate query: float32 [B, K, Dg] (full float32 products). XLA, also in
+  front of the kernels: a GEMM and one elementwise fusion (~1 us on the H200); always under jit,
+  so the RoPE frequencies are folded the same way for the reference and the kernels."""
   B, K, G, H = q_BKGH.shape
   D = wq_KCD.shape[-1]
   qg = jnp.einsum("bkc,kcd->bkd", q_BKGH.astype(jnp.float32).reshape(B, K, G * H),
@@ -60,7 +63,7 @@ def gate_query_reference(q_BKGH: jax.Array, wq_KCD: jax.Array, pos_B: jax.Array,
 @functools.partial(jax.jit, static_argnames=("rope_theta",))
 def gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, *, rope_theta: float) -> jax.Array:
   """Plain-XLA gate scores: float32 [B, K, Nb]."""
-  r = gate_query_reference(q_BKGH, wq_KCD, pos_B, rope_theta)
+  r = gate_query_reference(q_BKGH, wq_KCD, pos_B, rope_theta=rope_theta)
   return jnp.einsum("bkd,bknd->bkn", r, kc_BKND.astype(jnp.float32),
                     precision=lax.Precision.HIGHEST)
 
@@ -68,79 +71,48 @@ def gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, *, rope_theta: float) 
 # ------------------------------------------------------------------------- Pallas Triton kernels
 
 
-def _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, *, g: int, scale: float):
-  """(r1, r2) f32 [Dg/2] each: the two RoPE halves of the scaled gate query of this program's
-  (b, k). q_ref [Gp, H] (rows >= g are padding, never read); w1_ref / w2_ref [Gp, H, Dg/2]:
-  the halves of wq[k]."""
-  q1 = q2 = None
-  for gi in range(g):            # static: G heads, each a [H] x [H, Dg/2] product per half
-    qh = q_ref[gi, :].astype(jnp.float32)[:, None]
-    p1 = jnp.sum(qh * w1_ref[gi, :, :].astype(jnp.float32), axis=0)
-    p2 = jnp.sum(qh * w2_ref[gi, :, :].astype(jnp.float32), axis=0)
-    q1, q2 = (p1, p2) if q1 is None else (q1 + p1, q2 + p2)
-  ang = pos_ref[()].astype(jnp.float32) * invf_ref[...]
-  cos, sin = jnp.cos(ang), jnp.sin(ang)
-  return (q1 * cos - q2 * sin) * scale, (q2 * cos + q1 * sin) * scale
-
-
-def _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub: int) -> None:
-  """s_ref[n] = r1 . kc1[n] + r2 . kc2[n] over the block's rows, `sub` rows per loop step."""
-  rows = kc1_ref.shape[0]
+def _scores_into(r_ref, kc_ref, s_ref, first_row, n_rows: int, sub: int) -> None:
+  """s_ref[i] = r . kc_ref[i] for the block's rows, `sub` rows per loop step. Rows whose global
+  index (first_row + i) is >= n_rows are neither read nor written: Pallas-Triton does not mask
+  blocks that overhang the array, so a ragged last block would otherwise read the next row's
+  cache and overwrite the next row's scores."""
+  rows = kc_ref.shape[0]
   sub = min(sub, rows)
+  r = r_ref[...].astype(jnp.float32)[None, :]
+  from jax.experimental.pallas import triton as plgpu
 
   def body(i, carry):
-    sl = pl.ds(pl.multiple_of(i * sub, sub), sub)
-    s = (jnp.sum(kc1_ref[sl, :].astype(jnp.float32) * r1[None, :], axis=1)
-         + jnp.sum(kc2_ref[sl, :].astype(jnp.float32) * r2[None, :], axis=1))
-    s_ref[sl] = s
+    start = pl.multiple_of(i * sub, sub)
+    live = first_row + start + lax.broadcasted_iota(jnp.int32, (sub,), 0) < n_rows
+    kc = plgpu.load(kc_ref.at[pl.ds(start, sub), :], mask=live[:, None], other=0.0)
+    plgpu.store(s_ref.at[pl.ds(start, sub)], jnp.sum(kc.astype(jnp.float32) * r, axis=1),
+                mask=live)
     return carry
 
   lax.fori_loop(0, rows // sub, body, 0)
 
 
-def _gate_scores_kernel(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, kc1_ref, kc2_ref, s_ref, *,
-                        g: int, scale: float, sub: int):
-  """Program (b, k, j): rows [j T, (j + 1) T) of the (b, k) cache; kc*_ref [T, Dg/2], s_ref [T]."""
-  r1, r2 = _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, g=g, scale=scale)
-  _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub)
+def _gate_scores_kernel(r_ref, kc_ref, s_ref, *, n_rows: int, sub: int):
+  """Program (b, k, j): rows [j T, (j + 1) T) of the (b, k) cache. r_ref [Dg] f32 (the rotated,
+  scaled gate query), kc_ref [T, Dg], s_ref f32 [T]."""
+  _scores_into(r_ref, kc_ref, s_ref, pl.program_id(2) * kc_ref.shape[0], n_rows, sub)
 
 
-def _gate_topk_kernel(len_ref, pos_ref, invf_ref, q_ref, w1_ref, w2_ref, kc1_ref, kc2_ref, s_ref,
-                      idx_ref, n_ref, *, g: int, scale: float, sub: int, block_size: int,
-                      n_blocks: int, k: int, interpret: bool):
-  """Program (b, k): the whole row. kc*_ref [Np, Dg/2] (Np a power of 2; rows >= Nb masked),
-  s_ref f32 [Np] (the scores, also the search's input), idx_ref int32 [M], n_ref int32 []."""
-  r1, r2 = _rotated_query(pos_ref, invf_ref, q_ref, w1_ref, w2_ref, g=g, scale=scale)
-  _scores_into(r1, r2, kc1_ref, kc2_ref, s_ref, sub)
+def _gate_topk_kernel(len_ref, r_ref, kc_ref, s_ref, idx_ref, n_ref, *, sub: int,
+                      block_size: int, n_blocks: int, k: int, interpret: bool):
+  """Program (b, k): the whole row. kc_ref [Np, Dg] (Np a power of 2 >= Nb), s_ref f32 [Np]
+  (the scores, also the search's input), idx_ref int32 [M], n_ref int32 []."""
+  _scores_into(r_ref, kc_ref, s_ref, 0, n_blocks, sub)
+  from jax.experimental.pallas import triton as plgpu
   if not interpret:
     # Every thread reads every score next: the CTA barrier orders the stores above (made by
     # other threads) before the load (bar.sync also makes global writes visible in the CTA).
-    from jax.experimental.pallas import triton as plgpu
     plgpu.debug_barrier()
-  _topk.select_row(s_ref[...], len_ref[()], idx_ref, n_ref, block_size=block_size,
-                   n_blocks=n_blocks, k=k)
-
-
-def _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta: float, rows: int):
-  """(in_specs, args) shared by both kernels for grid (b, k[, j]) with `rows` cache rows per
-  program. The halves of wq and kc are read as two blocks of the same arrays (no copies); q and
-  wq blocks are G padded to a power of 2 (Triton masks the padding rows, which are never read)."""
-  B, K, G, H = q_BKGH.shape
-  D = kc_BKND.shape[-1]
-  Dh = D // 2
-  Gp = _splitk.next_power_of_2(G)
-  wq_KGHD = wq_KCD.reshape(K, G, H, D)
-  invf = rope_inv_freq(D, rope_theta)
-  sq = _splitk.SQUEEZED
-  specs = [pl.BlockSpec((sq,), lambda b, k, *j: (b,)),
-           pl.BlockSpec((Dh,), lambda b, k, *j: (0,)),
-           pl.BlockSpec((sq, sq, Gp, H), lambda b, k, *j: (b, k, 0, 0)),
-           pl.BlockSpec((sq, Gp, H, Dh), lambda b, k, *j: (k, 0, 0, 0)),
-           pl.BlockSpec((sq, Gp, H, Dh), lambda b, k, *j: (k, 0, 0, 1)),
-           pl.BlockSpec((sq, sq, rows, Dh), lambda b, k, *j: (b, k, j[0] if j else 0, 0)),
-           pl.BlockSpec((sq, sq, rows, Dh), lambda b, k, *j: (b, k, j[0] if j else 0, 1))]
-  args = [pos_B.astype(jnp.int32), invf, q_BKGH, wq_KGHD, wq_KGHD, kc_BKND, kc_BKND]
-  return specs, args
+  n_pad = s_ref.shape[0]
+  live = lax.broadcasted_iota(jnp.int32, (n_pad,), 0) < n_blocks
+  s = plgpu.load(s_ref, mask=live, other=-jnp.inf)
+  _topk.select_row(s, len_ref[()], idx_ref, n_ref, block_size=block_size, n_blocks=n_blocks,
+                   k=k)
 
 
 def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
@@ -151,51 +123,48 @@ def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
 
 
 def default_chunks(batch_kv: int, n_blocks: int) -> int:
-  """Programs per (b, k) row for `gate_scores`: each program re-derives the gate query from wq[k]
-  (G * H * Dg float32 = 128 KB at G4 H128 Dg64, from L2), so chunks are kept >= 1024 rows
-  (>= 128 KB of bf16 cache each) and the grid at about 128 programs."""
-  want = max(1, 128 // max(batch_kv, 1))
-  return int(min(1 << (want.bit_length() - 1), max(1, n_blocks // 1024)))
+  """Programs per (b, k) row for `gate_scores`: about 256 programs in all, each >= 256 rows."""
+  want = max(1, 256 // max(batch_kv, 1))
+  return int(min(1 << (want.bit_length() - 1), max(1, n_blocks // 256)))
 
 
-@functools.partial(jax.jit, static_argnames=("rope_theta", "chunks", "num_warps", "num_stages",
-                                             "interpret"))
-def _gate_scores_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta: float, chunks: int,
-                        num_warps: int, num_stages: int, interpret: bool):
-  B, K, G, H = q_BKGH.shape
-  N, D = kc_BKND.shape[2:]
+@functools.partial(jax.jit, static_argnames=("chunks", "num_warps", "num_stages", "interpret",
+                                             "sub_rows"))
+def _gate_scores_triton(r_BKD, kc_BKND, chunks: int, num_warps: int, num_stages: int,
+                        interpret: bool, sub_rows: int = SUB_ROWS):
+  B, K, N, D = kc_BKND.shape
   rows = _splitk.next_power_of_2(-(-N // chunks))
-  grid_j = -(-N // rows)
-  specs, args = _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta, rows)
   sq = _splitk.SQUEEZED
   return pl.pallas_call(
-      functools.partial(_gate_scores_kernel, g=G, scale=D ** -0.5, sub=SUB_ROWS),
-      grid=(B, K, grid_j),
-      in_specs=specs,
+      functools.partial(_gate_scores_kernel, n_rows=N, sub=sub_rows),
+      grid=(B, K, -(-N // rows)),
+      in_specs=[pl.BlockSpec((sq, sq, D), lambda b, k, j: (b, k, 0)),
+                pl.BlockSpec((sq, sq, rows, D), lambda b, k, j: (b, k, j, 0))],
       out_specs=pl.BlockSpec((sq, sq, rows), lambda b, k, j: (b, k, j)),
       out_shape=jax.ShapeDtypeStruct((B, K, N), jnp.float32),
       compiler_params=_compiler_params(interpret, num_warps, num_stages),
       interpret=interpret,
       name="gate_scores",
-  )(*args)
+  )(r_BKD, kc_BKND)
 
 
-@functools.partial(jax.jit, static_argnames=("rope_theta", "block_size", "k", "num_warps",
-                                             "num_stages", "interpret"))
-def _gate_topk_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, rope_theta: float,
-                      block_size: int, k: int, num_warps: int, num_stages: int, interpret: bool):
-  B, K, G, H = q_BKGH.shape
-  N, D = kc_BKND.shape[2:]
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "num_warps", "num_stages",
+                                             "interpret", "sub_rows"))
+def _gate_topk_triton(r_BKD, kc_BKND, lengths_B, block_size: int, k: int, num_warps: int,
+                      num_stages: int, interpret: bool, sub_rows: int = SUB_ROWS):
+  """(idx, n_live, scores): the kernel's three outputs (the scores are its scratch)."""
+  B, K, N, D = kc_BKND.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
   m = _splitk.next_power_of_2(k + 1)
-  specs, args = _operands(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta, n_pad)
   sq = _splitk.SQUEEZED
   scores, idx, n_live = pl.pallas_call(
-      functools.partial(_gate_topk_kernel, g=G, scale=D ** -0.5, sub=SUB_ROWS,
-                        block_size=block_size, n_blocks=N, k=k, interpret=interpret),
+      functools.partial(_gate_topk_kernel, sub=sub_rows, block_size=block_size, n_blocks=N, k=k,
+                        interpret=interpret),
       grid=(B, K),
-      in_specs=[pl.BlockSpec((sq,), lambda b, h: (b,))] + specs,
+      in_specs=[pl.BlockSpec((sq,), lambda b, h: (b,)),
+                pl.BlockSpec((sq, sq, D), lambda b, h: (b, h, 0)),
+                pl.BlockSpec((sq, sq, n_pad, D), lambda b, h: (b, h, 0, 0))],
       out_specs=[pl.BlockSpec((sq, sq, n_pad), lambda b, h: (b, h, 0)),
                  pl.BlockSpec((sq, sq, m), lambda b, h: (b, h, 0)),
                  pl.BlockSpec((sq, sq), lambda b, h: (b, h))],
@@ -205,7 +174,7 @@ def _gate_topk_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, rope_theta: flo
       compiler_params=_compiler_params(interpret, num_warps, num_stages),
       interpret=interpret,
       name="gate_topk",
-  )(lengths_B.astype(jnp.int32), *args)
+  )(lengths_B.astype(jnp.int32), r_BKD, kc_BKND)
   return idx, n_live, scores
 
 
@@ -231,9 +200,9 @@ def _check(q_BKGH, wq_KCD, kc_BKND, pos_B) -> None:
 
 
 def _why_not_triton(q_BKGH, kc_BKND) -> str | None:
-  H, D = q_BKGH.shape[-1], kc_BKND.shape[-1]
-  if not _splitk.is_power_of_2(H) or not _splitk.is_power_of_2(D // 2):
-    return f"head dim H={H} and Dg/2={D // 2} must be powers of 2 for Triton tiles"
+  D = kc_BKND.shape[-1]
+  if not _splitk.is_power_of_2(D):
+    return f"gate dim Dg={D} must be a power of 2 for Triton tiles"
   return None
 
 
@@ -282,8 +251,9 @@ def gate_scores(q_BKGH: jax.Array, wq_KCD: jax.Array, kc_BKND: jax.Array, pos_B:
   B, K = q_BKGH.shape[:2]
   N = kc_BKND.shape[2]
   chunks = int(chunks or default_chunks(B * K, N))
-  return _gate_scores_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, float(rope_theta), chunks,
-                             int(num_warps or 4), int(num_stages or 3), bool(interpret))
+  r = gate_query_reference(q_BKGH, wq_KCD, pos_B, rope_theta=float(rope_theta))
+  return _gate_scores_triton(r, kc_BKND, chunks, int(num_warps or 4), int(num_stages or 3),
+                             bool(interpret))
 
 
 def gate_topk(q_BKGH: jax.Array, wq_KCD: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
@@ -315,6 +285,6 @@ def gate_topk(q_BKGH: jax.Array, wq_KCD: jax.Array, kc_BKND: jax.Array, pos_B: j
                                       k=int(k))
   n_pad = _splitk.next_power_of_2(N)
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
-  return _gate_topk_triton(q_BKGH, wq_KCD, kc_BKND, pos_B, lengths_B, float(rope_theta),
-                           int(block_size), int(k), int(warps), int(num_stages or 3),
-                           bool(interpret))[:2]
+  r = gate_query_reference(q_BKGH, wq_KCD, pos_B, rope_theta=float(rope_theta))
+  return _gate_topk_triton(r, kc_BKND, lengths_B, int(block_size), int(k), int(warps),
+                           int(num_stages or 3), bool(interpret))[:2]

@@ -83,7 +83,8 @@ def test_gate_topk_is_block_topk_of_its_scores(interpret, B, K, G, H, N, D, bs, 
   q, wq, kc, _ = random_gate(N + k, B, K, G, H, N, D, jnp.bfloat16)
   L = jnp.asarray(lengths, jnp.int32)
   pos = L - 1
-  idx, n_live, scores = gs._gate_topk_triton(q, wq, kc, pos, L, THETA, bs, k, 4, 3, interpret)
+  r = gs.gate_query_reference(q, wq, pos, rope_theta=THETA)
+  idx, n_live, scores = gs._gate_topk_triton(r, kc, L, bs, k, 4, 3, interpret)
   ref_s = gs.gate_scores_reference(q, wq, kc, pos, rope_theta=THETA)
   np.testing.assert_allclose(np.asarray(scores), np.asarray(ref_s), rtol=1e-5, atol=2e-5)
   ref_idx, ref_n = block_topk_reference(scores, L, block_size=bs, k=k)
@@ -120,16 +121,16 @@ def test_xla_path_and_validation():
     gs.gate_scores(q, wq, kc, pos, rope_theta=THETA, chunks=0)
   with pytest.raises(ValueError, match="k must be"):
     gs.gate_topk(q, wq, kc, pos, L, rope_theta=THETA, block_size=64, k=1)
-  with pytest.raises(ValueError, match="Dg/2"):
+  with pytest.raises(ValueError, match="Dg=24 must be a power of 2"):
     gs.gate_scores(q, jnp.zeros((2, 64, 24)), jnp.zeros((1, 2, 40, 24)), pos, rope_theta=THETA,
                    implementation="pallas_triton")
 
 
 def test_default_chunks():
-  assert gs.default_chunks(64, 2048) == 2          # B8 K8 S128K: 128 programs of 1024 rows
-  assert gs.default_chunks(8, 2048) == 2           # capped by 1024-row chunks
-  assert gs.default_chunks(8, 16384) == 16
-  assert gs.default_chunks(128, 2048) == 1
+  assert gs.default_chunks(64, 2048) == 4          # B8 K8 S128K: 256 programs of 512 rows
+  assert gs.default_chunks(8, 2048) == 8           # capped by 256-row chunks
+  assert gs.default_chunks(8, 16384) == 32
+  assert gs.default_chunks(256, 2048) == 1
   assert gs.default_chunks(8, 100) == 1
 
 
