@@ -75,12 +75,13 @@ def main():
         def query(q, c):
           return gs.gate_query_reference(q, c[1], pos, rope_theta=THETA)
 
-        def kernel_scores(chunks=None, stages=3, sub=gs.SUB_ROWS, warps=4, pf=gs.PREFETCH):
+        def kernel_scores(chunks=None, stages=3, sub=gs.SUB_ROWS, warps=4, pf=gs.PREFETCH,
+                          dot=gs.USE_DOT):
           if chunks is None:   # the public entry point, its defaults
             return lambda q, c: gs.gate_scores(q, c[1], c[0], pos, rope_theta=THETA,
                                                implementation=impl, **kw)
           return lambda q, c: gs._gate_scores_triton(query(q, c), c[0], chunks, warps, stages,
-                                                     args.interpret, sub, pf)
+                                                     args.interpret, sub, pf, dot)
 
         def then_topk(scores_fn):
           def call(q, c):
@@ -89,14 +90,14 @@ def main():
             return idx[..., :1] + n[..., None]   # keeps both outputs live
           return call
 
-        def fused(warps=None, sub=gs.SUB_ROWS, pf=gs.PREFETCH, stages=3):
+        def fused(warps=None, sub=gs.SUB_ROWS, pf=gs.PREFETCH, stages=3, dot=gs.USE_DOT):
           def call(q, c):
             if warps is None:
               idx, n = gs.gate_topk(q, c[1], c[0], pos, lengths, rope_theta=THETA,
                                     block_size=args.block, k=k, implementation=impl, **kw)
             else:
               idx, n, _ = gs._gate_topk_triton(query(q, c), c[0], lengths, args.block, k, warps,
-                                               stages, args.interpret, sub, pf)
+                                               stages, args.interpret, sub, pf, dot)
             return idx[..., :1] + n[..., None]
           return call
 
@@ -107,14 +108,18 @@ def main():
           variants += [("query only: xla", query),
                        ("scores only: xla", xla_scores),
                        ("scores only: kernel", kernel_scores())]
-          variants += [(f"scores only: kernel c{c} sub{u} w{w} pf{f}", kernel_scores(c, 3, u, w, f))
-                       for c, u, w, f in ((4, 256, 4, 0), (4, 256, 4, 1), (4, 256, 4, 2),
-                                          (4, 256, 4, 3), (8, 256, 4, 2), (2, 256, 4, 3),
-                                          (4, 128, 4, 4), (8, 128, 4, 3), (16, 128, 4, 2),
-                                          (4, 256, 8, 3), (1, 256, 8, 4))]
-          variants += [(f"fused w{w} sub{u} pf{f}", fused(w, u, f))
-                       for w, u, f in ((8, 256, 0), (8, 256, 1), (8, 256, 2), (8, 256, 3),
-                                       (8, 128, 4), (8, 128, 6), (16, 256, 3), (4, 128, 3))]
+          variants += [(f"scores only: kernel c{c} s{s} sub{u} w{w} " + ("dot" if d else f"pf{f}"),
+                        kernel_scores(c, s, u, w, f, d))
+                       for c, s, u, w, f, d in ((4, 3, 256, 4, 0, True), (4, 4, 256, 4, 0, True),
+                                                (4, 4, 128, 4, 0, True), (8, 3, 256, 4, 0, True),
+                                                (8, 4, 128, 4, 0, True), (16, 3, 128, 4, 0, True),
+                                                (2, 4, 256, 4, 0, True), (1, 4, 256, 8, 0, True),
+                                                (4, 3, 256, 8, 0, True), (4, 3, 256, 4, 1, False))]
+          variants += [(f"fused s{s} w{w} sub{u} " + ("dot" if d else f"pf{f}"), fused(w, u, f, s, d))
+                       for s, w, u, f, d in ((3, 8, 256, 0, True), (4, 8, 256, 0, True),
+                                             (5, 8, 128, 0, True), (4, 8, 128, 0, True),
+                                             (4, 4, 256, 0, True), (3, 16, 256, 0, True),
+                                             (6, 8, 64, 0, True), (3, 8, 256, 1, False))]
         for name, call in variants:
           if name.split(":")[0] in ("scores only", "query only") and k != parse_ints(args.ks)[0]:
             continue   # scores do not depend on k

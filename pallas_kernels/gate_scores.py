@@ -37,8 +37,13 @@ from pallas_kernels import block_topk as _topk
 
 # Cache rows a program folds per loop step: [SUB_ROWS, Dg / 2] per half (8K bf16 at Dg = 64).
 SUB_ROWS = 256
-# Cache tiles each program loads ahead of the one it folds (`_scores_into`).
-PREFETCH = 2
+# How a tile's scores are computed (`_scores_into`): a tensor-core dot, whose loads Triton
+# pipelines through shared memory (USE_DOT), or a multiply-and-sum with PREFETCH tiles loaded
+# ahead in registers.
+USE_DOT = True
+PREFETCH = 0
+# Rows of a program's block: at least the 16 rows of a dot tile.
+MIN_ROWS = 16
 
 
 def rope_inv_freq(d_gate: int, theta: float) -> jax.Array:
@@ -73,22 +78,50 @@ def gate_scores_reference(q_BKGH, wq_KCD, kc_BKND, pos_B, *, rope_theta: float) 
 # ------------------------------------------------------------------------- Pallas Triton kernels
 
 
-def _scores_into(r_ref, kc_ref, s_ref, first_row, n_rows: int, sub: int, prefetch: int) -> None:
+def _dot_operand(r_ref, dtype):
+  """The gate query as the [Dg, 16] right operand of a tensor-core dot with the cache tile, and
+  the [16] column weights that sum the dot's columns back into one score per row. A bf16 / f16
+  cache: r split into three half-precision parts (hi + mid + lo carry its 24 mantissa bits; the
+  products with the cache's 8-bit mantissas are exact and accumulate in float32), in columns 0-2.
+  A float32 cache: r itself in column 0 (an IEEE float32 dot)."""
+  r = r_ref[...].astype(jnp.float32)
+  D = r.shape[0]
+  col = lax.broadcasted_iota(jnp.int32, (D, 16), 1)
+  if jnp.dtype(dtype) == jnp.dtype(jnp.float32):
+    return jnp.where(col == 0, r[:, None], 0.0), lax.broadcasted_iota(jnp.int32, (16,), 0) < 1
+  hi = r.astype(dtype)
+  rest = r - hi.astype(jnp.float32)
+  mid = rest.astype(dtype)
+  lo = (rest - mid.astype(jnp.float32)).astype(dtype)
+  parts = jnp.where(col == 0, hi[:, None].astype(jnp.float32),
+                    jnp.where(col == 1, mid[:, None].astype(jnp.float32),
+                              jnp.where(col == 2, lo[:, None].astype(jnp.float32), 0.0)))
+  return parts.astype(dtype), lax.broadcasted_iota(jnp.int32, (16,), 0) < 3
+
+
+def _scores_into(r_ref, kc_ref, s_ref, first_row, n_rows: int, sub: int, prefetch: int,
+                 use_dot: bool = True) -> None:
   """s_ref[i] = r . kc_ref[i] for the block's rows, `sub` rows per loop step.
 
   Rows whose global index (first_row + i) is >= n_rows are neither read nor written: Pallas-Triton
   does not mask blocks that overhang the array, so a ragged last block would otherwise read the
   next row's cache and overwrite the next row's scores.
 
-  prefetch: tiles loaded ahead, carried in registers through the loop. Triton's software
-  pipeliner (`num_stages`) only pipelines loads that feed a dot, so without this each step waits
-  a full memory latency for its tile (H200, B8 S128K bf16: 9.6 us at 2, 3 or 4 stages)."""
+  use_dot: the scores of a tile as a [sub, Dg] x [Dg, 16] dot (`_dot_operand`). Triton's software
+  pipeliner (`num_stages`, cp.async into shared memory) only pipelines loads that feed a dot; a
+  multiply-and-sum tile waits a full memory latency per loop step (H200, B8 S128K bf16, 256
+  programs: 9.6 us at 2, 3 or 4 stages). prefetch: tiles loaded ahead in registers instead (7.4 us
+  at one tile ahead), for the multiply-and-sum path."""
   rows = kc_ref.shape[0]
   sub = min(sub, rows)
   n_iter = rows // sub
-  r = r_ref[...].astype(jnp.float32)[None, :]
   from jax.experimental.pallas import triton as plgpu
   iota = lax.broadcasted_iota(jnp.int32, (sub,), 0)
+  if use_dot:
+    rhs, cols = _dot_operand(r_ref, kc_ref.dtype)
+    precision = _splitk.dot_precision(kc_ref.dtype)
+  else:
+    r = r_ref[...].astype(jnp.float32)[None, :]
 
   def rows_of(i):   # (start, live rows) of step i; steps past the block load nothing
     start = pl.multiple_of(jnp.minimum(i, n_iter - 1) * sub, sub)
@@ -100,8 +133,12 @@ def _scores_into(r_ref, kc_ref, s_ref, first_row, n_rows: int, sub: int, prefetc
 
   def fold(i, kc):
     start, live = rows_of(i)
-    plgpu.store(s_ref.at[pl.ds(start, sub)], jnp.sum(kc.astype(jnp.float32) * r, axis=1),
-                mask=live)
+    if use_dot:
+      out = jnp.dot(kc, rhs, preferred_element_type=jnp.float32, precision=precision)
+      s = jnp.sum(jnp.where(cols[None, :], out, 0.0), axis=1)
+    else:
+      s = jnp.sum(kc.astype(jnp.float32) * r, axis=1)
+    plgpu.store(s_ref.at[pl.ds(start, sub)], s, mask=live)
 
   if prefetch <= 0:
     def body(i, carry):
@@ -118,17 +155,19 @@ def _scores_into(r_ref, kc_ref, s_ref, first_row, n_rows: int, sub: int, prefetc
   lax.fori_loop(0, n_iter, body_pf, tuple(load(jnp.int32(j)) for j in range(prefetch)))
 
 
-def _gate_scores_kernel(r_ref, kc_ref, s_ref, *, n_rows: int, sub: int, prefetch: int):
+def _gate_scores_kernel(r_ref, kc_ref, s_ref, *, n_rows: int, sub: int, prefetch: int,
+                        use_dot: bool):
   """Program (b, k, j): rows [j T, (j + 1) T) of the (b, k) cache. r_ref [Dg] f32 (the rotated,
   scaled gate query), kc_ref [T, Dg], s_ref f32 [T]."""
-  _scores_into(r_ref, kc_ref, s_ref, pl.program_id(2) * kc_ref.shape[0], n_rows, sub, prefetch)
+  _scores_into(r_ref, kc_ref, s_ref, pl.program_id(2) * kc_ref.shape[0], n_rows, sub, prefetch,
+               use_dot)
 
 
 def _gate_topk_kernel(len_ref, r_ref, kc_ref, s_ref, idx_ref, n_ref, *, sub: int, prefetch: int,
-                      block_size: int, n_blocks: int, k: int, interpret: bool):
+                      use_dot: bool, block_size: int, n_blocks: int, k: int, interpret: bool):
   """Program (b, k): the whole row. kc_ref [Np, Dg] (Np a power of 2 >= Nb), s_ref f32 [Np]
   (the scores, also the search's input), idx_ref int32 [M], n_ref int32 []."""
-  _scores_into(r_ref, kc_ref, s_ref, 0, n_blocks, sub, prefetch)
+  _scores_into(r_ref, kc_ref, s_ref, 0, n_blocks, sub, prefetch, use_dot)
   from jax.experimental.pallas import triton as plgpu
   if not interpret:
     # Every thread reads every score next: the CTA barrier orders the stores above (made by
@@ -155,14 +194,16 @@ def default_chunks(batch_kv: int, n_blocks: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("chunks", "num_warps", "num_stages", "interpret",
-                                             "sub_rows", "prefetch"))
+                                             "sub_rows", "prefetch", "use_dot"))
 def _gate_scores_triton(r_BKD, kc_BKND, chunks: int, num_warps: int, num_stages: int,
-                        interpret: bool, sub_rows: int = SUB_ROWS, prefetch: int = PREFETCH):
+                        interpret: bool, sub_rows: int = SUB_ROWS, prefetch: int = PREFETCH,
+                        use_dot: bool = USE_DOT):
   B, K, N, D = kc_BKND.shape
-  rows = _splitk.next_power_of_2(-(-N // chunks))
+  rows = max(MIN_ROWS, _splitk.next_power_of_2(-(-N // chunks)))
   sq = _splitk.SQUEEZED
   return pl.pallas_call(
-      functools.partial(_gate_scores_kernel, n_rows=N, sub=sub_rows, prefetch=prefetch),
+      functools.partial(_gate_scores_kernel, n_rows=N, sub=sub_rows, prefetch=prefetch,
+                        use_dot=use_dot),
       grid=(B, K, -(-N // rows)),
       in_specs=[pl.BlockSpec((sq, sq, D), lambda b, k, j: (b, k, 0)),
                 pl.BlockSpec((sq, sq, rows, D), lambda b, k, j: (b, k, j, 0))],
@@ -175,18 +216,19 @@ def _gate_scores_triton(r_BKD, kc_BKND, chunks: int, num_warps: int, num_stages:
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "k", "num_warps", "num_stages",
-                                             "interpret", "sub_rows", "prefetch"))
+                                             "interpret", "sub_rows", "prefetch", "use_dot"))
 def _gate_topk_triton(r_BKD, kc_BKND, lengths_B, block_size: int, k: int, num_warps: int,
                       num_stages: int, interpret: bool, sub_rows: int = SUB_ROWS,
-                      prefetch: int = PREFETCH):
+                      prefetch: int = PREFETCH, use_dot: bool = USE_DOT):
   """(idx, n_live, scores): the kernel's three outputs (the scores are its scratch)."""
   B, K, N, D = kc_BKND.shape
   k = min(k, N)
-  n_pad = _splitk.next_power_of_2(N)
+  n_pad = max(MIN_ROWS, _splitk.next_power_of_2(N))
   m = _splitk.next_power_of_2(k + 1)
   sq = _splitk.SQUEEZED
   scores, idx, n_live = pl.pallas_call(
-      functools.partial(_gate_topk_kernel, sub=sub_rows, prefetch=prefetch, block_size=block_size,
+      functools.partial(_gate_topk_kernel, sub=sub_rows, prefetch=prefetch, use_dot=use_dot,
+                        block_size=block_size,
                         n_blocks=N, k=k,
                         interpret=interpret),
       grid=(B, K),
@@ -229,8 +271,8 @@ def _check(q_BKGH, wq_KCD, kc_BKND, pos_B) -> None:
 
 def _why_not_triton(q_BKGH, kc_BKND) -> str | None:
   D = kc_BKND.shape[-1]
-  if not _splitk.is_power_of_2(D):
-    return f"gate dim Dg={D} must be a power of 2 for Triton tiles"
+  if not _splitk.is_power_of_2(D) or D < 16:
+    return f"gate dim Dg={D} must be a power of 2 >= 16 for Triton tiles"
   return None
 
 

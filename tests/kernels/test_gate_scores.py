@@ -150,19 +150,20 @@ def test_triton_kernels_lower_for_cuda():
 
 
 @pytest.mark.parametrize("interpret", KERNELS)
-@pytest.mark.parametrize("prefetch", [0, 1, 3])
-def test_prefetch_depths_and_ragged_chunks(interpret, prefetch):
-  """Tiles loaded ahead past a program's block, or past the end of a ragged row, are masked."""
+@pytest.mark.parametrize("use_dot,prefetch", [(True, 0), (False, 0), (False, 1), (False, 3)])
+def test_tile_paths_prefetch_and_ragged_chunks(interpret, use_dot, prefetch):
+  """Both ways of scoring a tile (the 3-part bf16 dot, multiply-and-sum), with tiles loaded
+  ahead past a program's block or past the end of a ragged row (masked)."""
   require_backend("pallas_triton", interpret)
   q, wq, kc, pos = random_gate(11, 2, 2, 4, 32, 1000, 64, jnp.bfloat16)
   r = gs.gate_query_reference(q, wq, pos, rope_theta=THETA)
   ref = gs.gate_scores_reference(q, wq, kc, pos, rope_theta=THETA)
   for chunks, sub in ((2, 128), (3, 64)):
-    got = gs._gate_scores_triton(r, kc, chunks, 4, 3, interpret, sub, prefetch)
+    got = gs._gate_scores_triton(r, kc, chunks, 4, 3, interpret, sub, prefetch, use_dot)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=2e-5,
                                err_msg=f"chunks={chunks} sub={sub}")
   L = pos + 1
-  idx, n, s = gs._gate_topk_triton(r, kc, L, 64, 20, 4, 3, interpret, 128, prefetch)
+  idx, n, s = gs._gate_topk_triton(r, kc, L, 64, 20, 4, 3, interpret, 128, prefetch, use_dot)
   np.testing.assert_allclose(np.asarray(s), np.asarray(ref), rtol=1e-5, atol=2e-5)
   ref_idx, ref_n = block_topk_reference(s, L, block_size=64, k=20)
   np.testing.assert_array_equal(np.asarray(idx)[..., :20], np.asarray(ref_idx))
