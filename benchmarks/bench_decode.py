@@ -12,7 +12,10 @@ and at a 4K-token budget, against the same dense cuDNN call (what a user would r
 then the same plans as a whole sparse attention step, selector included: SeerAttention-R gate
 scores over the K-compression cache (Dg=64) + `block_topk` + the sparse kernel. Those rows rotate
 through more distinct gate caches than K/V copies (`gate_copies`, together >= 8x the L2, since
-2026-11-30): a layer's gate cache comes from HBM in a real decode step.
+2026-11-30): a layer's gate cache comes from HBM in a real decode step. Each of them is a layer
+with its own gate projection wq (since 2026-11-30, later the same day): with one shared wq XLA
+computed the gate query projection once per query for all the copies (CSE), and the gate rows of
+decode.json / decode_s128k_*.json before then undercount it (~1.5-3 us a step at B8 S128K).
 
 Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan`, unrolled `--unroll`
 times, over a stack of different queries -- and, for sparse, different block sets -- times a
@@ -29,7 +32,6 @@ Writes benchmarks/results/<card>/decode.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import pathlib
 import sys
@@ -46,7 +48,6 @@ import devtime
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
-from pallas_kernels.gate_scores import gate_topk
 from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
 
 HQ, HKV, D = 32, 8, 128
@@ -166,10 +167,6 @@ def main():
                   help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
                        "bfloat16; effjax.sparse keeps float32 by default)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
-  ap.add_argument("--gate-impls", default="fused",
-                  help="how the gate rows select, comma-separated: fused (gate_topk: one kernel, "
-                       "what effjax.sparse runs on a GPU), kernel (gate_scores kernel + block_topk), "
-                       "xla (XLA gate scores + block_topk, before 2026-11-30)")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   ap.add_argument("--floor-tbps", type=float, default=None,
@@ -323,8 +320,7 @@ def main():
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
           impl = "xla" if args.interpret else "pallas_triton"
           topk_kw = {} if args.topk_warps is None else {"num_warps": args.topk_warps}
-          for gate_dtype, gate_impl in itertools.product(args.gate_dtypes.split(","),
-                                                         args.gate_impls.split(",")):
+          for gate_dtype in args.gate_dtypes.split(","):
             kc_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
             gate_copies = gate_cache_copies(kc_bytes, copies, on_gpu)  # entry i: K/V copy i % copies
             n_q_gate = max(1, args.calls // gate_copies)
@@ -339,17 +335,10 @@ def main():
                                    jnp.float32) * (G * D) ** -0.5)
                 for c in range(gate_copies))
 
-            def gated_call(q, c, gate_impl=gate_impl):
-              if gate_impl == "fused":
-                idx, n_live = gate_topk(q, c[3], c[2], lengths - 1, lengths, rope_theta=1e4,
-                                        block_size=bs, k=n_sel, implementation=impl,
-                                        interpret=args.interpret)
-              else:
-                scores = gate_lib.gate_logits(c[3], q, c[2], lengths - 1, 1e4,
-                                              implementation="xla" if gate_impl == "xla" else impl,
-                                              interpret=args.interpret)
-                idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel,
-                                         implementation=impl, interpret=args.interpret, **topk_kw)
+            def gated_call(q, c):
+              scores = gate_lib.gate_logits(c[3], q, c[2], lengths - 1, 1e4)
+              idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
+                                       interpret=args.interpret, **topk_kw)
               return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
                                              implementation="pallas_triton",
                                              interpret=args.interpret, config=sparse_cfg,
@@ -358,7 +347,7 @@ def main():
             gate_bytes = kc_bytes
             timed("gate+topk+pallas_triton_sparse", gated_call, qs[:n_q_gate], layers,
                   sel_bytes + gate_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
-                  gate_impl=gate_impl, gate_copies=gate_copies,
+                  gate_copies=gate_copies,
                   calls_per_jit=n_q_gate * gate_copies, topk=topk_kw or "default", **plan)
             del layers
       del kv

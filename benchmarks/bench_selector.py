@@ -17,7 +17,10 @@ Until selector.json of 2026-11-29 the `topk` rows passed the same scores to the 
 cache copy, which XLA merged (CSE): those rows under-counted block_topk by the copy factor (4).
 The gate rows rotate `--copies` K-compression caches (4 x 34 MB float32 at B8 S128K), which stay
 partly in the 60 MB L2 of an H200 (5.7 us = 5.9 TB/s for the float32 scores, above the HBM peak;
-8.2 us when bench_decode.py rotates 16 caches): read them as L2-warm lower bounds.
+8.2 us when bench_decode.py rotates 16 caches): read them as L2-warm lower bounds. Until
+2026-11-30 all copies also shared one gate projection wq, so XLA computed the query projection
+once per query for all of them (CSE): selector.json's gate rows undercount it (~1.5-3 us a call
+at B8 S128K; each copy now has its own wq).
 """
 
 from __future__ import annotations
@@ -64,10 +67,13 @@ def main():
       kq, kw, kc_key, ks = jax.random.split(key, 4)
       qs = jax.random.normal(kq, (n_q, B, HKV, G, D), DTYPE)
       lengths = jnp.full((B,), S, jnp.int32)
-      wq = jax.random.normal(kw, (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
-      kc32 = tuple(jax.random.normal(jax.random.fold_in(kc_key, c), (B, HKV, nb, GATE_DIM), jnp.float32)
-                   for c in range(args.copies))
-      kc16 = tuple(x.astype(jnp.bfloat16) for x in kc32)
+      # each cache copy is a layer with its own gate projection: with one shared wq, XLA computed
+      # the query projection once per query for all copies (CSE) and the gate rows undercounted it
+      wqs = [jax.random.normal(jax.random.fold_in(kw, c), (HKV, G * D, GATE_DIM), jnp.float32)
+             * (G * D) ** -0.5 for c in range(args.copies)]
+      kc32 = tuple((jax.random.normal(jax.random.fold_in(kc_key, c), (B, HKV, nb, GATE_DIM),
+                                      jnp.float32), wqs[c]) for c in range(args.copies))
+      kc16 = tuple((x.astype(jnp.bfloat16), w) for x, w in kc32)
       # one [B, K, N] score row set per call: a call that ignored its cache argument would be
       # the same computation for every cache copy, and XLA would merge those copies (CSE)
       scores = jax.random.normal(ks, (n_q * args.copies, B, HKV, nb), jnp.float32)
@@ -80,10 +86,10 @@ def main():
           r.update(trace_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
         return r
 
-      record(**base, row="harness", **t(lambda q, c: q.astype(jnp.float32) + c[0, 0, 0, 0], qs, kc32))
+      record(**base, row="harness", **t(lambda q, c: q.astype(jnp.float32) + c[0][0, 0, 0, 0], qs, kc32))
       for name, kc in (("float32", kc32), ("bfloat16", kc16)):
         record(**base, row="gate_scores", kc_dtype=name,
-               **t(lambda q, c: gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0), qs, kc))
+               **t(lambda q, c: gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 10000.0), qs, kc))
       plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",
                                                            min(nb, args.budget_tokens // args.block))]
       plans = [p for p in plans if p[0].split("=")[0] in args.plans.split(",")]
@@ -101,7 +107,7 @@ def main():
         chained = [("float32", kc32, w) for w in parse_ints(args.warps)] + [("bfloat16", kc16, None)]
         for name, kc, w in chained:
           def both(q, c):
-            sc = gate_lib.gate_logits(wq, q, c, lengths - 1, 10000.0)
+            sc = gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 10000.0)
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
                               interpret=args.interpret, num_warps=w)[0]
           record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w,

@@ -14,7 +14,6 @@
 #   quality   experiments/sparse_quality/run.py (carry "shared_data"; ~12 min: use quality-bg / quality-wait)
 #   delt-pds1 the DELT experiment's missing run (PDS + Folding, seed 1); needs carry "shared_data"
 #   selector  bench_selector.py: gate scores / top-k / both, per call (SELECTOR_ARGS)
-#   gate      bench_gate.py: the gate selector by implementation (XLA, kernels, fused) (GATE_ARGS)
 #   extend    bench_extend.py: multi-token (rectification) attention, Triton vs XLA (EXTEND_ARGS)
 #   profile   profile_decode.py: per-kernel device time of a gated sparse step (PROFILE_ARGS)
 #   quality-bg    start the quality run detached (setsid: it outlives this call; GPU memory 60%,
@@ -57,8 +56,6 @@ for job in "$@"; do
       cp /tmp/delt_pds1/results_partial.json "$OUT/partial_seed1_pds.json" ;;
     selector)
       timeout "$T" python3 benchmarks/bench_selector.py --out "$OUT/selector.json" ${SELECTOR_ARGS:-} 2>&1 | tee "$OUT/selector.log" | tail -40 ;;
-    gate)
-      timeout "$T" python3 benchmarks/bench_gate.py --out "$OUT/gate.json" ${GATE_ARGS:-} 2>&1 | tee "$OUT/gate.log" | grep -v -i warning | tail -60 ;;
     extend)
       timeout "$T" python3 benchmarks/bench_extend.py --out "$OUT/extend.json" ${EXTEND_ARGS:-} 2>&1 | tee "$OUT/extend.log" | tail -20 ;;
     profile)

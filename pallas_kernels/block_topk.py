@@ -82,20 +82,13 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
 def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
   """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
   idx_ref int32 [M]; n_ref int32 []."""
-  select_row(s_ref[...], len_ref[()], idx_ref, n_ref, block_size=block_size, n_blocks=n_blocks,
-             k=k)
-
-
-def select_row(s, length, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int) -> None:
-  """The selection of one row inside a Triton kernel (also `gate_scores.gate_topk`'s): s [Np]
-  scores (Np a power of 2 >= n_blocks; entries past n_blocks are ignored, whatever they hold),
-  length int32 []; writes the ascending ids (idx_ref int32 [M], M > k) and their count (n_ref)."""
-  n_pad = s.shape[0]
+  length = len_ref[()]
+  n_pad = s_ref.shape[0]
   ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
   nb = (length + block_size - 1) // block_size
   valid = (ar < nb) & (ar < n_blocks)
   forced = valid & ((ar == 0) | (ar == nb - 1))
-  s = s.astype(jnp.float32)
+  s = s_ref[...].astype(jnp.float32)
   s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
   bits = lax.bitcast_convert_type(s, jnp.int32)

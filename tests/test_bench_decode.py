@@ -32,14 +32,12 @@ def positive(rows):
 def test_bench_decode_smoke(tmp_path):
   rows = run("bench_decode.py", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
              "--sparsities", "0.5", "--budget-tokens", "256", "--no-xla", "--trace",
-             "--gate-dtypes", "bfloat16", "--gate-impls", "fused,xla", tmp_path=tmp_path)
+             "--gate-dtypes", "float32,bfloat16", tmp_path=tmp_path)
   positive(rows)
   # --trace: every timed row also carries the profiler's (here: host) time and kernel list
   timed = [r for r in rows if "ms" in r]
   assert timed and all(r["trace_busy_ms"] > 0 and r["kernels"] for r in timed)
-  gated = {(r["plan"], r["gate_dtype"], r["gate_impl"]) for r in rows if r["impl"].startswith("gate")}
-  assert gated == {(p, d, i) for p in ("sparsity=0.5", "budget=256")
-                   for d in ("bfloat16",) for i in ("fused", "xla")}
+  assert {r["gate_dtype"] for r in rows if r["impl"].startswith("gate")} == {"float32", "bfloat16"}
   impls = {r["impl"] for r in rows}
   assert {"cudnn", "harness_overhead", "pallas_triton", "pallas_triton_sparse",
           "gate+topk+pallas_triton_sparse"} <= impls
@@ -119,10 +117,3 @@ def test_profile_decode_smoke(tmp_path):
   res = json.loads(out.read_text())["results"]
   assert {"dense", "gate+topk+sparse sparsity=0.9", "gate+topk+sparse budget=256"} <= set(res)
   assert all(r["events"] and r["sum_per_call_us"] > 0 for r in res.values())
-
-
-def test_bench_gate_smoke(tmp_path):
-  rows = run("bench_gate.py", "--batches", "1", "--seq", "1024", "--calls", "1", "--ks", "4",
-             "--dtypes", "bfloat16", "--variants", "defaults", tmp_path=tmp_path)
-  positive(rows)
-  assert [r["variant"] for r in rows] == ["xla + block_topk", "kernel + block_topk", "fused"]

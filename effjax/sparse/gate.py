@@ -76,15 +76,8 @@ def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, 
 
 
 def gate_logits(wq_KCD: jax.Array, q_BKGH: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
-                rope_theta: float, implementation: str = "xla", interpret: bool = False) -> jax.Array:
-  """Gate scores of one layer for one new token per sequence: float32 [B, K, Nb].
-
-  implementation "xla" (the default; differentiable, what training uses) is written out below;
-  "pallas_triton" / "auto" run `pallas_kernels.gate_scores` (one fused kernel on the GPU)."""
-  if implementation != "xla":
-    from pallas_kernels.gate_scores import gate_scores
-    return gate_scores(q_BKGH, wq_KCD, kc_BKND, pos_B, rope_theta=rope_theta,
-                       implementation=implementation, interpret=interpret)
+                rope_theta: float) -> jax.Array:
+  """Gate scores of one layer for one new token per sequence: float32 [B, K, Nb]."""
   B, K, G, H = q_BKGH.shape
   qg = jnp.einsum("bkc,kcd->bkd", q_BKGH.astype(jnp.float32).reshape(B, K, G * H), wq_KCD)
   cos, sin = rope_tables(pos_B[:, None], qg.shape[-1], rope_theta)          # [B, 1, 1, Dg/2]

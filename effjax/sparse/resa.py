@@ -122,11 +122,6 @@ def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_
   topk_impl = {"xla": "xla", "pallas_triton": "pallas_triton"}.get(decode_impl, "auto")
   if scfg.selector == "quest":
     scores = selection.quest_scores(q_BKGH, summ_l["kmin"], summ_l["kmax"])
-  elif scfg.threshold <= 0 and topk_impl != "xla":
-    # budget selection: gate scores and top-k in one kernel on the GPU (pallas_kernels.gate_scores)
-    from pallas_kernels.gate_scores import gate_topk
-    return gate_topk(q_BKGH, wq, summ_l["kc"], lengths_B - 1, lengths_B, rope_theta=cfg.rope_theta,
-                     block_size=scfg.block_size, k=scfg.budget_blocks, implementation=topk_impl)
   else:
     scores = gate_lib.gate_logits(wq, q_BKGH, summ_l["kc"], lengths_B - 1, cfg.rope_theta)
     if scfg.threshold > 0:
