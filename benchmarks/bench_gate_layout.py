@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Gate scores in XLA by K-compression cache layout: [B, K, Nb, Dg] (a row reduction over Dg, the
+layout effjax keeps) vs [B, K, Dg, Nb] (a column reduction: adjacent threads read adjacent
+blocks), float32 and bfloat16, alone and followed by `block_topk` (k = 64, a 4K budget).
+
+  python benchmarks/bench_gate_layout.py [--batches 8,1] [--seq 131072] [--out PATH]
+  python benchmarks/bench_gate_layout.py --interpret --batches 1 --seq 2048 --calls 1 --windows 1
+
+Every call is a layer of its own (gate cache + projection wq, >= 8x the L2 of them) with its own
+query. Timing: bench_decode.measure. Writes benchmarks/results/<card>/gate_layout.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax
+import jax.numpy as jnp
+
+from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies, measure, parse_ints,
+                          write_results)
+from effjax.model.transformer import apply_rope, rope_tables
+from pallas_kernels.block_topk import block_topk
+
+THETA = 1e4
+
+
+def gate_query(wq, q, pos):
+  """effjax.sparse.gate.gate_logits' query: projection, RoPE, 1/sqrt(Dg): f32 [B, K, Dg]."""
+  B, K, Gq, H = q.shape
+  qg = jnp.einsum("bkc,kcd->bkd", q.astype(jnp.float32).reshape(B, K, Gq * H), wq)
+  cos, sin = rope_tables(pos[:, None], qg.shape[-1], THETA)
+  return apply_rope(qg[:, None], cos, sin)[:, 0] * qg.shape[-1] ** -0.5
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--batches", default="8,1")
+  ap.add_argument("--seq", type=int, default=131072)
+  ap.add_argument("--block", type=int, default=64)
+  ap.add_argument("--k", type=int, default=64)
+  ap.add_argument("--calls", type=int, default=128)
+  ap.add_argument("--windows", type=int, default=3)
+  ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  impl = "xla" if args.interpret else "pallas_triton"
+  N = args.seq // args.block
+  rows = []
+  for B in parse_ints(args.batches):
+    lengths = jnp.full((B,), args.seq, jnp.int32)
+    pos = lengths - 1
+    for dtype in ("float32", "bfloat16"):
+      kc_bytes = B * HKV * N * GATE_DIM * jnp.dtype(dtype).itemsize
+      copies = gate_cache_copies(kc_bytes, 1, on_gpu)
+      n_q = max(1, args.calls // copies)
+      qs = jax.random.normal(jax.random.key(B), (n_q, B, HKV, G, D), DTYPE)
+      for layout in ("BKND", "BKDN"):
+        shape = (B, HKV, N, GATE_DIM) if layout == "BKND" else (B, HKV, GATE_DIM, N)
+        eq = "bkd,bknd->bkn" if layout == "BKND" else "bkd,bkdn->bkn"
+        layers = tuple((jax.random.normal(jax.random.key(77 + c), shape, jnp.float32).astype(dtype),
+                        jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM),
+                                          jnp.float32) * (G * D) ** -0.5) for c in range(copies))
+
+        def scores(q, c, eq=eq):
+          return jnp.einsum(eq, gate_query(c[1], q, pos), c[0])
+
+        def with_topk(q, c, scores=scores):
+          idx, n = block_topk(scores(q, c), lengths, block_size=args.block, k=args.k,
+                              implementation=impl, interpret=args.interpret)
+          return idx[..., :1] + n[..., None]
+
+        for what, call in (("scores", scores), ("scores+topk", with_topk)):
+          m = measure(call, qs, layers, args.windows, 1, on_gpu)
+          row = dict(B=B, S=args.seq, Nb=N, gate_dtype=dtype, layout=layout, what=what,
+                     copies=copies, calls_per_jit=n_q * copies, gate_bytes=kc_bytes, ms=m["s"] * 1e3)
+          if "busy_s" in m:
+            row.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
+          rows.append(row)
+          print(f"B{B} {dtype:8s} {layout} {what:12s} wall {row['ms'] * 1e3:7.2f} us  kernel "
+                f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
+                f"{[k for k in row.get('kernels', [])[:3]]}", flush=True)
+        del layers
+  write_results(args.out, "gate_layout.json", rows, sys.argv[1:],
+                "device time: bench_decode.measure (unroll 1); every call its own layer and query")
+
+
+if __name__ == "__main__":
+  main()
