@@ -123,14 +123,15 @@ def write_results(out, default_name: str, results: list, argv: list, timing: str
   return path
 
 
-def gate_cache_copies(kc_bytes: int, copies: int, on_gpu: bool) -> int:
+def gate_cache_copies(kc_bytes: int, copies: int, on_gpu: bool,
+                      max_copies: int = MAX_GATE_COPIES) -> int:
   """Distinct gate caches the gate rows rotate through: a multiple of the K/V `copies` whose
-  bytes reach GATE_L2_DEFEAT_BYTES, at most MAX_GATE_COPIES (and at least `copies`); just `copies`
+  bytes reach GATE_L2_DEFEAT_BYTES, at most max_copies (and at least `copies`); just `copies`
   off the GPU (no L2 to defeat; more copies would only slow the CPU smoke run)."""
   if not on_gpu:
     return copies
   per_kv = -(-GATE_L2_DEFEAT_BYTES // (kc_bytes * copies))
-  return copies * max(1, min(MAX_GATE_COPIES // copies, per_kv))
+  return copies * max(1, min(max_copies // copies, per_kv))
 
 
 def random_block_sets(rng, n_rows: int, n_blocks: int, n_sel: int) -> np.ndarray:
@@ -167,6 +168,10 @@ def main():
                   help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
                        "bfloat16; effjax.sparse keeps float32 by default)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
+  ap.add_argument("--max-gate-copies", type=int, default=MAX_GATE_COPIES,
+                  help="cap on the distinct gate caches a gate row rotates (32 bf16 copies at B8 "
+                       "S128K made XLA rematerialise parts of the step: its memory estimate counts "
+                       "every reference to the rotated K/V)")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   ap.add_argument("--floor-tbps", type=float, default=None,
@@ -322,7 +327,7 @@ def main():
           topk_kw = {} if args.topk_warps is None else {"num_warps": args.topk_warps}
           for gate_dtype in args.gate_dtypes.split(","):
             kc_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
-            gate_copies = gate_cache_copies(kc_bytes, copies, on_gpu)  # entry i: K/V copy i % copies
+            gate_copies = gate_cache_copies(kc_bytes, copies, on_gpu, args.max_gate_copies)
             n_q_gate = max(1, args.calls // gate_copies)
             # Every cache entry is a layer: its own K/V, gate cache and gate projection wq. (One
             # shared wq let XLA compute the query projection once per query for all entries --
