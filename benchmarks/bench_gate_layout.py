@@ -37,6 +37,31 @@ def gate_query(wq, q, pos):
   return apply_rope(qg[:, None], cos, sin)[:, 0] * qg.shape[-1] ** -0.5
 
 
+def gate_query_reduce(wq, q, pos):
+  """The same query with the projection as a multiply-and-sum over c (a reduction, no GEMM)."""
+  B, K, Gq, H = q.shape
+  qg = jnp.sum(q.astype(jnp.float32).reshape(B, K, Gq * H, 1) * wq[None], axis=2)
+  cos, sin = rope_tables(pos[:, None], qg.shape[-1], THETA)
+  return apply_rope(qg[:, None], cos, sin)[:, 0] * qg.shape[-1] ** -0.5
+
+
+def rotated_weights(wq):
+  """[K, C, 2 Dg]: wq and its rotate-half partner (-w2, w1), so RoPE needs no concatenate:
+  r = (q wq) * [cos, cos] + (q rot(wq)) * [sin, sin]."""
+  h = wq.shape[-1] // 2
+  return jnp.concatenate([wq, jnp.concatenate([-wq[..., h:], wq[..., :h]], -1)], -1)
+
+
+def gate_query_rotw(wq2, q, pos):
+  B, K, Gq, H = q.shape
+  D = wq2.shape[-1] // 2
+  out = jnp.einsum("bkc,kcd->bkd", q.astype(jnp.float32).reshape(B, K, Gq * H), wq2)
+  cos, sin = rope_tables(pos[:, None], D, THETA)                 # [B, 1, 1, D/2]
+  cos = jnp.concatenate([cos, cos], -1)[:, 0]                     # [B, 1, D]
+  sin = jnp.concatenate([sin, sin], -1)[:, 0]
+  return (out[..., :D] * cos + out[..., D:] * sin) * D ** -0.5
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batches", default="8,1")
@@ -46,16 +71,22 @@ def main():
   ap.add_argument("--calls", type=int, default=128)
   ap.add_argument("--windows", type=int, default=3)
   ap.add_argument("--interpret", action="store_true")
+  ap.add_argument("--query-variants", action="store_true",
+                  help="instead: the gate query's formulations (GEMM + concat RoPE, reduction, "
+                       "rotated weights), B and dtype from --batches / --dtypes")
+  ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   impl = "xla" if args.interpret else "pallas_triton"
   N = args.seq // args.block
   rows = []
+  if args.query_variants:
+    return query_variants(args, on_gpu, impl, N)
   for B in parse_ints(args.batches):
     lengths = jnp.full((B,), args.seq, jnp.int32)
     pos = lengths - 1
-    for dtype in ("float32", "bfloat16"):
+    for dtype in args.dtypes.split(","):
       kc_bytes = B * HKV * N * GATE_DIM * jnp.dtype(dtype).itemsize
       copies = gate_cache_copies(kc_bytes, 1, on_gpu)
       n_q = max(1, args.calls // copies)
@@ -87,6 +118,46 @@ def main():
                 f"{[k for k in row.get('kernels', [])[:3]]}", flush=True)
         del layers
   write_results(args.out, "gate_layout.json", rows, sys.argv[1:],
+                "device time: bench_decode.measure (unroll 1); every call its own layer and query")
+
+
+def query_variants(args, on_gpu, impl, N):
+  rows = []
+  for B in parse_ints(args.batches):
+    lengths = jnp.full((B,), args.seq, jnp.int32)
+    pos = lengths - 1
+    for dtype in args.dtypes.split(","):
+      kc_bytes = B * HKV * N * GATE_DIM * jnp.dtype(dtype).itemsize
+      copies = gate_cache_copies(kc_bytes, 1, on_gpu)
+      n_q = max(1, args.calls // copies)
+      qs = jax.random.normal(jax.random.key(B), (n_q, B, HKV, G, D), DTYPE)
+      layers = []
+      for c in range(copies):
+        wq = jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM), jnp.float32)
+        layers.append((jax.random.normal(jax.random.key(77 + c), (B, HKV, N, GATE_DIM),
+                                         jnp.float32).astype(dtype),
+                       wq * (G * D) ** -0.5, rotated_weights(wq * (G * D) ** -0.5)))
+      layers = tuple(layers)
+      forms = {"gemm+concat": lambda q, c: gate_query(c[1], q, pos),
+               "reduce+concat": lambda q, c: gate_query_reduce(c[1], q, pos),
+               "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos)}
+      for name, fq in forms.items():
+        def with_topk(q, c, fq=fq):
+          s = jnp.einsum("bkd,bknd->bkn", fq(q, c), c[0])
+          idx, n = block_topk(s, lengths, block_size=args.block, k=args.k, implementation=impl,
+                              interpret=args.interpret)
+          return idx[..., :1] + n[..., None]
+        for what, call in (("query", fq), ("query+scores+topk", with_topk)):
+          m = measure(call, qs, layers, args.windows, 1, on_gpu)
+          row = dict(B=B, S=args.seq, gate_dtype=dtype, query=name, what=what, copies=copies,
+                     ms=m["s"] * 1e3)
+          if "busy_s" in m:
+            row.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
+          rows.append(row)
+          print(f"B{B} {dtype:8s} {name:16s} {what:18s} wall {row['ms'] * 1e3:7.2f} us  kernel "
+                f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
+                f"{[k for k in row.get('kernels', [])[:4]]}", flush=True)
+  write_results(args.out, "gate_query.json", rows, sys.argv[1:],
                 "device time: bench_decode.measure (unroll 1); every call its own layer and query")
 
 
