@@ -5,6 +5,7 @@ blocks), float32 and bfloat16, alone and followed by `block_topk` (k = 64, a 4K 
 
   python benchmarks/bench_gate_layout.py [--batches 8,1] [--seq 131072] [--out PATH]
   python benchmarks/bench_gate_layout.py --interpret --batches 1 --seq 2048 --calls 1 --windows 1
+  python benchmarks/bench_gate_layout.py --query-variants --batches 8,1 --dtypes bfloat16  # gate_query.json
 
 Every call is a layer of its own (gate cache + projection wq, >= 8x the L2 of them) with its own
 query. Timing: bench_decode.measure. Writes benchmarks/results/<card>/gate_layout.json.
@@ -62,6 +63,37 @@ def gate_query_rotw(wq2, q, pos):
   return (out[..., :D] * cos + out[..., D:] * sin) * D ** -0.5
 
 
+def layout_cases(B, N, dtype, copies, pos, lengths, topk):
+  """(label fields, layers, [(what, call)]) per cache layout: [B, K, Nb, Dg] and [B, K, Dg, Nb]."""
+  for layout, eq in (("BKND", "bkd,bknd->bkn"), ("BKDN", "bkd,bkdn->bkn")):
+    shape = (B, HKV, N, GATE_DIM) if layout == "BKND" else (B, HKV, GATE_DIM, N)
+    layers = tuple((jax.random.normal(jax.random.key(77 + c), shape, jnp.float32).astype(dtype),
+                    jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM),
+                                      jnp.float32) * (G * D) ** -0.5) for c in range(copies))
+
+    def scores(q, c, eq=eq):
+      return jnp.einsum(eq, gate_query(c[1], q, pos), c[0])
+
+    yield {"layout": layout}, layers, [("scores", scores),
+                                       ("scores+topk", lambda q, c, f=scores: topk(f(q, c)))]
+
+
+def query_cases(B, N, dtype, copies, pos, lengths, topk):
+  """The same per form of the gate query: GEMM + concatenate RoPE, reduction, rotated weights."""
+  layers = []
+  for c in range(copies):
+    wq = jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM), jnp.float32)
+    wq = wq * (G * D) ** -0.5
+    layers.append((jax.random.normal(jax.random.key(77 + c), (B, HKV, N, GATE_DIM),
+                                     jnp.float32).astype(dtype), wq, rotated_weights(wq)))
+  forms = {"gemm+concat": lambda q, c: gate_query(c[1], q, pos),
+           "reduce+concat": lambda q, c: gate_query_reduce(c[1], q, pos),
+           "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos)}
+  for name, fq in forms.items():
+    chain = lambda q, c, fq=fq: topk(jnp.einsum("bkd,bknd->bkn", fq(q, c), c[0]))
+    yield {"query": name}, tuple(layers), [("query", fq), ("query+scores+topk", chain)]
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batches", default="8,1")
@@ -80,85 +112,37 @@ def main():
   on_gpu = jax.default_backend() == "gpu"
   impl = "xla" if args.interpret else "pallas_triton"
   N = args.seq // args.block
+  cases = query_cases if args.query_variants else layout_cases
   rows = []
-  if args.query_variants:
-    return query_variants(args, on_gpu, impl, N)
   for B in parse_ints(args.batches):
     lengths = jnp.full((B,), args.seq, jnp.int32)
-    pos = lengths - 1
+
+    def topk(scores, lengths=lengths):
+      idx, n = block_topk(scores, lengths, block_size=args.block, k=args.k, implementation=impl,
+                          interpret=args.interpret)
+      return idx[..., :1] + n[..., None]   # keeps both outputs live
+
     for dtype in args.dtypes.split(","):
       kc_bytes = B * HKV * N * GATE_DIM * jnp.dtype(dtype).itemsize
       copies = gate_cache_copies(kc_bytes, 1, on_gpu)
       n_q = max(1, args.calls // copies)
       qs = jax.random.normal(jax.random.key(B), (n_q, B, HKV, G, D), DTYPE)
-      for layout in ("BKND", "BKDN"):
-        shape = (B, HKV, N, GATE_DIM) if layout == "BKND" else (B, HKV, GATE_DIM, N)
-        eq = "bkd,bknd->bkn" if layout == "BKND" else "bkd,bkdn->bkn"
-        layers = tuple((jax.random.normal(jax.random.key(77 + c), shape, jnp.float32).astype(dtype),
-                        jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM),
-                                          jnp.float32) * (G * D) ** -0.5) for c in range(copies))
-
-        def scores(q, c, eq=eq):
-          return jnp.einsum(eq, gate_query(c[1], q, pos), c[0])
-
-        def with_topk(q, c, scores=scores):
-          idx, n = block_topk(scores(q, c), lengths, block_size=args.block, k=args.k,
-                              implementation=impl, interpret=args.interpret)
-          return idx[..., :1] + n[..., None]
-
-        for what, call in (("scores", scores), ("scores+topk", with_topk)):
+      for label, layers, calls in cases(B, N, dtype, copies, lengths - 1, lengths, topk):
+        for what, call in calls:
           m = measure(call, qs, layers, args.windows, 1, on_gpu)
-          row = dict(B=B, S=args.seq, Nb=N, gate_dtype=dtype, layout=layout, what=what,
-                     copies=copies, calls_per_jit=n_q * copies, gate_bytes=kc_bytes, ms=m["s"] * 1e3)
+          row = dict(B=B, S=args.seq, Nb=N, gate_dtype=dtype, **label, what=what, copies=copies,
+                     calls_per_jit=n_q * copies, gate_bytes=kc_bytes, ms=m["s"] * 1e3)
           if "busy_s" in m:
             row.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
           rows.append(row)
-          print(f"B{B} {dtype:8s} {layout} {what:12s} wall {row['ms'] * 1e3:7.2f} us  kernel "
-                f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
-                f"{[k for k in row.get('kernels', [])[:3]]}", flush=True)
-        del layers
-  write_results(args.out, "gate_layout.json", rows, sys.argv[1:],
-                "device time: bench_decode.measure (unroll 1); every call its own layer and query")
-
-
-def query_variants(args, on_gpu, impl, N):
-  rows = []
-  for B in parse_ints(args.batches):
-    lengths = jnp.full((B,), args.seq, jnp.int32)
-    pos = lengths - 1
-    for dtype in args.dtypes.split(","):
-      kc_bytes = B * HKV * N * GATE_DIM * jnp.dtype(dtype).itemsize
-      copies = gate_cache_copies(kc_bytes, 1, on_gpu)
-      n_q = max(1, args.calls // copies)
-      qs = jax.random.normal(jax.random.key(B), (n_q, B, HKV, G, D), DTYPE)
-      layers = []
-      for c in range(copies):
-        wq = jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM), jnp.float32)
-        layers.append((jax.random.normal(jax.random.key(77 + c), (B, HKV, N, GATE_DIM),
-                                         jnp.float32).astype(dtype),
-                       wq * (G * D) ** -0.5, rotated_weights(wq * (G * D) ** -0.5)))
-      layers = tuple(layers)
-      forms = {"gemm+concat": lambda q, c: gate_query(c[1], q, pos),
-               "reduce+concat": lambda q, c: gate_query_reduce(c[1], q, pos),
-               "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos)}
-      for name, fq in forms.items():
-        def with_topk(q, c, fq=fq):
-          s = jnp.einsum("bkd,bknd->bkn", fq(q, c), c[0])
-          idx, n = block_topk(s, lengths, block_size=args.block, k=args.k, implementation=impl,
-                              interpret=args.interpret)
-          return idx[..., :1] + n[..., None]
-        for what, call in (("query", fq), ("query+scores+topk", with_topk)):
-          m = measure(call, qs, layers, args.windows, 1, on_gpu)
-          row = dict(B=B, S=args.seq, gate_dtype=dtype, query=name, what=what, copies=copies,
-                     ms=m["s"] * 1e3)
-          if "busy_s" in m:
-            row.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"])
-          rows.append(row)
-          print(f"B{B} {dtype:8s} {name:16s} {what:18s} wall {row['ms'] * 1e3:7.2f} us  kernel "
+          print(f"B{B} {dtype:8s} {list(label.values())[0]:16s} {what:18s} wall "
+                f"{row['ms'] * 1e3:7.2f} us  kernel "
                 f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
                 f"{[k for k in row.get('kernels', [])[:4]]}", flush=True)
-  write_results(args.out, "gate_query.json", rows, sys.argv[1:],
-                "device time: bench_decode.measure (unroll 1); every call its own layer and query")
+        del layers
+  write_results(args.out, "gate_query.json" if args.query_variants else "gate_layout.json", rows,
+                sys.argv[1:], "device time: bench_decode.measure (unroll 1); every call its own "
+                "layer and query")
 
 
 if __name__ == "__main__":
