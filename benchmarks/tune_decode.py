@@ -163,12 +163,14 @@ def main():
                    error=f"{type(e).__name__}: {str(e)[:200]}"))
       # selector cost alone: gate (K-compression cache, Dg=64) and Quest (bf16 min/max) + top-k
       k_sel = n_sel
-      wq = jax.random.normal(jax.random.key(2), (HKV, G * D, 64), jnp.float32) * 0.05
-      kc = tuple(jax.random.normal(jax.random.key(3 + c), (B, HKV, nb, 64), jnp.float32)
+      # a gate projection per copy: one shared wq let XLA compute the query projection once for
+      # all copies (CSE; tune_*.json before 2026-11-30 undercount it)
+      kc = tuple((jax.random.normal(jax.random.key(3 + c), (B, HKV, nb, 64), jnp.float32),
+                  jax.random.normal(jax.random.key(200 + c), (HKV, G * D, 64), jnp.float32) * 0.05)
                  for c in range(args.copies))
       pos = lengths - 1
-      t = timing(lambda q, c: selection.select_top_k(gate_lib.gate_logits(wq, q, c, pos, 10000.0),
-                                                     lengths, bs, k_sel).astype(jnp.float32),
+      t = timing(lambda q, c: selection.select_top_k(
+          gate_lib.gate_logits(c[1], q, c[0], pos, 10000.0), lengths, bs, k_sel).astype(jnp.float32),
                  qs, kc, 0)
       rec(dict(kind="selector", B=B, S=S, plan=label, selector="gate", **t))
       mm = tuple((jax.random.normal(jax.random.key(9 + c), (B, HKV, nb, D), DTYPE),
