@@ -190,10 +190,11 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
   B, K, G, H = q_BKGH.shape
   S = k_BKSH.shape[2]
   R = dot_rows(G)
-  # The query block is R rows of the unpadded [B, K, G, H] array: Triton masks the rows past G
-  # (their values are unspecified; interpret mode fills them with NaN), which costs nothing,
-  # where padding in XLA was a separate kernel (0.2 us a call at B8). A padding row's dot
-  # products, softmax and output stay in that row, and `write_partial` never stores it.
+  # The query block is R rows of the unpadded [B, K, G, H] array, where padding in XLA was a
+  # separate kernel (0.2 us a call at B8). Pallas-Triton does not mask a block that overhangs the
+  # array (found 2026-11-30: its lowering applies only the mask a load is given), so the kernels
+  # read it with `load_query`, which masks the rows past G to zero. A padding row's dot products,
+  # softmax and output stay in that row, and `write_partial` never stores it.
   sq = SQUEEZED  # grid dims (b, k, j) are squeezed out of every ref
   o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
       functools.partial(kernel, n_rows=G),
@@ -225,12 +226,24 @@ def splitk_call(kernel, prefix_specs: list, prefix_args: list, q_BKGH: jax.Array
   return combine_splits(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype)
 
 
+def load_query(q_ref, n_rows: int) -> jax.Array:
+  """The [R, H] query block with its rows past n_rows (the padding up to `dot_rows`, which lie
+  past the (b, k)'s G rows of the unpadded array) masked to zero: no read past the query buffer,
+  and in interpret mode no NaN fill either."""
+  R = q_ref.shape[0]
+  if n_rows >= R:
+    return q_ref[...]
+  from jax.experimental.pallas import triton as plgpu
+  live = lax.broadcasted_iota(jnp.int32, (R, 1), 0) < n_rows
+  return plgpu.load(q_ref, mask=jnp.broadcast_to(live, q_ref.shape), other=0)
+
+
 def attend_range(q_ref, o_ref, m_ref, l_ref, start, end, load_block, *, scale: float,
                  precision, n_rows: int) -> None:
   """A split's loop, shared by the Triton kernels: online softmax over blocks i in [start, end),
   where load_block(i) -> (k_TH, v_TH, valid_T); writes the split's partial (o, m, l) (its first
   n_rows rows, `write_partial`)."""
-  q_RH = q_ref[...]
+  q_RH = load_query(q_ref, n_rows)
 
   def body(i, state):
     k_TH, v_TH, valid_T = load_block(i)

@@ -110,7 +110,7 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
   # Index prefetch: the id of the next slot is loaded one iteration ahead and carried, so the
   # K/V loads of a step never wait on that step's index load.
   last = idx_ref.shape[0] - 1
-  q_RH = q_ref[...]
+  q_RH = _splitk.load_query(q_ref, n_rows)
 
   def body(slot, carry):
     state, block = carry
