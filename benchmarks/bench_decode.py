@@ -349,11 +349,10 @@ def main():
                                              interpret=args.interpret, config=sparse_cfg,
                                              num_live_BK=n_live)
 
-            gate_bytes = kc_bytes
             timed("gate+topk+pallas_triton_sparse", gated_call, qs[:n_q_gate], layers,
-                  sel_bytes + gate_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
-                  gate_copies=gate_copies,
-                  calls_per_jit=n_q_gate * gate_copies, topk=topk_kw or "default", **plan)
+                  sel_bytes + kc_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
+                  gate_copies=gate_copies, calls_per_jit=n_q_gate * gate_copies,
+                  topk=topk_kw or "default", **plan)
             del layers
       del kv
       save()
