@@ -125,6 +125,19 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     print(f"drift ({n} prompts, {args.new_tokens} new tokens, budget {budget} of {total} tokens):")
     for name, r in d.items():
       print(f"  {name:>24}: dense-model NLL {r['nll']:.4f} | agreement with dense {r['agreement_with_dense']:.3f}")
+    if ex.tokens.shape[1] >= total:   # the valid examples' own continuations, teacher-forced
+      tf = evaluation.teacher_forced_drift(cfg, params, prompts, lengths,
+                                           ex.tokens[:n, prompts.shape[1]:total],
+                                           evaluation.drift_runs(scfg, gate_params),
+                                           decode_impl=args.decode_impl)
+      out["drift"]["teacher_forced"] = tf
+      print("teacher-forced (the valid text's own continuation, fed to every decoding):")
+      for name, r in tf.items():
+        print(f"  {name:>24}: NLL {r['nll']:.4f} (excess {r['excess_nll']:+.4f}) | "
+              f"greedy choice as dense {r['agreement_with_dense']:.3f}")
+    else:
+      print(f"teacher-forced drift skipped: valid examples hold {ex.tokens.shape[1]} tokens, "
+            f"fewer than prompt + new tokens = {total}")
   if args.retrieval:
     context = args.context or cfg.model.max_seq_len - 8
     budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]

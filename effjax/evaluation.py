@@ -143,28 +143,71 @@ def continuation_nll(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
   return np.concatenate(out)
 
 
+def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
+                         lengths_B: np.ndarray, cont_BN: np.ndarray, runs: dict, *,
+                         decode_impl: str = "auto") -> dict:
+  """Teacher-forced drift: every run decodes the same continuation token by token
+  (`resa.score_continuation`), so the K/V entries of the continuation are written by that run's
+  decode steps (sparse attention in the layers below, rectified or not) while the tokens, and so
+  the positions compared, stay the same. runs: {name: None (dense decode steps) or
+  (SparseConfig, gate params or None)}; the first dense run is the reference ("dense" if none).
+  Returns {name: {"nll": mean per-token NLL of the continuation, "excess_nll": nll minus the
+  reference's, "agreement_with_dense": share of positions whose greedy choice equals the
+  reference's, "excess_nll_by_quarter": excess NLL over each quarter of the continuation}}."""
+  from effjax.sparse import resa
+  mcfg = cfg.model if isinstance(cfg, Config) else cfg
+  toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
+  if "dense" not in runs and not any(v is None for v in runs.values()):
+    runs = {"dense": None, **runs}
+  scored = {}
+  for name, run in runs.items():
+    if run is None:   # the SparseConfig is unused when sparse=False
+      lp, am = resa.score_continuation(mcfg, resa.SparseConfig(rectify_every=0), params, toks, lens,
+                                       cont, sparse=False, decode_impl=decode_impl)
+    else:
+      lp, am = resa.score_continuation(mcfg, run[0], params, toks, lens, cont, run[1],
+                                       decode_impl=decode_impl)
+    scored[name] = (np.asarray(lp), np.asarray(am))
+  ref = next(name for name, run in runs.items() if run is None)
+  ref_lp, ref_am = scored[ref]
+  quarters = np.array_split(np.arange(cont.shape[1]), 4)
+  out = {}
+  for name, (lp, am) in scored.items():
+    out[name] = {"nll": float(-lp.mean()), "excess_nll": float(ref_lp.mean() - lp.mean()),
+                 "agreement_with_dense": float(np.mean(am == ref_am)),
+                 "excess_nll_by_quarter": [float(ref_lp[:, q].mean() - lp[:, q].mean())
+                                           for q in quarters if len(q)]}
+  return out
+
+
 def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, *,
                new_tokens: int, scfg, gate_params=None, decode_impl: str = "auto") -> dict:
   """Greedy continuations under dense, sparse and sparse + rectification decoding of the same
-  prompts: each one's dense-model NLL and its token agreement with the dense greedy continuation."""
-  import dataclasses as dc
+  prompts: each one's dense-model NLL and its token agreement with the dense greedy continuation.
+  (`drift_runs` names the same three decodings for `teacher_forced_drift`.)"""
   from effjax import decoding
   from effjax.sparse import resa
   toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
   kw = dict(max_new_tokens=new_tokens, decode_impl=decode_impl)
   dense, _ = decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)
   runs = {"dense": np.asarray(dense)}
-  runs["sparse"] = np.asarray(resa.generate(cfg.model, dc.replace(scfg, rectify_every=0), params,
-                                            toks, lens, jax.random.key(0), gate_params, **kw)[0])
-  f = scfg.rectify_every or 32
-  runs[f"sparse+rectify(f={f})"] = np.asarray(resa.generate(
-      cfg.model, dc.replace(scfg, rectify_every=f), params, toks, lens, jax.random.key(0),
-      gate_params, **kw)[0])
+  for name, (v, gp) in list(drift_runs(scfg, gate_params).items())[1:]:
+    runs[name] = np.asarray(resa.generate(cfg.model, v, params, toks, lens, jax.random.key(0),
+                                          gp, **kw)[0])
   out = {}
   for name, cont in runs.items():
     out[name] = {"nll": float(np.mean(continuation_nll(cfg, params, prompts_BT, lengths_B, cont))),
                  "agreement_with_dense": float(np.mean(cont == runs["dense"]))}
   return out
+
+
+def drift_runs(scfg, gate_params=None) -> dict:
+  """drift_eval's three decodings as `teacher_forced_drift` runs: dense, scfg without
+  rectification, scfg rectified every scfg.rectify_every (32 when 0) steps."""
+  import dataclasses as dc
+  f = scfg.rectify_every or 32
+  return {"dense": None, "sparse": (dc.replace(scfg, rectify_every=0), gate_params),
+          f"sparse+rectify(f={f})": (dc.replace(scfg, rectify_every=f), gate_params)}
 
 
 def passkey_prompts(n: int, context_tokens: int, seed: int = 0, filler: str | None = None):

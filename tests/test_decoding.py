@@ -232,6 +232,16 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   assert d["dense"]["agreement_with_dense"] == 1.0
   for r in d.values():
     assert np.isfinite(r["nll"]) and r["agreement_with_dense"] == 1.0 and r["nll"] == d["dense"]["nll"]
+  # teacher-forced: the full-budget decodings score a given continuation like the dense one
+  cont = random_batch(3, 16, 12)
+  tf = evaluation.teacher_forced_drift(cfg, params, prompts, lengths, cont,
+                                       evaluation.drift_runs(full), decode_impl="xla")
+  assert set(tf) == {"dense", "sparse", "sparse+rectify(f=8)"}
+  for r in tf.values():
+    assert abs(r["excess_nll"]) < 1e-4 and r["agreement_with_dense"] == 1.0, r
+    assert len(r["excess_nll_by_quarter"]) == 4
+  ref_nll = evaluation.continuation_nll(cfg, params, prompts, lengths, cont)
+  np.testing.assert_allclose(tf["dense"]["nll"], np.mean(ref_nll), rtol=1e-4)
   tight = dataclasses.replace(full, budget_tokens=32)
   d2 = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=16, scfg=tight, decode_impl="xla")
   assert set(d2) == {"dense", "sparse", "sparse+rectify(f=8)"}

@@ -104,22 +104,27 @@ def test_smoke_run_writes_sane_results(smoke_run):
   ev = doc["eval"]
   for key in ("retrieval_real", "retrieval_synthetic"):
     acc = ev[key]["accuracy"]
-    assert set(acc) == {"dense", "quest@48", "gate@48", "gate-bf16@48"}
+    assert set(acc) == {"dense", "quest@48", "gate@48", "gate-f32@48"}
     assert all(0.0 <= v <= 1.0 for v in acc.values())
   d = ev["drift"]
   assert set(d["rows"]) == {"dense", "quest sparse", "quest sparse+rectify(f=16)", "gate sparse",
-                            "gate sparse+rectify(f=16)", "gate-bf16 sparse",
-                            "gate-bf16 sparse+rectify(f=16)"}
+                            "gate sparse+rectify(f=16)", "gate-f32 sparse",
+                            "gate-f32 sparse+rectify(f=16)"}
   for r in d["rows"].values():
     assert math.isfinite(r["nll"]) and r["nll"] > 0
     assert 0.0 <= r["agreement_with_dense"] <= 1.0
   assert d["rows"]["dense"]["agreement_with_dense"] == 1.0
+  assert set(d["teacher_forced"]) == set(d["rows"])
+  for r in d["teacher_forced"].values():
+    assert math.isfinite(r["nll"]) and r["nll"] > 0 and 0.0 <= r["agreement_with_dense"] <= 1.0
+    assert len(r["excess_nll_by_quarter"]) == 4
+  assert d["teacher_forced"]["dense"]["excess_nll"] == 0.0
   assert math.isfinite(d["true_continuation_nll"])
   for where in ("text", "passkey"):
-    for s in ("quest", "gate", "gate-bf16"):
+    for s in ("quest", "gate", "gate-f32"):
       assert all(0.0 <= v <= 1.0 + 1e-5 for v in ev["recall"][where][s].values())
   report = (out / "REPORT.md").read_text()
-  assert "Drift at" in report and "Passkey retrieval" in report
+  assert "Drift at" in report and "Passkey retrieval" in report and "Teacher-forced" in report
 
 
 def test_smoke_drift_matches_evaluation_drift_eval(smoke_run):

@@ -34,8 +34,9 @@ class SparseConfig:
   threshold: float = 0.0           # gate only: > 0 selects by gate probability (capped by the budget)
   rectify_every: int = 32          # ReSA f; 0 = never rectify
   d_gate: int = 64
-  gate_cache_dtype: str = "float32"  # K-compression cache storage: float32 | bfloat16 (half the
-                                     # bytes a step's gate scores read; scores still in float32)
+  gate_cache_dtype: str = "bfloat16"  # K-compression cache storage: bfloat16 | float32. bf16 halves
+                                      # the bytes a step's gate scores read (scores still in float32);
+                                      # same recall and retrieval as f32 on the 9000-step model
 
   def __post_init__(self):
     if self.gate_cache_dtype not in ("float32", "bfloat16"):
@@ -189,22 +190,61 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
   last chunk when f does not divide max_new_tokens, or a last full chunk -- are left unrectified:
   rectifying them could change only the cache, which is not returned. So f >= max_new_tokens never
   rectifies, and a run whose sequences all stop early does no rectification after they stop."""
+  c = _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, max_new_tokens,
+                   temperature, top_k, stop_tokens, pad_id, decode_impl, cache_dtype, sparse,
+                   rectify_impl, None)
+  return c[4], c[7]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl", "cache_dtype", "sparse",
+                                             "rectify_impl"))
+def score_continuation(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
+                       cont_BN, gate_params=None, *, decode_impl: str = "auto",
+                       cache_dtype=jnp.bfloat16, sparse: bool = True, rectify_impl: str | None = None):
+  """Teacher-forced decoding: the decode steps `generate` runs (sparse, rectified every
+  scfg.rectify_every steps; dense when `sparse` is False), fed the given continuation instead of
+  sampled tokens. So every K/V entry of the continuation is written by those steps -- sparse
+  attention in the layers below, rectified or not -- while the tokens stay the same in every run,
+  which makes runs comparable position by position (free-running runs part ways after the first
+  differing token).
+  cont_BN: int32 [B, N], fed after each prompt (prompts of lengths_B tokens).
+  Returns (logprob float32 [B, N]: log p(cont[:, s] | prompt, cont[:, :s]) from the logits the
+  run had before feeding token s; argmax int32 [B, N]: the token greedy decoding would have
+  picked there)."""
+  if cont_BN.ndim != 2 or cont_BN.shape[0] != tokens_BT.shape[0]:
+    raise ValueError(f"cont_BN must be [B={tokens_BT.shape[0]}, N], got {cont_BN.shape}")
+  c = _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, jax.random.key(0), gate_params,
+                   cont_BN.shape[1], 0.0, 0, (), 256, decode_impl, cache_dtype, sparse,
+                   rectify_impl, cont_BN.astype(jnp.int32))
+  return c[9]
+
+
+def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, temperature, top_k,
+                 stop_tokens, pad_id, decode_impl, cache_dtype, sparse, rectify_impl, forced_BN):
+  """generate's loop (forced_BN None) or score_continuation's (forced_BN [B, N]: fed instead of
+  the sampled tokens; carry[9] collects (logprob, argmax) of each step). Returns the final carry."""
   B, T = tokens_BT.shape
-  cap = decoding.generation_capacity(cfg, T, max_new_tokens, multiple=scfg.block_size)
+  cap = decoding.generation_capacity(cfg, T, N, multiple=scfg.block_size)
   cache = decoding.init_cache(cfg, B, cap, cache_dtype)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
   summ = init_summaries(cfg, scfg, cache, gate_params)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
   f = scfg.rectify_every if sparse else 0
-  N = max_new_tokens
 
-  # carry: (step, cache, summaries, logits, out [B, N], fed [B, N], done, n, rng); `fed` holds the
-  # tokens actually fed (0 after a stop), what a rectification must re-run
+  # carry: (step, cache, summaries, logits, out [B, N], fed [B, N], done, n, rng, scored); `fed`
+  # holds the tokens actually fed (0 after a stop), what a rectification must re-run; `scored` is
+  # (logprob [B, N], argmax [B, N]) when forced, else ()
   def step_fn(c):
-    step, cache, summ, logits, out, fed, done, n, rng = c
+    step, cache, summ, logits, out, fed, done, n, rng, scored = c
     rng, sub = jax.random.split(rng)
-    tok = decoding.sample_logits(logits, sub, temperature, top_k)
+    if forced_BN is None:
+      tok = decoding.sample_logits(logits, sub, temperature, top_k)
+    else:
+      tok = jax.lax.dynamic_index_in_dim(forced_BN, step, axis=1, keepdims=False)
+      lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+      scored = (scored[0].at[:, step].set(jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]),
+                scored[1].at[:, step].set(jnp.argmax(logits, axis=-1).astype(jnp.int32)))
     tok = jnp.where(done, pad_id, tok)
     out = out.at[:, step].set(tok)
     n = n + (~done).astype(jnp.int32)
@@ -216,24 +256,26 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
                                                decode_impl)
     else:
       logits, cache = decoding.decode_step(cfg, params, cache, feed, decode_impl)
-    return step + 1, cache, summ, logits, out, fed, done, n, rng
+    return step + 1, cache, summ, logits, out, fed, done, n, rng, scored
 
   def run_until(c, end):
     return jax.lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[6]), step_fn, c)
 
   def rectify_then_run(c):   # entered at step = k * f < N, k >= 1
-    step, cache, summ, logits, out, fed, done, n, rng = c
+    step, cache, summ, logits, out, fed, done, n, rng, scored = c
     start = cache["lengths"] - f
     last = jax.lax.dynamic_slice_in_dim(fed, step - f, f, axis=1)
     lg, cache = decoding.extend(cfg, params, cache, last, start,
                                 decode_impl if rectify_impl is None else rectify_impl)
     summ = refresh_summaries(cfg, scfg, summ, cache, start, f, gate_params)
-    return run_until((step, cache, summ, lg[:, -1], out, fed, done, n, rng), jnp.minimum(step + f, N))
+    return run_until((step, cache, summ, lg[:, -1], out, fed, done, n, rng, scored),
+                     jnp.minimum(step + f, N))
 
   out = jnp.full((B, N), pad_id, jnp.int32)
+  scored = () if forced_BN is None else (jnp.zeros((B, N), jnp.float32), jnp.zeros((B, N), jnp.int32))
   c = (jnp.int32(0), cache, summ, logits, out, jnp.zeros((B, N), jnp.int32), jnp.zeros((B,), bool),
-       jnp.zeros((B,), jnp.int32), rng)
+       jnp.zeros((B,), jnp.int32), rng, scored)
   c = run_until(c, min(f, N) if f else N)
   if 0 < f < N:
     c = jax.lax.while_loop(lambda c: (c[0] < N) & ~jnp.all(c[6]), rectify_then_run, c)
-  return c[4], c[7]
+  return c

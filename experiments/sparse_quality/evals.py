@@ -4,7 +4,9 @@
   drift      greedy continuations of held-out text under dense, block-sparse and block-sparse +
              ReSA-rectified decoding; each one's mean per-token NLL under the dense model, its token
              agreement with the dense continuation (the definitions of `evaluation.drift_eval`) and
-             how many tokens it follows the dense one before the first difference.
+             how many tokens it follows the dense one before the first difference. And the same
+             decodings teacher-forced on the true continuation (`evaluation.teacher_forced_drift`):
+             NLL in excess of dense decoding, overall and per quarter of the continuation.
   retrieval  passkey accuracy (all 5 digits, greedy) for dense decoding and each selector at each
              token budget, on given prompts (`evaluation.passkey_accuracy`, e.g. on real-text
              haystacks; `evaluation.retrieval_eval` builds its own prompts).
@@ -24,7 +26,7 @@ import numpy as np
 from effjax import decoding
 from effjax.config import Config, ModelConfig
 from effjax.data import ByteTokenizer
-from effjax.evaluation import continuation_nll, passkey_accuracy
+from effjax.evaluation import continuation_nll, passkey_accuracy, teacher_forced_drift
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa, selection
 from effjax.sparse.gate_training import attention_recall
@@ -68,7 +70,10 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
   and, per selector (name -> (kind, gate params or None[, further SparseConfig fields])),
   block-sparse decoding at `budget`
   tokens without rectification and with ReSA rectification every f in `rectify` steps.
+  Then the same decodings teacher-forced on the true continuation (`evaluation.
+  teacher_forced_drift`: every run fed the same tokens, so positions stay comparable).
   Returns {"rows": {run: {"nll", "agreement_with_dense", "first_divergence"}},
+  "teacher_forced": {run: {"nll", "excess_nll", "agreement_with_dense", "excess_nll_by_quarter"}},
   "true_continuation_nll": the dense NLL of the real held-out continuation, "seconds": per run
   (wall, compile included), "continuations": {run: first continuation as text}}."""
   B, T = prompts_BT.shape
@@ -91,13 +96,26 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
           cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
       seconds[name] = time.perf_counter() - t0
       log(f"  drift {name}: {seconds[name]:.1f} s")
+  t0 = time.perf_counter()
+  forced = {"dense": None}
+  for sel, (kind, gp, *extra) in selectors.items():
+    for f in [0] + list(rectify):
+      name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
+      forced[name] = (sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f,
+                                    **(extra[0] if extra else {})), gp)
+  teacher_forced = teacher_forced_drift(cfg, params, prompts_BT, np.asarray(lens), true_BN, forced,
+                                        decode_impl=decode_impl)
+  seconds["teacher_forced"] = time.perf_counter() - t0
+  log(f"  drift teacher-forced (true continuation, {len(forced)} decodings): "
+      f"{seconds['teacher_forced']:.1f} s; excess NLL " + ", ".join(
+          f"{n} {r['excess_nll']:+.4f}" for n, r in teacher_forced.items() if n != "dense"))
   rows = {}
   for name, cont in runs.items():
     rows[name] = {"nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, cont))),
                   "agreement_with_dense": float(np.mean(cont == runs["dense"])),
                   "first_divergence": float(np.mean(first_divergence(cont, runs["dense"])))}
   tok = ByteTokenizer()
-  return {"rows": rows,
+  return {"rows": rows, "teacher_forced": teacher_forced,
           "true_continuation_nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, true_BN))),
           "seconds": seconds,
           "continuations": {name: tok.decode(cont[0]) for name, cont in runs.items()}}
@@ -139,7 +157,7 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
       kmin, kmax = selection.block_minmax(k_BKSH, lengths, block_size)
       scores = [selection.quest_scores(q_BKGH, kmin, kmax)]
       kc = gate_lib.compress_blocks(gate_params["wk"][i], k_BKSH, lengths, block_size, mcfg.rope_theta)
-      for kc_dtype in (jnp.float32, jnp.bfloat16):   # the K-compression cache as stored
+      for kc_dtype in (jnp.bfloat16, jnp.float32):   # the K-compression cache as stored
         scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH, kc.astype(kc_dtype),
                                            lengths - 1, mcfg.rope_theta))
       return jnp.stack([jnp.stack([
@@ -151,17 +169,17 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
   return jnp.stack(per_layer)
 
 
-# the selectors `_recall` scores: Quest, the gate over a float32 and over a bfloat16 K-compression
-# cache (resa.SparseConfig.gate_cache_dtype)
-RECALL_SELECTORS = ("quest", "gate", "gate-bf16")
+# the selectors `_recall` scores: Quest, the gate over a bfloat16 (SparseConfig.gate_cache_dtype's
+# default) and over a float32 K-compression cache
+RECALL_SELECTORS = ("quest", "gate", "gate-f32")
 
 
 def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positions: list[int], *,
            block_size: int, budgets: list[int]) -> dict:
   """Mean share of dense attention probability (over layers, kv heads, their query heads,
-  sequences and the query positions) that falls in the blocks Quest and the gate (float32 and
-  bfloat16 K-compression cache) pick, per budget: {"quest": {budget: r}, "gate": {budget: r},
-  "gate-bf16": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
+  sequences and the query positions) that falls in the blocks Quest and the gate (bfloat16 and
+  float32 K-compression cache) pick, per budget: {"quest": {budget: r}, "gate": {budget: r},
+  "gate-f32": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
   tokens_BT: int32 [B, T]; positions: the query positions (each query sees keys 0..p)."""
   r = np.asarray(_recall(mcfg, params, gate_params, jnp.asarray(tokens_BT),
                          jnp.asarray(positions, jnp.int32), block_size, tuple(budgets)))

@@ -75,6 +75,24 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     for name, r in d["rows"].items():
       lines.append(f"| {name} | {r['nll']:.3f} | {r['agreement_with_dense']:.3f} | "
                    f"{r['first_divergence']:.1f} |")
+    tf = d.get("teacher_forced")
+    if tf:
+      lines += [
+          "",
+          "**Teacher-forced:** the same decodings fed the *true* held-out continuation token by token, "
+          "so every run's K/V entries for it come from its own decode steps (sparse attention in the "
+          "layers below, rectified or not) while the positions compared stay aligned. NLL of the "
+          "true continuation (nats/byte), its excess over dense decoding (overall and per quarter "
+          "of the continuation: error that accumulates in the cache grows from quarter to quarter), "
+          "and the share of positions whose greedy choice equals dense decoding's.",
+          "",
+          "| decoding | NLL | excess NLL | excess by quarter | greedy choice as dense |",
+          "|---|---|---|---|---|",
+      ]
+      for name, r in tf.items():
+        q = " / ".join(f"{x:+.4f}" for x in r["excess_nll_by_quarter"])
+        lines.append(f"| {name} | {r['nll']:.4f} | {r['excess_nll']:+.4f} | {q} | "
+                     f"{r['agreement_with_dense']:.3f} |")
     lines += ["", "![drift](drift.png)", ""]
   for key, title in (("retrieval_real", "real-text haystacks (held-out text)"),
                      ("retrieval_synthetic", "passkey_prompts' repetitive filler "
@@ -110,7 +128,7 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     for where, label in (("text", "held-out text"), ("passkey", "passkey answer")):
       if where not in rc:
         continue
-      for s in [s for s in ("quest", "gate", "gate-bf16") if s in rc[where]]:
+      for s in [s for s in ("quest", "gate", "gate-f32") if s in rc[where]]:
         lines.append(f"| {label} | {s} | " + " | ".join(f"{rc[where][s][str(b)]:.3f}" for b in budgets) + " |")
     lines.append("")
   t = doc.get("timings_s") or {}
@@ -154,8 +172,9 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
   if d:
     names = list(d["rows"])
     colors = ["gray" if n == "dense" else "C0" if n.startswith("quest") else
-              "C2" if n.startswith("gate-bf16") else "C1" for n in names]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+              "C2" if n.startswith("gate-f32") else "C1" for n in names]
+    tf = d.get("teacher_forced")
+    fig, axes = plt.subplots(1, 3 if tf else 2, figsize=(18 if tf else 12, 4.2), dpi=110)
     for ax, key, label in ((axes[0], "nll", "dense-model NLL (nats/byte)"),
                            (axes[1], "agreement_with_dense", "agreement with dense")):
       ax.bar(range(len(names)), [d["rows"][n][key] for n in names], color=colors)
@@ -164,6 +183,22 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
       ax.grid(axis="y", alpha=0.3)
     axes[0].axhline(d["true_continuation_nll"], ls="--", c="k", lw=1, label="true continuation")
     axes[0].legend(fontsize=8)
+    if tf:
+      ax = axes[2]
+      for n, r in tf.items():
+        if n == "dense":
+          continue
+        c = "C0" if n.startswith("quest") else "C2" if n.startswith("gate-f32") else "C1"
+        ls = "-" if "rectify" not in n else "--" if "f=32" in n else ":"
+        ax.plot(range(1, len(r["excess_nll_by_quarter"]) + 1), r["excess_nll_by_quarter"], c=c,
+                ls=ls, marker="o", label=n)
+      ax.axhline(0, c="gray", lw=1)
+      ax.set_xticks(range(1, 5), [f"Q{i}" for i in range(1, 5)])
+      ax.set_xlabel("quarter of the continuation")
+      ax.set_ylabel("excess NLL over dense (nats/byte)")
+      ax.set_title("teacher-forced on the true continuation", fontsize=9)
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=7)
     fig.suptitle(f"drift: {d['new_tokens']} greedy tokens after {d['prompt_len']}, budget "
                  f"{d['budget_tokens']} tokens ({d['sparsity_at_end']:.0%} sparsity at the end)")
     fig.tight_layout()

@@ -135,9 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--recall-n", type=int, default=None, help="sequences for attention recall (0 = skip)")
   g.add_argument("--skip-synthetic", action="store_true",
                  help="skip retrieval_eval's repetitive-filler table")
-  g.add_argument("--no-gate-bf16", dest="gate_bf16", action="store_false",
-                 help="skip the 'gate-bf16' selector (the gate over a bfloat16 K-compression cache, "
-                      "SparseConfig.gate_cache_dtype) in retrieval and drift")
+  g.add_argument("--no-gate-f32", dest="gate_f32", action="store_false",
+                 help="skip the 'gate-f32' selector (the gate over a float32 K-compression cache; "
+                      "'gate' keeps SparseConfig.gate_cache_dtype's default, bfloat16) in retrieval "
+                      "and drift")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (applied last)")
   args = ap.parse_args(argv)
   for k, v in (SMOKE if args.smoke else FULL).items():
@@ -474,7 +475,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   from effjax.evaluation import load_params, retrieval_eval
   want = {k: getattr(args, k) for k in ("block_size", "budgets", "retrieval_n", "context", "drift_n",
                                          "new_tokens", "rectify", "sparsity", "recall_n", "seed",
-                                         "skip_synthetic", "decode_impl", "gate_bf16")}
+                                         "skip_synthetic", "decode_impl", "gate_f32")}
   want["gate"] = gate_request(args, run)
   done = run.read("eval.json")
   if done is not None and done.get("request") == want:
@@ -490,8 +491,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   gp = {k: jnp.asarray(v) for k, v in np.load(run.out / "gate.npz").items()}
   heldout = (run.out / "data" / "heldout.txt").read_text()
   selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
-  if args.gate_bf16:  # the same gate, its K-compression cache stored in bfloat16 (half the bytes)
-    selectors["gate-bf16"] = ("gate", gp, {"gate_cache_dtype": "bfloat16"})
+  if args.gate_f32:  # the same gate, its K-compression cache stored in float32 (twice the bytes)
+    selectors["gate-f32"] = ("gate", gp, {"gate_cache_dtype": "float32"})
   bs, log = args.block_size, (lambda m: run.log(f"eval: {m}"))
   kw = dict(block_size=bs, decode_impl=args.decode_impl)
   res["model_step"] = int(step)
