@@ -263,10 +263,9 @@ def test_score_continuation_follows_generate_and_the_dense_forward():
   params, toks, lengths = setup(7)
   kw = dict(decode_impl="xla", cache_dtype=jnp.float32)
   scfg = resa.SparseConfig(selector="quest", block_size=16, budget_tokens=32, rectify_every=4)
-  greedy, _ = resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(0), max_new_tokens=14, **kw)
-  lp_sparse, am = resa.score_continuation(CFG, scfg, params, toks, lengths, greedy, **kw)
-  np.testing.assert_array_equal(am, greedy)
-  cont = jnp.asarray(np.random.default_rng(3).integers(0, 256, (2, 14)).astype(np.int32))
+  cont, _ = resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(0), max_new_tokens=14, **kw)
+  lp_tight, am = resa.score_continuation(CFG, scfg, params, toks, lengths, cont, **kw)
+  np.testing.assert_array_equal(am, cont)
   lp_dense, am_dense = resa.score_continuation(CFG, scfg, params, toks, lengths, cont, sparse=False, **kw)
   L = np.asarray(lengths)
   for b in range(2):
@@ -274,10 +273,9 @@ def test_score_continuation_follows_generate_and_the_dense_forward():
     logp = jax.nn.log_softmax(apply(CFG, params, seq)[0, L[b] - 1:-1].astype(jnp.float32), axis=-1)
     np.testing.assert_allclose(lp_dense[b], logp[jnp.arange(14), cont[b]], rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(am_dense[b], jnp.argmax(logp, axis=-1))
-  full = dataclasses.replace(scfg, budget_tokens=256)
-  lp_full, _ = resa.score_continuation(CFG, full, params, toks, lengths, cont, **kw)
+  lp_full, _ = resa.score_continuation(CFG, dataclasses.replace(scfg, budget_tokens=256), params,
+                                       toks, lengths, cont, **kw)
   np.testing.assert_allclose(lp_full, lp_dense, rtol=1e-4, atol=1e-4)
-  lp_tight, _ = resa.score_continuation(CFG, scfg, params, toks, lengths, cont, **kw)
   assert float(jnp.max(jnp.abs(lp_tight - lp_dense))) > 1e-3     # the tight budget is lossy here
   with pytest.raises(ValueError, match="cont_BN"):
     resa.score_continuation(CFG, scfg, params, toks, lengths, cont[:1], **kw)
