@@ -59,8 +59,11 @@ GATE_DIM = 64
 # cache was last read a whole step (every other layer) earlier, so it comes from HBM. With only
 # `--copies` of them (4 x 34 MB float32 at B8 S128K, 134 MB against a 60 MB L2) the gate scores
 # ran at 6.6 TB/s, above the HBM peak: L2 hits (results/NVIDIA_H200/decode_s128k_final.json).
+# 16: with 32 bfloat16 copies at B8 S128K XLA rematerialised parts of the step (its memory
+# estimate counts every reference to the rotated K/V), which hid the bf16 cache's gain
+# (decode_s128k_b8_gate16.json vs the session-6 grid); 16 x 17 MB is still 4.5x the L2.
 GATE_L2_DEFEAT_BYTES = 8 * 60 * 2**20
-MAX_GATE_COPIES = 32
+MAX_GATE_COPIES = 16
 
 
 def parse_ints(s: str) -> list[int]:
@@ -164,9 +167,10 @@ def main():
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
   ap.add_argument("--no-sparse", action="store_true")
   ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
-  ap.add_argument("--gate-dtypes", default="float32",
-                  help="K-compression cache dtypes of the gate rows, comma-separated (float32, "
-                       "bfloat16; effjax.sparse keeps float32 by default)")
+  ap.add_argument("--gate-dtypes", default="bfloat16",
+                  help="K-compression cache dtypes of the gate rows, comma-separated (bfloat16, "
+                       "float32; effjax.sparse.resa.SparseConfig's default is bfloat16 since "
+                       "2026-11-30; the grids before used float32)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
   ap.add_argument("--max-gate-copies", type=int, default=MAX_GATE_COPIES,
                   help="cap on the distinct gate caches a gate row rotates (32 bf16 copies at B8 "

@@ -24,7 +24,10 @@ def load(path: pathlib.Path):
 def table(rows, ms: str = "ms", speedup: str = "speedup_vs_cudnn") -> str:
   """One row per (B, S); `ms` / `speedup` name the time and ratio fields (wall: "ms",
   "speedup_vs_cudnn"; profiler kernel time: "trace_busy_ms", "trace_speedup_vs_cudnn"). Gate rows
-  are the float32 K-compression cache's when several dtypes were run."""
+  are those of the first K-compression cache dtype the run measured (its `--gate-dtypes` order;
+  float32 in files from before the field)."""
+  gate_dtype = next((r.get("gate_dtype", "float32") for r in rows
+                     if r["impl"] == "gate+topk+pallas_triton_sparse"), "float32")
   shapes = sorted({(r["B"], r["S"]) for r in rows}, key=lambda x: (x[1], x[0]))
   plans = [p for p in dict.fromkeys(r.get("plan") for r in rows) if p]
   head = ("| B | S | cuDNN ms | dense ms (x) | harness ms | "
@@ -33,7 +36,8 @@ def table(rows, ms: str = "ms", speedup: str = "speedup_vs_cudnn") -> str:
   for B, S in shapes:
     get = lambda impl, plan=None: next((r for r in rows if r["B"] == B and r["S"] == S
                                         and r["impl"] == impl and r.get("plan") == plan
-                                        and r.get("gate_dtype", "float32") == "float32"), None)
+                                        and (not r["impl"].startswith("gate")
+                                             or r.get("gate_dtype", "float32") == gate_dtype)), None)
     fmt = lambda r: "-" if r is None or ms not in r else (
         f"{r[ms]:.4f} ({r[speedup]:.2f}x)" if speedup in r else f"{r[ms]:.4f}")
     cells = [str(B), f"{S // 1024}K", fmt(get("cudnn")), fmt(get("pallas_triton")),

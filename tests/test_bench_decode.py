@@ -51,7 +51,8 @@ def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():
   mb = 2 ** 20
   # B8 S128K float32 (32 MiB) / bfloat16 (16 MiB) gate caches, 4 K/V copies: 16 and 32 copies
   assert gate_cache_copies(32 * mb, 4, True) == 16 and 16 * 32 * mb >= GATE_L2_DEFEAT_BYTES
-  assert gate_cache_copies(16 * mb, 4, True) == 32
+  assert gate_cache_copies(16 * mb, 4, True) == MAX_GATE_COPIES == 16   # capped (XLA remat at 32)
+  assert gate_cache_copies(16 * mb, 4, True, max_copies=32) == 32
   assert gate_cache_copies(4 * mb, 4, True) == MAX_GATE_COPIES        # capped
   assert gate_cache_copies(1024 * mb, 4, True) == 4                   # already far past the L2
   assert gate_cache_copies(4 * mb, 3, True) % 3 == 0                  # whole rounds of K/V copies
@@ -117,3 +118,20 @@ def test_profile_decode_smoke(tmp_path):
   res = json.loads(out.read_text())["results"]
   assert {"dense", "gate+topk+sparse sparsity=0.9", "gate+topk+sparse budget=256"} <= set(res)
   assert all(r["events"] and r["sum_per_call_us"] > 0 for r in res.values())
+
+
+def test_plot_decode_table_takes_the_first_gate_dtype_and_every_other_row():
+  sys.path[:0] = [str(ROOT / "benchmarks")]
+  import plot_decode
+  base = dict(B=8, S=131072)
+  rows = [dict(base, impl="cudnn", ms=1.0),
+          dict(base, impl="pallas_triton", ms=0.98, speedup_vs_cudnn=1.02),
+          dict(base, impl="pallas_triton_sparse", plan="p", ms=0.04, speedup_vs_cudnn=25.0),
+          dict(base, impl="gate+topk+pallas_triton_sparse", plan="p", gate_dtype="bfloat16", ms=0.05,
+               speedup_vs_cudnn=20.0),
+          dict(base, impl="gate+topk+pallas_triton_sparse", plan="p", gate_dtype="float32", ms=0.055,
+               speedup_vs_cudnn=18.18)]
+  line = plot_decode.table(rows).splitlines()[-1]
+  assert line == "| 8 | 128K | 1.0000 | 0.9800 (1.02x) | - | 0.0400 (25.00x) / 0.0500 (20.00x) |", line
+  old = [dict(r) for r in rows[:3]] + [{k: v for k, v in rows[4].items() if k != "gate_dtype"}]
+  assert plot_decode.table(old).splitlines()[-1].endswith("/ 0.0550 (18.18x) |")
