@@ -41,7 +41,9 @@ def run(tag, data, fsdp, stop=None):
   s = train(cfg, stop_at_step=stop, log=lambda *_: None)
   rows = [json.loads(l) for l in open(f"{TMP}/{tag}/metrics.jsonl")]
   return {"loss": [r["loss"] for r in rows if "loss" in r], "valid": s["valid_loss"]}
-out = {f"{d}x{f}": run(f"m{d}x{f}", d, f) for d, f in [(1, 1), (2, 1), (4, 1), (8, 1), (2, 4), (1, 8)]}
+# data parallel, hybrid and pure FSDP (2- and 4-way data parallel ran here until 2026-11-30: the
+# 8-way and the 2 x 4 meshes cover them, and CI time is short)
+out = {f"{d}x{f}": run(f"m{d}x{f}", d, f) for d, f in [(1, 1), (8, 1), (2, 4), (1, 8)]}
 # interrupted on 8-way data parallel, resumed on a 2 x 4 FSDP mesh
 run("moved", 8, 1, stop=3)
 out["moved"] = run("moved", 2, 4)
@@ -75,7 +77,7 @@ def test_meshes_match_one_device_and_restore_on_another_mesh(tmp_path):
   res = json.loads(r.stdout.split("RESULT")[-1])
   ref = res["1x1"]
   assert len(ref["loss"]) == 6
-  for mesh in ("2x1", "4x1", "8x1", "2x4", "1x8", "moved"):
+  for mesh in ("8x1", "2x4", "1x8", "moved"):
     np.testing.assert_allclose(res[mesh]["loss"], ref["loss"], rtol=2e-5, err_msg=mesh)
     np.testing.assert_allclose(res[mesh]["valid"], ref["valid"], rtol=2e-5, err_msg=mesh)
   # most parameters are split 8 ways (norm scales and the odd-sized embedding rows aside)
