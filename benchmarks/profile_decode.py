@@ -30,23 +30,26 @@ from jax import lax
 import devtime
 
 
-def profile(fn, qs, rest: tuple) -> dict:
-  """Trace fn(q, *rest) for every q of the stack qs inside one jit (a scan over distinct queries,
-  as the benchmarks time it, so nothing is loop-invariant and hoisted) and summarise the device
-  events per call (devtime.summarize_trace)."""
-  calls = qs.shape[0]
+def profile(fn, qs, rest: tuple, kcs) -> dict:
+  """Trace fn(q, *rest, kc) for every q of the stack qs inside one jit (a scan over distinct
+  queries, as the benchmarks time it, so nothing is loop-invariant and hoisted), call i reading
+  gate cache kcs[i % len(kcs)] (distinct caches, so the gate scores read HBM, not a warm L2), and
+  summarise the device events per call (devtime.summarize_trace)."""
+  calls, copies = qs.shape[0], kcs.shape[0]
 
   @jax.jit
-  def many(qs, rest):
-    def body(acc, q):
-      return acc + jnp.sum(fn(q, *rest).astype(jnp.float32)), None
-    return lax.scan(body, jnp.float32(0), qs)[0]
+  def many(qs, rest, kcs):
+    def body(carry, q):
+      acc, i = carry
+      kc = lax.dynamic_index_in_dim(kcs, i % copies, keepdims=False)
+      return (acc + jnp.sum(fn(q, *rest, kc).astype(jnp.float32)), i + 1), None
+    return lax.scan(body, (jnp.float32(0), jnp.int32(0)), qs)[0][0]
 
-  return devtime.trace_summary(many, (qs, rest), calls)
+  return devtime.trace_summary(many, (qs, rest, kcs), calls)
 
 
 def main():
-  from bench_decode import D, DTYPE, G, GATE_DIM, HKV
+  from bench_decode import D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies
   from effjax.sparse import gate as gate_lib
   from pallas_kernels.block_topk import block_topk
   from pallas_kernels.decode_attention import decode_attention
@@ -59,6 +62,11 @@ def main():
   ap.add_argument("--budget-tokens", type=int, default=4096)
   ap.add_argument("--sparsity", type=float, default=0.9)
   ap.add_argument("--calls", type=int, default=64)
+  ap.add_argument("--gate-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                  help="K-compression cache dtype (SparseConfig.gate_cache_dtype's default: bfloat16)")
+  ap.add_argument("--gate-copies", type=int, default=None,
+                  help="distinct gate caches the calls rotate through (default: bench_decode's rule, "
+                       "enough to defeat the L2 on a GPU; until 2026-11-30 one cache, L2-warm)")
   ap.add_argument("--interpret", action="store_true")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
@@ -68,7 +76,10 @@ def main():
   qs = jax.random.normal(key, (args.calls, B, HKV, G, D), DTYPE)
   k = jax.random.normal(jax.random.fold_in(key, 1), (B, HKV, S, D), DTYPE)
   v = jax.random.normal(jax.random.fold_in(key, 2), (B, HKV, S, D), DTYPE)
-  kc = jax.random.normal(jax.random.fold_in(key, 3), (B, HKV, nb, GATE_DIM), jnp.float32)
+  kc_bytes = B * HKV * nb * GATE_DIM * jnp.dtype(args.gate_dtype).itemsize
+  copies = args.gate_copies or gate_cache_copies(kc_bytes, 1, jax.default_backend() == "gpu")
+  kcs = jax.random.normal(jax.random.fold_in(key, 3), (copies, B, HKV, nb, GATE_DIM),
+                          jnp.float32).astype(args.gate_dtype)
   wq = jax.random.normal(jax.random.fold_in(key, 4), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
   lengths = jnp.full((B,), S, jnp.int32)
   impl = "xla" if args.interpret else "pallas_triton"
@@ -91,7 +102,7 @@ def main():
         q.reshape(B, 1, HKV * G, D), kt, vt, implementation="cudnn")
   results = {}
   for name, fn in plans.items():
-    results[name] = profile(fn, qs, (k, v, kc))
+    results[name] = profile(fn, qs, (k, v), kcs)
     r = results[name]
     print(f"== {name}: {r['busy_us_per_call']:.1f} us of {'device' if r['device'] else 'host'} "
           f"events per call (span {r['span_us_per_call']:.1f} us; lines {r['lines']})")
@@ -101,7 +112,8 @@ def main():
   out = pathlib.Path(args.out or f"benchmarks/results/{card}/profile_decode.json")
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"meta": {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                      "argv": sys.argv[1:], "B": B, "S": S, "calls": args.calls},
+                                      "argv": sys.argv[1:], "B": B, "S": S, "calls": args.calls,
+                                      "gate_dtype": args.gate_dtype, "gate_copies": copies},
                              "results": results}, indent=1))
   print(f"wrote {out}")
 

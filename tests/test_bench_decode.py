@@ -112,10 +112,13 @@ def test_trace_summary_counts_stream_lines_of_the_device_only():
 def test_profile_decode_smoke(tmp_path):
   out = tmp_path / "p.json"
   cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--interpret", "--batch", "1",
-         "--seq", "2048", "--calls", "2", "--budget-tokens", "256", "--out", str(out)]
+         "--seq", "2048", "--calls", "2", "--budget-tokens", "256", "--gate-copies", "2",
+         "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  res = json.loads(out.read_text())["results"]
+  doc = json.loads(out.read_text())
+  assert doc["meta"]["gate_copies"] == 2 and doc["meta"]["gate_dtype"] == "bfloat16"
+  res = doc["results"]
   assert {"dense", "gate+topk+sparse sparsity=0.9", "gate+topk+sparse budget=256"} <= set(res)
   assert all(r["events"] and r["sum_per_call_us"] > 0 for r in res.values())
 
