@@ -37,6 +37,8 @@ def main(argv=None) -> int:
   dg.add_argument("--rectify-every", type=int, default=16)
   dg.add_argument("--selector", choices=["quest", "gate"], default="quest")
   dg.add_argument("--gate", default=None, help="gate params .npz (from --train-gate)")
+  dg.add_argument("--gate-cache-dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                  help="the gate's K-compression cache storage (SparseConfig.gate_cache_dtype)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
   dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")
@@ -116,7 +118,7 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     budget = args.budget or max(2 * args.block_size, total // 10 // args.block_size * args.block_size)
     scfg = resa.SparseConfig(selector=args.selector, block_size=args.block_size,
                              budget_tokens=budget, rectify_every=args.rectify_every,
-                             d_gate=gcfg.d_gate)
+                             d_gate=gcfg.d_gate, gate_cache_dtype=args.gate_cache_dtype)
     d = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=args.new_tokens, scfg=scfg,
                               gate_params=gate_params, decode_impl=args.decode_impl)
     out["drift"] = {"prompts": n, "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
@@ -143,7 +145,7 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]
     selectors = {"quest": ("quest", None)}
     if gate_params is not None:
-      selectors["gate"] = ("gate", gate_params)
+      selectors["gate"] = ("gate", gate_params, {"gate_cache_dtype": args.gate_cache_dtype})
     r = evaluation.retrieval_eval(cfg, params, n=args.retrieval, context_tokens=context,
                                   budgets=budgets, selectors=selectors, block_size=args.block_size,
                                   decode_impl=args.decode_impl)
