@@ -152,8 +152,10 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   the positions compared, stay the same. runs: {name: None (dense decode steps) or
   (SparseConfig, gate params or None)}; the first dense run is the reference ("dense" if none).
   Returns {name: {"nll": mean per-token NLL of the continuation, "excess_nll": nll minus the
-  reference's, "agreement_with_dense": share of positions whose greedy choice equals the
-  reference's, "excess_nll_by_quarter": excess NLL over each quarter of the continuation}}."""
+  reference's, "excess_nll_se": its standard error over the sequences (None for one sequence),
+  "excess_nll_per_sequence": [B] (for paired comparisons of two runs), "agreement_with_dense":
+  share of positions whose greedy choice equals the reference's, "excess_nll_by_quarter": excess
+  NLL over each quarter of the continuation}}."""
   from effjax.sparse import resa
   mcfg = cfg.model if isinstance(cfg, Config) else cfg
   toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
@@ -173,7 +175,10 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   quarters = np.array_split(np.arange(cont.shape[1]), 4)
   out = {}
   for name, (lp, am) in scored.items():
+    per_seq = ref_lp.mean(axis=1) - lp.mean(axis=1)
+    se = float(per_seq.std(ddof=1) / np.sqrt(len(per_seq))) if len(per_seq) > 1 else None
     out[name] = {"nll": float(-lp.mean()), "excess_nll": float(ref_lp.mean() - lp.mean()),
+                 "excess_nll_se": se, "excess_nll_per_sequence": [float(x) for x in per_seq],
                  "agreement_with_dense": float(np.mean(am == ref_am)),
                  "excess_nll_by_quarter": [float(ref_lp[:, q].mean() - lp[:, q].mean())
                                            for q in quarters if len(q)]}

@@ -244,7 +244,8 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   assert set(tf) == {"dense", "sparse", "sparse+rectify(f=8)"}
   for r in tf.values():
     assert abs(r["excess_nll"]) < 1e-4 and r["agreement_with_dense"] == 1.0, r
-    assert len(r["excess_nll_by_quarter"]) == 4
+    assert len(r["excess_nll_by_quarter"]) == 4 and len(r["excess_nll_per_sequence"]) == 3
+    assert r["excess_nll_se"] is not None and 0.0 <= r["excess_nll_se"] < 1e-4
   ref_nll = evaluation.continuation_nll(cfg, params, prompts, lengths, cont)
   np.testing.assert_allclose(tf["dense"]["nll"], np.mean(ref_nll), rtol=1e-4)
   assert set(d) == {"dense", "sparse", "sparse+rectify(f=8)"}

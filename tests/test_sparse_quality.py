@@ -125,6 +125,7 @@ def test_smoke_run_writes_sane_results(smoke_run):
       assert all(0.0 <= v <= 1.0 + 1e-5 for v in ev["recall"][where][s].values())
   report = (out / "REPORT.md").read_text()
   assert "Drift at" in report and "Passkey retrieval" in report and "Teacher-forced" in report
+  assert "Rectification's gain, paired" in report and "gate f=16" in report
 
 
 def test_smoke_drift_matches_evaluation_drift_eval(smoke_run):

@@ -91,8 +91,14 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
       ]
       for name, r in tf.items():
         q = " / ".join(f"{x:+.4f}" for x in r["excess_nll_by_quarter"])
-        lines.append(f"| {name} | {r['nll']:.4f} | {r['excess_nll']:+.4f} | {q} | "
-                     f"{r['agreement_with_dense']:.3f} |")
+        se = r.get("excess_nll_se")
+        ex = f"{r['excess_nll']:+.4f}" + (f" ± {se:.4f}" if se else "")
+        lines.append(f"| {name} | {r['nll']:.4f} | {ex} | {q} | {r['agreement_with_dense']:.3f} |")
+      paired = _rectify_gains(tf)
+      if paired:
+        lines += ["", "Rectification's gain, paired over the same sequences (excess NLL without "
+                  "minus with; ± standard error of the per-sequence differences): "
+                  + "; ".join(f"{n} {g:+.4f} ± {e:.4f}" for n, (g, e) in paired.items()) + "."]
     lines += ["", "![drift](drift.png)", ""]
   for key, title in (("retrieval_real", "real-text haystacks (held-out text)"),
                      ("retrieval_synthetic", "passkey_prompts' repetitive filler "
@@ -138,6 +144,23 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     lines.append("")
   lines += ["Raw numbers: `results.json`.", ""]
   (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _rectify_gains(tf: dict) -> dict:
+  """{"<sel> f=<f>": (mean gain, its standard error)} for each rectified teacher-forced run whose
+  unrectified run is there: per-sequence excess NLL without minus with rectification."""
+  import numpy as np
+  out = {}
+  for name, r in tf.items():
+    if "+rectify(f=" not in name or "excess_nll_per_sequence" not in r:
+      continue
+    base = tf.get(name.split(" sparse+rectify")[0] + " sparse")
+    if not base or len(r["excess_nll_per_sequence"]) < 2:
+      continue
+    d = np.asarray(base["excess_nll_per_sequence"]) - np.asarray(r["excess_nll_per_sequence"])
+    f = name.split("(f=")[1].rstrip(")")
+    out[f"{name.split(' sparse')[0]} f={f}"] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+  return out
 
 
 def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
