@@ -38,6 +38,11 @@ The floor of a step is the bytes it must read -- weights, the K/V it attends to 
 cache for dense, the budget for sparse), block summaries -- at the read bandwidth measured in the same
 run (devtime.floor_bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
 memory are recorded as skipped. Writes benchmarks/results/<card>/generate.json after every row.
+
+`--trace` adds, per row, a profiler breakdown of one decode step (`step_trace`: kernel time and
+launches by name, long run minus short run): where the B1 step's time goes that is not attention
+bytes (2.08 ms against a 0.50 ms floor on the H200), e.g.
+  GENERATE_ARGS="--batch 1 --modes dense,quest --repeats 1 --trace" bash benchmarks/run_device.sh generate
 """
 
 from __future__ import annotations
@@ -146,6 +151,29 @@ def loop_copies(hlo_text: str, min_bytes: int) -> tuple[int, int]:
   return n, total
 
 
+def step_trace(call, long_args: tuple, short_args: tuple, n: int, top: int = 25) -> dict:
+  """Per decode step, from profiler traces of the long (n tokens) and the short (1 token) run of
+  one executable: kernel time by name and launches, (long - short) / (n - 1) -- prefill and the
+  first step cancel. `busy_us_per_step` vs the wall step time says how much of a step is gaps
+  between kernels (launch latency) rather than kernel work. On CPU the host events stand in and
+  say little."""
+  long = devtime.trace_summary(call, long_args, 1, top=100000)
+  short = devtime.trace_summary(call, short_args, 1, top=100000)
+  lt = {e["name"]: e for e in long["events"]}
+  st = {e["name"]: e for e in short["events"]}
+  rows = []
+  for name, e in lt.items():
+    s = st.get(name, {"total_us": 0.0, "count": 0})
+    rows.append({"name": name, "us_per_step": (e["total_us"] - s["total_us"]) / (n - 1),
+                 "launches_per_step": (e["count"] - s["count"]) / (n - 1)})
+  rows.sort(key=lambda r: -r["us_per_step"])
+  return {"device": long["device"],
+          "busy_us_per_step": (long["busy_us_per_call"] - short["busy_us_per_call"]) / (n - 1),
+          "span_us_per_step": (long["span_us_per_call"] - short["span_us_per_call"]) / (n - 1),
+          "launches_per_step": sum(r["launches_per_step"] for r in rows),
+          "kernels": rows[:top]}
+
+
 def timed(call, *args) -> tuple[float, np.ndarray]:
   t0 = time.perf_counter()
   _, n = call(*args)
@@ -175,6 +203,10 @@ def main(argv: list[str] | None = None):
                   help="skip a batch whose KV cache exceeds this share of device memory (prefill "
                        "and the decode loop hold a few cache-sized buffers at once)")
   ap.add_argument("--dump-hlo", default=None, help="folder for each row's optimised HLO text")
+  ap.add_argument("--trace", action="store_true",
+                  help="also profile one long and one short run of each row: per decode step, the "
+                       "device time and launches of every kernel (long minus short, / (N - 1)), "
+                       "so kernel time can be set against the step's wall time")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
@@ -348,6 +380,12 @@ def main(argv: list[str] | None = None):
           d = pathlib.Path(args.dump_hlo)
           d.mkdir(parents=True, exist_ok=True)
           (d / f"generate_B{B}_{mode}_{label or 'dense'}.hlo.txt".replace("=", "")).write_text(hlo)
+      if args.trace:
+        row["trace"] = step_trace(call, dyn(p_long), dyn(p_short), N)
+        tr = row["trace"]
+        print(f"   trace: {tr['busy_us_per_step']:.1f} us of kernels in {tr['launches_per_step']:.0f} "
+              f"launches per step (wall {row['step_ms'] * 1e3:.1f} us); top: " + ", ".join(
+                  f"{e['name'][:40]} {e['us_per_step']:.1f}" for e in tr["kernels"][:6]), flush=True)
       _, peak = device_memory()
       if peak is not None:
         row["peak_bytes_process"] = int(peak)

@@ -116,9 +116,10 @@ def summarize_trace(trace: dict | list, calls: int, top: int = 40) -> dict:
           "lines": sorted(threads[k] for k in use_lines), "events": rows}
 
 
-def trace_summary(fn, args: tuple, calls: int) -> dict:
+def trace_summary(fn, args: tuple, calls: int, top: int = 40) -> dict:
   """Runs fn(*args) (already compiled: call it once before) under the profiler and returns
-  `summarize_trace` of it, `calls` being the number of kernel calls one run makes."""
+  `summarize_trace` of it (its `top` largest event names), `calls` being the number of kernel
+  calls one run makes."""
   jax.block_until_ready(fn(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -127,7 +128,7 @@ def trace_summary(fn, args: tuple, calls: int) -> dict:
     if not paths:
       raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {d}")
     with gzip.open(paths[0]) as f:
-      return summarize_trace(json.load(f), calls)
+      return summarize_trace(json.load(f), calls, top)
 
 
 def read_bandwidth(nbytes: int = 4 << 30) -> float:

@@ -17,7 +17,7 @@ def test_bench_generate_cpu_smoke(tmp_path):
          "--config", "configs/tiny.yaml", "--override", "model.n_layers=2",
          "--context", "128", "--new-tokens", "16", "--batch", "1",
          "--block-size", "16", "--budget-tokens", "32", "--sparsities", "",
-         "--rectify-every", "4", "--repeats", "2", "--out", str(out)]
+         "--rectify-every", "4", "--repeats", "2", "--trace", "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -31,6 +31,8 @@ def test_bench_generate_cpu_smoke(tmp_path):
     for k in ("decode_tok_s", "end_to_end_tok_s", "prefill_tok_s", "step_ms", "t_N_ms", "t_1_ms"):
       assert math.isfinite(r[k]) and r[k] > 0, (k, r)
     assert r["t_N_ms"] > r["t_1_ms"]
+    tr = r["trace"]   # CPU: host events, so only the plumbing is checked
+    assert not tr["device"] and tr["kernels"] and all(math.isfinite(e["us_per_step"]) for e in tr["kernels"])
   sparse = [r for r in rows if r["mode"] != "dense"]
   assert all(r["budget_tokens"] == 32 and r["budget_blocks"] == 2 for r in sparse)
   assert {r["rectify_every"] for r in sparse if r["mode"].startswith("quest_rectify")} == {4}
