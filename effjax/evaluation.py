@@ -150,7 +150,8 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   (`resa.score_continuation`), so the K/V entries of the continuation are written by that run's
   decode steps (sparse attention in the layers below, rectified or not) while the tokens, and so
   the positions compared, stay the same. runs: {name: None (dense decode steps) or
-  (SparseConfig, gate params or None)}; the first dense run is the reference ("dense" if none).
+  (SparseConfig, gate params or None)}; the first dense run is the reference (one named
+  "dense" is added first if there is none).
   Returns {name: {"nll": mean per-token NLL of the continuation, "excess_nll": nll minus the
   reference's, "excess_nll_se": its standard error over the sequences (None for one sequence),
   "excess_nll_per_sequence": [B] (for paired comparisons of two runs), "agreement_with_dense":
@@ -159,7 +160,7 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   from effjax.sparse import resa
   mcfg = cfg.model if isinstance(cfg, Config) else cfg
   toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
-  if "dense" not in runs and not any(v is None for v in runs.values()):
+  if not any(v is None for v in runs.values()):
     runs = {"dense": None, **runs}
   scored = {}
   for name, run in runs.items():

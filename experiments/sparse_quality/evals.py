@@ -86,27 +86,23 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
       cfg.model, params, toks, lens, key, max_new_tokens=N, decode_impl=decode_impl)[0]))
   seconds["dense"] = time.perf_counter() - t0
   log(f"  drift dense: {seconds['dense']:.1f} s")
+  decodings = {"dense": None}   # name -> None (dense) or (SparseConfig, gate params)
   for sel, (kind, gp, *extra) in selectors.items():
     for f in [0] + list(rectify):
       name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
-      scfg = sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f,
-                           **(extra[0] if extra else {}))
-      t0 = time.perf_counter()
-      runs[name] = np.asarray(_block(resa.generate(
-          cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
-      seconds[name] = time.perf_counter() - t0
-      log(f"  drift {name}: {seconds[name]:.1f} s")
+      decodings[name] = (sparse_config(kind, gp, block_size=block_size, budget=budget,
+                                       rectify_every=f, **(extra[0] if extra else {})), gp)
+  for name, (scfg, gp) in list(decodings.items())[1:]:
+    t0 = time.perf_counter()
+    runs[name] = np.asarray(_block(resa.generate(
+        cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
+    seconds[name] = time.perf_counter() - t0
+    log(f"  drift {name}: {seconds[name]:.1f} s")
   t0 = time.perf_counter()
-  forced = {"dense": None}
-  for sel, (kind, gp, *extra) in selectors.items():
-    for f in [0] + list(rectify):
-      name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
-      forced[name] = (sparse_config(kind, gp, block_size=block_size, budget=budget, rectify_every=f,
-                                    **(extra[0] if extra else {})), gp)
-  teacher_forced = teacher_forced_drift(cfg, params, prompts_BT, np.asarray(lens), true_BN, forced,
+  teacher_forced = teacher_forced_drift(cfg, params, prompts_BT, np.asarray(lens), true_BN, decodings,
                                         decode_impl=decode_impl)
   seconds["teacher_forced"] = time.perf_counter() - t0
-  log(f"  drift teacher-forced (true continuation, {len(forced)} decodings): "
+  log(f"  drift teacher-forced (true continuation, {len(decodings)} decodings): "
       f"{seconds['teacher_forced']:.1f} s; excess NLL " + ", ".join(
           f"{n} {r['excess_nll']:+.4f}" for n, r in teacher_forced.items() if n != "dense"))
   rows = {}
