@@ -48,6 +48,7 @@ def main():
   ap.add_argument("--stages", default="2,3")
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
   ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
+  ap.add_argument("--tiles", default="1", help="sparse: SparseDecodeConfig.blocks_per_tile values")
   ap.add_argument("--sparse-splits", default=None,
                   help="sparse: explicit num_splits values (instead of --programs-per-sm)")
   ap.add_argument("--plans", default="sparsity=0.9,budget=4096", help="sparse plans to sweep")
@@ -144,12 +145,13 @@ def main():
                            for m in ints(args.programs_per_sm)})
       if args.sparse_splits:
         split_opts = ints(args.sparse_splits)
-      grid = itertools.product(ints(args.warps), ints(args.stages), split_opts, ints(args.prefetch))
+      grid = itertools.product(ints(args.warps), ints(args.stages), split_opts, ints(args.prefetch),
+                               ints(args.tiles))
       if args.quick:
-        grid = itertools.product((4,), (2, 3), split_opts[:2], (0,))
-      for w, st, sp, pf in list(grid) + [(None, None, None, None)]:
+        grid = itertools.product((4,), (2, 3), split_opts[:2], (0,), (1,))
+      for w, st, sp, pf, tb in list(grid) + [(None, None, None, None, None)]:
         cfg = SparseDecodeConfig() if w is None else SparseDecodeConfig(
-            num_warps=w, num_stages=st, num_splits=sp, prefetch_index=bool(pf))
+            num_warps=w, num_stages=st, num_splits=sp, prefetch_index=bool(pf), blocks_per_tile=tb)
         try:
           t = timing(lambda x, c: sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
                                                           implementation="pallas_triton", config=cfg,
@@ -157,7 +159,8 @@ def main():
                      (qs, idx), kv, nbytes)
           rec(dict(kind="sparse", B=B, S=S, plan=label, blocks=n_sel, num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages, num_splits=cfg.num_splits,
-                   prefetch_index=cfg.prefetch_index, config="default" if w is None else None, **t))
+                   prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.blocks_per_tile,
+                   config="default" if w is None else None, **t))
         except Exception as e:
           rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,
                    error=f"{type(e).__name__}: {str(e)[:200]}"))

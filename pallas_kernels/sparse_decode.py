@@ -39,13 +39,21 @@ class SparseDecodeConfig(_splitk.SplitKConfig):
   prefetch_index: load the next slot's block id one loop iteration ahead (a software-pipelined
   index) instead of at the top of the iteration that uses it; on the H100 3-8% faster at S128K
   (tune_decode_2.json), so the default.
+  blocks_per_tile: selected blocks gathered into one [blocks_per_tile * block_size, H] tile per
+  loop iteration (one row-gather load of K and of V, one dot): more bytes in flight per
+  iteration and larger dots, for small blocks or few programs per SM. 1 loads a block with a
+  contiguous `pl.ds` slice.
   """
   prefetch_index: bool = True
+  blocks_per_tile: int = 1
 
   def validate(self) -> None:
     super().validate()
     if not isinstance(self.prefetch_index, bool):
       raise ValueError(f"config.prefetch_index must be a bool, got {self.prefetch_index!r}")
+    if (not isinstance(self.blocks_per_tile, int) or self.blocks_per_tile < 1
+        or self.blocks_per_tile & (self.blocks_per_tile - 1)):
+      raise ValueError(f"config.blocks_per_tile must be a power of 2 >= 1, got {self.blocks_per_tile!r}")
 
 
 # ------------------------------------------------------------------------------------ reference
@@ -81,7 +89,7 @@ def sparse_decode_attention_reference(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BK
 
 def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                    block_size: int, num_splits: int, scale: float, precision: lax.Precision,
-                   n_rows: int, prefetch_index: bool = False):
+                   n_rows: int, prefetch_index: bool = False, blocks_per_tile: int = 1):
   """Program (b, k, j). len_ref / nslots_ref int32 []; idx_ref int32 [M]; q_ref [R, H];
   k_ref / v_ref [S, H] (the whole cache of this (b, k): blocks are fetched by index);
   o_ref f32 [R, H]; m_ref / l_ref f32 [R]."""
@@ -102,6 +110,11 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
     return (k_ref[pl.ds(t0, block_size), :], v_ref[pl.ds(t0, block_size), :],
             (block >= 0) & (t0 + offsets_T < length))
 
+  if blocks_per_tile > 1:
+    _gathered_tiles(idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, length, n_slots, split,
+                    block_size=block_size, blocks_per_tile=blocks_per_tile, num_splits=num_splits,
+                    scale=scale, precision=precision, n_rows=n_rows, prefetch_index=prefetch_index)
+    return
   if not prefetch_index:
     _splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end,
                          lambda slot: load_block_id(idx_ref[slot]), scale=scale,
@@ -122,6 +135,56 @@ def _sparse_kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_r
 
   init = (_splitk.init_state(q_RH.shape[0], q_RH.shape[1]), idx_ref[jnp.minimum(start, last)])
   state, _ = lax.fori_loop(start, end, body, init)
+  _splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
+
+
+def _gathered_tiles(idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, length, n_slots, split, *,
+                    block_size: int, blocks_per_tile: int, num_splits: int, scale: float,
+                    precision: lax.Precision, n_rows: int, prefetch_index: bool):
+  """The split loop with `blocks_per_tile` selected blocks per iteration: tile t covers slots
+  [t * P, (t + 1) * P); its T = P * block_size rows are gathered by one row-index load of K and
+  one of V (row r comes from slot t * P + r // block_size, token r % block_size of that block).
+  Slots past the live count, -1 ids and tokens past the length are masked (their rows read
+  block 0, in bounds)."""
+  P = blocks_per_tile
+  T = P * block_size
+  last = idx_ref.shape[0] - 1
+  n_tiles = pl.cdiv(n_slots, P)
+  per_split = pl.cdiv(n_tiles, num_splits)
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_tiles)
+  r_T = lax.broadcasted_iota(jnp.int32, (T,), 0)
+  slot_in_tile_T = r_T // block_size
+  token_T = r_T % block_size
+
+  def tile_rows(tile):
+    slot_T = tile * P + slot_in_tile_T
+    block_T = idx_ref[jnp.minimum(slot_T, last)]
+    row_T = jnp.maximum(block_T, 0) * block_size + token_T
+    return row_T, (slot_T < n_slots) & (block_T >= 0) & (row_T < length)
+
+  def load_tile(rows):
+    row_T, valid_T = rows
+    return k_ref[row_T, :], v_ref[row_T, :], valid_T
+
+  q_RH = _splitk.load_query(q_ref, n_rows)
+  init_state = _splitk.init_state(q_RH.shape[0], q_RH.shape[1])
+  if not prefetch_index:
+    def body(tile, state):
+      k_TH, v_TH, valid_T = load_tile(tile_rows(tile))
+      return _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                  precision=precision)
+    state = lax.fori_loop(start, end, body, init_state)
+  else:
+    # the next tile's row indices are loaded one iteration ahead and carried
+    def body(tile, carry):
+      state, rows = carry
+      nxt = tile_rows(tile + 1)
+      k_TH, v_TH, valid_T = load_tile(rows)
+      state = _splitk.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                   precision=precision)
+      return state, nxt
+    state, _ = lax.fori_loop(start, end, body, (init_state, tile_rows(start)))
   _splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
 
 
@@ -149,12 +212,13 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
   per_sm = (_splitk.SPARSE_PROGRAMS_PER_SM if B * K < 64 else _splitk.SPARSE_PROGRAMS_PER_SM_LARGE)
   num_splits = config.num_splits or _splitk.default_num_splits(
-      B * K, M, _splitk.target_programs(per_sm))
+      B * K, -(-M // config.blocks_per_tile), _splitk.target_programs(per_sm))
   nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
                else num_live_BK.astype(jnp.int32))
   kernel = functools.partial(_sparse_kernel, block_size=block_size, num_splits=num_splits,
                              scale=H ** -0.5, precision=_splitk.dot_precision(q_BKGH.dtype),
-                             prefetch_index=config.prefetch_index)
+                             prefetch_index=config.prefetch_index,
+                             blocks_per_tile=config.blocks_per_tile)
   sq = _splitk.SQUEEZED
   return _splitk.splitk_call(
       kernel,
@@ -162,8 +226,8 @@ def _sparse_decode_triton(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Arra
        pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)),
        pl.BlockSpec((sq, sq, M), lambda b, k, j: (b, k, 0))],
       [lengths_B, nslots_BK, block_indices_BKM], q_BKGH, k_BKSH, v_BKSH,
-      num_splits=num_splits, tile_rows=block_size, config=config, interpret=interpret,
-      name="sparse_decode_attention", default_stages=3)
+      num_splits=num_splits, tile_rows=block_size * config.blocks_per_tile, config=config,
+      interpret=interpret, name="sparse_decode_attention", default_stages=3)
 
 
 # ------------------------------------------------------------------------------------ dispatch

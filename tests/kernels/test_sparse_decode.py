@@ -127,6 +127,33 @@ def test_split_counts(implementation, interpret, prefetch, num_splits):
   _check(out, oracle(q, k, v, block_valid(idx, lengths, bs, S)), jnp.float32)
 
 
+TILE_CASES = [pytest.param(*p.values, marks=p.marks, id=p.id) for p in TRITON]
+
+
+@pytest.mark.parametrize("implementation,interpret", TILE_CASES)
+@pytest.mark.parametrize("prefetch", [False, True], ids=["load", "prefetch"])
+@pytest.mark.parametrize("blocks_per_tile,block_size,num_splits", [(2, 64, 1), (2, 16, 3), (4, 16, 2),
+                                                                   (4, 32, 5)])
+def test_gathered_tiles(implementation, interpret, prefetch, blocks_per_tile, block_size, num_splits):
+  """Several selected blocks gathered into one tile per iteration: live counts that are not tile
+  multiples (a tile's tail slots masked), ragged lengths inside and past blocks, empty rows, and
+  more splits than tiles."""
+  require_backend(implementation, interpret)
+  B, K, G, H, S = 3, 2, 4, 64, 448
+  q, k, v = random_inputs(21 + blocks_per_tile, B, K, G, H, S, jnp.bfloat16)
+  lengths = [448, 213, 37]
+  M = 7
+  idx = random_blocks(blocks_per_tile * 10 + block_size, B, K, S // block_size, M)
+  idx[0, 1] = -1                                      # a row with nothing selected
+  cfg = SparseDecodeConfig(num_splits=num_splits, prefetch_index=prefetch,
+                           blocks_per_tile=blocks_per_tile)
+  out = sparse_decode_attention(q, k, v, jnp.asarray(lengths, jnp.int32), jnp.asarray(idx),
+                                block_size=block_size, implementation=implementation,
+                                interpret=interpret, config=cfg)
+  _check(out, oracle(q, k, v, block_valid(idx, lengths, block_size, S)), jnp.bfloat16)
+  assert not np.any(np.asarray(out[0, 1], np.float32))
+
+
 @pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS)
 def test_under_jit_with_traced_indices(implementation, interpret):
   """The ReSA decode step selects blocks inside jit: indices and lengths are traced."""
@@ -152,6 +179,18 @@ def test_triton_kernel_lowers_for_cuda(dtype, block_size):
   fn = lambda *a: sparse_decode_attention(*a, block_size=block_size, implementation="pallas_triton")
   text = lower_for_cuda(fn, q, kv, kv, n, idx)
   assert "xla.gpu.triton" in text and 'name = "sparse_decode_attention"' in text
+
+
+@pytest.mark.parametrize("blocks_per_tile", [2, 4])
+def test_gathered_tiles_lower_for_cuda(blocks_per_tile):
+  q = jax.ShapeDtypeStruct((2, 2, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 2, 512, 128), jnp.bfloat16)
+  n = jax.ShapeDtypeStruct((2,), jnp.int32)
+  idx = jax.ShapeDtypeStruct((2, 2, 5), jnp.int32)
+  cfg = SparseDecodeConfig(blocks_per_tile=blocks_per_tile)
+  fn = lambda *a: sparse_decode_attention(*a, block_size=32, implementation="pallas_triton",
+                                          config=cfg)
+  assert 'name = "sparse_decode_attention"' in lower_for_cuda(fn, q, kv, kv, n, idx)
 
 
 def test_reference_is_xla_implementation():
@@ -195,6 +234,8 @@ def test_bad_inputs_raise(over, match):
     (dict(implementation="pallas_triton", block_size=24), "block_size=24 must be a power of 2"),
     (dict(implementation="pallas_triton", block_size=8), "block_size=8 must be a power of 2 >= 16"),
     (dict(implementation="pallas_triton", config=SparseDecodeConfig(num_stages=0)), "num_stages"),
+    (dict(implementation="pallas_triton", config=SparseDecodeConfig(blocks_per_tile=3)),
+     "blocks_per_tile must be a power of 2"),
 ])
 def test_bad_options_raise(kwargs, match):
   args = _args()
