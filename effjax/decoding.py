@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -31,6 +32,22 @@ from effjax.model.linear import make_linear
 from effjax.model.transformer import apply_rope, rms_norm, rope_tables
 
 Cache = dict
+
+# XLA options of the generation loops (`generate` here, `resa.generate` / `score_continuation`).
+# At batch 1 a linear layer is a vector x matrix dot, which XLA:GPU's `dot-strength-reduction`
+# pass (JAX 0.11) rewrites to broadcast-multiply + reduce for matrices under 10M elements -- and
+# then writes the bf16 product x * W ([d_in, d_out], as large as the weight) to memory and reads it
+# back in a separate reduction: three times a weight's bytes, and the products rounded to bf16
+# before the f32 sum. In the 350M model's 32K-context decode step on the H200 that was ~1.2 of
+# 2.1 ms (benchmarks/results/NVIDIA_H200/generate_b1_trace.json). Without the pass the dot stays a
+# GEMM (cuBLAS / Triton). `EFFJAX_XLA_DOT_STRENGTH_REDUCTION=1` at import keeps XLA's default
+# (for A/B runs). JAX takes compiler options only on a top-level jit, so `decode_step`, `extend`
+# and `resa.sparse_decode_step` (which the loops nest) do not carry them; a host loop of single
+# steps at batch 1 gets them with
+#   step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
+#                  donate_argnames=("cache",), compiler_options=decoding.DECODE_COMPILER_OPTIONS)
+DECODE_COMPILER_OPTIONS = ({} if os.environ.get("EFFJAX_XLA_DOT_STRENGTH_REDUCTION") == "1"
+                           else {"xla_disable_hlo_passes": "dot-strength-reduction"})
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> Cache:
@@ -291,7 +308,8 @@ def generation_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
-                                             "decode_impl", "cache_dtype"))
+                                             "decode_impl", "cache_dtype"),
+                   compiler_options=DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
              *, max_new_tokens: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
              stop_tokens: tuple[int, ...] = (), pad_id: int = 256, decode_impl: str = "auto",

@@ -99,3 +99,71 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
   for sparse in (False, True):
     a, b = run("xla", sparse), run("pallas_triton", sparse)
     assert _rel(b, a) < 2e-2, (sparse, _rel(b, a))
+
+
+def _weight_sized_fusions(hlo_text: str, shapes) -> list[str]:
+  """Lines of fusions (outside fused computations) whose output includes a [d_in, d_out] bf16
+  array of one of the weight shapes: the materialised x * W product of a strength-reduced dot."""
+  pats = [f"bf16[{a},{b}]" for a, b in shapes]
+  return [l.strip()[:160] for l in hlo_text.split("\n")
+          if " fusion(" in l and l.startswith("  ") and any(p in l.split("=")[1].split("fusion(")[0]
+                                                             for p in pats)]
+
+
+@pytest.mark.parametrize("strength_reduction", [False, True], ids=["decode-options", "xla-default"])
+def test_batch1_decode_step_keeps_linears_as_dots(strength_reduction):
+  """At batch 1 the decode jits compile with XLA's dot-strength-reduction off: no fusion writes a
+  weight-sized product (xla-default shows the test can fail: it does write them), and the
+  logits equal the default compilation's."""
+  from effjax import decoding
+  cfg = ModelConfig(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=512,
+                    compute_dtype="bfloat16", param_dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  cache = decoding.init_cache(cfg, 1, 256, jnp.bfloat16)
+  _, cache = decoding.prefill(cfg, params, jax.random.randint(jax.random.key(1), (1, 100), 0, 256),
+                              jnp.asarray([100]), cache)
+  tok = jnp.asarray([7])
+  opts = {} if strength_reduction else decoding.DECODE_COMPILER_OPTIONS
+  step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
+                 compiler_options=opts)
+  text = step.lower(cfg, params, cache, tok).compile().as_text()
+  found = _weight_sized_fusions(text, [(512, 1536), (1536, 512), (512, 512), (512, 128)])
+  if strength_reduction:
+    assert found, "expected XLA's default to materialise x * W (the regression this guards)"
+  else:
+    assert not found, found
+  ref = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"))
+  a = step(cfg, params, jax.tree.map(jnp.copy, cache), tok)[0]
+  b = ref(cfg, params, jax.tree.map(jnp.copy, cache), tok)[0]
+  assert _rel(a, b) < 2e-2
+
+
+def test_generate_loop_compiles_without_weight_sized_products():
+  """The shipped generation loops (decoding.generate, resa.generate) carry the options."""
+  from effjax import decoding
+  from effjax.sparse import resa
+  cfg = ModelConfig(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=512,
+                    compute_dtype="bfloat16", param_dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (1, 200), 0, 256)
+  n = jnp.asarray([200])
+  shapes = [(512, 1536), (1536, 512), (512, 512), (512, 128)]
+  dense = decoding.generate.lower(cfg, params, toks, n, jax.random.key(2), max_new_tokens=8)
+  scfg = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=128, rectify_every=4)
+  sparse = resa.generate.lower(cfg, scfg, params, toks, n, jax.random.key(2), max_new_tokens=8)
+  for lowered in (dense, sparse):
+    assert not _weight_sized_fusions(lowered.compile().as_text(), shapes)
+
+
+def test_decode_options_compile_vector_vector_dots():
+  """The pass also rewrote vector . vector dots (which GEMM fusion does not take); without it they
+  must still compile and be right."""
+  from effjax import decoding
+  f = jax.jit(lambda a, b: (jnp.dot(a, b), jnp.einsum("bkd,bknd->bkn", a[None, None], b[None, None, None])),
+              compiler_options=decoding.DECODE_COMPILER_OPTIONS)
+  a = jax.random.normal(jax.random.key(0), (256,), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (256,), jnp.float32)
+  d, e = f(a, b)
+  want = float(np.dot(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+  assert abs(float(d) - want) < 1e-3 * max(1.0, abs(want))
+  assert abs(float(e.reshape(())) - want) < 1e-3 * max(1.0, abs(want))

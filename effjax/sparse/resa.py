@@ -168,7 +168,8 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
                                              "stop_tokens", "decode_impl", "cache_dtype", "sparse",
-                                             "rectify_impl"))
+                                             "rectify_impl"),
+                   compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B, rng, gate_params=None,
              *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
              pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True,
@@ -197,7 +198,8 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl", "cache_dtype", "sparse",
-                                             "rectify_impl"))
+                                             "rectify_impl"),
+                   compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 def score_continuation(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
                        cont_BN, gate_params=None, *, decode_impl: str = "auto",
                        cache_dtype=jnp.bfloat16, sparse: bool = True, rectify_impl: str | None = None):
