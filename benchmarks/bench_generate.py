@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None):
         "weights": "random init (init_params); throughput does not depend on the values",
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
         "decode_impl": args.decode_impl, "sampling": "greedy",
+        "compiler_options": decoding.DECODE_COMPILER_OPTIONS,
         "timing": (f"host wall time of whole generate calls (one dispatch each, loop on device), "
                    f"same executable run for N={N} tokens and stopped after 1 token (stop token, "
                    f"logit-only param change); step = (t_N - t_1)/(N - 1), prefill = t_1 - step; "
