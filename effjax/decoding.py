@@ -40,14 +40,27 @@ Cache = dict
 # back in a separate reduction: three times a weight's bytes, and the products rounded to bf16
 # before the f32 sum. In the 350M model's 32K-context decode step on the H200 that was ~1.2 of
 # 2.1 ms (benchmarks/results/NVIDIA_H200/generate_b1_trace.json). Without the pass the dot stays a
-# GEMM (cuBLAS / Triton). `EFFJAX_XLA_DOT_STRENGTH_REDUCTION=1` at import keeps XLA's default
-# (for A/B runs). JAX takes compiler options only on a top-level jit, so `decode_step`, `extend`
+# GEMM (cuBLAS / Triton). `EFFJAX_DECODE_XLA_OPTIONS` changes the options at import (A/B runs). JAX takes compiler options only on a top-level jit, so `decode_step`, `extend`
 # and `resa.sparse_decode_step` (which the loops nest) do not carry them; a host loop of single
 # steps at batch 1 gets them with
 #   step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
 #                  donate_argnames=("cache",), compiler_options=decoding.DECODE_COMPILER_OPTIONS)
-DECODE_COMPILER_OPTIONS = ({} if os.environ.get("EFFJAX_XLA_DOT_STRENGTH_REDUCTION") == "1"
-                           else {"xla_disable_hlo_passes": "dot-strength-reduction"})
+def _decode_compiler_options() -> dict:
+  """The defaults, updated by `EFFJAX_DECODE_XLA_OPTIONS="name=value;..."` at import (for A/B
+  runs: a value `default` drops the option, true / false become booleans)."""
+  opts = {"xla_disable_hlo_passes": "dot-strength-reduction"}
+  for item in filter(None, os.environ.get("EFFJAX_DECODE_XLA_OPTIONS", "").split(";")):
+    name, sep, value = item.partition("=")
+    if not sep or not name.startswith("xla_"):
+      raise ValueError(f"EFFJAX_DECODE_XLA_OPTIONS: expected xla_name=value items, got {item!r}")
+    if value == "default":
+      opts.pop(name, None)
+    else:
+      opts[name] = {"true": True, "false": False}.get(value.lower(), value)
+  return opts
+
+
+DECODE_COMPILER_OPTIONS = _decode_compiler_options()
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> Cache:

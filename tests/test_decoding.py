@@ -266,3 +266,14 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   r = evaluation.retrieval_eval(cfg, params, n=4, context_tokens=200, budgets=[64],
                                 selectors={"quest": ("quest", None)}, block_size=16, decode_impl="xla")
   assert set(r) == {"dense", "quest@64"} and all(0.0 <= v <= 1.0 for v in r.values())
+
+
+def test_decode_compiler_options_env(monkeypatch):
+  monkeypatch.delenv("EFFJAX_DECODE_XLA_OPTIONS", raising=False)
+  assert decoding._decode_compiler_options() == {"xla_disable_hlo_passes": "dot-strength-reduction"}
+  monkeypatch.setenv("EFFJAX_DECODE_XLA_OPTIONS",
+                     "xla_disable_hlo_passes=default;xla_gpu_enable_triton_gemm=false")
+  assert decoding._decode_compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+  monkeypatch.setenv("EFFJAX_DECODE_XLA_OPTIONS", "enable_triton_gemm")
+  with pytest.raises(ValueError, match="xla_name=value"):
+    decoding._decode_compiler_options()
