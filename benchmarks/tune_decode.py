@@ -49,6 +49,7 @@ def main():
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
   ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
   ap.add_argument("--tiles", default="1", help="sparse: SparseDecodeConfig.blocks_per_tile values")
+  ap.add_argument("--block-size", type=int, default=64, help="sparse: tokens per KV block")
   ap.add_argument("--sparse-splits", default=None,
                   help="sparse: explicit num_splits values (instead of --programs-per-sm)")
   ap.add_argument("--plans", default="sparsity=0.9,budget=4096", help="sparse plans to sweep")
@@ -130,7 +131,7 @@ def main():
   rng = np.random.default_rng(0)
   for shape in [x for x in args.sparse_shapes.split(",") if x]:
     B, S = map(int, shape.split("x"))
-    bs = 64
+    bs = args.block_size
     nb = S // bs
     n_q = max(1, args.calls // args.copies)
     qs = jax.random.normal(jax.random.key(1), (n_q, B, HKV, G, D), DTYPE)
@@ -157,7 +158,8 @@ def main():
                                                           implementation="pallas_triton", config=cfg,
                                                           interpret=args.interpret),
                      (qs, idx), kv, nbytes)
-          rec(dict(kind="sparse", B=B, S=S, plan=label, blocks=n_sel, num_warps=cfg.num_warps,
+          rec(dict(kind="sparse", B=B, S=S, plan=label, block_size=bs, blocks=n_sel,
+                   num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages, num_splits=cfg.num_splits,
                    prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.blocks_per_tile,
                    config="default" if w is None else None, **t))

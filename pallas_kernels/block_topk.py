@@ -127,7 +127,12 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
             jnp.where(n2 >= k, count_hi, jnp.where(n1 >= k, n2, n1)))
 
   # key(+inf) + 1 is above every key (NaN scores are -inf by now); INT32_MIN is at or below all.
-  init = (INT32_MIN, jnp.int32(KEY_ABOVE_ALL), jnp.int32(n_pad), jnp.int32(0))
+  # With at most k valid blocks every valid one is selected: the loop is skipped (count_lo = k
+  # stands for "take all at or above INT32_MIN", and `& valid` below keeps the valid ones, a
+  # prefix), where the search would run its maximum ~21 passes to separate the -inf padding.
+  few = jnp.minimum(nb, n_blocks) <= k
+  init = (INT32_MIN, jnp.int32(KEY_ABOVE_ALL), jnp.where(few, jnp.int32(k), jnp.int32(n_pad)),
+          jnp.int32(0))
   t, hi, count_lo, count_hi = lax.while_loop(more, pass_step, init)
   above = key > t
   tie = key == t
