@@ -46,6 +46,9 @@ def main():
   add_harness_args(ap, batches="1,8", seqs="131072", calls=128, copies=4)
   ap.add_argument("--block", type=int, default=64)
   ap.add_argument("--budget-tokens", type=int, default=4096)
+  ap.add_argument("--length", type=int, default=None,
+                  help="valid tokens per sequence (default: S, full caches); shorter lengths leave "
+                       "-inf (invalid) blocks in every row")
   ap.add_argument("--warps", default="1,2,4,8", help="block_topk num_warps variants")
   ap.add_argument("--plans", default="sparsity,budget", help="which plans to run: sparsity, budget")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
@@ -66,7 +69,7 @@ def main():
       key = jax.random.key(S + B)
       kq, kw, kc_key, ks = jax.random.split(key, 4)
       qs = jax.random.normal(kq, (n_q, B, HKV, G, D), DTYPE)
-      lengths = jnp.full((B,), S, jnp.int32)
+      lengths = jnp.full((B,), S if args.length is None else min(S, args.length), jnp.int32)
       # each cache copy is a layer with its own gate projection: with one shared wq, XLA computed
       # the query projection once per query for all copies (CSE) and the gate rows undercounted it
       wqs = [jax.random.normal(jax.random.fold_in(kw, c), (HKV, G * D, GATE_DIM), jnp.float32)
@@ -78,7 +81,7 @@ def main():
       # the same computation for every cache copy, and XLA would merge those copies (CSE)
       scores = jax.random.normal(ks, (n_q * args.copies, B, HKV, nb), jnp.float32)
       one = (jnp.zeros((), jnp.float32),)
-      base = dict(B=B, S=S, blocks=nb, calls_per_jit=n_q * args.copies)
+      base = dict(B=B, S=S, length=int(lengths[0]), blocks=nb, calls_per_jit=n_q * args.copies)
       def t(call, xs, caches) -> dict:
         m = measure(call, xs, caches, args.windows, args.unroll, trace)
         r = {"ms": m["s"] * 1e3}

@@ -161,7 +161,7 @@ def main():
           rec(dict(kind="sparse", B=B, S=S, plan=label, block_size=bs, blocks=n_sel,
                    num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages, num_splits=cfg.num_splits,
-                   prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.blocks_per_tile,
+                   prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.tile_blocks(bs),
                    config="default" if w is None else None, **t))
         except Exception as e:
           rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,

@@ -235,7 +235,7 @@ def test_bad_inputs_raise(over, match):
     (dict(implementation="pallas_triton", block_size=8), "block_size=8 must be a power of 2 >= 16"),
     (dict(implementation="pallas_triton", config=SparseDecodeConfig(num_stages=0)), "num_stages"),
     (dict(implementation="pallas_triton", config=SparseDecodeConfig(blocks_per_tile=3)),
-     "blocks_per_tile must be a power of 2"),
+     "blocks_per_tile must be None or a power of 2"),
 ])
 def test_bad_options_raise(kwargs, match):
   args = _args()
