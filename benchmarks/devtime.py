@@ -18,6 +18,7 @@ process, so results on different cards (H100 ~3.0 TB/s, H200 ~4.5 TB/s) use thei
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -34,11 +35,12 @@ _AGGREGATE_LINES = ("XLA Modules", "XLA Ops", "Steps", "TensorFlow Ops", "Framew
                     "Launch Stats", "Source code")
 
 
-def build_many(call, xs, caches, unroll: int = 1):
+def build_many(call, xs, caches, unroll: int = 1, compiler_options: dict | None = None):
   """jit of: for every x in xs (a scan, unrolled `unroll` times), for every cache in caches
-  (unrolled), acc += call(x, cache). Returns the jitted function of (xs, caches)."""
+  (unrolled), acc += call(x, cache). Returns the jitted function of (xs, caches), compiled with
+  `compiler_options` (XLA options, e.g. decoding.DECODE_COMPILER_OPTIONS) if given."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options)
   def many(xs, caches):
     def body(acc, x):
       for c in caches:
