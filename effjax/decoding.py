@@ -88,29 +88,8 @@ def _layer(params, cfg: ModelConfig, i: int):
   return params[f"layers_{i}"]
 
 
-def _skinny_impl(decode_impl: str | None, rows: int, d_in: int, features: int) -> bool:
-  """Whether a decode-step linear of `rows` rows goes through `pallas_kernels.skinny_matmul`'s
-  Triton kernel: decode_impl "auto" on a GPU or "pallas_triton", and shapes the kernel takes
-  (rows <= 16, d_in / features multiples of its tiles). Otherwise the model's own linear module."""
-  if decode_impl not in ("auto", "pallas_triton"):
-    return False
-  if decode_impl == "auto" and jax.default_backend() != "gpu":
-    return False
-  from pallas_kernels.skinny_matmul import SkinnyMatmulConfig, _plan
-  return not isinstance(_plan(rows, d_in, features, SkinnyMatmulConfig()), str)
-
-
-def _linear(cfg: ModelConfig, p, x, features: int, decode_impl: str | None = None):
-  """The model's linear `cfg.linear_impl` on x [..., D]. decode_impl (decode steps only): a dense
-  linear over few rows runs as `skinny_matmul` (see `_skinny_impl`): XLA's GEMM fusions reach
-  ~25-40% of the HBM bandwidth on a decode step's [B, D] x [D, F] at small B."""
+def _linear(cfg: ModelConfig, p, x, features: int):
   dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-  rows = math.prod(x.shape[:-1])
-  if cfg.linear_impl == "dense" and _skinny_impl(decode_impl, rows, x.shape[-1], features):
-    from pallas_kernels.skinny_matmul import skinny_matmul
-    y = skinny_matmul(x.reshape(rows, x.shape[-1]).astype(dt), p["kernel"].astype(dt),
-                      implementation="pallas_triton")
-    return y.reshape(*x.shape[:-1], features)
   mod = make_linear(cfg.linear_impl)(features, dtype=dt, param_dtype=pdt)
   return mod.apply({"params": p}, x)
 
@@ -127,26 +106,24 @@ def _logits(cfg: ModelConfig, params, x):
   return jnp.dot(x, out.astype(dt), preferred_element_type=jnp.float32)
 
 
-def _qkv(cfg: ModelConfig, lp, x_BTD, positions_BT, decode_impl: str | None = None):
+def _qkv(cfg: ModelConfig, lp, x_BTD, positions_BT):
   B, T, _ = x_BTD.shape
   N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
   h = rms_norm(x_BTD, lp["attn_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
-  q = _linear(cfg, lp["wq"], h, N * H, decode_impl).reshape(B, T, N, H)
-  k = _linear(cfg, lp["wk"], h, K * H, decode_impl).reshape(B, T, K, H)
-  v = _linear(cfg, lp["wv"], h, K * H, decode_impl).reshape(B, T, K, H)
+  q = _linear(cfg, lp["wq"], h, N * H).reshape(B, T, N, H)
+  k = _linear(cfg, lp["wk"], h, K * H).reshape(B, T, K, H)
+  v = _linear(cfg, lp["wv"], h, K * H).reshape(B, T, K, H)
   cos, sin = rope_tables(positions_BT, H, cfg.rope_theta)
   return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _finish_block(cfg: ModelConfig, lp, x_BTD, o_BTNH, decode_impl: str | None = None):
+def _finish_block(cfg: ModelConfig, lp, x_BTD, o_BTNH):
   B, T = x_BTD.shape[:2]
-  o = _linear(cfg, lp["wo"], o_BTNH.reshape(B, T, -1), cfg.d_model, decode_impl)
-  x_BTD = x_BTD + o.astype(x_BTD.dtype)
+  x_BTD = x_BTD + _linear(cfg, lp["wo"], o_BTNH.reshape(B, T, -1), cfg.d_model).astype(x_BTD.dtype)
   h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
-  g = _linear(cfg, lp["w_gate"], h, cfg.ff, decode_impl)
-  u = _linear(cfg, lp["w_up"], h, cfg.ff, decode_impl)
-  down = _linear(cfg, lp["w_down"], jax.nn.silu(g) * u, cfg.d_model, decode_impl)
-  return x_BTD + down.astype(x_BTD.dtype)
+  g = _linear(cfg, lp["w_gate"], h, cfg.ff)
+  u = _linear(cfg, lp["w_up"], h, cfg.ff)
+  return x_BTD + _linear(cfg, lp["w_down"], jax.nn.silu(g) * u, cfg.d_model).astype(x_BTD.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,12 +190,12 @@ def decode_step(cfg: ModelConfig, params, cache: Cache, token_B: jax.Array,
   ks, vs = [], []
   for i in range(cfg.n_layers):
     lp = _layer(params, cfg, i)
-    q, k, v = _qkv(cfg, lp, x, pos[:, None], decode_impl)
+    q, k, v = _qkv(cfg, lp, x, pos[:, None])
     k_cache = _write_token(cache["k"][i], k[:, 0], pos)
     v_cache = _write_token(cache["v"][i], v[:, 0], pos)
     q_BKGH = q[:, 0].reshape(B, K, G, H).astype(k_cache.dtype)
     o = decode_attention(q_BKGH, k_cache, v_cache, pos + 1, implementation=decode_impl)
-    x = _finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype), decode_impl)
+    x = _finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
     ks.append(k_cache)
     vs.append(v_cache)
   new = {"k": tuple(ks), "v": tuple(vs), "lengths": pos + 1}

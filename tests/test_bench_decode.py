@@ -67,14 +67,6 @@ def test_bench_selector_smoke(tmp_path):
   assert {r["kc_dtype"] for r in rows if r["row"] == "gate_scores"} == {"float32", "bfloat16"}
 
 
-def test_bench_skinny_smoke(tmp_path):
-  rows = run("bench_skinny.py", "--rows", "1,3", "--shapes", "128x64", "--calls", "2", "--copies", "2",
-             tmp_path=tmp_path)
-  assert {(r["M"], r["impl"]) for r in rows} == {(m, i) for m in (1, 3)
-                                                 for i in ("xla", "xla+decode_options", "skinny")}
-  assert all(math.isfinite(r["us"]) and r["us"] > 0 for r in rows)
-
-
 def test_bench_extend_smoke(tmp_path):
   rows = run("bench_extend.py", "--batches", "1", "--seqs", "512", "--f", "4", "--calls", "2",
              "--copies", "1", tmp_path=tmp_path)

@@ -146,7 +146,7 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
   ks, vs, sums = [], [], []
   for i in range(cfg.n_layers):
     lp = decoding._layer(params, cfg, i)
-    q, k, v = decoding._qkv(cfg, lp, x, pos[:, None], decode_impl)
+    q, k, v = decoding._qkv(cfg, lp, x, pos[:, None])
     k_cache = decoding._write_token(cache["k"][i], k[:, 0], pos)
     v_cache = decoding._write_token(cache["v"][i], v[:, 0], pos)
     s_l = _update_block(scfg, cfg, {name: summ[name][i] for name in summ}, k_cache, pos + 1,
@@ -157,8 +157,7 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
     o = sparse_decode_attention(q_BKGH.astype(k_cache.dtype), k_cache, v_cache, pos + 1, idx,
                                 block_size=scfg.block_size, implementation=decode_impl,
                                 num_live_BK=n_live)
-    x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype),
-                               decode_impl)
+    x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
     ks.append(k_cache)
     vs.append(v_cache)
     sums.append(s_l)
