@@ -19,6 +19,8 @@ Implementations:
   exactly k keys lie at or above the bracket: 5.7-6.2 us of kernel time for 64 rows of 2048 on
   the H200, of which 2.0 us is the kernel without its search), then resolves ties by index and
   compacts the ascending ids with one prefix sum (M = the power of 2 above k, the tail -1).
+  A row with at most k valid blocks (a short sequence in a long cache) skips the search: all its
+  valid blocks are selected (7.5 -> 2.0 us at B8, 32 of 2048 blocks valid, k = 64).
 - `auto`: pallas_triton on GPU, xla elsewhere.
 Both give identical integers (tested in interpret mode and on the GPU).
 """
