@@ -39,12 +39,16 @@ Cache = dict
 # then writes the bf16 product x * W ([d_in, d_out], as large as the weight) to memory and reads it
 # back in a separate reduction: three times a weight's bytes, and the products rounded to bf16
 # before the f32 sum. In the 350M model's 32K-context decode step on the H200 that was ~1.2 of
-# 2.1 ms (benchmarks/results/NVIDIA_H200/generate_b1_trace.json). Without the pass the dot stays a
-# GEMM (cuBLAS / Triton). `EFFJAX_DECODE_XLA_OPTIONS` changes the options at import (A/B runs). JAX takes compiler options only on a top-level jit, so `decode_step`, `extend`
-# and `resa.sparse_decode_step` (which the loops nest) do not carry them; a host loop of single
-# steps at batch 1 gets them with
-#   step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
-#                  donate_argnames=("cache",), compiler_options=decoding.DECODE_COMPILER_OPTIONS)
+# 2.1 ms (benchmarks/results/NVIDIA_H200/generate_b1_trace_strength_reduced.json). Without the pass
+# the dot stays a GEMM (Triton GEMM fusion / cuBLAS).
+# - JAX takes compiler options only on a top-level jit, so `decode_step`, `extend` and
+#   `resa.sparse_decode_step` (which the loops nest) do not carry them; a host loop of single
+#   steps at batch 1 gets them with
+#     step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
+#                    donate_argnames=("cache",), compiler_options=decoding.DECODE_COMPILER_OPTIONS)
+# - Without the pass XLA:GPU cannot compile a (batched) vector . vector dot (RET_CHECK in
+#   matmul_indexing_utils); `resa`'s loops keep the gate's scores from being one.
+# - `EFFJAX_DECODE_XLA_OPTIONS` changes the options at import (A/B runs).
 def _decode_compiler_options() -> dict:
   """The defaults, updated by `EFFJAX_DECODE_XLA_OPTIONS="name=value;..."` at import (for A/B
   runs: a value `default` drops the option, true / false become booleans)."""

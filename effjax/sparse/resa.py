@@ -228,9 +228,9 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
   B, T = tokens_BT.shape
   cap = decoding.generation_capacity(cfg, T, N, multiple=scfg.block_size)
   if cap < 2 * scfg.block_size <= cfg.max_seq_len:
-    # At least two blocks: with one, batch 1 and one kv head the gate's scores are a vector .
-    # vector dot, which XLA:GPU compiles only through the dot-strength-reduction pass that
-    # decoding.DECODE_COMPILER_OPTIONS turns off (a RET_CHECK failure otherwise).
+    # At least two blocks: with one, the gate's scores [B, K, Dg] . [B, K, 1, Dg] are a batched
+    # vector . vector dot, which XLA:GPU compiles only through the dot-strength-reduction pass
+    # that decoding.DECODE_COMPILER_OPTIONS turns off (a RET_CHECK failure otherwise).
     cap = 2 * scfg.block_size
   cache = decoding.init_cache(cfg, B, cap, cache_dtype)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
