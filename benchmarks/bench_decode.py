@@ -32,7 +32,6 @@ Writes benchmarks/results/<card>/decode.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import sys
@@ -156,7 +155,7 @@ def main():
   ap.add_argument("--num-splits", type=int, default=None, help="num_splits for both kernels")
   ap.add_argument("--num-warps", type=int, default=4)
   ap.add_argument("--blocks-per-tile", type=int, default=None,
-                  help="sparse kernel: SparseDecodeConfig.blocks_per_tile (default: the config's)")
+                  help="sparse kernel: SparseDecodeConfig.blocks_per_tile (default: 64-row tiles)")
   ap.add_argument("--num-stages", type=int, default=None, help="default: each kernel's tuned value")
   ap.add_argument("--calls", type=int, default=128,
                   help="kernel calls per timed jit (16 until decode_v2.json: the fixed cost of a "
@@ -197,9 +196,7 @@ def main():
   dense_cfg = DecodeConfig(block_k=args.block_k, num_splits=args.num_splits,
                            num_warps=args.num_warps, num_stages=args.num_stages)
   sparse_cfg = SparseDecodeConfig(num_splits=args.num_splits, num_warps=args.num_warps,
-                                  num_stages=args.num_stages)
-  if args.blocks_per_tile is not None:
-    sparse_cfg = dataclasses.replace(sparse_cfg, blocks_per_tile=args.blocks_per_tile)
+                                  num_stages=args.num_stages, blocks_per_tile=args.blocks_per_tile)
   rng = np.random.default_rng(0)
   results = []
   floor_tbps, floor_src = devtime.floor_bandwidth(args.floor_tbps)
