@@ -32,7 +32,6 @@ Writes benchmarks/results/<card>/decode.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -49,7 +48,6 @@ import devtime
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
-from pallas_kernels.gate_topk import gate_block_topk
 from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
 
 HQ, HKV, D = 32, 8, 128
@@ -66,10 +64,6 @@ GATE_DIM = 64
 # (decode_s128k_b8_gate16.json vs the session-6 grid); 16 x 17 MB is still 4.5x the L2.
 GATE_L2_DEFEAT_BYTES = 8 * 60 * 2**20
 MAX_GATE_COPIES = 16
-
-# impl names of the gate rows by --gate-paths entry (plot_decode.py reads them)
-GATE_IMPLS = {"separate": "gate+topk+pallas_triton_sparse",
-              "fused": "gate_topk_fused+pallas_triton_sparse"}
 
 
 def parse_ints(s: str) -> list[int]:
@@ -180,10 +174,6 @@ def main():
                        "float32; effjax.sparse.resa.SparseConfig's default is bfloat16 since "
                        "2026-11-30; the grids before used float32)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
-  ap.add_argument("--gate-paths", default="fused,separate",
-                  help="how the gate rows select, comma-separated: fused (one kernel for the gate "
-                       "scores and the top-k: pallas_kernels.gate_topk, what the decode step runs "
-                       "since 2026-11-30) and/or separate (XLA scores, then block_topk)")
   ap.add_argument("--max-gate-copies", type=int, default=MAX_GATE_COPIES,
                   help="cap on the distinct gate caches a gate row rotates (32 bf16 copies at B8 "
                        "S128K made XLA rematerialise parts of the step: its memory estimate counts "
@@ -356,28 +346,19 @@ def main():
                                    jnp.float32) * (G * D) ** -0.5)
                 for c in range(gate_copies))
 
-            def gated_call(q, c, fused):
-              if fused:
-                qg = gate_lib.gate_query(c[3], q, lengths - 1, 1e4)
-                idx, n_live = gate_block_topk(qg, c[2], lengths, block_size=bs, k=n_sel,
-                                              implementation=impl, interpret=args.interpret)
-              else:
-                scores = gate_lib.gate_logits(c[3], q, c[2], lengths - 1, 1e4)
-                idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel,
-                                         implementation=impl, interpret=args.interpret, **topk_kw)
+            def gated_call(q, c):
+              scores = gate_lib.gate_logits(c[3], q, c[2], lengths - 1, 1e4)
+              idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
+                                       interpret=args.interpret, **topk_kw)
               return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
                                              implementation="pallas_triton",
                                              interpret=args.interpret, config=sparse_cfg,
                                              num_live_BK=n_live)
 
-            for path in args.gate_paths.split(","):
-              if path not in ("fused", "separate"):
-                raise SystemExit(f"--gate-paths: unknown path {path!r} (fused, separate)")
-              timed(GATE_IMPLS[path], functools.partial(gated_call, fused=path == "fused"),
-                    qs[:n_q_gate], layers, sel_bytes + kc_bytes, gate_dim=GATE_DIM,
-                    gate_dtype=gate_dtype, gate_copies=gate_copies,
-                    calls_per_jit=n_q_gate * gate_copies,
-                    topk="fused" if path == "fused" else (topk_kw or "default"), **plan)
+            timed("gate+topk+pallas_triton_sparse", gated_call, qs[:n_q_gate], layers,
+                  sel_bytes + kc_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
+                  gate_copies=gate_copies, calls_per_jit=n_q_gate * gate_copies,
+                  topk=topk_kw or "default", **plan)
             del layers
       del kv
       save()

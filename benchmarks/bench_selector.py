@@ -9,8 +9,7 @@ Rows per (B, S, plan): `harness` (slice + add), `gate_scores` (query projection,
 over the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk`
 on given scores, one distinct score set per call, at each --warps, and `lax.top_k` for
 reference), `gate+topk` (the gate's scores then `block_topk`, each --warps, float32 cache; and
-the defaults with a bfloat16 cache), `gate_topk_fused` (the gate query in XLA, then scores and
-top-k in one kernel, `pallas_kernels.gate_topk`, each --chunks, both cache dtypes). Plans: sparsity 0.9 (k = 10% of the blocks) and a
+the defaults with a bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a
 4,096-token budget (k = 64). Timing: bench_decode.measure (wall and, on a GPU, the profiler's
 kernel time). Writes benchmarks/results/<card>/selector.json.
 
@@ -40,7 +39,6 @@ from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, measure,
                           write_results)
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
-from pallas_kernels.gate_topk import gate_block_topk
 
 
 def main():
@@ -53,8 +51,6 @@ def main():
                        "-inf (invalid) blocks in every row")
   ap.add_argument("--warps", default="1,2,4,8", help="block_topk num_warps variants")
   ap.add_argument("--plans", default="sparsity,budget", help="which plans to run: sparsity, budget")
-  ap.add_argument("--chunks", default="256", help="gate_block_topk chunk variants (kc rows a step)")
-  ap.add_argument("--fused-warps", default="8", help="gate_block_topk num_warps variants")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   args = ap.parse_args()
@@ -119,18 +115,6 @@ def main():
                               interpret=args.interpret, num_warps=w)[0]
           record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w,
                  **t(both, qs, kc))
-        # the same in one kernel (pallas_kernels.gate_topk), what a decode step runs; the gate
-        # query (projection, RoPE, scale) stays in XLA
-        for name, kc in (("float32", kc32), ("bfloat16", kc16)):
-          for chunk in parse_ints(args.chunks):
-            for w in parse_ints(args.fused_warps):
-              def fused(q, c, chunk=chunk, w=w):
-                qg = gate_lib.gate_query(c[1], q, lengths - 1, 10000.0)
-                return gate_block_topk(qg, c[0], lengths, block_size=args.block, k=k,
-                                       implementation=impl, interpret=args.interpret,
-                                       chunk=chunk, num_warps=w)[0]
-              record(**base, row="gate_topk_fused", plan=plan, k=k, kc_dtype=name, chunk=chunk,
-                     num_warps=w, **t(fused, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],
                 f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "
                 f"{args.unroll}), median of {args.windows} windows")
