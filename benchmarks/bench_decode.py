@@ -85,11 +85,12 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
   return devtime.wall_seconds(devtime.build_many(call, xs, caches, unroll), xs, caches, windows)
 
 
-def measure(call, xs, caches, windows: int, unroll: int, trace: bool) -> dict:
+def measure(call, xs, caches, windows: int, unroll: int, trace: bool,
+            compiler_options: dict | None = None) -> dict:
   """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
   the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call)...]} (devtime.py),
-  or {"trace_error": why} if the profiler failed."""
-  many = devtime.build_many(call, xs, caches, unroll)
+  or {"trace_error": why} if the profiler failed. `compiler_options`: XLA options of that jit."""
+  many = devtime.build_many(call, xs, caches, unroll, compiler_options)
   out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
   if trace:
     try:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies, measure, parse_ints,
                           write_results)
+from effjax.decoding import DECODE_COMPILER_OPTIONS
 from effjax.model.transformer import apply_rope, rope_tables
 from pallas_kernels.block_topk import block_topk
 
@@ -63,6 +64,28 @@ def gate_query_rotw(wq2, q, pos):
   return (out[..., :D] * cos + out[..., D:] * sin) * D ** -0.5
 
 
+def gate_query_rot_const(wq2, q, pos):
+  """Rotated weights, and cos / sin taken at the full-width frequencies [f, f] (a constant), so
+  no concatenate is left at run time: r = (q wq) * cos + (q rot(wq)) * sin."""
+  B, K, Gq, H = q.shape
+  D = wq2.shape[-1] // 2
+  out = jnp.einsum("bkc,kcd->bkd", q.astype(jnp.float32).reshape(B, K, Gq * H), wq2)
+  # rope_tables' frequencies, computed the same way (bit-equal angles); constant-folded by XLA
+  inv = 1.0 / (THETA ** (jnp.arange(0, D, 2, dtype=jnp.float32) / D))
+  ang = pos.astype(jnp.float32)[:, None, None] * jnp.concatenate([inv, inv])     # [B, 1, D]
+  return (out[..., :D] * jnp.cos(ang) + out[..., D:] * jnp.sin(ang)) * D ** -0.5
+
+
+def gate_query_kfirst(wq, q, pos):
+  """The projection with the kv head as the leading (batch) axis of its output, RoPE in that
+  layout, then back: XLA's batched GEMM puts batch dims first."""
+  B, K, Gq, H = q.shape
+  qg = jnp.einsum("bkc,kcd->kbd", q.astype(jnp.float32).reshape(B, K, Gq * H), wq)
+  cos, sin = rope_tables(pos[:, None], qg.shape[-1], THETA)        # [B, 1, 1, D/2]
+  r = apply_rope(qg[:, :, None], cos[:, 0, 0][None, :, None], sin[:, 0, 0][None, :, None])
+  return r[:, :, 0].transpose(1, 0, 2) * qg.shape[-1] ** -0.5
+
+
 def layout_cases(B, N, dtype, copies, pos, lengths, topk):
   """(label fields, layers, [(what, call)]) per cache layout: [B, K, Nb, Dg] and [B, K, Dg, Nb]."""
   for layout, eq in (("BKND", "bkd,bknd->bkn"), ("BKDN", "bkd,bkdn->bkn")):
@@ -88,7 +111,9 @@ def query_cases(B, N, dtype, copies, pos, lengths, topk):
                                      jnp.float32).astype(dtype), wq, rotated_weights(wq)))
   forms = {"gemm+concat": lambda q, c: gate_query(c[1], q, pos),
            "reduce+concat": lambda q, c: gate_query_reduce(c[1], q, pos),
-           "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos)}
+           "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos),
+           "rotated weights, const freqs": lambda q, c: gate_query_rot_const(c[2], q, pos),
+           "kv head first": lambda q, c: gate_query_kfirst(c[1], q, pos)}
   for name, fq in forms.items():
     chain = lambda q, c, fq=fq: topk(jnp.einsum("bkd,bknd->bkn", fq(q, c), c[0]))
     yield {"query": name}, tuple(layers), [("query", fq), ("query+scores+topk", chain)]
@@ -107,6 +132,9 @@ def main():
                   help="instead: the gate query's formulations (GEMM + concat RoPE, reduction, "
                        "rotated weights), B and dtype from --batches / --dtypes")
   ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--decode-options", action="store_true",
+                  help="compile with effjax.decoding.DECODE_COMPILER_OPTIONS (what the decode "
+                       "loops use: XLA's dot-strength-reduction off)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
@@ -129,7 +157,8 @@ def main():
       qs = jax.random.normal(jax.random.key(B), (n_q, B, HKV, G, D), DTYPE)
       for label, layers, calls in cases(B, N, dtype, copies, lengths - 1, lengths, topk):
         for what, call in calls:
-          m = measure(call, qs, layers, args.windows, 1, on_gpu)
+          m = measure(call, qs, layers, args.windows, 1, on_gpu,
+                      DECODE_COMPILER_OPTIONS if args.decode_options else None)
           row = dict(B=B, S=args.seq, Nb=N, gate_dtype=dtype, **label, what=what, copies=copies,
                      calls_per_jit=n_q * copies, gate_bytes=kc_bytes, ms=m["s"] * 1e3)
           if "busy_s" in m:

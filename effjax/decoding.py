@@ -47,7 +47,8 @@ Cache = dict
 #     step = jax.jit(decoding.decode_step.__wrapped__, static_argnames=("cfg", "decode_impl"),
 #                    donate_argnames=("cache",), compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 # - Without the pass XLA:GPU cannot compile a (batched) vector . vector dot (RET_CHECK in
-#   matmul_indexing_utils); `resa`'s loops keep the gate's scores from being one.
+#   matmul_indexing_utils), and compiles a batched matrix . vector one (the gate's query and
+#   scores) as a slower Triton GEMM; `effjax.sparse.gate` writes those as product + sum.
 # - `EFFJAX_DECODE_XLA_OPTIONS` changes the options at import (A/B runs).
 def _decode_compiler_options() -> dict:
   """The defaults, updated by `EFFJAX_DECODE_XLA_OPTIONS="name=value;..."` at import (for A/B

@@ -157,9 +157,10 @@ def test_generate_loop_compiles_without_weight_sized_products():
 
 def test_sparse_generate_within_one_block_compiles():
   """Without dot-strength-reduction XLA:GPU cannot compile a vector . vector dot (RET_CHECK in
-  matmul_indexing_utils); the gate's scores are one when the cache holds a single block at batch 1
-  with one kv head, so resa's loops allocate at least two blocks. Block 128, prompt + new tokens
-  within one block, the gate selector."""
+  matmul_indexing_utils); as an einsum the gate's scores were one when the cache holds a single
+  block at batch 1 with one kv head. `gate.gate_logits` writes them as product + sum, which must
+  compile for a one-block cache. Block 128, prompt + new tokens within one block, the gate
+  selector."""
   from effjax.sparse import gate as gate_lib
   from effjax.sparse import resa
   cfg = ModelConfig(d_model=256, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=512,

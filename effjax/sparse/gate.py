@@ -34,6 +34,11 @@ class GateConfig:
       raise ValueError(f"gate: block_size > 0 and an even d_gate > 0 needed, got {self}")
 
 
+# compress_blocks projects up to this many blocks as a product and sum (see gate_logits), more
+# (a prefill's whole cache) with an einsum, a real matrix product.
+SMALL_PROJECTION_ROWS = 8
+
+
 def init_gate_params(mcfg: ModelConfig, gcfg: GateConfig, rng: jax.Array) -> dict:
   """{"wq": [L, K, G*H, Dg], "wk": [L, K, 3H, Dg]} float32, scaled for unit-variance scores."""
   L, K, G, H, D = mcfg.n_layers, mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd, gcfg.d_gate
@@ -66,7 +71,10 @@ def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, 
   k_BKSH may be a slice of the cache starting at block first_block_B (lengths then count from the
   slice start); RoPE uses the absolute block start positions."""
   pooled = pool_blocks(k_BKSH, lengths_B, block_size)                     # [B, K, Nb, 3H]
-  kc = jnp.einsum("bknc,kcd->bknd", pooled, wk_KCD)
+  if pooled.shape[2] <= SMALL_PROJECTION_ROWS:   # a decode step's window of a block or two
+    kc = jnp.sum(pooled[..., :, None] * wk_KCD[None, :, None], axis=-2)
+  else:
+    kc = jnp.einsum("bknc,kcd->bknd", pooled, wk_KCD)
   B, nb = kc.shape[0], kc.shape[2]
   first = jnp.zeros((B,), jnp.int32) if first_block_B is None else first_block_B
   starts = (first[:, None] + jnp.arange(nb, dtype=jnp.int32)[None]) * block_size
@@ -78,7 +86,13 @@ def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, 
 def gate_logits(wq_KCD: jax.Array, q_BKGH: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
                 rope_theta: float) -> jax.Array:
   """Gate scores of one layer for one new token per sequence: float32 [B, K, Nb]."""
-  return jnp.einsum("bkd,bknd->bkn", gate_query(wq_KCD, q_BKGH, pos_B, rope_theta), kc_BKND)
+  qg = gate_query(wq_KCD, q_BKGH, pos_B, rope_theta)
+  # A product and a sum, not an einsum: a [Dg] . [Nb, Dg] matrix-vector product per row, which
+  # XLA:GPU compiles into one reduction kernel only through its dot-strength-reduction pass. The
+  # decode loops turn that pass off (decoding.DECODE_COMPILER_OPTIONS); the einsum then became a
+  # Triton GEMM: 7.7 instead of 6.1 us at B8 S128K, 2.9 instead of 2.0 us at B1 (H200,
+  # results/NVIDIA_H200/gate_query_decode_options.json).
+  return jnp.sum(qg[:, :, None, :] * kc_BKND.astype(jnp.float32), axis=-1)
 
 
 def gate_query(wq_KCD: jax.Array, q_BKGH: jax.Array, pos_B: jax.Array,
@@ -86,7 +100,9 @@ def gate_query(wq_KCD: jax.Array, q_BKGH: jax.Array, pos_B: jax.Array,
   """The gate query of one new token per sequence: projected, RoPE'd at its position and scaled
   by 1/sqrt(Dg), float32 [B, K, Dg] (scores = gate_query . kc)."""
   B, K, G, H = q_BKGH.shape
-  qg = jnp.einsum("bkc,kcd->bkd", q_BKGH.astype(jnp.float32).reshape(B, K, G * H), wq_KCD)
+  # product and sum for the same reason as the scores (gate_logits): under the decode options the
+  # einsum was a Triton GEMM, 2.3 against 1.1 us at B1 (gate_query_decode_options.json)
+  qg = jnp.sum(q_BKGH.astype(jnp.float32).reshape(B, K, G * H, 1) * wq_KCD[None], axis=-2)
   cos, sin = rope_tables(pos_B[:, None], qg.shape[-1], rope_theta)          # [B, 1, 1, Dg/2]
   # The 1/sqrt(Dg) scale goes on the [B, K, Dg] query, not on the [B, K, Nb] scores: on the GPU
   # XLA does not fuse a multiply into the reduction's output, and the separate pass over the
