@@ -45,6 +45,7 @@ import numpy as np
 from jax import lax
 
 import devtime
+from effjax.decoding import DECODE_COMPILER_OPTIONS
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.decode_attention import DecodeConfig, decode_attention
@@ -175,6 +176,9 @@ def main():
                        "float32; effjax.sparse.resa.SparseConfig's default is bfloat16 since "
                        "2026-11-30; the grids before used float32)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
+  ap.add_argument("--xla-default-options", action="store_true",
+                  help="compile with XLA's default options instead of the decode loops' "
+                       "(effjax.decoding.DECODE_COMPILER_OPTIONS), as before 2026-11-30")
   ap.add_argument("--max-gate-copies", type=int, default=MAX_GATE_COPIES,
                   help="cap on the distinct gate caches a gate row rotates (32 bf16 copies at B8 "
                        "S128K made XLA rematerialise parts of the step: its memory estimate counts "
@@ -202,6 +206,10 @@ def main():
   results = []
   floor_tbps, floor_src = devtime.floor_bandwidth(args.floor_tbps)
   print(f"floor bandwidth {floor_tbps:.2f} TB/s ({floor_src})", flush=True)
+  # Every timed jit is compiled like the decode loops (resa.generate): XLA's dot-strength-reduction
+  # off. It changes only the XLA ops of the gate rows (the gate query and scores); the kernels
+  # are custom calls. Before 2026-11-30 (session 9) the rows used XLA's defaults.
+  compiler_options = None if args.xla_default_options else dict(DECODE_COMPILER_OPTIONS)
 
   def record(row):
     results.append(row)
@@ -223,6 +231,7 @@ def main():
                                     "/ first start to last end, per call" if trace else "")),
       "floor": f"K/V (+ gate cache) bytes read at {floor_tbps:.3f} TB/s ({floor_src})",
       "floor_tbps": floor_tbps, "interpret": args.interpret, "argv": sys.argv[1:],
+      "compiler_options": compiler_options,
   }
 
   def save():  # after every shape too: a run cut short by a time limit keeps what it measured
@@ -247,7 +256,7 @@ def main():
       cudnn = {}
 
       def timed(impl, call, xs, caches, bytes_read, **extra):
-        m = measure(call, xs, caches, args.windows, args.unroll, trace)
+        m = measure(call, xs, caches, args.windows, args.unroll, trace, compiler_options)
         floor = bytes_read / (floor_tbps * 1e12)
         r = {**common, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
              "floor_ms": floor * 1e3, "GBps_effective": bytes_read / m["s"] / 1e9,
