@@ -84,19 +84,13 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
 def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
   """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
   idx_ref int32 [M]; n_ref int32 []."""
-  _select_row(s_ref[...].astype(jnp.float32), len_ref[()], idx_ref, n_ref, block_size=block_size,
-              n_blocks=n_blocks, k=k)
-
-
-def _select_row(s, length, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
-  """The selection of one row from its scores s f32 [Np] held in registers (Np a power of 2
-  >= n_blocks, entries past n_blocks ignored): writes the ascending ids to idx_ref int32 [M]
-  and their count to n_ref int32 []."""
-  n_pad = s.shape[0]
+  length = len_ref[()]
+  n_pad = s_ref.shape[0]
   ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
   nb = (length + block_size - 1) // block_size
   valid = (ar < nb) & (ar < n_blocks)
   forced = valid & ((ar == 0) | (ar == nb - 1))
+  s = s_ref[...].astype(jnp.float32)
   s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
   bits = lax.bitcast_convert_type(s, jnp.int32)
