@@ -173,8 +173,8 @@ def main():
   ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
   ap.add_argument("--gate-dtypes", default="bfloat16",
                   help="K-compression cache dtypes of the gate rows, comma-separated (bfloat16, "
-                       "float32; effjax.sparse.resa.SparseConfig's default is bfloat16 since "
-                       "2026-11-30; the grids before used float32)")
+                       "float32, float8_e4m3fn; effjax.sparse.resa.SparseConfig's default is "
+                       "bfloat16 since 2026-11-30; the grids before used float32)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
   ap.add_argument("--xla-default-options", action="store_true",
                   help="compile with XLA's default options instead of the decode loops' "
@@ -190,6 +190,9 @@ def main():
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args()
+  for dt in args.gate_dtypes.split(","):
+    if dt not in gate_lib.CACHE_DTYPES:
+      ap.error(f"--gate-dtypes: {dt!r} is not one of {', '.join(gate_lib.CACHE_DTYPES)}")
   if args.quick:
     args.batches, args.seqs, args.windows = "1,8", "32768", 3
 
@@ -350,8 +353,8 @@ def main():
             # common-subexpression elimination -- and so undercount it ~16-32x before 2026-11-30.)
             layers = tuple(
                 (*kv[c % copies],
-                 jax.random.normal(jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM),
-                                   jnp.float32).astype(gate_dtype),
+                 gate_lib.to_cache_dtype(jax.random.normal(
+                     jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM), jnp.float32), gate_dtype),
                  jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM),
                                    jnp.float32) * (G * D) ** -0.5)
                 for c in range(gate_copies))

@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--rectify-every", type=int, default=32,
                   help="ReSA f of quest_rectify (clamped to --new-tokens)")
   ap.add_argument("--d-gate", type=int, default=64)
+  ap.add_argument("--gate-cache-dtype", default="bfloat16",
+                  choices=["bfloat16", "float32", "float8_e4m3fn"],
+                  help="gate mode: the K-compression cache dtype (SparseConfig.gate_cache_dtype)")
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas_triton")
   ap.add_argument("--param-dtype", default="bfloat16")
   ap.add_argument("--cache-dtype", default="bfloat16")
@@ -327,17 +330,20 @@ def main(argv: list[str] | None = None):
         if mode == "quest_rectify_xla":
           kw["rectify_impl"] = "xla"
         scfg = resa.SparseConfig(selector="gate" if mode == "gate" else "quest", block_size=bs,
-                                 budget_tokens=budget, rectify_every=f, d_gate=args.d_gate)
+                                 budget_tokens=budget, rectify_every=f, d_gate=args.d_gate,
+                                 gate_cache_dtype=args.gate_cache_dtype)
         gp = (gate_lib.init_gate_params(mcfg, scfg.gate, jax.random.key(args.seed + 2))
               if mode == "gate" else None)
         fn, static = resa.generate, (mcfg, scfg)
         common.update(plan=label, selector=scfg.selector, budget_tokens=budget,
                       budget_blocks=scfg.budget_blocks, block_size=bs,
-                      sparsity=max(0.0, 1 - budget / mean_len), rectify_every=f)
+                      sparsity=max(0.0, 1 - budget / mean_len), rectify_every=f,
+                      **({"gate_cache_dtype": args.gate_cache_dtype} if mode == "gate" else {}))
         kv_read = 2 * L * B * K * min(budget, mean_len) * H * cache_dtype.itemsize
         n_blocks = capacity // bs
         summ_read = (L * B * K * n_blocks * (2 * H * cache_dtype.itemsize if mode != "gate"
-                                             else args.d_gate * 4))
+                                             else args.d_gate *
+                                             jnp.dtype(args.gate_cache_dtype).itemsize))
         if gp is not None:
           weight_read += sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gp))
         dyn = lambda p, gp=gp: (p, toks, lengths, key, gp)

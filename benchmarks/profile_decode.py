@@ -62,7 +62,7 @@ def main():
   ap.add_argument("--budget-tokens", type=int, default=4096)
   ap.add_argument("--sparsity", type=float, default=0.9)
   ap.add_argument("--calls", type=int, default=64)
-  ap.add_argument("--gate-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+  ap.add_argument("--gate-dtype", default="bfloat16", choices=list(gate_lib.CACHE_DTYPES),
                   help="K-compression cache dtype (SparseConfig.gate_cache_dtype's default: bfloat16)")
   ap.add_argument("--gate-copies", type=int, default=None,
                   help="distinct gate caches the calls rotate through (default: bench_decode's rule, "
@@ -78,8 +78,9 @@ def main():
   v = jax.random.normal(jax.random.fold_in(key, 2), (B, HKV, S, D), DTYPE)
   kc_bytes = B * HKV * nb * GATE_DIM * jnp.dtype(args.gate_dtype).itemsize
   copies = args.gate_copies or gate_cache_copies(kc_bytes, 1, jax.default_backend() == "gpu")
-  kcs = jax.random.normal(jax.random.fold_in(key, 3), (copies, B, HKV, nb, GATE_DIM),
-                          jnp.float32).astype(args.gate_dtype)
+  kcs = gate_lib.to_cache_dtype(jax.random.normal(jax.random.fold_in(key, 3),
+                                                  (copies, B, HKV, nb, GATE_DIM), jnp.float32),
+                                args.gate_dtype)
   wq = jax.random.normal(jax.random.fold_in(key, 4), (HKV, G * D, GATE_DIM), jnp.float32) * (G * D) ** -0.5
   lengths = jnp.full((B,), S, jnp.int32)
   impl = "xla" if args.interpret else "pallas_triton"

@@ -32,12 +32,12 @@ def positive(rows):
 def test_bench_decode_smoke(tmp_path):
   rows = run("bench_decode.py", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
              "--sparsities", "0.5", "--budget-tokens", "256", "--no-xla", "--trace",
-             "--gate-dtypes", "float32,bfloat16", tmp_path=tmp_path)
+             "--gate-dtypes", "float8_e4m3fn,bfloat16", tmp_path=tmp_path)
   positive(rows)
   # --trace: every timed row also carries the profiler's (here: host) time and kernel list
   timed = [r for r in rows if "ms" in r]
   assert timed and all(r["trace_busy_ms"] > 0 and r["kernels"] for r in timed)
-  assert {r["gate_dtype"] for r in rows if r["impl"].startswith("gate")} == {"float32", "bfloat16"}
+  assert {r["gate_dtype"] for r in rows if r["impl"].startswith("gate")} == {"float8_e4m3fn", "bfloat16"}
   impls = {r["impl"] for r in rows}
   assert {"cudnn", "harness_overhead", "pallas_triton", "pallas_triton_sparse",
           "gate+topk+pallas_triton_sparse"} <= impls

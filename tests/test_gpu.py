@@ -1,5 +1,7 @@
 """GPU-only checks (run on the device machine with `pytest -m gpu`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,3 +174,32 @@ def test_sparse_generate_within_one_block_compiles():
   out, n = resa.generate(cfg, scfg, params, toks, jnp.asarray([40]), jax.random.key(2), gp,
                          max_new_tokens=12)
   assert out.shape == (1, 12) and int(n[0]) == 12
+
+
+def test_float8_gate_cache_compiles_and_equals_the_converted_float32_cache():
+  """gate_cache_dtype="float8_e4m3fn" on the GPU: the prefill's K-compression cache is the
+  float32 one saturated and converted, bit for bit, and the jitted gate generation (decode
+  options, Triton top-k and sparse kernels) runs over it."""
+  from effjax import decoding
+  from effjax.sparse import gate as gate_lib
+  from effjax.sparse import resa
+  cfg = ModelConfig(d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
+                    compute_dtype="bfloat16", param_dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  gp = gate_lib.init_gate_params(cfg, gate_lib.GateConfig(block_size=64), jax.random.key(3))
+  toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
+  lengths = jnp.asarray([500, 321])
+  cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+  _, cache = decoding.prefill(cfg, params, toks, lengths, cache)
+  base = resa.SparseConfig(selector="gate", block_size=64, budget_tokens=256, rectify_every=8)
+  s32 = resa.init_summaries(cfg, dataclasses.replace(base, gate_cache_dtype="float32"), cache, gp)
+  f8 = dataclasses.replace(base, gate_cache_dtype="float8_e4m3fn")
+  s8 = resa.init_summaries(cfg, f8, cache, gp)
+  for a, b in zip(s32["kc"], s8["kc"]):
+    assert b.dtype == jnp.float8_e4m3fn
+    assert float(jnp.max(jnp.abs(a))) > 0.1
+    np.testing.assert_array_equal(np.asarray(gate_lib.to_cache_dtype(a, "float8_e4m3fn"), np.float32),
+                                  np.asarray(b, np.float32))
+  out, n = resa.generate(cfg, f8, params, toks, lengths, jax.random.key(2), gp, max_new_tokens=20)
+  assert out.shape == (2, 20) and np.all(np.asarray(n) == 20)
+  assert np.all((np.asarray(out) >= 0) & (np.asarray(out) < cfg.vocab_size))

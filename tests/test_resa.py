@@ -228,19 +228,24 @@ def test_refreshed_summaries_after_rectification_equal_a_full_recompute(selector
       chex.assert_shape(refreshed[key][0], full[key][0].shape)
 
 
-def test_bfloat16_gate_cache_keeps_its_dtype_and_nearly_the_same_choice():
-  """gate_cache_dtype="bfloat16": the K-compression cache is stored (and kept through decode
-  steps) in bf16; the blocks it picks are those of the f32 cache but for near-ties."""
+@pytest.mark.parametrize("low", ["bfloat16", "float8_e4m3fn"])
+def test_low_precision_gate_cache_keeps_its_dtype_and_nearly_the_same_choice(low):
+  """gate_cache_dtype="bfloat16" / "float8_e4m3fn": the K-compression cache is stored (and kept
+  through decode steps) in that dtype, after a prefill equal to the float32 cache converted; the
+  blocks it picks are those of the f32 cache but for near-ties."""
   params, toks, lengths = setup(4)
   # block 8, budget 3 blocks of the 6 / 5 the sequences fill: one real choice besides the forced two
   base = resa.SparseConfig(selector="gate", block_size=8, budget_tokens=24, d_gate=16)
   gp = gate_lib.init_gate_params(CFG, base.gate, jax.random.key(5))
   picks = {}
-  for dt in ("float32", "bfloat16"):
+  caches = {}
+  for dt in ("float32", low):
     scfg = dataclasses.replace(base, gate_cache_dtype=dt)
     cache = decoding.init_cache(CFG, 2, 80, jnp.float32)
     _, cache = decoding.prefill(CFG, params, toks, lengths, cache)
     summ = resa.init_summaries(CFG, scfg, cache, gp)
+    # of the prefilled cache (decode steps differ once choices do); copied: the steps donate it
+    caches[dt] = [np.asarray(kc.astype(jnp.float32)) for kc in summ["kc"]]
     for t in range(6):
       _, cache, summ = resa.sparse_decode_step(CFG, scfg, params, cache, summ,
                                                jnp.asarray([t + 1, t + 7]), gp, decode_impl="xla")
@@ -249,10 +254,26 @@ def test_bfloat16_gate_cache_keeps_its_dtype_and_nearly_the_same_choice():
     idx, _ = resa._select(scfg, CFG, {"kc": summ["kc"][0]}, q, cache["lengths"], gp["wq"][0],
                           decode_impl="xla")
     picks[dt] = np.asarray(idx)
-  agree = np.mean(picks["float32"] == picks["bfloat16"])
+  for kc32, kc_low in zip(caches["float32"], caches[low]):
+    np.testing.assert_array_equal(np.asarray(gate_lib.to_cache_dtype(kc32, low), np.float32),
+                                  kc_low)
+  agree = np.mean(picks["float32"] == picks[low])
   assert agree >= 0.9, (agree, picks)
   with pytest.raises(ValueError, match="gate_cache_dtype"):
     resa.SparseConfig(selector="gate", gate_cache_dtype="float16")
+
+
+def test_float8_gate_cache_saturates_instead_of_nan():
+  """float8_e4m3fn has no inf and XLA turns values past its range into NaN: the cache
+  conversion clips to +-448, so an outlying block key keeps a finite (extreme) score."""
+  kc = jnp.asarray([[0.3, -2.0, 1000.0, -5e4, 448.0, 1e-3]], jnp.float32)
+  got = np.asarray(gate_lib.to_cache_dtype(kc, "float8_e4m3fn").astype(jnp.float32))
+  assert np.all(np.isfinite(got)), got
+  np.testing.assert_array_equal(got[0, 2:5], [448.0, -448.0, 448.0])
+  np.testing.assert_allclose(got[0, :2], [0.3, -2.0], rtol=2 ** -4)   # 3 mantissa bits
+  assert np.isnan(np.asarray(kc.astype(jnp.float8_e4m3fn).astype(jnp.float32))[0, 2])  # unclipped
+  with pytest.raises(ValueError, match="gate cache dtype"):
+    gate_lib.to_cache_dtype(kc, "float16")
 
 
 def test_score_continuation_follows_generate_and_the_dense_forward():

@@ -34,6 +34,23 @@ class GateConfig:
       raise ValueError(f"gate: block_size > 0 and an even d_gate > 0 needed, got {self}")
 
 
+# Storage dtypes of the K-compression cache (resa.SparseConfig.gate_cache_dtype). Scores are
+# always computed in float32 from it.
+CACHE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")
+FLOAT8_MAX = 448.0   # float8_e4m3fn's largest finite value; it has no inf
+
+
+def to_cache_dtype(kc: jax.Array, dtype) -> jax.Array:
+  """kc as stored in the K-compression cache. float8_e4m3fn saturates at +-448: that format has
+  no inf, and XLA converts anything past ~464 to NaN, which would poison a block's score."""
+  dt = jnp.dtype(dtype)
+  if dt.name not in CACHE_DTYPES:
+    raise ValueError(f"gate cache dtype must be one of {'|'.join(CACHE_DTYPES)}, got {dt.name}")
+  if dt == jnp.float8_e4m3fn:
+    kc = jnp.clip(kc, -FLOAT8_MAX, FLOAT8_MAX)
+  return kc.astype(dt)
+
+
 # compress_blocks projects up to this many blocks as a product and sum (see gate_logits), more
 # (a prefill's whole cache) with an einsum, a real matrix product.
 SMALL_PROJECTION_ROWS = 8

@@ -34,13 +34,15 @@ class SparseConfig:
   threshold: float = 0.0           # gate only: > 0 selects by gate probability (capped by the budget)
   rectify_every: int = 32          # ReSA f; 0 = never rectify
   d_gate: int = 64
-  gate_cache_dtype: str = "bfloat16"  # K-compression cache storage: bfloat16 | float32. bf16 halves
-                                      # the bytes a step's gate scores read (scores still in float32);
-                                      # same recall and retrieval as f32 on the 9000-step model
+  gate_cache_dtype: str = "bfloat16"  # K-compression cache storage: bfloat16 | float32 |
+                                      # float8_e4m3fn (saturating at +-448). bf16 halves the bytes a
+                                      # step's gate scores read (scores still in float32); same
+                                      # recall and retrieval as f32 on the 9000-step model
 
   def __post_init__(self):
-    if self.gate_cache_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"gate_cache_dtype must be float32|bfloat16, got {self.gate_cache_dtype!r}")
+    if self.gate_cache_dtype not in gate_lib.CACHE_DTYPES:
+      raise ValueError(f"gate_cache_dtype must be {'|'.join(gate_lib.CACHE_DTYPES)}, "
+                       f"got {self.gate_cache_dtype!r}")
     if self.selector not in ("quest", "gate"):
       raise ValueError(f"selector must be quest|gate, got {self.selector!r}")
     if self.budget_tokens // self.block_size < 2:
@@ -65,8 +67,9 @@ def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk
   if scfg.selector == "quest":
     kmin, kmax = selection.block_minmax(k_BKSH, lengths_B, scfg.block_size)
     return {"kmin": kmin, "kmax": kmax}
-  return {"kc": gate_lib.compress_blocks(wk, k_BKSH, lengths_B, scfg.block_size, cfg.rope_theta,
-                                         first_block_B=first_block_B).astype(scfg.gate_cache_dtype)}
+  kc = gate_lib.compress_blocks(wk, k_BKSH, lengths_B, scfg.block_size, cfg.rope_theta,
+                                first_block_B=first_block_B)
+  return {"kc": gate_lib.to_cache_dtype(kc, scfg.gate_cache_dtype)}
 
 
 def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:

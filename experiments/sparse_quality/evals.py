@@ -137,7 +137,7 @@ def retrieval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray
 @functools.partial(jax.jit, static_argnames=("mcfg", "block_size", "budgets"))
 def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size: int,
             budgets: tuple[int, ...]):
-  """[L, P, 3 (RECALL_SELECTORS), len(budgets), B, K] recall of each selector's top-k choice."""
+  """[L, P, len(RECALL_SELECTORS), len(budgets), B, K] recall of each selector's top-k choice."""
   B, T = tokens_BT.shape
   K, G, H = mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
   S = -(-T // block_size) * block_size
@@ -153,8 +153,9 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
       kmin, kmax = selection.block_minmax(k_BKSH, lengths, block_size)
       scores = [selection.quest_scores(q_BKGH, kmin, kmax)]
       kc = gate_lib.compress_blocks(gate_params["wk"][i], k_BKSH, lengths, block_size, mcfg.rope_theta)
-      for kc_dtype in (jnp.bfloat16, jnp.float32):   # the K-compression cache as stored
-        scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH, kc.astype(kc_dtype),
+      for kc_dtype in RECALL_GATE_DTYPES:   # the K-compression cache as stored
+        scores.append(gate_lib.gate_logits(gate_params["wq"][i], q_BKGH,
+                                           gate_lib.to_cache_dtype(kc, kc_dtype),
                                            lengths - 1, mcfg.rope_theta))
       return jnp.stack([jnp.stack([
           attention_recall(q_BKGH, k_BKSH, lengths,
@@ -165,17 +166,19 @@ def _recall(mcfg: ModelConfig, params, gate_params, tokens_BT, pos_P, block_size
   return jnp.stack(per_layer)
 
 
-# the selectors `_recall` scores: Quest, the gate over a bfloat16 (SparseConfig.gate_cache_dtype's
-# default) and over a float32 K-compression cache
-RECALL_SELECTORS = ("quest", "gate", "gate-f32")
+# the selectors `_recall` scores: Quest, then the gate over its K-compression cache stored as
+# bfloat16 (SparseConfig.gate_cache_dtype's default), float32 and float8_e4m3fn
+RECALL_GATE_DTYPES = ("bfloat16", "float32", "float8_e4m3fn")
+RECALL_SELECTORS = ("quest", "gate", "gate-f32", "gate-f8")
 
 
 def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positions: list[int], *,
            block_size: int, budgets: list[int]) -> dict:
   """Mean share of dense attention probability (over layers, kv heads, their query heads,
-  sequences and the query positions) that falls in the blocks Quest and the gate (bfloat16 and
-  float32 K-compression cache) pick, per budget: {"quest": {budget: r}, "gate": {budget: r},
-  "gate-f32": {budget: r}, "by_layer": {sel: {budget: [L]}}}.
+  sequences and the query positions) that falls in the blocks Quest and the gate (bfloat16,
+  float32 and float8_e4m3fn K-compression cache) pick, per budget: {"quest": {budget: r},
+  "gate": {budget: r}, "gate-f32": ..., "gate-f8": ..., "by_layer": {sel: {budget: [L]}},
+  "kc_abs": `kc_magnitudes` of the sequences}.
   tokens_BT: int32 [B, T]; positions: the query positions (each query sees keys 0..p)."""
   r = np.asarray(_recall(mcfg, params, gate_params, jnp.asarray(tokens_BT),
                          jnp.asarray(positions, jnp.int32), block_size, tuple(budgets)))
@@ -184,4 +187,34 @@ def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positi
     out[name] = {str(b): float(r[:, :, s, j].mean()) for j, b in enumerate(budgets)}
     out["by_layer"][name] = {str(b): [float(x) for x in r[:, :, s, j].mean(axis=(1, 2, 3))]
                              for j, b in enumerate(budgets)}
+  out["kc_abs"] = kc_magnitudes(mcfg, params, gate_params, tokens_BT, block_size=block_size)
   return out
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg", "block_size"))
+def _kc_abs(mcfg: ModelConfig, params, gate_params, tokens_BT, block_size: int):
+  """|K-compression cache| of every full block of every layer, float32 [L, B, K, Nb * Dg]."""
+  B, T = tokens_BT.shape
+  nb = T // block_size
+  _, _, ks, _ = decoding.forward_layers(mcfg, params, tokens_BT)
+  lengths = jnp.full((B,), nb * block_size, jnp.int32)
+  out = []
+  for i in range(mcfg.n_layers):
+    k_BKSH = ks[i][:, :nb * block_size].astype(jnp.float32).transpose(0, 2, 1, 3)
+    kc = gate_lib.compress_blocks(gate_params["wk"][i], k_BKSH, lengths, block_size, mcfg.rope_theta)
+    out.append(jnp.abs(kc).reshape(B, kc.shape[1], -1))
+  return jnp.stack(out)
+
+
+def kc_magnitudes(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, *,
+                  block_size: int) -> dict:
+  """Where the gate's K-compression cache entries sit against float8_e4m3fn's range: quantiles
+  of |kc| (all layers) and the shares below its smallest normal (2^-6, fewer mantissa bits),
+  below half its smallest subnormal (2^-10, stored as 0) and above its largest value (448,
+  clipped)."""
+  a = np.asarray(_kc_abs(mcfg, params, gate_params, jnp.asarray(tokens_BT), block_size)).ravel()
+  qs = (0.01, 0.1, 0.5, 0.9, 0.99, 1.0)
+  return {"quantiles": {str(q): float(np.quantile(a, q)) for q in qs},
+          "share_below_f8_normal": float(np.mean(a < 2.0 ** -6)),
+          "share_flushed_to_zero": float(np.mean(a < 2.0 ** -10)),
+          "share_clipped": float(np.mean(a > gate_lib.FLOAT8_MAX))}

@@ -6,6 +6,12 @@ from __future__ import annotations
 import pathlib
 
 
+def _color(name: str) -> str:
+  """Plot color of a drift / retrieval row by selector."""
+  return ("C0" if name.startswith("quest") else "C2" if name.startswith("gate-f32") else
+          "C3" if name.startswith("gate-f8") else "C1")
+
+
 def _fmt(x, nd=3):
   return "-" if x is None else f"{x:.{nd}f}"
 
@@ -134,9 +140,18 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     for where, label in (("text", "held-out text"), ("passkey", "passkey answer")):
       if where not in rc:
         continue
-      for s in [s for s in ("quest", "gate", "gate-f32") if s in rc[where]]:
+      for s in [s for s in ("quest", "gate", "gate-f32", "gate-f8") if s in rc[where]]:
         lines.append(f"| {label} | {s} | " + " | ".join(f"{rc[where][s][str(b)]:.3f}" for b in budgets) + " |")
     lines.append("")
+    mag = rc.get("text", {}).get("kc_abs")
+    if mag:
+      q = mag["quantiles"]
+      lines += [
+          "|K-compression cache| on the held-out text against float8_e4m3fn's range: quantiles "
+          + ", ".join(f"{float(k):g}: {v:.3g}" for k, v in q.items())
+          + f"; {mag['share_below_f8_normal']:.1%} below its smallest normal (2^-6), "
+          f"{mag['share_flushed_to_zero']:.1%} stored as 0, {mag['share_clipped']:.2%} clipped at 448.",
+          ""]
   t = doc.get("timings_s") or {}
   if t:
     lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
@@ -194,8 +209,7 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
   d = ev.get("drift")
   if d:
     names = list(d["rows"])
-    colors = ["gray" if n == "dense" else "C0" if n.startswith("quest") else
-              "C2" if n.startswith("gate-f32") else "C1" for n in names]
+    colors = ["gray" if n == "dense" else _color(n) for n in names]
     tf = d.get("teacher_forced")
     fig, axes = plt.subplots(1, 3 if tf else 2, figsize=(18 if tf else 12, 4.2), dpi=110)
     for ax, key, label in ((axes[0], "nll", "dense-model NLL (nats/byte)"),
@@ -211,7 +225,7 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
       for n, r in tf.items():
         if n == "dense":
           continue
-        c = "C0" if n.startswith("quest") else "C2" if n.startswith("gate-f32") else "C1"
+        c = _color(n)
         ls = "-" if "rectify" not in n else "--" if "f=32" in n else ":"
         ax.plot(range(1, len(r["excess_nll_by_quarter"]) + 1), r["excess_nll_by_quarter"], c=c,
                 ls=ls, marker="o", label=n)

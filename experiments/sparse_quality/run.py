@@ -50,6 +50,8 @@ for p in (str(ROOT), str(HERE)):
 import numpy as np
 
 PHASES = ("data", "train", "gate", "eval", "report")
+# --gate-variants: K-compression cache dtype -> the selector's row name
+GATE_VARIANTS = {"float32": "gate-f32", "float8_e4m3fn": "gate-f8"}
 
 # Defaults sized for one H100 (see README.md), and the --smoke sizes (2 CPU cores, ~1 minute).
 FULL = dict(steps=9000, batch=16, seq=4096, valid_docs=64, gate_steps=300,
@@ -135,10 +137,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--recall-n", type=int, default=None, help="sequences for attention recall (0 = skip)")
   g.add_argument("--skip-synthetic", action="store_true",
                  help="skip retrieval_eval's repetitive-filler table")
-  g.add_argument("--no-gate-f32", dest="gate_f32", action="store_false",
-                 help="skip the 'gate-f32' selector (the gate over a float32 K-compression cache; "
-                      "'gate' keeps SparseConfig.gate_cache_dtype's default, bfloat16) in retrieval "
-                      "and drift")
+  g.add_argument("--gate-variants", nargs="*", choices=list(GATE_VARIANTS), default=["float32"],
+                 help="further K-compression cache dtypes for the same gate in retrieval and drift: "
+                      "'gate-f32' (float32), 'gate-f8' (float8_e4m3fn); 'gate' keeps "
+                      "SparseConfig.gate_cache_dtype's default, bfloat16. Recall scores all three.")
+  g.add_argument("--no-gate-f32", dest="gate_variants", action="store_const", const=[],
+                 help="no extra gate rows (same as --gate-variants with no values)")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (applied last)")
   args = ap.parse_args(argv)
   for k, v in (SMOKE if args.smoke else FULL).items():
@@ -475,7 +479,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   from effjax.evaluation import load_params, retrieval_eval
   want = {k: getattr(args, k) for k in ("block_size", "budgets", "retrieval_n", "context", "drift_n",
                                          "new_tokens", "rectify", "sparsity", "recall_n", "seed",
-                                         "skip_synthetic", "decode_impl", "gate_f32")}
+                                         "skip_synthetic", "decode_impl", "gate_variants")}
   want["gate"] = gate_request(args, run)
   done = run.read("eval.json")
   if done is not None and done.get("request") == want:
@@ -491,8 +495,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   gp = {k: jnp.asarray(v) for k, v in np.load(run.out / "gate.npz").items()}
   heldout = (run.out / "data" / "heldout.txt").read_text()
   selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
-  if args.gate_f32:  # the same gate, its K-compression cache stored in float32 (twice the bytes)
-    selectors["gate-f32"] = ("gate", gp, {"gate_cache_dtype": "float32"})
+  for dt in args.gate_variants:  # the same gate, its K-compression cache stored in another dtype
+    selectors[GATE_VARIANTS[dt]] = ("gate", gp, {"gate_cache_dtype": dt})
   bs, log = args.block_size, (lambda m: run.log(f"eval: {m}"))
   kw = dict(block_size=bs, decode_impl=args.decode_impl)
   res["model_step"] = int(step)
