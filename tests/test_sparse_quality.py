@@ -175,3 +175,20 @@ def test_smoke_rerun_skips_finished_phases(smoke_run, capsys):
     assert phase in log
   after = json.loads((out / "results.json").read_text())
   assert after["eval"] == before["eval"] and after["train"] == before["train"]
+
+
+def test_plot_rectify_gains_on_the_committed_runs(tmp_path, capsys):
+  """The cross-model gain plot reads the committed results: per-prompt gains as in REPORT.md."""
+  import plot_rectify_gains as prg
+  out = tmp_path / "gains.png"
+  assert prg.main(["--out", str(out)]) == 0
+  assert out.is_file() and out.stat().st_size > 10_000
+  runs = dict(prg.load_gains(prg.DEFAULT_DIRS))
+  g = runs["results_h200_2048tok\n2048 tokens"]
+  assert g["quest f=32"][0] == pytest.approx(-0.0063, abs=5e-5)
+  assert g["quest f=32"][1] == pytest.approx(0.0013, abs=5e-5)
+  assert g["gate f=16"][0] == pytest.approx(0.0013, abs=5e-5)
+  assert "gate-f8 f=16" in runs["results_h200_1024tok\n1024 tokens"]
+  assert "quest f=16 -0.0045 +- 0.0015" in capsys.readouterr().out
+  with pytest.raises(SystemExit, match="not found"):
+    prg.main([str(tmp_path / "missing"), "--out", str(out)])
