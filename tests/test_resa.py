@@ -298,3 +298,33 @@ def test_score_continuation_follows_generate_and_the_dense_forward():
   assert float(jnp.max(jnp.abs(lp_tight - lp_dense))) > 1e-3     # the tight budget is lossy here
   with pytest.raises(ValueError, match="cont_BN"):
     resa.score_continuation(CFG, scfg, params, toks, lengths, cont[:1], **kw)
+
+
+def test_gate_params_are_checked_before_compute():
+  """selector='gate' with missing, incomplete or mis-shaped gate params fails with a message that
+  names the problem, in every entry point; dense runs of the same config need none."""
+  params, toks, lengths = setup(2)
+  scfg = resa.SparseConfig(selector="gate", block_size=8, budget_tokens=24, d_gate=16)
+  good = gate_lib.init_gate_params(CFG, scfg.gate, jax.random.key(5))
+  wrong_dg = gate_lib.init_gate_params(CFG, gate_lib.GateConfig(block_size=8, d_gate=32),
+                                       jax.random.key(5))
+  cases = [(None, "needs gate_params"), ({"wq": good["wq"]}, "'wq' and 'wk'"),
+           (wrong_dg, r"gate_params\['wq'\] must be .*d_gate=16"),
+           ({"wq": good["wq"][:1], "wk": good["wk"]}, r"gate_params\['wq'\] must be \[L=2"),
+           (resa.per_layer({"wq": good["wq"], "wk": good["wk"][:, :, :5]}), r"gate_params\['wk'\]")]
+  cache = decoding.init_cache(CFG, 2, 80, jnp.float32)
+  _, cache = decoding.prefill(CFG, params, toks, lengths, cache)
+  for gp, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      resa.init_summaries(CFG, scfg, cache, gp)
+    with pytest.raises(ValueError, match=msg):
+      resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(0), gp, max_new_tokens=2,
+                    decode_impl="xla")
+  with pytest.raises(ValueError, match="needs gate_params"):
+    resa.sparse_decode_step(CFG, scfg, params, cache, {"kc": ()}, jnp.asarray([1, 2]), None,
+                            decode_impl="xla")
+  # a per-layer tuple of the right shapes passes; a dense run needs no gate
+  resa.init_summaries(CFG, scfg, cache, resa.per_layer(good))
+  out, n = resa.generate(CFG, scfg, params, toks, lengths, jax.random.key(0), None, max_new_tokens=2,
+                         decode_impl="xla", sparse=False)
+  assert out.shape == (2, 2) and np.all(np.asarray(n) == 2)

@@ -64,6 +64,32 @@ def init_gate_params(mcfg: ModelConfig, gcfg: GateConfig, rng: jax.Array) -> dic
           "wk": jax.random.normal(kk, (L, K, 3 * H, D), jnp.float32) * (3 * H) ** -0.5}
 
 
+def check_params(mcfg: ModelConfig, d_gate: int, gate_params) -> None:
+  """Raises a ValueError naming the problem unless gate_params is a decode gate for this model:
+  {"wq": [L, K, G*H, Dg], "wk": [L, K, 3H, Dg]} with Dg = d_gate, stacked over layers or (as
+  `resa.per_layer` makes them) a tuple of L per-layer arrays. Shapes only: safe under jit."""
+  if gate_params is None:
+    raise ValueError("selector='gate' needs gate_params: {'wq', 'wk'} from "
+                     "gate_training.train_gate or init_gate_params (got None)")
+  if not isinstance(gate_params, dict) or not {"wq", "wk"} <= set(gate_params):
+    got = sorted(gate_params) if isinstance(gate_params, dict) else type(gate_params).__name__
+    raise ValueError(f"gate_params must be a dict with 'wq' and 'wk', got {got}")
+  L, K, G, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.n_heads // mcfg.n_kv_heads, mcfg.hd
+  want = {"wq": (K, G * H, d_gate), "wk": (K, 3 * H, d_gate)}
+  for name, per_layer_shape in want.items():
+    w = gate_params[name]
+    if isinstance(w, (tuple, list)):
+      shapes = {tuple(x.shape) for x in w}
+      ok = len(w) == L and shapes == {per_layer_shape}
+      got = f"{len(w)} layers of {sorted(shapes)}"
+    else:
+      ok = tuple(getattr(w, "shape", ())) == (L, *per_layer_shape)
+      got = str(tuple(getattr(w, "shape", ())))
+    if not ok:
+      raise ValueError(f"gate_params['{name}'] must be [L={L}, K={K}, {per_layer_shape[1]}, "
+                       f"d_gate={d_gate}] for this model and SparseConfig, got {got}")
+
+
 def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
   """max / min / mean of each block's valid keys, concatenated: float32 [B, K, Nb, 3H]. Empty
   blocks give zeros (they are masked from scores)."""

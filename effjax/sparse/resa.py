@@ -58,6 +58,11 @@ class SparseConfig:
   def gate(self) -> gate_lib.GateConfig:
     return gate_lib.GateConfig(block_size=self.block_size, d_gate=self.d_gate)
 
+  def check_gate_params(self, cfg: ModelConfig, gate_params) -> None:
+    """For selector='gate': gate_params must fit the model and d_gate (a clear ValueError)."""
+    if self.selector == "gate":
+      gate_lib.check_params(cfg, self.d_gate, gate_params)
+
 
 def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk=None,
                      first_block_B=None) -> dict:
@@ -75,6 +80,7 @@ def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk
 def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
   """Summaries of every block of a (prefilled) cache, one buffer per layer like the cache:
   {"kmin", "kmax": (L arrays [B, K, Nb, H])} (Quest) or {"kc": (L arrays [B, K, Nb, Dg])} (gate)."""
+  scfg.check_gate_params(cfg, gate_params)
   layers = [_block_summaries(cfg, scfg, cache["k"][i], cache["lengths"],
                              None if gate_params is None else gate_params["wk"][i])
             for i in range(cfg.n_layers)]
@@ -142,6 +148,7 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
                        token_B: jax.Array, gate_params=None, decode_impl: str = "auto"):
   """decode_step with block-sparse attention: returns (logits [B, V], cache, summaries)."""
   from pallas_kernels.sparse_decode import sparse_decode_attention
+  scfg.check_gate_params(cfg, gate_params)
   pos = cache["lengths"]
   B = token_B.shape[0]
   K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
@@ -240,11 +247,13 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
   """generate's loop (forced_BN None) or score_continuation's (forced_BN [B, N]: fed instead of
   the sampled tokens; carry[9] collects (logprob, argmax) of each step). Returns the final carry."""
   B, T = tokens_BT.shape
+  if sparse:
+    scfg.check_gate_params(cfg, gate_params)
   gate_params = per_layer(gate_params)
   cap = decoding.generation_capacity(cfg, T, N, multiple=scfg.block_size)
   cache = decoding.init_cache(cfg, B, cap, cache_dtype)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
-  summ = init_summaries(cfg, scfg, cache, gate_params)
+  summ = init_summaries(cfg, scfg, cache, gate_params) if sparse else {}   # dense: none needed
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
   f = scfg.rectify_every if sparse else 0
