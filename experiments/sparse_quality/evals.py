@@ -173,12 +173,12 @@ RECALL_SELECTORS = ("quest", "gate", "gate-f32", "gate-f8")
 
 
 def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positions: list[int], *,
-           block_size: int, budgets: list[int]) -> dict:
+           block_size: int, budgets: list[int], kc_stats: bool = False) -> dict:
   """Mean share of dense attention probability (over layers, kv heads, their query heads,
   sequences and the query positions) that falls in the blocks Quest and the gate (bfloat16,
   float32 and float8_e4m3fn K-compression cache) pick, per budget: {"quest": {budget: r},
   "gate": {budget: r}, "gate-f32": ..., "gate-f8": ..., "by_layer": {sel: {budget: [L]}},
-  "kc_abs": `kc_magnitudes` of the sequences}.
+  "kc_abs": `kc_magnitudes` of the sequences, with kc_stats}.
   tokens_BT: int32 [B, T]; positions: the query positions (each query sees keys 0..p)."""
   r = np.asarray(_recall(mcfg, params, gate_params, jnp.asarray(tokens_BT),
                          jnp.asarray(positions, jnp.int32), block_size, tuple(budgets)))
@@ -187,7 +187,8 @@ def recall(mcfg: ModelConfig, params, gate_params, tokens_BT: np.ndarray, positi
     out[name] = {str(b): float(r[:, :, s, j].mean()) for j, b in enumerate(budgets)}
     out["by_layer"][name] = {str(b): [float(x) for x in r[:, :, s, j].mean(axis=(1, 2, 3))]
                              for j, b in enumerate(budgets)}
-  out["kc_abs"] = kc_magnitudes(mcfg, params, gate_params, tokens_BT, block_size=block_size)
+  if kc_stats:
+    out["kc_abs"] = kc_magnitudes(mcfg, params, gate_params, tokens_BT, block_size=block_size)
   return out
 
 

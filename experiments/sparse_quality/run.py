@@ -551,7 +551,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
     pos_pk = list(range(args.context, args.context + 4))
     log(f"attention recall: {n} held-out sequences x {len(pos_text)} positions, {n} passkey answers")
     rc = {"budgets": args.budgets,
-          "text": evals.recall(cfg.model, params, gp, text, pos_text, block_size=bs, budgets=args.budgets),
+          "text": evals.recall(cfg.model, params, gp, text, pos_text, block_size=bs, budgets=args.budgets,
+                               kc_stats=True),
           "passkey": evals.recall(cfg.model, params, gp, pk, pos_pk, block_size=bs, budgets=args.budgets)}
     for where in ("text", "passkey"):
       log(f"  recall {where}: " + "; ".join(
