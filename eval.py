@@ -17,6 +17,7 @@ import sys
 
 from effjax.checkpoint import CheckpointError
 from effjax.config import ConfigError, load_config
+from effjax.sparse.gate import CACHE_DTYPES
 
 
 def main(argv=None) -> int:
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
   dg.add_argument("--rectify-every", type=int, default=16)
   dg.add_argument("--selector", choices=["quest", "gate"], default="quest")
   dg.add_argument("--gate", default=None, help="gate params .npz (from --train-gate)")
-  dg.add_argument("--gate-cache-dtype", choices=["bfloat16", "float32", "float8_e4m3fn"], default="bfloat16",
+  dg.add_argument("--gate-cache-dtype", choices=list(CACHE_DTYPES), default="bfloat16",
                   help="the gate's K-compression cache storage (SparseConfig.gate_cache_dtype)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None):
                   help="ReSA f of quest_rectify (clamped to --new-tokens)")
   ap.add_argument("--d-gate", type=int, default=64)
   ap.add_argument("--gate-cache-dtype", default="bfloat16",
-                  choices=["bfloat16", "float32", "float8_e4m3fn"],
+                  choices=list(gate_lib.CACHE_DTYPES),
                   help="gate mode: the K-compression cache dtype (SparseConfig.gate_cache_dtype)")
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas_triton")
   ap.add_argument("--param-dtype", default="bfloat16")
