@@ -80,7 +80,7 @@ for job in "$@"; do
       if [ -f /tmp/sq_bg.rc ]; then echo "quality run finished, rc $(cat /tmp/sq_bg.rc)"; else echo "quality run still running"; fi
       tail -40 /tmp/sq_bg.log
       cp /tmp/sq_bg.log "$OUT/quality_run.log" 2>/dev/null
-      for f in results.json REPORT.md retrieval.png drift.png loss.png train_metrics.jsonl; do
+      for f in results.json REPORT.md retrieval.png drift.png rectify_phase.png loss.png train_metrics.jsonl; do
         [ -f "/tmp/sq_results/$f" ] && cp "/tmp/sq_results/$f" "$OUT/"
       done
       ;;

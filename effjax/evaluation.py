@@ -156,7 +156,12 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   reference's, "excess_nll_se": its standard error over the sequences (None for one sequence),
   "excess_nll_per_sequence": [B] (for paired comparisons of two runs), "agreement_with_dense":
   share of positions whose greedy choice equals the reference's, "excess_nll_by_quarter": excess
-  NLL over each quarter of the continuation}}."""
+  NLL over each quarter of the continuation, "excess_nll_per_position": [N] mean over the
+  sequences, "excess_nll_per_sequence_off": {f: [B] excess over the positions s with s % f != 0}
+  for every rectification period f of the runs whose rectifications supply the next logits
+  (rectify_logits "dense"): the positions s = k f (k >= 1) are scored from the rectifying dense
+  forward's logits, so a rectified run's gain splits into those positions and the cache's effect
+  on the others}}."""
   from effjax.sparse import resa
   mcfg = cfg.model if isinstance(cfg, Config) else cfg
   toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
@@ -173,16 +178,23 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
     scored[name] = (np.asarray(lp), np.asarray(am))
   ref = next(name for name, run in runs.items() if run is None)
   ref_lp, ref_am = scored[ref]
-  quarters = np.array_split(np.arange(cont.shape[1]), 4)
+  N = cont.shape[1]
+  quarters = np.array_split(np.arange(N), 4)
+  periods = sorted({run[0].rectify_every for run in runs.values() if run is not None
+                    and 0 < run[0].rectify_every < N and run[0].rectify_logits == "dense"})
+  off = {f: np.arange(N) % f != 0 for f in periods}
   out = {}
   for name, (lp, am) in scored.items():
-    per_seq = ref_lp.mean(axis=1) - lp.mean(axis=1)
+    ex = ref_lp - lp                                             # [B, N] excess NLL
+    per_seq = ex.mean(axis=1)
     se = float(per_seq.std(ddof=1) / np.sqrt(len(per_seq))) if len(per_seq) > 1 else None
-    out[name] = {"nll": float(-lp.mean()), "excess_nll": float(ref_lp.mean() - lp.mean()),
+    out[name] = {"nll": float(-lp.mean()), "excess_nll": float(ex.mean()),
                  "excess_nll_se": se, "excess_nll_per_sequence": [float(x) for x in per_seq],
                  "agreement_with_dense": float(np.mean(am == ref_am)),
-                 "excess_nll_by_quarter": [float(ref_lp[:, q].mean() - lp[:, q].mean())
-                                           for q in quarters if len(q)]}
+                 "excess_nll_by_quarter": [float(ex[:, q].mean()) for q in quarters if len(q)],
+                 "excess_nll_per_position": [round(float(x), 6) for x in ex.mean(axis=0)],
+                 "excess_nll_per_sequence_off": {str(f): [float(x) for x in ex[:, m].mean(axis=1)]
+                                                 for f, m in off.items()}}
   return out
 
 

@@ -280,8 +280,8 @@ def test_float8_gate_cache_saturates_instead_of_nan():
 def test_score_continuation_follows_generate_and_the_dense_forward():
   """Teacher-forced scoring runs generate's steps: fed generate's own greedy tokens (tight budget,
   rectification every 4 steps) its argmax is those tokens; dense scoring gives the full forward's
-  log-probs of the continuation. (A budget that keeps every block scores like dense:
-  test_decoding's teacher_forced_drift check.)"""
+  log-probs of the continuation; SparseConfig.rectify_logits "dense" / "sparse" (below). (A
+  budget that keeps every block scores like dense: test_decoding's teacher_forced_drift check.)"""
   from effjax.model import apply
   params, toks, lengths = setup(7)
   kw = dict(decode_impl="xla", cache_dtype=jnp.float32)
@@ -299,6 +299,51 @@ def test_score_continuation_follows_generate_and_the_dense_forward():
   assert float(jnp.max(jnp.abs(lp_tight - lp_dense))) > 1e-3     # the tight budget is lossy here
   with pytest.raises(ValueError, match="cont_BN"):
     resa.score_continuation(CFG, scfg, params, toks, lengths, cont[:1], **kw)
+  # Where the next token's logits come from after a rectification. "dense" (ReSA): positions
+  # s = k f are scored from the rectifying dense forward over a dense-exact cache, so they equal
+  # dense decoding (and f = 1 is dense decoding); teacher_forced_drift's off-f split leaves them
+  # out. "sparse" with f = 1: every step is a sparse step over a dense-exact cache -- one sparse
+  # step after a dense prefill of the same prefix.
+  import dataclasses
+  from effjax import evaluation
+  N = 14
+  score = lambda c, **k: np.asarray(resa.score_continuation(CFG, c, params, toks, lengths, cont,
+                                                            **k, **kw)[0])
+  dense, rect = np.asarray(lp_dense), np.asarray(lp_tight)
+  on = np.arange(N) % 4 == 0                      # s = 0 (prefill) and s = 4, 8, 12
+  np.testing.assert_allclose(rect[:, on], dense[:, on], rtol=1e-4, atol=1e-4)
+  assert np.max(np.abs(rect[:, ~on] - dense[:, ~on])) > 1e-3
+  np.testing.assert_allclose(score(dataclasses.replace(scfg, rectify_every=1)), dense,
+                             rtol=1e-4, atol=1e-4)
+  cache_only = score(dataclasses.replace(scfg, rectify_every=1, rectify_logits="sparse"))
+  assert np.max(np.abs(cache_only[:, 1:] - dense[:, 1:])) > 1e-3
+  for s in (1, 6, 13):
+    prefix = np.zeros((2, int(L.max()) + N), np.int32)           # one shape: one compile
+    for b in range(2):
+      prefix[b, :L[b] + s - 1] = np.concatenate([np.asarray(toks[b, :L[b]]), np.asarray(cont[b, :s - 1])])
+    cache = decoding.init_cache(CFG, 2, 96, jnp.float32)
+    _, cache = decoding.prefill(CFG, params, jnp.asarray(prefix), jnp.asarray(L + s - 1), cache)
+    summ = resa.init_summaries(CFG, scfg, cache)
+    logits, _, _ = resa.sparse_decode_step(CFG, scfg, params, cache, summ, cont[:, s - 1],
+                                           decode_impl="xla")
+    want = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)[jnp.arange(2), cont[:, s]]
+    np.testing.assert_allclose(cache_only[:, s], want, rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match="rectify_logits"):
+    resa.SparseConfig(rectify_logits="oracle")
+  # teacher_forced_drift's split: per-position means and the off-f per-sequence means agree with
+  # the totals; the dense-logit positions of the rectified run carry no excess
+  runs = {"dense": None, "rect": (scfg, None),
+          "cache": (dataclasses.replace(scfg, rectify_every=2, rectify_logits="sparse"), None)}
+  tf = evaluation.teacher_forced_drift(CFG, params, toks, lengths, cont, runs, decode_impl="xla")
+  off = np.arange(N) % 4 != 0
+  for name, r in tf.items():
+    pp = np.asarray(r["excess_nll_per_position"])
+    assert pp.shape == (N,) and abs(pp.mean() - r["excess_nll"]) < 1e-5
+    assert set(r["excess_nll_per_sequence_off"]) == {"4"}          # the "sparse"-logit run adds none
+    np.testing.assert_allclose(np.mean(r["excess_nll_per_sequence_off"]["4"]), pp[off].mean(),
+                               atol=1e-5)
+  rect_pp = np.asarray(tf["rect"]["excess_nll_per_position"])
+  assert np.max(np.abs(rect_pp[~off])) < 1e-3 < np.max(np.abs(rect_pp[off]))
 
 
 def test_gate_params_are_checked_before_compute():

@@ -94,7 +94,8 @@ def smoke_run(tmp_path_factory):
 
 def test_smoke_run_writes_sane_results(smoke_run):
   _, _, out = smoke_run
-  for f in ("results.json", "REPORT.md", "retrieval.png", "drift.png", "loss.png", "gate.npz"):
+  for f in ("results.json", "REPORT.md", "retrieval.png", "drift.png", "rectify_phase.png",
+            "loss.png", "gate.npz"):
     assert (out / f).is_file(), f
   for f in ("results.json", "REPORT.md", "retrieval.png", "drift.png", "train_metrics.jsonl"):
     assert (out / "committed" / f).is_file(), f
@@ -132,7 +133,33 @@ def test_smoke_run_writes_sane_results(smoke_run):
   report = (out / "REPORT.md").read_text()
   assert "Drift at" in report and "Passkey retrieval" in report and "Teacher-forced" in report
   assert "Rectification's gain, paired" in report and "gate f=16" in report
+  assert "gate f=16 off" in report and "rectify_phase.png" in report
   assert "against float8_e4m3fn's range" in report
+
+
+def test_rectify_gain_split_and_phase_on_a_made_up_run():
+  """report's gain split and phase curves on hand-made per-sequence / per-position numbers."""
+  import report
+  seq = lambda *v: list(v)
+  tf = {"dense": {"excess_nll_per_sequence": seq(0, 0, 0), "excess_nll_per_position": [0.0] * 8},
+        "q sparse": {"excess_nll_per_sequence": seq(0.3, 0.5, 0.4),
+                     "excess_nll_per_sequence_off": {"4": seq(0.2, 0.6, 0.4)},
+                     "excess_nll_per_position": [0, 1, 2, 3, 4, 5, 6, 7]},
+        "q sparse+rectify(f=4)": {"excess_nll_per_sequence": seq(0.2, 0.3, 0.4),
+                                  "excess_nll_per_sequence_off": {"4": seq(0.2, 0.4, 0.3)},
+                                  "excess_nll_per_position": [0, 1, 2, 3, 0, 1, 2, 3]},
+        "q sparse+rectify-cache(f=2)": {"excess_nll_per_sequence": seq(0.1, 0.5, 0.3),
+                                        "excess_nll_per_position": [0, 1, 0, 1, 0, 1, 0, 1]}}
+  g = report._rectify_gains(tf, split=True)
+  assert g["q f=4"][0] == pytest.approx(0.1) and g["q f=4 off"][0] == pytest.approx(0.1)
+  assert g["q f=4"][1] == pytest.approx(np.std([0.1, 0.2, 0.0], ddof=1) / np.sqrt(3))
+  assert g["q f=4 off"][1] == pytest.approx(np.std([0.0, 0.2, 0.1], ddof=1) / np.sqrt(3))
+  assert g["q cache-only f=2"][0] == pytest.approx(0.1)
+  assert set(report._rectify_gains(tf)) == {"q f=4", "q cache-only f=2"}
+  ph = report.rectify_phase(tf)["q"]
+  assert ph["q sparse+rectify(f=4)"] == (4, [0.0, 1.0, 2.0, 3.0])       # s >= 1 by s % 4
+  assert ph["q sparse"] == (4, [4.0, 3.0, 4.0, 5.0])                     # s = 4 / 1,5 / 2,6 / 3,7
+  assert ph["q sparse+rectify-cache(f=2)"] == (2, [0.0, 1.0])
 
 
 def test_gate_variant_flags_name_the_extra_rows():

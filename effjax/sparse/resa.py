@@ -38,6 +38,12 @@ class SparseConfig:
                                       # float8_e4m3fn (saturating at +-448). bf16 halves the bytes a
                                       # step's gate scores read (scores still in float32); same
                                       # recall and retrieval as f32 on the 9000-step model
+  rectify_logits: str = "dense"    # after a rectification the next token comes from: "dense" the
+                                   # rectifying forward's last logits (ReSA: that forward computes
+                                   # them anyway, so with f = 1 decoding is dense); "sparse" the
+                                   # last sparse step's logits (a diagnostic: rectification then
+                                   # changes only the cache; f = 1 gives a dense-exact cache before
+                                   # every sparse step)
 
   def __post_init__(self):
     if self.gate_cache_dtype not in gate_lib.CACHE_DTYPES:
@@ -49,6 +55,8 @@ class SparseConfig:
       raise ValueError(f"budget_tokens={self.budget_tokens} keeps fewer than 2 blocks of {self.block_size}")
     if self.rectify_every < 0:
       raise ValueError(f"rectify_every must be >= 0, got {self.rectify_every}")
+    if self.rectify_logits not in ("dense", "sparse"):
+      raise ValueError(f"rectify_logits must be dense|sparse, got {self.rectify_logits!r}")
 
   @property
   def budget_blocks(self) -> int:
@@ -294,7 +302,8 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
     lg, cache = decoding.extend(cfg, params, cache, last, start,
                                 decode_impl if rectify_impl is None else rectify_impl)
     summ = refresh_summaries(cfg, scfg, summ, cache, start, f, gate_params)
-    return run_until((step, cache, summ, lg[:, -1], out, fed, done, n, rng, scored),
+    logits = lg[:, -1] if scfg.rectify_logits == "dense" else logits
+    return run_until((step, cache, summ, logits, out, fed, done, n, rng, scored),
                      jnp.minimum(step + f, N))
 
   out = jnp.full((B, N), pad_id, jnp.int32)

@@ -65,11 +65,14 @@ def first_divergence(cont_BN: np.ndarray, ref_BN: np.ndarray) -> np.ndarray:
 
 def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, block_size: int,
           budget: int, rectify: list[int], selectors: dict, decode_impl: str = "auto",
-          log=print) -> dict:
+          rectify_cache_only: list[int] = (), log=print) -> dict:
   """Greedy continuations of len(true_BN[0]) tokens of equal-length prompts under dense decoding
   and, per selector (name -> (kind, gate params or None[, further SparseConfig fields])),
   block-sparse decoding at `budget`
-  tokens without rectification and with ReSA rectification every f in `rectify` steps.
+  tokens without rectification and with ReSA rectification every f in `rectify` steps (and, per
+  f in `rectify_cache_only`, a diagnostic run "<sel> sparse+rectify-cache(f=F)": rectified the
+  same way but every token picked from the sparse step's logits, SparseConfig.rectify_logits
+  "sparse", so only the cache differs from the unrectified run).
   Then the same decodings teacher-forced on the true continuation (`evaluation.
   teacher_forced_drift`: every run fed the same tokens, so positions stay comparable).
   Returns {"rows": {run: {"nll", "agreement_with_dense", "first_divergence"}},
@@ -88,10 +91,13 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
   log(f"  drift dense: {seconds['dense']:.1f} s")
   decodings = {"dense": None}   # name -> None (dense) or (SparseConfig, gate params)
   for sel, (kind, gp, *extra) in selectors.items():
-    for f in [0] + list(rectify):
-      name = f"{sel} sparse" if f == 0 else f"{sel} sparse+rectify(f={f})"
+    runs_of_sel = [(f"{sel} sparse", 0, "dense")]
+    runs_of_sel += [(f"{sel} sparse+rectify(f={f})", f, "dense") for f in rectify]
+    runs_of_sel += [(f"{sel} sparse+rectify-cache(f={f})", f, "sparse") for f in rectify_cache_only]
+    for name, f, logits_from in runs_of_sel:
       decodings[name] = (sparse_config(kind, gp, block_size=block_size, budget=budget,
-                                       rectify_every=f, **(extra[0] if extra else {})), gp)
+                                       rectify_every=f, rectify_logits=logits_from,
+                                       **(extra[0] if extra else {})), gp)
   for name, (scfg, gp) in list(decodings.items())[1:]:
     t0 = time.perf_counter()
     runs[name] = np.asarray(_block(resa.generate(

@@ -1,5 +1,5 @@
-"""REPORT.md and the plots (retrieval.png, drift.png) of the sparse-quality experiment, from its
-results.json document."""
+"""REPORT.md and the plots (retrieval.png, drift.png, rectify_phase.png) of the sparse-quality
+experiment, from its results.json document."""
 
 from __future__ import annotations
 
@@ -100,12 +100,24 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
         se = r.get("excess_nll_se")
         ex = f"{r['excess_nll']:+.4f}" + (f" ± {se:.4f}" if se else "")
         lines.append(f"| {name} | {r['nll']:.4f} | {ex} | {q} | {r['agreement_with_dense']:.3f} |")
-      paired = _rectify_gains(tf)
+      paired = _rectify_gains(tf, split=True)
       if paired:
         lines += ["", "Rectification's gain, paired over the same sequences (excess NLL without "
                   "minus with; ± standard error of the per-sequence differences): "
                   + "; ".join(f"{n} {g:+.4f} ± {e:.4f}" for n, (g, e) in paired.items()) + "."]
+        if any(n.endswith(" off") for n in paired):
+          lines += ["", "`f=F off`: the same gain over the positions s % F != 0 only. At s = k F "
+                    "a rectified run's next-token logits come from the rectifying dense forward "
+                    "(so it scores like dense there); elsewhere both runs score from sparse "
+                    "steps, and the difference is what the rectified cache changes. "
+                    "`cache-only f=F`: runs rectified every F steps whose tokens all come from "
+                    "sparse steps (`rectify_logits='sparse'`)."]
     lines += ["", "![drift](drift.png)", ""]
+    if tf and rectify_phase(tf):
+      lines += ["Excess NLL by the phase of the rectification cycle (position s mod f; the "
+                "unrectified run grouped by the longest f): a rectified run scores like dense at "
+                "phase 0, where its logits come from the rectifying dense forward.", "",
+                "![phase](rectify_phase.png)", ""]
   for key, title in (("retrieval_real", "real-text haystacks (held-out text)"),
                      ("retrieval_synthetic", "passkey_prompts' repetitive filler "
                                              "(`evaluation.retrieval_eval`)")):
@@ -161,20 +173,33 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
   (out / "REPORT.md").write_text("\n".join(lines))
 
 
-def _rectify_gains(tf: dict) -> dict:
+def _rectify_gains(tf: dict, split: bool = False) -> dict:
   """{"<sel> f=<f>": (mean gain, its standard error)} for each rectified teacher-forced run whose
-  unrectified run is there: per-sequence excess NLL without minus with rectification."""
+  unrectified run is there: per-sequence excess NLL without minus with rectification.
+  "<sel> cache-only f=<f>" for the diagnostic runs whose tokens come from the sparse steps
+  (rectify-cache). split: also "<sel> f=<f> off": the gain over the positions s % f != 0 only,
+  where both runs' logits come from sparse steps (the positions s = k f of a rectified run are
+  scored from the rectifying dense forward), i.e. what the rectified cache alone changes."""
   import numpy as np
+
+  def paired(a, b):
+    d = np.asarray(a) - np.asarray(b)
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))
+
   out = {}
   for name, r in tf.items():
-    if "+rectify(f=" not in name or "excess_nll_per_sequence" not in r:
+    kind = ("+rectify(f=" in name and "f=") or ("+rectify-cache(f=" in name and "cache-only f=")
+    if not kind or "excess_nll_per_sequence" not in r:
       continue
-    base = tf.get(name.split(" sparse+rectify")[0] + " sparse")
+    sel = name.split(" sparse+rectify")[0]
+    base = tf.get(sel + " sparse")
     if not base or len(r["excess_nll_per_sequence"]) < 2:
       continue
-    d = np.asarray(base["excess_nll_per_sequence"]) - np.asarray(r["excess_nll_per_sequence"])
     f = name.split("(f=")[1].rstrip(")")
-    out[f"{name.split(' sparse')[0]} f={f}"] = (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))))
+    out[f"{sel} {kind}{f}"] = paired(base["excess_nll_per_sequence"], r["excess_nll_per_sequence"])
+    offs = (base.get("excess_nll_per_sequence_off") or {}, r.get("excess_nll_per_sequence_off") or {})
+    if split and kind == "f=" and f in offs[0] and f in offs[1]:
+      out[f"{sel} f={f} off"] = paired(offs[0][f], offs[1][f])
   return out
 
 
@@ -242,4 +267,57 @@ def write_plots(doc: dict, out: pathlib.Path) -> list[str]:
     fig.savefig(out / "drift.png")
     plt.close(fig)
     written.append("drift.png")
+    if tf and any("excess_nll_per_position" in r for r in tf.values()):
+      written += _phase_plot(plt, tf, out)
   return written
+
+
+def _phase_of(name: str) -> int:
+  return int(name.split("(f=")[1].rstrip(")")) if "(f=" in name else 0
+
+
+def rectify_phase(tf: dict) -> dict:
+  """{selector: {run: (f, [f] mean excess NLL at positions s >= 1 with s % f = 0 .. f-1)}} --
+  how the excess builds up between rectifications; each selector's unrectified run is grouped by
+  the longest period of its rectified runs. Runs without per-position results are skipped."""
+  import numpy as np
+  out = {}
+  for name, r in tf.items():
+    if name == "dense" or "excess_nll_per_position" not in r:
+      continue
+    sel = name.split(" sparse")[0]
+    out.setdefault(sel, {})[name] = np.asarray(r["excess_nll_per_position"])
+  res = {}
+  for sel, runs in out.items():
+    longest = max((_phase_of(n) for n in runs), default=0)
+    if not longest:
+      continue
+    res[sel] = {}
+    for name, pp in runs.items():
+      f = _phase_of(name) or longest
+      s = np.arange(1, len(pp))
+      res[sel][name] = (f, [float(pp[s[s % f == k]].mean()) for k in range(f)])
+  return res
+
+
+def _phase_plot(plt, tf: dict, out: pathlib.Path) -> list[str]:
+  ph = rectify_phase(tf)
+  if not ph:
+    return []
+  fig, axes = plt.subplots(1, len(ph), figsize=(5.5 * len(ph), 4.0), dpi=110, squeeze=False)
+  for ax, (sel, runs) in zip(axes[0], ph.items()):
+    for i, (name, (f, ys)) in enumerate(runs.items()):
+      style = "-" if "rectify" not in name else "--" if "cache" in name else "-"
+      ax.plot(range(f), ys, style, marker="o" if f <= 16 else None, ms=3, c=f"C{i}",
+              label=name[len(sel) + 1:] + ("" if "rectify" in name else f" (by s mod {f})"))
+    ax.axhline(0, c="gray", lw=1)
+    ax.set_xlabel("s mod f (steps since the last rectification)")
+    ax.set_ylabel("mean excess NLL over dense (nats/byte)")
+    ax.set_title(sel, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.suptitle("teacher-forced excess NLL by phase of the rectification cycle")
+  fig.tight_layout()
+  fig.savefig(out / "rectify_phase.png")
+  plt.close(fig)
+  return ["rectify_phase.png"]

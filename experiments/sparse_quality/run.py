@@ -129,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   g.add_argument("--block-size", type=int, default=None)
   g.add_argument("--sparsity", type=float, default=0.9, help="drift: budget = (1 - sparsity) of its tokens")
   g.add_argument("--rectify", type=int, nargs="+", default=None, help="drift: ReSA rectification periods f")
+  g.add_argument("--rectify-cache-only", type=int, nargs="*", default=[],
+                 help="drift: diagnostic runs rectified every f steps whose tokens still come from "
+                      "the sparse steps' logits (only the cache is rectified; f = 1: every step "
+                      "sparse over a dense-exact cache)")
   g.add_argument("--drift-n", type=int, default=None, help="drift prompts")
   g.add_argument("--new-tokens", type=int, default=None, help="drift: greedy tokens after each prompt")
   g.add_argument("--retrieval-n", type=int, default=None, help="passkey prompts per haystack kind")
@@ -172,8 +176,8 @@ def check_args(ap, a) -> None:
       ap.error(f"--budgets: {b} must be a multiple of --block-size {bs} and >= 2 blocks")
   if not 0 < a.sparsity < 1:
     ap.error("--sparsity must be in (0, 1)")
-  if any(f <= 0 for f in a.rectify):
-    ap.error("--rectify periods must be > 0")
+  if any(f <= 0 for f in a.rectify) or any(f <= 0 for f in a.rectify_cache_only):
+    ap.error("--rectify / --rectify-cache-only periods must be > 0")
   if (a.auto_steps or a.resume_later) and a.train_seconds is None:
     ap.error("--auto-steps and --resume-later need --train-seconds")
   if a.auto_steps and a.resume_later:
@@ -479,7 +483,8 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   from effjax.evaluation import load_params, retrieval_eval
   want = {k: getattr(args, k) for k in ("block_size", "budgets", "retrieval_n", "context", "drift_n",
                                          "new_tokens", "rectify", "sparsity", "recall_n", "seed",
-                                         "skip_synthetic", "decode_impl", "gate_variants")}
+                                         "skip_synthetic", "decode_impl", "gate_variants",
+                                         "rectify_cache_only")}
   want["gate"] = gate_request(args, run)
   done = run.read("eval.json")
   if done is not None and done.get("request") == want:
@@ -534,10 +539,11 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
     log(f"drift: {args.drift_n} prompts of {prompt_len} tokens + {args.new_tokens} greedy tokens, "
         f"budget {budget} tokens (sparsity {1 - budget / total:.1%} at the end)")
     d = evals.drift(cfg, params, text_prompts, text_true, budget=budget, rectify=args.rectify,
-                    selectors=selectors, log=log, **kw)
+                    rectify_cache_only=args.rectify_cache_only, selectors=selectors, log=log, **kw)
     save("drift", {"prompts": args.drift_n, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
                    "budget_tokens": budget, "sparsity_at_end": 1 - budget / total,
-                   "sparsity_at_start": 1 - budget / prompt_len, "rectify": args.rectify, **d}, t0)
+                   "sparsity_at_start": 1 - budget / prompt_len, "rectify": args.rectify,
+                   "rectify_cache_only": args.rectify_cache_only, **d}, t0)
   if "recall" not in res and args.recall_n > 0:
     t0 = time.perf_counter()
     n = args.recall_n
