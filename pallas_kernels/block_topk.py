@@ -3,7 +3,9 @@
   idx_BKM, n_live_BK = block_topk(scores_BKN, lengths_B, block_size=64, k=205)
 
 Per (sequence, KV head) row: the first and the current block (the one holding token length - 1)
-are always kept, then the highest-scoring other valid blocks (block n is valid iff
+are always kept -- with `local_tokens` > 1, every block holding one of the last local_tokens tokens
+(a local window: right after a block boundary the current block holds only the newest token or
+two, and the previous one then holds the local context) -- then the highest-scoring other valid blocks (block n is valid iff
 n * block_size < length), k blocks in all, ties to the lower block index, NaN scores treated as
 -inf. The result is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with
 -1 (`idx_BKM` int32 [B, K, M], M >= k) and the number of live ids per row (`n_live_BK` int32
@@ -43,7 +45,12 @@ INT32_MAX_POSITIVE = np.int32(2**31 - 1)
 KEY_ABOVE_ALL = np.int32(0x7F800001)   # the order key of +inf, plus one
 
 
-def _check(scores_BKN, lengths_B, block_size: int, k: int) -> None:
+def forced_blocks_max(block_size: int, local_tokens: int) -> int:
+  """The most blocks the rule forces: the first one and those holding the last local_tokens."""
+  return 1 + 1 + (local_tokens - 1 + block_size - 1) // block_size
+
+
+def _check(scores_BKN, lengths_B, block_size: int, k: int, local_tokens: int = 1) -> None:
   if getattr(scores_BKN, "ndim", None) != 3:
     raise ValueError(f"scores_BKN must be 3-D [B, K, N], got shape {getattr(scores_BKN, 'shape', None)}")
   if not jnp.issubdtype(scores_BKN.dtype, jnp.floating):
@@ -55,23 +62,31 @@ def _check(scores_BKN, lengths_B, block_size: int, k: int) -> None:
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   if not isinstance(k, (int, np.integer)) or k < 2:
     raise ValueError(f"k must be an int >= 2 (first + current block), got {k!r}")
+  if not isinstance(local_tokens, (int, np.integer)) or local_tokens < 1:
+    raise ValueError(f"local_tokens must be an int >= 1, got {local_tokens!r}")
+  if k < forced_blocks_max(block_size, local_tokens):
+    raise ValueError(f"k={k} blocks cannot hold the {forced_blocks_max(block_size, local_tokens)} "
+                     f"forced ones (first block + the last local_tokens={local_tokens} tokens in "
+                     f"blocks of {block_size})")
 
 
-def _valid_forced(lengths_B: jax.Array, n: int, block_size: int):
-  """(valid [B, 1, N], forced [B, 1, N]): blocks below the length; the first and current one."""
+def _valid_forced(lengths_B: jax.Array, n: int, block_size: int, local_tokens: int = 1):
+  """(valid [B, 1, N], forced [B, 1, N]): blocks below the length; the first one and those
+  holding the last local_tokens tokens (1: the current one)."""
   nb = ((lengths_B + block_size - 1) // block_size)[:, None, None]
+  first_local = (jnp.maximum(lengths_B - local_tokens, 0) // block_size)[:, None, None]
   ar = jnp.arange(n)[None, None]
   valid = ar < nb
-  return valid, valid & ((ar == 0) | (ar == nb - 1))
+  return valid, valid & ((ar == 0) | (ar >= first_local))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "k"))
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "local_tokens"))
 def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int,
-                         k: int) -> tuple[jax.Array, jax.Array]:
+                         k: int, local_tokens: int = 1) -> tuple[jax.Array, jax.Array]:
   """Plain-XLA selection: (idx int32 [B, K, min(k, N)], n_live int32 [B, K])."""
   N = scores_BKN.shape[-1]
   k = min(k, N)
-  valid, forced = _valid_forced(lengths_B, N, block_size)
+  valid, forced = _valid_forced(lengths_B, N, block_size, local_tokens)
   s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
   _, idx_BKk = lax.top_k(s, k)  # ties: lower index first
@@ -81,7 +96,8 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
           jnp.sum(live, axis=-1).astype(jnp.int32))
 
 
-def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int):
+def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int,
+                 local_tokens: int = 1):
   """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
   idx_ref int32 [M]; n_ref int32 []."""
   length = len_ref[()]
@@ -89,7 +105,8 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
   nb = (length + block_size - 1) // block_size
   valid = (ar < nb) & (ar < n_blocks)
-  forced = valid & ((ar == 0) | (ar == nb - 1))
+  first_local = jnp.maximum(length - local_tokens, 0) // block_size   # nb - 1 for local_tokens 1
+  forced = valid & ((ar == 0) | (ar >= first_local))
   s = s_ref[...].astype(jnp.float32)
   s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
@@ -161,9 +178,10 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   n_ref[()] = count
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("block_size", "k", "interpret", "num_warps",
+                                             "local_tokens"))
 def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret: bool,
-                       num_warps: int | None = None):
+                       num_warps: int | None = None, local_tokens: int = 1):
   B, K, N = scores_BKN.shape
   k = min(k, N)
   n_pad = _splitk.next_power_of_2(N)
@@ -174,7 +192,8 @@ def _block_topk_triton(scores_BKN, lengths_B, block_size: int, k: int, interpret
   # the H200 (kernel time, 32 passes, results/NVIDIA_H200/selector*.json): 1 / 2 / 4 / 8 / 16
   # warps 21.8 / 13.4 / 8.8 / 7.4 / 7.4 us.
   warps = num_warps or (4 if n_pad <= 1024 else 8 if n_pad <= 8192 else 16)
-  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k)
+  kernel = functools.partial(_topk_kernel, block_size=block_size, n_blocks=N, k=k,
+                             local_tokens=local_tokens)
   compiler_params = None
   if not interpret:
     compiler_params = plgpu.CompilerParams(num_warps=warps, num_stages=1)
@@ -198,13 +217,16 @@ MAX_TRITON_BLOCKS = 1 << 15
 
 
 def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, k: int,
-               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None):
+               implementation: str = "auto", interpret: bool = False, num_warps: int | None = None,
+               local_tokens: int = 1):
   """Top-k block selection (see the module docstring).
 
   Args:
     scores_BKN: float [B, K, N] block scores (gate logits or Quest bounds), N = cache blocks.
     lengths_B: int [B] valid tokens per sequence (block n is valid iff n * block_size < length).
     block_size: tokens per block. k: blocks to keep per row (>= 2), capped at N.
+    local_tokens: the blocks holding the last local_tokens tokens are always kept (1: the
+      current block); k must hold them and the first block (`forced_blocks_max`).
     implementation: "auto" | "xla" | "pallas_triton"; interpret: Pallas interpret mode.
     num_warps: pallas_triton warps per row (default 4 up to 1024 blocks, 8 up to 8192, then 16).
 
@@ -213,7 +235,7 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     (M = min(k, N) for xla, the power of 2 above it for pallas_triton), and how many
     are live per row.
   """
-  _check(scores_BKN, lengths_B, block_size, k)
+  _check(scores_BKN, lengths_B, block_size, k, local_tokens)
   if num_warps is not None and (not isinstance(num_warps, (int, np.integer)) or num_warps < 1
                                 or num_warps & (num_warps - 1)):
     raise ValueError(f"num_warps must be a power of 2, got {num_warps!r}")
@@ -225,9 +247,9 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
     implementation = "pallas_triton" if gpu and not too_long else "xla"
   if implementation == "xla":
     return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=int(block_size),
-                                k=int(k))
+                                k=int(k), local_tokens=int(local_tokens))
   if too_long:
     raise ValueError(f"implementation='pallas_triton' takes at most {MAX_TRITON_BLOCKS} blocks per "
                      f"row (padded to a power of 2), got N={scores_BKN.shape[-1]}; use 'xla'")
   return _block_topk_triton(scores_BKN, lengths_B, int(block_size), int(k), bool(interpret),
-                            None if num_warps is None else int(num_warps))
+                            None if num_warps is None else int(num_warps), int(local_tokens))

@@ -346,6 +346,41 @@ def test_score_continuation_follows_generate_and_the_dense_forward():
   assert np.max(np.abs(rect_pp[~off])) < 1e-3 < np.max(np.abs(rect_pp[off]))
 
 
+@pytest.mark.parametrize("selector", ["quest", "gate"])
+def test_local_tokens_keep_the_recent_blocks(selector):
+  """SparseConfig.local_tokens reaches the selection of both selectors (top-k and threshold):
+  the blocks holding the last local_tokens tokens are always among the picks; budgets that
+  cannot hold them fail at construction."""
+  import dataclasses
+  params, toks, lengths = setup(3)
+  scfg = resa.SparseConfig(selector=selector, block_size=8, budget_tokens=40, d_gate=16,
+                           local_tokens=12)
+  gp = gate_lib.init_gate_params(CFG, scfg.gate, jax.random.key(2)) if selector == "gate" else None
+  cache = decoding.init_cache(CFG, 2, 80, jnp.float32)
+  lengths = jnp.asarray([57, 66], jnp.int32)          # 1 and 2 tokens past a block boundary
+  toks = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 66)), jnp.int32)
+  _, cache = decoding.prefill(CFG, params, toks, lengths, cache)
+  summ = resa.init_summaries(CFG, scfg, cache, resa.per_layer(gp))
+  summ_l = {k: v[0] for k, v in summ.items()}
+  q = jax.random.normal(jax.random.key(9), (2, 2, 2, CFG.hd))
+  wq = None if gp is None else gp["wq"][0]
+  wants = [{0, 5, 6, 7}, {0, 6, 7, 8}]                 # the first block + tokens L-12 .. L-1
+  for c in (scfg, dataclasses.replace(scfg, threshold=0.5)) if selector == "gate" else (scfg,):
+    idx, _ = resa._select(c, CFG, summ_l, q, lengths, wq, decode_impl="xla")
+    plain, _ = resa._select(dataclasses.replace(c, local_tokens=1), CFG, summ_l, q, lengths, wq,
+                            decode_impl="xla")
+    idx, plain = np.asarray(idx), np.asarray(plain)
+    for b, want in enumerate(wants):
+      for h in range(2):
+        assert want <= set(idx[b, h].tolist()), (c.threshold, b, h, idx[b, h])
+    # the plain rule (current block only) leaves some of them out here
+    assert not all(wants[b] <= set(plain[b, h].tolist()) for b in range(2) for h in range(2))
+  with pytest.raises(ValueError, match="local_tokens"):
+    resa.SparseConfig(block_size=8, budget_tokens=24, local_tokens=20)
+  with pytest.raises(ValueError, match="local_tokens"):
+    resa.SparseConfig(local_tokens=0)
+
+
 def test_gate_params_are_checked_before_compute():
   """selector='gate' with missing, incomplete or mis-shaped gate params fails with a message that
   names the problem, in every entry point; dense runs of the same config need none."""

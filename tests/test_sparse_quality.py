@@ -170,6 +170,12 @@ def test_gate_variant_flags_name_the_extra_rows():
   assert [sq_run.GATE_VARIANTS[d] for d in a.gate_variants] == ["gate-f32", "gate-f8"]
   with pytest.raises(SystemExit):
     sq_run.parse_args(["--smoke", "--gate-variants", "float16"])
+  ok = ["--smoke", "--sparsity", "0.8", "--local-tokens", "16"]   # drift budget 48 = 3 blocks
+  assert sq_run.parse_args(ok).local_tokens == [16]
+  # the plain rule; more forced blocks than a budget holds (the drift's 2 blocks, retrieval's 3)
+  for bad in (["--local-tokens", "1"], ["--local-tokens", "16"], ok[1:-1] + ["18"]):
+    with pytest.raises(SystemExit):
+      sq_run.parse_args(["--smoke"] + bad)
 
 
 def test_smoke_drift_matches_evaluation_drift_eval(smoke_run):

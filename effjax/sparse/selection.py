@@ -3,7 +3,8 @@
 Indices are int32 [B, K, M]: the selected KV blocks of each sequence and kv head (one decision per
 GQA group), ascending, padded with -1 -- the layout `pallas_kernels.sparse_decode` reads. Every
 rule always keeps the first block (attention sinks) and the current, partly filled block (the
-newest tokens), as SeerAttention-R and ReSA do.
+newest tokens), as SeerAttention-R and ReSA do; `local_tokens` > 1 widens the latter to every block
+holding one of the last local_tokens tokens (a local window across the block boundary).
 
 Quest (ReSA's training-free selector): per block and channel the min and max key; an upper bound of
 q . k over the block is sum_h max(q_h * min_h, q_h * max_h). A group's score is the max of that bound
@@ -49,22 +50,24 @@ def quest_scores(q_BKGH: jax.Array, kmin_BKNH: jax.Array, kmax_BKNH: jax.Array) 
   return jnp.max(bound, axis=2)
 
 
-def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int) -> jax.Array:
+def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int,
+                 local_tokens: int = 1) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
   fewer are valid), ties to the lower block index. Returns ascending ids, -1 padded, int32
   [B, K, min(k, N)]; a token budget of T tokens is k = T // block_size. The XLA path of
   `pallas_kernels.block_topk` (which also has the GPU kernel decode steps use)."""
   if k < 2:
     raise ValueError(f"a block budget must be >= 2 (first + current block), got {k}")
-  return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k)[0]
+  return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k,
+                              local_tokens=local_tokens)[0]
 
 
 def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int, threshold: float,
-                     max_blocks: int) -> jax.Array:
+                     max_blocks: int, local_tokens: int = 1) -> jax.Array:
   """Blocks whose gate probability is >= threshold, plus the first and current ones; at most
   max_blocks (the highest probabilities win). Returns int32 [B, K, max_blocks]."""
   N = probs_BKN.shape[-1]
-  valid, forced = _valid_forced(lengths_B, N, block_size)
+  valid, forced = _valid_forced(lengths_B, N, block_size, local_tokens)
   keep = (valid & (probs_BKN >= threshold)) | forced
   s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN.astype(jnp.float32), -jnp.inf))
   _, idx_BKk = jax.lax.top_k(s, min(max_blocks, N))
@@ -73,8 +76,9 @@ def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int
   return jnp.where(idx_BKk < N, idx_BKk, -1).astype(jnp.int32)
 
 
-def quest_select(q_BKGH, k_BKSH, lengths_B, block_size: int, budget_tokens: int) -> jax.Array:
+def quest_select(q_BKGH, k_BKSH, lengths_B, block_size: int, budget_tokens: int,
+                 local_tokens: int = 1) -> jax.Array:
   """Quest end to end: bounds from the cache, top blocks within a token budget."""
   kmin, kmax = block_minmax(k_BKSH, lengths_B, block_size)
   return select_top_k(quest_scores(q_BKGH, kmin, kmax), lengths_B, block_size,
-                      max(2, budget_tokens // block_size))
+                      max(2, budget_tokens // block_size), local_tokens)

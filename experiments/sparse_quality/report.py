@@ -8,7 +8,8 @@ import pathlib
 
 def _color(name: str) -> str:
   """Plot color of a drift / retrieval row by selector."""
-  return ("C0" if name.startswith("quest") else "C2" if name.startswith("gate-f32") else
+  return ("C4" if name.startswith("quest-l") else "C5" if name.startswith("gate-l") else
+          "C0" if name.startswith("quest") else "C2" if name.startswith("gate-f32") else
           "C3" if name.startswith("gate-f8") else "C1")
 
 

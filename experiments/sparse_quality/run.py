@@ -133,6 +133,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="drift: diagnostic runs rectified every f steps whose tokens still come from "
                       "the sparse steps' logits (only the cache is rectified; f = 1: every step "
                       "sparse over a dense-exact cache)")
+  g.add_argument("--local-tokens", type=int, nargs="*", default=[],
+                 help="retrieval and drift: extra rows 'quest-lN' / 'gate-lN' that always keep the "
+                      "blocks holding the last N tokens (SparseConfig.local_tokens; the plain rows "
+                      "keep the current block only)")
   g.add_argument("--drift-n", type=int, default=None, help="drift prompts")
   g.add_argument("--new-tokens", type=int, default=None, help="drift: greedy tokens after each prompt")
   g.add_argument("--retrieval-n", type=int, default=None, help="passkey prompts per haystack kind")
@@ -178,6 +182,12 @@ def check_args(ap, a) -> None:
     ap.error("--sparsity must be in (0, 1)")
   if any(f <= 0 for f in a.rectify) or any(f <= 0 for f in a.rectify_cache_only):
     ap.error("--rectify / --rectify-cache-only periods must be > 0")
+  for n in a.local_tokens:
+    if n < 2:
+      ap.error(f"--local-tokens {n}: must be >= 2 (1 is the plain rows' rule)")
+    for b in a.budgets + [max(2 * bs, int((1 - a.sparsity) * a.seq) // bs * bs)]:
+      if b // bs < 2 + (n - 2 + bs) // bs:
+        ap.error(f"--local-tokens {n}: a budget of {b} tokens cannot hold the forced blocks")
   if (a.auto_steps or a.resume_later) and a.train_seconds is None:
     ap.error("--auto-steps and --resume-later need --train-seconds")
   if a.auto_steps and a.resume_later:
@@ -484,7 +494,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   want = {k: getattr(args, k) for k in ("block_size", "budgets", "retrieval_n", "context", "drift_n",
                                          "new_tokens", "rectify", "sparsity", "recall_n", "seed",
                                          "skip_synthetic", "decode_impl", "gate_variants",
-                                         "rectify_cache_only")}
+                                         "rectify_cache_only", "local_tokens")}
   want["gate"] = gate_request(args, run)
   done = run.read("eval.json")
   if done is not None and done.get("request") == want:
@@ -502,6 +512,9 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
   for dt in args.gate_variants:  # the same gate, its K-compression cache stored in another dtype
     selectors[GATE_VARIANTS[dt]] = ("gate", gp, {"gate_cache_dtype": dt})
+  for n in args.local_tokens:    # a local window across the block boundary
+    selectors[f"quest-l{n}"] = ("quest", None, {"local_tokens": n})
+    selectors[f"gate-l{n}"] = ("gate", gp, {"local_tokens": n})
   bs, log = args.block_size, (lambda m: run.log(f"eval: {m}"))
   kw = dict(block_size=bs, decode_impl=args.decode_impl)
   res["model_step"] = int(step)

@@ -16,8 +16,9 @@ KERNELS = [
 ]
 
 
-def numpy_topk(scores, lengths, block_size, k):
-  """Independent loop oracle: forced first/current blocks, then best scores (ties: lower id)."""
+def numpy_topk(scores, lengths, block_size, k, local_tokens=1):
+  """Independent loop oracle: forced first block and the blocks of the last local_tokens tokens,
+  then best scores (ties: lower id)."""
   B, K, N = scores.shape
   out = []
   for b in range(B):
@@ -25,7 +26,8 @@ def numpy_topk(scores, lengths, block_size, k):
     rows = []
     for h in range(K):
       valid = [n for n in range(min(nb, N))]
-      forced = sorted({0, nb - 1} & set(valid))
+      recent = {t // block_size for t in range(max(int(lengths[b]) - local_tokens, 0), int(lengths[b]))}
+      forced = sorted(({0} | recent) & set(valid))
       rest = [n for n in valid if n not in forced]
       s = np.where(np.isnan(scores[b, h]), -np.inf, scores[b, h])
       rest.sort(key=lambda n: (-s[n], n))
@@ -79,6 +81,40 @@ def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k):
     for h in range(K):
       got = [int(x) for x in ref_idx[b, h] if x >= 0]
       assert got == want[b][h], (b, h)
+
+
+@pytest.mark.parametrize("interpret", KERNELS)
+@pytest.mark.parametrize("local", [2, 17, 64, 130])
+def test_local_window_blocks_are_forced(interpret, local):
+  """local_tokens: every block holding one of the last local_tokens tokens is kept whatever its
+  score (lengths just past a block boundary, deep inside one, shorter than the window), the
+  kernel giving the reference's ids. The forced blocks get the lowest scores here, so only the
+  rule can keep them."""
+  require_backend("pallas_triton", interpret)
+  B, K, N, bs, k = 4, 2, 50, 16, 12
+  lengths = [33 * bs + 1, 20 * bs + 9, 5, 49 * bs + 2]
+  s = random_scores(local, B, K, N, ties=False)
+  for b, n in enumerate(lengths):
+    for t in range(max(n - local, 0), n):
+      s[b, :, t // bs] = -100.0 - t
+  L = jnp.asarray(lengths, jnp.int32)
+  ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k, local_tokens=local)
+  idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
+                      interpret=interpret, local_tokens=local)
+  np.testing.assert_array_equal(np.asarray(idx)[..., :k], np.asarray(ref_idx))
+  np.testing.assert_array_equal(n, ref_n)
+  want = numpy_topk(s, lengths, bs, k, local)
+  for b in range(B):
+    for h in range(K):
+      got = [int(x) for x in np.asarray(ref_idx)[b, h] if x >= 0]
+      assert got == want[b][h], (b, h)
+      recent = {t // bs for t in range(max(lengths[b] - local, 0), lengths[b])}
+      assert recent <= set(got), (b, h, recent, got)
+  # the previous block is what local_tokens adds just past a boundary: without it, it is dropped
+  plain = np.asarray(block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)[0])
+  assert 32 not in plain[0, 0] and 32 in np.asarray(ref_idx)[0, 0]
+  with pytest.raises(ValueError, match="forced"):
+    block_topk(jnp.asarray(s), L, block_size=bs, k=2, local_tokens=local)
 
 
 @pytest.mark.parametrize("interpret", KERNELS)
