@@ -40,6 +40,10 @@ def main(argv=None) -> int:
   dg.add_argument("--gate", default=None, help="gate params .npz (from --train-gate)")
   dg.add_argument("--gate-cache-dtype", choices=list(CACHE_DTYPES), default="bfloat16",
                   help="the gate's K-compression cache storage (SparseConfig.gate_cache_dtype)")
+  dg.add_argument("--local-tokens", type=int, default=1, metavar="N",
+                  help="always keep the blocks holding the last N tokens (SparseConfig.local_tokens; "
+                       "1: the current block only). A window of one block (N = block size) removed "
+                       "Quest's excess NLL spike after block boundaries (experiments/sparse_quality)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
   dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")
@@ -48,6 +52,7 @@ def main(argv=None) -> int:
   dg.add_argument("--decode-impl", default="auto", help="decode kernel implementation")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")
   args = ap.parse_args(argv)
+  check_decoding_args(ap, args)
   try:
     if args.config is None and args.run is None:
       args.config = "configs/tiny.yaml"
@@ -89,6 +94,27 @@ def main(argv=None) -> int:
   return 0
 
 
+def drift_budget(args) -> int:
+  """--budget, or 10% of prompt + new tokens in whole blocks (at least 2)."""
+  total = args.prompt_len + args.new_tokens
+  return args.budget or max(2 * args.block_size, total // 10 // args.block_size * args.block_size)
+
+
+def check_decoding_args(ap, args) -> None:
+  """Budgets that cannot hold the forced blocks fail here, before any compute."""
+  from pallas_kernels.block_topk import forced_blocks_max
+  if args.local_tokens < 1:
+    ap.error(f"--local-tokens must be >= 1, got {args.local_tokens}")
+  need = forced_blocks_max(args.block_size, args.local_tokens)
+  budgets = ([drift_budget(args)] if args.drift else []) + (
+      (args.budgets or [4 * args.block_size, 8 * args.block_size]) if args.retrieval else [])
+  for b in budgets:
+    if b // args.block_size < need:
+      ap.error(f"a budget of {b} tokens keeps {b // args.block_size} blocks of {args.block_size}, "
+               f"fewer than the {need} forced ones (the first block and those the last "
+               f"--local-tokens {args.local_tokens} tokens span)")
+
+
 def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   """--train-gate / --drift / --retrieval; returns their results for eval.json."""
   import numpy as np
@@ -116,10 +142,11 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     prompts = ex.tokens[:n, :args.prompt_len]
     lengths = np.full((n,), prompts.shape[1], np.int32)
     total = prompts.shape[1] + args.new_tokens
-    budget = args.budget or max(2 * args.block_size, total // 10 // args.block_size * args.block_size)
+    budget = drift_budget(args)
     scfg = resa.SparseConfig(selector=args.selector, block_size=args.block_size,
                              budget_tokens=budget, rectify_every=args.rectify_every,
-                             d_gate=gcfg.d_gate, gate_cache_dtype=args.gate_cache_dtype)
+                             d_gate=gcfg.d_gate, gate_cache_dtype=args.gate_cache_dtype,
+                             local_tokens=args.local_tokens)
     d = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=args.new_tokens, scfg=scfg,
                               gate_params=gate_params, decode_impl=args.decode_impl)
     out["drift"] = {"prompts": n, "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
@@ -144,9 +171,10 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   if args.retrieval:
     context = args.context or cfg.model.max_seq_len - 8
     budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]
-    selectors = {"quest": ("quest", None)}
+    selectors = {"quest": ("quest", None, {"local_tokens": args.local_tokens})}
     if gate_params is not None:
-      selectors["gate"] = ("gate", gate_params, {"gate_cache_dtype": args.gate_cache_dtype})
+      selectors["gate"] = ("gate", gate_params, {"gate_cache_dtype": args.gate_cache_dtype,
+                                                 "local_tokens": args.local_tokens})
     r = evaluation.retrieval_eval(cfg, params, n=args.retrieval, context_tokens=context,
                                   budgets=budgets, selectors=selectors, block_size=args.block_size,
                                   decode_impl=args.decode_impl)

@@ -161,6 +161,10 @@ def test_train_and_eval_cli(tmp_path):
   r = subprocess.run([sys.executable, "eval.py", "--run", str(tmp_path / "missing")], cwd=ROOT,
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "config.yaml" in r.stderr
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--drift", "2", "--block-size",
+                      "16", "--budget", "32", "--local-tokens", "16"], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2 and "fewer than the 3 forced ones" in r.stderr, r.stderr[-500:]
 
 
 def test_sampling_beyond_context_and_greedy_determinism(tmp_path):
