@@ -23,7 +23,8 @@ if str(HERE) not in sys.path:
 
 import report  # noqa: E402  (experiments/sparse_quality/report.py)
 
-DEFAULT_DIRS = ("results_h200_paired", "results_h200_1024tok", "results_h200_2048tok")
+DEFAULT_DIRS = ("results_h200_paired", "results_h200_1024tok", "results_h200_2048tok",
+                "results_h200_cache_oracle", "results_h200_local_window")
 
 
 def load_gains(dirs) -> list[tuple[str, dict]]:
@@ -47,23 +48,26 @@ def plot(runs, out: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
-  series = sorted({k for _, g in runs for k in g})
-  fig, ax = plt.subplots(figsize=(2.2 + 2.4 * len(runs), 4.2), dpi=110)
-  width = 0.8 / max(len(series), 1)
-  for j, name in enumerate(series):
-    xs = [i + (j - (len(series) - 1) / 2) * width for i, (_, g) in enumerate(runs) if name in g]
-    ys = [g[name][0] for _, g in runs if name in g]
-    es = [g[name][1] for _, g in runs if name in g]
-    color = report._color(name)
-    ax.bar(xs, ys, width, yerr=es, capsize=3, color=color, alpha=1.0 if "f=16" in name else 0.55,
-           label=name)
+  widest = max(len(g) for _, g in runs)
+  fig, ax = plt.subplots(figsize=(2.0 + 0.45 * sum(len(g) for _, g in runs) + len(runs), 4.4), dpi=110)
+  width = 0.85 / widest
+  seen = set()
+  for i, (_, g) in enumerate(runs):
+    names = sorted(g)
+    for j, name in enumerate(names):
+      x = i + (j - (len(names) - 1) / 2) * width
+      ax.bar(x, g[name][0], width * 0.92, yerr=g[name][1], capsize=2, color=report._color(name),
+             alpha=1.0 if "f=16" in name or "f=1" == name[-3:] else 0.55,
+             hatch="//" if "cache-only" in name else None, edgecolor="k", linewidth=0.3,
+             label=None if name in seen else name)
+      seen.add(name)
   ax.axhline(0, c="gray", lw=1)
-  ax.set_xticks(np.arange(len(runs)), [label for label, _ in runs], fontsize=8)
+  ax.set_xticks(range(len(runs)), [label for label, _ in runs], fontsize=8)
   ax.set_ylabel("excess NLL removed by rectification (nats/byte)")
-  ax.set_title("ReSA rectification, teacher-forced: gain +- SE over prompts", fontsize=10)
+  ax.set_title("ReSA rectification, teacher-forced: gain +- SE over prompts "
+               "(hatched: cache-only, tokens from the sparse steps)", fontsize=10)
   ax.grid(axis="y", alpha=0.3)
-  ax.legend(fontsize=7, ncol=2)
+  ax.legend(fontsize=7, ncol=3)
   fig.tight_layout()
   fig.savefig(out)
   plt.close(fig)
