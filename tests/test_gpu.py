@@ -72,7 +72,9 @@ def test_short_training_run_on_gpu(tmp_path):
 
 
 def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
-  """The model's decode path through the compiled Pallas-Triton kernels equals the XLA reference."""
+  """The model's decode path through the compiled Pallas-Triton kernels equals the XLA reference:
+  dense, sparse, and sparse with a 64-token local window (row 1 starts one token past a block
+  boundary, where the window forces the previous block)."""
   from effjax import decoding
   from effjax.sparse import resa
   cfg = ModelConfig(d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
@@ -81,10 +83,10 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
   toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
   lengths = jnp.asarray([500, 321])
 
-  def run(impl, sparse):
+  def run(impl, sparse, local=1):
     cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
     logits, cache = decoding.prefill(cfg, params, toks, lengths, cache)
-    scfg = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256)
+    scfg = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256, local_tokens=local)
     summ = resa.init_summaries(cfg, scfg, cache)
     outs = []
     fed = jax.random.randint(jax.random.key(2), (8, 2), 0, 256)  # teacher-forced: same tokens
@@ -98,9 +100,9 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
       outs.append(logits)
     return jnp.stack(outs)
 
-  for sparse in (False, True):
-    a, b = run("xla", sparse), run("pallas_triton", sparse)
-    assert _rel(b, a) < 2e-2, (sparse, _rel(b, a))
+  for sparse, local in ((False, 1), (True, 1), (True, 64)):
+    a, b = run("xla", sparse, local), run("pallas_triton", sparse, local)
+    assert _rel(b, a) < 2e-2, (sparse, local, _rel(b, a))
 
 
 def _weight_sized_fusions(hlo_text: str, shapes) -> list[str]:
