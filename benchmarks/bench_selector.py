@@ -6,7 +6,7 @@ top-k block choice, and both, per call, as device time (the harness of bench_dec
   python benchmarks/bench_selector.py --interpret --batches 1 --seqs 2048 --calls 2 --windows 1  # CPU
 
 Rows per (B, S, plan): `harness` (slice + add), `gate_scores` (query projection, RoPE, scores
-over the K-compression cache [B, 8, S/64, 64] in float32 and in bfloat16), `topk` (`block_topk`
+over the K-compression cache [B, 8, S/64, 64] in float32, bfloat16 and float8_e4m3fn), `topk` (`block_topk`
 on given scores, one distinct score set per call, at each --warps, and `lax.top_k` for
 reference), `gate+topk` (the gate's scores then `block_topk`, each --warps, float32 cache; and
 the defaults with a bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a
@@ -77,6 +77,7 @@ def main():
       kc32 = tuple((jax.random.normal(jax.random.fold_in(kc_key, c), (B, HKV, nb, GATE_DIM),
                                       jnp.float32), wqs[c]) for c in range(args.copies))
       kc16 = tuple((x.astype(jnp.bfloat16), w) for x, w in kc32)
+      kc8 = tuple((gate_lib.to_cache_dtype(x, "float8_e4m3fn"), w) for x, w in kc32)
       # one [B, K, N] score row set per call: a call that ignored its cache argument would be
       # the same computation for every cache copy, and XLA would merge those copies (CSE)
       scores = jax.random.normal(ks, (n_q * args.copies, B, HKV, nb), jnp.float32)
@@ -90,7 +91,7 @@ def main():
         return r
 
       record(**base, row="harness", **t(lambda q, c: q.astype(jnp.float32) + c[0][0, 0, 0, 0], qs, kc32))
-      for name, kc in (("float32", kc32), ("bfloat16", kc16)):
+      for name, kc in (("float32", kc32), ("bfloat16", kc16), ("float8_e4m3fn", kc8)):
         record(**base, row="gate_scores", kc_dtype=name,
                **t(lambda q, c: gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 10000.0), qs, kc))
       plans = [("sparsity=0.9", max(2, round(0.1 * nb))), (f"budget={args.budget_tokens}",

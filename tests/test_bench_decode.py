@@ -64,7 +64,8 @@ def test_bench_selector_smoke(tmp_path):
              "--warps", "4", tmp_path=tmp_path)
   positive(rows)
   assert {r["row"] for r in rows} == {"harness", "gate_scores", "topk", "gate+topk"}
-  assert {r["kc_dtype"] for r in rows if r["row"] == "gate_scores"} == {"float32", "bfloat16"}
+  assert {r["kc_dtype"] for r in rows if r["row"] == "gate_scores"} == {"float32", "bfloat16",
+                                                                       "float8_e4m3fn"}
 
 
 def test_bench_extend_smoke(tmp_path):
