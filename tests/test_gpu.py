@@ -205,3 +205,31 @@ def test_float8_gate_cache_compiles_and_equals_the_converted_float32_cache():
   out, n = resa.generate(cfg, f8, params, toks, lengths, jax.random.key(2), gp, max_new_tokens=20)
   assert out.shape == (2, 20) and np.all(np.asarray(n) == 20)
   assert np.all((np.asarray(out) >= 0) & (np.asarray(out) < cfg.vocab_size))
+
+
+@pytest.mark.parametrize("selector", ["quest", "gate"])
+def test_full_budget_scoring_equals_dense_up_to_the_capacity_edge(selector):
+  """Teacher-forced scoring through the Triton kernels with a budget that keeps every block
+  equals dense scoring at every position, up to a cache filled to max_seq_len (prompt +
+  continuation = capacity; model #8's last two positions carried a large sparse excess). Block
+  64 as in the quality runs, float32 cache."""
+  from effjax import decoding
+  from effjax.sparse import gate as gate_lib
+  from effjax.sparse import resa
+  cfg = ModelConfig(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=1024,
+                    compute_dtype="float32")
+  params = init_params(cfg, jax.random.key(0))
+  T, N = 768, 256
+  assert decoding.generation_capacity(cfg, T, N, multiple=64) == T + N == cfg.max_seq_len
+  toks = jax.random.randint(jax.random.key(1), (2, T), 0, 256)
+  cont = jax.random.randint(jax.random.key(2), (2, N), 0, 256)
+  lengths = jnp.asarray([T, T])
+  scfg = resa.SparseConfig(selector=selector, block_size=64, budget_tokens=1024, rectify_every=0)
+  gp = (gate_lib.init_gate_params(cfg, scfg.gate, jax.random.key(3)) if selector == "gate"
+        else None)
+  kw = dict(cache_dtype=jnp.float32)
+  dense = np.asarray(resa.score_continuation(cfg, scfg, params, toks, lengths, cont, sparse=False,
+                                             **kw)[0])
+  full = np.asarray(resa.score_continuation(cfg, scfg, params, toks, lengths, cont, gp, **kw)[0])
+  err = np.abs(full - dense)
+  assert err.max() < 2e-3, (err.max(), np.argmax(err.max(axis=0)))
