@@ -5,9 +5,9 @@
 Per (sequence, KV head) row: the first and the current block (the one holding token length - 1)
 are always kept -- with `local_tokens` > 1, every block holding one of the last local_tokens tokens
 (a local window: right after a block boundary the current block holds only the newest token or
-two, and the previous one then holds the local context) -- then the highest-scoring other valid blocks (block n is valid iff
-n * block_size < length), k blocks in all, ties to the lower block index, NaN scores treated as
--inf. The result is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with
+two, and the previous one then holds the local context) -- then the highest-scoring other valid
+blocks (block n is valid iff n * block_size < length), k blocks in all, ties to the lower block
+index, NaN scores treated as -inf. The result is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with
 -1 (`idx_BKM` int32 [B, K, M], M >= k) and the number of live ids per row (`n_live_BK` int32
 [B, K]), so the attention kernel needs no extra pass to count them.
 
