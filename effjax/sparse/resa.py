@@ -57,16 +57,15 @@ class SparseConfig:
                        f"got {self.gate_cache_dtype!r}")
     if self.selector not in ("quest", "gate"):
       raise ValueError(f"selector must be quest|gate, got {self.selector!r}")
-    if self.budget_tokens // self.block_size < 2:
-      raise ValueError(f"budget_tokens={self.budget_tokens} keeps fewer than 2 blocks of {self.block_size}")
     if self.rectify_every < 0:
       raise ValueError(f"rectify_every must be >= 0, got {self.rectify_every}")
     if self.local_tokens < 1:
       raise ValueError(f"local_tokens must be >= 1, got {self.local_tokens}")
-    if self.budget_blocks < forced_blocks_max(self.block_size, self.local_tokens):
-      raise ValueError(f"budget_tokens={self.budget_tokens} keeps {self.budget_blocks} blocks, fewer "
-                       f"than the first block and those the last local_tokens={self.local_tokens} "
-                       f"tokens span ({forced_blocks_max(self.block_size, self.local_tokens)})")
+    forced = forced_blocks_max(self.block_size, self.local_tokens)   # 2 for local_tokens = 1
+    if self.budget_blocks < forced:
+      raise ValueError(f"budget_tokens={self.budget_tokens} keeps {self.budget_blocks} blocks of "
+                       f"{self.block_size}, fewer than the {forced} always kept (the first block "
+                       f"and those the last local_tokens={self.local_tokens} tokens span)")
     if self.rectify_logits not in ("dense", "sparse"):
       raise ValueError(f"rectify_logits must be dense|sparse, got {self.rectify_logits!r}")
 

@@ -164,6 +164,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def drift_budget(a) -> int:
+  """The drift's token budget: (1 - --sparsity) of --seq, in whole blocks (at least 2)."""
+  return max(2 * a.block_size, int((1 - a.sparsity) * a.seq) // a.block_size * a.block_size)
+
+
 def check_args(ap, a) -> None:
   """Impossible sizes fail here, before any compute, naming the flag."""
   bs = a.block_size
@@ -182,11 +187,12 @@ def check_args(ap, a) -> None:
     ap.error("--sparsity must be in (0, 1)")
   if any(f <= 0 for f in a.rectify) or any(f <= 0 for f in a.rectify_cache_only):
     ap.error("--rectify / --rectify-cache-only periods must be > 0")
+  from pallas_kernels.block_topk import forced_blocks_max
   for n in a.local_tokens:
     if n < 2:
       ap.error(f"--local-tokens {n}: must be >= 2 (1 is the plain rows' rule)")
-    for b in a.budgets + [max(2 * bs, int((1 - a.sparsity) * a.seq) // bs * bs)]:
-      if b // bs < 2 + (n - 2 + bs) // bs:
+    for b in a.budgets + [drift_budget(a)]:
+      if b // bs < forced_blocks_max(bs, n):
         ap.error(f"--local-tokens {n}: a budget of {b} tokens cannot hold the forced blocks")
   if (a.auto_steps or a.resume_later) and a.train_seconds is None:
     ap.error("--auto-steps and --resume-later need --train-seconds")
@@ -545,7 +551,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
                                  "accuracy": acc}, t0)
   prompt_len = args.seq - args.new_tokens
   total = prompt_len + args.new_tokens
-  budget = max(2 * bs, int((1 - args.sparsity) * total) // bs * bs)
+  budget = drift_budget(args)
   text_prompts, text_true = corpus.text_prompts(args.drift_n, prompt_len, args.new_tokens, heldout, args.seed)
   if "drift" not in res:
     t0 = time.perf_counter()
