@@ -14,6 +14,7 @@ query. Timing: bench_decode.measure. Writes benchmarks/results/<card>/gate_layou
 from __future__ import annotations
 
 import argparse
+import functools
 import pathlib
 import sys
 
@@ -76,6 +77,29 @@ def gate_query_rot_const(wq2, q, pos):
   return (out[..., :D] * jnp.cos(ang) + out[..., D:] * jnp.sin(ang)) * D ** -0.5
 
 
+def gate_query_tables(wq, q, tables):
+  """The library's form (reduction + concatenate RoPE) with the cos / sin tables given: computed
+  once per decode step for every layer (`effjax.sparse.gate.gate_rope_tables`), so no per-layer
+  kernel evaluates cos / sin of angles up to ~1e5 rad (their slow range reduction)."""
+  B, K, Gq, H = q.shape
+  qg = jnp.sum(q.astype(jnp.float32).reshape(B, K, Gq * H, 1) * wq[None], axis=2)
+  cos, sin = tables
+  return apply_rope(qg[:, None], cos, sin)[:, 0] * qg.shape[-1] ** -0.5
+
+
+def gate_query_rotw_tables(wq, q, tables):
+  """Projection and RoPE in ONE reduction, tables given: r_d = sum_c x_c (w_cd cos_d + w'_cd
+  sin_d), w' = rotate-half partner of w (-w2, w1), cos / sin repeated to full width."""
+  B, K, Gq, H = q.shape
+  D = wq.shape[-1]
+  cos, sin = tables                                              # [B, 1, 1, D/2]
+  cf = jnp.concatenate([cos, cos], -1)[:, 0] * D ** -0.5          # [B, 1, D]
+  sf = jnp.concatenate([sin, sin], -1)[:, 0] * D ** -0.5
+  wr = jnp.concatenate([-wq[..., D // 2:], wq[..., :D // 2]], -1)  # [K, C, D]
+  w = wq[None] * cf[:, :, None] + wr[None] * sf[:, :, None]        # [B, K, C, D]
+  return jnp.sum(q.astype(jnp.float32).reshape(B, K, Gq * H, 1) * w, axis=2)
+
+
 def gate_query_kfirst(wq, q, pos):
   """The projection with the kv head as the leading (batch) axis of its output, RoPE in that
   layout, then back: XLA's batched GEMM puts batch dims first."""
@@ -101,8 +125,11 @@ def layout_cases(B, N, dtype, copies, pos, lengths, topk):
                                        ("scores+topk", lambda q, c, f=scores: topk(f(q, c)))]
 
 
-def query_cases(B, N, dtype, copies, pos, lengths, topk):
-  """The same per form of the gate query: GEMM + concatenate RoPE, reduction, rotated weights."""
+def query_cases(B, N, dtype, copies, pos, lengths, topk, only=None):
+  """The same per form of the gate query: GEMM + concatenate RoPE, reduction, rotated weights,
+  and the two forms with cos / sin tables computed once outside the layer (a per-step constant
+  here; in a decode step one small kernel for all layers). `only`: the form names to time."""
+  tables = jax.block_until_ready(rope_tables(pos[:, None], GATE_DIM, THETA))
   layers = []
   for c in range(copies):
     wq = jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM), jnp.float32)
@@ -113,10 +140,49 @@ def query_cases(B, N, dtype, copies, pos, lengths, topk):
            "reduce+concat": lambda q, c: gate_query_reduce(c[1], q, pos),
            "rotated weights": lambda q, c: gate_query_rotw(c[2], q, pos),
            "rotated weights, const freqs": lambda q, c: gate_query_rot_const(c[2], q, pos),
-           "kv head first": lambda q, c: gate_query_kfirst(c[1], q, pos)}
+           "kv head first": lambda q, c: gate_query_kfirst(c[1], q, pos),
+           "reduce+concat, tables given": lambda q, c: gate_query_tables(c[1], q, tables),
+           "one reduction, tables given": lambda q, c: gate_query_rotw_tables(c[1], q, tables)}
+  if only:
+    forms = {n: f for n, f in forms.items() if n in only}
   for name, fq in forms.items():
     chain = lambda q, c, fq=fq: topk(jnp.einsum("bkd,bknd->bkn", fq(q, c), c[0]))
     yield {"query": name}, tuple(layers), [("query", fq), ("query+scores+topk", chain)]
+
+
+def scores_halves(wq, q, kc, pos, tables=None):
+  """Gate scores with the query's RoPE left as two halves (no concatenate): r1 = x1 cos - x2 sin,
+  r2 = x2 cos + x1 sin, scores = sum_d r1 kc[:Dg/2] + r2 kc[Dg/2:] as one reduction."""
+  B, K, Gq, H = q.shape
+  D = wq.shape[-1]
+  qg = jnp.sum(q.astype(jnp.float32).reshape(B, K, Gq * H, 1) * wq[None], axis=2) * D ** -0.5
+  cos, sin = tables if tables is not None else rope_tables(pos[:, None], D, THETA)
+  cos, sin = cos[:, 0], sin[:, 0]                                  # [B, 1, D/2]
+  x1, x2 = qg[..., :D // 2], qg[..., D // 2:]
+  r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+  kc = kc.astype(jnp.float32)
+  return jnp.sum(r1[:, :, None] * kc[..., :D // 2] + r2[:, :, None] * kc[..., D // 2:], axis=-1)
+
+
+def scores_cases(B, N, dtype, copies, pos, lengths, topk, only=None):
+  """Whole gate scores (+ block_topk) in the library's product + sum form: as built
+  (`gate_lib.gate_logits`), and with the query RoPE kept as two halves (tables computed in the
+  layer, or given once per step)."""
+  from effjax.sparse import gate as gate_lib
+  tables = jax.block_until_ready(rope_tables(pos[:, None], GATE_DIM, THETA))
+  layers = []
+  for c in range(copies):
+    wq = jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM), jnp.float32)
+    layers.append((jax.random.normal(jax.random.key(77 + c), (B, HKV, N, GATE_DIM),
+                                     jnp.float32).astype(dtype), wq * (G * D) ** -0.5))
+  forms = {"library": lambda q, c: gate_lib.gate_logits(c[1], q, c[0], pos, THETA),
+           "halves": lambda q, c: scores_halves(c[1], q, c[0], pos),
+           "halves, tables given": lambda q, c: scores_halves(c[1], q, c[0], pos, tables)}
+  if only:
+    forms = {n: f for n, f in forms.items() if n in only}
+  for name, fs in forms.items():
+    yield {"scores": name}, tuple(layers), [("scores", fs),
+                                            ("scores+topk", lambda q, c, f=fs: topk(f(q, c)))]
 
 
 def main():
@@ -131,6 +197,11 @@ def main():
   ap.add_argument("--query-variants", action="store_true",
                   help="instead: the gate query's formulations (GEMM + concat RoPE, reduction, "
                        "rotated weights), B and dtype from --batches / --dtypes")
+  ap.add_argument("--scores-variants", action="store_true",
+                  help="instead: the library's gate scores against the RoPE-as-halves forms "
+                       "(writes gate_scores_forms.json)")
+  ap.add_argument("--forms", default=None,
+                  help="--query-variants: semicolon-separated form names to time (default: all)")
   ap.add_argument("--dtypes", default="float32,bfloat16")
   ap.add_argument("--decode-options", action="store_true",
                   help="compile with effjax.decoding.DECODE_COMPILER_OPTIONS (what the decode "
@@ -140,7 +211,9 @@ def main():
   on_gpu = jax.default_backend() == "gpu"
   impl = "xla" if args.interpret else "pallas_triton"
   N = args.seq // args.block
-  cases = query_cases if args.query_variants else layout_cases
+  only = args.forms.split(";") if args.forms else None
+  cases = (functools.partial(query_cases, only=only) if args.query_variants else
+           functools.partial(scores_cases, only=only) if args.scores_variants else layout_cases)
   rows = []
   for B in parse_ints(args.batches):
     lengths = jnp.full((B,), args.seq, jnp.int32)
@@ -169,7 +242,8 @@ def main():
                 f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
                 f"{[k for k in row.get('kernels', [])[:4]]}", flush=True)
         del layers
-  write_results(args.out, "gate_query.json" if args.query_variants else "gate_layout.json", rows,
+  write_results(args.out, "gate_query.json" if args.query_variants else
+                "gate_scores_forms.json" if args.scores_variants else "gate_layout.json", rows,
                 sys.argv[1:], "device time: bench_decode.measure (unroll 1); every call its own "
                 "layer and query")
 

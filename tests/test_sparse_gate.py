@@ -48,6 +48,29 @@ def test_distill_target_matches_loop():
       np.testing.assert_allclose(t[b, h], exp, rtol=1e-5, atol=1e-7)
 
 
+def test_gate_logits_match_the_formula():
+  """gate_logits (the query's RoPE halves meeting the cache's halves inside one sum) against the
+  module docstring's formula in float64 numpy: q_g = RoPE(concat_G(q) @ Wq) / sqrt(Dg), scores =
+  q_g . kc. Random inputs, ragged sizes, positions up to 131071; gate_query is q_g."""
+  B, K, G, H, Dg, N, theta = 3, 2, 3, 24, 16, 37, 10000.0
+  q, wq, kc = rand((B, K, G, H), 11), rand((K, G * H, Dg), 12) * 0.2, rand((B, K, N, Dg), 13)
+  pos = np.array([131071, 4099, 5])
+  qg = np.einsum("bkc,kcd->bkd", q.astype(np.float64).reshape(B, K, G * H), wq)
+  # angles in float32 as rope_tables takes them (at position 131071 float32 rounding moves an
+  # angle by up to ~0.008 rad: the model's convention, not this function's error)
+  inv = (1.0 / np.float32(theta) ** (np.arange(0, Dg, 2, dtype=np.float32) / np.float32(Dg)))
+  ang = (pos.astype(np.float32)[:, None, None] * inv.astype(np.float32)).astype(np.float64)
+  x1, x2 = qg[..., :Dg // 2], qg[..., Dg // 2:]
+  ref_q = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang),
+                          x2 * np.cos(ang) + x1 * np.sin(ang)], -1) / np.sqrt(Dg)
+  ref = np.einsum("bkd,bknd->bkn", ref_q, kc)
+  args = (jnp.asarray(wq), jnp.asarray(q), jnp.asarray(pos))
+  np.testing.assert_allclose(gate.gate_query(*args, theta), ref_q, rtol=2e-4, atol=2e-5)
+  got = gate.gate_logits(args[0], args[1], jnp.asarray(kc), args[2], theta)
+  assert got.shape == (B, K, N) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, ref, rtol=2e-4, atol=1e-4)
+
+
 def test_kl_loss():
   t = jnp.asarray([[[0.5, 0.5, 0.0]]])
   assert abs(float(gate.kl_loss(t, t))) < 1e-7

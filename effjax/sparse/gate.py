@@ -129,28 +129,42 @@ def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, 
 def gate_logits(wq_KCD: jax.Array, q_BKGH: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,
                 rope_theta: float) -> jax.Array:
   """Gate scores of one layer for one new token per sequence: float32 [B, K, Nb]."""
-  qg = gate_query(wq_KCD, q_BKGH, pos_B, rope_theta)
-  # A product and a sum, not an einsum: a [Dg] . [Nb, Dg] matrix-vector product per row, which
+  r1, r2 = _gate_query_halves(wq_KCD, q_BKGH, pos_B, rope_theta)
+  h = r1.shape[-1]
+  kc = kc_BKND.astype(jnp.float32)
+  # Products and one sum, not an einsum: a [Dg] . [Nb, Dg] matrix-vector product per row, which
   # XLA:GPU compiles into one reduction kernel only through its dot-strength-reduction pass. The
   # decode loops turn that pass off (decoding.DECODE_COMPILER_OPTIONS); the einsum then became a
   # Triton GEMM: 7.7 instead of 6.1 us at B8 S128K, 2.9 instead of 2.0 us at B1 (H200,
-  # results/NVIDIA_H200/gate_query_decode_options.json).
-  return jnp.sum(qg[:, :, None, :] * kc_BKND.astype(jnp.float32), axis=-1)
+  # results/NVIDIA_H200/gate_query_decode_options.json). The query's two RoPE halves meet the
+  # cache's halves inside that one sum: with the halves concatenated first, XLA ran the RoPE as a
+  # separate 1.1-1.3 us kernel; this form saves 0.85 us at B8 and 1.0 us at B1 (S128K, scores +
+  # block_topk, H200, results/NVIDIA_H200/gate_scores_forms.json).
+  return jnp.sum(r1[:, :, None] * kc[..., :h] + r2[:, :, None] * kc[..., h:], axis=-1)
+
+
+def _gate_query_halves(wq_KCD: jax.Array, q_BKGH: jax.Array, pos_B: jax.Array,
+                       rope_theta: float) -> tuple[jax.Array, jax.Array]:
+  """gate_query as its two rotate-half halves, each float32 [B, K, Dg/2]."""
+  B, K, G, H = q_BKGH.shape
+  # product and sum for the same reason as the scores (gate_logits): under the decode options the
+  # einsum was a Triton GEMM, 2.3 against 1.1 us at B1 (gate_query_decode_options.json)
+  qg = jnp.sum(q_BKGH.astype(jnp.float32).reshape(B, K, G * H, 1) * wq_KCD[None], axis=-2)
+  # The 1/sqrt(Dg) scale goes on the [B, K, Dg] query, not on the [B, K, Nb] scores: on the GPU
+  # XLA does not fuse a multiply into the reduction's output, and the separate pass over the
+  # scores cost 1.7 us of a 4K-budget step at B8 S128K (H200).
+  qg = qg * qg.shape[-1] ** -0.5
+  cos, sin = rope_tables(pos_B[:, None], qg.shape[-1], rope_theta)          # [B, 1, 1, Dg/2]
+  cos, sin = cos[:, 0], sin[:, 0]                                           # [B, 1, Dg/2]
+  x1, x2 = jnp.split(qg, 2, axis=-1)
+  return x1 * cos - x2 * sin, x2 * cos + x1 * sin                           # apply_rope's pairs
 
 
 def gate_query(wq_KCD: jax.Array, q_BKGH: jax.Array, pos_B: jax.Array,
                rope_theta: float) -> jax.Array:
   """The gate query of one new token per sequence: projected, RoPE'd at its position and scaled
   by 1/sqrt(Dg), float32 [B, K, Dg] (scores = gate_query . kc)."""
-  B, K, G, H = q_BKGH.shape
-  # product and sum for the same reason as the scores (gate_logits): under the decode options the
-  # einsum was a Triton GEMM, 2.3 against 1.1 us at B1 (gate_query_decode_options.json)
-  qg = jnp.sum(q_BKGH.astype(jnp.float32).reshape(B, K, G * H, 1) * wq_KCD[None], axis=-2)
-  cos, sin = rope_tables(pos_B[:, None], qg.shape[-1], rope_theta)          # [B, 1, 1, Dg/2]
-  # The 1/sqrt(Dg) scale goes on the [B, K, Dg] query, not on the [B, K, Nb] scores: on the GPU
-  # XLA does not fuse a multiply into the reduction's output, and the separate pass over the
-  # scores cost 1.7 us of a 4K-budget step at B8 S128K (H200).
-  return apply_rope(qg[:, None], cos, sin)[:, 0] * qg.shape[-1] ** -0.5      # [B, K, Dg]
+  return jnp.concatenate(_gate_query_halves(wq_KCD, q_BKGH, pos_B, rope_theta), axis=-1)
 
 
 def masked_softmax(logits_BKN: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
