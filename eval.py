@@ -43,7 +43,8 @@ def main(argv=None) -> int:
   dg.add_argument("--local-tokens", type=int, default=1, metavar="N",
                   help="always keep the blocks holding the last N tokens (SparseConfig.local_tokens; "
                        "1: the current block only). A window of one block (N = block size) removed "
-                       "Quest's excess NLL spike after block boundaries (experiments/sparse_quality)")
+                       "Quest's excess NLL spike after block boundaries: recommended for Quest at "
+                       "budgets of 8+ blocks (experiments/sparse_quality)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
   dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")

@@ -43,7 +43,10 @@ class SparseConfig:
                                    # (1: the current block). Right after a block boundary the
                                    # current block holds one or two tokens; Quest then often
                                    # drops the previous block (model #7: excess NLL 0.26-0.28 at
-                                   # those positions against 0.044 elsewhere)
+                                   # those positions against 0.044 elsewhere). For Quest use
+                                   # block_size: -35% / -13% excess NLL on models #8 / #9,
+                                   # retrieval within 1 of 16 prompts; the gate gains ~nothing
+                                   # (experiments/sparse_quality, README)
   rectify_logits: str = "dense"    # after a rectification the next token comes from: "dense" the
                                    # rectifying forward's last logits (ReSA: that forward computes
                                    # them anyway, so with f = 1 decoding is dense); "sparse" the

@@ -24,7 +24,8 @@ if str(HERE) not in sys.path:
 import report  # noqa: E402  (experiments/sparse_quality/report.py)
 
 DEFAULT_DIRS = ("results_h200_paired", "results_h200_1024tok", "results_h200_2048tok",
-                "results_h200_cache_oracle", "results_h200_local_window")
+                "results_h200_cache_oracle", "results_h200_local_window",
+                "results_h200_local_window_retrieval")
 
 
 def load_gains(dirs) -> list[tuple[str, dict]]:
