@@ -6,6 +6,9 @@ blocks), float32 and bfloat16, alone and followed by `block_topk` (k = 64, a 4K 
   python benchmarks/bench_gate_layout.py [--batches 8,1] [--seq 131072] [--out PATH]
   python benchmarks/bench_gate_layout.py --interpret --batches 1 --seq 2048 --calls 1 --windows 1
   python benchmarks/bench_gate_layout.py --query-variants --batches 8,1 --dtypes bfloat16  # gate_query.json
+  python benchmarks/bench_gate_layout.py --scores-variants --decode-options --dtypes bfloat16
+      # the library's gate scores vs the RoPE-as-halves forms: gate_scores_forms.json
+  (--forms "name;name" times only the named forms of either variant set)
 
 Every call is a layer of its own (gate cache + projection wq, >= 8x the L2 of them) with its own
 query. Timing: bench_decode.measure. Writes benchmarks/results/<card>/gate_layout.json.
