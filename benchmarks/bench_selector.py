@@ -51,10 +51,6 @@ def main():
                        "-inf (invalid) blocks in every row")
   ap.add_argument("--warps", default="1,2,4,8", help="block_topk num_warps variants")
   ap.add_argument("--plans", default="sparsity,budget", help="which plans to run: sparsity, budget")
-  ap.add_argument("--searches", default="ternary",
-                  help="block_topk search variants to time: ternary, adaptive")
-  ap.add_argument("--dists", default="normal",
-                  help="score distributions of the topk-alone rows: normal, exponential, cauchy")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   args = ap.parse_args()
@@ -84,11 +80,7 @@ def main():
       kc8 = tuple((gate_lib.to_cache_dtype(x, "float8_e4m3fn"), w) for x, w in kc32)
       # one [B, K, N] score row set per call: a call that ignored its cache argument would be
       # the same computation for every cache copy, and XLA would merge those copies (CSE)
-      shape = (n_q * args.copies, B, HKV, nb)
-      dists = {"normal": lambda: jax.random.normal(ks, shape, jnp.float32),
-               "exponential": lambda: jax.random.exponential(ks, shape, jnp.float32),
-               "cauchy": lambda: jax.random.cauchy(ks, shape, jnp.float32)}
-      scores = dists["normal"]()
+      scores = jax.random.normal(ks, (n_q * args.copies, B, HKV, nb), jnp.float32)
       one = (jnp.zeros((), jnp.float32),)
       base = dict(B=B, S=S, length=int(lengths[0]), blocks=nb, calls_per_jit=n_q * args.copies)
       def t(call, xs, caches) -> dict:
@@ -108,29 +100,21 @@ def main():
       # block_topk at each num_warps, alone (on given scores) and chained after the gate's scores
       # (what a decode step runs)
       for plan, k in plans:
-        for dist in args.dists.split(","):
-          sc_d = dists[dist]()
-          for search in args.searches.split(","):
-            for w in parse_ints(args.warps):
-              extra = {} if dist == "normal" and search == "ternary" else dict(dist=dist,
-                                                                               search=search)
-              record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w, **extra,
-                     **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
-                                                 implementation=impl, interpret=args.interpret,
-                                                 num_warps=w, search=search)[0], sc_d, one))
+        for w in parse_ints(args.warps):
+          record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w,
+                 **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
+                                             interpret=args.interpret, num_warps=w)[0], scores, one))
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
                **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
                                            implementation="xla")[0], scores, one))
         # num_warps None: block_topk's default
-        chained = ([("float32", kc32, w, "ternary") for w in parse_ints(args.warps)]
-                   + [("bfloat16", kc16, None, se) for se in args.searches.split(",")])
-        for name, kc, w, search in chained:
+        chained = [("float32", kc32, w) for w in parse_ints(args.warps)] + [("bfloat16", kc16, None)]
+        for name, kc, w in chained:
           def both(q, c):
             sc = gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 10000.0)
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
-                              interpret=args.interpret, num_warps=w, search=search)[0]
-          extra = {} if search == "ternary" else {"search": search}
-          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w, **extra,
+                              interpret=args.interpret, num_warps=w)[0]
+          record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w,
                  **t(both, qs, kc))
   write_results(args.out, "selector.json", results, sys.argv[1:],
                 f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "

@@ -1,6 +1,7 @@
-"""Session 12: counting passes of the kernel's own search code (pallas_kernels.block_topk's
-`_adaptive_search`, run as plain JAX on the CPU over whole rows) against the ternary search
-(`sim.strat_ternary`) on the same rows; the selection is checked against the reference.
+"""Session 12: counting passes of the adaptive search as it ran in the kernel (`adaptive_jax.py`,
+the code of block_topk(search="adaptive") at commit 18b1fa6, run as plain JAX on the CPU over
+whole rows) against the ternary search (`sim.strat_ternary`) on the same rows; the selection is
+checked against the reference.
 
   cd experiments/topk_search && JAX_PLATFORMS=cpu python3 kernel_passes.py [ROWS]
 """
@@ -8,13 +9,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import block_topk as bt
+import adaptive_jax as bt
 from sim import Search, gen, strat_ternary
 
 N, K_LIST = 2048, (64, 205)

@@ -14,8 +14,6 @@ KERNELS = [
     pytest.param(True, id="triton-interpret"),
     pytest.param(False, id="triton-gpu", marks=pytest.mark.gpu),
 ]
-# the kernel's two k-th-largest searches (block_topk(search=...)): same integers by construction
-SEARCHES = ["ternary", "adaptive"]
 
 
 def numpy_topk(scores, lengths, block_size, k, local_tokens=1):
@@ -61,16 +59,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("interpret", KERNELS)
 @pytest.mark.parametrize("B,K,N,bs,lengths,k", CASES)
-def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k, search):
+def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k):
   require_backend("pallas_triton", interpret)
   s = random_scores(B * 1000 + N + k, B, K, N)
   L = jnp.asarray(lengths, jnp.int32)
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, search=search)
+                      interpret=interpret)
   idx, ref_idx = np.asarray(idx), np.asarray(ref_idx)
   M = ref_idx.shape[-1]
   assert idx.shape[-1] > M and idx.shape[-1] & (idx.shape[-1] - 1) == 0
@@ -86,10 +83,9 @@ def test_kernel_matches_reference_exactly(interpret, B, K, N, bs, lengths, k, se
       assert got == want[b][h], (b, h)
 
 
-@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("interpret", KERNELS)
 @pytest.mark.parametrize("local", [2, 17, 64, 130])
-def test_local_window_blocks_are_forced(interpret, local, search):
+def test_local_window_blocks_are_forced(interpret, local):
   """local_tokens: every block holding one of the last local_tokens tokens is kept whatever its
   score (lengths just past a block boundary, deep inside one, shorter than the window), the
   kernel giving the reference's ids. The forced blocks get the lowest scores here, so only the
@@ -104,7 +100,7 @@ def test_local_window_blocks_are_forced(interpret, local, search):
   L = jnp.asarray(lengths, jnp.int32)
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k, local_tokens=local)
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, local_tokens=local, search=search)
+                      interpret=interpret, local_tokens=local)
   np.testing.assert_array_equal(np.asarray(idx)[..., :k], np.asarray(ref_idx))
   np.testing.assert_array_equal(n, ref_n)
   want = numpy_topk(s, lengths, bs, k, local)
@@ -135,9 +131,8 @@ def test_num_warps_override_gives_the_same_ids(interpret, warps):
   np.testing.assert_array_equal(n, ref_n)
 
 
-@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("interpret", KERNELS)
-def test_early_exit_and_full_search_give_the_reference_ids(interpret, search):
+def test_early_exit_and_full_search_give_the_reference_ids(interpret):
   """The key search stops once exactly k keys sit at or above the bracket's low end; rows where
   that happens early (distinct scores), never (ties straddling the k-th score: the bracket
   shrinks to one key, then the lowest-id ties), and at once (k = every valid block) must all
@@ -151,16 +146,15 @@ def test_early_exit_and_full_search_give_the_reference_ids(interpret, search):
   L = jnp.asarray([N * bs, N * bs, 40 * bs - 3], jnp.int32)   # row 2: exactly k valid blocks
   ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
   idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                      interpret=interpret, search=search)
+                      interpret=interpret)
   np.testing.assert_array_equal(np.asarray(idx)[..., :k], np.asarray(ref_idx))
   np.testing.assert_array_equal(n, ref_n)
   # the forced first and last blocks, the 30 scores of 2.0, then the lowest-id 8 of the 20 ties
   assert list(np.asarray(idx)[1, 0, :k]) == [0, *range(10, 40), *range(100, 108), N - 1]
 
 
-@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("interpret", KERNELS)
-def test_search_over_score_scales_and_distributions(interpret, search):
+def test_search_over_score_scales_and_distributions(interpret):
   """Rows whose scores span tiny, huge, one-signed, heavy-tailed, two-valued and all-equal
   ranges, with infinities and NaN: the bracket search (whose first cuts span more than 2^31
   keys) must give the reference's ids for every k."""
@@ -178,7 +172,7 @@ def test_search_over_score_scales_and_distributions(interpret, search):
   for k in (2, 3, 37, 150, 299, 300):
     ref_idx, ref_n = block_topk_reference(jnp.asarray(s), L, block_size=bs, k=k)
     idx, n = block_topk(jnp.asarray(s), L, block_size=bs, k=k, implementation="pallas_triton",
-                        interpret=interpret, search=search)
+                        interpret=interpret)
     np.testing.assert_array_equal(np.asarray(idx)[..., :ref_idx.shape[-1]], np.asarray(ref_idx),
                                   err_msg=f"k={k}")
     np.testing.assert_array_equal(n, ref_n)
@@ -199,8 +193,6 @@ def test_auto_is_xla_on_cpu_and_validates():
     block_topk(s, L, block_size=16, k=3, implementation="cuda")
   with pytest.raises(ValueError, match="num_warps must be a power of 2"):
     block_topk(s, L, block_size=16, k=3, num_warps=6)
-  with pytest.raises(ValueError, match="search must be"):
-    block_topk(s, L, block_size=16, k=3, search="binary")
   # rows longer than the kernel's packed prefix sum allows: a clear error, and auto uses xla
   long = jax.ShapeDtypeStruct((1, 1, (1 << 15) + 1), jnp.float32)
   with pytest.raises(ValueError, match="at most 32768 blocks"):
@@ -208,10 +200,9 @@ def test_auto_is_xla_on_cpu_and_validates():
   assert jax.eval_shape(lambda x: block_topk(x, L, block_size=16, k=3), long)[0].shape == (1, 1, 3)
 
 
-@pytest.mark.parametrize("search", SEARCHES)
-def test_triton_kernel_lowers_for_cuda(search):
+def test_triton_kernel_lowers_for_cuda():
   s = jax.ShapeDtypeStruct((2, 8, 2048), jnp.float32)
   L = jax.ShapeDtypeStruct((2,), jnp.int32)
-  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205, search=search,
+  text = lower_for_cuda(lambda a, b: block_topk(a, b, block_size=64, k=205,
                                                 implementation="pallas_triton"), s, L)
   assert "xla.gpu.triton" in text and 'name = "block_topk"' in text
