@@ -3,7 +3,7 @@ the code of block_topk(search="adaptive") at commit 18b1fa6, run as plain JAX on
 whole rows) against the ternary search (`sim.strat_ternary`) on the same rows; the selection is
 checked against the reference.
 
-  cd experiments/topk_search && JAX_PLATFORMS=cpu python3 kernel_passes.py [ROWS]
+  cd experiments/topk_search && JAX_PLATFORMS=cpu python3 kernel_passes.py [ROWS] [adaptive|interp2]
 """
 import os
 import sys
@@ -15,10 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import adaptive_jax as bt
+import interp2_jax
 from sim import Search, gen, strat_ternary
 
 N, K_LIST = 2048, (64, 205)
 ROWS = int(sys.argv[1]) if len(sys.argv) > 1 else 200
+SEARCH = {"adaptive": bt._adaptive_search, "interp2": interp2_jax._interp2_search}[
+    sys.argv[2] if len(sys.argv) > 2 else "adaptive"]
 
 
 @jax.jit
@@ -34,7 +37,7 @@ def passes(s_rows, k):
     at = bt._sample_at(jnp.int32(n))
     xs = s[at]
     use = (at != 0) & (at < n - 1) & (jnp.abs(xs) < jnp.inf)
-    out = bt._adaptive_search(key, bt.INT32_MIN, jnp.int32(bt.KEY_ABOVE_ALL), jnp.int32(n),
+    out = SEARCH(key, bt.INT32_MIN, jnp.int32(bt.KEY_ABOVE_ALL), jnp.int32(n),
                               jnp.int32(0), k, bt._sample_stats(xs, use), jnp.int32(2),
                               jnp.int32(n - 2))
     return out
@@ -57,5 +60,5 @@ for d in ["gauss", "exp", "cauchy", "bf16", "uniform", "bimodal", "ties90", "off
       above, tie = key > lo[i], key == lo[i]
       sel = np.nonzero(above | (tie & (np.cumsum(tie) <= need)))[0]
       bad += not np.array_equal(sel, S.reference())
-    print(f"{d:8s} k={k:3d}  adaptive {p.mean():5.2f} / max {p.max():2d}   ternary "
+    print(f"{d:8s} k={k:3d}  {sys.argv[2] if len(sys.argv) > 2 else 'adaptive'} {p.mean():5.2f} / max {p.max():2d}   ternary "
           f"{np.mean(tern):5.2f} / max {np.max(tern):2d}   mismatches {bad}", flush=True)
