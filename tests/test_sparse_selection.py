@@ -28,6 +28,22 @@ def test_threshold_rule():
   np.testing.assert_array_equal(idx[0, 0], [0, 3, 5])      # budget: highest probability wins
 
 
+def test_budgets_too_small_for_the_forced_blocks_are_refused():
+  """k / max_blocks must hold the first block and those of the last local_tokens tokens; a
+  smaller budget is a clear error, not a selection that silently drops forced blocks."""
+  scores = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 8)), jnp.float32)
+  lengths = jnp.asarray([6 * 4 + 1])
+  with pytest.raises(ValueError, match="forced blocks"):
+    sel.select_top_k(scores, lengths, 4, k=1)
+  with pytest.raises(ValueError, match="forced blocks"):
+    sel.select_top_k(scores, lengths, 4, k=2, local_tokens=4)     # 1 + 2 blocks forced
+  with pytest.raises(ValueError, match="forced blocks"):
+    sel.select_threshold(scores, lengths, 4, threshold=0.1, max_blocks=2, local_tokens=4)
+  # exactly enough: the first block and the blocks of tokens 21-24 (5 and 6)
+  np.testing.assert_array_equal(sel.select_top_k(scores, lengths, 4, k=3, local_tokens=4),
+                                [[[0, 5, 6]]])
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_random_selections_are_valid_index_sets(seed):
   rng = np.random.default_rng(seed)
