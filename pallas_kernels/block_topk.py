@@ -7,9 +7,9 @@ are always kept -- with `local_tokens` > 1, every block holding one of the last 
 (a local window: right after a block boundary the current block holds only the newest token or
 two, and the previous one then holds the local context) -- then the highest-scoring other valid
 blocks (block n is valid iff n * block_size < length), k blocks in all, ties to the lower block
-index, NaN scores treated as -inf. The result is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with
--1 (`idx_BKM` int32 [B, K, M], M >= k) and the number of live ids per row (`n_live_BK` int32
-[B, K]), so the attention kernel needs no extra pass to count them.
+index, NaN scores treated as -inf. The result is what `pallas_kernels.sparse_decode` consumes:
+ascending block ids padded with -1 (`idx_BKM` int32 [B, K, M], M >= k) and the number of live ids
+per row (`n_live_BK` int32 [B, K]), so the attention kernel needs no extra pass to count them.
 
 Implementations:
 - `xla`: `block_topk_reference` -- `lax.top_k` over the N blocks, then a sort of the k winners
@@ -50,6 +50,14 @@ def forced_blocks_max(block_size: int, local_tokens: int) -> int:
   return 1 + 1 + (local_tokens - 1 + block_size - 1) // block_size
 
 
+def check_budget(k: int, block_size: int, local_tokens: int) -> None:
+  """A budget of k blocks must hold the forced ones (`forced_blocks_max`): a clear ValueError."""
+  need = forced_blocks_max(block_size, local_tokens)
+  if k < need:
+    raise ValueError(f"k={k} blocks cannot hold the {need} forced ones (first block + the last "
+                     f"local_tokens={local_tokens} tokens in blocks of {block_size})")
+
+
 def _check(scores_BKN, lengths_B, block_size: int, k: int, local_tokens: int = 1) -> None:
   if getattr(scores_BKN, "ndim", None) != 3:
     raise ValueError(f"scores_BKN must be 3-D [B, K, N], got shape {getattr(scores_BKN, 'shape', None)}")
@@ -64,10 +72,7 @@ def _check(scores_BKN, lengths_B, block_size: int, k: int, local_tokens: int = 1
     raise ValueError(f"k must be an int >= 2 (first + current block), got {k!r}")
   if not isinstance(local_tokens, (int, np.integer)) or local_tokens < 1:
     raise ValueError(f"local_tokens must be an int >= 1, got {local_tokens!r}")
-  if k < forced_blocks_max(block_size, local_tokens):
-    raise ValueError(f"k={k} blocks cannot hold the {forced_blocks_max(block_size, local_tokens)} "
-                     f"forced ones (first block + the last local_tokens={local_tokens} tokens in "
-                     f"blocks of {block_size})")
+  check_budget(k, block_size, local_tokens)
 
 
 def _valid_forced(lengths_B: jax.Array, n: int, block_size: int, local_tokens: int = 1):

@@ -33,11 +33,11 @@ def test_budgets_too_small_for_the_forced_blocks_are_refused():
   smaller budget is a clear error, not a selection that silently drops forced blocks."""
   scores = jnp.asarray(np.random.default_rng(0).standard_normal((1, 1, 8)), jnp.float32)
   lengths = jnp.asarray([6 * 4 + 1])
-  with pytest.raises(ValueError, match="forced blocks"):
+  with pytest.raises(ValueError, match="forced ones"):
     sel.select_top_k(scores, lengths, 4, k=1)
-  with pytest.raises(ValueError, match="forced blocks"):
+  with pytest.raises(ValueError, match="forced ones"):
     sel.select_top_k(scores, lengths, 4, k=2, local_tokens=4)     # 1 + 2 blocks forced
-  with pytest.raises(ValueError, match="forced blocks"):
+  with pytest.raises(ValueError, match="forced ones"):
     sel.select_threshold(scores, lengths, 4, threshold=0.1, max_blocks=2, local_tokens=4)
   # exactly enough: the first block and the blocks of tokens 21-24 (5 and 6)
   np.testing.assert_array_equal(sel.select_top_k(scores, lengths, 4, k=3, local_tokens=4),

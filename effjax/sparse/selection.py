@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_topk import _valid_forced, block_topk_reference, forced_blocks_max
+from pallas_kernels.block_topk import _valid_forced, block_topk_reference, check_budget
 
 
 def num_blocks(lengths_B: jax.Array, block_size: int) -> jax.Array:
@@ -50,21 +50,13 @@ def quest_scores(q_BKGH: jax.Array, kmin_BKNH: jax.Array, kmax_BKNH: jax.Array) 
   return jnp.max(bound, axis=2)
 
 
-def _check_budget(k: int, block_size: int, local_tokens: int) -> None:
-  """A block budget must hold the forced blocks: the first and those of the last local_tokens."""
-  need = forced_blocks_max(block_size, local_tokens)
-  if k < need:
-    raise ValueError(f"a block budget of {k} cannot hold the {need} forced blocks (first + those "
-                     f"the last local_tokens={local_tokens} tokens span, blocks of {block_size})")
-
-
 def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k: int,
                  local_tokens: int = 1) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
   fewer are valid), ties to the lower block index. Returns ascending ids, -1 padded, int32
   [B, K, min(k, N)]; a token budget of T tokens is k = T // block_size. The XLA path of
   `pallas_kernels.block_topk` (which also has the GPU kernel decode steps use)."""
-  _check_budget(k, block_size, local_tokens)
+  check_budget(k, block_size, local_tokens)
   return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k,
                               local_tokens=local_tokens)[0]
 
@@ -73,7 +65,7 @@ def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int
                      max_blocks: int, local_tokens: int = 1) -> jax.Array:
   """Blocks whose gate probability is >= threshold, plus the first and current ones; at most
   max_blocks (the highest probabilities win). Returns int32 [B, K, max_blocks]."""
-  _check_budget(max_blocks, block_size, local_tokens)
+  check_budget(max_blocks, block_size, local_tokens)
   N = probs_BKN.shape[-1]
   valid, forced = _valid_forced(lengths_B, N, block_size, local_tokens)
   keep = (valid & (probs_BKN >= threshold)) | forced
