@@ -170,6 +170,8 @@ def main():
   ap.add_argument("--mem-frac", type=float, default=0.6, help="share of device memory for caches")
   ap.add_argument("--no-xla", action="store_true", help="skip the (slow) XLA reference")
   ap.add_argument("--no-sparse", action="store_true")
+  ap.add_argument("--sparse-impls", default="pallas_triton",
+                  help="sparse kernels timed (comma list): pallas_triton, pallas_mosaic_gpu")
   ap.add_argument("--no-selector", action="store_true", help="skip the gate + top-k + sparse rows")
   ap.add_argument("--gate-dtypes", default="bfloat16",
                   help="K-compression cache dtypes of the gate rows, comma-separated (bfloat16, "
@@ -324,21 +326,16 @@ def main():
         if args.budget_tokens:
           plans.append((f"budget={args.budget_tokens}", None,
                         min(n_blocks, args.budget_tokens // bs)))
-        for label, sp, n_sel in plans:
-          idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
-          xs = (qs, jnp.asarray(idx))
-          plan = dict(plan=label, sparsity=sp, block_size=bs, blocks_selected=n_sel,
-                      blocks_total=n_blocks, config=repr(sparse_cfg))
 
+        def time_sparse(sparse_impl, xs, kv, sel_bytes, n_sel, n_blocks, bs, copies, plan):
           def sparse_call(x, c):
             return sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
-                                           implementation="pallas_triton", interpret=args.interpret,
+                                           implementation=sparse_impl, interpret=args.interpret,
                                            config=sparse_cfg)
 
-          sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
-          timed("pallas_triton_sparse", sparse_call, xs, kv, sel_bytes, **plan)
+          timed(f"{sparse_impl}_sparse", sparse_call, xs, kv, sel_bytes, **plan)
           if args.no_selector:
-            continue
+            return
           # The whole sparse attention of a decode step: the SeerAttention-R gate's scores over
           # its K-compression cache (Dg = 64, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
@@ -364,15 +361,25 @@ def main():
               idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
                                        interpret=args.interpret, **topk_kw)
               return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
-                                             implementation="pallas_triton",
+                                             implementation=sparse_impl,
                                              interpret=args.interpret, config=sparse_cfg,
                                              num_live_BK=n_live)
 
-            timed("gate+topk+pallas_triton_sparse", gated_call, qs[:n_q_gate], layers,
+            timed(f"gate+topk+{sparse_impl}_sparse", gated_call, qs[:n_q_gate], layers,
                   sel_bytes + kc_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
                   gate_copies=gate_copies, calls_per_jit=n_q_gate * gate_copies,
                   topk=topk_kw or "default", **plan)
             del layers
+
+        for label, sp, n_sel in plans:
+          idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
+          xs = (qs, jnp.asarray(idx))
+          plan = dict(plan=label, sparsity=sp, block_size=bs, blocks_selected=n_sel,
+                      blocks_total=n_blocks, config=repr(sparse_cfg))
+
+          sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
+          for sparse_impl in args.sparse_impls.split(","):
+            time_sparse(sparse_impl, xs, kv, sel_bytes, n_sel, n_blocks, bs, copies, plan)
       del kv
       save()
 

@@ -290,9 +290,12 @@ def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: 
   return o_BKGH.astype(out_dtype)
 
 
-def check_implementation(implementation: str) -> None:
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+def check_implementation(implementation: str, extra: tuple[str, ...] = ()) -> None:
+  """implementation must be one of IMPLEMENTATIONS (+ `extra`, what an op adds: the block-sparse
+  op has a Mosaic GPU kernel too)."""
+  allowed = IMPLEMENTATIONS + tuple(extra)
+  if implementation not in allowed:
+    raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}")
 
 
 def check_decode_args(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,

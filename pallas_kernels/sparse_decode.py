@@ -13,7 +13,11 @@ are masked even inside a selected block. Implementations:
   takes the j-th share of the live slots of (b, k), loads each block with a dynamic
   `pl.ds(index * block_size, block_size)` (so only selected blocks are read), runs the shared
   online softmax and writes a partial merged by `_splitk.splitk_call`'s combine.
-- `auto`: pallas_triton on GPU, xla elsewhere (no TPU kernel yet).
+- `pallas_mosaic_gpu`: the same split-K partials from a Pallas Mosaic GPU kernel (Hopper): each
+  selected block is one TMA copy into swizzled shared memory, a few blocks in flight, and QK^T /
+  PV are warpgroup MMAs (`_mgpu_sparse.py`).
+- `pallas_tpu`: the Mosaic TPU kernel over a block list (`_tpu_decode.py`).
+- `auto`: pallas_triton on GPU, pallas_tpu on TPU, xla elsewhere.
 """
 
 from __future__ import annotations
@@ -287,7 +291,10 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
       [j * block_size, (j + 1) * block_size)), distinct and ascending, padded with -1 at the end.
       Concrete inputs are checked; traced ones are trusted.
     block_size: tokens per block (a power of 2 >= 16 for the Triton kernel, e.g. 16, 64, 128).
-    implementation: "auto" | "xla" | "pallas_triton" | "pallas_tpu".
+    implementation: "auto" | "xla" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu"
+      (`pallas_mosaic_gpu`: the Hopper TMA + wgmma kernel of `_mgpu_sparse.py`; bf16 / f16, H a
+      multiple of 64, block sizes multiples of 16; config.num_splits / num_stages apply, the
+      stages being its TMA pipeline depth).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     config: SparseDecodeConfig for the Triton kernel; None uses the defaults.
     num_live_BK: optional int32 [B, K], the number of leading live slots of each row (what
@@ -298,7 +305,7 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
     o_BKGH [B, K, G, H] in q's dtype: softmax (scale H ** -0.5, float32) over the tokens of the
     selected blocks below the length; zeros where no such token exists.
   """
-  _splitk.check_implementation(implementation)
+  _splitk.check_implementation(implementation, extra=("pallas_mosaic_gpu",))
   _splitk.check_decode_args(q_BKGH, k_BKSH, v_BKSH, lengths_B)
   _check_block_args(q_BKGH, k_BKSH, block_indices_BKM, block_size)
   block_size = int(block_size)
@@ -323,13 +330,22 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
         q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
         live_slots(block_indices_BKM.astype(jnp.int32), lengths_B, block_size),
         block_size=block_size, interpret=_tpu_decode.tpu_interpret(interpret))
+  if num_live_BK is not None and getattr(num_live_BK, "shape", None) != tuple(q_BKGH.shape[:2]):
+    raise ValueError(f"num_live_BK must have shape [B, K]={tuple(q_BKGH.shape[:2])}, got "
+                     f"{getattr(num_live_BK, 'shape', None)}")
+  if implementation == "pallas_mosaic_gpu":
+    from pallas_kernels import _mgpu_sparse
+    why = _mgpu_sparse.mgpu_supported(q_BKGH.shape[2], H, block_size, q_BKGH.dtype)
+    if why is not None:
+      raise ValueError(f"implementation='pallas_mosaic_gpu': {why}")
+    return _mgpu_sparse.sparse_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
+                                      num_live_BK, block_size=block_size,
+                                      num_splits=config.num_splits, stages=config.num_stages,
+                                      interpret=bool(interpret))
   why = _splitk.triton_supported(H, q_BKGH.dtype)
   if why is None and not tile_ok:
     why = f"block_size={block_size} must be a power of 2 >= 16 for Triton tiles"
   if why is not None:
     raise ValueError(f"implementation='pallas_triton': {why}")
-  if num_live_BK is not None and getattr(num_live_BK, "shape", None) != tuple(q_BKGH.shape[:2]):
-    raise ValueError(f"num_live_BK must have shape [B, K]={tuple(q_BKGH.shape[:2])}, got "
-                     f"{getattr(num_live_BK, 'shape', None)}")
   return _sparse_decode_triton(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK,
                                block_size, config, bool(interpret))

@@ -1,0 +1,266 @@
+"""Block-sparse decode attention as a Pallas Mosaic GPU kernel (Hopper: TMA loads + wgmma).
+
+The `pallas_mosaic_gpu` implementation of `sparse_decode.sparse_decode_attention`. Same split-K
+structure as the Triton kernel (`_splitk.py`): program (b, k, j) takes the j-th share of the
+live block slots of (sequence b, KV head k) and writes an online-softmax partial (o, m, l) that
+`_splitk`'s combine merges. What differs is how the bytes move:
+
+- each selected block is one TMA copy of a [block_size, H] K tile and one of V into swizzled
+  shared memory, `stages` blocks in flight (`plgpu.emit_pipeline` with a dynamic step count; the
+  block id of a step is read from the index array inside the pipeline's index map);
+- the G query rows of the group are padded to the 64 rows of a warpgroup MMA (rows past G are
+  zero, their softmax stays in those rows and is never stored); QK^T and PV are `wgmma`s with the
+  K / V tiles read straight from shared memory;
+- the tail of the last block past the buffer is zero-filled by the TMA unit, so the cache is
+  never padded (the Triton path pads S to a block multiple).
+
+Rows of a partial: R_OUT = G rounded up to 8 (a TMA store of whole 8-row tiles); the combine reads
+the first G.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _splitk
+
+WGMMA_ROWS = 64  # rows of a warpgroup MMA: the query rows are padded to this
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def mgpu_supported(G: int, H: int, block_size: int, dtype) -> str | None:
+  """Why the Mosaic GPU kernel can't take these shapes, or None if it can."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
+  if H % 64 or H > 256:
+    return f"head dim H={H} must be a multiple of 64 up to 256 (128-byte swizzled tiles)"
+  if block_size % 16 or block_size < 16 or block_size > 256:
+    return f"block_size={block_size} must be a multiple of 16 in [16, 256] (wgmma tiles)"
+  if G > WGMMA_ROWS:
+    return f"G={G} query heads per KV head must be <= {WGMMA_ROWS} (one wgmma row tile)"
+  return None
+
+
+def rows_out(G: int) -> int:
+  return _splitk.round_up(G, 8)
+
+
+def _transposed(ref):
+  """ref transposed (1, 0): `Ref.transpose` on JAX >= 0.11, plgpu.transpose_ref before."""
+  if hasattr(ref, "transpose"):
+    try:
+      return ref.transpose((1, 0))
+    except (TypeError, AttributeError, NotImplementedError):
+      pass
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _tiles(dtype):
+  """Shared-memory transforms of a wgmma / TMA tile: 8-row tiles 128 bytes wide, swizzled."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(128))
+
+
+def _load(ref, layout):
+  """plgpu.load of a whole ref with a layout (the index argument became optional in 0.11)."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  params = inspect.signature(plgpu.load).parameters
+  if params["idx"].default is inspect.Parameter.empty:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, q_smem, q_bar,
+            *, G: int, T: int, num_splits: int, stages: int, scale: float, interpret: bool):
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+
+  # Register layouts are a compiler matter: the GPU interpreter (CPU tests) has no layout_cast,
+  # and its arrays have no layout.
+  def cast(x, layout):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+  def iota(shape, dim):
+    if interpret:
+      return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+  R = WGMMA_ROWS
+  H = q_smem.shape[-1]
+  RO = o_ref.shape[-2]
+  dtype = q_smem.dtype
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+  b = lax.axis_index("b")
+  kh = lax.axis_index("k")
+  j = lax.axis_index("s")
+  length = len_ref[b]
+  n_slots = nslots_ref[b, kh]
+  kv_heads = nslots_ref.shape[1]
+  per_split = lax.div(n_slots + (num_splits - 1), num_splits)
+  start = j * per_split
+  steps = jnp.clip(n_slots - start, 0, per_split)
+
+  # The G query rows -> rows [0, G) of a [64, H] swizzled tile. q_ref is the flat [B * K * G, H]
+  # query; RO >= G rows are copied (whole 8-row tiles: the rows past G belong to the next group,
+  # or lie past the array and are zero-filled by the TMA unit); every row >= G is masked to zero.
+  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + kh) * G, RO)], q_smem.at[pl.ds(0, RO)],
+                          q_bar)
+  plgpu.barrier_wait(q_bar)
+  q = q_smem[...]
+  q_smem[...] = jnp.where(iota((R, H), 0) < G, q, jnp.zeros_like(q))
+  plgpu.commit_smem()  # the generic-proxy stores, visible to the wgmma that reads q_smem
+
+  scale_log2 = scale * LOG2E
+  cols = iota((R, T), 1)
+
+  def block_id(i):
+    return idx_ref[b, kh, start + i]
+
+  def step(indices, k_smem, v_smem, carry):
+    acc, m_i, l_i = carry
+    block = block_id(indices[0])
+    # tokens of this block below the length (a -1 id inside the live range: none)
+    limit = jnp.where(block >= 0, length - block * T, 0)
+
+    def compute_qk(acc_ref):
+      plgpu.wgmma(acc_ref, q_smem, _transposed(k_smem))
+      return acc_ref[...]
+
+    if interpret:
+      # The GPU interpreter of JAX 0.10 has no wgmma with a transposed operand (0.11 has); the
+      # two products are plain dots there, the rest of the kernel is the same. The wgmma path
+      # is checked against the reference on the GPU (`pytest -m gpu`).
+      s = jnp.dot(q_smem[...], k_smem[...].T, preferred_element_type=jnp.float32)
+    else:
+      s = pl.run_scoped(compute_qk, plgpu.ACC((R, T), jnp.float32))
+    valid = cols < limit
+    s = jnp.where(valid, s * scale_log2, _splitk.MASK_VALUE)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+    l_new = l_i * alpha + p.sum(axis=1)
+    p16 = p.astype(dtype)
+
+    def compute_pv(acc_ref):
+      plgpu.wgmma(acc_ref, p16, v_smem)
+      return acc_ref[...]
+
+    if interpret:
+      pv = jnp.dot(p16, v_smem[...], preferred_element_type=jnp.float32)
+    else:
+      pv = pl.run_scoped(compute_pv, plgpu.ACC((R, H), jnp.float32))
+    return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_new
+
+  spec = plgpu.BlockSpec((T, H), lambda i: (jnp.maximum(block_id(i), 0), 0),
+                         transforms=_tiles(dtype))
+  init = (cast(jnp.zeros((R, H), jnp.float32), wgmma_layout),
+          cast(jnp.full((R,), _splitk.MASK_VALUE, jnp.float32), row_layout),
+          cast(jnp.zeros((R,), jnp.float32), row_layout))
+  acc, m_i, l_i = plgpu.emit_pipeline(
+      step, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
+      init_carry=init)(k_ref.at[b, kh], v_ref.at[b, kh])
+
+  # The partial: its first RO rows (G rounded up to a whole 8-row tile), through shared memory.
+  def store(o_smem, m_smem, l_smem):
+    o_smem[...] = acc
+    m_smem[...] = m_i * LN2  # natural-log units, as the Triton kernels' partials
+    l_smem[...] = l_i
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, RO)], m_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=_tiles(jnp.float32)),
+                plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "stages", "interpret"))
+def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK, *,
+                           block_size: int, num_splits: int, stages: int, interpret: bool = False):
+  """The kernel's partials: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO] (N = num_splits,
+  RO = rows_out(G)), as the Triton kernels write them."""
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  B, K, G, H = q_BKGH.shape
+  RO = rows_out(G)
+  kernel = functools.partial(_kernel, G=G, T=block_size, num_splits=num_splits, stages=stages,
+                             scale=H ** -0.5, interpret=interpret)
+  f32 = jnp.float32
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    # Reads past the buffer (the tail of a last block past S) are zero-filled, as the TMA unit
+    # does on the GPU. Rows G..RO of the query tile hold the next group's query (or zeros past
+    # the array), so the kernel's row masking is still exercised.
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, RO), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, RO), f32)),
+      scratch_types=(plgpu.SMEM((WGMMA_ROWS, H), q_BKGH.dtype, transforms=_tiles(q_BKGH.dtype)),
+                     plgpu.Barrier(num_arrivals=1)),
+      grid=(B, K, num_splits),
+      grid_names=("b", "k", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interp,
+  )
+  return call(lengths_B.astype(jnp.int32), num_live_BK.astype(jnp.int32),
+              block_indices_BKM.astype(jnp.int32), q_BKGH.reshape(B * K * G, H), k_BKSH, v_BKSH)
+
+
+# Shared memory per SM on Hopper that one block may use (227 KB), and the blocks per SM the split
+# heuristic aims for when they fit.
+SMEM_PER_SM = 227 * 1024
+MAX_PROGRAMS_PER_SM = 4
+DEFAULT_STAGES = 3
+
+
+def smem_bytes(G: int, H: int, block_size: int, stages: int, dtype) -> int:
+  """Shared memory of one program: the query tile, then the K / V pipeline buffers (the partial's
+  store scratch reuses the pipeline's space after it)."""
+  isz = jnp.dtype(dtype).itemsize
+  pipeline = stages * 2 * block_size * H * isz
+  store = WGMMA_ROWS * H * 4 + 2 * WGMMA_ROWS * 4
+  return WGMMA_ROWS * H * isz + max(pipeline, store) + 1024  # + barriers, alignment
+
+
+def programs_per_sm(G: int, H: int, block_size: int, stages: int, dtype) -> int:
+  return max(1, min(MAX_PROGRAMS_PER_SM, SMEM_PER_SM // smem_bytes(G, H, block_size, stages, dtype)))
+
+
+def sparse_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK, *,
+                  block_size: int, num_splits: int | None, stages: int | None,
+                  interpret: bool) -> jax.Array:
+  """`sparse_decode_attention` through the Mosaic GPU kernel (arguments checked by the caller;
+  num_live_BK None computes `live_slots`). Returns o [B, K, G, H] in q's dtype."""
+  from pallas_kernels import _combine
+  from pallas_kernels.sparse_decode import live_slots
+  B, K, G, H = q_BKGH.shape
+  M = block_indices_BKM.shape[-1]
+  stages = DEFAULT_STAGES if stages is None else int(stages)
+  lengths_B = lengths_B.astype(jnp.int32)
+  block_indices_BKM = block_indices_BKM.astype(jnp.int32)
+  if num_splits is None:
+    per_sm = programs_per_sm(G, H, block_size, stages, q_BKGH.dtype)
+    num_splits = _splitk.default_num_splits(B * K, M, _splitk.target_programs(per_sm))
+  nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
+               else num_live_BK.astype(jnp.int32))
+  o, m, l = sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
+                                        nslots_BK, block_size=block_size, num_splits=num_splits,
+                                        stages=stages, interpret=interpret)
+  R = o.shape[-2]
+  if (num_splits >= _splitk.TRITON_COMBINE_MIN_SPLITS and not interpret
+      and _combine.triton_combine_supported(G, R, H) is None):
+    return _combine.combine_splits_triton(o, m, l, G, q_BKGH.dtype, interpret=False)
+  return _splitk.combine_splits(o, m, l, G, q_BKGH.dtype)
