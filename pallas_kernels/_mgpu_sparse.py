@@ -212,7 +212,11 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      # Lane semantics: the kernel states its register layouts (the WGMMA accumulator layout and
+      # its row reduction) itself; JAX 0.11 defaults to Warpgroup semantics, whose layout
+      # inference rejects the row masks of 16-token blocks and unaligned query-row copies.
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interp,
   )
   return call(lengths_B.astype(jnp.int32), num_live_BK.astype(jnp.int32),
