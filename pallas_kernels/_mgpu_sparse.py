@@ -12,7 +12,8 @@ live block slots of (sequence b, KV head k) and writes an online-softmax partial
   zero, their softmax stays in those rows and is never stored); QK^T and PV are `wgmma`s with the
   K / V tiles read straight from shared memory;
 - the tail of the last block past the buffer is zero-filled by the TMA unit, so the cache is
-  never padded (the Triton path pads S to a block multiple).
+  padded only to a multiple of 8 rows (the TMA tile), not to a block multiple as in the Triton
+  path.
 
 Rows of a partial: R_OUT = G rounded up to 8 (a TMA store of whole 8-row tiles); the combine reads
 the first G.
@@ -42,10 +43,15 @@ def mgpu_supported(G: int, H: int, block_size: int, dtype) -> str | None:
     return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
   if H % 64 or H > 256:
     return f"head dim H={H} must be a multiple of 64 up to 256 (128-byte swizzled tiles)"
-  if block_size % 16 or block_size < 16 or block_size > 256:
-    return f"block_size={block_size} must be a multiple of 16 in [16, 256] (wgmma tiles)"
+  if block_size % 64 or block_size > 256:
+    return (f"block_size={block_size} must be 64, 128, 192 or 256 (the PV wgmma's K extent is a "
+            f"block, in 64-element swizzle tiles)")
   if G > WGMMA_ROWS:
     return f"G={G} query heads per KV head must be <= {WGMMA_ROWS} (one wgmma row tile)"
+  need = smem_bytes(G, H, block_size, 1, dtype)
+  if need > SMEM_PER_SM:
+    return (f"one K and one V block of {block_size} x {H} plus the query tile need {need} bytes "
+            f"of shared memory, more than an SM's {SMEM_PER_SM}")
   return None
 
 
@@ -116,6 +122,9 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
   plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + kh) * G, RO)], q_smem.at[pl.ds(0, RO)],
                           q_bar)
   plgpu.barrier_wait(q_bar)
+  # Rows of a wgmma are independent (each row's scores, softmax and output stay in that row) and
+  # only rows < G are stored, so rows >= G cannot change the result; they are zeroed anyway, so
+  # that no stale shared memory (NaN / Inf bit patterns) flows through the row arithmetic.
   q = q_smem[...]
   q_smem[...] = jnp.where(iota((R, H), 0) < G, q, jnp.zeros_like(q))
   plgpu.commit_smem()  # the generic-proxy stores, visible to the wgmma that reads q_smem
@@ -219,15 +228,22 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
                                            lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=interp,
   )
+  # TMA tiles of 8 rows need the row extents of the K / V buffers and the flat query to be
+  # multiples of 8: padded here (a copy) only for capacities or B * K * G that are not.
+  q_flat = _splitk.pad_axis(q_BKGH.reshape(B * K * G, H), 0, 8)
+  k_BKSH = _splitk.pad_axis(k_BKSH, 2, 8)
+  v_BKSH = _splitk.pad_axis(v_BKSH, 2, 8)
   return call(lengths_B.astype(jnp.int32), num_live_BK.astype(jnp.int32),
-              block_indices_BKM.astype(jnp.int32), q_BKGH.reshape(B * K * G, H), k_BKSH, v_BKSH)
+              block_indices_BKM.astype(jnp.int32), q_flat, k_BKSH, v_BKSH)
 
 
 # Shared memory per SM on Hopper that one block may use (227 KB), and the blocks per SM the split
 # heuristic aims for when they fit.
 SMEM_PER_SM = 227 * 1024
 MAX_PROGRAMS_PER_SM = 4
-DEFAULT_STAGES = 3
+# H200, B8 / B1 at S128K, 90% sparsity and a 4K budget (results/NVIDIA_H200/mgpu_sparse/tune.json):
+# two blocks in flight per program and two programs per SM were best or within 2% of it.
+DEFAULT_STAGES = 2
 
 
 def smem_bytes(G: int, H: int, block_size: int, stages: int, dtype) -> int:
@@ -237,6 +253,13 @@ def smem_bytes(G: int, H: int, block_size: int, stages: int, dtype) -> int:
   pipeline = stages * 2 * block_size * H * isz
   store = WGMMA_ROWS * H * 4 + 2 * WGMMA_ROWS * 4
   return WGMMA_ROWS * H * isz + max(pipeline, store) + 1024  # + barriers, alignment
+
+
+def fit_stages(G: int, H: int, block_size: int, stages: int, dtype) -> int:
+  """`stages`, lowered until one program's shared memory fits an SM (at least 1)."""
+  while stages > 1 and smem_bytes(G, H, block_size, stages, dtype) > SMEM_PER_SM:
+    stages -= 1
+  return stages
 
 
 def programs_per_sm(G: int, H: int, block_size: int, stages: int, dtype) -> int:
@@ -252,7 +275,8 @@ def sparse_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live
   from pallas_kernels.sparse_decode import live_slots
   B, K, G, H = q_BKGH.shape
   M = block_indices_BKM.shape[-1]
-  stages = DEFAULT_STAGES if stages is None else int(stages)
+  stages = fit_stages(G, H, block_size, DEFAULT_STAGES if stages is None else int(stages),
+                      q_BKGH.dtype)
   lengths_B = lengths_B.astype(jnp.int32)
   block_indices_BKM = block_indices_BKM.astype(jnp.int32)
   if num_splits is None:

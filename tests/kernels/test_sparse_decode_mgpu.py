@@ -37,14 +37,15 @@ def _check(out, want, dtype=jnp.bfloat16):
 
 
 # (B, K, G, H, S, lengths, block_size, M): ragged lengths inside blocks, capacities that are not
-# block multiples (the last block's tail lies past the buffer: zero-filled by the TMA unit), M
-# above and below the block count, G = 1 / 2 / 4 / 8 / 5 (G rows of a 64-row wgmma tile, the
-# partial's rows rounded up to 8), H = 64 / 128 / 256.
+# block multiples (the last block's tail lies past the buffer: zero-filled by the TMA unit) nor
+# multiples of 8 (padded to the TMA tile), M above and below the block count, G = 1 / 2 / 4 / 8 /
+# 5 (G rows of a 64-row wgmma tile, the partial's rows rounded up to 8; B * K * G = 20 is padded
+# to whole 8-row tiles), H = 64 / 128 / 256, block sizes 64 / 128 / 192.
 CASES = [
-    (2, 2, 4, 128, 320, [320, 77], 16, 12),
+    (2, 2, 4, 128, 320, [320, 77], 64, 12),
     (3, 1, 8, 128, 200, [200, 65, 130], 64, 4),
     (1, 2, 1, 64, 300, [290], 128, 2),
-    (2, 2, 5, 64, 256, [256, 3], 32, 9),
+    (2, 2, 5, 64, 450, [450, 3], 192, 9),
     (1, 1, 2, 256, 130, [130], 64, 3),
 ]
 
@@ -97,9 +98,9 @@ def test_split_counts_and_pipeline_depths(interpret, num_splits, stages):
   """Any split count (even > the live slots: empty splits) and TMA pipeline depth (even > a
   split's steps) gives the same result; the selector's live counts may be passed in."""
   _require(interpret)
-  B, K, G, H, S, bs, M = 2, 2, 8, 64, 512, 32, 9
+  B, K, G, H, S, bs, M = 2, 2, 8, 64, 1024, 64, 9
   q, k, v = random_inputs(5, B, K, G, H, S, jnp.bfloat16)
-  lengths = [512, 301]
+  lengths = [1024, 601]
   idx = random_blocks(num_splits, B, K, S // bs, M, min_live=1)
   cfg = SparseDecodeConfig(num_splits=num_splits, num_stages=stages)
   want = oracle(q, k, v, block_valid(idx, lengths, bs, S))
@@ -146,8 +147,10 @@ def test_matches_triton_at_decode_scale():
 @pytest.mark.parametrize("over,match", [
     (dict(dtype=jnp.float32), "bfloat16 / float16"),
     (dict(H=32), "multiple of 64"),
-    (dict(bs=8), "multiple of 16"),
+    (dict(bs=32), "64, 128, 192 or 256"),
+    (dict(bs=16), "64, 128, 192 or 256"),
     (dict(G=65), "<= 64"),
+    (dict(H=256, bs=256, S=256), "shared memory"),
 ])
 def test_unsupported_inputs_raise(over, match):
   a = dict(B=1, K=1, G=4, H=64, S=128, bs=64, dtype=jnp.bfloat16)
@@ -159,8 +162,12 @@ def test_unsupported_inputs_raise(over, match):
 
 
 def test_shared_memory_plan():
-  """One program's shared memory fits a Hopper SM at the default depth, and the split heuristic
-  counts how many fit (2 at H 128, blocks of 64, 3 stages)."""
-  assert _mgpu_sparse.smem_bytes(4, 128, 64, 3, jnp.bfloat16) <= _mgpu_sparse.SMEM_PER_SM
-  assert _mgpu_sparse.programs_per_sm(4, 128, 64, 3, jnp.bfloat16) == 2
-  assert _mgpu_sparse.programs_per_sm(4, 128, 128, 4, jnp.bfloat16) == 1
+  """One program's shared memory fits a Hopper SM at the default depth; deeper pipelines than
+  fit are cut; the split heuristic counts how many programs fit an SM."""
+  m = _mgpu_sparse
+  assert m.smem_bytes(4, 128, 64, m.DEFAULT_STAGES, jnp.bfloat16) <= m.SMEM_PER_SM
+  assert m.programs_per_sm(4, 128, 64, 2, jnp.bfloat16) == 2   # 16 + 64 KB (+1) per program
+  assert m.programs_per_sm(4, 128, 64, 3, jnp.bfloat16) == 2   # 16 + 96 KB
+  assert m.programs_per_sm(4, 128, 64, 1, jnp.bfloat16) == 4   # 16 + 33 KB store scratch
+  assert m.fit_stages(4, 128, 128, 4, jnp.bfloat16) == 3       # 4 x 64 KB would not fit
+  assert m.fit_stages(4, 256, 128, 8, jnp.bfloat16) == 1
