@@ -293,7 +293,7 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
     block_size: tokens per block (a power of 2 >= 16 for the Triton kernel, e.g. 16, 64, 128).
     implementation: "auto" | "xla" | "pallas_triton" | "pallas_mosaic_gpu" | "pallas_tpu"
       (`pallas_mosaic_gpu`: the Hopper TMA + wgmma kernel of `_mgpu_sparse.py`; bf16 / f16, H a
-      multiple of 64 up to 256, block sizes 64 / 128 / 192 / 256; config.num_splits / num_stages apply, the
+      multiple of 64 up to 256, block sizes 64 / 128; config.num_splits / num_stages apply, the
       stages being its TMA pipeline depth).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
     config: SparseDecodeConfig for the Triton kernel; None uses the defaults.
