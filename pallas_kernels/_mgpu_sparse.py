@@ -56,6 +56,15 @@ def rows_out(G: int) -> int:
   return _splitk.round_up(G, 8)
 
 
+def query_stride(G: int) -> int:
+  """Rows per group in the flat query the kernel copies from: G when every group's RO-row copy
+  window starts on an 8-row boundary or stays inside one (G = 1, 2, 4 or a multiple of 8), else
+  G padded to RO. A TMA copy whose unaligned window crossed an 8-row boundary of the source put
+  the rows past the boundary in the wrong place (H200, JAX 0.11.2: G = 3 / 5 / 6 with B * K > 1,
+  experiments/mgpu_sparse/diagnose_g.txt)."""
+  return G if (8 % G == 0 or G % 8 == 0) else rows_out(G)
+
+
 def _transposed(ref):
   """ref transposed (1, 0): `Ref.transpose` on JAX >= 0.11, plgpu.transpose_ref before."""
   if hasattr(ref, "transpose"):
@@ -84,7 +93,8 @@ def _load(ref, layout):
 
 
 def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, q_smem, q_bar,
-            *, G: int, T: int, num_splits: int, stages: int, scale: float, interpret: bool):
+            *, G: int, q_stride: int, T: int, num_splits: int, stages: int, scale: float,
+            interpret: bool):
   from jax.experimental.pallas import mosaic_gpu as plgpu
 
   # Register layouts are a compiler matter: the GPU interpreter (CPU tests) has no layout_cast,
@@ -113,11 +123,12 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
   start = j * per_split
   steps = jnp.clip(n_slots - start, 0, per_split)
 
-  # The G query rows -> rows [0, G) of a [64, H] swizzled tile. q_ref is the flat [B * K * G, H]
-  # query; RO >= G rows are copied (whole 8-row tiles: the rows past G belong to the next group,
-  # or lie past the array and are zero-filled by the TMA unit); every row >= G is masked to zero.
-  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + kh) * G, RO)], q_smem.at[pl.ds(0, RO)],
-                          q_bar)
+  # The G query rows -> rows [0, G) of a [64, H] swizzled tile. q_ref is the flat query,
+  # [B * K * GS, H] with GS query rows per group (GS = G, or G padded to RO when a group's RO-row
+  # window would cross an 8-row boundary: `query_stride`); RO rows are copied (whole 8-row tiles:
+  # rows past G belong to the next group, or lie past the array and are zero-filled).
+  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds((b * kv_heads + kh) * q_stride, RO)],
+                          q_smem.at[pl.ds(0, RO)], q_bar)
   plgpu.barrier_wait(q_bar)
   # Rows of a wgmma are independent (each row's scores, softmax and output stay in that row) and
   # only rows < G are stored, so rows >= G cannot change the result; they are zeroed anyway, so
@@ -199,8 +210,9 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
   from jax.experimental.pallas import mosaic_gpu as plgpu
   B, K, G, H = q_BKGH.shape
   RO = rows_out(G)
-  kernel = functools.partial(_kernel, G=G, T=block_size, num_splits=num_splits, stages=stages,
-                             scale=H ** -0.5, interpret=interpret)
+  GS = query_stride(G)
+  kernel = functools.partial(_kernel, G=G, q_stride=GS, T=block_size, num_splits=num_splits,
+                             stages=stages, scale=H ** -0.5, interpret=interpret)
   f32 = jnp.float32
   interp = None
   if interpret:
@@ -226,8 +238,9 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
       interpret=interp,
   )
   # TMA tiles of 8 rows need the row extents of the K / V buffers and the flat query to be
-  # multiples of 8: padded here (a copy) only for capacities or B * K * G that are not.
-  q_flat = _splitk.pad_axis(q_BKGH.reshape(B * K * G, H), 0, 8)
+  # multiples of 8: padded here (a copy) only for capacities or B * K * GS that are not; the
+  # query's groups are padded to GS rows (a copy) only for G other than 1, 2, 4 or 8k.
+  q_flat = _splitk.pad_axis(_splitk.pad_axis(q_BKGH, 2, GS).reshape(B * K * GS, H), 0, 8)
   k_BKSH = _splitk.pad_axis(k_BKSH, 2, 8)
   v_BKSH = _splitk.pad_axis(v_BKSH, 2, 8)
   return call(lengths_B.astype(jnp.int32), num_live_BK.astype(jnp.int32),

@@ -40,13 +40,17 @@ def _check(out, want, dtype=jnp.bfloat16):
 # block multiples (the last block's tail lies past the buffer: zero-filled by the TMA unit) nor
 # multiples of 8 (padded to the TMA tile), M above and below the block count, G = 1 / 2 / 4 / 8 /
 # 5 (G rows of a 64-row wgmma tile, the partial's rows rounded up to 8; B * K * G = 20 is padded
-# to whole 8-row tiles), H = 64 / 128 / 256, block sizes 64 / 128.
+# to whole 8-row tiles), H = 64 / 128 / 256, block sizes 64 / 128. G = 5 / 6 / 12 with several
+# groups: their groups are padded to whole 8-row windows (`_mgpu_sparse.query_stride`; unpadded,
+# rows past an 8-row boundary came out wrong on the H200).
 CASES = [
     (2, 2, 4, 128, 320, [320, 77], 64, 12),
     (3, 1, 8, 128, 200, [200, 65, 130], 64, 4),
     (1, 2, 1, 64, 300, [290], 128, 2),
     (2, 2, 5, 64, 450, [450, 3], 64, 9),
     (1, 1, 2, 256, 130, [130], 64, 3),
+    (2, 2, 6, 64, 256, [256, 100], 64, 4),
+    (1, 3, 12, 128, 256, [200], 128, 2),
 ]
 
 
