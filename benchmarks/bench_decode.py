@@ -89,7 +89,8 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
 def measure(call, xs, caches, windows: int, unroll: int, trace: bool,
             compiler_options: dict | None = None) -> dict:
   """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
-  the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call)...]} (devtime.py),
+  the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call, launches per
+  call)...]} (devtime.py),
   or {"trace_error": why} if the profiler failed. `compiler_options`: XLA options of that jit."""
   many = devtime.build_many(call, xs, caches, unroll, compiler_options)
   out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
@@ -101,7 +102,9 @@ def measure(call, xs, caches, windows: int, unroll: int, trace: bool,
       return out
     out.update(busy_s=t["busy_us_per_call"] * 1e-6, span_s=t["span_us_per_call"] * 1e-6,
                on_device=t["device"],
-               kernels=[(e["name"][:80], round(e["per_call_us"], 3)) for e in t["events"][:8]])
+               kernels=[(e["name"][:80], round(e["per_call_us"], 3),
+                         round(e["count"] / devtime.n_calls(xs, caches), 3))
+                        for e in t["events"][:8]])
   return out
 
 
