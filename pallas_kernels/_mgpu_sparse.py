@@ -273,7 +273,8 @@ def fit_stages(G: int, H: int, block_size: int, stages: int, dtype) -> int:
 
 
 def programs_per_sm(G: int, H: int, block_size: int, stages: int, dtype) -> int:
-  return max(1, min(MAX_PROGRAMS_PER_SM, SMEM_PER_SM // smem_bytes(G, H, block_size, stages, dtype)))
+  fit = SMEM_PER_SM // smem_bytes(G, H, block_size, stages, dtype)
+  return max(1, min(MAX_PROGRAMS_PER_SM, fit))
 
 
 def sparse_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK, *,
