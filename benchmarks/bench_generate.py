@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None):
                   choices=list(gate_lib.CACHE_DTYPES),
                   help="gate mode: the K-compression cache dtype (SparseConfig.gate_cache_dtype)")
   ap.add_argument("--decode-impl", default="auto", help="auto | xla | pallas_triton")
+  ap.add_argument("--sparse-kernel", default="auto",
+                  help="SparseConfig.sparse_kernel: auto (= decode-impl) | pallas_mosaic_gpu | ...")
   ap.add_argument("--param-dtype", default="bfloat16")
   ap.add_argument("--cache-dtype", default="bfloat16")
   ap.add_argument("--repeats", type=int, default=3)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None):
             "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl},
         "weights": "random init (init_params); throughput does not depend on the values",
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
-        "decode_impl": args.decode_impl, "sampling": "greedy",
+        "decode_impl": args.decode_impl, "sparse_kernel": args.sparse_kernel, "sampling": "greedy",
         "compiler_options": decoding.DECODE_COMPILER_OPTIONS,
         "timing": (f"host wall time of whole generate calls (one dispatch each, loop on device), "
                    f"same executable run for N={N} tokens and stopped after 1 token (stop token, "
@@ -331,7 +333,8 @@ def main(argv: list[str] | None = None):
           kw["rectify_impl"] = "xla"
         scfg = resa.SparseConfig(selector="gate" if mode == "gate" else "quest", block_size=bs,
                                  budget_tokens=budget, rectify_every=f, d_gate=args.d_gate,
-                                 gate_cache_dtype=args.gate_cache_dtype)
+                                 gate_cache_dtype=args.gate_cache_dtype,
+                                 sparse_kernel=args.sparse_kernel)
         gp = (gate_lib.init_gate_params(mcfg, scfg.gate, jax.random.key(args.seed + 2))
               if mode == "gate" else None)
         fn, static = resa.generate, (mcfg, scfg)

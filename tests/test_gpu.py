@@ -105,6 +105,40 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
     assert _rel(b, a) < 2e-2, (sparse, local, _rel(b, a))
 
 
+def test_sparse_steps_and_generate_with_the_mosaic_gpu_kernel():
+  """SparseConfig.sparse_kernel = "pallas_mosaic_gpu": the model's sparse steps through the
+  Mosaic GPU kernel equal the XLA reference (dense steps and rectification keep decode_impl),
+  and resa.generate with rectification runs with it inside its while loops."""
+  from effjax import decoding
+  from effjax.sparse import resa
+  cfg = ModelConfig(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
+                    compute_dtype="bfloat16")   # head dim 64 (the wgmma kernel needs 64k)
+  params = init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
+  lengths = jnp.asarray([500, 321])
+
+  def run(scfg, impl):
+    cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+    _, cache = decoding.prefill(cfg, params, toks, lengths, cache)
+    summ = resa.init_summaries(cfg, scfg, cache)
+    outs = []
+    fed = jax.random.randint(jax.random.key(2), (8, 2), 0, 256)
+    for t in range(8):
+      logits, cache, summ = resa.sparse_decode_step(cfg, scfg, params, cache, summ, fed[t],
+                                                    decode_impl=impl)
+      outs.append(logits)
+    return jnp.stack(outs)
+
+  base = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256)
+  mgpu = dataclasses.replace(base, sparse_kernel="pallas_mosaic_gpu")
+  want = run(base, "xla")
+  got = run(mgpu, "pallas_triton")
+  assert _rel(got, want) < 2e-2, _rel(got, want)
+  rect = dataclasses.replace(mgpu, rectify_every=4)
+  out, n = resa.generate(cfg, rect, params, toks, lengths, jax.random.key(3), max_new_tokens=12)
+  assert out.shape == (2, 12) and np.all(np.asarray(n) == 12)
+
+
 def _weight_sized_fusions(hlo_text: str, shapes) -> list[str]:
   """Lines of fusions (outside fused computations) whose output includes a [d_in, d_out] bf16
   array of one of the weight shapes: the materialised x * W product of a strength-reduced dot."""

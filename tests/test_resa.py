@@ -264,6 +264,12 @@ def test_low_precision_gate_caches_keep_their_dtype_and_nearly_the_same_choice()
     resa.SparseConfig(selector="gate", gate_cache_dtype="float16")
 
 
+def test_sparse_kernel_must_be_an_implementation():
+  assert resa.SparseConfig(sparse_kernel="pallas_mosaic_gpu").sparse_kernel == "pallas_mosaic_gpu"
+  with pytest.raises(ValueError, match="sparse_kernel"):
+    resa.SparseConfig(sparse_kernel="cuda")
+
+
 def test_float8_gate_cache_saturates_instead_of_nan():
   """float8_e4m3fn has no inf and XLA turns values past its range into NaN: the cache
   conversion clips to +-448, so an outlying block key keeps a finite (extreme) score."""

@@ -53,6 +53,10 @@ class SparseConfig:
                                    # last sparse step's logits (a diagnostic: rectification then
                                    # changes only the cache; f = 1 gives a dense-exact cache before
                                    # every sparse step)
+  sparse_kernel: str = "auto"      # the block-sparse attention's implementation: "auto" follows
+                                   # the call's decode_impl; or one of sparse_decode's, e.g.
+                                   # "pallas_mosaic_gpu" (Hopper TMA + wgmma kernel) while dense
+                                   # steps and rectification keep decode_impl
 
   def __post_init__(self):
     if self.gate_cache_dtype not in gate_lib.CACHE_DTYPES:
@@ -71,6 +75,9 @@ class SparseConfig:
                        f"and those the last local_tokens={self.local_tokens} tokens span)")
     if self.rectify_logits not in ("dense", "sparse"):
       raise ValueError(f"rectify_logits must be dense|sparse, got {self.rectify_logits!r}")
+    kernels = ("auto", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")
+    if self.sparse_kernel not in kernels:
+      raise ValueError(f"sparse_kernel must be one of {kernels}, got {self.sparse_kernel!r}")
 
   @property
   def budget_blocks(self) -> int:
@@ -187,7 +194,9 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict
     idx, n_live = _select(scfg, cfg, s_l, q_BKGH, pos + 1,
                           None if gate_params is None else gate_params["wq"][i], decode_impl)
     o = sparse_decode_attention(q_BKGH.astype(k_cache.dtype), k_cache, v_cache, pos + 1, idx,
-                                block_size=scfg.block_size, implementation=decode_impl,
+                                block_size=scfg.block_size,
+                                implementation=(decode_impl if scfg.sparse_kernel == "auto"
+                                                else scfg.sparse_kernel),
                                 num_live_BK=n_live)
     x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
     ks.append(k_cache)
