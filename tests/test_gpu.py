@@ -107,8 +107,8 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
 
 def test_sparse_steps_and_generate_with_the_mosaic_gpu_kernel():
   """SparseConfig.sparse_kernel = "pallas_mosaic_gpu": the model's sparse steps through the
-  Mosaic GPU kernel equal the XLA reference (dense steps and rectification keep decode_impl),
-  and resa.generate with rectification runs with it inside its while loops."""
+  Mosaic GPU kernel equal those through the Triton kernel (dense steps and rectification keep
+  decode_impl), and resa.generate with rectification runs with it inside its while loops."""
   from effjax import decoding
   from effjax.sparse import resa
   cfg = ModelConfig(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
@@ -129,11 +129,16 @@ def test_sparse_steps_and_generate_with_the_mosaic_gpu_kernel():
       outs.append(logits)
     return jnp.stack(outs)
 
+  # Against the Triton path with the same selection (block_topk): on this model the XLA path
+  # (lax.top_k selection) picks another block at one near-tie step, where the Triton path's
+  # logits differ from it by 10% too (experiments/mgpu_sparse/relcheck.txt); the two kernels agree
+  # to bf16 rounding at every step (observed <= 0.0024, mostly bit-equal).
   base = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256)
   mgpu = dataclasses.replace(base, sparse_kernel="pallas_mosaic_gpu")
-  want = run(base, "xla")
+  want = run(base, "pallas_triton")
   got = run(mgpu, "pallas_triton")
-  assert _rel(got, want) < 2e-2, _rel(got, want)
+  for t in range(got.shape[0]):
+    assert _rel(got[t], want[t]) < 1e-2, (t, _rel(got[t], want[t]))
   rect = dataclasses.replace(mgpu, rectify_every=4)
   out, n = resa.generate(cfg, rect, params, toks, lengths, jax.random.key(3), max_new_tokens=12)
   assert out.shape == (2, 12) and np.all(np.asarray(n) == 12)
