@@ -51,6 +51,10 @@ def main(argv=None) -> int:
   dg.add_argument("--context", type=int, default=None, help="passkey context tokens")
   dg.add_argument("--budgets", type=int, nargs="+", default=None, help="retrieval token budgets")
   dg.add_argument("--decode-impl", default="auto", help="decode kernel implementation")
+  dg.add_argument("--sparse-kernel", default="auto",
+                  choices=["auto", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"],
+                  help="the block-sparse attention's kernel (SparseConfig.sparse_kernel; auto: "
+                       "--decode-impl); pallas_mosaic_gpu: the Hopper TMA + wgmma kernel")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")
   args = ap.parse_args(argv)
   check_decoding_args(ap, args)
@@ -147,7 +151,7 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     scfg = resa.SparseConfig(selector=args.selector, block_size=args.block_size,
                              budget_tokens=budget, rectify_every=args.rectify_every,
                              d_gate=gcfg.d_gate, gate_cache_dtype=args.gate_cache_dtype,
-                             local_tokens=args.local_tokens)
+                             local_tokens=args.local_tokens, sparse_kernel=args.sparse_kernel)
     d = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=args.new_tokens, scfg=scfg,
                               gate_params=gate_params, decode_impl=args.decode_impl)
     out["drift"] = {"prompts": n, "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
@@ -172,10 +176,12 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   if args.retrieval:
     context = args.context or cfg.model.max_seq_len - 8
     budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]
-    selectors = {"quest": ("quest", None, {"local_tokens": args.local_tokens})}
+    selectors = {"quest": ("quest", None, {"local_tokens": args.local_tokens,
+                                           "sparse_kernel": args.sparse_kernel})}
     if gate_params is not None:
       selectors["gate"] = ("gate", gate_params, {"gate_cache_dtype": args.gate_cache_dtype,
-                                                 "local_tokens": args.local_tokens})
+                                                 "local_tokens": args.local_tokens,
+                                                 "sparse_kernel": args.sparse_kernel})
     r = evaluation.retrieval_eval(cfg, params, n=args.retrieval, context_tokens=context,
                                   budgets=budgets, selectors=selectors, block_size=args.block_size,
                                   decode_impl=args.decode_impl)
