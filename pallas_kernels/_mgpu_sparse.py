@@ -22,7 +22,6 @@ the first G.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import jax
@@ -81,15 +80,6 @@ def _tiles(dtype):
   from jax.experimental.pallas import mosaic_gpu as plgpu
   return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(128))
-
-
-def _load(ref, layout):
-  """plgpu.load of a whole ref with a layout (the index argument became optional in 0.11)."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  params = inspect.signature(plgpu.load).parameters
-  if params["idx"].default is inspect.Parameter.empty:
-    return plgpu.load(ref, (), layout=layout, optimized=False)
-  return plgpu.load(ref, layout=layout, optimized=False)
 
 
 def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, q_smem, q_bar,
