@@ -18,6 +18,7 @@ import sys
 from effjax.checkpoint import CheckpointError
 from effjax.config import ConfigError, load_config
 from effjax.sparse.gate import CACHE_DTYPES
+from pallas_kernels.sparse_decode import IMPLEMENTATIONS as SPARSE_KERNELS
 
 
 def main(argv=None) -> int:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
   dg.add_argument("--budgets", type=int, nargs="+", default=None, help="retrieval token budgets")
   dg.add_argument("--decode-impl", default="auto", help="decode kernel implementation")
   dg.add_argument("--sparse-kernel", default="auto",
-                  choices=["auto", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu"],
+                  choices=list(SPARSE_KERNELS),
                   help="the block-sparse attention's kernel (SparseConfig.sparse_kernel; auto: "
                        "--decode-impl); pallas_mosaic_gpu: the Hopper TMA + wgmma kernel")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")

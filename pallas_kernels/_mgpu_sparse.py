@@ -15,7 +15,7 @@ live block slots of (sequence b, KV head k) and writes an online-softmax partial
   padded only to a multiple of 8 rows (the TMA tile), not to a block multiple as in the Triton
   path.
 
-Rows of a partial: R_OUT = G rounded up to 8 (a TMA store of whole 8-row tiles); the combine reads
+Rows of a partial: RO = G rounded up to 8 (`rows_out`) (a TMA store of whole 8-row tiles); the combine reads
 the first G.
 """
 

@@ -290,10 +290,9 @@ def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: 
   return o_BKGH.astype(out_dtype)
 
 
-def check_implementation(implementation: str, extra: tuple[str, ...] = ()) -> None:
-  """implementation must be one of IMPLEMENTATIONS (+ `extra`, what an op adds: the block-sparse
-  op has a Mosaic GPU kernel too)."""
-  allowed = IMPLEMENTATIONS + tuple(extra)
+def check_implementation(implementation: str, allowed: tuple[str, ...] = IMPLEMENTATIONS) -> None:
+  """implementation must be one of `allowed` (an op's own list: the block-sparse op adds its
+  Mosaic GPU kernel to IMPLEMENTATIONS)."""
   if implementation not in allowed:
     raise ValueError(f"implementation must be one of {allowed}, got {implementation!r}")
 

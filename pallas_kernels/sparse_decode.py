@@ -37,6 +37,9 @@ from pallas_kernels.decode_attention import length_mask, masked_decode_reference
 
 TILE_ROWS = 64  # the default gathered tile: 64 token rows per loop iteration
 
+# This op's implementations: the shared ones plus the Mosaic GPU kernel (`_mgpu_sparse.py`).
+IMPLEMENTATIONS = _splitk.IMPLEMENTATIONS + ("pallas_mosaic_gpu",)
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseDecodeConfig(_splitk.SplitKConfig):
@@ -305,7 +308,7 @@ def sparse_decode_attention(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Ar
     o_BKGH [B, K, G, H] in q's dtype: softmax (scale H ** -0.5, float32) over the tokens of the
     selected blocks below the length; zeros where no such token exists.
   """
-  _splitk.check_implementation(implementation, extra=("pallas_mosaic_gpu",))
+  _splitk.check_implementation(implementation, IMPLEMENTATIONS)
   _splitk.check_decode_args(q_BKGH, k_BKSH, v_BKSH, lengths_B)
   _check_block_args(q_BKGH, k_BKSH, block_indices_BKM, block_size)
   block_size = int(block_size)

@@ -25,6 +25,7 @@ from effjax.config import ModelConfig
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import selection
 from pallas_kernels.block_topk import forced_blocks_max
+from pallas_kernels.sparse_decode import IMPLEMENTATIONS as SPARSE_KERNELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +76,9 @@ class SparseConfig:
                        f"and those the last local_tokens={self.local_tokens} tokens span)")
     if self.rectify_logits not in ("dense", "sparse"):
       raise ValueError(f"rectify_logits must be dense|sparse, got {self.rectify_logits!r}")
-    kernels = ("auto", "xla", "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu")
-    if self.sparse_kernel not in kernels:
-      raise ValueError(f"sparse_kernel must be one of {kernels}, got {self.sparse_kernel!r}")
+    if self.sparse_kernel not in SPARSE_KERNELS:
+      raise ValueError(f"sparse_kernel must be one of {SPARSE_KERNELS}, got "
+                       f"{self.sparse_kernel!r}")
 
   @property
   def budget_blocks(self) -> int:
