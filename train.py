@@ -30,7 +30,7 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from effjax.training import train  # after config validation: nothing heavy before it
+  from effjax.trainer import train  # after config validation: nothing heavy before it
   try:
     summary = train(cfg, overwrite=args.overwrite, stop_at_step=args.stop_at)
   except (CheckpointError, FileNotFoundError, ValueError) as e:

@@ -103,6 +103,9 @@ class ModelConfig:
 class DataConfig:
   """Where examples come from and how they are cut and ordered."""
   source: str = "bundled:tinyshakespeare"  # bundled:<name> | path.txt | path.jsonl | tfds:<name>[:split]
+                                           # | root:<path> (under data.root)
+  root: Optional[str] = None               # the data root of root:<path> sources (default: the
+                                           # EFFJAX_DATA_ROOT environment variable)
   tfds_data_dir: Optional[str] = None
   text_field: str = "text"                 # jsonl field holding the document text
   seq_len: int = 128

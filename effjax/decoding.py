@@ -1,19 +1,10 @@
-"""KV-cached decoding: jitted `prefill`, `decode_step` and an on-device generation loop.
+"""KV-cached decoding: jitted `prefill`, `decode_step`, `extend` and an on-device generation loop.
 
-The cache is an explicit pytree:
-    {"k": (L arrays [B, K, S, H]), "v": (L arrays [B, K, S, H])  (cache dtype, S = capacity),
-     "lengths": int32 [B]                                          (valid tokens per sequence)}
-Keys/values are stored per kv head as [S, H] rows ([B, K, S, H] per layer), the layout the decode
-kernels in `pallas_kernels` read. Prompts are right-padded with per-sequence lengths.
-
-One buffer per layer, not a stacked [L, ...] array: a decode step writes one token into each
-layer's buffer in place (a scatter on a donated / loop-carried buffer) and hands that same buffer to
-the attention kernel. With a stacked cache, slicing a layer out for the kernel and stacking the
-updated layers back would copy the whole cache every step -- more bytes than attention reads.
-
-The decode path evaluates the same parameters as `effjax.model.Transformer` (unrolled `layers_i`
-or scan-stacked `layers`), through the same linear modules, so a decode step after a prefill
-reproduces the full forward's logits.
+Each is the model's one layer (`effjax.model.block`) with a cache attention strategy: prefill
+attends causally over the prompt and stores its K/V; a decode step stores one token and attends
+over the cache; extend stores F tokens and attends causally over the cache (ReSA's rectification,
+chunked prefill). The cache is an explicit typed pytree (`effjax.cache.KVCache`), right-padded
+prompts with per-sequence lengths.
 """
 
 from __future__ import annotations
@@ -26,12 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from effjax import model as model_lib
+from effjax.cache import KVCache
 from effjax.config import ModelConfig
-from effjax.model.attention import attention
-from effjax.model.linear import make_linear
-from effjax.model.transformer import apply_rope, rms_norm, rope_tables
-
-Cache = dict
 
 # XLA options of the generation loops (`generate` here, `resa.generate` / `score_continuation`).
 # At batch 1 a linear layer is a vector x matrix dot, which XLA:GPU's `dot-strength-reduction`
@@ -68,222 +56,110 @@ def _decode_compiler_options() -> dict:
 DECODE_COMPILER_OPTIONS = _decode_compiler_options()
 
 
-def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16) -> Cache:
-  """An empty cache for `batch` sequences of up to `capacity` tokens."""
-  if capacity > cfg.max_seq_len:
-    raise ValueError(f"cache capacity {capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
-  shape = (batch, cfg.n_kv_heads, capacity, cfg.hd)
-  return {"k": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-          "v": tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
-          "lengths": jnp.zeros((batch,), jnp.int32)}
-
-
-def capacity(cache: Cache) -> int:
-  """Tokens the cache can hold (S)."""
-  return cache["k"][0].shape[2]
-
-
 # ----------------------------------------------------------------------------------------------
-# parameter access shared by prefill and decode
+# attention strategies over the cache
 
 
-def _layer(params, cfg: ModelConfig, i: int):
-  if "layers" in params:  # nn.scan-stacked
-    return jax.tree.map(lambda x: x[i], params["layers"])
-  return params[f"layers_{i}"]
+class PrefillAttention:
+  """Causal attention over the prompt itself (model.attention_impl), storing each layer's K/V at
+  positions [0, T) of the cache. aux: the layer's updated cache entry."""
+
+  def __init__(self, cfg: ModelConfig, cache: KVCache):
+    self.impl, self.cache = cfg.attention_impl, cache
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    o = model_lib.CausalSelfAttention(self.impl)(layer, q_BTNH, k_BTKH, v_BTKH)[0]
+    return o, self.cache.layers[layer].write(k_BTKH, v_BTKH, None)
 
 
-def _linear(cfg: ModelConfig, p, x, features: int):
-  dt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
-  mod = make_linear(cfg.linear_impl)(features, dtype=dt, param_dtype=pdt)
-  return mod.apply({"params": p}, x)
+class CachedAttention:
+  """T new tokens per sequence at positions [start_b, start_b + T): store their K/V, then attend
+  causally over the cache (decode_attention for one token, extend_attention for more). aux: the
+  layer's updated cache entry."""
+
+  def __init__(self, cache: KVCache, start_B: jax.Array, implementation=None):
+    self.cache, self.start, self.impl = cache, start_B, implementation
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    entry = self.cache.layers[layer].write(k_BTKH, v_BTKH, self.start)
+    return entry.attend(q_BTNH, self.start, self.impl), entry
 
 
-def _embed(cfg: ModelConfig, params, tokens):
-  dt = jnp.dtype(cfg.compute_dtype)
-  return jnp.take(params["embed"], tokens, axis=0).astype(dt)
+class RecordQKV:
+  """Dense causal attention that also returns each layer's post-RoPE (q, k, v) as aux: what
+  prefill caches and what the decode gate distils from."""
+
+  def __init__(self, cfg: ModelConfig):
+    self.impl = cfg.attention_impl
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    o = model_lib.CausalSelfAttention(self.impl)(layer, q_BTNH, k_BTKH, v_BTKH)[0]
+    return o, (q_BTNH, k_BTKH, v_BTKH)
 
 
-def _logits(cfg: ModelConfig, params, x):
-  dt = jnp.dtype(cfg.compute_dtype)
-  x = rms_norm(x, params["final_norm"]["scale"], cfg.norm_eps, dt)
-  out = params["embed"].T if cfg.tie_embeddings else params["unembed"]
-  return jnp.dot(x, out.astype(dt), preferred_element_type=jnp.float32)
-
-
-def _qkv(cfg: ModelConfig, lp, x_BTD, positions_BT):
-  B, T, _ = x_BTD.shape
-  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-  h = rms_norm(x_BTD, lp["attn_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
-  q = _linear(cfg, lp["wq"], h, N * H).reshape(B, T, N, H)
-  k = _linear(cfg, lp["wk"], h, K * H).reshape(B, T, K, H)
-  v = _linear(cfg, lp["wv"], h, K * H).reshape(B, T, K, H)
-  cos, sin = rope_tables(positions_BT, H, cfg.rope_theta)
-  return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def _finish_block(cfg: ModelConfig, lp, x_BTD, o_BTNH):
-  B, T = x_BTD.shape[:2]
-  x_BTD = x_BTD + _linear(cfg, lp["wo"], o_BTNH.reshape(B, T, -1), cfg.d_model).astype(x_BTD.dtype)
-  h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, x_BTD.dtype)
-  g = _linear(cfg, lp["w_gate"], h, cfg.ff)
-  u = _linear(cfg, lp["w_up"], h, cfg.ff)
-  return x_BTD + _linear(cfg, lp["w_down"], jax.nn.silu(g) * u, cfg.d_model).astype(x_BTD.dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# prefill and decode
+def _positions(start_B: jax.Array, T: int) -> jax.Array:
+  return start_B[:, None].astype(jnp.int32) + jnp.arange(T, dtype=jnp.int32)[None]
 
 
 def forward_layers(cfg: ModelConfig, params, tokens_BT: jax.Array):
-  """Dense causal forward from position 0: (final hidden [B, T, D], per-layer post-RoPE queries
-  [B, T, N, H], keys [B, T, K, H] and values [B, T, K, H]) -- what prefill caches and what the
-  gate distils from."""
+  """Dense causal forward from position 0: (final residual stream [B, T, D], per-layer post-RoPE
+  queries [B, T, N, H], keys [B, T, K, H] and values [B, T, K, H])."""
   B, T = tokens_BT.shape
-  positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  x = _embed(cfg, params, tokens_BT)
-  qs, ks, vs = [], [], []
-  for i in range(cfg.n_layers):
-    lp = _layer(params, cfg, i)
-    q, k, v = _qkv(cfg, lp, x, positions)
-    o = attention(q, k, v, causal=True, implementation=cfg.attention_impl)
-    x = _finish_block(cfg, lp, x, o)
-    qs.append(q)
-    ks.append(k)
-    vs.append(v)
-  return x, qs, ks, vs
+  x = model_lib.embed(cfg, params, tokens_BT)
+  x, qkv = model_lib.run_layers(cfg, params, x, _positions(jnp.zeros((B,), jnp.int32), T),
+                                RecordQKV(cfg))
+  return x, [a[0] for a in qkv], [a[1] for a in qkv], [a[2] for a in qkv]
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill, decode step, extend
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: Cache):
+def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: KVCache):
   """Runs right-padded prompts (tokens int32 [B, T], lengths int32 [B], 1 <= length <= T) and
   writes their K/V to cache positions [0, T). Returns (logits float32 [B, V] at each sequence's
   last prompt token, cache with lengths = lengths_B). Padding tokens sit after every real token, so
   causal attention keeps them out of the real positions; decode masks them by length."""
   B, T = tokens_BT.shape
-  if T > capacity(cache):
-    raise ValueError(f"prompt length {T} exceeds cache capacity {capacity(cache)}")
-  x, _, ks, vs = forward_layers(cfg, params, tokens_BT)
-
-  def put(dst_BKSH, new_BTKH):  # [B, K, T, H] into positions [0, T)
-    new = new_BTKH.transpose(0, 2, 1, 3).astype(dst_BKSH.dtype)
-    return jax.lax.dynamic_update_slice(dst_BKSH, new, (0, 0, 0, 0))
-
-  k_all = tuple(put(c, k) for c, k in zip(cache["k"], ks))
-  v_all = tuple(put(c, v) for c, v in zip(cache["v"], vs))
+  if T > cache.capacity:
+    raise ValueError(f"prompt length {T} exceeds cache capacity {cache.capacity}")
+  x = model_lib.embed(cfg, params, tokens_BT)
+  x, layers = model_lib.run_layers(cfg, params, x, _positions(jnp.zeros((B,), jnp.int32), T),
+                                   PrefillAttention(cfg, cache))
   last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  return _logits(cfg, params, last), {"k": k_all, "v": v_all, "lengths": lengths_B.astype(jnp.int32)}
-
-
-def _write_token(cache_BKSH, new_BKH, pos_B):
-  """cache[b, :, pos[b]] = new[b] for every sequence b."""
-  upd = lambda c, x, p: jax.lax.dynamic_update_slice(c, x[:, None, :].astype(c.dtype), (0, p, 0))
-  return jax.vmap(upd)(cache_BKSH, new_BKH, pos_B)
+  return (model_lib.logits(cfg, params, last),
+          KVCache(layers=tuple(layers), lengths=lengths_B.astype(jnp.int32)))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
-def decode_step(cfg: ModelConfig, params, cache: Cache, token_B: jax.Array,
+def decode_step(cfg: ModelConfig, params, cache: KVCache, token_B: jax.Array,
                 decode_impl: str = "auto"):
-  """One new token per sequence (int32 [B]) at position cache["lengths"]: writes its K/V, attends
+  """One new token per sequence (int32 [B]) at position cache.lengths: writes its K/V, attends
   over the cache through `pallas_kernels.decode_attention` (implementation `decode_impl`) and
   returns (logits float32 [B, V], cache with lengths + 1)."""
-  from pallas_kernels.decode_attention import decode_attention
-  pos = cache["lengths"]
-  B = token_B.shape[0]
-  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
-  x = _embed(cfg, params, token_B[:, None])
-  ks, vs = [], []
-  for i in range(cfg.n_layers):
-    lp = _layer(params, cfg, i)
-    q, k, v = _qkv(cfg, lp, x, pos[:, None])
-    k_cache = _write_token(cache["k"][i], k[:, 0], pos)
-    v_cache = _write_token(cache["v"][i], v[:, 0], pos)
-    q_BKGH = q[:, 0].reshape(B, K, G, H).astype(k_cache.dtype)
-    o = decode_attention(q_BKGH, k_cache, v_cache, pos + 1, implementation=decode_impl)
-    x = _finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
-    ks.append(k_cache)
-    vs.append(v_cache)
-  new = {"k": tuple(ks), "v": tuple(vs), "lengths": pos + 1}
-  return _logits(cfg, params, x[:, 0]), new
-
-
-def _write_tokens(cache_BKSH, new_BKFH, start_B):
-  """cache[b, :, start[b]:start[b]+F] = new[b] for every sequence b."""
-  upd = lambda c, x, p: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, p, 0))
-  return jax.vmap(upd)(cache_BKSH, new_BKFH, start_B)
-
-
-def _dense_cached_attention(q_BFNH, k_BKSH, v_BKSH, start_B, upcast: bool | None = None):
-  """F queries [B, F, N, H] at positions start_b + i over the cache [B, K, S, H], causal: scores
-  and softmax in float32, dots on the cache dtype's operands with float32 accumulation (no f32
-  copy of the cache: at 32K x B8 with bf16 K/V that copy is ~1 GB per layer). Returns [B, F, N, H]
-  in q's dtype.
-
-  upcast (None = only on the CPU backend) casts the operands to float32 first: XLA:CPU has lacked
-  a bf16 x bf16 -> f32 batched dot inside some loops."""
-  B, F, N, H = q_BFNH.shape
-  K, S = k_BKSH.shape[1], k_BKSH.shape[2]
-  if upcast is None:
-    upcast = jax.default_backend() == "cpu"
-  dt = jnp.float32 if upcast else k_BKSH.dtype
-  q = q_BFNH.astype(dt).reshape(B, F, K, N // K, H)
-  s = jnp.einsum("bfkgh,bksh->bkgfs", q, k_BKSH.astype(dt),
-                 preferred_element_type=jnp.float32) * (H ** -0.5)
-  q_pos = start_B[:, None] + jnp.arange(F)[None]                          # [B, F]
-  mask = jnp.arange(S)[None, None, :] <= q_pos[:, :, None]                # [B, F, S]
-  s = jnp.where(mask[:, None, None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  # probabilities in the value dtype for the second dot, as flash attention does
-  o = jnp.einsum("bkgfs,bksh->bfkgh", p.astype(dt), v_BKSH.astype(dt),
-                 preferred_element_type=jnp.float32)
-  return o.reshape(B, F, N, H).astype(q_BFNH.dtype)
-
-
-def _extend_impl(decode_impl: str, head_dim: int, dtype) -> str:
-  """The attention `extend` uses: the Triton multi-token kernel where decode steps would use
-  Triton, else the XLA path (no TPU kernel for F tokens yet)."""
-  from pallas_kernels import _splitk
-  if decode_impl == "auto":
-    decode_impl = _splitk.auto_implementation(head_dim, dtype, tpu_available=False)
-  return "pallas_triton" if decode_impl == "pallas_triton" else "xla"
+  pos = cache.lengths
+  x = model_lib.embed(cfg, params, token_B[:, None])
+  x, layers = model_lib.run_layers(cfg, params, x, pos[:, None],
+                                   CachedAttention(cache, pos, decode_impl))
+  return model_lib.logits(cfg, params, x[:, 0]), KVCache(layers=tuple(layers), lengths=pos + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
-def extend(cfg: ModelConfig, params, cache: Cache, tokens_BF: jax.Array, start_B: jax.Array,
+def extend(cfg: ModelConfig, params, cache: KVCache, tokens_BF: jax.Array, start_B: jax.Array,
            decode_impl: str = "auto"):
   """Dense forward of F tokens per sequence at positions [start_b, start_b + F) over the cache
   (causal, every earlier cached token visible), overwriting their K/V in every layer. This is
   ReSA's rectification (re-run the last f tokens densely so their cache entries equal a dense
   model's) and a chunked prefill. Returns (logits float32 [B, F, V], cache with lengths =
-  max(lengths, start + F)).
-
-  decode_impl "auto" / "pallas_triton" on a GPU attends with
-  `pallas_kernels.decode_attention.extend_attention` (reads each layer's cache once for all F
-  tokens, no [F, S] scores); "xla" (and the CPU) with `_dense_cached_attention`."""
-  B, F = tokens_BF.shape
-  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
-  positions = start_B[:, None] + jnp.arange(F, dtype=jnp.int32)[None]
-  x = _embed(cfg, params, tokens_BF)
-  impl = _extend_impl(decode_impl, H, cache["k"][0].dtype)
-  ks, vs = [], []
-  for i in range(cfg.n_layers):
-    lp = _layer(params, cfg, i)
-    q, k, v = _qkv(cfg, lp, x, positions)
-    k_cache = _write_tokens(cache["k"][i], k.transpose(0, 2, 1, 3), start_B)
-    v_cache = _write_tokens(cache["v"][i], v.transpose(0, 2, 1, 3), start_B)
-    if impl == "pallas_triton":
-      from pallas_kernels.decode_attention import extend_attention
-      q_BKFGH = q.reshape(B, F, K, G, H).transpose(0, 2, 1, 3, 4).astype(k_cache.dtype)
-      o = extend_attention(q_BKFGH, k_cache, v_cache, start_B.astype(jnp.int32),
-                           implementation="pallas_triton")
-      o = o.transpose(0, 2, 1, 3, 4).reshape(B, F, K * G, H)
-    else:
-      o = _dense_cached_attention(q.astype(k_cache.dtype), k_cache, v_cache, start_B)
-    x = _finish_block(cfg, lp, x, o.astype(x.dtype))
-    ks.append(k_cache)
-    vs.append(v_cache)
-  lengths = jnp.maximum(cache["lengths"], start_B + F)
-  return _logits(cfg, params, x), {"k": tuple(ks), "v": tuple(vs), "lengths": lengths}
+  max(lengths, start + F)). Attention: `pallas_kernels.extend_attention` (the multi-token
+  Triton kernel on a GPU: each layer's cache is read once for all F tokens)."""
+  F = tokens_BF.shape[1]
+  x = model_lib.embed(cfg, params, tokens_BF)
+  x, layers = model_lib.run_layers(cfg, params, x, _positions(start_B, F),
+                                   CachedAttention(cache, start_B, decode_impl))
+  lengths = jnp.maximum(cache.lengths, start_B + F)
+  return model_lib.logits(cfg, params, x), KVCache(layers=tuple(layers), lengths=lengths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +216,7 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
   holds `generation_capacity(cfg, T, max_new_tokens)` tokens.
   """
   B, T = tokens_BT.shape
-  cache = init_cache(cfg, B, generation_capacity(cfg, T, max_new_tokens), cache_dtype)
+  cache = KVCache.init(cfg, B, generation_capacity(cfg, T, max_new_tokens), cache_dtype)
   logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)

@@ -6,6 +6,7 @@ which is fine for the few hundred tokens of an evaluation sample.)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import time
@@ -15,12 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from effjax import data as data_lib
+from effjax import decoding
 from effjax import model as model_lib
 from effjax import sharding as shd
 from effjax.checkpoint import CheckpointError, restore
 from effjax.config import Config, ModelConfig
+from effjax.data import ByteTokenizer
 from effjax.decoding import sample_logits
-from effjax.training import evaluate_loss, make_eval_step
+from effjax.sparse import resa
+from effjax.training import evaluate_loss, init_train_state, make_eval_step, make_optimizer
 
 
 def load_params(cfg: Config, run_dir: str | pathlib.Path, step: int | None = None):
@@ -31,7 +36,6 @@ def load_params(cfg: Config, run_dir: str | pathlib.Path, step: int | None = Non
   ckpt_dir = run_dir / "checkpoints"
   # Only the params are needed, but orbax restores the saved tree as a whole: build the abstract
   # train state from the same optimiser the run used.
-  from effjax.training import init_train_state, make_optimizer
   opt = make_optimizer(cfg.optim, cfg.train.steps)
   abstract = jax.eval_shape(lambda: init_train_state(cfg, jax.random.key(0), opt))
   # restore onto this process's first device, whatever mesh the run was saved from
@@ -44,7 +48,6 @@ def load_params(cfg: Config, run_dir: str | pathlib.Path, step: int | None = Non
 def split_examples(cfg: Config, name: str):
   """'valid' / 'train': the run's own held-out / training part of data.source; else a local file
   path or source string, evaluated whole."""
-  from effjax import data as data_lib
   if name in ("valid", "train"):
     return data_lib.load_splits(cfg.data)[name]
   return data_lib.load_eval_split(name, cfg.data)
@@ -53,7 +56,6 @@ def split_examples(cfg: Config, name: str):
 def evaluate_splits(cfg: Config, params, splits=None) -> dict:
   """{split: {"loss" (nats/token), "ppl", "bpb", "tokens"}}; bpb = bits per byte for the byte
   tokenizer (each target token is a byte or an EOS)."""
-  from effjax import data as data_lib
   mesh = shd.make_mesh(1)
   eval_fn = jax.jit(make_eval_step(cfg.model))
   out = {}
@@ -76,7 +78,7 @@ def _sample_loop(mcfg: ModelConfig, params, buf_BL, prompt_len, rng, temperature
     buf, rng = carry
     start = jnp.maximum(pos - W, 0)
     window = jax.lax.dynamic_slice_in_dim(buf, start, W, axis=1)
-    logits_BTV = model_lib.apply(mcfg, params, window)
+    logits_BTV = model_lib.forward(mcfg, params, window)
     logits_BV = jax.lax.dynamic_index_in_dim(logits_BTV, pos - start - 1, axis=1,
                                              keepdims=False).astype(jnp.float32)
     rng, sub = jax.random.split(rng)
@@ -90,7 +92,6 @@ def _sample_loop(mcfg: ModelConfig, params, buf_BL, prompt_len, rng, temperature
 def sample(cfg: Config, params, prompt: str, num: int, length: int, temperature: float,
            top_k: int, seed: int = 0) -> list[str]:
   """Samples `num` continuations of `length` tokens after `prompt` (temperature 0 = greedy)."""
-  from effjax.data import ByteTokenizer
   tok = ByteTokenizer()
   ids = tok.encode(prompt, add_bos=True)
   if len(ids) > cfg.model.max_seq_len:  # keep the prompt's end: the model sees max_seq_len tokens
@@ -110,7 +111,7 @@ def sample(cfg: Config, params, prompt: str, num: int, length: int, temperature:
 @partial(jax.jit, static_argnames=("mcfg", "n"))
 def _continuation_nll_rows(mcfg: ModelConfig, params, seq_BL, start_B, n: int):
   """Mean NLL of tokens seq[b, start_b : start_b + n] given everything before them: float [B]."""
-  logits_BLV = model_lib.apply(mcfg, params, seq_BL[:, :-1])
+  logits_BLV = model_lib.forward(mcfg, params, seq_BL[:, :-1])
   pos_BN = start_B[:, None] + jnp.arange(n)[None]
   lp_BNV = jax.nn.log_softmax(
       jnp.take_along_axis(logits_BLV, (pos_BN - 1)[..., None], axis=1).astype(jnp.float32), axis=-1)
@@ -162,7 +163,6 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   (rectify_logits "dense"): the positions s = k f (k >= 1) are scored from the rectifying dense
   forward's logits, so a rectified run's gain splits into those positions and the cache's effect
   on the others}}."""
-  from effjax.sparse import resa
   mcfg = cfg.model if isinstance(cfg, Config) else cfg
   toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
   if not any(v is None for v in runs.values()):
@@ -203,8 +203,6 @@ def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarra
   """Greedy continuations under dense, sparse and sparse + rectification decoding of the same
   prompts: each one's dense-model NLL and its token agreement with the dense greedy continuation.
   (`drift_runs` names the same three decodings for `teacher_forced_drift`.)"""
-  from effjax import decoding
-  from effjax.sparse import resa
   toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
   kw = dict(max_new_tokens=new_tokens, decode_impl=decode_impl)
   dense, _ = decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)
@@ -222,17 +220,15 @@ def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarra
 def drift_runs(scfg, gate_params=None) -> dict:
   """drift_eval's three decodings as `teacher_forced_drift` runs: dense, scfg without
   rectification, scfg rectified every scfg.rectify_every (32 when 0) steps."""
-  import dataclasses as dc
   f = scfg.rectify_every or 32
-  return {"dense": None, "sparse": (dc.replace(scfg, rectify_every=0), gate_params),
-          f"sparse+rectify(f={f})": (dc.replace(scfg, rectify_every=f), gate_params)}
+  return {"dense": None, "sparse": (dataclasses.replace(scfg, rectify_every=0), gate_params),
+          f"sparse+rectify(f={f})": (dataclasses.replace(scfg, rectify_every=f), gate_params)}
 
 
 def passkey_prompts(n: int, context_tokens: int, seed: int = 0, filler: str | None = None):
   """Needle-in-a-haystack prompts: filler text with 'The pass key is NNNNN. Remember it.' at a
   random depth, ending 'What is the pass key? The pass key is '. Returns (prompts int32 [n, T]
   right-padded, lengths [n], keys list[str])."""
-  from effjax.data import ByteTokenizer
   rng = np.random.default_rng(seed)
   tok = ByteTokenizer()
   filler = filler or ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -264,9 +260,6 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
   "bfloat16"}])) at each token budget. Returns {"accuracy": {"dense": a,
   "<name>@<budget>": a, ...}, "digit_accuracy": same keys (share of the 5 digits right),
   "seconds": same keys}; `log` (optional) gets a line per row."""
-  from effjax import decoding
-  from effjax.data import ByteTokenizer
-  from effjax.sparse import resa
   tok = ByteTokenizer()
   toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
   rng = jax.random.key(0)

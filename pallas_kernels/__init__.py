@@ -1,10 +1,17 @@
-"""Pallas kernels, one module per op (reference + GPU/TPU implementations + config).
+"""Pallas kernels, one package per op: a plain-jnp reference and one module per backend.
 
-Convention (DESIGN.md): `pallas_kernels.<op>(..., implementation="auto" | "xla" | "pallas_triton" |
-"pallas_mosaic_gpu" | "pallas_tpu", interpret=False, config=None)`, where `xla` is the plain-jnp
-reference. This package must stay importable without grain / tensorflow-datasets.
+    from pallas_kernels.sparse_decode import sparse_decode_attention
+    o = sparse_decode_attention(q, k, v, lengths, idx, block_size=64, implementation=None)
 
-Ops: `decode_attention` (split-K flash decoding over a ragged KV cache) and `sparse_decode`
-(the same over selected KV blocks), sharing `_splitk.py` (online softmax, split combine, the
-Triton pallas_call) and `_tpu_decode.py` (the Mosaic TPU kernel both use).
+Every op takes `implementation=None | name | sequence` (`dispatch.py`): None tries the platform's
+default backends, then the XLA reference, which always runs. Backend modules (`reference.py`,
+`pallas_triton.py`, `pallas_mosaic_gpu.py`, `pallas_mosaic_tpu.py`, `cudnn.py`) are imported only
+when tried, so this package imports no lowering and needs neither grain nor tensorflow-datasets.
+Tuned launch parameters live as data in `tuned/`.
+
+Ops: `causal_attention` (training / prefill), `decode_attention`, `extend_attention` (F new
+tokens over a cache), `sparse_decode` (`sparse_decode_attention` over selected KV blocks),
+`block_topk` (top-k block selection), `combine_splits` (the split-K merge). Shared pieces:
+`online_softmax.py` (the block update every jnp-in-kernel backend runs), `triton_splitk.py` (the
+split-K Triton program and call), `launch.py` (launch-shape helpers), `checks.py`.
 """

@@ -17,10 +17,15 @@ import time
 import zlib
 from typing import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from effjax import sharding as shd
+from effjax import training
 from effjax.config import Config, OptimConfig, TrainConfig, to_dict
 from effjax.data import ordering as ordering_lib
+from effjax.data import scoring
 from effjax.data import selection as selection_lib
 from effjax.data.packing import Examples
 from effjax.data.pipeline import to_examples
@@ -33,7 +38,7 @@ def reference_split(cfg: Config) -> tuple[Examples, Examples]:
   documents form the reference set (at most reference_examples examples); the remaining documents
   are for evaluation and never touch scoring."""
   d = cfg.delt
-  docs = load_documents(d.reference_source, text_field=cfg.data.text_field)
+  docs = load_documents(d.reference_source, text_field=cfg.data.text_field, root=cfg.data.root)
   n_ref = max(1, int(len(docs) * d.reference_fraction))
   tok = ByteTokenizer()
   ref = to_examples([tok.encode(x) for x in docs[:n_ref]], cfg.data)
@@ -60,9 +65,6 @@ def _cache_key(cfg: Config, pool: Examples) -> str:
 def _pretrain_proxy(cfg: Config, pool: Examples, log: Callable[[str], None]):
   """The proxy's starting point: init + delt.proxy_pretrain_steps of AdamW on the pool (DELT starts
   its SGD trajectory from a pretrained proxy)."""
-  import jax
-  import jax.numpy as jnp
-  from effjax import training
   d = cfg.delt
   steps = d.proxy_pretrain_steps
   pcfg = dataclasses.replace(
@@ -88,7 +90,6 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
                    progress: bool = True) -> dict[str, tuple[np.ndarray, dict]]:
   """{scoring name: (scores float32 [N], metadata)} for every pool example; higher = keep / later
   in curricula. LQS and PDS come from the same proxy trajectory, so both are returned together."""
-  from effjax.data import scoring
   d = cfg.delt
   t0 = time.perf_counter()
   meta: dict = {"scoring": d.scoring, "n": len(pool)}
@@ -115,7 +116,6 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
       from tqdm.auto import tqdm
       bar = tqdm(total=passes * len(scored), desc=f"{d.scoring} scoring", unit="ex",
                  dynamic_ncols=True)
-    from effjax import sharding as shd
     mesh = shd.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
     # per-example gradients sharded over examples when the chunk splits evenly over the devices
     mesh = mesh if shd.batch_devices(mesh) > 1 and d.chunk_size % shd.batch_devices(mesh) == 0 else None

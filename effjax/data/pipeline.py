@@ -91,6 +91,7 @@ _SPLIT_CACHE: dict = {}
 
 def _load_splits(cfg: DataConfig) -> dict[str, Examples]:
   docs = load_documents(cfg.source, text_field=cfg.text_field, tfds_data_dir=cfg.tfds_data_dir,
+                        root=cfg.root,
                         max_documents=cfg.max_documents)
   tok = ByteTokenizer()
   docs_ids = [tok.encode(d) for d in docs]
@@ -103,7 +104,8 @@ def load_eval_split(path_or_source: str, cfg: DataConfig) -> Examples:
 
   Uses cfg.seq_len, cfg.packing, cfg.text_field and cfg.tfds_data_dir; ignores cfg.max_documents.
   """
-  docs = load_documents(path_or_source, text_field=cfg.text_field, tfds_data_dir=cfg.tfds_data_dir)
+  docs = load_documents(path_or_source, text_field=cfg.text_field, tfds_data_dir=cfg.tfds_data_dir,
+                        root=cfg.root)
   tok = ByteTokenizer()
   return to_examples([tok.encode(d) for d in docs], cfg)
 

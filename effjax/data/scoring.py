@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 from effjax import model as model_lib
+from effjax import sharding as shd
 from effjax.config import ModelConfig
 from effjax.data.packing import Examples
 
@@ -50,14 +51,14 @@ Params = Any
 
 def example_loss(mcfg: ModelConfig, params: Params, tokens_T1: jax.Array, mask_T: jax.Array) -> jax.Array:
   """Token-mean masked cross-entropy of one example (tokens int32 [T+1], mask float32 [T])."""
-  logits = model_lib.apply(mcfg, params, tokens_T1[None, :-1])[0]
+  logits = model_lib.forward(mcfg, params, tokens_T1[None, :-1])[0]
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens_T1[1:])
   return jnp.sum(nll * mask_T) / jnp.maximum(jnp.sum(mask_T), 1.0)
 
 
 def batch_loss(mcfg: ModelConfig, params: Params, tokens_BT1: jax.Array, mask_BT: jax.Array) -> jax.Array:
   """Mean over sequences of the per-sequence token-mean loss."""
-  logits = model_lib.apply(mcfg, params, tokens_BT1[:, :-1])
+  logits = model_lib.forward(mcfg, params, tokens_BT1[:, :-1])
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:])
   per_seq = jnp.sum(nll * mask_BT, -1) / jnp.maximum(jnp.sum(mask_BT, -1), 1.0)
   return jnp.mean(per_seq)
@@ -210,7 +211,6 @@ def example_stats(fns: ScoringFns, params: Params, ex: Examples, lam: Params, ch
                   mesh=None) -> tuple[np.ndarray, np.ndarray]:
   """Per-example gradient norms and dots with lam over all of `ex`: float32 [N], [N]. With a
   `mesh`, each chunk's examples are split over its data x fsdp devices (chunk must divide)."""
-  from effjax import sharding as shd
   norms, dots = [], []
   for s, e in _chunks(len(ex), chunk):
     t, m = _padded_chunk(ex, s, e, chunk)
@@ -398,7 +398,7 @@ def embed_examples(mcfg: ModelConfig, params: Params, ex: Examples, chunk: int =
   if fn is None:
     @jax.jit
     def fn(params, tokens, mask):
-      h = model_lib.apply(mcfg, params, tokens[:, :-1], return_hidden=True).astype(jnp.float32)
+      h = model_lib.forward(mcfg, params, tokens[:, :-1], return_hidden=True).astype(jnp.float32)
       w = mask[..., None]
       return jnp.sum(h * w, 1) / jnp.maximum(jnp.sum(w, 1), 1.0)
     _EMBED_CACHE[mcfg] = fn

@@ -8,12 +8,18 @@ Every source becomes a `list[str]` of documents; tokenizing and cutting into exa
     load_documents("notes.txt")                        # one doc per non-empty line
     load_documents("corpus/*.jsonl")                   # a glob (or a directory) of such files
     load_documents("tfds:effjax_local_text:train", tfds_data_dir="/tmp/tfds")
+    load_documents("root:wikitext-2/valid.txt", root="/data")   # under the data root
+
+`root:<path>` names a file, directory or glob under the data root: the `root` argument
+(`data.root` in configs) or else the environment variable EFFJAX_DATA_ROOT. Configs name external
+corpora this way, so they work from any checkout: set the root once per machine.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import pathlib
 import re
 from typing import Iterator, Optional
@@ -27,10 +33,30 @@ _FILE_SUFFIXES = (".txt", ".jsonl")
 _META_PREFIXES = ("license", "source", "readme")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9_+.-]*):")
 _TFDS_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+ROOT_ENV = "EFFJAX_DATA_ROOT"
+
+
+def data_root(root: Optional[str] = None) -> Optional[str]:
+  """The data root: `root` if given, else $EFFJAX_DATA_ROOT, else None."""
+  return root or os.environ.get(ROOT_ENV) or None
+
+
+def resolve_source(source: str, root: Optional[str] = None) -> str:
+  """`root:<path>` -> <data root>/<path>; any other source unchanged. A clear ValueError when no
+  root is set or it is not a directory."""
+  if not source.startswith("root:"):
+    return source
+  base = data_root(root)
+  if base is None:
+    raise ValueError(f"data source {source!r} is under the data root, but none is set: pass "
+                     f"data.root=DIR or set {ROOT_ENV}=DIR")
+  if not pathlib.Path(base).expanduser().is_dir():
+    raise FileNotFoundError(f"data source {source!r}: the data root {base!r} is not a directory")
+  return str(pathlib.Path(base).expanduser() / source[len("root:"):])
 
 
 def load_documents(source: str, *, text_field: str = "text", tfds_data_dir: Optional[str] = None,
-                   max_documents: Optional[int] = None) -> list[str]:
+                   max_documents: Optional[int] = None, root: Optional[str] = None) -> list[str]:
   """Reads the documents of `source` (see module docstring) -> list of non-empty str.
 
   Raises FileNotFoundError when the source does not exist and ValueError for an unknown scheme, an
@@ -38,6 +64,7 @@ def load_documents(source: str, *, text_field: str = "text", tfds_data_dir: Opti
   """
   if max_documents is not None and max_documents <= 0:
     raise ValueError(f"max_documents must be > 0, got {max_documents}")
+  source = resolve_source(source, root)
   m = _SCHEME.match(source)
   scheme = m.group(1) if m else None
   if scheme == "bundled":

@@ -1,6 +1,14 @@
-"""Decoder LM: `init_params`, `apply`, and the pluggable attention / linear layers."""
-from effjax.model.attention import attention, attention_reference
-from effjax.model.transformer import Transformer, apply, init_params, train_flops_per_token
+"""Decoder LM: parameters, the one transformer layer (`block`) and the training forward.
 
-__all__ = ["Transformer", "apply", "attention", "attention_reference", "init_params",
-           "train_flops_per_token"]
+    params = model.init_params(cfg.model, jax.random.key(0))
+    logits_BTV = model.forward(cfg.model, params, tokens_BT)
+"""
+from effjax.model.layers import apply_rope, rms_norm, rope_tables
+from effjax.model.linear import LINEARS, Linear, make_linear
+from effjax.model.transformer import (CausalSelfAttention, block, embed, final_hidden, forward,
+                                      init_params, layer_params, logits, run_layers,
+                                      train_flops_per_token)
+
+__all__ = ["CausalSelfAttention", "LINEARS", "Linear", "apply_rope", "block", "embed",
+           "final_hidden", "forward", "init_params", "layer_params", "logits", "make_linear",
+           "rms_norm", "rope_tables", "run_layers", "train_flops_per_token"]

@@ -1,33 +1,50 @@
-"""Pluggable linear layers. `make_linear(impl)` returns the Flax module class the model uses.
+"""The `Linear` interface every projection of the model goes through, chosen by config
+(`model.linear_impl`).
 
-Only `dense` exists now; BitLinear (ternary) and LoRA adapters plug in here later with the same
-call signature: `Linear(features, name=...)(x_...D) -> x_...F`.
+    lin = make_linear(cfg)                       # a frozen dataclass, hashable (a jit static)
+    p = lin.init(rng, d_in, d_out, std)          # this layer's params (a dict pytree)
+    y_NF = lin(p, x_ND)                          # compute-dtype output
+
+Only `dense` exists now. BitLinear (ternary weights + int8 activations, straight-through),
+LoRA adapters over a frozen low-bit base and packed inference formats plug in here as further
+classes with the same two methods: the transformer layer never changes.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
+import dataclasses
+from typing import Protocol
+
+import jax
 import jax.numpy as jnp
 
 
-class DenseLinear(nn.Module):
-  """y = x @ W, no bias. W is stored in param_dtype (fp32 master) and cast to dtype for compute."""
-  features: int
-  dtype: jnp.dtype = jnp.bfloat16
-  param_dtype: jnp.dtype = jnp.float32
-  init_std: float = 0.02
+class Linear(Protocol):
+  def init(self, rng: jax.Array, d_in: int, d_out: int, std: float) -> dict: ...
+  def __call__(self, p: dict, x: jax.Array) -> jax.Array: ...
 
-  @nn.compact
-  def __call__(self, x):
-    w_DF = self.param("kernel", nn.initializers.normal(self.init_std), (x.shape[-1], self.features),
-                      self.param_dtype)
-    return jnp.dot(x.astype(self.dtype), w_DF.astype(self.dtype))
+
+@dataclasses.dataclass(frozen=True)
+class DenseLinear:
+  """y = x @ W, no bias. W {"kernel": [d_in, d_out]} is stored in param_dtype (fp32 master) and
+  cast to dtype for compute."""
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+
+  def init(self, rng: jax.Array, d_in: int, d_out: int, std: float) -> dict:
+    return {"kernel": jax.random.normal(rng, (d_in, d_out), jnp.dtype(self.param_dtype)) * std}
+
+  def __call__(self, p: dict, x: jax.Array) -> jax.Array:
+    dt = jnp.dtype(self.dtype)
+    return jnp.dot(x.astype(dt), p["kernel"].astype(dt))
 
 
 LINEARS = {"dense": DenseLinear}
 
 
-def make_linear(impl: str):
-  if impl not in LINEARS:
-    raise ValueError(f"unknown linear implementation {impl!r}; available: {sorted(LINEARS)}")
-  return LINEARS[impl]
+def make_linear(cfg) -> Linear:
+  """The Linear of a ModelConfig (`linear_impl`, `compute_dtype`, `param_dtype`)."""
+  if cfg.linear_impl not in LINEARS:
+    raise ValueError(f"unknown linear implementation {cfg.linear_impl!r}; available: "
+                     f"{sorted(LINEARS)}")
+  return LINEARS[cfg.linear_impl](dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)

@@ -1,145 +1,201 @@
-"""Llama-style decoder LM as a functional Flax module: params are a pytree passed to `apply`.
+"""Llama-style decoder LM as pure functions over a params pytree.
 
 Shapes: B batch, T sequence, D model width, N query heads, K kv heads, H head dim, F MLP width,
-V vocabulary, L layers. Layers are stacked with `nn.scan` (params carry a leading [L] axis), which
-keeps compile time flat in depth and lets later work shard or remat per layer.
+V vocabulary, L layers.
+
+The transformer layer exists once, in `block`. Every path runs it: the training forward
+(`forward`), prefill, the decode step, the multi-token extend (rectification) and the sparse
+decode step (`effjax.decoding`, `effjax.sparse.resa`). What differs between them is only the
+attention, passed in as a strategy:
+
+    attention(layer, q_BTNH, k_BTKH, v_BTKH) -> (o_BTNH, aux)
+
+(post-RoPE queries and keys; `aux` is whatever the strategy wants back per layer, e.g. the
+layer's updated KV cache). Projections go through the config's `Linear` (model/linear.py).
+
+Params: {"embed": [V, D], "layers_<i>" (or, with model.scan_layers, one "layers" stacked over a
+leading [L] axis): {"attn_norm": {"scale": [D]}, "wq", "wk", "wv", "wo", "mlp_norm",
+"w_gate", "w_up", "w_down"}, "final_norm": {"scale": [D]}, "unembed": [D, V] unless tied}.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from effjax.config import ModelConfig
-from effjax.model.attention import attention
+from effjax.model.layers import apply_rope, rms_norm, rope_tables
 from effjax.model.linear import make_linear
+from pallas_kernels.causal_attention import causal_attention
+
+Params = dict
+Attention = Callable[[int, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
-def _dtype(name: str):
-  return jnp.dtype(name)
+# ----------------------------------------------------------------------------------------------
+# parameters
 
 
-def rms_norm(x_BTD: jax.Array, scale_D: jax.Array, eps: float, dtype) -> jax.Array:
-  """RMSNorm in float32, cast to `dtype`."""
-  x = x_BTD.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return (x * scale_D).astype(dtype)
+def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
+  """Master params (model.param_dtype) for `cfg`: weights N(0, init_std), the residual branches'
+  output projections (wo, w_down) N(0, init_std / sqrt(2L)) -- GPT-2 style, which keeps the
+  residual stream's variance flat in depth at init -- norm scales 1."""
+  lin = make_linear(cfg)
+  D, N, K, H, F = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd, cfg.ff
+  pdt = jnp.dtype(cfg.param_dtype)
+  std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+  ones = lambda n: {"scale": jnp.ones((n,), jnp.float32)}
+
+  def layer(key):
+    ks = jax.random.split(key, 7)
+    return {"attn_norm": ones(D), "wq": lin.init(ks[0], D, N * H, std),
+            "wk": lin.init(ks[1], D, K * H, std), "wv": lin.init(ks[2], D, K * H, std),
+            "wo": lin.init(ks[3], N * H, D, out_std), "mlp_norm": ones(D),
+            "w_gate": lin.init(ks[4], D, F, std), "w_up": lin.init(ks[5], D, F, std),
+            "w_down": lin.init(ks[6], F, D, out_std)}
+
+  k_embed, k_out, k_layers = jax.random.split(rng, 3)
+  keys = jax.random.split(k_layers, cfg.n_layers)
+  params = {"embed": jax.random.normal(k_embed, (cfg.vocab_size, D), pdt) * std}
+  if cfg.scan_layers:
+    params["layers"] = jax.vmap(layer)(keys)
+  else:
+    params.update({f"layers_{i}": layer(keys[i]) for i in range(cfg.n_layers)})
+  params["final_norm"] = ones(D)
+  if not cfg.tie_embeddings:
+    params["unembed"] = jax.random.normal(k_out, (D, cfg.vocab_size), pdt) * std
+  return params
 
 
-class RMSNorm(nn.Module):
-  eps: float = 1e-5
-  dtype: jnp.dtype = jnp.bfloat16
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    scale_D = self.param("scale", nn.initializers.ones, (x_BTD.shape[-1],), jnp.float32)
-    return rms_norm(x_BTD, scale_D, self.eps, self.dtype)
+def layer_params(params: Params, i: int) -> Params:
+  """Layer i's params, from either layout (unrolled `layers_i` or scan-stacked `layers`)."""
+  if "layers" in params:
+    return jax.tree.map(lambda x: x[i], params["layers"])
+  return params[f"layers_{i}"]
 
 
-def rope_tables(positions_BT: jax.Array, head_dim: int, theta: float):
-  """cos/sin tables [B, T, 1, H/2] (float32) for rotary embeddings at integer positions."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-  return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+# ----------------------------------------------------------------------------------------------
+# the one layer
 
 
-def apply_rope(x_BTNH: jax.Array, cos, sin) -> jax.Array:
-  """Rotate-half RoPE: pairs (x[i], x[i + H/2]) rotate by position * freq_i."""
-  x = x_BTNH.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+def block(cfg: ModelConfig, lp: Params, x_BTD: jax.Array, rope, attention: Attention,
+          layer: int = 0) -> tuple[jax.Array, Any]:
+  """The transformer layer: x + Wo attention(RoPE(Wq h), RoPE(Wk h), Wv h) with h = norm(x),
+  then x + W_down (silu(W_gate h) * W_up h) with h = norm(x). Returns (x_BTD, aux of the
+  attention strategy)."""
+  lin = make_linear(cfg)
+  dt = jnp.dtype(cfg.compute_dtype)
+  B, T, _ = x_BTD.shape
+  N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
+  cos, sin = rope
+  h = rms_norm(x_BTD, lp["attn_norm"]["scale"], cfg.norm_eps, dt)
+  q_BTNH = lin(lp["wq"], h).reshape(B, T, N, H)
+  k_BTKH = lin(lp["wk"], h).reshape(B, T, K, H)
+  v_BTKH = lin(lp["wv"], h).reshape(B, T, K, H)
+  q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
+  o_BTNH, aux = attention(layer, q_BTNH, k_BTKH, v_BTKH)
+  x_BTD = x_BTD + lin(lp["wo"], o_BTNH.reshape(B, T, N * H)).astype(x_BTD.dtype)
+  h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, dt)
+  mlp_BTD = lin(lp["w_down"], jax.nn.silu(lin(lp["w_gate"], h)) * lin(lp["w_up"], h))
+  return x_BTD + mlp_BTD.astype(x_BTD.dtype), aux
 
 
-class Block(nn.Module):
-  cfg: ModelConfig
+def run_layers(cfg: ModelConfig, params: Params, x_BTD: jax.Array, positions_BT: jax.Array,
+               attention: Attention, remat: bool = False) -> tuple[jax.Array, list]:
+  """The L layers over the residual stream: (x_BTD, [aux of each layer]). Scan-stacked params
+  run as a `lax.scan` when the strategy is stateless (aux None), else as a Python loop over
+  layer slices, like unrolled params; `remat` rematerialises each layer in the backward pass
+  (the training forward passes model.remat)."""
+  rope = rope_tables(positions_BT, cfg.hd, cfg.rope_theta)
 
-  @nn.compact
-  def __call__(self, x_BTD, rope):
-    cfg = self.cfg
-    dt, pdt = _dtype(cfg.compute_dtype), _dtype(cfg.param_dtype)
-    Linear = functools.partial(make_linear(cfg.linear_impl), dtype=dt, param_dtype=pdt,
-                               init_std=cfg.init_std)
-    # GPT-2 style: residual-branch output projections scaled by 1/sqrt(2L) keep the residual
-    # stream's variance flat in depth at init.
-    OutLinear = functools.partial(make_linear(cfg.linear_impl), dtype=dt, param_dtype=pdt,
-                                  init_std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
-    B, T, _ = x_BTD.shape
-    N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
-    cos, sin = rope
+  def one(lp, x, i):
+    return block(cfg, lp, x, rope, attention, i)
 
-    h = RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BTD)
-    q_BTNH = Linear(N * H, name="wq")(h).reshape(B, T, N, H)
-    k_BTKH = Linear(K * H, name="wk")(h).reshape(B, T, K, H)
-    v_BTKH = Linear(K * H, name="wv")(h).reshape(B, T, K, H)
-    q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
-    o_BTNH = attention(q_BTNH, k_BTKH, v_BTKH, causal=True, implementation=cfg.attention_impl)
-    x_BTD = x_BTD + OutLinear(cfg.d_model, name="wo")(o_BTNH.reshape(B, T, N * H)).astype(x_BTD.dtype)
-
-    h = RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BTD)
-    gate_BTF = Linear(cfg.ff, name="w_gate")(h)
-    up_BTF = Linear(cfg.ff, name="w_up")(h)
-    mlp_BTD = OutLinear(cfg.d_model, name="w_down")(nn.silu(gate_BTF) * up_BTF)
-    return x_BTD + mlp_BTD.astype(x_BTD.dtype), None
+  if remat:
+    one = jax.checkpoint(one, prevent_cse=False, static_argnums=(2,))
+  if "layers" in params and attention_is_stateless(attention):
+    def body(x, lp):
+      x, _ = one(lp, x, 0)
+      return x, None
+    x_BTD, _ = jax.lax.scan(body, x_BTD, params["layers"])
+    return x_BTD, [None] * cfg.n_layers
+  auxes = []
+  for i in range(cfg.n_layers):
+    x_BTD, aux = one(layer_params(params, i), x_BTD, i)
+    auxes.append(aux)
+  return x_BTD, auxes
 
 
-class Transformer(nn.Module):
-  """tokens [B, T] int32 (+ optional positions [B, T]) -> logits [B, T, V] float32."""
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, tokens_BT: jax.Array, positions_BT: jax.Array | None = None,
-               return_hidden: bool = False):
-    cfg = self.cfg
-    dt = _dtype(cfg.compute_dtype)
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
-    embed_VD = self.param("embed", nn.initializers.normal(cfg.init_std),
-                          (cfg.vocab_size, cfg.d_model), _dtype(cfg.param_dtype))
-    # The residual stream stays in compute dtype; norms and softmax upcast internally.
-    onehot = cfg.embed_lookup == "onehot" or (cfg.embed_lookup == "auto" and cfg.vocab_size <= 4096)
-    if onehot:
-      # Small vocabularies (bytes): a one-hot matmul. Its backward is a matmul too, where a gather's
-      # backward is a scatter-add of every token onto a few hundred rows (heavy atomic contention).
-      x_BTD = jnp.dot(jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=dt), embed_VD.astype(dt))
-    else:
-      x_BTD = jnp.take(embed_VD, tokens_BT, axis=0).astype(dt)
-    rope = rope_tables(positions_BT, cfg.hd, cfg.rope_theta)
-
-    block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
-    if cfg.scan_layers:
-      layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                       in_axes=(nn.broadcast,), length=cfg.n_layers)
-      x_BTD, _ = layers(cfg, name="layers")(x_BTD, rope)
-    else:
-      for i in range(cfg.n_layers):
-        x_BTD, _ = block(cfg, name=f"layers_{i}")(x_BTD, rope)
-
-    x_BTD = RMSNorm(cfg.norm_eps, dt, name="final_norm")(x_BTD)
-    if return_hidden:  # final normed hidden states [B, T, D] (e.g. a mean-pooled encoder)
-      return x_BTD
-    if cfg.tie_embeddings:
-      out_DV = embed_VD.T
-    else:
-      out_DV = self.param("unembed", nn.initializers.normal(cfg.init_std),
-                          (cfg.d_model, cfg.vocab_size), _dtype(cfg.param_dtype))
-    return jnp.dot(x_BTD, out_DV.astype(dt), preferred_element_type=jnp.float32)
+def attention_is_stateless(attention) -> bool:
+  """Strategies that neither need the layer index nor return state (scan-able over layers)."""
+  return getattr(attention, "stateless", False)
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
-  """fp32 master params pytree for `cfg`."""
-  model = Transformer(cfg)
-  tokens = jnp.zeros((1, seq_len), jnp.int32)
-  return model.init(rng, tokens)["params"]
+class CausalSelfAttention:
+  """The training / full-sequence strategy: causal GQA attention over the T tokens themselves
+  (`pallas_kernels.causal_attention`, implementation model.attention_impl). aux: None."""
+  stateless = True
+
+  def __init__(self, implementation: str = "auto"):
+    self.implementation = implementation
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    del layer
+    return causal_attention(q_BTNH, k_BTKH, v_BTKH, implementation=self.implementation), None
 
 
-def apply(cfg: ModelConfig, params, tokens_BT, positions_BT=None, return_hidden: bool = False):
-  """Forward pass: logits [B, T, V] float32 (or final hidden states [B, T, D] in compute dtype)."""
-  return Transformer(cfg).apply({"params": params}, tokens_BT, positions_BT, return_hidden)
+# ----------------------------------------------------------------------------------------------
+# embedding and output
+
+
+def embed(cfg: ModelConfig, params: Params, tokens_BT: jax.Array, lookup: str = "gather"):
+  """Token embeddings [B, T, D] in the compute dtype. lookup "onehot" is a one-hot matmul: its
+  backward is a matmul too, where a gather's backward is a scatter-add of every token onto a few
+  hundred rows (heavy atomic contention for byte vocabularies); "auto" picks it for vocabularies
+  up to 4096 (training); decode steps gather."""
+  dt = jnp.dtype(cfg.compute_dtype)
+  if lookup == "auto":
+    lookup = "onehot" if cfg.vocab_size <= 4096 else "gather"
+  if lookup == "onehot":
+    return jnp.dot(jax.nn.one_hot(tokens_BT, cfg.vocab_size, dtype=dt), params["embed"].astype(dt))
+  return jnp.take(params["embed"], tokens_BT, axis=0).astype(dt)
+
+
+def final_hidden(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
+  """The final RMSNorm of the residual stream, compute dtype."""
+  return rms_norm(x_BTD, params["final_norm"]["scale"], cfg.norm_eps,
+                  jnp.dtype(cfg.compute_dtype))
+
+
+def logits(cfg: ModelConfig, params: Params, x_BTD: jax.Array) -> jax.Array:
+  """float32 logits [..., V] of the (un-normed) residual stream."""
+  dt = jnp.dtype(cfg.compute_dtype)
+  out_DV = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+  return jnp.dot(final_hidden(cfg, params, x_BTD), out_DV.astype(dt),
+                 preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# training forward
+
+
+def forward(cfg: ModelConfig, params: Params, tokens_BT: jax.Array,
+            positions_BT: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+  """tokens [B, T] int32 (+ optional positions [B, T]) -> logits [B, T, V] float32, or the final
+  normed hidden states [B, T, D] (compute dtype) with return_hidden (e.g. a mean-pooled
+  encoder)."""
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1]), tokens_BT.shape)
+  x_BTD = embed(cfg, params, tokens_BT, cfg.embed_lookup)
+  # The residual stream stays in compute dtype; norms and softmax upcast internally.
+  x_BTD, _ = run_layers(cfg, params, x_BTD, positions_BT, CausalSelfAttention(cfg.attention_impl),
+                        remat=cfg.remat)
+  if return_hidden:
+    return final_hidden(cfg, params, x_BTD)
+  return logits(cfg, params, x_BTD)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax.config import ModelConfig
-from effjax.model.transformer import apply_rope, rope_tables
+from effjax.model.layers import apply_rope, rope_tables
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 
 from effjax import decoding
+from effjax import model as model_lib
+from effjax.cache import BlockMinMax, GateKCache, KVCache
 from effjax.config import ModelConfig
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import selection
-from pallas_kernels.block_topk import forced_blocks_max
+from pallas_kernels import block_topk as block_topk_lib
 from pallas_kernels.sparse_decode import IMPLEMENTATIONS as SPARSE_KERNELS
 
 
@@ -69,7 +71,7 @@ class SparseConfig:
       raise ValueError(f"rectify_every must be >= 0, got {self.rectify_every}")
     if self.local_tokens < 1:
       raise ValueError(f"local_tokens must be >= 1, got {self.local_tokens}")
-    forced = forced_blocks_max(self.block_size, self.local_tokens)   # 2 for local_tokens = 1
+    forced = block_topk_lib.forced_blocks_max(self.block_size, self.local_tokens)   # 2 for local_tokens = 1
     if self.budget_blocks < forced:
       raise ValueError(f"budget_tokens={self.budget_tokens} keeps {self.budget_blocks} blocks of "
                        f"{self.block_size}, fewer than the {forced} always kept (the first block "
@@ -94,118 +96,119 @@ class SparseConfig:
       gate_lib.check_params(cfg, self.d_gate, gate_params)
 
 
-def _block_summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk=None,
-                     first_block_B=None) -> dict:
-  """One layer's summaries of the blocks of k_BKSH -- the cache, or a slice of it that starts at
-  block first_block_B (lengths then count from the slice start): {"kmin", "kmax": [B, K, nb, H]}
-  (k's dtype) or {"kc": [B, K, nb, Dg] in scfg.gate_cache_dtype}."""
+def _summaries(cfg: ModelConfig, scfg: SparseConfig, k_BKSH, lengths_B, wk=None,
+               first_block_B=None):
+  """One layer's summaries of the blocks of k_BKSH -- the cache's keys, or a slice of them that
+  starts at block first_block_B (lengths then count from the slice start): `BlockMinMax` (Quest;
+  the key dtype) or `GateKCache` (gate; scfg.gate_cache_dtype)."""
   if scfg.selector == "quest":
-    kmin, kmax = selection.block_minmax(k_BKSH, lengths_B, scfg.block_size)
-    return {"kmin": kmin, "kmax": kmax}
+    return BlockMinMax(*selection.block_minmax(k_BKSH, lengths_B, scfg.block_size))
   kc = gate_lib.compress_blocks(wk, k_BKSH, lengths_B, scfg.block_size, cfg.rope_theta,
                                 first_block_B=first_block_B)
-  return {"kc": gate_lib.to_cache_dtype(kc, scfg.gate_cache_dtype)}
+  return GateKCache(gate_lib.to_cache_dtype(kc, scfg.gate_cache_dtype))
 
 
-def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: dict, gate_params=None) -> dict:
-  """Summaries of every block of a (prefilled) cache, one buffer per layer like the cache:
-  {"kmin", "kmax": (L arrays [B, K, Nb, H])} (Quest) or {"kc": (L arrays [B, K, Nb, Dg])} (gate)."""
+def _layer_gate(gate_params, i: int, name: str):
+  return None if gate_params is None else gate_params[name][i]
+
+
+def init_summaries(cfg: ModelConfig, scfg: SparseConfig, cache: KVCache,
+                   gate_params=None) -> tuple:
+  """Summaries of every block of a (prefilled) cache, one per layer like the cache: a tuple of
+  L `BlockMinMax` (Quest) or `GateKCache` (gate)."""
   scfg.check_gate_params(cfg, gate_params)
-  layers = [_block_summaries(cfg, scfg, cache["k"][i], cache["lengths"],
-                             None if gate_params is None else gate_params["wk"][i])
-            for i in range(cfg.n_layers)]
-  return {name: tuple(s_l[name] for s_l in layers) for name in layers[0]}
+  return tuple(_summaries(cfg, scfg, entry.keys(), cache.lengths, _layer_gate(gate_params, i, "wk"))
+               for i, entry in enumerate(cache.layers))
 
 
-def _refresh_window(cfg: ModelConfig, scfg: SparseConfig, summ_l: dict, k_BKSH, lengths_B,
-                    first_B, nb: int, wk=None) -> dict:
+def _refresh_window(cfg: ModelConfig, scfg: SparseConfig, summ_l, k_BKSH, lengths_B, first_B,
+                    nb: int, wk=None):
   """One layer's summaries with blocks [first_b, first_b + nb) of each sequence recomputed from
   the cache (the rest kept)."""
   bs = scfg.block_size
   window = jax.vmap(lambda c, b: jax.lax.dynamic_slice_in_dim(c, b * bs, nb * bs, axis=1))
   put = jax.vmap(lambda d, n, b: jax.lax.dynamic_update_slice_in_dim(d, n.astype(d.dtype), b, axis=1))
   rel_B = lengths_B - first_B * bs               # valid tokens counted from the window start
-  new = _block_summaries(cfg, scfg, window(k_BKSH, first_B), rel_B, wk, first_B)
-  return {name: put(summ_l[name], new[name], first_B) for name in summ_l}
+  new = _summaries(cfg, scfg, window(k_BKSH, first_B), rel_B, wk, first_B)
+  return jax.tree.map(lambda d, n: put(d, n, first_B), summ_l, new)
 
 
-def refresh_summaries(cfg: ModelConfig, scfg: SparseConfig, summ: dict, cache: dict,
-                      start_B: jax.Array, n_tokens: int, gate_params=None) -> dict:
+def refresh_summaries(cfg: ModelConfig, scfg: SparseConfig, summ: tuple, cache: KVCache,
+                      start_B: jax.Array, n_tokens: int, gate_params=None) -> tuple:
   """Summaries after positions [start_b, start_b + n_tokens) of every layer were rewritten (a
   rectification): recomputes only the blocks holding them -- ceil(n_tokens / block_size) + 1
   blocks per sequence at per-sequence offsets -- instead of every block (`init_summaries` reads
   all of K). Same layout as `init_summaries`; equal to it on every block the window covers."""
   bs = scfg.block_size
-  nb_all = decoding.capacity(cache) // bs
+  nb_all = cache.capacity // bs
   nb = min(-(-n_tokens // bs) + 1, nb_all)       # a span of n tokens touches at most this many
   # window start: the block of each sequence's first rewritten token, clamped so the window stays
   # inside the cache (it then still covers every rewritten block)
   first_B = jnp.clip(start_B // bs, 0, nb_all - nb).astype(jnp.int32)
-  layers = [_refresh_window(cfg, scfg, {name: summ[name][i] for name in summ}, cache["k"][i],
-                            cache["lengths"], first_B, nb,
-                            None if gate_params is None else gate_params["wk"][i])
-            for i in range(cfg.n_layers)]
-  return {name: tuple(s_l[name] for s_l in layers) for name in summ}
+  return tuple(_refresh_window(cfg, scfg, summ[i], entry.keys(), cache.lengths, first_B, nb,
+                               _layer_gate(gate_params, i, "wk"))
+               for i, entry in enumerate(cache.layers))
 
 
-def _update_block(scfg, cfg, summ_l: dict, k_cache_BKSH, lengths_B, wk=None) -> dict:
-  """Recomputes the summary of the block holding each sequence's newest token."""
-  blk = ((lengths_B - 1) // scfg.block_size).astype(jnp.int32)
-  return _refresh_window(cfg, scfg, summ_l, k_cache_BKSH, lengths_B, blk, 1, wk)
-
-
-def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l: dict, q_BKGH, lengths_B, wq=None,
+def _select(scfg: SparseConfig, cfg: ModelConfig, summ_l, q_BKGH, lengths_B, wq=None,
             decode_impl: str = "auto"):
   """Block ids [B, K, M] (ascending, -1 padded) and live ids per row [B, K] (None: let the
   attention kernel count them)."""
-  from pallas_kernels.block_topk import block_topk
-  topk_impl = {"xla": "xla", "pallas_triton": "pallas_triton"}.get(decode_impl, "auto")
+  topk_impl = decode_impl if decode_impl in block_topk_lib.IMPLEMENTATIONS else None
   if scfg.selector == "quest":
-    scores = selection.quest_scores(q_BKGH, summ_l["kmin"], summ_l["kmax"])
+    scores = selection.quest_scores(q_BKGH, summ_l.kmin, summ_l.kmax)
   else:
-    scores = gate_lib.gate_logits(wq, q_BKGH, summ_l["kc"], lengths_B - 1, cfg.rope_theta)
+    scores = gate_lib.gate_logits(wq, q_BKGH, summ_l.kc, lengths_B - 1, cfg.rope_theta)
     if scfg.threshold > 0:
       probs = gate_lib.masked_softmax(scores, lengths_B, scfg.block_size)
       return selection.select_threshold(probs, lengths_B, scfg.block_size, scfg.threshold,
                                         scfg.budget_blocks, scfg.local_tokens), None
-  return block_topk(scores, lengths_B, block_size=scfg.block_size, k=scfg.budget_blocks,
-                    implementation=topk_impl, local_tokens=scfg.local_tokens)
+  return block_topk_lib.block_topk(scores, lengths_B, block_size=scfg.block_size,
+                                   k=scfg.budget_blocks, implementation=topk_impl,
+                                   local_tokens=scfg.local_tokens)
+
+
+class SparseAttention:
+  """The sparse decode step's attention strategy (one new token per sequence): store the token's
+  K/V, refresh its block's summary (O(block_size): a filled block's summary is written once, when
+  it fills), select blocks from the summaries and attend to them only. aux: (the layer's cache
+  entry, its summaries)."""
+
+  def __init__(self, cfg: ModelConfig, scfg: SparseConfig, cache: KVCache, summ: tuple,
+               gate_params, decode_impl: str):
+    self.cfg, self.scfg, self.cache, self.summ = cfg, scfg, cache, summ
+    self.gate_params, self.decode_impl = gate_params, decode_impl
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    cfg, scfg = self.cfg, self.scfg
+    pos = self.cache.lengths
+    B, _, N, H = q_BTNH.shape
+    K = cfg.n_kv_heads
+    entry = self.cache.layers[layer].write(k_BTKH, v_BTKH, pos)
+    blk = (pos // scfg.block_size).astype(jnp.int32)          # the block of the new token
+    s_l = _refresh_window(cfg, scfg, self.summ[layer], entry.keys(), pos + 1, blk, 1,
+                          _layer_gate(self.gate_params, layer, "wk"))
+    q_BKGH = q_BTNH[:, 0].reshape(B, K, N // K, H)
+    idx, n_live = _select(scfg, cfg, s_l, q_BKGH, pos + 1,
+                          _layer_gate(self.gate_params, layer, "wq"), self.decode_impl)
+    impl = self.decode_impl if scfg.sparse_kernel == "auto" else scfg.sparse_kernel
+    o = entry.attend_blocks(q_BKGH, pos + 1, idx, block_size=scfg.block_size,
+                            num_live_BK=n_live, implementation=impl)
+    return o.reshape(B, 1, N, H).astype(q_BTNH.dtype), (entry, s_l)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl"),
                    donate_argnames=("cache", "summ"))
-def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: dict, summ: dict,
+def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: KVCache, summ: tuple,
                        token_B: jax.Array, gate_params=None, decode_impl: str = "auto"):
   """decode_step with block-sparse attention: returns (logits [B, V], cache, summaries)."""
-  from pallas_kernels.sparse_decode import sparse_decode_attention
   scfg.check_gate_params(cfg, gate_params)
-  pos = cache["lengths"]
-  B = token_B.shape[0]
-  K, G, H = cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.hd
-  x = decoding._embed(cfg, params, token_B[:, None])
-  ks, vs, sums = [], [], []
-  for i in range(cfg.n_layers):
-    lp = decoding._layer(params, cfg, i)
-    q, k, v = decoding._qkv(cfg, lp, x, pos[:, None])
-    k_cache = decoding._write_token(cache["k"][i], k[:, 0], pos)
-    v_cache = decoding._write_token(cache["v"][i], v[:, 0], pos)
-    s_l = _update_block(scfg, cfg, {name: summ[name][i] for name in summ}, k_cache, pos + 1,
-                        None if gate_params is None else gate_params["wk"][i])
-    q_BKGH = q[:, 0].reshape(B, K, G, H)
-    idx, n_live = _select(scfg, cfg, s_l, q_BKGH, pos + 1,
-                          None if gate_params is None else gate_params["wq"][i], decode_impl)
-    o = sparse_decode_attention(q_BKGH.astype(k_cache.dtype), k_cache, v_cache, pos + 1, idx,
-                                block_size=scfg.block_size,
-                                implementation=(decode_impl if scfg.sparse_kernel == "auto"
-                                                else scfg.sparse_kernel),
-                                num_live_BK=n_live)
-    x = decoding._finish_block(cfg, lp, x, o.reshape(B, 1, K * G, H).astype(x.dtype))
-    ks.append(k_cache)
-    vs.append(v_cache)
-    sums.append(s_l)
-  summ = {name: tuple(s_l[name] for s_l in sums) for name in summ}
-  return (decoding._logits(cfg, params, x[:, 0]),
-          {"k": tuple(ks), "v": tuple(vs), "lengths": pos + 1}, summ)
+  pos = cache.lengths
+  x = model_lib.embed(cfg, params, token_B[:, None])
+  x, aux = model_lib.run_layers(cfg, params, x, pos[:, None],
+                                SparseAttention(cfg, scfg, cache, summ, gate_params, decode_impl))
+  cache = KVCache(layers=tuple(a[0] for a in aux), lengths=pos + 1)
+  return model_lib.logits(cfg, params, x[:, 0]), cache, tuple(a[1] for a in aux)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
@@ -283,9 +286,9 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
     scfg.check_gate_params(cfg, gate_params)
   gate_params = per_layer(gate_params)
   cap = decoding.generation_capacity(cfg, T, N, multiple=scfg.block_size)
-  cache = decoding.init_cache(cfg, B, cap, cache_dtype)
+  cache = KVCache.init(cfg, B, cap, cache_dtype)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
-  summ = init_summaries(cfg, scfg, cache, gate_params) if sparse else {}   # dense: none needed
+  summ = init_summaries(cfg, scfg, cache, gate_params) if sparse else ()   # dense: none needed
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
   f = scfg.rectify_every if sparse else 0
@@ -321,7 +324,7 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
 
   def rectify_then_run(c):   # entered at step = k * f < N, k >= 1
     step, cache, summ, logits, out, fed, done, n, rng, scored = c
-    start = cache["lengths"] - f
+    start = cache.lengths - f
     last = jax.lax.dynamic_slice_in_dim(fed, step - f, f, axis=1)
     lg, cache = decoding.extend(cfg, params, cache, last, start,
                                 decode_impl if rectify_impl is None else rectify_impl)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.block_topk import _valid_forced, block_topk_reference, check_budget
+from pallas_kernels.block_topk import block_topk_reference, check_budget, valid_forced
 
 
 def num_blocks(lengths_B: jax.Array, block_size: int) -> jax.Array:
@@ -67,7 +67,7 @@ def select_threshold(probs_BKN: jax.Array, lengths_B: jax.Array, block_size: int
   max_blocks (the highest probabilities win). Returns int32 [B, K, max_blocks]."""
   check_budget(max_blocks, block_size, local_tokens)
   N = probs_BKN.shape[-1]
-  valid, forced = _valid_forced(lengths_B, N, block_size, local_tokens)
+  valid, forced = valid_forced(lengths_B, N, block_size, local_tokens)
   keep = (valid & (probs_BKN >= threshold)) | forced
   s = jnp.where(forced, jnp.inf, jnp.where(keep, probs_BKN.astype(jnp.float32), -jnp.inf))
   _, idx_BKk = jax.lax.top_k(s, min(max_blocks, N))

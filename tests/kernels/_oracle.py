@@ -1,32 +1,70 @@
-"""Shared helpers for the decode-attention kernel tests: a float64 numpy oracle, random inputs and
-the implementations every test body is parametrised over."""
+"""Shared helpers of the kernel tests: float64 numpy oracles, random inputs (never zeros), chex
+tolerances per dtype, and `BackendBase`: each op's test base subclasses it, and each backend
+subclasses the op's base once (interpreted on CPU; compiled under `pytest -m gpu`)."""
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# (implementation, interpret): the XLA reference, the Triton kernel interpreted on CPU, the same
-# kernel compiled on a GPU (`pytest -m gpu` on the device machine), and the Mosaic TPU kernel in
-# the TPU interpreter.
-IMPLEMENTATIONS = [
-    pytest.param("xla", False, id="xla"),
-    pytest.param("pallas_triton", True, id="triton-interpret"),
-    pytest.param("pallas_triton", False, id="triton-gpu", marks=pytest.mark.gpu),
-    pytest.param("pallas_tpu", True, id="tpu-interpret"),
-]
+from pallas_kernels.dispatch import lowering_for
 
 # chex tolerances per dtype: f32 kernels differ from float64 only by summation order; bf16 by the
 # bf16 rounding of the probabilities fed to the PV dot and of the output.
-TOLERANCES = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+TOLERANCES = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1e-2, atol=1e-2),
+              jnp.float16: dict(rtol=1e-2, atol=1e-2)}
 
 
-def require_backend(implementation: str, interpret: bool) -> None:
-  """A compiled Triton kernel needs a GPU; fail loudly rather than skip if run elsewhere."""
-  if implementation == "pallas_triton" and not interpret and jax.default_backend() != "gpu":
-    pytest.fail("compiled pallas_triton tests need a GPU backend (run `pytest -m gpu` on the device)")
+def generate_from_class(metafunc) -> None:
+  """pytest_generate_tests for the per-op test bases: a test argument named like a class
+  attribute in CLASS_PARAMS is parametrised over that attribute of the (backend) subclass, so each
+  backend lists the shapes and dtypes it supports."""
+  cls = metafunc.cls
+  if cls is None:
+    return
+  for arg, attr in CLASS_PARAMS.items():
+    if arg in metafunc.fixturenames and hasattr(cls, attr):
+      values = getattr(cls, attr)
+      metafunc.parametrize(arg, values, ids=[_id(v) for v in values])
+
+
+CLASS_PARAMS = {"dtype": "DTYPES", "case": "CASES", "block_size": "BLOCK_SIZES"}
+
+
+def _id(v) -> str:
+  if isinstance(v, tuple):
+    return "-".join(_id(x) for x in v)
+  if isinstance(v, list):
+    return "L" + ".".join(str(x) for x in v)
+  try:
+    return jnp.dtype(v).name
+  except TypeError:
+    return str(v)
+
+
+class BackendBase:
+  """What every per-op test base shares: which backend runs, whether interpreted, and a check
+  that a compiled GPU backend really has a GPU (a failure, not a skip, elsewhere)."""
+  IMPLEMENTATION = "xla"
+  INTERPRET = False
+  GPU = False          # compiled on a GPU: the subclass is marked `pytest.mark.gpu`
+
+  def setup_method(self):
+    if self.GPU and jax.default_backend() != "gpu":
+      pytest.fail(f"compiled {self.IMPLEMENTATION} tests need a GPU backend (run `pytest -m gpu` "
+                  "on the device)")
+
+  @property
+  def kw(self) -> dict:
+    return dict(implementation=self.IMPLEMENTATION, interpret=self.INTERPRET)
+
+
+def check_close(out, want, dtype) -> None:
+  chex.assert_trees_all_close(np.asarray(jnp.asarray(out).astype(jnp.float32)),
+                              np.asarray(want, np.float64).astype(np.float32), **TOLERANCES[dtype])
 
 
 def random_inputs(seed: int, B: int, K: int, G: int, H: int, S: int, dtype):
@@ -68,5 +106,6 @@ def lower_for_cuda(fn, *args) -> str:
   """
   from jax import export
   triton_call = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
-  exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(*args)
+  with lowering_for("gpu"):
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(*args)
   return exported.mlir_module()

@@ -1,70 +1,70 @@
-"""The split-K log-sum-exp merge as one Pallas-Triton kernel launch.
+"""The split-K log-sum-exp merge as one Pallas Triton kernel launch (`combine_splits`'s
+`pallas_triton` implementation).
 
-  o_BKGH = combine_splits_triton(o_BKNRH, m_BKNR, l_BKNR, g, out_dtype)
-
-A drop-in alternative to `_splitk.combine_splits`: same inputs, same result. XLA compiles that
-merge into three small kernels (max over the splits, then the weighted sums, then the divide),
-about 5 us on an H200 when the split axis is long (64 splits). Here one program per (b, k, query
-row) (`block_rows` rows per program, default 1: see `DEFAULT_BLOCK_ROWS` for the timings) loads
-the splits of its row in chunks of up to 8K f32 (64 splits at H = 128), merges them with an
-online softmax and writes the normalised row: the partials are read once, in one launch (H200:
-2.2 us at B1 K8 N64 g4).
+XLA compiles the merge into three small kernels (max over the splits, then the weighted sums, then
+the divide), about 5 us on an H200 when the split axis is long (64 splits). Here one program per
+(b, k, query row) (`block_rows` rows per program, default 1) loads the splits of its row in chunks
+of up to `chunk_elements` f32 (64 splits at H = 128), merges them with an online softmax and
+writes the normalised row: the partials are read once, in one launch (H200: 2.2 us at B1 K8 N64
+g4). Query rows per program, H200, bf16 out, kernel time, against the XLA merge:
+  B1 K8 N64 g4 H128:     1 row 2.2 us, 4 rows 4.2 us, XLA 5.0 us
+  B8 K8 N64 g4 H128:     1 row 4.9 us, 4 rows 13.3 us, XLA 8.1 us
+  B1 K8 N66 g8 H128:     1 row 2.7 us, 8 rows 12.9 us, XLA 5.7 us
+  B1 K8 N16 g128 H128:   1 row 4.7 us, 32 rows 13.4 us, XLA 7.8 us
+(num_warps 8 and num_stages 1 changed these by < 0.6 us; chunks of 4 splits instead of all 64
+made them 1.5-5x slower.) More, smaller programs win: the merge is latency bound.
 
 Only the first g of the R rows of a partial are real: the split kernels leave the padding rows
-unwritten (`_splitk.write_partial`), so they may hold anything (NaN, inf). The BlockSpecs below
-select rows [0, g) and the kernel never addresses the others.
+unwritten, so they may hold anything (NaN, inf). The BlockSpecs select rows [0, g) and the kernel
+never addresses the others.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import _splitk
-
-# f32 elements of one chunk of partials [chunk, rows, H] a program loads at once: with 4 warps
-# (128 threads) 64 registers a thread, which leaves room for the rest without spilling.
-CHUNK_ELEMENTS = 8192
+from pallas_kernels import launch, tuned
+from pallas_kernels.dispatch import NotSupported, require_platform
 
 
-def triton_combine_supported(g: int, R: int, H: int) -> str | None:
-  """Why `combine_splits_triton` can't merge partials of R padded rows (g real) and head dim H,
-  or None if it can. Triton tiles are powers of 2, and the row block [0, g) must be a whole
-  block of the R axis for the BlockSpec to address it."""
-  if not isinstance(g, int) or not _splitk.is_power_of_2(g):
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """Launch parameters; None takes the tuned value (`tuned.lookup("combine_splits",
+  "pallas_triton")`). chunk: splits merged per loop step (a power of 2, capped at N);
+  block_rows: query rows per program (a power of 2 dividing g)."""
+  num_warps: int | None = None
+  num_stages: int | None = None
+  chunk: int | None = None
+  block_rows: int | None = None
+
+
+CONFIG = TritonConfig
+
+
+def supported(g: int, R: int, H: int) -> str | None:
+  """Why the kernel can't merge partials of R padded rows (g real) and head dim H, or None.
+  Triton tiles are powers of 2, and rows [0, g) must be a whole block of the R axis."""
+  if not isinstance(g, int) or not launch.is_power_of_2(g):
     return f"g={g} real rows must be a power of 2 for a Triton tile"
-  if not isinstance(H, int) or not _splitk.is_power_of_2(H) or H < 16:
+  if not isinstance(H, int) or not launch.is_power_of_2(H) or H < 16:
     return f"head dim H={H} must be a power of 2 >= 16 for Triton tiles"
   if not isinstance(R, int) or R < g or R % g != 0:
     return f"padded rows R={R} must be a multiple of g={g} (the first g rows form one block)"
   return None
 
 
-# Query rows per program: 1. More, smaller programs win because the merge is latency bound:
-# a program's loads of all its splits go out together, and the grid (B, K, g) puts more of them
-# in flight. H200, bf16 out, kernel time (profiler) against `combine_splits` (3 XLA kernels):
-# B1 K8 N64 g4 H128:     1 row 2.2 us, 4 rows 4.2 us, XLA 5.0 us
-# B8 K8 N64 g4 H128:     1 row 4.9 us, 4 rows 13.3 us, XLA 8.1 us
-# B1 K8 N66 g8 H128:     1 row 2.7 us, 8 rows 12.9 us, XLA 5.7 us
-# B1 K8 N16 g128 H128:   1 row 4.7 us, 32 rows 13.4 us, XLA 7.8 us
-# (num_warps 8 and num_stages 1 changed these by < 0.6 us; chunks of 4 splits instead of all
-# 64 made them 1.5-5x slower.)
-DEFAULT_BLOCK_ROWS = 1
-
-
-def prev_power_of_2(x: int) -> int:
-  """The largest power of 2 <= x (x >= 1)."""
-  return 1 << (x.bit_length() - 1)
-
-
-def default_chunk(n_splits: int, block_rows: int, H: int) -> int:
+def default_chunk(n_splits: int, block_rows: int, H: int, chunk_elements: int) -> int:
   """Splits merged per loop step: the largest power of 2 with [chunk, rows, H] f32 within
-  CHUNK_ELEMENTS and no more than the n_splits there are (see `_combine_kernel` for why)."""
-  return min(prev_power_of_2(n_splits), prev_power_of_2(max(1, CHUNK_ELEMENTS // (block_rows * H))))
+  chunk_elements (64 registers a thread at 4 warps) and no more than the n_splits there are."""
+  return min(launch.prev_power_of_2(n_splits),
+             launch.prev_power_of_2(max(1, chunk_elements // (block_rows * H))))
 
 
 def _merge_chunk(o_ref, m_ref, l_ref, start, chunk: int, skip: int, state):
@@ -82,7 +82,6 @@ def _merge_chunk(o_ref, m_ref, l_ref, start, chunk: int, skip: int, state):
   if skip == 0:
     m_CR, l_CR, o_CRH = m_ref[sl, :], l_ref[sl, :], o_ref[sl, :, :]
   else:
-    from jax.experimental.pallas import triton as plgpu
     new_C = lax.broadcasted_iota(jnp.int32, (chunk,), 0) >= skip
     new_CR = jnp.broadcast_to(new_C[:, None], (chunk, rows))
     new_CRH = jnp.broadcast_to(new_C[:, None, None], (chunk, rows, H))
@@ -136,10 +135,9 @@ def _combine_call(o_BKNRH, m_BKNR, l_BKNR, *, g: int, out_dtype, interpret: bool
                   num_stages: int, chunk: int, block_rows: int):
   B, K, N, _, H = o_BKNRH.shape
   rows = block_rows
-  sq = _splitk.SQUEEZED
+  sq = pl.squeezed
   compiler_params = None
   if not interpret:
-    from jax.experimental.pallas import triton as plgpu
     compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
   # Block r of `rows` rows along R is rows [r * rows, (r + 1) * rows): with r < g // rows only the
   # first g rows are ever addressed. The whole split axis is one block (any N: it is never
@@ -158,53 +156,29 @@ def _combine_call(o_BKNRH, m_BKNR, l_BKNR, *, g: int, out_dtype, interpret: bool
   )(o_BKNRH, m_BKNR, l_BKNR)
 
 
-def combine_splits_triton(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int,
-                          out_dtype, *, interpret: bool = False, num_warps: int = 4,
-                          num_stages: int = 2, chunk: int | None = None,
-                          block_rows: int | None = None) -> jax.Array:
-  """Log-sum-exp merge of split partials into the attention output, in one kernel launch.
-
-  Args:
-    o_BKNRH: f32 [B, K, N, R, H] unnormalised per-split accumulators (any N >= 1).
-    m_BKNR, l_BKNR: f32 [B, K, N, R] per-split running max and running sum (an empty split:
-      m = MASK_VALUE, l = 0, o = 0). Only rows [0, g) of R are read; the rest may be garbage.
-    g: real query rows (a power of 2 dividing R; see `triton_combine_supported`).
-    out_dtype: dtype of the result.
-    interpret: Pallas interpret mode (CPU tests). num_warps / num_stages: Triton launch
-      parameters (ignored in interpret mode).
-    chunk: splits merged per loop step, a power of 2 (default `default_chunk`; capped at the
-      largest power of 2 <= N).
-    block_rows: query rows per program, a power of 2 dividing g (default `DEFAULT_BLOCK_ROWS`).
-
-  Returns:
-    [B, K, g, H] in out_dtype, equal to `_splitk.combine_splits(o, m, l, g, out_dtype)` up to f32
-    summation order; rows with l = 0 in every split are zeros.
-  """
-  if getattr(o_BKNRH, "ndim", None) != 5:
-    raise ValueError(f"o_BKNRH must be 5-D [B, K, N, R, H], got shape {getattr(o_BKNRH, 'shape', None)}")
+def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int, out_dtype,
+                   *, interpret: bool = False, config: TritonConfig | None = None) -> jax.Array:
+  """The Triton merge; shapes as `pallas_kernels.combine_splits`."""
+  require_platform("gpu", interpret, "the Pallas Triton merge")
   B, K, N, R, H = o_BKNRH.shape
-  for name, x in (("m_BKNR", m_BKNR), ("l_BKNR", l_BKNR)):
-    if getattr(x, "shape", None) != (B, K, N, R):
-      raise ValueError(f"{name} must have shape [B, K, N, R]={(B, K, N, R)}, got "
-                       f"{getattr(x, 'shape', None)}")
-  if min(B, K, N) < 1:
-    raise ValueError(f"empty dimension in o_BKNRH {o_BKNRH.shape}")
-  reason = triton_combine_supported(g, R, H)
-  if reason is not None:
-    raise ValueError(f"combine_splits_triton can't take these partials: {reason}")
+  why = supported(g, R, H)
+  if why is not None:
+    raise NotSupported(why)
+  config = config or TritonConfig()
+  t = tuned.lookup("combine_splits", "pallas_triton")
+  num_warps = config.num_warps or t["num_warps"]
+  num_stages = config.num_stages or t["num_stages"]
+  block_rows = config.block_rows or t["block_rows"]
   if num_warps not in (1, 2, 4, 8, 16):
     raise ValueError(f"num_warps must be a power of 2 in [1, 16], got {num_warps!r}")
   if not isinstance(num_stages, int) or num_stages < 1:
     raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
-  if block_rows is None:
-    block_rows = DEFAULT_BLOCK_ROWS
-  if not isinstance(block_rows, int) or not _splitk.is_power_of_2(block_rows) or g % block_rows:
+  if not isinstance(block_rows, int) or not launch.is_power_of_2(block_rows) or g % block_rows:
     raise ValueError(f"block_rows must be a power of 2 dividing g={g}, got {block_rows!r}")
-  if chunk is None:
-    chunk = default_chunk(N, block_rows, H)
-  if not isinstance(chunk, int) or not _splitk.is_power_of_2(chunk):
+  chunk = config.chunk or default_chunk(N, block_rows, H, t["chunk_elements"])
+  if not isinstance(chunk, int) or not launch.is_power_of_2(chunk):
     raise ValueError(f"chunk must be a power of 2, got {chunk!r}")
-  chunk = min(chunk, prev_power_of_2(N))  # a chunk never spans more splits than there are
+  chunk = min(chunk, launch.prev_power_of_2(N))  # a chunk never spans more splits than there are
   f32 = jnp.float32
   return _combine_call(o_BKNRH.astype(f32), m_BKNR.astype(f32), l_BKNR.astype(f32), g=g,
                        out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret),

@@ -1,26 +1,28 @@
-"""Block-sparse decode attention as a Pallas Mosaic GPU kernel (Hopper: TMA loads + wgmma).
+"""Block-sparse decode attention as a Pallas Mosaic GPU kernel (Hopper: TMA loads + wgmma), the
+`pallas_mosaic_gpu` implementation of `sparse_decode_attention`.
 
-The `pallas_mosaic_gpu` implementation of `sparse_decode.sparse_decode_attention`. Same split-K
-structure as the Triton kernel (`_splitk.py`): program (b, k, j) takes the j-th share of the
-live block slots of (sequence b, KV head k) and writes an online-softmax partial (o, m, l) that
-`_splitk`'s combine merges. What differs is how the bytes move:
+Same split-K structure as the Triton kernel: program (b, k, j) takes the j-th share of the live
+block slots of (sequence b, KV head k) and writes an online-softmax partial (o, m, l) that
+`combine_splits` merges. What differs is how the bytes move:
 
 - each selected block is one TMA copy of a [block_size, H] K tile and one of V into swizzled
-  shared memory, `stages` blocks in flight (`plgpu.emit_pipeline` with a dynamic step count; the
-  block id of a step is read from the index array inside the pipeline's index map);
+  shared memory, `pipeline_depth` blocks in flight (`plgpu.emit_pipeline` with a dynamic step
+  count; the block id of a step is read from the index array inside the pipeline's index map);
 - the G query rows of the group are padded to the 64 rows of a warpgroup MMA (rows past G are
   zero, their softmax stays in those rows and is never stored); QK^T and PV are `wgmma`s with the
   K / V tiles read straight from shared memory;
 - the tail of the last block past the buffer is zero-filled by the TMA unit, so the cache is
-  padded only to a multiple of 8 rows (the TMA tile), not to a block multiple as in the Triton
-  path.
+  padded only to a multiple of 8 rows (the TMA tile), not to a block multiple.
 
-Rows of a partial: RO = G rounded up to 8 (`rows_out`) (a TMA store of whole 8-row tiles); the combine reads
+H200, same runs as the Triton kernel: within 1% at B8 / B16 (106.7 against 106.4 us at B8 S128K
+90%), 1-2 us faster at B1; both sit at ~84% of the byte floor on random 16 KB gathers. Rows of a
+partial: RO = G rounded up to 8 (`rows_out`, a TMA store of whole 8-row tiles); the merge reads
 the first G.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -28,8 +30,32 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _splitk
+from pallas_kernels import combine_splits as combine_lib
+from pallas_kernels import launch, online_softmax, tuned
+from pallas_kernels.dispatch import NotSupported, require_platform
+from pallas_kernels.sparse_decode.reference import live_slots
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """Launch parameters; None takes the tuned value (`tuned.lookup("sparse_decode_attention",
+  "pallas_mosaic_gpu")`; H200 sweep at B8 / B1 S128K, 90% and a 4K budget: two blocks in flight
+  and two programs per SM best or within 2%).
+
+  num_splits: programs per (batch, kv head) (None: towards `programs_per_sm` programs per SM).
+  pipeline_depth: blocks in flight per program (TMA copies issued ahead; lowered until one
+  program's shared memory fits an SM).
+  max_programs_per_sm: the most programs per SM the split heuristic aims for when their shared
+  memory fits.
+  """
+  num_splits: int | None = None
+  pipeline_depth: int | None = None
+  max_programs_per_sm: int | None = None
+
+
+CONFIG = MosaicGPUConfig
 
 WGMMA_ROWS = 64  # rows of a warpgroup MMA: the query rows are padded to this
 LOG2E = math.log2(math.e)
@@ -52,7 +78,7 @@ def mgpu_supported(G: int, H: int, block_size: int, dtype) -> str | None:
 
 
 def rows_out(G: int) -> int:
-  return _splitk.round_up(G, 8)
+  return launch.round_up(G, 8)
 
 
 def query_stride(G: int) -> int:
@@ -71,13 +97,11 @@ def _transposed(ref):
       return ref.transpose((1, 0))
     except (TypeError, AttributeError, NotImplementedError):
       pass
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   return plgpu.transpose_ref(ref, (1, 0))
 
 
 def _tiles(dtype):
   """Shared-memory transforms of a wgmma / TMA tile: 8-row tiles 128 bytes wide, swizzled."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
           plgpu.SwizzleTransform(128))
 
@@ -85,8 +109,6 @@ def _tiles(dtype):
 def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, q_smem, q_bar,
             *, G: int, q_stride: int, T: int, num_splits: int, stages: int, scale: float,
             interpret: bool):
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-
   # Register layouts are a compiler matter: the GPU interpreter (CPU tests) has no layout_cast,
   # and its arrays have no layout.
   def cast(x, layout):
@@ -151,7 +173,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
     else:
       s = pl.run_scoped(compute_qk, plgpu.ACC((R, T), jnp.float32))
     valid = cols < limit
-    s = jnp.where(valid, s * scale_log2, _splitk.MASK_VALUE)
+    s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
     m_new = jnp.maximum(m_i, s.max(axis=1))
     alpha = jnp.exp2(m_i - m_new)
     p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
@@ -171,7 +193,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
   spec = plgpu.BlockSpec((T, H), lambda i: (jnp.maximum(block_id(i), 0), 0),
                          transforms=_tiles(dtype))
   init = (cast(jnp.zeros((R, H), jnp.float32), wgmma_layout),
-          cast(jnp.full((R,), _splitk.MASK_VALUE, jnp.float32), row_layout),
+          cast(jnp.full((R,), online_softmax.MASK_VALUE, jnp.float32), row_layout),
           cast(jnp.zeros((R,), jnp.float32), row_layout))
   acc, m_i, l_i = plgpu.emit_pipeline(
       step, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
@@ -197,7 +219,6 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
                            block_size: int, num_splits: int, stages: int, interpret: bool = False):
   """The kernel's partials: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO] (N = num_splits,
   RO = rows_out(G)), as the Triton kernels write them."""
-  from jax.experimental.pallas import mosaic_gpu as plgpu
   B, K, G, H = q_BKGH.shape
   RO = rows_out(G)
   GS = query_stride(G)
@@ -230,20 +251,16 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
   # TMA tiles of 8 rows need the row extents of the K / V buffers and the flat query to be
   # multiples of 8: padded here (a copy) only for capacities or B * K * GS that are not; the
   # query's groups are padded to GS rows (a copy) only for G other than 1, 2, 4 or 8k.
-  q_flat = _splitk.pad_axis(_splitk.pad_axis(q_BKGH, 2, GS).reshape(B * K * GS, H), 0, 8)
-  k_BKSH = _splitk.pad_axis(k_BKSH, 2, 8)
-  v_BKSH = _splitk.pad_axis(v_BKSH, 2, 8)
+  q_flat = launch.pad_axis(launch.pad_axis(q_BKGH, 2, GS).reshape(B * K * GS, H), 0, 8)
+  k_BKSH = launch.pad_axis(k_BKSH, 2, 8)
+  v_BKSH = launch.pad_axis(v_BKSH, 2, 8)
   return call(lengths_B.astype(jnp.int32), num_live_BK.astype(jnp.int32),
               block_indices_BKM.astype(jnp.int32), q_flat, k_BKSH, v_BKSH)
 
 
-# Shared memory per SM on Hopper that one block may use (227 KB), and the blocks per SM the split
-# heuristic aims for when they fit.
-SMEM_PER_SM = 227 * 1024
-MAX_PROGRAMS_PER_SM = 4
-# H200, B8 / B1 at S128K, 90% sparsity and a 4K budget (results/NVIDIA_H200/mgpu_sparse/tune.json):
-# two blocks in flight per program and two programs per SM were best or within 2% of it.
-DEFAULT_STAGES = 2
+def smem_per_sm() -> int:
+  """Shared memory on Hopper that one block may use (227 KB)."""
+  return tuned.lookup("device", "gpu")["smem_per_sm"]
 
 
 def smem_bytes(G: int, H: int, block_size: int, stages: int, dtype) -> int:
@@ -257,39 +274,45 @@ def smem_bytes(G: int, H: int, block_size: int, stages: int, dtype) -> int:
 
 def fit_stages(G: int, H: int, block_size: int, stages: int, dtype) -> int:
   """`stages`, lowered until one program's shared memory fits an SM (at least 1)."""
-  while stages > 1 and smem_bytes(G, H, block_size, stages, dtype) > SMEM_PER_SM:
+  while stages > 1 and smem_bytes(G, H, block_size, stages, dtype) > smem_per_sm():
     stages -= 1
   return stages
 
 
-def programs_per_sm(G: int, H: int, block_size: int, stages: int, dtype) -> int:
-  fit = SMEM_PER_SM // smem_bytes(G, H, block_size, stages, dtype)
-  return max(1, min(MAX_PROGRAMS_PER_SM, fit))
+def programs_per_sm(G: int, H: int, block_size: int, stages: int, dtype, max_per_sm: int) -> int:
+  """Programs whose shared memory fits one SM, at most max_per_sm."""
+  fit = smem_per_sm() // smem_bytes(G, H, block_size, stages, dtype)
+  return max(1, min(max_per_sm, fit))
 
 
-def sparse_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, num_live_BK, *,
-                  block_size: int, num_splits: int | None, stages: int | None,
-                  interpret: bool) -> jax.Array:
-  """`sparse_decode_attention` through the Mosaic GPU kernel (arguments checked by the caller;
-  num_live_BK None computes `live_slots`). Returns o [B, K, G, H] in q's dtype."""
-  from pallas_kernels import _combine
-  from pallas_kernels.sparse_decode import live_slots
+def sparse_decode_attention(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, *,
+                            block_size: int, num_live_BK=None, interpret: bool = False,
+                            config: MosaicGPUConfig | None = None) -> jax.Array:
+  """Shapes as `pallas_kernels.sparse_decode_attention`."""
+  require_platform("gpu", interpret, "the Mosaic GPU sparse decode kernel")
   B, K, G, H = q_BKGH.shape
+  why = mgpu_supported(G, H, block_size, q_BKGH.dtype)
+  if why is not None:
+    raise NotSupported(why)
+  config = config or MosaicGPUConfig()
+  t = tuned.lookup("sparse_decode_attention", "pallas_mosaic_gpu")
   M = block_indices_BKM.shape[-1]
-  stages = fit_stages(G, H, block_size, DEFAULT_STAGES if stages is None else int(stages),
+  stages = fit_stages(G, H, block_size, config.pipeline_depth or t["pipeline_depth"],
                       q_BKGH.dtype)
   lengths_B = lengths_B.astype(jnp.int32)
   block_indices_BKM = block_indices_BKM.astype(jnp.int32)
+  num_splits = config.num_splits
   if num_splits is None:
-    per_sm = programs_per_sm(G, H, block_size, stages, q_BKGH.dtype)
-    num_splits = _splitk.default_num_splits(B * K, M, _splitk.target_programs(per_sm))
+    per_sm = programs_per_sm(G, H, block_size, stages, q_BKGH.dtype,
+                             config.max_programs_per_sm or t["max_programs_per_sm"])
+    num_splits = launch.default_num_splits(B * K, M, launch.target_programs(per_sm))
   nslots_BK = (live_slots(block_indices_BKM, lengths_B, block_size) if num_live_BK is None
                else num_live_BK.astype(jnp.int32))
   o, m, l = sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
-                                        nslots_BK, block_size=block_size, num_splits=num_splits,
-                                        stages=stages, interpret=interpret)
-  R = o.shape[-2]
-  if (num_splits >= _splitk.TRITON_COMBINE_MIN_SPLITS and not interpret
-      and _combine.triton_combine_supported(G, R, H) is None):
-    return _combine.combine_splits_triton(o, m, l, G, q_BKGH.dtype, interpret=False)
-  return _splitk.combine_splits(o, m, l, G, q_BKGH.dtype)
+                                   nslots_BK, block_size=int(block_size), num_splits=num_splits,
+                                   stages=stages, interpret=bool(interpret))
+  # The Triton merge where it applies, from the tuned number of splits (it cannot run inside the
+  # Mosaic GPU interpreter's process model, so interpret mode merges in XLA).
+  many = num_splits >= tuned.lookup("combine_splits", "pallas_triton")["min_splits"]
+  impl = ("pallas_triton", "xla") if many and not interpret else "xla"
+  return combine_lib.combine_splits(o, m, l, G, q_BKGH.dtype, implementation=impl)

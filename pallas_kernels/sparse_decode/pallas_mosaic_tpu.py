@@ -1,4 +1,5 @@
-"""The Pallas TPU (Mosaic) decode kernel shared by dense and block-sparse decode attention.
+"""Block-sparse decode attention as a Pallas Mosaic TPU kernel (`sparse_decode_attention`'s
+`pallas_mosaic_tpu`), also serving dense decode (`decode_attention.pallas_mosaic_tpu`).
 
 Both ops are "attend to a list of KV blocks": the sparse op's list is its block indices, the dense
 op's is 0 .. cdiv(length, block) - 1. The block list, its live length and the sequence lengths go in
@@ -21,7 +22,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import _splitk
+from pallas_kernels import launch, online_softmax
+from pallas_kernels.dispatch import require_platform
+from pallas_kernels.sparse_decode.reference import live_slots
 
 _LANES = 128  # m / l scratch kept lane-dense (broadcast over 128 lanes), the layout Mosaic wants
 
@@ -44,7 +47,7 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
     offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
     valid_T = (block >= 0) & (block * block_size + offsets_T < len_ref[b])
     state = (acc_sc[...], m_sc[:, 0], l_sc[:, 0])
-    acc, m, l = _splitk.attend_block(q_ref[...], k_ref[...], v_ref[...], valid_T, state,
+    acc, m, l = online_softmax.attend_block(q_ref[...], k_ref[...], v_ref[...], valid_T, state,
                                      scale=scale, precision=precision)
     acc_sc[...] = acc
     m_sc[...] = jnp.broadcast_to(m[:, None], m_sc.shape)
@@ -59,14 +62,14 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
 def block_list_decode(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, lengths_B: jax.Array,
                       block_indices_BKM: jax.Array, n_live_BK: jax.Array, *, block_size: int,
-                      interpret) -> jax.Array:
+                      interpret: bool) -> jax.Array:
   """Attention of q over the listed blocks (slots [0, n_live) of block_indices, -1 allowed and
   masked) and tokens < length. Shapes as `sparse_decode_attention`; returns [B, K, G, H]."""
   B, K, G, H = q_BKGH.shape
   M = block_indices_BKM.shape[-1]
-  k_BKSH = _splitk.pad_axis(k_BKSH, 2, block_size)
-  v_BKSH = _splitk.pad_axis(v_BKSH, 2, block_size)
-  R = _splitk.round_up(G, 8)  # sublane multiple
+  k_BKSH = launch.pad_axis(k_BKSH, 2, block_size)
+  v_BKSH = launch.pad_axis(v_BKSH, 2, block_size)
+  R = launch.round_up(G, 8)  # sublane multiple
   q_BKRH = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, R - G), (0, 0)))
 
   def kv_map(b, h, j, len_ref, nlive_ref, idx_ref):
@@ -77,7 +80,7 @@ def block_list_decode(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, l
   fixed = lambda b, h, j, *_: (b, h, 0, 0)
   out = pl.pallas_call(
       functools.partial(_kernel, block_size=block_size, scale=H ** -0.5,
-                        precision=_splitk.dot_precision(q_BKGH.dtype)),
+                        precision=launch.dot_precision(q_BKGH.dtype)),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3,
           grid=(B, K, M),
@@ -91,22 +94,20 @@ def block_list_decode(q_BKGH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, l
       out_shape=jax.ShapeDtypeStruct((B, K, R, H), q_BKGH.dtype),
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
+      # our boolean `interpret` -> the TPU interpreter on CPU
+      interpret=pltpu.InterpretParams() if interpret else False,
       name="block_list_decode_tpu",
   )(lengths_B.astype(jnp.int32), n_live_BK.astype(jnp.int32), block_indices_BKM.astype(jnp.int32),
     q_BKRH, k_BKSH, v_BKSH)
   return out[:, :, :G]
 
 
-def tpu_interpret(interpret: bool):
-  """Our boolean `interpret` -> what a TPU pallas_call takes (the TPU interpreter on CPU)."""
-  return pltpu.InterpretParams() if interpret else False
-
-
-def dense_block_list(lengths_B: jax.Array, K: int, S: int, block_size: int):
-  """The dense op as a block list: (indices int32 [B, K, cdiv(S, block)], n_live int32 [B, K])."""
-  nb = -(-S // block_size)
-  B = lengths_B.shape[0]
-  idx = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, K, nb))
-  n_live = jnp.broadcast_to(((lengths_B + block_size - 1) // block_size)[:, None], (B, K))
-  return idx, n_live
+def sparse_decode_attention(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM, *,
+                            block_size: int, num_live_BK=None, interpret: bool = False):
+  """Shapes as `pallas_kernels.sparse_decode_attention`."""
+  require_platform("tpu", interpret, "the Mosaic TPU sparse decode kernel")
+  lengths_B = lengths_B.astype(jnp.int32)
+  idx = block_indices_BKM.astype(jnp.int32)
+  n_live = live_slots(idx, lengths_B, block_size) if num_live_BK is None else num_live_BK
+  return block_list_decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, idx, n_live.astype(jnp.int32),
+                           block_size=int(block_size), interpret=bool(interpret))

@@ -1,0 +1,239 @@
+"""The resumable training loop behind `train.py`: run directory, DELT data order, jitted steps on
+a ("data", "fsdp") mesh, evaluation, checkpoints, metrics and the loss plot.
+
+The data iterator's position is saved next to the train state in every checkpoint, so a
+restarted run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+import yaml
+
+from effjax import data as data_lib
+from effjax import sharding as shd
+from effjax.checkpoint import Checkpointer, CheckpointError
+from effjax.config import Config, to_dict
+from effjax.data import delt
+from effjax.training import (evaluate_loss, init_train_state, lr_schedule, make_eval_step,
+                             make_optimizer, make_train_step)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _compiled_steps(cfg: Config, optimizer, mesh, state_sh):
+  """Jitted (train_step, eval_step), shared by runs with the same model / optimiser / schedule /
+  mesh in one process (e.g. an experiment's seeds), so each compiles once. state_sh: the train
+  state's shardings (params and optimiser state sharded over fsdp)."""
+  key = (cfg.model, cfg.optim, cfg.train.steps, cfg.train.grad_accum, mesh)
+  if key not in _STEP_CACHE:
+    repl, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    _STEP_CACHE[key] = (
+        jax.jit(make_train_step(cfg, optimizer), in_shardings=(state_sh, bsh),
+                out_shardings=(state_sh, repl), donate_argnums=0),
+        jax.jit(make_eval_step(cfg.model), in_shardings=(state_sh["params"], bsh)))
+  return _STEP_CACHE[key]
+
+
+@dataclasses.dataclass
+class RunPaths:
+  out: pathlib.Path
+
+  @property
+  def metrics(self): return self.out / "metrics.jsonl"
+  @property
+  def config(self): return self.out / "config.yaml"
+  @property
+  def plot(self): return self.out / "loss.png"
+  @property
+  def summary(self): return self.out / "summary.json"
+
+
+def _check_resume_config(paths: RunPaths, cfg: Config) -> None:
+  """A run directory may only be resumed with the same model/data/optimiser settings."""
+  if not paths.config.exists():
+    return
+  old = yaml.safe_load(paths.config.read_text())
+  new = to_dict(cfg)
+  for section in ("model", "data", "optim", "delt"):
+    if old.get(section) != new.get(section):
+      diff = sorted(k for k in set(old.get(section, {})) | set(new[section])
+                    if old.get(section, {}).get(k) != new[section].get(k))
+      raise CheckpointError(
+          f"{paths.out} holds a run with different {section} settings ({', '.join(f'{section}.{k}' for k in diff)}); "
+          f"use another train.out_dir or pass --overwrite to start over")
+  for k in ("batch_size", "grad_accum", "seed", "steps"):
+    if old["train"].get(k) != new["train"][k]:
+      raise CheckpointError(f"{paths.out} holds a run with train.{k}={old['train'].get(k)}, "
+                            f"now {new['train'][k]}: exact resume needs the same value")
+
+
+def _truncate_metrics(path: pathlib.Path, step: int) -> None:
+  """Drops metric lines past `step` (written after the checkpoint we resume from)."""
+  if not path.exists():
+    return
+  keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
+  path.write_text("".join(l + "\n" for l in keep))
+
+
+def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
+  """Entropy (nats) of the empirical token distribution: the loss of the best context-free model."""
+  t = tokens if mask is None else tokens[mask > 0]
+  counts = np.bincount(t.ravel()).astype(np.float64)
+  p = counts[counts > 0] / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def plot_metrics(metrics_path: pathlib.Path, out_png: pathlib.Path, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+  tr = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+  va = [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r]
+  fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+  if tr:
+    ax.plot(*zip(*tr), label="train loss", lw=1.2)
+  if va:
+    ax.plot(*zip(*va), "o-", label="valid loss", lw=1.5)
+  unigram = [r["unigram_entropy"] for r in rows if "unigram_entropy" in r]
+  if unigram:
+    ax.axhline(unigram[-1], ls="--", c="gray", label=f"unigram entropy ({unigram[-1]:.2f})")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats / token)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_png)
+  plt.close(fig)
+
+
+def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = None,
+          log: Callable[[str], None] = print) -> dict:
+  """Runs (or resumes) training as configured. `stop_at_step` ends early after saving a checkpoint
+  there, as if the run had been killed (used to test resume). Returns the summary dict."""
+  paths = RunPaths(pathlib.Path(cfg.train.out_dir))
+  if overwrite and paths.out.exists():
+    shutil.rmtree(paths.out)
+  paths.out.mkdir(parents=True, exist_ok=True)
+  _check_resume_config(paths, cfg)
+
+  mesh = shd.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
+  n_data = shd.batch_devices(mesh)
+  micro = cfg.train.batch_size // cfg.train.grad_accum
+  if micro % n_data:
+    raise ValueError(f"micro-batch train.batch_size/train.grad_accum = {micro} must be divisible by "
+                     f"the {n_data} devices a batch is split over (data x fsdp)")
+
+  splits = data_lib.load_splits(cfg.data)
+  train_ex, valid_ex = splits["train"], splits["valid"]
+  entropy = unigram_entropy(train_ex.tokens[:, 1:], train_ex.mask)
+
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+  make_state = lambda rng: init_train_state(cfg, rng, optimizer)
+  state_sh = shd.state_shardings(jax.eval_shape(make_state, jax.random.key(0)), mesh)
+  init_fn = jax.jit(make_state, out_shardings=state_sh)
+  state = init_fn(jax.random.key(cfg.train.seed))
+
+  ckpt = Checkpointer(paths.out, keep=cfg.train.keep_checkpoints)
+  start_step, data_state = 0, None
+  if ckpt.latest_step() is not None:
+    state, data_state, start_step = ckpt.restore(state)
+    log(f"resuming from checkpoint at step {start_step} in {ckpt.dir}")
+  _truncate_metrics(paths.metrics, start_step)
+  paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+  order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
+  it = data_lib.TrainIterator(train_ex, batch_size=cfg.train.batch_size,
+                              ordering_kind=cfg.data.ordering,
+                              seed=cfg.data.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
+                              start_step=start_step, order=order)
+  if data_state is not None:
+    it.set_state(data_state)
+
+  step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh, state_sh)
+
+  def run_eval(step):
+    if len(valid_ex) == 0:  # data.valid_fraction = 0: nothing held out
+      return None
+    # The same examples whatever the device count: the first eval_batches * eval.batch_size, in
+    # batches rounded up to a multiple of the data axis (padding rows carry mask 0).
+    n_eval = min(len(valid_ex), cfg.train.eval_batches * cfg.eval.batch_size)
+    bs = -(-cfg.eval.batch_size // n_data) * n_data
+    batches = data_lib.eval_batches(valid_ex.take(np.arange(n_eval)), bs)
+    r = evaluate_loss(eval_fn, state["params"], batches, mesh)
+    with paths.metrics.open("a") as f:
+      f.write(json.dumps({"step": step, "valid_loss": r["loss"], "valid_bpb": r["bpb"],
+                          "unigram_entropy": entropy}) + "\n")
+    return r
+
+  tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+  n_params = cfg.model.num_params()
+  log(f"model {cfg.name}: {n_params / 1e6:.2f}M params | {len(train_ex.tokens)} train / "
+      f"{len(valid_ex.tokens)} valid examples of {cfg.data.seq_len} tokens | mesh data="
+      f"{mesh.shape['data']} x fsdp={mesh.shape['fsdp']} "
+      f"({jax.default_backend()}) | unigram entropy {entropy:.3f} nats")
+
+  end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
+  pbar = None
+  if cfg.train.progress:
+    from tqdm.auto import tqdm
+    pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step",
+                dynamic_ncols=True)
+  t_last, step_last = time.perf_counter(), start_step
+  last_valid = None
+  step = start_step
+  with paths.metrics.open("a") as mf:
+    while step < end:
+      batch = shd.shard_batch(next(it), mesh)
+      state, m = step_fn(state, batch)
+      step += 1
+      if step % cfg.train.log_every == 0 or step == end:
+        loss = float(m["loss"])  # the one host sync per log interval
+        if not math.isfinite(loss):
+          raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr?")
+        now = time.perf_counter()
+        tps = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+        t_last, step_last = now, step
+        rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+               "lr": float(lr_schedule(cfg.optim, cfg.train.steps)(step - 1)), "tokens_per_s": tps}
+        mf.write(json.dumps(rec) + "\n")
+        mf.flush()
+        if pbar is not None:
+          pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+      if pbar is not None:
+        pbar.update(1)
+      if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+        mf.flush()
+        last_valid = run_eval(step) or last_valid
+        if pbar is not None and last_valid is not None:
+          pbar.write(f"step {step}: valid loss {last_valid['loss']:.4f} nats "
+                     f"({last_valid['bpb']:.3f} bits/token)")
+      if step % cfg.train.checkpoint_every == 0 or step == end:
+        ckpt.save(step, state, it.get_state())
+  if pbar is not None:
+    pbar.close()
+  ckpt.close()
+
+  summary = {"name": cfg.name, "step": step, "finished": step >= cfg.train.steps,
+             "params": n_params, "unigram_entropy": entropy,
+             "valid_loss": None if last_valid is None else last_valid["loss"],
+             "valid_bpb": None if last_valid is None else last_valid["bpb"],
+             "checkpoint_dir": str(ckpt.dir), "metrics": str(paths.metrics),
+             "train_examples": len(train_ex), "delt": delt_info}
+  if summary["finished"]:
+    plot_metrics(paths.metrics, paths.plot, title=f"{cfg.name}: {n_params / 1e6:.2f}M params")
+    summary["plot"] = str(paths.plot)
+    paths.summary.write_text(json.dumps(summary, indent=2))
+  return summary
