@@ -5,7 +5,7 @@
 Per (sequence, KV head) row: the first and the current block (the one holding token length - 1)
 are always kept -- with `local_tokens` > 1, every block holding one of the last local_tokens
 tokens -- then the highest-scoring other valid blocks (block n is valid iff n * block_size <
-length), k blocks in all, ties to the lower block index, NaN scores treated as -inf. The result
+length), k blocks in all, ties to the lower block index, NaN scores treated as -inf (and +inf as the largest finite score, below the forced blocks). The result
 is what `pallas_kernels.sparse_decode` consumes: ascending block ids padded with -1 (`idx_BKM`
 int32 [B, K, M], M = `output_width(k, N)` for every backend) and the number of live ids per row
 (`n_live_BK` int32 [B, K]), so the attention kernel needs no extra pass to count them.

@@ -30,6 +30,7 @@ from pallas_kernels.dispatch import NotSupported, require_platform
 INT32_MIN = np.int32(-2**31)
 INT32_MAX_POSITIVE = np.int32(2**31 - 1)
 KEY_ABOVE_ALL = np.int32(0x7F800001)   # the order key of +inf, plus one
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # The kernel's single prefix sum packs two counts of up to Np into the halves of an int32.
 MAX_BLOCKS = 1 << 15
 
@@ -57,6 +58,8 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   forced = valid & ((ar == 0) | (ar >= first_local))
   s = s_ref[...].astype(jnp.float32)
   s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
+  # a +inf score must not tie with (and, by a lower id, displace) a forced block
+  s = jnp.minimum(s, FLOAT32_MAX)
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
   bits = lax.bitcast_convert_type(s, jnp.int32)
   # int32 key with the float order: negative floats have their magnitude bits flipped

@@ -52,6 +52,8 @@ def block_topk_reference(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_s
   kk = min(k, N)
   valid, forced = valid_forced(lengths_B, N, block_size, local_tokens)
   s = jnp.where(jnp.isnan(scores_BKN), -jnp.inf, scores_BKN.astype(jnp.float32))
+  # a +inf score must not tie with (and, by a lower id, displace) a forced block
+  s = jnp.minimum(s, jnp.finfo(jnp.float32).max)
   s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
   _, idx_BKk = lax.top_k(s, kk)  # ties: lower index first
   live = jnp.take_along_axis(jnp.broadcast_to(valid, s.shape), idx_BKk, axis=-1)

@@ -1,20 +1,23 @@
-"""pallas_kernels.decode_attention: every implementation against a float64 oracle."""
+"""pallas_kernels.decode_attention: one test base, subclassed once per backend, against a float64
+oracle."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (DecodeConfig, decode_attention,
-                                             decode_attention_reference)
+from pallas_kernels.decode_attention import decode_attention, decode_attention_reference
+from pallas_kernels.decode_attention.pallas_mosaic_tpu import MosaicTPUConfig
+from pallas_kernels.decode_attention.pallas_triton import TritonConfig
 
-from ._oracle import (IMPLEMENTATIONS, TOLERANCES, length_valid, lower_for_cuda, oracle, random_inputs,
-                      require_backend)
+from ._oracle import (BackendBase, check_close, generate_from_class, length_valid,
+                      lower_for_cuda, oracle, random_inputs)
+
+pytest_generate_tests = generate_from_class
 
 # (B, K, G, H, S, lengths): ragged lengths that are not block multiples, a length-0 sequence,
 # a length of 1, full caches, and capacities S that are not multiples of block_k (300, 160).
-SHAPES = [
+CASES = [
     (1, 1, 1, 64, 128, [128]),
     (3, 2, 4, 64, 300, [300, 37, 1]),
     (2, 2, 8, 128, 256, [200, 129]),
@@ -23,53 +26,80 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}K{}G{}H{}S{}".format(*s[:5]))
-def test_matches_oracle(implementation, interpret, dtype, shape):
-  require_backend(implementation, interpret)
-  B, K, G, H, S, lengths = shape
-  q, k, v = random_inputs(S + G, B, K, G, H, S, dtype)
-  lengths_B = jnp.asarray(lengths, jnp.int32)
-  out = decode_attention(q, k, v, lengths_B, implementation=implementation, interpret=interpret)
-  assert out.shape == (B, K, G, H) and out.dtype == dtype
-  want = oracle(q, k, v, length_valid(lengths, K, S))
-  chex.assert_trees_all_close(np.asarray(out.astype(jnp.float32)), want.astype(np.float32),
-                              **TOLERANCES[dtype])
-  if 0 in lengths:
-    assert not np.any(np.asarray(out)[lengths.index(0)]), "length 0 must give zeros"
+class DecodeAttentionBase(BackendBase):
+  """What every implementation of decode_attention must do."""
+  CASES = CASES
+  DTYPES = (jnp.float32, jnp.bfloat16)
+  CONFIGS = ()          # backend configs that must change only the summation order
+
+  def run(self, q, k, v, lengths, **kw):
+    return decode_attention(q, k, v, jnp.asarray(lengths, jnp.int32), **self.kw, **kw)
+
+  def test_matches_oracle(self, dtype, case):
+    B, K, G, H, S, lengths = case
+    q, k, v = random_inputs(S + G, B, K, G, H, S, dtype)
+    out = self.run(q, k, v, lengths)
+    assert out.shape == (B, K, G, H) and out.dtype == dtype
+    check_close(out, oracle(q, k, v, length_valid(lengths, K, S)), dtype)
+    if 0 in lengths:
+      assert not np.any(np.asarray(out)[lengths.index(0)]), "length 0 must give zeros"
+
+  def test_configs_change_only_summation_order(self):
+    B, K, G, H, S, lengths = 2, 2, 4, 64, 224, [223, 50]
+    q, k, v = random_inputs(7, B, K, G, H, S, jnp.float32)
+    want = oracle(q, k, v, length_valid(lengths, K, S))
+    for config in self.CONFIGS:
+      check_close(self.run(q, k, v, lengths, config=config), want, jnp.float32)
+
+  def test_under_jit_with_traced_lengths(self):
+    """The decode step calls the op inside jit with traced lengths (no value checks possible)."""
+    q, k, v = random_inputs(3, 2, 2, 4, 64, 128, jnp.bfloat16)
+    lengths = [100, 3]
+    fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, **self.kw))
+    out = fn(q, k, v, jnp.asarray(lengths, jnp.int32))
+    check_close(out, oracle(q, k, v, length_valid(lengths, 2, 128)), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS[1:])
-@pytest.mark.parametrize("config", [
-    DecodeConfig(block_k=16, num_splits=1),
-    DecodeConfig(block_k=32, num_splits=3),
-    DecodeConfig(block_k=64, num_splits=7),   # more splits than some rows have blocks
-    DecodeConfig(block_k=128, num_splits=2, num_warps=8, num_stages=3),
-], ids=lambda c: f"bk{c.block_k}-ns{c.num_splits}")
-def test_configs(implementation, interpret, config):
-  """Split counts and block sizes change only the order of summation, never the result."""
-  require_backend(implementation, interpret)
-  B, K, G, H, S, lengths = 2, 2, 4, 64, 224, [223, 50]
-  q, k, v = random_inputs(7, B, K, G, H, S, jnp.float32)
-  out = decode_attention(q, k, v, jnp.asarray(lengths, jnp.int32), implementation=implementation,
-                         interpret=interpret, config=config)
-  want = oracle(q, k, v, length_valid(lengths, K, S))
-  chex.assert_trees_all_close(np.asarray(out), want.astype(np.float32), **TOLERANCES[jnp.float32])
+class TestXla(DecodeAttentionBase):
+  def test_reference_is_the_xla_implementation(self):
+    q, k, v = random_inputs(1, 2, 1, 4, 64, 96, jnp.float32)
+    n = jnp.asarray([96, 40], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(decode_attention_reference(q, k, v, n)),
+                                  np.asarray(decode_attention(q, k, v, n, implementation="xla")))
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS)
-def test_under_jit_with_traced_lengths(implementation, interpret):
-  """The decode step calls the op inside jit with traced lengths (no value checks possible)."""
-  require_backend(implementation, interpret)
-  q, k, v = random_inputs(3, 2, 2, 4, 64, 128, jnp.bfloat16)
-  lengths = [100, 3]
-  fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, implementation=implementation,
-                                                   interpret=interpret))
-  out = fn(q, k, v, jnp.asarray(lengths, jnp.int32))
-  want = oracle(q, k, v, length_valid(lengths, 2, 128))
-  chex.assert_trees_all_close(np.asarray(out.astype(jnp.float32)), want.astype(np.float32),
-                              **TOLERANCES[jnp.bfloat16])
+class TestPallasTritonInterpret(DecodeAttentionBase):
+  IMPLEMENTATION, INTERPRET = "pallas_triton", True
+  CONFIGS = (TritonConfig(block_k=16, num_splits=1), TritonConfig(block_k=32, num_splits=3),
+             TritonConfig(block_k=64, num_splits=7),   # more splits than some rows have blocks
+             TritonConfig(block_k=128, num_splits=2, num_warps=8, num_stages=3))
+
+  @pytest.mark.parametrize("config,match", [
+      (TritonConfig(block_k=48), "block_k must be a power of 2"),
+      (TritonConfig(num_splits=0), "num_splits"),
+      (TritonConfig(num_warps=3), "num_warps"),
+      (object(), "is not the pallas_triton backend's config"),
+  ])
+  def test_bad_config_raises(self, config, match):
+    q, k, v = random_inputs(0, 2, 2, 4, 64, 64, jnp.float32)
+    with pytest.raises(ValueError, match=match):
+      self.run(q, k, v, [10, 64], config=config)
+
+  def test_non_power_of_2_head_dim_is_not_supported(self):
+    q, k, v = random_inputs(0, 1, 1, 4, 80, 32, jnp.float32)
+    with pytest.raises(ValueError, match="head dim H=80 must be a power of 2"):
+      self.run(q, k, v, [5])
+
+
+@pytest.mark.gpu
+class TestPallasTritonGPU(TestPallasTritonInterpret):
+  INTERPRET, GPU = False, True
+
+
+class TestPallasMosaicTPUInterpret(DecodeAttentionBase):
+  IMPLEMENTATION, INTERPRET = "pallas_mosaic_tpu", True
+  CASES = CASES[1:4]
+  CONFIGS = (MosaicTPUConfig(block_k=16), MosaicTPUConfig(block_k=128))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -82,20 +112,13 @@ def test_triton_kernel_lowers_for_cuda(dtype):
   assert "xla.gpu.triton" in text and 'name = "decode_attention"' in text
 
 
-def test_reference_is_xla_implementation():
-  q, k, v = random_inputs(1, 2, 1, 4, 64, 96, jnp.float32)
-  n = jnp.asarray([96, 40], jnp.int32)
-  chex.assert_trees_all_equal(decode_attention_reference(q, k, v, n),
-                              decode_attention(q, k, v, n, implementation="xla"))
-
-
-def test_auto_on_cpu_is_xla():
+def test_default_on_cpu_is_the_reference():
   if jax.default_backend() != "cpu":
-    pytest.skip("checks the CPU dispatch")
+    pytest.fail("checks the CPU dispatch; runs in the CPU suite")
   q, k, v = random_inputs(2, 1, 1, 4, 64, 64, jnp.float32)
   n = jnp.asarray([50], jnp.int32)
-  chex.assert_trees_all_equal(decode_attention(q, k, v, n),
-                              decode_attention(q, k, v, n, implementation="xla"))
+  np.testing.assert_array_equal(np.asarray(decode_attention(q, k, v, n)),
+                                np.asarray(decode_attention(q, k, v, n, implementation="xla")))
 
 
 def _args(**over):
@@ -122,20 +145,6 @@ def test_bad_inputs_raise(over, match):
     decode_attention(**_args(**over), implementation="xla")
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(implementation="cudnn"), "implementation must be one of"),
-    (dict(implementation="pallas_triton", config=DecodeConfig(block_k=48)), "block_k must be a power of 2"),
-    (dict(implementation="pallas_triton", config=DecodeConfig(num_splits=0)), "num_splits"),
-    (dict(implementation="pallas_triton", config=DecodeConfig(num_warps=3)), "num_warps"),
-    (dict(implementation="pallas_triton", config=object()), "config must be a DecodeConfig"),
-])
-def test_bad_options_raise(kwargs, match):
-  with pytest.raises(ValueError, match=match):
-    decode_attention(**_args(), interpret=True, **kwargs)
-
-
-def test_triton_rejects_non_power_of_2_head_dim():
-  q, k, v = random_inputs(0, 1, 1, 4, 80, 32, jnp.float32)
-  with pytest.raises(ValueError, match="head dim H=80 must be a power of 2"):
-    decode_attention(q, k, v, jnp.asarray([5], jnp.int32), implementation="pallas_triton",
-                     interpret=True)
+def test_unknown_implementation_raises():
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    decode_attention(**_args(), implementation="cudnn")

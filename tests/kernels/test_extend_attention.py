@@ -1,26 +1,22 @@
-"""pallas_kernels.decode_attention.extend_attention (F new tokens per sequence, causal) against a
-float64 oracle, and against the XLA path `effjax.decoding` used before the kernel existed."""
+"""pallas_kernels.extend_attention (F new tokens per sequence over a cache): one test base,
+subclassed once per backend, against a float64 per-token causal oracle."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.decode_attention import (DecodeConfig, extend_attention,
-                                             extend_attention_reference)
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.extend_attention import extend_attention, extend_attention_reference
+from pallas_kernels.extend_attention.pallas_triton import TritonConfig
 
-from ._oracle import TOLERANCES, lower_for_cuda, oracle, require_backend
+from ._oracle import BackendBase, check_close, generate_from_class, lower_for_cuda, oracle
 
-IMPLS = [
-    pytest.param("xla", False, id="xla"),
-    pytest.param("pallas_triton", True, id="triton-interpret"),
-    pytest.param("pallas_triton", False, id="triton-gpu", marks=pytest.mark.gpu),
-]
+pytest_generate_tests = generate_from_class
 
 # (B, K, F, G, H, S, starts): ragged starts (0, mid-block, up to the end of the cache), F of 1
 # (a decode step), odd F, F x G rows that are not a power of 2, and S not a block multiple.
-SHAPES = [
+CASES = [
     (2, 2, 1, 4, 64, 128, [5, 127]),
     (3, 2, 5, 4, 64, 300, [0, 37, 295]),
     (2, 1, 8, 2, 128, 256, [100, 248]),
@@ -48,44 +44,60 @@ def extend_oracle(q, k, v, starts):
   return out
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}K{}F{}G{}H{}S{}".format(*s[:6]))
-def test_matches_oracle(implementation, interpret, dtype, shape):
-  require_backend(implementation, interpret)
-  B, K, F, G, H, S, starts = shape
-  q, k, v = inputs(F * 31 + S, B, K, F, G, H, S, dtype)
-  out = extend_attention(q, k, v, jnp.asarray(starts, jnp.int32), implementation=implementation,
-                         interpret=interpret)
-  assert out.shape == (B, K, F, G, H) and out.dtype == dtype
-  chex.assert_trees_all_close(np.asarray(out.astype(jnp.float32)),
-                              extend_oracle(q, k, v, starts).astype(np.float32), **TOLERANCES[dtype])
+class ExtendAttentionBase(BackendBase):
+  CASES = CASES
+  DTYPES = (jnp.float32, jnp.bfloat16)
+  CONFIGS = ()
+
+  def run(self, q, k, v, starts, **kw):
+    return extend_attention(q, k, v, jnp.asarray(starts, jnp.int32), **self.kw, **kw)
+
+  def test_matches_oracle(self, dtype, case):
+    B, K, F, G, H, S, starts = case
+    q, k, v = inputs(F * 31 + S, B, K, F, G, H, S, dtype)
+    out = self.run(q, k, v, starts)
+    assert out.shape == (B, K, F, G, H) and out.dtype == dtype
+    check_close(out, extend_oracle(q, k, v, starts), dtype)
+
+  def test_configs_change_only_summation_order(self):
+    B, K, F, G, H, S, starts = 2, 2, 6, 4, 64, 224, [10, 200]
+    q, k, v = inputs(3, B, K, F, G, H, S, jnp.float32)
+    want = extend_oracle(q, k, v, starts)
+    for config in self.CONFIGS:
+      check_close(self.run(q, k, v, starts, config=config), want, jnp.float32)
+
+  def test_one_token_equals_decode_attention(self):
+    """F = 1 at start s is a decode step with length s + 1."""
+    q, k, v = inputs(9, 2, 2, 1, 4, 64, 128, jnp.float32)
+    starts = jnp.asarray([3, 127], jnp.int32)
+    a = self.run(q, k, v, starts)[:, :, 0]
+    b = decode_attention(q[:, :, 0], k, v, starts + 1, implementation="xla")
+    check_close(a, np.asarray(b, np.float64), jnp.float32)
+
+  def test_under_jit_with_traced_starts(self):
+    q, k, v = inputs(1, 2, 1, 3, 2, 64, 96, jnp.float32)
+    f = jax.jit(lambda s: extend_attention(q, k, v, s, **self.kw))
+    check_close(f(jnp.asarray([4, 90], jnp.int32)), extend_oracle(q, k, v, [4, 90]), jnp.float32)
 
 
-@pytest.mark.parametrize("implementation,interpret", IMPLS[1:])
-@pytest.mark.parametrize("config", [
-    DecodeConfig(block_k=16, num_splits=1),
-    DecodeConfig(block_k=32, num_splits=5),   # more splits than the short rows have blocks
-    DecodeConfig(block_k=128, num_splits=2, num_warps=8),
-], ids=lambda c: f"bk{c.block_k}-ns{c.num_splits}")
-def test_configs(implementation, interpret, config):
-  require_backend(implementation, interpret)
-  B, K, F, G, H, S, starts = 2, 2, 6, 4, 64, 224, [10, 200]
-  q, k, v = inputs(3, B, K, F, G, H, S, jnp.float32)
-  out = extend_attention(q, k, v, jnp.asarray(starts, jnp.int32), implementation=implementation,
-                         interpret=interpret, config=config)
-  chex.assert_trees_all_close(np.asarray(out), extend_oracle(q, k, v, starts).astype(np.float32),
-                              **TOLERANCES[jnp.float32])
+class TestXla(ExtendAttentionBase):
+  def test_reference_is_the_xla_implementation(self):
+    q, k, v = inputs(1, 2, 1, 3, 2, 64, 96, jnp.float32)
+    s = jnp.asarray([4, 90], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(extend_attention_reference(q, k, v, s)),
+                                  np.asarray(extend_attention(q, k, v, s, implementation="xla")))
 
 
-def test_one_token_equals_decode_attention():
-  """F = 1 at start s is a decode step with length s + 1."""
-  from pallas_kernels.decode_attention import decode_attention
-  q, k, v = inputs(9, 2, 2, 1, 4, 64, 128, jnp.float32)
-  starts = jnp.asarray([3, 127], jnp.int32)
-  a = extend_attention(q, k, v, starts, implementation="pallas_triton", interpret=True)[:, :, 0]
-  b = decode_attention(q[:, :, 0], k, v, starts + 1, implementation="pallas_triton", interpret=True)
-  chex.assert_trees_all_close(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+class TestPallasTritonInterpret(ExtendAttentionBase):
+  IMPLEMENTATION, INTERPRET = "pallas_triton", True
+  CONFIGS = (TritonConfig(block_k=16, num_splits=1),
+             TritonConfig(block_k=32, num_splits=5),   # more splits than the short rows have blocks
+             TritonConfig(block_k=128, num_splits=2, num_warps=8))
+
+
+@pytest.mark.gpu
+class TestPallasTritonGPU(TestPallasTritonInterpret):
+  INTERPRET, GPU = False, True
 
 
 def test_validates():
@@ -98,15 +110,8 @@ def test_validates():
     extend_attention(q, k, v, jnp.asarray([61]))
   with pytest.raises(ValueError, match="start_B must be an integer"):
     extend_attention(q, k, v, jnp.asarray([0.0]))
-  with pytest.raises(ValueError, match="no TPU kernel"):
-    extend_attention(q, k, v, jnp.asarray([0]), implementation="pallas_tpu")
-
-
-def test_reference_is_jittable_with_traced_starts():
-  q, k, v = inputs(1, 2, 1, 3, 2, 64, 96, jnp.float32)
-  f = jax.jit(lambda s: extend_attention_reference(q, k, v, s))
-  chex.assert_trees_all_close(np.asarray(f(jnp.asarray([4, 90]))),
-                              extend_oracle(q, k, v, [4, 90]).astype(np.float32), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    extend_attention(q, k, v, jnp.asarray([0]), implementation="pallas_mosaic_tpu")
 
 
 def test_triton_kernel_lowers_for_cuda():
