@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
-"""Decode attention (dense and block-sparse Pallas-Triton kernels) vs cuDNN and the XLA reference.
+"""Decode attention (dense and block-sparse kernels) vs cuDNN and the XLA reference.
 
-  python benchmarks/bench_decode.py [--quick] [--batches 1,8,16] [--seqs 8192,32768,131072]
-  python benchmarks/bench_decode.py --batches 1 --seqs 1024 --interpret --calls 2 --windows 1  # CPU smoke
+  python -m benchmarks decode [--quick] [--batches 1,8,16] [--seqs 8192,32768,131072]
+  python -m benchmarks decode --batches 1 --seqs 1024 --interpret --calls 2 --windows 1  # CPU smoke
 
 Shapes: Hq=32 query heads, Hkv=8 KV heads (G=4), d=128, bf16, every sequence full (length = S).
 Dense: `decode_attention` (pallas_triton) vs cuDNN (`jax.nn.dot_product_attention(...,
@@ -11,45 +10,45 @@ implementation="cudnn")`, layout [B, S, K, H]) and vs the XLA reference. Sparse:
 and at a 4K-token budget, against the same dense cuDNN call (what a user would run instead);
 then the same plans as a whole sparse attention step, selector included: SeerAttention-R gate
 scores over the K-compression cache (Dg=64) + `block_topk` + the sparse kernel. Those rows rotate
-through more distinct gate caches than K/V copies (`gate_copies`, together >= 8x the L2, since
-2026-11-30): a layer's gate cache comes from HBM in a real decode step. Each of them is a layer
-with its own gate projection wq (since 2026-11-30, later the same day): with one shared wq XLA
-computed the gate query projection once per query for all the copies (CSE), and the gate rows of
-decode.json / decode_s128k_*.json before then undercount it (~1.5-3 us a step at B8 S128K).
+through more distinct gate caches than K/V copies (`gate_copies`, together >= 8x the L2): a
+layer's gate cache comes from HBM in a real decode step, and each is a layer with its own gate
+projection wq (one shared wq let XLA compute the gate query projection once for all copies).
+The K/V copies the gate rows rotate over are passed to the jit once (`devtime.build_many`'s
+`shared`): passed once per gate cache, XLA's memory estimate counted each reference and, at B16
+S128K, rematerialised the Mosaic GPU kernel's custom call (launched twice per call).
 
 Timing is device time: one jit runs `--calls` kernel calls (a `lax.scan`, unrolled `--unroll`
 times, over a stack of different queries -- and, for sparse, different block sets -- times a
-Python-unrolled loop over `--copies` distinct caches), so nothing can be hoisted and dispatch is
-amortised; the wall time of that jit, divided by the number of calls, median over `--windows`
-windows. Until decode_v2.json the harness was 16 calls per jit with a rolled scan
-(`--calls 16 --unroll 1`); its fixed cost per window added 0.010-0.019 ms to every call (the
-`harness_overhead` row: the same jit with an identity in place of the kernel). The floor is the K/V bytes the
-op must read (all of them for dense; the selected blocks for sparse; + the gate cache) at the read
-bandwidth measured in the same run (`devtime.read_bandwidth`; 3.0 TB/s without a GPU).
-Writes benchmarks/results/<card>/decode.json.
+Python-unrolled loop over `--copies` distinct caches, every call's inputs behind an optimization
+barrier), so nothing can be hoisted or shared and dispatch is amortised; the wall time of that
+jit, divided by the number of calls, median over `--windows` windows; and, on a GPU, the
+profiler's kernel time of the same jit. The `harness_overhead` row is the same jit with an
+identity in place of the kernel. The floor is the K/V bytes the op must read (all of them for
+dense; the selected blocks for sparse; + the gate cache) at the read bandwidth measured in the
+same run (`devtime.read_bandwidth`; 3.0 TB/s without a GPU). A row faster than its floor is a
+harness error: the run fails after writing its results (`devtime.floor_violations`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-import devtime
+from benchmarks import common, devtime
 from effjax.decoding import DECODE_COMPILER_OPTIONS
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
-from pallas_kernels.decode_attention import DecodeConfig, decode_attention
-from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
+from pallas_kernels.block_topk.pallas_triton import TritonConfig as TopkConfig
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention.pallas_triton import TritonConfig as DenseConfig
+from pallas_kernels.sparse_decode import sparse_decode_attention
+from pallas_kernels.sparse_decode.pallas_mosaic_gpu import MosaicGPUConfig as SparseMosaicGPUConfig
+from pallas_kernels.sparse_decode.pallas_triton import TritonConfig as SparseTritonConfig
 
 HQ, HKV, D = 32, 8, 128
 G = HQ // HKV
@@ -59,10 +58,7 @@ GATE_DIM = 64
 # bytes (8x the H100 / H200 L2), at most MAX_GATE_COPIES of them: in a decode step a layer's
 # cache was last read a whole step (every other layer) earlier, so it comes from HBM. With only
 # `--copies` of them (4 x 34 MB float32 at B8 S128K, 134 MB against a 60 MB L2) the gate scores
-# ran at 6.6 TB/s, above the HBM peak: L2 hits (results/NVIDIA_H200/decode_s128k_final.json).
-# 16: with 32 bfloat16 copies at B8 S128K XLA rematerialised parts of the step (its memory
-# estimate counts every reference to the rotated K/V), which hid the bf16 cache's gain
-# (decode_s128k_b8_gate16.json vs the session-6 grid); 16 x 17 MB is still 4.5x the L2.
+# ran at 6.6 TB/s, above the HBM peak: L2 hits. 16 x 17 MB (bf16, B8 S128K) is 4.5x the L2.
 GATE_L2_DEFEAT_BYTES = 8 * 60 * 2**20
 MAX_GATE_COPIES = 16
 
@@ -87,12 +83,12 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
 
 
 def measure(call, xs, caches, windows: int, unroll: int, trace: bool,
-            compiler_options: dict | None = None) -> dict:
+            compiler_options: dict | None = None, shared=None) -> dict:
   """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
   the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call, launches per
-  call)...]} (devtime.py),
-  or {"trace_error": why} if the profiler failed. `compiler_options`: XLA options of that jit."""
-  many = devtime.build_many(call, xs, caches, unroll, compiler_options)
+  call)...]} (devtime.py), or {"trace_error": why} if the profiler failed.
+  `compiler_options`: XLA options of that jit; `shared`: see devtime.build_many."""
+  many = devtime.build_many(call, xs, caches, unroll, compiler_options, shared)
   out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
   if trace:
     try:
@@ -117,16 +113,13 @@ def add_harness_args(ap, *, batches: str, seqs: str, calls: int, copies: int) ->
   ap.add_argument("--unroll", type=int, default=2, help="unroll factor of the scan over calls")
   ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
 
 
-def write_results(out, default_name: str, results: list, argv: list, timing: str):
-  """benchmarks/results/<card>/<default_name> (or `out`) with a meta block; returns the path."""
-  dev = jax.devices()[0]
-  path = pathlib.Path(out or f"benchmarks/results/{dev.device_kind.replace(' ', '_')}/{default_name}")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  meta = {"card": dev.device_kind, "jax": jax.__version__, "argv": argv, "timing": timing}
-  path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+def write_results(args, default_name: str, results: list, timing: str):
+  """out/<card>/<default_name> (or the curated results, or --out) with a meta block."""
+  path = common.write_json(common.output_path(args, default_name), common.meta(timing=timing),
+                           results)
   print(f"wrote {path}")
   return path
 
@@ -158,15 +151,16 @@ def main():
   ap.add_argument("--sparse-block", type=int, default=64)
   ap.add_argument("--block-k", type=int, default=None, help="dense DecodeConfig.block_k")
   ap.add_argument("--num-splits", type=int, default=None, help="num_splits for both kernels")
-  ap.add_argument("--num-warps", type=int, default=4)
+  ap.add_argument("--num-warps", type=int, default=None, help="Triton kernels (default: tuned)")
   ap.add_argument("--blocks-per-tile", type=int, default=None,
-                  help="sparse kernel: SparseDecodeConfig.blocks_per_tile (default: 64-row tiles)")
-  ap.add_argument("--num-stages", type=int, default=None, help="default: each kernel's tuned value")
+                  help="sparse Triton kernel's blocks_per_tile (default: tuned 64-row tiles)")
+  ap.add_argument("--num-stages", type=int, default=None, help="Triton kernels (default: tuned)")
+  ap.add_argument("--pipeline-depth", type=int, default=None,
+                  help="Mosaic GPU sparse kernel: blocks in flight (default: tuned)")
   ap.add_argument("--calls", type=int, default=128,
-                  help="kernel calls per timed jit (16 until decode_v2.json: the fixed cost of a "
-                       "window then added 0.010-0.019 ms to every call)")
-  ap.add_argument("--unroll", type=int, default=2,
-                  help="unroll factor of the scan over queries (1 until decode_v2.json)")
+                  help="kernel calls per timed jit (with 16 the fixed cost of a window added "
+                       "0.010-0.019 ms to every call)")
+  ap.add_argument("--unroll", type=int, default=2, help="unroll factor of the scan over queries")
   ap.add_argument("--copies", type=int, default=4,
                   help="distinct caches rotated inside the jit (4 x the smallest shape > 50 MB L2)")
   ap.add_argument("--windows", type=int, default=5)
@@ -179,21 +173,19 @@ def main():
   ap.add_argument("--gate-dtypes", default="bfloat16",
                   help="K-compression cache dtypes of the gate rows, comma-separated (bfloat16, "
                        "float32, float8_e4m3fn; effjax.sparse.resa.SparseConfig's default is "
-                       "bfloat16 since 2026-11-30; the grids before used float32)")
+                       "bfloat16)")
   ap.add_argument("--topk-warps", type=int, default=None, help="block_topk num_warps (default: its own)")
   ap.add_argument("--xla-default-options", action="store_true",
                   help="compile with XLA's default options instead of the decode loops' "
-                       "(effjax.decoding.DECODE_COMPILER_OPTIONS), as before 2026-11-30")
+                       "(effjax.decoding.DECODE_COMPILER_OPTIONS)")
   ap.add_argument("--max-gate-copies", type=int, default=MAX_GATE_COPIES,
-                  help="cap on the distinct gate caches a gate row rotates (32 bf16 copies at B8 "
-                       "S128K made XLA rematerialise parts of the step: its memory estimate counts "
-                       "every reference to the rotated K/V)")
+                  help="cap on the distinct gate caches a gate row rotates")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time every row from a profiler trace (default: on a GPU)")
   ap.add_argument("--floor-tbps", type=float, default=None,
                   help="bandwidth of the byte floor (default: read bandwidth measured on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
   args = ap.parse_args()
   for dt in args.gate_dtypes.split(","):
     if dt not in gate_lib.CACHE_DTYPES:
@@ -201,22 +193,19 @@ def main():
   if args.quick:
     args.batches, args.seqs, args.windows = "1,8", "32768", 3
 
-  dev = jax.devices()[0]
-  card = dev.device_kind.replace(" ", "_")
   on_gpu = jax.default_backend() == "gpu"
   trace = on_gpu if args.trace is None else args.trace
   limit = device_bytes_limit()
-  dense_cfg = DecodeConfig(block_k=args.block_k, num_splits=args.num_splits,
-                           num_warps=args.num_warps, num_stages=args.num_stages)
-  sparse_cfg = SparseDecodeConfig(num_splits=args.num_splits, num_warps=args.num_warps,
-                                  num_stages=args.num_stages, blocks_per_tile=args.blocks_per_tile)
+  dense_cfg = DenseConfig(block_k=args.block_k, num_splits=args.num_splits,
+                          num_warps=args.num_warps, num_stages=args.num_stages)
+  sparse_cfgs = sparse_configs(args)
   rng = np.random.default_rng(0)
   results = []
   floor_tbps, floor_src = devtime.floor_bandwidth(args.floor_tbps)
   print(f"floor bandwidth {floor_tbps:.2f} TB/s ({floor_src})", flush=True)
   # Every timed jit is compiled like the decode loops (resa.generate): XLA's dot-strength-reduction
   # off. It changes only the XLA ops of the gate rows (the gate query and scores); the kernels
-  # are custom calls. Before 2026-11-30 (session 9) the rows used XLA's defaults.
+  # are custom calls.
   compiler_options = None if args.xla_default_options else dict(DECODE_COMPILER_OPTIONS)
 
   def record(row):
@@ -226,24 +215,19 @@ def main():
                      "speedup_vs_cudnn", "trace_speedup_vs_cudnn", "skipped")}
     print(json.dumps(keep), flush=True)
 
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/decode.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  meta = {
-      "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-      "timing": (f"device time: one jit of {args.calls} calls = lax.scan (unroll {args.unroll}) "
+  out = common.output_path(args, "decode.json")
+  meta = common.meta(
+      timing= (f"device time: one jit of {args.calls} calls = lax.scan (unroll {args.unroll}) "
                  f"over distinct queries (and block sets) x unrolled loop over distinct caches; "
                  f"`ms` = jit wall time / calls, median of {args.windows} windows after a "
                  f"warm-up call" + ("; `trace_busy_ms` / `trace_span_ms` = the same jit under "
                                     "jax.profiler: kernel time summed over the GPU stream lines "
                                     "/ first start to last end, per call" if trace else "")),
-      "floor": f"K/V (+ gate cache) bytes read at {floor_tbps:.3f} TB/s ({floor_src})",
-      "floor_tbps": floor_tbps, "interpret": args.interpret, "argv": sys.argv[1:],
-      "compiler_options": compiler_options,
-  }
+      floor=f"K/V (+ gate cache) bytes read at {floor_tbps:.3f} TB/s ({floor_src})",
+      floor_tbps=floor_tbps, interpret=args.interpret, compiler_options=compiler_options)
 
   def save():  # after every shape too: a run cut short by a time limit keeps what it measured
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    common.write_json(out, meta, results)
 
   for S in parse_ints(args.seqs):
     for B in parse_ints(args.batches):
@@ -260,13 +244,13 @@ def main():
       keys = jax.random.split(jax.random.key(S * 131 + B), 2 * copies + 1)
       qs = jax.random.normal(keys[0], (n_q, B, HKV, G, D), DTYPE)
       lengths = jnp.full((B,), S, jnp.int32)
-      common = {**base, "copies": copies, "calls_per_jit": n_q * copies}
+      shape_row = {**base, "copies": copies, "calls_per_jit": n_q * copies}
       cudnn = {}
 
-      def timed(impl, call, xs, caches, bytes_read, **extra):
-        m = measure(call, xs, caches, args.windows, args.unroll, trace, compiler_options)
+      def timed(impl, call, xs, caches, bytes_read, shared=None, **extra):
+        m = measure(call, xs, caches, args.windows, args.unroll, trace, compiler_options, shared)
         floor = bytes_read / (floor_tbps * 1e12)
-        r = {**common, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
+        r = {**shape_row, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
              "floor_ms": floor * 1e3, "GBps_effective": bytes_read / m["s"] / 1e9,
              "frac_of_floor": floor / m["s"]}
         if "trace_error" in m:
@@ -296,9 +280,9 @@ def main():
           timed("cudnn", cudnn_call, qs, kv, cache_bytes)
           del kv
         except Exception as e:  # report, keep going: the Pallas numbers are still useful
-          record({**common, "impl": "cudnn", "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+          record({**shape_row, "impl": "cudnn", "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
       else:
-        record({**common, "impl": "cudnn", "skipped": "cuDNN needs a GPU backend"})
+        record({**shape_row, "impl": "cudnn", "skipped": "cuDNN needs a GPU backend"})
 
       kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, HKV, S, D), DTYPE),
                   jax.random.normal(keys[2 + 2 * c], (B, HKV, S, D), DTYPE)) for c in range(copies))
@@ -317,7 +301,7 @@ def main():
         # The reference materialises f32 scores and a f32 view of V.
         need = B * HKV * S * (D * 4 + G * 8)
         if limit is not None and copies * cache_bytes + need > 0.9 * limit:
-          record({**common, "impl": "xla", "skipped": "reference temporaries exceed device memory"})
+          record({**shape_row, "impl": "xla", "skipped": "reference temporaries exceed device memory"})
         else:
           timed("xla", dense_call("xla"), qs, kv, cache_bytes)
 
@@ -331,54 +315,58 @@ def main():
                         min(n_blocks, args.budget_tokens // bs)))
 
         def time_sparse(sparse_impl, xs, kv, sel_bytes, n_sel, n_blocks, bs, copies, plan):
+          sparse_cfg = sparse_cfgs.get(sparse_impl)
+
           def sparse_call(x, c):
             return sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,
                                            implementation=sparse_impl, interpret=args.interpret,
                                            config=sparse_cfg)
 
-          timed(f"{sparse_impl}_sparse", sparse_call, xs, kv, sel_bytes, **plan)
+          timed(f"{sparse_impl}_sparse", sparse_call, xs, kv, sel_bytes, config=repr(sparse_cfg),
+                **plan)
           if args.no_selector:
             return
           # The whole sparse attention of a decode step: the SeerAttention-R gate's scores over
           # its K-compression cache (Dg = 64, one row per block), top-k block selection
           # (Triton `block_topk`) and the sparse kernel, against the same dense cuDNN call.
           impl = "xla" if args.interpret else "pallas_triton"
-          topk_kw = {} if args.topk_warps is None else {"num_warps": args.topk_warps}
+          topk_kw = ({} if args.topk_warps is None
+                     else {"config": TopkConfig(num_warps=args.topk_warps)})
           for gate_dtype in args.gate_dtypes.split(","):
             kc_bytes = B * HKV * n_blocks * GATE_DIM * jnp.dtype(gate_dtype).itemsize
             gate_copies = gate_cache_copies(kc_bytes, copies, on_gpu, args.max_gate_copies)
             n_q_gate = max(1, args.calls // gate_copies)
-            # Every cache entry is a layer: its own K/V, gate cache and gate projection wq. (One
-            # shared wq let XLA compute the query projection once per query for all entries --
-            # common-subexpression elimination -- and so undercount it ~16-32x before 2026-11-30.)
+            # Every entry is a layer: its own gate cache and gate projection wq (one shared wq
+            # let XLA compute the query projection once per query for all entries -- common-
+            # subexpression elimination); entry c reads K/V copy c % copies, passed once.
             layers = tuple(
-                (*kv[c % copies],
-                 gate_lib.to_cache_dtype(jax.random.normal(
-                     jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM), jnp.float32), gate_dtype),
+                (gate_lib.to_cache_dtype(jax.random.normal(
+                    jax.random.key(77 + c), (B, HKV, n_blocks, GATE_DIM), jnp.float32), gate_dtype),
                  jax.random.normal(jax.random.key(7000 + c), (HKV, G * D, GATE_DIM),
                                    jnp.float32) * (G * D) ** -0.5)
                 for c in range(gate_copies))
 
-            def gated_call(q, c):
-              scores = gate_lib.gate_logits(c[3], q, c[2], lengths - 1, 1e4)
+            def gated_call(q, c, kv_shared, i):
+              k, v = kv_shared[i % copies]
+              scores = gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 1e4)
               idx, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel, implementation=impl,
                                        interpret=args.interpret, **topk_kw)
-              return sparse_decode_attention(q, c[0], c[1], lengths, idx, block_size=bs,
+              return sparse_decode_attention(q, k, v, lengths, idx, block_size=bs,
                                              implementation=sparse_impl,
                                              interpret=args.interpret, config=sparse_cfg,
                                              num_live_BK=n_live)
 
             timed(f"gate+topk+{sparse_impl}_sparse", gated_call, qs[:n_q_gate], layers,
-                  sel_bytes + kc_bytes, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
+                  sel_bytes + kc_bytes, shared=kv, gate_dim=GATE_DIM, gate_dtype=gate_dtype,
                   gate_copies=gate_copies, calls_per_jit=n_q_gate * gate_copies,
-                  topk=topk_kw or "default", **plan)
+                  topk=repr(topk_kw.get("config", "tuned")), config=repr(sparse_cfg), **plan)
             del layers
 
         for label, sp, n_sel in plans:
           idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
           xs = (qs, jnp.asarray(idx))
           plan = dict(plan=label, sparsity=sp, block_size=bs, blocks_selected=n_sel,
-                      blocks_total=n_blocks, config=repr(sparse_cfg))
+                      blocks_total=n_blocks)
 
           sel_bytes = 2 * B * HKV * n_sel * bs * D * jnp.dtype(DTYPE).itemsize
           for sparse_impl in args.sparse_impls.split(","):
@@ -388,7 +376,22 @@ def main():
 
   save()
   print(f"wrote {out}")
+  bad = devtime.floor_violations(results)
+  if bad:
+    print("error: rows faster than their byte floor (the harness let calls share work):\n  "
+          + "\n  ".join(bad), file=sys.stderr)
+    return 1
+  return 0
+
+
+def sparse_configs(args) -> dict:
+  """The sparse kernels' configs from the launch flags (None fields: tuned)."""
+  return {"pallas_triton": SparseTritonConfig(num_splits=args.num_splits, num_warps=args.num_warps,
+                                        num_stages=args.num_stages,
+                                        blocks_per_tile=args.blocks_per_tile),
+          "pallas_mosaic_gpu": SparseMosaicGPUConfig(num_splits=args.num_splits,
+                                               pipeline_depth=args.pipeline_depth)}
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,13 +1,13 @@
-#!/usr/bin/env python3
 """Attention of F new tokens per sequence over a long cache (ReSA rectification, chunked prefill):
-the multi-token Triton kernel (`extend_attention`) vs the XLA path `decoding.extend` used before
-(`_dense_cached_attention`: [B, K, G, F, S] f32 scores), device time as in bench_decode.py.
+the multi-token Triton kernel (`extend_attention`) vs its XLA reference ([B, K, F * G, S] f32
+scores), device time as in bench_decode.py.
 
-  python benchmarks/bench_extend.py [--batches 1,8] [--seqs 32768,131072] [--f 32]
-  python benchmarks/bench_extend.py --interpret --batches 1 --seqs 512 --f 4 --calls 2 --windows 1
+  python -m benchmarks extend [--batches 1,8] [--seqs 32768,131072] [--f 32]
+  python -m benchmarks extend --interpret --batches 1 --seqs 512 --f 4 --calls 2 --windows 1
 
 Hq=32, Hkv=8, d=128, bf16, the F tokens at the end of a full cache. Floor: the K/V bytes at
-the read bandwidth measured in the same run (both read the cache once at best). Writes benchmarks/results/<card>/extend.json.
+the read bandwidth measured in the same run (both read the cache once at best). Writes out/<card>/extend.json (--update-results:
+benchmarks/results/<card>/).
 """
 
 from __future__ import annotations
@@ -17,16 +17,14 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 
-import devtime
-from bench_decode import (D, DTYPE, G, HKV, add_harness_args, parse_ints, time_calls,
+from benchmarks import devtime
+from benchmarks.bench_decode import (D, DTYPE, G, HKV, add_harness_args, parse_ints, time_calls,
                           write_results)
-from effjax.decoding import _dense_cached_attention
-from pallas_kernels.decode_attention import extend_attention
+from pallas_kernels.extend_attention import extend_attention
 
 
 def main():
@@ -54,9 +52,8 @@ def main():
         return extend_attention(q, c[0], c[1], start, implementation="pallas_triton",
                                 interpret=args.interpret)
 
-      def xla(q, c):  # decoding.extend's XLA path takes q as [B, F, N, H]
-        q_BFNH = q.transpose(0, 2, 1, 3, 4).reshape(B, F, HKV * G, D)
-        return _dense_cached_attention(q_BFNH, c[0], c[1], start, upcast=args.interpret)
+      def xla(q, c):
+        return extend_attention(q, c[0], c[1], start, implementation="xla")
 
       for name, call in (("pallas_triton", kernel), ("xla", xla)):
         try:
@@ -67,7 +64,7 @@ def main():
         results.append(row)
         print(json.dumps(row), flush=True)
       kv = None  # frees this shape's caches before the next are made
-  write_results(args.out, "extend.json", results, sys.argv[1:],
+  write_results(args, "extend.json", results,
                 f"device time: one jit of {args.calls} calls (bench_decode.time_calls, unroll "
                 f"{args.unroll}), median of {args.windows} windows; floor: K/V bytes at "
                 f"{floor_tbps:.3f} TB/s ({floor_src})")

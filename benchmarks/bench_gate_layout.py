@@ -1,17 +1,17 @@
-#!/usr/bin/env python3
 """Gate scores in XLA by K-compression cache layout: [B, K, Nb, Dg] (a row reduction over Dg, the
 layout effjax keeps) vs [B, K, Dg, Nb] (a column reduction: adjacent threads read adjacent
 blocks), float32 and bfloat16, alone and followed by `block_topk` (k = 64, a 4K budget).
 
-  python benchmarks/bench_gate_layout.py [--batches 8,1] [--seq 131072] [--out PATH]
-  python benchmarks/bench_gate_layout.py --interpret --batches 1 --seq 2048 --calls 1 --windows 1
-  python benchmarks/bench_gate_layout.py --query-variants --batches 8,1 --dtypes bfloat16  # gate_query.json
-  python benchmarks/bench_gate_layout.py --scores-variants --decode-options --dtypes bfloat16
+  python -m benchmarks gate_layout [--batches 8,1] [--seq 131072] [--out PATH]
+  python -m benchmarks gate_layout --interpret --batches 1 --seq 2048 --calls 1 --windows 1
+  python -m benchmarks gate_layout --query-variants --batches 8,1 --dtypes bfloat16  # gate_query.json
+  python -m benchmarks gate_layout --scores-variants --decode-options --dtypes bfloat16
       # the library's gate scores vs the RoPE-as-halves forms: gate_scores_forms.json
   (--forms "name;name" times only the named forms of either variant set)
 
 Every call is a layer of its own (gate cache + projection wq, >= 8x the L2 of them) with its own
-query. Timing: bench_decode.measure. Writes benchmarks/results/<card>/gate_layout.json.
+query. Timing: bench_decode.measure. Writes out/<card>/gate_layout.json (--update-results:
+benchmarks/results/<card>/).
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import functools
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 
-from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies, measure, parse_ints,
+from benchmarks import common
+from benchmarks.bench_decode import (D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies, measure, parse_ints,
                           write_results)
 from effjax.decoding import DECODE_COMPILER_OPTIONS
-from effjax.model.transformer import apply_rope, rope_tables
+from effjax.model import apply_rope, rope_tables
+from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 
 THETA = 1e4
@@ -171,7 +172,6 @@ def scores_cases(B, N, dtype, copies, pos, lengths, topk, only=None):
   """Whole gate scores (+ block_topk) in the library's product + sum form: as built
   (`gate_lib.gate_logits`), and with the query RoPE kept as two halves (tables computed in the
   layer, or given once per step)."""
-  from effjax.sparse import gate as gate_lib
   tables = jax.block_until_ready(rope_tables(pos[:, None], GATE_DIM, THETA))
   layers = []
   for c in range(copies):
@@ -209,7 +209,7 @@ def main():
   ap.add_argument("--decode-options", action="store_true",
                   help="compile with effjax.decoding.DECODE_COMPILER_OPTIONS (what the decode "
                        "loops use: XLA's dot-strength-reduction off)")
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   impl = "xla" if args.interpret else "pallas_triton"
@@ -245,9 +245,9 @@ def main():
                 f"{row.get('trace_busy_ms', float('nan')) * 1e3:7.2f} us  "
                 f"{[k for k in row.get('kernels', [])[:4]]}", flush=True)
         del layers
-  write_results(args.out, "gate_query.json" if args.query_variants else
+  write_results(args, "gate_query.json" if args.query_variants else
                 "gate_scores_forms.json" if args.scores_variants else "gate_layout.json", rows,
-                sys.argv[1:], "device time: bench_decode.measure (unroll 1); every call its own "
+                "device time: bench_decode.measure (unroll 1); every call its own "
                 "layer and query")
 
 

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """End-to-end generation throughput at long context: dense vs block-sparse vs sparse + ReSA rectification.
 
-  python benchmarks/bench_generate.py                                  # 350m, 32K context, B in {1, 8}
-  python benchmarks/bench_generate.py --config configs/tiny.yaml --context 128 --new-tokens 8 \
+  python -m benchmarks generate                                  # 350m, 32K context, B in {1, 8}
+  python -m benchmarks generate --config configs/tiny.yaml --context 128 --new-tokens 8 \
       --batch 1 --out /tmp/g.json                                      # CPU smoke (seconds)
 
 Model: a config from configs/ (default 350m: d 1024, 24 layers, 8 query / 4 kv heads, head dim 128)
@@ -37,7 +36,8 @@ temporaries + outputs) and the device's process-wide peak (`memory_stats`, cumul
 The floor of a step is the bytes it must read -- weights, the K/V it attends to (all of the valid
 cache for dense, the budget for sparse), block summaries -- at the read bandwidth measured in the same
 run (devtime.floor_bandwidth); rectification is not in it. Batch sizes whose KV cache exceeds `--mem-frac` of device
-memory are recorded as skipped. Writes benchmarks/results/<card>/generate.json after every row.
+memory are recorded as skipped. Writes out/<card>/generate.json (--update-results:
+benchmarks/results/<card>/) after every row.
 
 `--trace` adds, per row, a profiler breakdown of one decode step (`step_trace`: kernel time and
 launches by name, long run minus short run), e.g. where the B1 step's time goes (README: the
@@ -56,14 +56,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import devtime
+from benchmarks import common, devtime
 from effjax import decoding
 from effjax.config import load_config
 from effjax.model import init_params
@@ -213,7 +211,7 @@ def main(argv: list[str] | None = None):
                        "device time and launches of every kernel (long minus short, / (N - 1)), "
                        "so kernel time can be set against the step's wall time")
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
   args = ap.parse_args(argv)
   N = args.new_tokens
   if N < 2:
@@ -226,8 +224,7 @@ def main(argv: list[str] | None = None):
   dev = jax.devices()[0]
   card = dev.device_kind.replace(" ", "_")
   floor_tbps, floor_src = devtime.floor_bandwidth()
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/generate.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
+  out = common.output_path(args, "generate.json")
 
   T, bs = args.context, args.block_size
   cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}"])
@@ -262,9 +259,7 @@ def main(argv: list[str] | None = None):
 
   def meta():
     return {
-        "card": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
-        "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-        "config": args.config, "overrides": args.override, "model": {
+        **common.meta(), "config": args.config, "overrides": args.override, "model": {
             "d_model": mcfg.d_model, "n_layers": L, "n_heads": mcfg.n_heads, "n_kv_heads": K,
             "head_dim": H, "d_ff": mcfg.ff, "vocab_size": mcfg.vocab_size,
             "params": mcfg.num_params(), "param_dtype": args.param_dtype,
@@ -314,13 +309,13 @@ def main(argv: list[str] | None = None):
                if m in modes]
 
     for mode, label, budget in rows:
-      common = dict(base, mode=mode)
+      row_base = dict(base, mode=mode)
       kw = dict(max_new_tokens=N, stop_tokens=(STOP,), decode_impl=args.decode_impl,
                 cache_dtype=cache_dtype)
       weight_read = param_bytes
       if mode == "dense":
         fn, static, gp = decoding.generate, (mcfg,), None
-        common.update(cache_capacity=dense_capacity,
+        row_base.update(cache_capacity=dense_capacity,
                       cache_bytes=2 * L * B * K * dense_capacity * H * cache_dtype.itemsize)
         kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize
         summ_read = 0
@@ -338,7 +333,7 @@ def main(argv: list[str] | None = None):
         gp = (gate_lib.init_gate_params(mcfg, scfg.gate, jax.random.key(args.seed + 2))
               if mode == "gate" else None)
         fn, static = resa.generate, (mcfg, scfg)
-        common.update(plan=label, selector=scfg.selector, budget_tokens=budget,
+        row_base.update(plan=label, selector=scfg.selector, budget_tokens=budget,
                       budget_blocks=scfg.budget_blocks, block_size=bs,
                       sparsity=max(0.0, 1 - budget / mean_len), rectify_every=f,
                       **({"gate_cache_dtype": args.gate_cache_dtype} if mode == "gate" else {}))
@@ -364,14 +359,14 @@ def main(argv: list[str] | None = None):
             tns.append(t_n)
             t1s.append(t_1)
       except Exception as e:  # out of memory, a kernel that does not lower: report, keep going
-        record({**common, "skipped": f"{type(e).__name__}: {str(e)[:400]}"})
+        record({**row_base, "skipped": f"{type(e).__name__}: {str(e)[:400]}"})
         continue
 
       t_n, t_1 = statistics.median(tns), statistics.median(t1s)
       step = (t_n - t_1) / (N - 1)
       step_bytes = weight_read + kv_read + summ_read
       floor = step_bytes / (floor_tbps * 1e12)
-      row = {**common, "t_N_ms": t_n * 1e3, "t_1_ms": t_1 * 1e3,
+      row = {**row_base, "t_N_ms": t_n * 1e3, "t_1_ms": t_1 * 1e3,
              "t_N_ms_all": [t * 1e3 for t in tns], "t_1_ms_all": [t * 1e3 for t in t1s],
              "step_ms": step * 1e3, "decode_tok_s": B / step if step > 0 else None,  # <= 0: timing noise
              "prefill_ms": (t_1 - step) * 1e3, "prefill_tok_s": B * T / max(t_1 - step, 1e-12),

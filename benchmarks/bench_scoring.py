@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """LQS scoring throughput for a proxy model vs the time of one training epoch of the same model.
 
-  python benchmarks/bench_scoring.py --config configs/base.yaml --seq 1024 [--chunk 8] [--proj 8192]
+  python -m benchmarks scoring --config configs/base.yaml --seq 1024 [--chunk 8] [--proj 8192]
 
 Measures, as device-bound wall time of back-to-back jitted calls on random tokens (median of
 windows): examples/s of the per-example-gradient pass (`vmap(grad)`, norms and dots with lambda;
@@ -23,12 +22,12 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from effjax import training
 from effjax.config import from_dict, load_config, to_dict
 from effjax.data import scoring
@@ -69,7 +68,7 @@ def main():
   ap.add_argument("--proxy-steps", type=int, default=100)
   ap.add_argument("--hvp-chunk", type=int, default=8, help="ScoringFns.hvp_chunk (micro-batch)")
   ap.add_argument("--n", type=int, default=100_000, help="corpus size for the fixed-cost share")
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
   ap.add_argument("overrides", nargs="*")
   args = ap.parse_args()
   d = to_dict(load_config(args.config, args.overrides))
@@ -159,10 +158,8 @@ def main():
     res[f"ratio_direct_{key}_with_fixed"] = (direct + fixed_s) / epoch_s
     res[f"ratio_sample8_{key}_with_fixed"] = (sampled + fixed_s) / epoch_s
   res.update(passes=passes, n=n, epoch_s=epoch_s, fixed_s=fixed_s)
-  out = pathlib.Path(args.out) if args.out else (
-      pathlib.Path(__file__).parent / "results" / kind.replace(" ", "_") / "scoring.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(res, indent=2))
+  out = common.output_path(args, "scoring.json")
+  out.write_text(json.dumps({"meta": common.meta(), **res}, indent=2))
   print(json.dumps({k: v for k, v in res.items() if k.startswith("ratio")}, indent=1))
   print(f"wrote {out}")
 

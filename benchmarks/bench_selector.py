@@ -1,9 +1,8 @@
-#!/usr/bin/env python3
 """Where the selector's time goes in a sparse decode step: the SeerAttention-R gate's scores, the
 top-k block choice, and both, per call, as device time (the harness of bench_decode.py).
 
-  python benchmarks/bench_selector.py [--batches 1,8] [--seqs 131072] [--out PATH]
-  python benchmarks/bench_selector.py --interpret --batches 1 --seqs 2048 --calls 2 --windows 1  # CPU
+  python -m benchmarks selector [--batches 1,8] [--seqs 131072] [--out PATH]
+  python -m benchmarks selector --interpret --batches 1 --seqs 2048 --calls 2 --windows 1  # CPU
 
 Rows per (B, S, plan): `harness` (slice + add), `gate_scores` (query projection, RoPE, scores
 over the K-compression cache [B, 8, S/64, 64] in float32, bfloat16 and float8_e4m3fn), `topk` (`block_topk`
@@ -11,7 +10,8 @@ on given scores, one distinct score set per call, at each --warps, and `lax.top_
 reference), `gate+topk` (the gate's scores then `block_topk`, each --warps, float32 cache; and
 the defaults with a bfloat16 cache). Plans: sparsity 0.9 (k = 10% of the blocks) and a
 4,096-token budget (k = 64). Timing: bench_decode.measure (wall and, on a GPU, the profiler's
-kernel time). Writes benchmarks/results/<card>/selector.json.
+kernel time). Writes out/<card>/selector.json (--update-results:
+benchmarks/results/<card>/).
 
 Until selector.json of 2026-11-29 the `topk` rows passed the same scores to the calls of every
 cache copy, which XLA merged (CSE): those rows under-counted block_topk by the copy factor (4).
@@ -30,15 +30,20 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 
-from bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, measure, parse_ints,
+from benchmarks.bench_decode import (D, DTYPE, G, GATE_DIM, HKV, add_harness_args, measure, parse_ints,
                           write_results)
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
+from pallas_kernels.block_topk.pallas_triton import TritonConfig as TopkConfig
+
+
+def topk_config(impl: str, warps):
+  """block_topk's Triton config with `warps` (None: tuned); the reference takes none."""
+  return TopkConfig(num_warps=warps) if impl == "pallas_triton" and warps else None
 
 
 def main():
@@ -103,7 +108,8 @@ def main():
         for w in parse_ints(args.warps):
           record(**base, row="topk", plan=plan, k=k, impl=impl, num_warps=w,
                  **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k, implementation=impl,
-                                             interpret=args.interpret, num_warps=w)[0], scores, one))
+                                             interpret=args.interpret, config=topk_config(impl, w))[0],
+                     scores, one))
         record(**base, row="topk", plan=plan, k=k, impl="xla (lax.top_k + sort)",
                **t(lambda s, c: block_topk(s, lengths, block_size=args.block, k=k,
                                            implementation="xla")[0], scores, one))
@@ -113,10 +119,10 @@ def main():
           def both(q, c):
             sc = gate_lib.gate_logits(c[1], q, c[0], lengths - 1, 10000.0)
             return block_topk(sc, lengths, block_size=args.block, k=k, implementation=impl,
-                              interpret=args.interpret, num_warps=w)[0]
+                              interpret=args.interpret, config=topk_config(impl, w))[0]
           record(**base, row="gate+topk", plan=plan, k=k, kc_dtype=name, num_warps=w,
                  **t(both, qs, kc))
-  write_results(args.out, "selector.json", results, sys.argv[1:],
+  write_results(args, "selector.json", results,
                 f"device time: one jit of {args.calls} calls (bench_decode.measure, unroll "
                 f"{args.unroll}), median of {args.windows} windows")
 

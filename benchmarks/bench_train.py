@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Train-step throughput and model-FLOPs utilisation (MFU) of the jitted train step.
 
-  python benchmarks/bench_train.py --config configs/350m.yaml --seq 2048 --batch 16 [--batch 32 ...]
+  python -m benchmarks train --config configs/350m.yaml --seq 2048 --batch 16 [--batch 32 ...]
 
 Inputs are random tokens (the step's cost does not depend on the data). Steps are dispatched
 back-to-back without host syncs, so the device queue never drains and wall time per step equals
@@ -17,24 +16,22 @@ report the causal-halved count, which is what a causal flash kernel actually com
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import pathlib
 import platform
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import common
 from effjax import training
-from effjax.config import load_config
-from effjax.model import attention
-from effjax.model.transformer import train_flops_per_token
+from effjax.config import from_dict, load_config, to_dict
+from effjax.model import train_flops_per_token
+from pallas_kernels.causal_attention import causal_attention
 
 PEAK_BF16 = {  # dense bf16 tensor-core peak, TFLOP/s (datasheet)
     "H100": 989.4, "H200": 989.4, "A100": 312.0,
@@ -76,7 +73,7 @@ def attention_time(cfg, batch: int, seq: int, reps: int = 10) -> float:
   v = jax.random.normal(keys[2], (reps, batch, seq, mc.n_kv_heads, mc.hd), dt)
 
   def one(q, k, v):
-    return attention(q, k, v, causal=True, implementation=mc.attention_impl).astype(jnp.float32).sum()
+    return causal_attention(q, k, v, implementation=mc.attention_impl).astype(jnp.float32).sum()
 
   grad = jax.grad(one, argnums=(0, 1, 2))
 
@@ -98,7 +95,6 @@ def attention_time(cfg, batch: int, seq: int, reps: int = 10) -> float:
 
 
 def run_one(cfg, batch: int, seq: int, n_steps: int, windows: int) -> dict:
-  from effjax.config import from_dict, to_dict
   d = to_dict(cfg)
   d["train"]["batch_size"] = batch
   d["data"]["seq_len"] = seq
@@ -152,7 +148,7 @@ def main():
   ap.add_argument("--batch", type=int, action="append", default=None)
   ap.add_argument("--steps", type=int, default=10, help="steps per timing window")
   ap.add_argument("--windows", type=int, default=3)
-  ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<card>/train.json)")
+  common.add_output_args(ap)
   ap.add_argument("--variant", action="append", default=None,
                   help="LABEL=key=value,key=value: extra config overrides timed as one variant")
   ap.add_argument("overrides", nargs="*")
@@ -178,18 +174,11 @@ def main():
       print(json.dumps(r), flush=True)
   ok = [r for r in results if "error" not in r]
   best = max(ok, key=lambda r: r["tokens_per_s"]) if ok else None
-  doc = {
-      "benchmark": "train_step", "config": args.config, "overrides": args.overrides,
-      "card": kind, "peak_bf16_tflops": peak_tflops(kind), "params": cfg.model.num_params(),
-      "jax": jax.__version__, "backend": jax.default_backend(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "timing": "wall time of back-to-back async steps (device-bound), median of windows",
-      "results": results, "best": best,
-  }
-  out = pathlib.Path(args.out) if args.out else (
-      pathlib.Path(__file__).parent / "results" / kind.replace(" ", "_") / "train.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(doc, indent=2))
+  meta = common.meta(
+      benchmark="train_step", config=args.config, overrides=args.overrides,
+      peak_bf16_tflops=peak_tflops(kind), params=cfg.model.num_params(), best=best,
+      timing="wall time of back-to-back async steps (device-bound), median of windows")
+  out = common.write_json(common.output_path(args, "train.json"), meta, results)
   print(f"\n{'variant':>12} {'batch':>5} {'step ms':>9} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFUc':>6} {'attn':>6} {'GiB':>6}")
   for r in results:
     if "error" in r:

@@ -2,7 +2,8 @@
 
 1. **Wall time of many calls inside one jit** (`build_many` + `wall_seconds`): a `lax.scan`
    (partly unrolled) over a stack of distinct inputs times a Python-unrolled loop over distinct
-   caches, so nothing can be hoisted and dispatch is amortised; the jit's wall time / calls.
+   caches, every call's inputs behind an optimization barrier, so nothing can be hoisted or
+   shared between calls and dispatch is amortised; the jit's wall time / calls.
    What it still contains: the loop's per-trip cost (XLA:GPU reads the while-loop predicate back
    on the host every trip) and any gap in which the GPU waits for the host to launch the next
    kernel -- a chain of short kernels can cost more than its parts this way.
@@ -35,22 +36,42 @@ _AGGREGATE_LINES = ("XLA Modules", "XLA Ops", "Steps", "TensorFlow Ops", "Framew
                     "Launch Stats", "Source code")
 
 
-def build_many(call, xs, caches, unroll: int = 1, compiler_options: dict | None = None):
+def build_many(call, xs, caches, unroll: int = 1, compiler_options: dict | None = None,
+               shared=None):
   """jit of: for every x in xs (a scan, unrolled `unroll` times), for every cache in caches
-  (unrolled), acc += call(x, cache). Returns the jitted function of (xs, caches), compiled with
-  `compiler_options` (XLA options, e.g. decoding.DECODE_COMPILER_OPTIONS) if given."""
+  (unrolled), acc += call(x, cache) -- or call(x, cache, shared, i) for the i-th cache when
+  `shared` is given: arrays several calls read (e.g. K/V copies that many gate caches rotate
+  over), passed once so that XLA's memory estimate counts them once. Returns the jitted
+  function of (xs, caches, shared), compiled with `compiler_options` (XLA options, e.g.
+  decoding.DECODE_COMPILER_OPTIONS) if given.
+
+  Every call reads its inputs anew: each call's cache (and the shared arrays) pass through an
+  optimization barrier together with that call's x, so XLA can neither hoist work on a cache out
+  of the loop nor merge the calls of one loop trip that read the same cache (its dot merger
+  otherwise fused the XLA reference's dots across calls, which then read the cache once for
+  several calls: faster than the byte floor)."""
 
   @functools.partial(jax.jit, compiler_options=compiler_options)
-  def many(xs, caches):
+  def many(xs, caches, shared):
     def body(acc, x):
-      for c in caches:
-        acc = acc + call(x, c).astype(jnp.float32)
+      for i, c in enumerate(caches):
+        if shared is None:
+          c, _ = lax.optimization_barrier((c, x))
+          y = call(x, c)
+        else:
+          (c, sh), _ = lax.optimization_barrier(((c, shared), x))
+          y = call(x, c, sh, i)
+        acc = acc + y.astype(jnp.float32)
       return acc, None
     # Summing the outputs keeps every call live at the cost of one small add per call.
-    out = jax.eval_shape(call, jax.tree.map(lambda a: a[0], xs), caches[0])
+    x0 = jax.tree.map(lambda a: a[0], xs)
+    if shared is None:
+      out = jax.eval_shape(call, x0, caches[0])
+    else:
+      out = jax.eval_shape(lambda x, c, s: call(x, c, s, 0), x0, caches[0], shared)
     return lax.scan(body, jnp.zeros(out.shape, jnp.float32), xs, unroll=unroll)[0]
 
-  return many
+  return lambda xs, caches, shared=shared: many(xs, caches, shared)
 
 
 def n_calls(xs, caches) -> int:
@@ -154,7 +175,7 @@ def read_bandwidth(nbytes: int = 4 << 30) -> float:
   return best
 
 
-# H100 SXM measured copy bandwidth (benchmarks of sessions 1-3); the floor when no GPU is there.
+# H100 SXM measured copy bandwidth; the floor when no GPU is there.
 H100_COPY_TBPS = 3.0
 
 
@@ -166,3 +187,22 @@ def floor_bandwidth(override: float | None = None) -> tuple[float, str]:
   if jax.default_backend() == "gpu":
     return read_bandwidth() / 1e12, "read bandwidth of a 4 GiB reduction measured in this run"
   return H100_COPY_TBPS, "H100 copy bandwidth (no GPU here: nothing measured)"
+
+
+# A row may not beat its byte floor: reading its bytes at the measured read bandwidth is the
+# fastest any implementation can be. Beyond this margin (the bandwidth is measured, with noise)
+# the harness let calls share work, and the row is invalid.
+FLOOR_TOLERANCE = 1.03
+
+
+def floor_violations(rows: list[dict]) -> list[str]:
+  """Rows whose wall or kernel time beats their byte floor (`frac_of_floor` /
+  `trace_frac_of_floor` above FLOOR_TOLERANCE): each as one line naming the row."""
+  bad = []
+  for r in rows:
+    for key in ("frac_of_floor", "trace_frac_of_floor"):
+      f = r.get(key)
+      if f is not None and f > FLOOR_TOLERANCE:
+        what = ", ".join(f"{k}={r[k]}" for k in ("B", "S", "impl", "plan") if k in r)
+        bad.append(f"{what}: {key} = {f:.3f} > {FLOOR_TOLERANCE} (faster than reading its bytes)")
+  return bad

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Markdown table and plot of a bench_decode.py result file.
 
-  python benchmarks/plot_decode.py benchmarks/results/NVIDIA_H100_80GB_HBM3/decode.json
+  python -m benchmarks plot benchmarks/results/NVIDIA_H100_80GB_HBM3/decode.json
 
 Writes <name>.md and <name>.png next to the JSON: per (B, S), milliseconds per call and speedup over
 cuDNN for the dense kernel, the sparse kernel alone, and gate + top-k + sparse kernel, at each

@@ -1,16 +1,16 @@
-#!/usr/bin/env python3
 """Per-kernel device time of one sparse decode attention step (gate scores, top-k, the sparse
 kernel, the combine, and every small XLA op between them) from a profiler trace, next to the
 dense kernel and cuDNN: where the microseconds of a step go, which the one-number device time of
 bench_decode.py cannot say.
 
-  python benchmarks/profile_decode.py [--batch 8] [--seq 131072] [--budget-tokens 4096]
-  python benchmarks/profile_decode.py --interpret --batch 1 --seq 2048 --calls 2   # CPU smoke
+  python -m benchmarks profile [--batch 8] [--seq 131072] [--budget-tokens 4096]
+  python -m benchmarks profile --interpret --batch 1 --seq 2048 --calls 2   # CPU smoke
 
 Runs `--calls` calls (distinct queries) inside one jit under `jax.profiler.trace(create_perfetto_trace=True)`, reads
 the Perfetto JSON and sums the complete ("X") events of the device processes (GPU streams) by
 name; per call = total / calls. On CPU there are no device processes: the host events are
-reported instead (and say little). Writes benchmarks/results/<card>/profile_decode.json.
+reported instead (and say little). Writes out/<card>/profile_decode.json (--update-results:
+benchmarks/results/<card>/).
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-import devtime
+from benchmarks import common, devtime
+from benchmarks.bench_decode import D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies
+from effjax.sparse import gate as gate_lib
+from pallas_kernels.block_topk import block_topk
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.sparse_decode import sparse_decode_attention
 
 
 def profile(fn, qs, rest: tuple, kcs) -> dict:
@@ -49,12 +52,6 @@ def profile(fn, qs, rest: tuple, kcs) -> dict:
 
 
 def main():
-  from bench_decode import D, DTYPE, G, GATE_DIM, HKV, gate_cache_copies
-  from effjax.sparse import gate as gate_lib
-  from pallas_kernels.block_topk import block_topk
-  from pallas_kernels.decode_attention import decode_attention
-  from pallas_kernels.sparse_decode import sparse_decode_attention
-
   ap = argparse.ArgumentParser()
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=131072)
@@ -66,9 +63,9 @@ def main():
                   help="K-compression cache dtype (SparseConfig.gate_cache_dtype's default: bfloat16)")
   ap.add_argument("--gate-copies", type=int, default=None,
                   help="distinct gate caches the calls rotate through (default: bench_decode's rule, "
-                       "enough to defeat the L2 on a GPU; until 2026-11-30 one cache, L2-warm)")
+                       "enough to defeat the L2 on a GPU)")
   ap.add_argument("--interpret", action="store_true")
-  ap.add_argument("--out", default=None)
+  common.add_output_args(ap)
   args = ap.parse_args()
   B, S, bs = args.batch, args.seq, args.block
   nb = S // bs
@@ -109,13 +106,9 @@ def main():
           f"events per call (span {r['span_us_per_call']:.1f} us; lines {r['lines']})")
     for e in r["events"][:12]:
       print(f"   {e['per_call_us']:9.2f} us  x{e['count'] / args.calls:.0f}  {e['name'][:90]}")
-  card = jax.devices()[0].device_kind.replace(" ", "_")
-  out = pathlib.Path(args.out or f"benchmarks/results/{card}/profile_decode.json")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"meta": {"card": jax.devices()[0].device_kind, "jax": jax.__version__,
-                                      "argv": sys.argv[1:], "B": B, "S": S, "calls": args.calls,
-                                      "gate_dtype": args.gate_dtype, "gate_copies": copies},
-                             "results": results}, indent=1))
+  out = common.output_path(args, "profile_decode.json")
+  common.write_json(out, common.meta(B=B, S=S, calls=args.calls, gate_dtype=args.gate_dtype,
+                                     gate_copies=copies), results)
   print(f"wrote {out}")
 
 

@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """Launch-parameter sweep for the Triton decode kernels, and the cost of block selection.
 
-  python benchmarks/tune_decode.py --out tune.json [--quick]
+  python -m benchmarks tune --out tune.json [--quick]
 
 For each shape (Hq=32, Hkv=8, d=128, bf16, full caches) it times every config of a small grid
 (block_k, num_warps, num_stages, num_splits) of the dense kernel and of the block-sparse kernel
 (block 64, random block sets) with the same device-time harness as bench_decode.py, next to cuDNN,
 and times the selectors alone (gate scores + top-k, Quest bounds + top-k) at the same shapes. The
-best configs feed the defaults in pallas_kernels/_splitk.py; the JSON is kept with the results.
+best configs feed pallas_kernels/tuned/<card>.json; the JSON is kept with the results.
 """
 
 from __future__ import annotations
@@ -19,19 +18,20 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import devtime
+from benchmarks import common, devtime
 from benchmarks.bench_decode import D, DTYPE, G, HKV, HQ, measure, random_block_sets
 from effjax.sparse import gate as gate_lib
-from pallas_kernels import _splitk
 from effjax.sparse import selection
-from pallas_kernels.decode_attention import DecodeConfig, decode_attention
-from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention
+from pallas_kernels import launch
+from pallas_kernels.decode_attention import decode_attention
+from pallas_kernels.decode_attention.pallas_triton import TritonConfig as DecodeConfig
+from pallas_kernels.sparse_decode import sparse_decode_attention
+from pallas_kernels.sparse_decode.pallas_triton import TritonConfig as SparseDecodeConfig
 
 
 def ints(s: str) -> list[int]:
@@ -47,8 +47,8 @@ def main():
   ap.add_argument("--warps", default="4,8")
   ap.add_argument("--stages", default="2,3")
   ap.add_argument("--programs-per-sm", default="1,2,4,8", help="num_splits = SMs * m // (B * Hkv)")
-  ap.add_argument("--prefetch", default="0,1", help="sparse: SparseDecodeConfig.prefetch_index values")
-  ap.add_argument("--tiles", default="1", help="sparse: SparseDecodeConfig.blocks_per_tile values")
+  ap.add_argument("--prefetch", default="0,1", help="sparse: TritonConfig.prefetch_index values")
+  ap.add_argument("--tiles", default="1", help="sparse: TritonConfig.blocks_per_tile values")
   ap.add_argument("--block-size", type=int, default=64, help="sparse: tokens per KV block")
   ap.add_argument("--sparse-splits", default=None,
                   help="sparse: explicit num_splits values (instead of --programs-per-sm)")
@@ -60,8 +60,9 @@ def main():
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
                   help="also time each config from a profiler trace (default: on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="CPU smoke test (no cuDNN row)")
-  ap.add_argument("--out", required=True)
+  common.add_output_args(ap)
   args = ap.parse_args()
+  out = common.output_path(args, "tune.json")
   rows = []
   FLOOR_TBPS, floor_src = devtime.floor_bandwidth()
 
@@ -71,7 +72,7 @@ def main():
     rows.append(r)
     print(json.dumps({k: v for k, v in r.items() if k != "kernels"}), flush=True)
     # after every row: a sweep cut short by a time limit keeps what it measured
-    pathlib.Path(args.out).write_text(json.dumps({"meta": {"partial": True}, "rows": rows}, indent=1))
+    common.write_json(out, {"partial": True}, rows)
 
   def timing(call, xs, kv, nbytes):
     """ms (wall, bench_decode's harness) and, with --trace, trace_ms (kernel time per call)
@@ -107,7 +108,7 @@ def main():
     del kv
     kv = caches(B, S, args.copies, 0)
     base_programs = B * HKV
-    sms = _splitk.sm_count()
+    sms = launch.sm_count()
     split_opts = sorted({max(1, (sms * m) // base_programs) for m in ints(args.programs_per_sm)})
     grid = itertools.product(ints(args.block_ks), ints(args.warps), ints(args.stages), split_opts)
     if args.quick:
@@ -142,7 +143,7 @@ def main():
       idx = jnp.asarray(random_block_sets(rng, n_q * B * HKV, nb, n_sel).reshape(n_q, B, HKV, n_sel))
       nbytes = 2 * B * HKV * n_sel * bs * D * 2
       base_programs = B * HKV
-      split_opts = sorted({max(1, min(n_sel, (_splitk.sm_count() * m) // base_programs))
+      split_opts = sorted({max(1, min(n_sel, (launch.sm_count() * m) // base_programs))
                            for m in ints(args.programs_per_sm)})
       if args.sparse_splits:
         split_opts = ints(args.sparse_splits)
@@ -161,7 +162,7 @@ def main():
           rec(dict(kind="sparse", B=B, S=S, plan=label, block_size=bs, blocks=n_sel,
                    num_warps=cfg.num_warps,
                    num_stages=cfg.num_stages, num_splits=cfg.num_splits,
-                   prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.tile_blocks(bs),
+                   prefetch_index=cfg.prefetch_index, blocks_per_tile=cfg.blocks_per_tile,
                    config="default" if w is None else None, **t))
         except Exception as e:
           rec(dict(kind="sparse", B=B, S=S, plan=label, num_warps=w, num_stages=st, num_splits=sp,
@@ -191,11 +192,12 @@ def main():
     del kv
     print(f"-- {shape} sparse done at {time.time() - t_start:.0f}s", flush=True)
 
-  meta = dict(card=jax.devices()[0].device_kind, jax=jax.__version__, floor_TBps=FLOOR_TBPS, floor_source=floor_src)
-  meta.update(timing=f"bench_decode.measure: {args.calls} calls per jit (scan unroll {args.unroll}); "
-                     f"ms = wall / calls (median of {args.windows}); trace_ms = profiler kernel time per call")
-  pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-  print(f"wrote {args.out}")
+  meta = common.meta(floor_TBps=FLOOR_TBPS, floor_source=floor_src,
+                     timing=f"bench_decode.measure: {args.calls} calls per jit (scan unroll "
+                            f"{args.unroll}); ms = wall / calls (median of {args.windows}); "
+                            f"trace_ms = profiler kernel time per call")
+  common.write_json(out, meta, rows)
+  print(f"wrote {out}")
 
 
 if __name__ == "__main__":

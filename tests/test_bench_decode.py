@@ -1,5 +1,6 @@
-"""CPU smoke tests of the decode micro-benchmarks (interpret mode, tiny shapes): each script runs,
-writes its JSON and reports every row it promises with a positive time."""
+"""CPU smoke tests of the decode micro-benchmarks (interpret mode, tiny shapes) through the one
+entry point (`python -m benchmarks <suite>`): each suite runs, writes its JSON with its metadata
+and reports every row it promises with a positive time; and the harness's own guarantees."""
 
 import json
 import math
@@ -7,18 +8,26 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import devtime, plot_decode
+from benchmarks.bench_decode import GATE_L2_DEFEAT_BYTES, MAX_GATE_COPIES, gate_cache_copies
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def run(script, *args, tmp_path):
+def run(suite, *args, tmp_path):
   out = tmp_path / "out.json"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--interpret", "--windows", "1",
+  cmd = [sys.executable, "-m", "benchmarks", suite, "--interpret", "--windows", "1",
          "--out", str(out), *args]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = json.loads(out.read_text())
-  assert data["meta"]["argv"] and "device time" in data["meta"]["timing"]
+  meta = data["meta"]
+  assert meta["command"].startswith(f"python -m benchmarks {suite}") and meta["commit"]
+  assert meta["card"] and meta["date"] and "device time" in meta["timing"]
   return data["results"]
 
 
@@ -30,7 +39,7 @@ def positive(rows):
 
 
 def test_bench_decode_smoke(tmp_path):
-  rows = run("bench_decode.py", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
+  rows = run("decode", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
              "--sparsities", "0.5", "--budget-tokens", "256", "--no-xla", "--trace",
              "--gate-dtypes", "float8_e4m3fn,bfloat16", tmp_path=tmp_path)
   positive(rows)
@@ -46,8 +55,6 @@ def test_bench_decode_smoke(tmp_path):
 
 
 def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():
-  sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]
-  from bench_decode import GATE_L2_DEFEAT_BYTES, MAX_GATE_COPIES, gate_cache_copies
   mb = 2 ** 20
   # B8 S128K float32 (32 MiB) / bfloat16 (16 MiB) gate caches, 4 K/V copies: 16 and 32 copies
   assert gate_cache_copies(32 * mb, 4, True) == 16 and 16 * 32 * mb >= GATE_L2_DEFEAT_BYTES
@@ -60,7 +67,7 @@ def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():
 
 
 def test_bench_selector_smoke(tmp_path):
-  rows = run("bench_selector.py", "--batches", "1", "--seqs", "2048", "--calls", "2", "--copies", "1",
+  rows = run("selector", "--batches", "1", "--seqs", "2048", "--calls", "2", "--copies", "1",
              "--warps", "4", tmp_path=tmp_path)
   positive(rows)
   assert {r["row"] for r in rows} == {"harness", "gate_scores", "topk", "gate+topk"}
@@ -69,7 +76,7 @@ def test_bench_selector_smoke(tmp_path):
 
 
 def test_bench_extend_smoke(tmp_path):
-  rows = run("bench_extend.py", "--batches", "1", "--seqs", "512", "--f", "4", "--calls", "2",
+  rows = run("extend", "--batches", "1", "--seqs", "512", "--f", "4", "--calls", "2",
              "--copies", "1", tmp_path=tmp_path)
   positive(rows)
   assert {r["impl"] for r in rows} == {"pallas_triton", "xla"}
@@ -77,8 +84,7 @@ def test_bench_extend_smoke(tmp_path):
 
 
 def test_trace_summary_counts_stream_lines_of_the_device_only():
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  from devtime import summarize_trace
+  summarize_trace = devtime.summarize_trace
   M = lambda pid, name, tid=None: ({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}
                                    if tid is None else
                                    {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
@@ -112,7 +118,7 @@ def test_trace_summary_counts_stream_lines_of_the_device_only():
 
 def test_profile_decode_smoke(tmp_path):
   out = tmp_path / "p.json"
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_decode.py"), "--interpret", "--batch", "1",
+  cmd = [sys.executable, "-m", "benchmarks", "profile", "--interpret", "--batch", "1",
          "--seq", "2048", "--calls", "2", "--budget-tokens", "256", "--gate-copies", "2",
          "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -125,8 +131,6 @@ def test_profile_decode_smoke(tmp_path):
 
 
 def test_plot_decode_table_takes_the_first_gate_dtype_and_every_other_row():
-  sys.path[:0] = [str(ROOT / "benchmarks")]
-  import plot_decode
   base = dict(B=8, S=131072)
   rows = [dict(base, impl="cudnn", ms=1.0),
           dict(base, impl="pallas_triton", ms=0.98, speedup_vs_cudnn=1.02),
@@ -139,3 +143,36 @@ def test_plot_decode_table_takes_the_first_gate_dtype_and_every_other_row():
   assert line == "| 8 | 128K | 1.0000 | 0.9800 (1.02x) | - | 0.0400 (25.00x) / 0.0500 (20.00x) |", line
   old = [dict(r) for r in rows[:3]] + [{k: v for k, v in rows[4].items() if k != "gate_dtype"}]
   assert plot_decode.table(old).splitlines()[-1].endswith("/ 0.0550 (18.18x) |")
+
+
+def test_every_call_reads_its_inputs():
+  """Two calls of one loop trip against the same cache must not share work: with the inputs
+  behind the harness's optimization barrier, XLA keeps one dot per call (it merged two dots that
+  share an operand into one before, so the XLA reference read the cache once for two calls)."""
+  q = jnp.ones((4, 2, 8, 16), jnp.float32)
+  k = jnp.ones((2, 64, 16), jnp.float32)
+  call = lambda x, c: jnp.einsum("bgh,bsh->bgs", x, c)
+  many = devtime.build_many(call, q, (k, k), unroll=2)
+  lowered = jax.jit(lambda xs, cs: many(xs, cs)).lower(q, (k, k)).as_text()
+  assert lowered.count("optimization_barrier") >= 2      # one per call of a loop trip
+  got = np.asarray(many(q, (k, k)))
+  np.testing.assert_allclose(got, 4 * 2 * np.asarray(call(q[0], k)), rtol=1e-6)
+  # shared arrays (the K/V copies gate rows rotate over) reach the call with its index
+  many2 = devtime.build_many(lambda x, c, sh, i: call(x, sh[i % 2]) * c, q, (1.0, 2.0, 3.0),
+                             shared=(k, k))
+  np.testing.assert_allclose(np.asarray(many2(q, (1.0, 2.0, 3.0))),
+                             4 * 6 * np.asarray(call(q[0], k)), rtol=1e-6)
+
+
+def test_rows_faster_than_their_floor_are_reported():
+  rows = [dict(B=1, S=131072, impl="xla", frac_of_floor=1.21, trace_frac_of_floor=0.9),
+          dict(B=8, S=131072, impl="pallas_triton", plan=None, frac_of_floor=0.99),
+          dict(B=1, S=131072, impl="cudnn", frac_of_floor=1.02, trace_frac_of_floor=None)]
+  bad = devtime.floor_violations(rows)
+  assert len(bad) == 1 and "impl=xla" in bad[0] and "frac_of_floor = 1.210" in bad[0]
+
+
+def test_unknown_suite_is_an_error():
+  proc = subprocess.run([sys.executable, "-m", "benchmarks", "decoed"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 2 and "unknown suite 'decoed'" in proc.stderr

@@ -1,4 +1,4 @@
-"""CPU smoke test of benchmarks/bench_generate.py: every mode runs and reports a sane throughput."""
+"""CPU smoke test of `python -m benchmarks generate`: every mode runs and reports a sane throughput."""
 
 import json
 import math
@@ -13,7 +13,7 @@ def test_bench_generate_cpu_smoke(tmp_path):
   out = tmp_path / "generate.json"
   # 2 layers and one sparse budget keep the five compiles to seconds; block 16 with a 32-token
   # budget out of 128 makes the sparse modes really sparse; f = 4 makes quest_rectify rectify 4 times.
-  cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"),
+  cmd = [sys.executable, "-m", "benchmarks", "generate",
          "--config", "configs/tiny.yaml", "--override", "model.n_layers=2",
          "--context", "128", "--new-tokens", "16", "--batch", "1",
          "--block-size", "16", "--budget-tokens", "32", "--sparsities", "",

@@ -1,0 +1,46 @@
+"""One entry point for every benchmark suite.
+
+    python -m benchmarks <suite> [args]        # results -> out/<card>/<suite>.json
+    python -m benchmarks <suite> --update-results [args]   # -> benchmarks/results/<card>/
+
+Suites:
+  decode      decode attention: dense / block-sparse kernels vs cuDNN and the XLA reference,
+              with the selector (gate + top-k) step; byte floors checked
+  selector    gate scores and top-k block selection alone
+  extend      multi-token (rectification) attention over a cache
+  gate_layout the gate's scores by cache layout and dtype
+  generate    end-to-end decoding tokens/s (dense, sparse, ReSA)
+  train       train-step throughput and MFU
+  scoring     DELT / LQS scoring throughput
+  tune        launch-parameter sweep of the decode kernels
+  profile     per-kernel device time of a gated sparse step
+  compare     this tree against another checkout of effjax, same run (decode grid + train step)
+  plot        decode grid JSON -> markdown table + plot
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUITES = {"decode": "bench_decode", "selector": "bench_selector", "extend": "bench_extend",
+          "gate_layout": "bench_gate_layout", "generate": "bench_generate", "train": "bench_train",
+          "scoring": "bench_scoring", "tune": "tune_decode", "profile": "profile_decode",
+          "compare": "compare", "plot": "plot_decode"}
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUITES:
+    print(__doc__)
+    if argv and argv[0] not in ("-h", "--help"):
+      print(f"error: unknown suite {argv[0]!r}; choose one of {', '.join(SUITES)}", file=sys.stderr)
+      return 2
+    return 0
+  mod = importlib.import_module(f"benchmarks.{SUITES[argv[0]]}")
+  sys.argv = [f"python -m benchmarks {argv[0]}", *argv[1:]]
+  rc = mod.main()
+  return rc if isinstance(rc, int) else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,67 @@
+"""What every benchmark suite shares: where results go and the metadata they carry.
+
+Results go to the untracked `out/<card>/<file>` unless `--update-results` is given, which writes
+the curated `benchmarks/results/<card>/<file>` (the current result of that suite on that card;
+git history keeps the ones it replaces). Every result file carries the card, date, commit, JAX
+version and the command that made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def card() -> str:
+  d = jax.devices()[0]
+  return d.device_kind.replace(" ", "_") if d.platform != "cpu" else "cpu"
+
+
+def add_output_args(ap: argparse.ArgumentParser) -> None:
+  ap.add_argument("--out", default=None, help="result JSON path (default: out/<card>/<suite file>)")
+  ap.add_argument("--update-results", action="store_true",
+                  help="write the curated benchmarks/results/<card>/<suite file> instead of out/")
+
+
+def output_path(args, filename: str) -> pathlib.Path:
+  if args.out:
+    path = pathlib.Path(args.out)
+  elif getattr(args, "update_results", False):
+    path = ROOT / "benchmarks" / "results" / card() / filename
+  else:
+    path = ROOT / "out" / card() / filename
+  path.parent.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def commit() -> str:
+  try:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return (rev + ("+changes" if dirty else "")) if rev else "unknown"
+  except (OSError, subprocess.SubprocessError):  # no git (an exported tree)
+    return "unknown"
+
+
+def meta(**extra) -> dict:
+  """Card, backend, date, commit, versions and the command line of this run."""
+  import jaxlib
+  return {"card": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+          "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+          "commit": commit(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "command": " ".join(sys.argv), **extra}
+
+
+def write_json(path: pathlib.Path, meta_: dict, results: list) -> pathlib.Path:
+  path.write_text(json.dumps({"meta": meta_, "results": results}, indent=1))
+  return path
