@@ -288,8 +288,9 @@ def main():
                   jax.random.normal(keys[2 + 2 * c], (B, HKV, S, D), DTYPE)) for c in range(copies))
 
       def dense_call(impl):
+        cfg = dense_cfg if impl == "pallas_triton" else None
         return lambda q, c: decode_attention(q, c[0], c[1], lengths, implementation=impl,
-                                             interpret=args.interpret, config=dense_cfg)
+                                             interpret=args.interpret, config=cfg)
 
       # What the harness itself costs per call (slice a query, add it to the accumulator): the
       # part of every row below that no kernel can remove; it matters at the small shapes.

@@ -89,7 +89,7 @@ def verdicts(rows: list[dict], new: list[dict], train: dict | None) -> list[str]
                    f"{m['ms'] * 1e3:.1f} us vs Triton {t['ms'] * 1e3:.1f} us ({rel - 1:+.1%})")
   if train:
     rel = train["new_step_ms"] / train["old_step_ms"]
-    out.append(f"{'ok' if rel <= 1 + TOLERANCE else 'SLOWER'}: 350m train step "
+    out.append(f"{'ok' if rel <= 1 + TOLERANCE else 'SLOWER'}: train step "
                f"{train['old_step_ms']:.1f} -> {train['new_step_ms']:.1f} ms ({rel - 1:+.1%})")
   return out
 
