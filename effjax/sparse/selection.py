@@ -54,7 +54,8 @@ def select_top_k(scores_BKN: jax.Array, lengths_B: jax.Array, block_size: int, k
                  local_tokens: int = 1) -> jax.Array:
   """The first and current blocks plus the highest-scoring others, k blocks in all (fewer when
   fewer are valid), ties to the lower block index. Returns ascending ids, -1 padded, int32
-  [B, K, min(k, N)]; a token budget of T tokens is k = T // block_size. The XLA path of
+  [B, K, M] with M = `output_width(k, N)` (the power of 2 above min(k, N), as every block_topk
+  backend); a token budget of T tokens is k = T // block_size. The XLA path of
   `pallas_kernels.block_topk` (which also has the GPU kernel decode steps use)."""
   check_budget(k, block_size, local_tokens)
   return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size, k=k,
