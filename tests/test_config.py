@@ -15,6 +15,18 @@ def test_shipped_configs_validate(name):
   assert from_dict(to_dict(cfg)) == cfg
 
 
+@pytest.mark.parametrize("name", ["delt_lqs_folding", "longctx"])
+def test_configs_of_external_corpora_name_them_under_the_data_root(name, tmp_path):
+  """Configs that train on external corpora name them as root:<path> sources (no path outside the
+  repository), so they load from any checkout; data.root is an ordinary override."""
+  cfg = load_config(f"configs/{name}.yaml")
+  assert cfg.name == name and from_dict(to_dict(cfg)) == cfg
+  assert cfg.data.source.startswith("root:") and cfg.data.root is None
+  if cfg.delt.reference_source:
+    assert cfg.delt.reference_source.startswith("root:")
+  assert load_config(f"configs/{name}.yaml", [f"data.root={tmp_path}"]).data.root == str(tmp_path)
+
+
 def test_param_counts_match_names():
   counts = {n: load_config(f"configs/{n}.yaml").model.num_params() for n in CONFIGS}
   assert counts["tiny"] < 2e6

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 
 from effjax import decoding
+from effjax.cache import DenseKV, KVCache
 from effjax.config import ModelConfig
-from effjax.model import apply, init_params
+from effjax.model import forward, init_params
 
 
 def stacked(cache):
   """The per-layer cache as stacked [L, B, K, S, H] arrays (for comparisons)."""
-  return {"k": jnp.stack(cache["k"]), "v": jnp.stack(cache["v"]), "lengths": cache["lengths"]}
+  return {"k": jnp.stack([e.k for e in cache.layers]), "v": jnp.stack([e.v for e in cache.layers]),
+          "lengths": cache.lengths}
 
 
 def cfg_(**kw):
@@ -38,8 +40,8 @@ def test_decode_steps_after_prefill_match_full_forward(scan_layers):
   prompts = full[:, :T].copy()
   for b in range(B):
     prompts[b, lengths[b]:] = 200 + b        # padding content must not matter
-  ref = apply(cfg, params, jnp.asarray(full))  # [B, T+extra, V]
-  cache = decoding.init_cache(cfg, B, T + extra, jnp.float32)
+  ref = forward(cfg, params, jnp.asarray(full))  # [B, T+extra, V]
+  cache = KVCache.init(cfg, B, T + extra, jnp.float32)
   logits, cache = decoding.prefill(cfg, params, jnp.asarray(prompts), jnp.asarray(lengths), cache)
   for b in range(B):
     chex.assert_trees_all_close(logits[b], ref[b, lengths[b] - 1], rtol=1e-4, atol=1e-4)
@@ -49,7 +51,7 @@ def test_decode_steps_after_prefill_match_full_forward(scan_layers):
     logits, cache = decoding.decode_step(cfg, params, cache, jnp.asarray(tok), decode_impl="xla")
     for b in range(B):
       chex.assert_trees_all_close(logits[b], ref[b, lengths[b] + s], rtol=1e-4, atol=1e-4)
-  np.testing.assert_array_equal(cache["lengths"], lengths + extra)
+  np.testing.assert_array_equal(cache.lengths, lengths + extra)
 
 
 def test_bf16_cache_close_to_full_forward():
@@ -57,8 +59,8 @@ def test_bf16_cache_close_to_full_forward():
   params = init_params(cfg, jax.random.key(1))
   full = random_batch(2, 20, 2)
   lengths = np.array([16, 10], np.int32)
-  ref = apply(cfg, params, jnp.asarray(full))
-  cache = decoding.init_cache(cfg, 2, 24, jnp.bfloat16)
+  ref = forward(cfg, params, jnp.asarray(full))
+  cache = KVCache.init(cfg, 2, 24, jnp.bfloat16)
   _, cache = decoding.prefill(cfg, params, jnp.asarray(full[:, :16]), jnp.asarray(lengths), cache)
   logits, _ = decoding.decode_step(cfg, params, cache, jnp.asarray(full[[0, 1], lengths]),
                                    decode_impl="xla")
@@ -79,13 +81,13 @@ def test_generate_greedy_matches_host_loop_and_stops():
   np.testing.assert_array_equal(n, [10, 10])
   # greedy decoding with full forwards on the host: one jitted forward over a fixed 16-token
   # window (causal, so the zero padding after the sequence does not change its logits)
-  forward = jax.jit(lambda t: apply(cfg, params, t))
+  fwd = jax.jit(lambda t: forward(cfg, params, t))
   for b in range(2):
     seq = list(prompts[b, :lengths[b]])
     for _ in range(10):
       window = np.zeros((1, 16), np.int32)
       window[0, :len(seq)] = seq
-      seq.append(int(jnp.argmax(forward(jnp.asarray(window))[0, len(seq) - 1])))
+      seq.append(int(jnp.argmax(fwd(jnp.asarray(window))[0, len(seq) - 1])))
     np.testing.assert_array_equal(out[b], seq[lengths[b]:])
   # stop at the first generated token of sequence 0: it stops, sequence 1 goes on
   stop = int(out[0, 2])
@@ -114,10 +116,38 @@ def test_sampling_is_seeded_and_respects_top_k():
   np.testing.assert_array_equal(g, np.argmax(np.asarray(logits), 1))
 
 
+def test_kv_cache_is_a_typed_pytree():
+  """KVCache.init: one DenseKV per layer of [B, K, S, H] zeros in the cache dtype, int32 lengths
+  of 0; a pytree whose leaves are those arrays (what the jitted steps take, donate and return)."""
+  cfg = cfg_(n_layers=3)
+  cache = KVCache.init(cfg, 2, 48, jnp.bfloat16)
+  assert len(cache.layers) == 3 and all(isinstance(e, DenseKV) for e in cache.layers)
+  assert cache.capacity == 48 and cache.dtype == jnp.bfloat16
+  for e in cache.layers:
+    assert e.k.shape == e.v.shape == (2, cfg.n_kv_heads, 48, cfg.hd)
+    assert e.k.dtype == e.v.dtype == jnp.bfloat16 and not np.any(np.asarray(e.k, np.float32))
+  assert cache.lengths.dtype == jnp.int32 and list(np.asarray(cache.lengths)) == [0, 0]
+  assert len(jax.tree.leaves(cache)) == 2 * 3 + 1
+  doubled = jax.tree.map(lambda x: x + 1, cache)
+  assert isinstance(doubled, KVCache) and list(np.asarray(doubled.lengths)) == [1, 1]
+  # write: a prefill stores at 0, later tokens at per-sequence offsets
+  kv = jnp.arange(2 * 3 * cfg.n_kv_heads * cfg.hd, dtype=jnp.float32).reshape(
+      2, 3, cfg.n_kv_heads, cfg.hd)
+  e = cache.layers[0].write(kv, -kv, None)
+  np.testing.assert_array_equal(np.asarray(e.k[:, :, :3], np.float32),
+                                np.asarray(kv.astype(jnp.bfloat16).transpose(0, 2, 1, 3), np.float32))
+  e = e.write(kv[:, :1], kv[:, :1], jnp.asarray([3, 10]))
+  np.testing.assert_array_equal(np.asarray(e.v[0, :, 3], np.float32),
+                                np.asarray(kv[0, 0].astype(jnp.bfloat16), np.float32))
+  np.testing.assert_array_equal(np.asarray(e.v[1, :, 10], np.float32),
+                                np.asarray(kv[1, 0].astype(jnp.bfloat16), np.float32))
+  assert not np.any(np.asarray(e.v[0, :, 4:], np.float32))
+
+
 def test_cache_capacity_errors():
   cfg = cfg_()
   with pytest.raises(ValueError, match="max_seq_len"):
-    decoding.init_cache(cfg, 1, 65)
+    KVCache.init(cfg, 1, 65)
   with pytest.raises(ValueError, match="max_new_tokens 60 = 66 tokens do not fit model.max_seq_len=64"):
     decoding.generate(cfg, init_params(cfg, jax.random.key(0)), jnp.zeros((1, 6), jnp.int32),
                       jnp.asarray([6]), jax.random.key(0), max_new_tokens=60)
@@ -145,10 +175,12 @@ def _attention_inputs(F, dtype, B=3, N=4, K=2, S=40, H=16):
 
 @pytest.mark.parametrize("F", [1, 5])
 def test_dense_cached_attention_is_exact_causal_attention(F):
-  """extend's attention on the CPU path (float32): softmax over positions [0, start_b + i] of each
-  query, per GQA group; ragged start positions."""
+  """The cache's attention (`DenseKV.attend`: decode_attention for one token, extend_attention
+  for more) on the CPU path (float32): softmax over positions [0, start_b + i] of each query, per
+  GQA group; ragged start positions."""
   q, k, v, start = _attention_inputs(F, jnp.float32)
-  out = decoding._dense_cached_attention(q, k, v, start)
+  out = DenseKV(k, v).attend(q, start, implementation="xla")
+  assert out.shape == q.shape and out.dtype == q.dtype
   (B, _, N, H), G = q.shape, q.shape[2] // k.shape[1]
   qf, kf, vf = (np.asarray(x) for x in (q, k, v))
   for b in range(B):
@@ -159,19 +191,24 @@ def test_dense_cached_attention_is_exact_causal_attention(F):
         p = np.exp(s - s.max())
         np.testing.assert_allclose(out[b, i, n], (p / p.sum()) @ vf[b, n // G, kv],
                                    rtol=1e-4, atol=1e-5)
+  # the default implementation (the platform's, then xla) computes the same
+  np.testing.assert_allclose(DenseKV(k, v).attend(q, start), out, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["xla", None])
 @pytest.mark.parametrize("F", [1, 5])
-def test_dense_cached_attention_on_bf16_operands_matches_float32(F):
-  """The GPU path of extend's attention (bf16 cache operands, float32 accumulation and softmax;
-  XLA:CPU has no bf16 x bf16 -> f32 dot to run it) against float32 on the same bf16 values."""
+def test_dense_cached_attention_on_bf16_operands_matches_float32(F, impl):
+  """The cache's attention on the GPU with bf16 cache operands (float32 accumulation and
+  softmax): the XLA path and the platform default (the Triton kernels) against float32 on the
+  same bf16 values."""
   if jax.default_backend() != "gpu":
-    pytest.fail("needs a GPU backend (run on the device machine with -m gpu)")
+    pytest.fail("needs a GPU backend (run on a GPU host with -m gpu)")
   q, k, v, start = _attention_inputs(F, jnp.bfloat16)
-  native = jax.jit(decoding._dense_cached_attention)(q, k, v, start)
-  ref = decoding._dense_cached_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                         v.astype(jnp.float32), start)
+  attend = lambda q, k, v, start: DenseKV(k, v).attend(q, start, implementation=impl)
+  native = jax.jit(attend)(q, k, v, start)
+  ref = DenseKV(k.astype(jnp.float32), v.astype(jnp.float32)).attend(
+      q.astype(jnp.float32), start, implementation="xla")
   assert native.dtype == jnp.bfloat16 and native.shape == q.shape
   rel = jnp.linalg.norm(native.astype(jnp.float32) - ref) / jnp.linalg.norm(ref)
   assert float(rel) < 1e-2, float(rel)
@@ -184,7 +221,7 @@ def test_extend_rectifies_a_corrupted_cache_to_the_dense_one(impl):
   On the GPU ("pallas_triton") the attention runs through the multi-token Triton kernel, and every
   matmul at "highest" precision: XLA's f32 default there is TF32 (~1e-4 off in the reference)."""
   if impl == "pallas_triton" and jax.default_backend() != "gpu":
-    pytest.fail("the Triton extend path needs a GPU backend (run `pytest -m gpu` on the device)")
+    pytest.fail("the Triton extend path needs a GPU backend (run `pytest -m gpu` on a GPU host)")
   with jax.default_matmul_precision("highest"):
     _check_extend_rectifies(impl)
 
@@ -195,17 +232,19 @@ def _check_extend_rectifies(impl):
   B, T = 2, 24
   full = random_batch(B, T, 6)
   lengths = np.array([24, 17], np.int32)
-  dense = decoding.init_cache(cfg, B, T, jnp.float32)
+  dense = KVCache.init(cfg, B, T, jnp.float32)
   _, dense = decoding.prefill(cfg, params, jnp.asarray(full), jnp.asarray(lengths), dense)
   f = 8
   start = lengths - f
   # a cache whose last f entries (every layer) are wrong, as after sparse decoding
-  bad = {"k": jnp.stack(dense["k"]), "v": jnp.stack(dense["v"]), "lengths": dense["lengths"]}
-  noise = jax.random.normal(jax.random.key(7), bad["k"].shape)
+  noise = jax.random.normal(jax.random.key(7), stacked(dense)["k"].shape)   # [L, B, K, S, H]
   pos = np.arange(T)[None, :]
-  region = jnp.asarray((pos >= start[:, None]) & (pos < lengths[:, None]))[None, :, None, :, None]
-  bad = {"k": tuple(jnp.where(region, bad["k"] + noise, bad["k"])),
-         "v": tuple(jnp.where(region, bad["v"] - noise, bad["v"])), "lengths": bad["lengths"]}
+  region = jnp.asarray((pos >= start[:, None]) & (pos < lengths[:, None]))[:, None, :, None]
+  bad = KVCache(layers=tuple(DenseKV(jnp.where(region, e.k + noise[i], e.k),
+                                     jnp.where(region, e.v - noise[i], e.v))
+                             for i, e in enumerate(dense.layers)),
+                lengths=dense.lengths)
+  assert float(jnp.max(jnp.abs(stacked(bad)["k"] - stacked(dense)["k"]))) > 1.0
   toks = np.stack([full[b, start[b]:start[b] + f] for b in range(B)])
   logits, fixed = decoding.extend(cfg, params, bad, jnp.asarray(toks), jnp.asarray(start),
                                   decode_impl=impl)
@@ -215,7 +254,7 @@ def _check_extend_rectifies(impl):
     chex.assert_trees_all_close(fixed["k"][:, b, :, sl], dense["k"][:, b, :, sl], rtol=1e-4, atol=1e-5)
     chex.assert_trees_all_close(fixed["v"][:, b, :, sl], dense["v"][:, b, :, sl], rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(fixed["lengths"], lengths)
-  ref = apply(cfg, params, jnp.asarray(full))
+  ref = forward(cfg, params, jnp.asarray(full))
   for b in range(B):
     chex.assert_trees_all_close(logits[b], ref[b, start[b]:start[b] + f], rtol=1e-4, atol=1e-4)
 
@@ -255,7 +294,7 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   nll = evaluation.continuation_nll(cfg, params, prompts, rag, cont, chunk=2)
   for b in range(3):
     seq = np.concatenate([prompts[b, :rag[b]], cont[b]])[None]
-    lp = jax.nn.log_softmax(apply(cfg.model, params, jnp.asarray(seq[:, :-1]))[0, -5:], axis=-1)
+    lp = jax.nn.log_softmax(forward(cfg.model, params, jnp.asarray(seq[:, :-1]))[0, -5:], axis=-1)
     want = -float(jnp.mean(jnp.take_along_axis(lp, jnp.asarray(cont[b])[:, None], 1)))
     assert abs(nll[b] - want) < 1e-5, (b, nll[b], want)
   p, lens, keys = evaluation.passkey_prompts(4, 200, seed=1)
@@ -266,6 +305,44 @@ def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   r = evaluation.retrieval_eval(cfg, params, n=4, context_tokens=200, budgets=[64],
                                 selectors={"quest": ("quest", None)}, block_size=16, decode_impl="xla")
   assert set(r) == {"dense", "quest@64"} and all(0.0 <= v <= 1.0 for v in r.values())
+
+
+def test_passkey_accuracy_rows_by_selector_and_budget():
+  """evaluation.passkey_accuracy: a dense row, then one row per selector (name -> (kind, gate
+  params or None[, further SparseConfig fields])) and budget. With the dense greedy answers as the
+  keys, dense scores 1.0; budgets that keep every block generate the dense tokens (1.0 for Quest,
+  the gate and the gate over a float32 K-compression cache); a tight budget gives some accuracy
+  in [0, 1]."""
+  from effjax import evaluation
+  from effjax.config import load_config
+  from effjax.data import ByteTokenizer
+  from effjax.sparse import gate as gate_lib
+  cfg = load_config("configs/tiny.yaml", ["model.d_model=64", "model.n_layers=2", "model.n_heads=4",
+                                          "model.n_kv_heads=2", "model.compute_dtype=float32",
+                                          "model.max_seq_len=256"])
+  params = init_params(cfg.model, jax.random.key(2))
+  prompts, lengths, _ = evaluation.passkey_prompts(3, 120, seed=4)
+  dense, _ = decoding.generate(cfg.model, params, jnp.asarray(prompts), jnp.asarray(lengths),
+                               jax.random.key(0), max_new_tokens=5, decode_impl="xla")
+  keys = [ByteTokenizer().decode(o[:5]) for o in np.asarray(dense)]
+  gp = gate_lib.init_gate_params(cfg.model, gate_lib.GateConfig(block_size=16, d_gate=16),
+                                 jax.random.key(3))
+  selectors = {"quest": ("quest", None), "gate": ("gate", gp),
+               "gate-f32": ("gate", gp, {"gate_cache_dtype": "float32"})}
+  logs = []
+  r = evaluation.passkey_accuracy(cfg, params, prompts, lengths, keys, budgets=[256, 48],
+                                  selectors=selectors, block_size=16, decode_impl="xla",
+                                  log=logs.append)
+  rows = {"dense"} | {f"{n}@{b}" for n in selectors for b in (256, 48)}
+  assert set(r) == {"accuracy", "digit_accuracy", "seconds"}
+  for part in r.values():
+    assert set(part) == rows
+  for name in rows:
+    full = name == "dense" or name.endswith("@256")
+    assert 0.0 <= r["accuracy"][name] <= r["digit_accuracy"][name] <= 1.0, name
+    if full:
+      assert r["accuracy"][name] == r["digit_accuracy"][name] == 1.0, name
+  assert len(logs) == len(rows)
 
 
 def test_decode_compiler_options_env(monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from effjax.config import ConfigError, load_config
 from effjax.data import delt, load_splits, selection
 from effjax.data.ordering import folding_order
-from effjax.training import train
+from effjax.trainer import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -82,6 +82,18 @@ def test_learned_scorer_path_and_baselines(tmp_path):
     c = make_cfg(tmp_path, f"delt.scoring={scoring}", "delt.ordering=zigzag")
     o, inf = delt.prepare_order(c, pool, log=lambda *_: None, progress=False)
     assert sorted(o.tolist()) == list(range(len(pool))) and inf["scoring"] == scoring
+
+
+def test_reference_source_under_the_data_root(tmp_path):
+  """delt.reference_source as root:<path> resolves under data.root: the same reference split as
+  the absolute path."""
+  cfg = make_cfg(tmp_path)
+  ref, rest = delt.reference_split(cfg)
+  rooted = make_cfg(tmp_path, f"data.root={tmp_path}", "delt.reference_source=root:ref.txt")
+  ref2, rest2 = delt.reference_split(rooted)
+  assert len(ref) == 8 and len(rest) > 0
+  np.testing.assert_array_equal(ref2.tokens, ref.tokens)
+  np.testing.assert_array_equal(rest2.tokens, rest.tokens)
 
 
 def test_delt_config_errors(tmp_path):

@@ -1,4 +1,4 @@
-"""GPU-only checks (run on the device machine with `pytest -m gpu`)."""
+"""GPU-only checks (run on a GPU host with `pytest -m gpu`)."""
 
 import dataclasses
 
@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effjax.cache import KVCache
 from effjax.config import ModelConfig, load_config
-from effjax.model import apply, attention, init_params
+from effjax.model import forward, init_params
+from pallas_kernels.causal_attention import causal_attention
+from pallas_kernels.dispatch import NotSupported
 
 pytestmark = pytest.mark.gpu
 
@@ -16,7 +19,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(autouse=True)
 def _need_gpu():
   if jax.default_backend() != "gpu":
-    pytest.fail("gpu tests need a GPU backend (run them on the device machine)")
+    pytest.fail("gpu tests need a GPU backend (run them on a GPU host)")
 
 
 def _rel(a, b):
@@ -31,14 +34,14 @@ def test_cudnn_attention_matches_reference(shape):
   q = jax.random.normal(kq, (B, T, N, H), jnp.bfloat16)
   k = jax.random.normal(kk, (B, T, K, H), jnp.bfloat16)
   v = jax.random.normal(kv, (B, T, K, H), jnp.bfloat16)
-  ref = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
-                  implementation="xla")
-  out = attention(q, k, v, implementation="cudnn")
+  ref = causal_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                         implementation="xla")
+  out = causal_attention(q, k, v, implementation="cudnn")
   assert out.dtype == jnp.bfloat16
   assert _rel(out, ref) < 1e-2
   # gradients too: the train step differentiates through cuDNN
   g = jax.random.normal(kg, out.shape, jnp.float32)
-  f = lambda impl, *x: jnp.sum(attention(*x, implementation=impl).astype(jnp.float32) * g)
+  f = lambda impl, *x: jnp.sum(causal_attention(*x, implementation=impl).astype(jnp.float32) * g)
   g_ref = jax.grad(lambda *x: f("xla", *x), argnums=(0, 1, 2))(
       q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
   g_out = jax.grad(lambda *x: f("cudnn", *x), argnums=(0, 1, 2))(q, k, v)
@@ -47,9 +50,21 @@ def test_cudnn_attention_matches_reference(shape):
 
 
 def test_auto_picks_cudnn_for_bf16_on_gpu():
-  from effjax.model.attention import resolve_implementation
-  assert resolve_implementation("auto", jnp.bfloat16) == "cudnn"
-  assert resolve_implementation("auto", jnp.float32) == "xla"
+  """The default implementation (None / "auto") is cuDNN for 16-bit inputs on a GPU and the XLA
+  reference for float32, which cuDNN refuses."""
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, 8 if i == 0 else 4, 64), jnp.bfloat16)
+             for i in range(3))
+  cudnn = np.asarray(causal_attention(q, k, v, implementation="cudnn"), np.float32)
+  xla = np.asarray(causal_attention(q, k, v, implementation="xla"), np.float32)
+  assert not np.array_equal(cudnn, xla)          # the two are distinguishable here
+  for impl in (None, "auto"):
+    np.testing.assert_array_equal(np.asarray(causal_attention(q, k, v, implementation=impl),
+                                             np.float32), cudnn)
+  q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+  with pytest.raises(NotSupported, match="bfloat16"):
+    causal_attention(q32, k32, v32, implementation="cudnn")
+  np.testing.assert_array_equal(causal_attention(q32, k32, v32),
+                                causal_attention(q32, k32, v32, implementation="xla"))
 
 
 def test_model_cudnn_matches_xla_logits():
@@ -57,13 +72,13 @@ def test_model_cudnn_matches_xla_logits():
               compute_dtype="bfloat16")
   params = init_params(ModelConfig(**base), jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 384), 0, 259)
-  lx = apply(ModelConfig(**base, attention_impl="xla"), params, toks)
-  lc = apply(ModelConfig(**base, attention_impl="cudnn"), params, toks)
+  lx = forward(ModelConfig(**base, attention_impl="xla"), params, toks)
+  lc = forward(ModelConfig(**base, attention_impl="cudnn"), params, toks)
   assert _rel(lc, lx) < 2e-2
 
 
 def test_short_training_run_on_gpu(tmp_path):
-  from effjax.training import train
+  from effjax.trainer import train
   cfg = load_config("configs/tiny.yaml", [f"train.out_dir={tmp_path}/run", "train.steps=150",
                                           "train.progress=false", "train.eval_every=150",
                                           "train.checkpoint_every=150"])
@@ -84,7 +99,7 @@ def test_decode_and_sparse_steps_with_triton_kernels_match_xla():
   lengths = jnp.asarray([500, 321])
 
   def run(impl, sparse, local=1):
-    cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+    cache = KVCache.init(cfg, 2, 640, jnp.bfloat16)
     logits, cache = decoding.prefill(cfg, params, toks, lengths, cache)
     scfg = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256, local_tokens=local)
     summ = resa.init_summaries(cfg, scfg, cache)
@@ -118,7 +133,7 @@ def test_sparse_steps_and_generate_with_the_mosaic_gpu_kernel():
   lengths = jnp.asarray([500, 321])
 
   def run(scfg, impl):
-    cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+    cache = KVCache.init(cfg, 2, 640, jnp.bfloat16)
     _, cache = decoding.prefill(cfg, params, toks, lengths, cache)
     summ = resa.init_summaries(cfg, scfg, cache)
     outs = []
@@ -162,7 +177,7 @@ def test_batch1_decode_step_keeps_linears_as_dots(strength_reduction):
   cfg = ModelConfig(d_model=512, n_layers=2, n_heads=8, n_kv_heads=2, d_ff=1536, max_seq_len=512,
                     compute_dtype="bfloat16", param_dtype="bfloat16")
   params = init_params(cfg, jax.random.key(0))
-  cache = decoding.init_cache(cfg, 1, 256, jnp.bfloat16)
+  cache = KVCache.init(cfg, 1, 256, jnp.bfloat16)
   _, cache = decoding.prefill(cfg, params, jax.random.randint(jax.random.key(1), (1, 100), 0, 256),
                               jnp.asarray([100]), cache)
   tok = jnp.asarray([7])
@@ -230,13 +245,13 @@ def test_float8_gate_cache_compiles_and_equals_the_converted_float32_cache():
   gp = gate_lib.init_gate_params(cfg, gate_lib.GateConfig(block_size=64), jax.random.key(3))
   toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
   lengths = jnp.asarray([500, 321])
-  cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+  cache = KVCache.init(cfg, 2, 640, jnp.bfloat16)
   _, cache = decoding.prefill(cfg, params, toks, lengths, cache)
   base = resa.SparseConfig(selector="gate", block_size=64, budget_tokens=256, rectify_every=8)
   s32 = resa.init_summaries(cfg, dataclasses.replace(base, gate_cache_dtype="float32"), cache, gp)
   f8 = dataclasses.replace(base, gate_cache_dtype="float8_e4m3fn")
   s8 = resa.init_summaries(cfg, f8, cache, gp)
-  for a, b in zip(s32["kc"], s8["kc"]):
+  for a, b in zip((s.kc for s in s32), (s.kc for s in s8)):
     assert b.dtype == jnp.float8_e4m3fn
     assert float(jnp.max(jnp.abs(a))) > 0.1
     np.testing.assert_array_equal(np.asarray(gate_lib.to_cache_dtype(a, "float8_e4m3fn"), np.float32),

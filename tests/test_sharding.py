@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 import jax, numpy as np
 assert len(jax.devices()) == 8, jax.devices()
 from effjax.config import load_config
-from effjax.training import train, init_train_state, make_optimizer
+from effjax.trainer import train
+from effjax.training import init_train_state, make_optimizer
 from effjax import sharding as shd
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
          "model.max_seq_len=64", "data.seq_len=32", "train.batch_size=16", "optim.warmup_steps=2",

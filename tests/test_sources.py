@@ -113,3 +113,39 @@ def test_tfds_local_dataset(tmp_path):
     load_documents("tfds:not_prepared", tfds_data_dir=str(data_dir))
   with pytest.raises(FileNotFoundError, match="Unknown split"):
     load_documents(source + ":nosplit", tfds_data_dir=str(data_dir))
+
+
+def test_root_sources_resolve_under_the_data_root(tmp_path, monkeypatch):
+  """root:<path> names a file, directory or glob under the data root: the `root` argument, else
+  $EFFJAX_DATA_ROOT; without either (or with a root that is no directory) a clear error."""
+  from effjax.data.sources import ROOT_ENV, data_root, resolve_source
+  monkeypatch.delenv(ROOT_ENV, raising=False)
+  base = tmp_path / "data"
+  (base / "wikitext-2").mkdir(parents=True)
+  (base / "wikitext-2" / "valid.txt").write_text("v1\nv2\n")
+  _write_jsonl(base / "wikitext-2" / "extra.jsonl", [{"text": "j1"}])
+  want = load_documents(str(base / "wikitext-2" / "valid.txt"))
+  assert want == ["v1", "v2"]
+  assert load_documents("root:wikitext-2/valid.txt", root=str(base)) == want
+  assert load_documents("root:wikitext-2", root=str(base)) == ["j1", "v1", "v2"]   # a directory
+  assert load_documents("root:wikitext-2/*.jsonl", root=str(base)) == ["j1"]        # a glob
+  assert resolve_source("root:a/b.txt", str(base)) == str(base / "a" / "b.txt")
+  assert resolve_source("bundled:tinyshakespeare", str(base)) == "bundled:tinyshakespeare"
+  assert resolve_source(str(base / "x.txt")) == str(base / "x.txt")
+  # no root anywhere: the message says how to set one
+  assert data_root() is None
+  with pytest.raises(ValueError, match=r"data\.root.*EFFJAX_DATA_ROOT"):
+    load_documents("root:wikitext-2/valid.txt")
+  # the environment variable; an explicit root wins over it
+  monkeypatch.setenv(ROOT_ENV, str(base))
+  assert data_root() == str(base)
+  assert load_documents("root:wikitext-2/valid.txt") == want
+  other = tmp_path / "other"
+  (other / "wikitext-2").mkdir(parents=True)
+  (other / "wikitext-2" / "valid.txt").write_text("o1\n")
+  assert load_documents("root:wikitext-2/valid.txt", root=str(other)) == ["o1"]
+  # a root that is not a directory; a path missing under the root
+  with pytest.raises(FileNotFoundError, match="not a directory"):
+    load_documents("root:wikitext-2/valid.txt", root=str(tmp_path / "nope"))
+  with pytest.raises(FileNotFoundError, match="missing.txt"):
+    load_documents("root:wikitext-2/missing.txt", root=str(base))

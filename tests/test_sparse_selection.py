@@ -5,16 +5,19 @@ import numpy as np
 import pytest
 
 from effjax.sparse import selection as sel
+from pallas_kernels.block_topk import output_width
 
 
 def test_top_k_keeps_first_and_current_and_best():
   scores = jnp.asarray([[[0.0, 5.0, 1.0, 9.0, 3.0, 7.0, -1.0, 2.0]]])   # B1 K1 N8
   lengths = jnp.asarray([6 * 4 + 1])                                   # 7 valid blocks (bs 4)
   idx = sel.select_top_k(scores, lengths, 4, k=4)
-  # forced: block 0 and current block 6; best others: 3 (9.0), 5 (7.0)
-  np.testing.assert_array_equal(idx, [[[0, 3, 5, 6]]])
+  # forced: block 0 and current block 6; best others: 3 (9.0), 5 (7.0); -1 padded to the width
+  # every block_topk backend returns (the power of 2 above min(k, N))
+  assert output_width(4, 8) == 8
+  np.testing.assert_array_equal(idx, [[[0, 3, 5, 6, -1, -1, -1, -1]]])
   idx = sel.select_top_k(scores, jnp.asarray([8]), 4, k=3)            # 2 valid blocks only
-  np.testing.assert_array_equal(idx, [[[0, 1, -1]]])
+  np.testing.assert_array_equal(idx, [[[0, 1, -1, -1]]])
 
 
 def test_threshold_rule():
@@ -41,7 +44,7 @@ def test_budgets_too_small_for_the_forced_blocks_are_refused():
     sel.select_threshold(scores, lengths, 4, threshold=0.1, max_blocks=2, local_tokens=4)
   # exactly enough: the first block and the blocks of tokens 21-24 (5 and 6)
   np.testing.assert_array_equal(sel.select_top_k(scores, lengths, 4, k=3, local_tokens=4),
-                                [[[0, 5, 6]]])
+                                [[[0, 5, 6, -1]]])
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -52,6 +55,7 @@ def test_random_selections_are_valid_index_sets(seed):
   scores = jnp.asarray(rng.normal(size=(B, K, N)), jnp.float32)
   for k in (2, 5, 16):
     idx = np.asarray(sel.select_top_k(scores, lengths, bs, k))
+    assert idx.shape == (B, K, output_width(k, N)) and idx.dtype == np.int32
     nb = np.asarray(sel.num_blocks(lengths, bs))
     for b in range(B):
       for h in range(K):

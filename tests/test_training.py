@@ -15,7 +15,8 @@ import pytest
 
 from effjax.checkpoint import CheckpointError
 from effjax.config import load_config
-from effjax.training import make_optimizer, make_train_step, init_train_state, train
+from effjax.trainer import train
+from effjax.training import make_optimizer, make_train_step, init_train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -172,7 +173,7 @@ def test_sampling_beyond_context_and_greedy_determinism(tmp_path):
   import jax.numpy as jnp
   from effjax import evaluation
   from effjax.data import ByteTokenizer
-  from effjax.model import apply, init_params
+  from effjax.model import forward, init_params
   cfg = cfg_for(tmp_path, "model.max_seq_len=32")
   params = init_params(cfg.model, jax.random.key(0))
   prompt = "the quick brown fox jumps over the lazy dog"   # 44 tokens: longer than the context
@@ -181,9 +182,19 @@ def test_sampling_beyond_context_and_greedy_determinism(tmp_path):
   # reproduce greedy decoding step by step on the host, always on the last 32 tokens
   ids = list(ByteTokenizer().encode(prompt, add_bos=True))
   n0 = len(ids)
-  step = jax.jit(lambda w: jnp.argmax(apply(cfg.model, params, w)[0, -1]))
+  step = jax.jit(lambda w: jnp.argmax(forward(cfg.model, params, w)[0, -1]))
   for _ in range(24):
     ids.append(int(step(jnp.asarray([ids[-32:]], jnp.int32))))
   assert out[0] == ByteTokenizer().decode(ids[n0:])
   hot = evaluation.sample(cfg, params, "ab", num=3, length=20, temperature=1.0, top_k=5, seed=1)
   assert len(set(hot)) > 1  # different rows sample differently
+
+
+def test_unigram_entropy():
+  from effjax.trainer import unigram_entropy
+  t = np.array([[0, 0, 1, 1], [2, 2, 2, 2]])
+  p = np.array([0.25, 0.25, 0.5])
+  np.testing.assert_allclose(unigram_entropy(t), -(p * np.log(p)).sum(), rtol=1e-12)
+  mask = np.array([[1, 1, 1, 1], [0, 0, 0, 0]])
+  np.testing.assert_allclose(unigram_entropy(t, mask), np.log(2), rtol=1e-12)
+  assert unigram_entropy(np.full((3, 5), 7)) == 0.0

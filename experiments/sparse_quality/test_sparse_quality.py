@@ -1,4 +1,9 @@
-"""experiments/sparse_quality: the passkey corpus, and the whole experiment at smoke sizes on CPU."""
+"""experiments/sparse_quality: the passkey corpus, the report's arithmetic, the whole experiment at
+smoke sizes on CPU, and the committed results' gain plot. Marked `experiment` (deselected by
+default; the default suite collects tests/ only):
+
+    python -m pytest -m experiment experiments/sparse_quality
+"""
 
 import json
 import math
@@ -9,11 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-EXP = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "sparse_quality"
+EXP = pathlib.Path(__file__).resolve().parent
 if str(EXP) not in sys.path:
   sys.path.insert(0, str(EXP))
 
 import corpus  # noqa: E402  (experiments/sparse_quality/corpus.py)
+
+pytestmark = pytest.mark.experiment
 
 NEEDLE = re.compile(r" The pass key is (\d{5})\. Remember it\. \1 is the pass key\. ")
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
