@@ -3,8 +3,8 @@
 
   python experiments/delt/run_experiment.py [--seeds 0 1 2] [--out DIR] [key.sub=value ...]
 
-Pool: ../shared/data/nltk-english-mix (mixed quality). Reference ("quality") set: the first half
-of WikiText-2 validation. Evaluation: the second half of WikiText-2 validation, and held-out pool
+Pool: nltk-english-mix under the data root (data.root or $EFFJAX_DATA_ROOT; mixed quality).
+Reference ("quality") set: the first half of WikiText-2 validation (wikitext-2/valid.txt there). Evaluation: the second half of WikiText-2 validation, and held-out pool
 documents (data.valid_fraction). Conditions (configs/delt_lqs_folding.yaml as the base):
 
   conventional       shuffle every epoch (no scores)
@@ -68,7 +68,8 @@ def main():
   from effjax.config import load_config
   from effjax.data import delt, eval_batches, load_splits
   from effjax.evaluation import load_params
-  from effjax.training import evaluate_loss, make_eval_step, train
+  from effjax.trainer import train
+  from effjax.training import evaluate_loss, make_eval_step
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pallas_kernels.sparse_decode import sparse_decode_attention, SparseDecodeConfig
+from pallas_kernels.sparse_decode import sparse_decode_attention
+from pallas_kernels.sparse_decode.pallas_mosaic_gpu import MosaicGPUConfig
 
 rng = np.random.default_rng(0)
 for (B, K, G, H, S, L, ns) in [
@@ -20,7 +21,7 @@ for (B, K, G, H, S, L, ns) in [
   nb = -(-S // 64)
   idx = jnp.asarray(np.broadcast_to(np.arange(nb, dtype=np.int32), (B, K, nb)))
   n = jnp.asarray(L, jnp.int32)
-  cfg = SparseDecodeConfig(num_splits=ns)
+  cfg = MosaicGPUConfig(num_splits=ns)
   out = sparse_decode_attention(q, k, v, n, idx, block_size=64, implementation="pallas_mosaic_gpu", config=cfg)
   ref = sparse_decode_attention(q, k, v, n, idx, block_size=64, implementation="xla")
   err = np.abs(np.asarray(out, np.float32) - np.asarray(ref, np.float32))

@@ -2,6 +2,7 @@ import dataclasses, jax, jax.numpy as jnp, numpy as np
 from effjax.config import ModelConfig
 from effjax.model import init_params
 from effjax import decoding
+from effjax.cache import KVCache
 from effjax.sparse import resa
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64); return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -10,7 +11,7 @@ params = init_params(cfg, jax.random.key(0))
 toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
 lengths = jnp.asarray([500, 321])
 def run(scfg, impl, steps=8):
-  cache = decoding.init_cache(cfg, 2, 640, jnp.bfloat16)
+  cache = KVCache.init(cfg, 2, 640, jnp.bfloat16)
   _, cache = decoding.prefill(cfg, params, toks, lengths, cache)
   summ = resa.init_summaries(cfg, scfg, cache)
   outs = []

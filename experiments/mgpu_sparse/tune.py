@@ -15,12 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
-import bench_decode as bd  # noqa: E402
-import devtime  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+from benchmarks import bench_decode as bd  # noqa: E402
+from benchmarks import devtime  # noqa: E402
 
-from pallas_kernels import _mgpu_sparse, _splitk  # noqa: E402
-from pallas_kernels.sparse_decode import SparseDecodeConfig, sparse_decode_attention  # noqa: E402
+from pallas_kernels import launch  # noqa: E402
+from pallas_kernels.sparse_decode import sparse_decode_attention  # noqa: E402
+from pallas_kernels.sparse_decode.pallas_mosaic_gpu import MosaicGPUConfig  # noqa: E402
+from pallas_kernels.sparse_decode.pallas_triton import TritonConfig  # noqa: E402
 
 
 def main():
@@ -28,7 +32,8 @@ def main():
   ap.add_argument("--batches", default="8,1")
   ap.add_argument("--seqs", default="131072")
   ap.add_argument("--plans", default="0.9,4096", help="sparsities (< 1) or token budgets (>= 1)")
-  ap.add_argument("--stages", default="2,3,4")
+  ap.add_argument("--stages", default="2,3,4",
+                  help="Mosaic GPU pipeline depths (MosaicGPUConfig.pipeline_depth)")
   ap.add_argument("--per-sm", default="1,2,4", help="programs per SM the split count aims for")
   ap.add_argument("--calls", type=int, default=64)
   ap.add_argument("--copies", type=int, default=4)
@@ -58,14 +63,14 @@ def main():
         idx = bd.random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
         xs = (qs, jnp.asarray(idx))
         sel_bytes = 2 * B * HKV * n_sel * bs * D * 2
-        variants = [("pallas_triton", SparseDecodeConfig(), None)]
+        variants = [("pallas_triton", TritonConfig(), None)]
         for st in bd.parse_ints(args.stages):
           for per_sm in bd.parse_ints(args.per_sm):
-            ns = _splitk.default_num_splits(B * HKV, n_sel, per_sm * _splitk.sm_count())
+            ns = launch.default_num_splits(B * HKV, n_sel, launch.target_programs(per_sm))
             variants.append(("pallas_mosaic_gpu",
-                             SparseDecodeConfig(num_splits=ns, num_stages=st),
+                             MosaicGPUConfig(num_splits=ns, pipeline_depth=st),
                              dict(stages=st, per_sm=per_sm)))
-        variants.append(("pallas_mosaic_gpu", SparseDecodeConfig(), "default"))
+        variants.append(("pallas_mosaic_gpu", MosaicGPUConfig(), "default"))
         for impl, cfg, knobs in variants:
           def call(x, c, impl=impl, cfg=cfg):
             return sparse_decode_attention(x[0], c[0], c[1], lengths, x[1], block_size=bs,

@@ -7,7 +7,7 @@ Every document is seq_len - 1 characters of ASCII text, so with the byte tokeniz
 tokens and BOS + document + EOS is exactly one training row of seq_len + 1 tokens: a passkey
 document is never cut in two by packing, and its answer is always the last thing the row predicts.
 
-    docs = read_documents(["shared_data/nltk-english-mix"])
+    docs = read_documents(["root:nltk-english-mix"])       # under $EFFJAX_DATA_ROOT
     train_text, heldout_text = split_text(docs, heldout_fraction=0.03, seed=0)
     meta = write_corpus(out_dir, train_text, seq_len=4096, n_docs=32064, passkey_fraction=0.2,
                         synthetic_filler_fraction=0.25, copy_fraction=0.2, seed=0)

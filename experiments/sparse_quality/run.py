@@ -16,7 +16,7 @@ it and every later one):
           and random codes with copies of their own earlier stretches at random distances: a dense
           signal for the content-based look-up retrieval needs); <out>/data/heldout.txt: held-out
           real text (drift prompts, real-text haystacks for retrieval).
-  train   configs/longctx.yaml on that corpus (effjax.training.train, resumable). --train-seconds
+  train   configs/longctx.yaml on that corpus (effjax.trainer.train, resumable). --train-seconds
           caps the phase's wall time: a first chunk measures the step time, then it trains to the
           last step that fits (--resume-later: and a later call continues); with --auto-steps a
           throwaway calibration run measures it and the run gets the steps that fit, with a
@@ -27,7 +27,8 @@ it and every later one):
   report  <out>/results.json, REPORT.md, retrieval.png, drift.png, loss.png (also copied to
           --results-dir when given).
 
---smoke runs tiny sizes end to end in about a minute on CPU (tests/test_sparse_quality.py).
+--smoke runs tiny sizes end to end in about a minute on CPU (test_sparse_quality.py here:
+`pytest -m experiment experiments/sparse_quality`).
 """
 
 from __future__ import annotations
@@ -67,9 +68,11 @@ SMOKE_MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model
 
 
 def default_corpus() -> list[str]:
-  """nltk-english-mix + WikiText-2 valid: the repo's git-ignored shared_data/ copy (the GPU
-  machine) when present, else ../shared/data (development machines)."""
-  for base in (ROOT / "shared_data", ROOT.parent / "shared" / "data"):
+  """nltk-english-mix + WikiText-2 valid under the data root ($EFFJAX_DATA_ROOT, as the configs'
+  root:<path> sources), else under the repo's git-ignored shared_data/ copy."""
+  from effjax.data.sources import data_root
+  bases = [pathlib.Path(r).expanduser().resolve() for r in (data_root(),) if r]
+  for base in bases + [ROOT / "shared_data"]:
     if (base / "nltk-english-mix").is_dir():
       paths = [base / "nltk-english-mix", base / "wikitext-2" / "valid.txt"]
       return [str(p) for p in paths if p.exists()]
@@ -92,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="no persistent compilation cache in <out>/jax_cache (it makes re-runs compile faster)")
   g = ap.add_argument_group("data")
   g.add_argument("--corpus", nargs="+", default=None,
-                 help="real-text sources (default: nltk-english-mix and wikitext-2/valid.txt from "
-                      "shared_data/ or ../shared/data/)")
+                 help="real-text sources (default: nltk-english-mix and wikitext-2/valid.txt "
+                      "under $EFFJAX_DATA_ROOT, else shared_data/)")
   g.add_argument("--passkey-frac", type=float, default=0.3, help="share of passkey documents")
   g.add_argument("--copy-frac", type=float, default=0.3,
                  help="share of documents of real text with copies of its own earlier stretches")
@@ -159,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.corpus is None:
     args.corpus = ["bundled:tinyshakespeare"] if args.smoke else default_corpus()
     if not args.corpus:
-      ap.error("no corpus found in shared_data/ or ../shared/data/: pass --corpus")
+      ap.error("no corpus found under $EFFJAX_DATA_ROOT or shared_data/: set EFFJAX_DATA_ROOT "
+               "or pass --corpus")
   check_args(ap, args)
   return args
 
@@ -349,7 +353,7 @@ def _with_steps(cfg, steps: int, out_dir: str | None = None, warmup_fixed: bool 
 def _auto_steps(args, cfg, run: Run, t0: float, log) -> int:
   """--auto-steps: a throwaway run of --calib-steps measures the step and compile time, then the
   step count that fills --train-seconds (a full cosine schedule, at most --steps)."""
-  from effjax.training import train
+  from effjax.trainer import train
   calib_dir = run.out / "calib"
   shutil.rmtree(calib_dir, ignore_errors=True)
   ccfg = _with_steps(cfg, args.calib_steps, out_dir=str(calib_dir))
@@ -373,7 +377,7 @@ def phase_train(args, cfg, run: Run) -> dict:
   import yaml
   from effjax.checkpoint import Checkpointer
   from effjax.config import to_dict
-  from effjax.training import plot_metrics, train
+  from effjax.trainer import plot_metrics, train
   want = {"steps": cfg.train.steps, "batch": cfg.train.batch_size, "seq": cfg.data.seq_len,
           "model": to_dict(cfg.model), "optim": to_dict(cfg.optim), "auto_steps": args.auto_steps}
   done = run.read("train/train_done.json")

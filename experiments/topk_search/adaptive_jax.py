@@ -1,5 +1,5 @@
-"""The adaptive k-th-largest search of block_topk(search="adaptive"), session 12 (commit
-18b1fa6), kept here as plain JAX after it was removed from the kernel: on the H200 it needed ~3
+"""The adaptive k-th-largest search of block_topk(search="adaptive") at commit
+18b1fa6, kept here as plain JAX after it was removed from the kernel: on the H200 it needed ~3
 passes on Gaussian rows against ~10 for the ternary search, but took 16.6 against 5.8 us
 (README.md). Used by kernel_passes.py to count passes."""
 

@@ -1,5 +1,5 @@
 """A cheaper adaptive k-th-largest search for `block_topk`, as plain JAX written the way the
-Triton kernel would run it (session 12; not built into the kernel, not timed). Each pass
+Triton kernel would run it (commit e2e026a; not built into the kernel, not timed). Each pass
 places only TWO thresholds, with fixed 16-bit count packing (no bit-length chain):
 - if the bracket's ends are finite values, by linear interpolation in rank between them;
 - otherwise from the row's normal model (32 sampled scores): two log / sqrt evaluations.

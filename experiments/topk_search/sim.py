@@ -1,4 +1,5 @@
-"""Pass-count simulator for the exact k-th-largest search of pallas_kernels/block_topk.py.
+"""Pass-count simulator for the exact k-th-largest search of pallas_kernels.block_topk
+(its Triton kernel, pallas_kernels/block_topk/pallas_triton.py).
 
 Plain numpy + Python scalar logic. Every strategy only touches the row through `Search`'s
 reduction methods (one reduction == one "pass"), and otherwise uses scalar arithmetic on what
