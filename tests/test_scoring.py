@@ -122,19 +122,23 @@ def test_hvp_matches_finite_differences_and_reverse_mode():
 
 
 def test_projection_is_deterministic_and_preserves_scores():
-  # How closely a projection of 4x the parameter count keeps the scores' order varies with the
-  # draw (correlation ~0.85-0.97 over init and projection seeds): seed 2 is one of the typical ones.
-  params0 = init_params(MCFG, jax.random.key(2))
+  # How closely a count-sketch of 4x the parameter count keeps LQS's order varies with the draw
+  # (correlation 0.85-0.97 over init and projection seeds: LQS is a ratio of gradient norms times
+  # a cosine, so a small error can move a score a lot), so the bound is on three inits together.
   pool, ref, scored = rand_examples(16, 12, 1), rand_examples(4, 12, 2), rand_examples(32, 12, 3)
   exact = scoring.ScoringFns(MCFG)
-  trace = scoring.train_proxy(exact, params0, pool, steps=4, lr=0.5, batch_size=4)
-  r0 = scoring.lqs_scores(exact, trace, pool, ref, scored, chunk=8)
-  n_params = ravel_pytree(params0)[0].size
-  proj = scoring.ScoringFns(MCFG, projection_dim=4 * n_params, projection_seed=3)
-  r1 = scoring.lqs_scores(proj, trace, pool, ref, scored, chunk=8)
-  r2 = scoring.lqs_scores(proj, trace, pool, ref, scored, chunk=8)
+  corr = []
+  for seed in (0, 1, 2):
+    params0 = init_params(MCFG, jax.random.key(seed))
+    trace = scoring.train_proxy(exact, params0, pool, steps=4, lr=0.5, batch_size=4)
+    r0 = scoring.lqs_scores(exact, trace, pool, ref, scored, chunk=8)
+    n_params = ravel_pytree(params0)[0].size
+    proj = scoring.ScoringFns(MCFG, projection_dim=4 * n_params, projection_seed=3)
+    r1 = scoring.lqs_scores(proj, trace, pool, ref, scored, chunk=8)
+    corr.append(np.corrcoef(r0.lqs, r1.lqs)[0, 1])
+  assert min(corr) > 0.8 and np.mean(corr) > 0.9, corr
+  r2 = scoring.lqs_scores(proj, trace, pool, ref, scored, chunk=8)   # the same sketch again
   np.testing.assert_array_equal(r1.lqs_raw, r2.lqs_raw)
-  assert np.corrcoef(r0.lqs, r1.lqs)[0, 1] > 0.9
   # a sketch of a pytree has the right size and approximately preserves the norm
   s = scoring.sketch(params0, 4 * n_params, 0)
   ratio = float(jnp.linalg.norm(s) / jnp.linalg.norm(ravel_pytree(params0)[0]))
