@@ -32,6 +32,7 @@ harness error: the run fails after writing its results (`devtime.floor_violation
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -83,12 +84,12 @@ def time_calls(call, xs, caches, windows: int, unroll: int = 1) -> float:
 
 
 def measure(call, xs, caches, windows: int, unroll: int, trace: bool,
-            compiler_options: dict | None = None, shared=None) -> dict:
+            compiler_options: dict | None = None, shared=None, barrier: bool = True) -> dict:
   """{"s": wall seconds per call} (time_calls), plus with `trace` the profiler's kernel time of
   the same compiled jit: {"busy_s", "span_s", "kernels": [(name, us per call, launches per
   call)...]} (devtime.py), or {"trace_error": why} if the profiler failed.
   `compiler_options`: XLA options of that jit; `shared`: see devtime.build_many."""
-  many = devtime.build_many(call, xs, caches, unroll, compiler_options, shared)
+  many = devtime.build_many(call, xs, caches, unroll, compiler_options, shared, barrier)
   out = {"s": devtime.wall_seconds(many, xs, caches, windows)}
   if trace:
     try:
@@ -185,6 +186,11 @@ def main():
   ap.add_argument("--floor-tbps", type=float, default=None,
                   help="bandwidth of the byte floor (default: read bandwidth measured on a GPU)")
   ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+  ap.add_argument("--legacy-harness", action="store_true",
+                  help="the harness before the optimization barrier and the once-passed K/V of the "
+                       "gated rows (its XLA rows could share work across calls; its B16 gated "
+                       "Mosaic GPU rows were rematerialised): only to compare with results "
+                       "measured with it")
   common.add_output_args(ap)
   args = ap.parse_args()
   for dt in args.gate_dtypes.split(","):
@@ -248,7 +254,12 @@ def main():
       cudnn = {}
 
       def timed(impl, call, xs, caches, bytes_read, shared=None, **extra):
-        m = measure(call, xs, caches, args.windows, args.unroll, trace, compiler_options, shared)
+        if args.legacy_harness and shared is not None:   # K/V again referenced by every entry
+          caches = tuple((*shared[i % len(shared)], *c) for i, c in enumerate(caches))
+          call = functools.partial(_legacy_gated, call, len(shared))
+          shared = None
+        m = measure(call, xs, caches, args.windows, args.unroll, trace, compiler_options, shared,
+                    barrier=not args.legacy_harness)
         floor = bytes_read / (floor_tbps * 1e12)
         r = {**shape_row, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": bytes_read,
              "floor_ms": floor * 1e3, "GBps_effective": bytes_read / m["s"] / 1e9,
@@ -383,6 +394,12 @@ def main():
           + "\n  ".join(bad), file=sys.stderr)
     return 1
   return 0
+
+
+def _legacy_gated(call, copies: int, x, entry):
+  """A gated call on an entry that carries its K/V (the legacy harness's layout)."""
+  k, v, *rest = entry
+  return call(x, tuple(rest), ((k, v),) * copies, 0)
 
 
 def sparse_configs(args) -> dict:

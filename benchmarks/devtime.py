@@ -37,7 +37,7 @@ _AGGREGATE_LINES = ("XLA Modules", "XLA Ops", "Steps", "TensorFlow Ops", "Framew
 
 
 def build_many(call, xs, caches, unroll: int = 1, compiler_options: dict | None = None,
-               shared=None):
+               shared=None, barrier: bool = True):
   """jit of: for every x in xs (a scan, unrolled `unroll` times), for every cache in caches
   (unrolled), acc += call(x, cache) -- or call(x, cache, shared, i) for the i-th cache when
   `shared` is given: arrays several calls read (e.g. K/V copies that many gate caches rotate
@@ -49,17 +49,21 @@ def build_many(call, xs, caches, unroll: int = 1, compiler_options: dict | None 
   optimization barrier together with that call's x, so XLA can neither hoist work on a cache out
   of the loop nor merge the calls of one loop trip that read the same cache (its dot merger
   otherwise fused the XLA reference's dots across calls, which then read the cache once for
-  several calls: faster than the byte floor)."""
+  several calls: faster than the byte floor). barrier=False is that earlier harness, kept to
+  compare results measured with it."""
 
   @functools.partial(jax.jit, compiler_options=compiler_options)
   def many(xs, caches, shared):
     def body(acc, x):
       for i, c in enumerate(caches):
         if shared is None:
-          c, _ = lax.optimization_barrier((c, x))
+          if barrier:
+            c, _ = lax.optimization_barrier((c, x))
           y = call(x, c)
         else:
-          (c, sh), _ = lax.optimization_barrier(((c, shared), x))
+          sh = shared
+          if barrier:
+            (c, sh), _ = lax.optimization_barrier(((c, shared), x))
           y = call(x, c, sh, i)
         acc = acc + y.astype(jnp.float32)
       return acc, None
