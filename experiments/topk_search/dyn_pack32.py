@@ -1,4 +1,4 @@
-"""Session 10: int32-only dynamic packing (count only keys inside the bracket, so fields shrink
+"""int32-only dynamic packing (count only keys inside the bracket, so fields shrink
 with the bracket and more thresholds fit one int32 pass) -- mean / max weighted passes against
 the built ternary search, 300 rows per case, exactness asserted on every row.
 

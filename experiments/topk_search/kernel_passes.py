@@ -1,4 +1,4 @@
-"""Session 12: counting passes of the adaptive search as it ran in the kernel (`adaptive_jax.py`,
+"""Counting passes of the adaptive search as it ran in the kernel (`adaptive_jax.py`,
 the code of block_topk(search="adaptive") at commit 18b1fa6, run as plain JAX on the CPU over
 whole rows) against the ternary search (`sim.strat_ternary`) on the same rows; the selection is
 checked against the reference.
