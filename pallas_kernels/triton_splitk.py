@@ -158,6 +158,19 @@ def write_partial(o_ref, m_ref, l_ref, state, n_rows: int) -> None:
   plgpu.store(l_ref, l_R, mask=live_R)
 
 
+def dense_layout(k_BKSH, v_BKSH, block_k: int, num_splits: int | None, op: str):
+  """The cache padded to whole key blocks (a no-op, no copy, for the usual power-of-2
+  capacities: a block load then never runs past the buffer) and the split count of a dense
+  split-K kernel (`num_splits`, or towards the op's tuned programs per SM)."""
+  k_BKSH = launch.pad_axis(k_BKSH, 2, block_k)
+  v_BKSH = launch.pad_axis(v_BKSH, 2, block_k)
+  B, K, S, _ = k_BKSH.shape
+  per_sm = tuned.lookup(op, "pallas_triton")["programs_per_sm"]
+  num_splits = num_splits or launch.default_num_splits(B * K, S // block_k,
+                                                       launch.target_programs(per_sm))
+  return k_BKSH, v_BKSH, num_splits
+
+
 def split_range(n_keys, block_k: int, num_splits: int):
   """This program's share [first, end) of the cdiv(n_keys, block_k) key blocks (split = program
   axis 2), decided at run time so ragged lengths balance across the splits."""

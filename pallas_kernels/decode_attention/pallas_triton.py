@@ -63,15 +63,9 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_k
                                              "interpret"))
 def _decode(q_BKGH, k_BKSH, v_BKSH, lengths_B, *, block_k: int, num_splits: int | None,
             num_warps: int, num_stages: int, interpret: bool):
-  B, K, G, H = q_BKGH.shape
-  # Capacity padded to whole blocks so a block load never runs past the buffer; a no-op (no copy)
-  # for the usual power-of-2 capacities.
-  k_BKSH = launch.pad_axis(k_BKSH, 2, block_k)
-  v_BKSH = launch.pad_axis(v_BKSH, 2, block_k)
-  S = k_BKSH.shape[2]
-  per_sm = tuned.lookup("decode_attention", "pallas_triton")["programs_per_sm"]
-  num_splits = num_splits or launch.default_num_splits(B * K, S // block_k,
-                                                       launch.target_programs(per_sm))
+  H = q_BKGH.shape[-1]
+  k_BKSH, v_BKSH, num_splits = triton_splitk.dense_layout(k_BKSH, v_BKSH, block_k, num_splits,
+                                                          "decode_attention")
   kernel = functools.partial(_decode_kernel, block_k=block_k, num_splits=num_splits,
                              scale=H ** -0.5, precision=launch.dot_precision(q_BKGH.dtype))
   return triton_splitk.splitk_call(

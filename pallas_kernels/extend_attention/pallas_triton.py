@@ -54,12 +54,8 @@ def _extend_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block
 def _extend(q_BKFGH, k_BKSH, v_BKSH, start_B, *, block_k: int, num_splits: int | None,
             num_warps: int, num_stages: int, interpret: bool):
   B, K, F, G, H = q_BKFGH.shape
-  k_BKSH = launch.pad_axis(k_BKSH, 2, block_k)
-  v_BKSH = launch.pad_axis(v_BKSH, 2, block_k)
-  S = k_BKSH.shape[2]
-  per_sm = tuned.lookup("extend_attention", "pallas_triton")["programs_per_sm"]
-  num_splits = num_splits or launch.default_num_splits(B * K, S // block_k,
-                                                       launch.target_programs(per_sm))
+  k_BKSH, v_BKSH, num_splits = triton_splitk.dense_layout(k_BKSH, v_BKSH, block_k, num_splits,
+                                                          "extend_attention")
   kernel = functools.partial(_extend_kernel, block_k=block_k, num_splits=num_splits, group=G,
                              n_tokens=F, scale=H ** -0.5,
                              precision=launch.dot_precision(q_BKFGH.dtype))
