@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def output_path(args, filename: str) -> pathlib.Path:
 
 
 def commit() -> str:
+  """The commit of this tree (with "+changes" when it differs from it); $EFFJAX_COMMIT, if set,
+  names it instead (a copy of the tree whose git metadata is not its own, e.g. on a GPU host)."""
+  if os.environ.get("EFFJAX_COMMIT"):
+    return os.environ["EFFJAX_COMMIT"]
   try:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True, timeout=10).stdout.strip()
