@@ -10,7 +10,8 @@
 #              in ./baseline: the S128K decode grid and the 350m train step, same run)
 #   <suite>    python -m benchmarks <suite> $ARGS_<suite> (decode, train, generate, selector, ...)
 #   pack       tar + gzip everything under $OUT into $OUT/results.tgz (few files travel back)
-# A run longer than one command may take: start it with `setsid nohup bash benchmarks/run_device.sh
+# Set EFFJAX_COMMIT=<commit> when the tree is a copy whose git metadata is not its own, so the
+# results name the right commit. A run longer than one command may take: start it with `setsid nohup bash benchmarks/run_device.sh
 # ... &`, then wait on $OUT/done in later commands.
 set -uo pipefail
 OUT=${OUT:-out/device}; mkdir -p "$OUT"
