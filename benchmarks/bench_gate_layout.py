@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import pathlib
-import sys
 
 
 import jax

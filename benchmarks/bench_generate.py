@@ -221,8 +221,6 @@ def main(argv: list[str] | None = None):
     if m not in MODES:
       ap.error(f"unknown mode {m!r}; choose from {MODES}")
 
-  dev = jax.devices()[0]
-  card = dev.device_kind.replace(" ", "_")
   floor_tbps, floor_src = devtime.floor_bandwidth()
   out = common.output_path(args, "generate.json")
 

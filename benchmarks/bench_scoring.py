@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import pathlib
 import statistics
-import sys
 import time
 
 

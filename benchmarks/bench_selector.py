@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
-import sys
 
 
 import jax

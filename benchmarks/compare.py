@@ -111,18 +111,16 @@ def main():
   here = common.ROOT
   py = sys.executable
   files = {}
-  if not args.skip_decode:
-    files["old_decode"], files["new_decode"] = d / "compare_old_decode.json", d / "compare_new_decode.json"
-    run([py, "benchmarks/bench_decode.py", *shlex.split(args.decode_args), "--out",
-         str(files["old_decode"])], base, d / "compare_old_decode.log")
-    run([py, "-m", "benchmarks", "decode", *shlex.split(args.decode_args), "--out",
-         str(files["new_decode"])], here, d / "compare_new_decode.log")
-  if not args.skip_train:
-    files["old_train"], files["new_train"] = d / "compare_old_train.json", d / "compare_new_train.json"
-    run([py, "benchmarks/bench_train.py", *shlex.split(args.train_args), "--out",
-         str(files["old_train"])], base, d / "compare_old_train.log")
-    run([py, "-m", "benchmarks", "train", *shlex.split(args.train_args), "--out",
-         str(files["new_train"])], here, d / "compare_new_train.log")
+  suites = [("decode", "bench_decode.py", args.decode_args, args.skip_decode),
+            ("train", "bench_train.py", args.train_args, args.skip_train)]
+  for suite, script, suite_args, skip in suites:
+    if skip:
+      continue
+    for side, cmd, cwd in (("old", [py, f"benchmarks/{script}"], base),
+                           ("new", [py, "-m", "benchmarks", suite], here)):
+      files[f"{side}_{suite}"] = d / f"compare_{side}_{suite}.json"
+      run([*cmd, *shlex.split(suite_args), "--out", str(files[f"{side}_{suite}"])], cwd,
+          d / f"compare_{side}_{suite}.log")
   load = lambda k: json.loads(files[k].read_text()) if k in files and files[k].exists() else None
   old_d, new_d, old_t, new_t = (load(k) for k in ("old_decode", "new_decode", "old_train",
                                                    "new_train"))

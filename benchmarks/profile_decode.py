@@ -16,9 +16,6 @@ benchmarks/results/<card>/).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import sys
 
 
 import jax

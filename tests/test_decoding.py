@@ -262,7 +262,6 @@ def _check_extend_rectifies(impl):
 def test_decoding_evaluations_run_and_are_consistent(tmp_path):
   """drift_eval / retrieval_eval on a tiny model: dense agrees with itself, NLLs are finite, and a
   full-budget sparse decoder is indistinguishable from dense."""
-  import dataclasses
   from effjax import evaluation
   from effjax.config import load_config
   from effjax.sparse import resa

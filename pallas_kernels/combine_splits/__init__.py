@@ -23,6 +23,8 @@ _OP = Op("combine_splits", __name__,
          defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
 
+__all__ = ["IMPLEMENTATIONS", "combine_splits", "combine_splits_reference"]
+
 
 def combine_splits(o_BKNRH: jax.Array, m_BKNR: jax.Array, l_BKNR: jax.Array, g: int, out_dtype,
                    *, implementation=None, interpret: bool = False, config=None) -> jax.Array:

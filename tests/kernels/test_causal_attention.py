@@ -1,7 +1,6 @@
 """pallas_kernels.causal_attention (training / prefill layout): one test base, subclassed once per
 backend, against a float64 loop over heads."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
