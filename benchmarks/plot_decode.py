@@ -79,10 +79,13 @@ def plot(rows, out: pathlib.Path, title: str) -> None:
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  if len(argv) != 1:
+  if len(argv) != 1 or argv[0] in ("-h", "--help"):
     print(__doc__)
-    return 2
+    return 0 if argv[:1] in (["-h"], ["--help"]) else 2
   path = pathlib.Path(argv[0])
+  if not path.is_file():
+    print(f"error: no result file {path}", file=sys.stderr)
+    return 2
   meta, rows = load(path)
   md = "Wall time of the jit / calls (ms per call, speedup over cuDNN):\n\n" + table(rows)
   if any("trace_busy_ms" in r for r in rows):
