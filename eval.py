@@ -15,7 +15,7 @@ import json
 import pathlib
 import sys
 
-from effjax.checkpoint import CheckpointError
+from effjax.checkpoint import CheckpointError, atomic_write_text
 from effjax.config import ConfigError, load_config
 from effjax.sparse.gate import CACHE_DTYPES
 from pallas_kernels.sparse_decode import IMPLEMENTATIONS as SPARSE_KERNELS
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                   help="the block-sparse attention's kernel (SparseConfig.sparse_kernel; auto: "
                        "--decode-impl); pallas_mosaic_gpu: the Hopper TMA + wgmma kernel")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")
-  args = ap.parse_args(argv)
+  args = ap.parse_intermixed_args(argv)  # options may follow the key=value overrides
   check_decoding_args(ap, args)
   try:
     if args.config is None and args.run is None:
@@ -75,15 +75,22 @@ def main(argv=None) -> int:
   run = pathlib.Path(args.run or cfg.train.out_dir)
 
   from effjax import evaluation
+  out = pathlib.Path(args.out) if args.out else run / "eval.json"
   try:
+    if not out.parent.is_dir():
+      raise FileNotFoundError(f"--out {out}: directory {out.parent} does not exist")
     params, step = evaluation.load_params(cfg, run, args.step)
     results = evaluation.evaluate_splits(cfg, params)
+  except FloatingPointError as e:
+    print(f"error: {e} (checkpoint step {step} of {run}); nothing written", file=sys.stderr)
+    return 2
   except (CheckpointError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for name, r in results.items():
     print(f"{name:>24}: loss {r['loss']:.4f} nats/token | ppl {r['ppl']:.3f} | "
-          f"{r['bpb']:.4f} bits/byte | {int(r['tokens'])} tokens")
+          f"{r['bits_per_byte']:.4f} bits/byte | {int(r['tokens'])} tokens of the first "
+          f"{r['examples']} of {r['of_examples']} examples")
   samples = []
   if cfg.eval.num_samples:
     samples = evaluation.sample(cfg, params, cfg.eval.prompt, cfg.eval.num_samples,
@@ -91,8 +98,7 @@ def main(argv=None) -> int:
     for i, s in enumerate(samples):
       print(f"--- sample {i} (temperature {cfg.eval.temperature}, top-k {cfg.eval.top_k}) ---\n{s}")
   decoding_results = run_decoding_evals(args, cfg, params, run)
-  out = pathlib.Path(args.out) if args.out else run / "eval.json"
-  out.write_text(json.dumps({"run": str(run), "step": step, "splits": results, "samples": samples,
+  atomic_write_text(out, json.dumps({"run": str(run), "step": step, "splits": results, "samples": samples,
                              **decoding_results,
                              "sampling": {"prompt": cfg.eval.prompt, "temperature": cfg.eval.temperature,
                                           "top_k": cfg.eval.top_k, "seed": args.seed}}, indent=2))

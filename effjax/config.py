@@ -159,7 +159,6 @@ class TrainConfig:
   checkpoint_every: int = 200
   keep_checkpoints: int = 3
   eval_every: int = 200
-  eval_batches: int = 8
   log_every: int = 10
   mesh_data: int = -1                      # data-parallel devices; -1 = all visible devices / fsdp
   mesh_fsdp: int = 1                       # devices params + optimiser state are sharded over
@@ -174,7 +173,6 @@ class TrainConfig:
     _check(self.checkpoint_every > 0, "train.checkpoint_every", "must be > 0")
     _check(self.keep_checkpoints > 0, "train.keep_checkpoints", "must be > 0")
     _check(self.eval_every > 0, "train.eval_every", "must be > 0")
-    _check(self.eval_batches > 0, "train.eval_batches", "must be > 0")
     _check(self.log_every > 0, "train.log_every", "must be > 0")
     _check(self.mesh_data == -1 or self.mesh_data > 0, "train.mesh_data", "must be -1 or > 0")
     _check(self.mesh_fsdp > 0, "train.mesh_fsdp", f"must be > 0, got {self.mesh_fsdp}")
@@ -184,7 +182,8 @@ class TrainConfig:
 class EvalConfig:
   splits: tuple[str, ...] = ("valid",)     # 'valid' (held-out part of data.source) or local file paths
   batch_size: int = 16
-  max_batches: int = 64
+  max_batches: int = 64                    # the valid loss (training and eval.py): the first
+                                           # max_batches * batch_size examples of a split
   num_samples: int = 2
   sample_len: int = 200
   prompt: str = "\n"
@@ -341,10 +340,18 @@ def _from_dict(cls: type, d: dict, prefix: str = "") -> Any:
   return cls(**kwargs)
 
 
+# Keys earlier versions wrote into a run's config.yaml: dropped when read, so old runs stay
+# readable. train.eval_batches: the periodic valid loss now uses eval.max_batches like eval.py.
+_RETIRED = {("train", "eval_batches")}
+
+
 def from_dict(d: dict) -> Config:
   """Validates a nested dict (as read from YAML) into a `Config`."""
   if not isinstance(d, dict):
     raise ConfigError(f"a config must be a mapping at the top level, got {type(d).__name__}")
+  for section, key in _RETIRED:
+    if isinstance(d.get(section), dict) and key in d[section]:
+      d = {**d, section: {k: v for k, v in d[section].items() if k != key}}
   return _from_dict(Config, d)
 
 

@@ -54,16 +54,23 @@ def split_examples(cfg: Config, name: str):
 
 
 def evaluate_splits(cfg: Config, params, splits=None) -> dict:
-  """{split: {"loss" (nats/token), "ppl", "bpb", "tokens"}}; bpb = bits per byte for the byte
-  tokenizer (each target token is a byte or an EOS)."""
+  """{split: {"loss" (nats/token), "ppl", "bits_per_byte", "tokens", "bytes", "examples",
+  "of_examples"}} over the first eval.max_batches * eval.batch_size examples of each split (the
+  valid loss training reports uses the same ones). Raises FloatingPointError naming the split if a
+  loss is not finite."""
   mesh = shd.make_mesh(1)
   eval_fn = jax.jit(make_eval_step(cfg.model))
   out = {}
   for name in (splits or cfg.eval.splits):
     ex = split_examples(cfg, name)
     batches = data_lib.eval_batches(ex, cfg.eval.batch_size, cfg.eval.max_batches)
-    r = evaluate_loss(eval_fn, params, batches, mesh)
+    try:
+      r = evaluate_loss(eval_fn, params, batches, mesh)
+    except FloatingPointError as e:
+      raise FloatingPointError(f"{e} on split {name!r}") from e
     r["ppl"] = math.exp(r["loss"])
+    r.update(examples=min(len(ex), cfg.eval.max_batches * cfg.eval.batch_size),
+             of_examples=len(ex))
     out[name] = r
   return out
 

@@ -16,12 +16,13 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import yaml
 
 from effjax import data as data_lib
 from effjax import sharding as shd
-from effjax.checkpoint import Checkpointer, CheckpointError
+from effjax.checkpoint import Checkpointer, atomic_write_text
 from effjax.config import Config, to_dict
 from effjax.data import delt
 from effjax.training import (evaluate_loss, init_train_state, lr_schedule, make_eval_step,
@@ -59,31 +60,69 @@ class RunPaths:
   def summary(self): return self.out / "summary.json"
 
 
+class TrainingError(RuntimeError):
+  """Training cannot start or had to stop; the message is one line, and no file was lost."""
+
+
 def _check_resume_config(paths: RunPaths, cfg: Config) -> None:
   """A run directory may only be resumed with the same model/data/optimiser settings."""
   if not paths.config.exists():
     return
-  old = yaml.safe_load(paths.config.read_text())
+  try:
+    old = yaml.safe_load(paths.config.read_text())
+    if not isinstance(old, dict):
+      raise ValueError("not a mapping")
+  except (ValueError, yaml.YAMLError) as e:
+    raise TrainingError(f"{paths.config} is unreadable ({type(e).__name__}); use another "
+                        f"train.out_dir or pass --overwrite to start over") from e
   new = to_dict(cfg)
   for section in ("model", "data", "optim", "delt"):
     if old.get(section) != new.get(section):
       diff = sorted(k for k in set(old.get(section, {})) | set(new[section])
                     if old.get(section, {}).get(k) != new[section].get(k))
-      raise CheckpointError(
+      raise TrainingError(
           f"{paths.out} holds a run with different {section} settings ({', '.join(f'{section}.{k}' for k in diff)}); "
           f"use another train.out_dir or pass --overwrite to start over")
   for k in ("batch_size", "grad_accum", "seed", "steps"):
-    if old["train"].get(k) != new["train"][k]:
-      raise CheckpointError(f"{paths.out} holds a run with train.{k}={old['train'].get(k)}, "
-                            f"now {new['train'][k]}: exact resume needs the same value")
+    if old.get("train", {}).get(k) != new["train"][k]:
+      raise TrainingError(f"{paths.out} holds a run with train.{k}={old.get('train', {}).get(k)}, "
+                          f"now {new['train'][k]}: exact resume needs the same value")
+
+
+def _is_run_dir(path: pathlib.Path) -> bool:
+  """What --overwrite may delete: an empty directory or one train.py wrote (config.yaml or
+  checkpoints/ in it)."""
+  return path.is_dir() and (not any(path.iterdir()) or (path / "config.yaml").is_file()
+                            or (path / "checkpoints").is_dir())
+
+
+def _finished_summary(paths: RunPaths, cfg: Config) -> dict | None:
+  """The run's summary.json if it records a finished run of cfg.train.steps steps."""
+  try:
+    summary = json.loads(paths.summary.read_text())
+  except (OSError, ValueError):
+    return None
+  if isinstance(summary, dict) and summary.get("finished") and summary.get("step") == cfg.train.steps:
+    return summary
+  return None
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
-  """Drops metric lines past `step` (written after the checkpoint we resume from)."""
+  """Drops metric lines past `step` (written after the checkpoint we resume from; the resumed
+  run writes them again)."""
   if not path.exists():
     return
-  keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("step", 0) <= step]
-  path.write_text("".join(l + "\n" for l in keep))
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  keep = []
+  for l in lines:
+    try:
+      rec = json.loads(l)
+    except ValueError:  # a line cut short by a killed process
+      continue
+    if isinstance(rec, dict) and rec.get("step", 0) <= step:
+      keep.append(l)
+  if keep != lines:
+    atomic_write_text(path, "".join(l + "\n" for l in keep))
 
 
 def unigram_entropy(tokens: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -119,15 +158,44 @@ def plot_metrics(metrics_path: pathlib.Path, out_png: pathlib.Path, title: str =
   plt.close(fig)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
+_ALL_FINITE = jax.jit(_all_finite)
+
+
 def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = None,
           log: Callable[[str], None] = print) -> dict:
   """Runs (or resumes) training as configured. `stop_at_step` ends early after saving a checkpoint
-  there, as if the run had been killed (used to test resume). Returns the summary dict."""
+  there, as if the run had been killed (used to test resume). Returns the summary dict.
+
+  Nothing is lost: every check (the run directory, the config against a run being resumed, the
+  data sources, the tokenizer, the model shapes, the device mesh, the DELT order) runs before
+  anything is created or removed; `overwrite` deletes the old run only after they pass. A run
+  that has finished says so and leaves its files as they are. A checkpoint that fails
+  verification is moved to <out_dir>/rejected_checkpoints/ and the newest one that verifies is
+  resumed. A non-finite loss stops training (TrainingError naming the step) before it is
+  checkpointed or written as a result; result files are replaced atomically.
+  """
   paths = RunPaths(pathlib.Path(cfg.train.out_dir))
-  if overwrite and paths.out.exists():
-    shutil.rmtree(paths.out)
-  paths.out.mkdir(parents=True, exist_ok=True)
-  _check_resume_config(paths, cfg)
+  # ---- checks: nothing below writes until they all pass
+  if paths.out.exists() and not paths.out.is_dir():
+    raise TrainingError(f"train.out_dir {paths.out} exists and is not a directory")
+  if paths.out.exists() and not _is_run_dir(paths.out):
+    raise TrainingError(f"train.out_dir {paths.out} is a non-empty directory that holds no "
+                        f"training run (no config.yaml or checkpoints/): refusing to "
+                        f"{'delete' if overwrite else 'write into'} it")
+  if not overwrite:
+    _check_resume_config(paths, cfg)
+    done = _finished_summary(paths, cfg)
+    if done is not None:
+      valid = done.get("valid_loss")
+      log(f"{paths.out} is complete: step {done['step']} of {cfg.train.steps}"
+          + (f", valid loss {valid:.4f} nats/token" if isinstance(valid, (int, float)) else "")
+          + f" ({paths.summary}); nothing to do (--overwrite starts over)")
+      return done
 
   mesh = shd.make_mesh(cfg.train.mesh_data, cfg.train.mesh_fsdp)
   n_data = shd.batch_devices(mesh)
@@ -138,23 +206,48 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
 
   splits = data_lib.load_splits(cfg.data)
   train_ex, valid_ex = splits["train"], splits["valid"]
+  if len(train_ex) == 0:
+    raise ValueError(f"data.source {cfg.data.source} gives no training examples of "
+                     f"{cfg.data.seq_len} tokens")
   entropy = unigram_entropy(train_ex.tokens[:, 1:], train_ex.mask)
 
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   make_state = lambda rng: init_train_state(cfg, rng, optimizer)
   state_sh = shd.state_shardings(jax.eval_shape(make_state, jax.random.key(0)), mesh)
-  init_fn = jax.jit(make_state, out_shardings=state_sh)
-  state = init_fn(jax.random.key(cfg.train.seed))
-
-  ckpt = Checkpointer(paths.out, keep=cfg.train.keep_checkpoints)
-  start_step, data_state = 0, None
-  if ckpt.latest_step() is not None:
-    state, data_state, start_step = ckpt.restore(state)
-    log(f"resuming from checkpoint at step {start_step} in {ckpt.dir}")
-  _truncate_metrics(paths.metrics, start_step)
-  paths.config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
   order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
+
+  # ---- act
+  if overwrite and paths.out.exists():
+    shutil.rmtree(paths.out)
+    log(f"--overwrite: deleted the earlier run in {paths.out}")
+  created = not paths.out.exists()
+  try:
+    paths.out.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpointer(paths.out, keep=cfg.train.keep_checkpoints)
+    start_step, failures = ckpt.latest_verified(log)
+    for bad in [s for s in ckpt.steps() if start_step is None or s > start_step]:
+      dest = ckpt.set_aside(bad)
+      log(f"moved checkpoint {ckpt.step_dir(bad)}, which fails verification, to {dest}")
+    if failures:
+      log(f"resuming from step {start_step}, the newest checkpoint that verifies"
+          if start_step is not None else "no checkpoint verifies: starting from step 0")
+
+    init_fn = jax.jit(make_state, out_shardings=state_sh)
+    state = init_fn(jax.random.key(cfg.train.seed))
+    data_state = None
+    if start_step is not None:
+      state, data_state, start_step = ckpt.restore(state, start_step)
+      log(f"resuming from checkpoint at step {start_step} in {ckpt.dir}")
+    start_step = start_step or 0
+  except BaseException:
+    if created and paths.out.exists() and not any(ckpt_files(paths.out)):
+      shutil.rmtree(paths.out)  # a failed start leaves nothing behind
+    raise
+  _truncate_metrics(paths.metrics, start_step)
+  config_text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+  if not paths.config.exists() or paths.config.read_text() != config_text:
+    atomic_write_text(paths.config, config_text)
+
   it = data_lib.TrainIterator(train_ex, batch_size=cfg.train.batch_size,
                               ordering_kind=cfg.data.ordering,
                               seed=cfg.data.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
@@ -163,20 +256,43 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
     it.set_state(data_state)
 
   step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh, state_sh)
+  # The valid loss of training and of eval.py: the first eval.max_batches * eval.batch_size
+  # examples of the valid split, whatever the device count (batches rounded up to a multiple of
+  # the data axis; padding rows carry mask 0).
+  n_eval = min(len(valid_ex), cfg.eval.max_batches * cfg.eval.batch_size)
 
-  def run_eval(step):
-    if len(valid_ex) == 0:  # data.valid_fraction = 0: nothing held out
+  def run_eval(step, record=True):
+    if n_eval == 0:  # data.valid_fraction = 0: nothing held out
       return None
-    # The same examples whatever the device count: the first eval_batches * eval.batch_size, in
-    # batches rounded up to a multiple of the data axis (padding rows carry mask 0).
-    n_eval = min(len(valid_ex), cfg.train.eval_batches * cfg.eval.batch_size)
     bs = -(-cfg.eval.batch_size // n_data) * n_data
     batches = data_lib.eval_batches(valid_ex.take(np.arange(n_eval)), bs)
-    r = evaluate_loss(eval_fn, state["params"], batches, mesh)
-    with paths.metrics.open("a") as f:
-      f.write(json.dumps({"step": step, "valid_loss": r["loss"], "valid_bpb": r["bpb"],
-                          "unigram_entropy": entropy}) + "\n")
+    try:
+      r = evaluate_loss(eval_fn, state["params"], batches, mesh)
+    except FloatingPointError as e:
+      raise TrainingError(f"{e} at step {step}: training stopped; {last_good()}") from e
+    r.update(examples=n_eval, of_examples=len(valid_ex))
+    if record:
+      with paths.metrics.open("a") as f:
+        f.write(json.dumps({"step": step, "valid_loss": r["loss"],
+                            "valid_bits_per_byte": r["bits_per_byte"],
+                            "valid_examples": n_eval, "unigram_entropy": entropy}) + "\n")
     return r
+
+  saved = [start_step] if start_step else []
+
+  def last_good():
+    return (f"the last good checkpoint is step {saved[-1]} in {ckpt.dir}" if saved
+            else "no checkpoint was saved")
+
+  def check_finite(step, m, params=None):
+    loss, gnorm = float(m["loss"]), float(m["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+      raise TrainingError(f"the loss became {loss} (gradient norm {gnorm}) at step {step}: "
+                          f"training stopped; {last_good()}; lower optim.lr?")
+    if params is not None and not bool(_ALL_FINITE(params)):
+      raise TrainingError(f"the parameters became non-finite at step {step}: training stopped; "
+                          f"{last_good()}; lower optim.lr?")
+    return loss
 
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   n_params = cfg.model.num_params()
@@ -187,53 +303,67 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
 
   end = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
   pbar = None
-  if cfg.train.progress:
+  if cfg.train.progress and start_step < end:
     from tqdm.auto import tqdm
     pbar = tqdm(total=cfg.train.steps, initial=start_step, desc="train", unit="step",
                 dynamic_ncols=True)
   t_last, step_last = time.perf_counter(), start_step
   last_valid = None
   step = start_step
-  with paths.metrics.open("a") as mf:
-    while step < end:
-      batch = shd.shard_batch(next(it), mesh)
-      state, m = step_fn(state, batch)
-      step += 1
-      if step % cfg.train.log_every == 0 or step == end:
-        loss = float(m["loss"])  # the one host sync per log interval
-        if not math.isfinite(loss):
-          raise FloatingPointError(f"loss became {loss} at step {step}; lower optim.lr?")
-        now = time.perf_counter()
-        tps = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
-        t_last, step_last = now, step
-        rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
-               "lr": float(lr_schedule(cfg.optim, cfg.train.steps)(step - 1)), "tokens_per_s": tps}
-        mf.write(json.dumps(rec) + "\n")
-        mf.flush()
+  try:
+    with paths.metrics.open("a") as mf:
+      while step < end:
+        batch = shd.shard_batch(next(it), mesh)
+        state, m = step_fn(state, batch)
+        step += 1
+        save_now = step % cfg.train.checkpoint_every == 0 or step == end
+        if step % cfg.train.log_every == 0 or step == end or save_now:
+          loss = check_finite(step, m, state["params"] if save_now else None)  # one host sync
+          now = time.perf_counter()
+          tps = (step - step_last) * tokens_per_step / max(now - t_last, 1e-9)
+          t_last, step_last = now, step
+          rec = {"step": step, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                 "lr": float(lr_schedule(cfg.optim, cfg.train.steps)(step - 1)),
+                 "tokens_per_s": tps}
+          mf.write(json.dumps(rec) + "\n")
+          mf.flush()
+          if pbar is not None:
+            pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         if pbar is not None:
-          pbar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-      if pbar is not None:
-        pbar.update(1)
-      if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
-        mf.flush()
-        last_valid = run_eval(step) or last_valid
-        if pbar is not None and last_valid is not None:
-          pbar.write(f"step {step}: valid loss {last_valid['loss']:.4f} nats "
-                     f"({last_valid['bpb']:.3f} bits/token)")
-      if step % cfg.train.checkpoint_every == 0 or step == end:
-        ckpt.save(step, state, it.get_state())
-  if pbar is not None:
-    pbar.close()
-  ckpt.close()
+          pbar.update(1)
+        if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+          mf.flush()
+          last_valid = run_eval(step) or last_valid
+          if pbar is not None and last_valid is not None:
+            pbar.write(f"step {step}: valid loss {last_valid['loss']:.4f} nats/token "
+                       f"({last_valid['bits_per_byte']:.3f} bits/byte, first {n_eval} of "
+                       f"{len(valid_ex)} valid examples)")
+        if save_now:
+          ckpt.save(step, state, it.get_state())
+          saved.append(step)
+  finally:
+    if pbar is not None:
+      pbar.close()
+    ckpt.close()
 
-  summary = {"name": cfg.name, "step": step, "finished": step >= cfg.train.steps,
+  finished = step >= cfg.train.steps
+  if finished and last_valid is None:  # resumed at the last step (killed before the summary)
+    last_valid = run_eval(step, record=False)
+  summary = {"name": cfg.name, "step": step, "finished": finished,
              "params": n_params, "unigram_entropy": entropy,
              "valid_loss": None if last_valid is None else last_valid["loss"],
-             "valid_bpb": None if last_valid is None else last_valid["bpb"],
+             "valid_bits_per_byte": None if last_valid is None else last_valid["bits_per_byte"],
+             "valid_examples": n_eval, "valid_split_examples": len(valid_ex),
              "checkpoint_dir": str(ckpt.dir), "metrics": str(paths.metrics),
              "train_examples": len(train_ex), "delt": delt_info}
-  if summary["finished"]:
+  if finished:
     plot_metrics(paths.metrics, paths.plot, title=f"{cfg.name}: {n_params / 1e6:.2f}M params")
     summary["plot"] = str(paths.plot)
-    paths.summary.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(paths.summary, json.dumps(summary, indent=2))
   return summary
+
+
+def ckpt_files(out: pathlib.Path):
+  """Files under a run directory's checkpoints/ (any at all: the run is not an empty start)."""
+  d = out / "checkpoints"
+  return (p for p in d.rglob("*") if p.is_file()) if d.is_dir() else iter(())

@@ -17,6 +17,7 @@ import optax
 from effjax import model as model_lib
 from effjax import sharding as shd
 from effjax.config import Config, ModelConfig, OptimConfig
+from effjax.data.tokenizer import NUM_BYTES
 
 TrainState = dict  # {"step": int32[], "params": pytree, "opt_state": pytree}
 
@@ -106,21 +107,31 @@ def _global_norm(tree):
 
 
 def make_eval_step(mcfg: ModelConfig) -> Callable:
+  """(params, batch) -> (summed NLL in nats, target tokens, target bytes): the loss mask's tokens,
+  and those of them that are bytes of text (byte tokenizer ids < 256; BOS / EOS are not)."""
   def eval_step(params, batch):
-    return token_losses(mcfg, params, batch)
+    nll, n_tokens = token_losses(mcfg, params, batch)
+    is_byte = (batch["targets"] < NUM_BYTES) & (batch["loss_mask"] > 0)
+    return nll, n_tokens, jnp.sum(is_byte.astype(jnp.float32))
   return eval_step
 
 
 def evaluate_loss(eval_step, params, batches, mesh) -> dict:
-  """Mean masked NLL over `batches` -> {"loss" (nats/token), "bpb" (bits per target token), "tokens"}."""
-  tot, cnt = 0.0, 0.0
+  """The one definition of a reported loss, used by training's periodic evaluation and eval.py:
+  {"loss": summed NLL / target tokens (nats per token), "bits_per_byte": summed NLL / ln 2 /
+  target bytes (the NLL of EOS tokens counted, their bytes not: the cost of the text's bytes),
+  "tokens", "bytes"}. Raises FloatingPointError if the loss is not finite."""
+  tot, cnt, nbytes = 0.0, 0.0, 0.0
   for b in batches:
     n = shd.batch_devices(mesh)
     rows = b["inputs"].shape[0]
     if rows % n:  # pad the last partial batch with masked rows so it shards evenly
       pad = n - rows % n
       b = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-    s, c = eval_step(params, shd.shard_batch(b, mesh))
-    tot, cnt = tot + float(s), cnt + float(c)
+    s, c, nb = eval_step(params, shd.shard_batch(b, mesh))
+    tot, cnt, nbytes = tot + float(s), cnt + float(c), nbytes + float(nb)
   loss = tot / max(cnt, 1.0)
-  return {"loss": loss, "bpb": loss / math.log(2), "tokens": cnt}
+  if not math.isfinite(loss):
+    raise FloatingPointError(f"evaluation loss is {loss}")
+  return {"loss": loss, "bits_per_byte": tot / math.log(2) / max(nbytes, 1.0), "tokens": cnt,
+          "bytes": nbytes}

@@ -23,7 +23,7 @@ def make_cfg(tmp_path, *extra):
   return load_config(ROOT / "configs/tiny.yaml", [
       "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
       "model.max_seq_len=64", "data.seq_len=32", "data.valid_fraction=0.5", "train.batch_size=8",
-      "optim.warmup_steps=1", "train.log_every=1", "train.progress=false", "train.eval_batches=1",
+      "optim.warmup_steps=1", "train.log_every=1", "train.progress=false", "eval.max_batches=1",
       "train.mesh_data=1", "train.steps=6", "train.checkpoint_every=3", "train.eval_every=100",
       f"train.out_dir={tmp_path}/run", f"delt.cache_dir={tmp_path}/cache",
       f"delt.reference_source={ref}", "delt.reference_examples=8",

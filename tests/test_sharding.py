@@ -34,7 +34,7 @@ from effjax.training import init_train_state, make_optimizer
 from effjax import sharding as shd
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1",
          "model.max_seq_len=64", "data.seq_len=32", "train.batch_size=16", "optim.warmup_steps=2",
-         "train.log_every=1", "train.progress=false", "train.eval_batches=2", "train.steps=6",
+         "train.log_every=1", "train.progress=false", "eval.max_batches=2", "train.steps=6",
          "train.eval_every=6", "train.checkpoint_every=3", "model.compute_dtype=float32"]
 def run(tag, data, fsdp, stop=None):
   cfg = load_config(ROOT + "/configs/tiny.yaml", SMALL + [f"train.mesh_data={data}",

@@ -6,6 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
+NUM_BYTES = 256  # ids below this are the bytes of the text
 PAD_ID = 256
 BOS_ID = 257
 EOS_ID = 258

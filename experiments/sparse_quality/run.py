@@ -391,7 +391,7 @@ def phase_train(args, cfg, run: Run) -> dict:
   tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
   metrics_path = pathlib.Path(cfg.train.out_dir) / "metrics.jsonl"
   ck = Checkpointer(cfg.train.out_dir)
-  start = ck.latest_step() or 0
+  start = ck.latest_verified(log=lambda m: run.log(f"train: {m}"))[0] or 0
   ck.close()
   log = lambda m: run.log(f"train: {m}")
   run.log(f"train: {cfg.model.num_params() / 1e6:.2f}M params, batch {cfg.train.batch_size} x "
