@@ -6,6 +6,8 @@
 Suites:
   decode      decode attention: dense / block-sparse kernels vs cuDNN and the XLA reference,
               with the selector (gate + top-k) step; byte floors checked
+  lowbit      low-bit (4 / 2-bit) KV cache decode: fused-dequant kernels vs cuDNN bf16 and XLA
+              dequantise-then-attend; byte floors checked
   selector    gate scores and top-k block selection alone
   extend      multi-token (rectification) attention over a cache
   gate_layout the gate's scores by cache layout and dtype
@@ -23,7 +25,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = {"decode": "bench_decode", "selector": "bench_selector", "extend": "bench_extend",
+SUITES = {"decode": "bench_decode", "lowbit": "bench_lowbit", "selector": "bench_selector", "extend": "bench_extend",
           "gate_layout": "bench_gate_layout", "generate": "bench_generate", "train": "bench_train",
           "scoring": "bench_scoring", "tune": "tune_decode", "profile": "profile_decode",
           "compare": "compare", "plot": "plot_decode"}
