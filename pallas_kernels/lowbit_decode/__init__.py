@@ -12,7 +12,9 @@ blocks, ascending, -1 padded); block_size divides group, so a block is wholly pa
 residual. `lowbit_extend_attention` is the multi-token (causal) form.
 
 Implementations (pallas_kernels.dispatch): `xla` (reference.py: dequantise, splice, masked
-reference). Kernels are added as backends of the same ops.
+reference: what dequantise-then-attend costs) and, for the decode op, `pallas_triton` (the GPU
+default: split-K with the dequantisation fused into the tile loads, dense or over the selected
+blocks, pallas_triton.py). The extend op has the reference only.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from pallas_kernels.lowbit_decode.reference import (
   lowbit_extend_attention_reference,
 )
 
-_OP = Op("lowbit_decode_attention", __name__, backends={"xla": "reference"}, defaults={})
+_OP = Op("lowbit_decode_attention", __name__,
+         backends={"xla": "reference", "pallas_triton": "pallas_triton"},
+         defaults={"gpu": ("pallas_triton",)})
 _EXTEND_OP = Op("lowbit_extend_attention", __name__, backends={"xla": "reference"}, defaults={})
 IMPLEMENTATIONS = _OP.implementations
 EXTEND_IMPLEMENTATIONS = _EXTEND_OP.implementations

@@ -203,6 +203,48 @@ class LowbitDecodeBase(BackendBase):
       check_close(out[:, :, f], want, dtype)
 
 
+class TestPallasTritonInterpret(LowbitDecodeBase):
+  IMPLEMENTATION, INTERPRET = "pallas_triton", True
+  # lowbit_extend_attention has no Triton backend (its reference is tested in TestXla)
+  test_extend_matches_oracle = None
+
+  @pytest.mark.parametrize("num_splits,block_k", [(1, 16), (3, 32), (8, 64)])
+  def test_splits_and_tiles(self, num_splits, block_k):
+    """More splits than tiles, uneven shares, tiles smaller than the group."""
+    from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
+    dtype, case = jnp.bfloat16, CASES[3]
+    q, cache, st = make_case(case, dtype, seed=num_splits)
+    lengths, packed = case[5], case[6]
+    out = self.run(q, cache, lengths, packed, st,
+                   config=TritonConfig(num_splits=num_splits, block_k=block_k))
+    k, v = dequant_np(cache, lengths, packed, **st)
+    check_close(out, oracle(q, k, v, length_valid(lengths, q.shape[1], k.shape[2])), dtype)
+
+  def test_bad_config_raises(self):
+    from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
+    q, cache, st = make_case(CASES[0], jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_k must be a power of 2"):
+      self.run(q, cache, CASES[0][5], CASES[0][6], st, config=TritonConfig(block_k=24))
+
+
+@pytest.mark.gpu
+class TestPallasTritonGPU(TestPallasTritonInterpret):
+  INTERPRET, GPU = False, True
+
+
+def test_triton_lowers_for_cuda():
+  """The whole Pallas -> Triton IR lowering, dense and sparse, on any host."""
+  from ._oracle import lower_for_cuda
+  case = CASES[1]
+  q, cache, st = make_case(case, jnp.bfloat16)
+  n, p = jnp.asarray(case[5], jnp.int32), jnp.asarray(case[6], jnp.int32)
+  idx = jnp.asarray(random_blocks(0, q.shape[0], q.shape[1], case[4] // 64, 3))
+  for kw in ({}, {"block_indices_BKM": idx, "block_size": 64}):
+    text = lower_for_cuda(lambda q, c, n, p: lowbit_decode_attention(
+        q, *c, n, p, **st, **kw, implementation="pallas_triton"), q, cache, n, p)
+    assert "xla.gpu.triton" in text and 'name = "lowbit_decode_attention"' in text
+
+
 class TestXla(LowbitDecodeBase):
   def test_reference_is_the_xla_implementation(self):
     q, cache, st = make_case(CASES[0], jnp.float32)
@@ -264,7 +306,7 @@ _BF = jnp.bfloat16
     ({"block_indices_BKM": jnp.asarray([[[0, 9]], [[1, -1]]], jnp.int32), "block_size": 32},
      r"must be -1 or in \[0, 8\)"),
     ({"block_size": 32}, "block_size and num_live_BK go with block_indices_BKM"),
-    ({"implementation": "pallas_triton"}, "implementation must be one of"),
+    ({"implementation": "pallas_mosaic_gpu"}, "implementation must be one of"),
 ])
 def test_bad_inputs_raise(over, match):
   with pytest.raises(ValueError, match=match):

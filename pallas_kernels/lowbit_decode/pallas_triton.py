@@ -1,0 +1,214 @@
+"""Low-bit decode attention as a Pallas Triton kernel (`lowbit_decode_attention`'s
+`pallas_triton`): dequantisation fused into split-K decode attention.
+
+Grid (B, K, num_splits). Program (b, k, j) walks its share of the token tiles of (b, k) -- every
+tile below the length (dense), or the selected blocks (block-sparse, `block_indices_BKM`). A tile
+of T tokens starting at t0 is either packed (t0 < packed_b: T rows of W int32 words, unpacked in
+registers by one shift and mask per sub-word into the [T, H] codes, scaled by the group's K scale
+row / the tokens' V scales, plus zeros) or residual (a [T, H] slice of the full-precision window
+at t0 - packed_b). Both loads are predicated on that one scalar, so a tile reads only the bytes it
+needs; T divides the group, so no tile straddles the two. The tiles then go through the shared
+online softmax (`pallas_kernels.online_softmax`) and the split partials through `combine_splits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import launch, triton_splitk, tuned
+from pallas_kernels.dispatch import NotSupported, require_platform
+from pallas_kernels.lowbit_decode import layout
+from pallas_kernels.sparse_decode.reference import live_slots
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig(triton_splitk.SplitKConfig):
+  """Launch parameters of the low-bit Triton decode kernel; None takes the tuned value.
+  block_k: tokens per tile in the dense form (a power of 2 >= 16 dividing the group); the sparse
+  form's tile is its block size."""
+  block_k: int | None = None
+
+  def validate(self) -> None:
+    super().validate()
+    if self.block_k is not None and (not isinstance(self.block_k, int)
+                                     or not launch.is_power_of_2(self.block_k) or self.block_k < 16):
+      raise ValueError(f"config.block_k must be a power of 2 >= 16 or None, got {self.block_k!r}")
+
+
+CONFIG = TritonConfig
+
+
+def _expand_groups(x_TN: jax.Array, head_dim: int) -> jax.Array:
+  """[T, n] per-group values -> [T, H], each repeated over its H / n channels."""
+  T, n = x_TN.shape
+  if n == 1:
+    return jnp.broadcast_to(x_TN, (T, head_dim))
+  return jnp.broadcast_to(x_TN[:, :, None], (T, n, head_dim // n)).reshape(T, head_dim)
+
+
+def _unpack(words_TW: jax.Array, bits: int) -> jax.Array:
+  """int32 [T, W] words -> float32 [T, H] codes, channel h = i * W + c from bits [i*bits, ...) of
+  word c (layout.py): one shift and mask per sub-word, then a reshape (no shuffles)."""
+  T, W = words_TW.shape
+  P = 32 // bits
+  shifts_P = lax.broadcasted_iota(jnp.int32, (1, P, 1), 1) * bits
+  codes_TPW = lax.shift_right_logical(words_TW[:, None, :], shifts_P) & layout.levels(bits)
+  return codes_TPW.reshape(T, P * W).astype(jnp.float32)
+
+
+def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, num_splits: int,
+            scale: float, precision, n_rows: int):
+  """Program (b, k, j). Refs: len / packed int32 [] (+ nslots int32 [], idx int32 [M] when
+  sparse); q [R, H]; kp / vp int32 [S, W]; ks / kz [S // group or S, nk]; vs / vz [S, nv];
+  rk / rv [Rw, H]; out o f32 [R, H], m / l f32 [R]."""
+  if sparse:
+    (len_ref, packed_ref, nslots_ref, idx_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref,
+     vz_ref, rk_ref, rv_ref, o_ref, m_ref, l_ref) = refs
+  else:
+    (len_ref, packed_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref, vz_ref, rk_ref, rv_ref,
+     o_ref, m_ref, l_ref) = refs
+  H = q_ref.shape[-1]
+  W = kp_ref.shape[-1]
+  length, packed = len_ref[()], packed_ref[()]
+  dtype = rk_ref.dtype
+  offsets_T = lax.broadcasted_iota(jnp.int32, (tile,), 0)
+
+  def load_tile(block):
+    t0 = pl.multiple_of(jnp.maximum(block, 0) * tile, tile)
+    is_packed = t0 < packed
+    r0 = pl.multiple_of(jnp.maximum(t0 - packed, 0), tile)
+    mask_w = jnp.full((tile, W), is_packed)
+    kw = plgpu.load(kp_ref.at[pl.ds(t0, tile), :], mask=mask_w, other=0)
+    vw = plgpu.load(vp_ref.at[pl.ds(t0, tile), :], mask=mask_w, other=0)
+    if k_mode == "channel":
+      g0 = t0 // group
+      ks = ks_ref[pl.ds(g0, 1), :].astype(jnp.float32)            # [1, H]
+      kz = kz_ref[pl.ds(g0, 1), :].astype(jnp.float32)
+    else:
+      ks = _expand_groups(ks_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
+      kz = _expand_groups(kz_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
+    vs = _expand_groups(vs_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
+    vz = _expand_groups(vz_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
+    k_hat = (_unpack(kw, bits) * ks + kz).astype(dtype)
+    v_hat = (_unpack(vw, bits) * vs + vz).astype(dtype)
+    mask_h = jnp.full((tile, H), jnp.logical_not(is_packed))
+    rk = plgpu.load(rk_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
+    rv = plgpu.load(rv_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
+    valid_T = (block >= 0) & (t0 + offsets_T < length)
+    return jnp.where(is_packed, k_hat, rk), jnp.where(is_packed, v_hat, rv), valid_T
+
+  split = pl.program_id(2)
+  if sparse:
+    n_units = nslots_ref[()]
+    unit_block = lambda u: idx_ref[u]
+  else:
+    n_units = pl.cdiv(length, tile)
+    unit_block = lambda u: u
+  per_split = pl.cdiv(n_units, num_splits)
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_units)
+  triton_splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end,
+                             lambda u: load_tile(unit_block(u)), scale=scale,
+                             precision=precision, n_rows=n_rows)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "k_mode", "tile", "sparse",
+                                             "num_splits", "num_warps", "num_stages",
+                                             "interpret"))
+def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k, res_v,
+                   lengths_B, packed_B, block_indices_BKM, num_live_BK, *, bits: int, group: int,
+                   k_mode: str, tile: int, sparse: bool, num_splits: int | None, num_warps: int,
+                   num_stages: int, interpret: bool):
+  B, K, G, H = q_BKGH.shape
+  S, W = k_packed.shape[2:]
+  Rw = res_k.shape[2]
+  R = launch.dot_rows(G)
+  lengths_B = lengths_B.astype(jnp.int32)
+  packed_B = packed_B.astype(jnp.int32)
+  t = tuned.lookup("lowbit_decode_attention", "pallas_triton")
+  if sparse:
+    M = block_indices_BKM.shape[-1]
+    block_indices_BKM = block_indices_BKM.astype(jnp.int32)
+    nslots_BK = (live_slots(block_indices_BKM, lengths_B, tile) if num_live_BK is None
+                 else num_live_BK.astype(jnp.int32))
+    units = M
+  else:
+    units = -(-S // tile)
+  num_splits = num_splits or launch.default_num_splits(B * K, units,
+                                                       launch.target_programs(t["programs_per_sm"]))
+  sq = triton_splitk.SQUEEZED
+  whole = lambda *shape: pl.BlockSpec((sq, sq) + shape, lambda b, k, j: (b, k) + (0,) * len(shape))
+  prefix_specs = [pl.BlockSpec((sq,), lambda b, k, j: (b,)),
+                  pl.BlockSpec((sq,), lambda b, k, j: (b,))]
+  prefix_args = [lengths_B, packed_B]
+  if sparse:
+    prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)), whole(M)]
+    prefix_args += [nslots_BK, block_indices_BKM]
+  kernel = functools.partial(_kernel, sparse=sparse, tile=tile, bits=bits, group=group,
+                             k_mode=k_mode, num_splits=num_splits, scale=H ** -0.5,
+                             precision=launch.dot_precision(q_BKGH.dtype), n_rows=G)
+  o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
+      kernel,
+      grid=(B, K, num_splits),
+      in_specs=prefix_specs + [
+          pl.BlockSpec((sq, sq, R, H), lambda b, k, j: (b, k, 0, 0)),
+          whole(S, W), whole(*k_scale.shape[2:]), whole(*k_zero.shape[2:]),
+          whole(S, W), whole(*v_scale.shape[2:]), whole(*v_zero.shape[2:]),
+          whole(Rw, H), whole(Rw, H)],
+      out_specs=[
+          pl.BlockSpec((sq, sq, sq, R, H), lambda b, k, j: (b, k, j, 0, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+          pl.BlockSpec((sq, sq, sq, R), lambda b, k, j: (b, k, j, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, K, num_splits, R, H), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, num_splits, R), jnp.float32),
+      ],
+      compiler_params=triton_splitk.compiler_params(num_warps, num_stages, tile, H,
+                                                    res_k.dtype),
+      interpret=interpret,
+      name="lowbit_decode_attention",
+  )(*prefix_args, q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k, res_v)
+  return triton_splitk.merge_partials(o_BKNRH, m_BKNR, l_BKNR, G, q_BKGH.dtype,
+                                      interpret=interpret)
+
+
+def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k,
+                            res_v, lengths_B, packed_B, *, bits: int, group: int, k_mode: str,
+                            v_group: int, block_indices_BKM=None, block_size=None,
+                            num_live_BK=None, interpret: bool = False,
+                            config: TritonConfig | None = None):
+  """Arguments as `pallas_kernels.lowbit_decode.lowbit_decode_attention` (checked there)."""
+  del v_group  # in the scale shapes
+  require_platform("gpu", interpret, "the Pallas Triton low-bit decode kernel")
+  H = q_BKGH.shape[-1]
+  triton_splitk.triton_supported(H)
+  n_k, n_v = k_scale.shape[-1], v_scale.shape[-1]
+  if not (launch.is_power_of_2(n_k) and launch.is_power_of_2(n_v)):
+    raise NotSupported(f"scale groups per row ({n_k}, {n_v}) must be powers of 2 for Triton tiles")
+  config = config or TritonConfig()
+  config.validate()
+  t = tuned.lookup("lowbit_decode_attention", "pallas_triton")
+  sparse = block_indices_BKM is not None
+  if sparse:
+    tile = int(block_size)
+    if not launch.is_power_of_2(tile) or tile < 16:
+      raise NotSupported(f"block_size={tile} must be a power of 2 >= 16 for Triton tiles")
+  else:
+    tile = min(config.block_k or t["block_k"], group)
+    if group % tile:
+      raise NotSupported(f"block_k={tile} must divide group={group}")
+  return _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k,
+                        res_v, lengths_B, packed_B, block_indices_BKM, num_live_BK, bits=bits,
+                        group=group, k_mode=k_mode, tile=tile, sparse=sparse,
+                        num_splits=config.num_splits, num_warps=config.num_warps or t["num_warps"],
+                        num_stages=config.num_stages or t["num_stages"],
+                        interpret=bool(interpret))
