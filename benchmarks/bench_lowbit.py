@@ -34,6 +34,7 @@ from benchmarks import common, devtime
 from benchmarks.bench_decode import (D, DTYPE, G, HKV, HQ, device_bytes_limit, measure,
                                      parse_ints, random_block_sets)
 from pallas_kernels.lowbit_decode import layout, lowbit_decode_attention
+from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
 
 GROUP = 128
 
@@ -75,6 +76,10 @@ def main():
   ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--mem-frac", type=float, default=0.6)
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA dequantise-then-attend rows")
+  ap.add_argument("--num-warps", type=int, default=None, help="Triton kernel (default: tuned)")
+  ap.add_argument("--num-stages", type=int, default=None)
+  ap.add_argument("--num-splits", type=int, default=None)
+  ap.add_argument("--block-k", type=int, default=None)
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
   ap.add_argument("--floor-tbps", type=float, default=None)
   ap.add_argument("--interpret", action="store_true")
@@ -95,6 +100,8 @@ def main():
       interpret=args.interpret, group=GROUP, k_mode="channel", v_group=D)
   results = []
   rng = np.random.default_rng(0)
+  kcfg = TritonConfig(num_warps=args.num_warps, num_stages=args.num_stages,
+                      num_splits=args.num_splits, block_k=args.block_k)
 
   def record(row):
     results.append(row)
@@ -163,17 +170,20 @@ def main():
             q, idx = (x if sparse_bs else (x, None))
             return lowbit_decode_attention(q, *c, lengths, packed, **st, implementation=impl,
                                            interpret=args.interpret, block_indices_BKM=idx,
-                                           block_size=sparse_bs)
+                                           block_size=sparse_bs,
+                                           config=kcfg if impl == "pallas_triton" else None)
           return f
 
-        plan = dict(bits=bits, window=window, group=GROUP, bf16_over_packed_bytes=bf16_bytes / nbytes)
+        plan = dict(bits=bits, window=window, group=GROUP, bf16_over_packed_bytes=bf16_bytes / nbytes,
+                    config=repr(kcfg))
         if not args.no_xla:
-          need = 2 * B * HKV * S * D * 4   # the f32 dequantised K and V
+          need = 2 * B * HKV * S * D * 4 * args.unroll   # f32 dequantised K and V per call
           if limit is not None and copies * nbytes + need > 0.85 * limit:
             record({**row0, "impl": f"xla_dequant int{bits}", "skipped": "f32 dequantised cache "
                     "exceeds device memory"})
           else:
-            timed(f"xla_dequant int{bits}", call("xla"), qs, caches, nbytes, **plan)
+            # one cache: the f32 dequantised copies of several would not fit at B16
+            timed(f"xla_dequant int{bits}", call("xla"), qs, caches[:1], nbytes, **plan)
         kimpl = "xla" if not on_gpu and not args.interpret else "pallas_triton"
         timed(f"{kimpl} int{bits}", call(kimpl), qs, caches, nbytes, **plan)
         if args.sparsity and bits == 4:

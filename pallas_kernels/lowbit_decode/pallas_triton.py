@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import launch, triton_splitk, tuned
+from pallas_kernels import launch, online_softmax, triton_splitk, tuned
 from pallas_kernels.dispatch import NotSupported, require_platform
 from pallas_kernels.lowbit_decode import layout
 from pallas_kernels.sparse_decode.reference import live_slots
@@ -53,14 +53,14 @@ def _expand_groups(x_TN: jax.Array, head_dim: int) -> jax.Array:
   return jnp.broadcast_to(x_TN[:, :, None], (T, n, head_dim // n)).reshape(T, head_dim)
 
 
-def _unpack(words_TW: jax.Array, bits: int) -> jax.Array:
-  """int32 [T, W] words -> float32 [T, H] codes, channel h = i * W + c from bits [i*bits, ...) of
-  word c (layout.py): one shift and mask per sub-word, then a reshape (no shuffles)."""
+def _unpack(words_TW: jax.Array, bits: int, dtype) -> jax.Array:
+  """int32 [T, W] words -> [T, H] codes in `dtype`, channel h = i * W + c from bits [i*bits, ...)
+  of word c (layout.py): one shift and mask per sub-word, then a reshape (no shuffles)."""
   T, W = words_TW.shape
   P = 32 // bits
   shifts_P = lax.broadcasted_iota(jnp.int32, (1, P, 1), 1) * bits
   codes_TPW = lax.shift_right_logical(words_TW[:, None, :], shifts_P) & layout.levels(bits)
-  return codes_TPW.reshape(T, P * W).astype(jnp.float32)
+  return codes_TPW.reshape(T, P * W).astype(dtype)
 
 
 def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, num_splits: int,
@@ -79,14 +79,26 @@ def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, 
   length, packed = len_ref[()], packed_ref[()]
   dtype = rk_ref.dtype
   offsets_T = lax.broadcasted_iota(jnp.int32, (tile,), 0)
+  fold = k_mode == "channel" and vs_ref.shape[-1] == 1
+  q_RH = triton_splitk.load_query(q_ref, n_rows)
 
-  def load_tile(block):
+  def tile_of(block):
     t0 = pl.multiple_of(jnp.maximum(block, 0) * tile, tile)
     is_packed = t0 < packed
     r0 = pl.multiple_of(jnp.maximum(t0 - packed, 0), tile)
     mask_w = jnp.full((tile, W), is_packed)
     kw = plgpu.load(kp_ref.at[pl.ds(t0, tile), :], mask=mask_w, other=0)
     vw = plgpu.load(vp_ref.at[pl.ds(t0, tile), :], mask=mask_w, other=0)
+    mask_h = jnp.full((tile, H), jnp.logical_not(is_packed))
+    rk = plgpu.load(rk_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
+    rv = plgpu.load(rv_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
+    valid_T = (block >= 0) & (t0 + offsets_T < length)
+    return t0, is_packed, kw, vw, rk, rv, valid_T
+
+  def dequant_tile(block):
+    """(k [T, H], v [T, H], valid [T]) in the cache dtype: the general path (per-token K
+    scales, V scales per channel group)."""
+    t0, is_packed, kw, vw, rk, rv, valid_T = tile_of(block)
     if k_mode == "channel":
       g0 = t0 // group
       ks = ks_ref[pl.ds(g0, 1), :].astype(jnp.float32)            # [1, H]
@@ -96,13 +108,37 @@ def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, 
       kz = _expand_groups(kz_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
     vs = _expand_groups(vs_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
     vz = _expand_groups(vz_ref[pl.ds(t0, tile), :].astype(jnp.float32), H)
-    k_hat = (_unpack(kw, bits) * ks + kz).astype(dtype)
-    v_hat = (_unpack(vw, bits) * vs + vz).astype(dtype)
-    mask_h = jnp.full((tile, H), jnp.logical_not(is_packed))
-    rk = plgpu.load(rk_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
-    rv = plgpu.load(rv_ref.at[pl.ds(r0, tile), :], mask=mask_h, other=0)
-    valid_T = (block >= 0) & (t0 + offsets_T < length)
+    k_hat = (_unpack(kw, bits, jnp.float32) * ks + kz).astype(dtype)
+    v_hat = (_unpack(vw, bits, jnp.float32) * vs + vz).astype(dtype)
     return jnp.where(is_packed, k_hat, rk), jnp.where(is_packed, v_hat, rv), valid_T
+
+  def folded_step(block, state):
+    """One tile with the scales folded out of the [T, H] tiles (K per channel, V per token):
+    q . (c * ks + kz) = (q * ks) . c + q . kz and p @ (c * vs + vz) = (p * vs) @ c + p . vz, so
+    the codes go to the dots as they are (small integers, exact in bf16 / f16) and only [R, H]
+    and [R, T] operands are scaled."""
+    acc_RH, m_R, l_R = state
+    t0, is_packed, kw, vw, rk, rv, valid_T = tile_of(block)
+    g0 = t0 // group
+    ks = ks_ref[pl.ds(g0, 1), :].astype(jnp.float32)              # [1, H]
+    kz = kz_ref[pl.ds(g0, 1), :].astype(jnp.float32)
+    vs = vs_ref[pl.ds(t0, tile), :].astype(jnp.float32)           # [T, 1]
+    vz = vz_ref[pl.ds(t0, tile), :].astype(jnp.float32)
+    qf = q_RH.astype(jnp.float32)
+    q_op = jnp.where(is_packed, (qf * ks).astype(dtype), q_RH)
+    k_op = jnp.where(is_packed, _unpack(kw, bits, dtype), rk)
+    s_RT = jnp.dot(q_op, k_op.T, preferred_element_type=jnp.float32, precision=precision)
+    s_RT = (s_RT + jnp.where(is_packed, jnp.sum(qf * kz, axis=1, keepdims=True), 0.0)) * scale
+    s_RT = jnp.where(valid_T[None, :], s_RT, online_softmax.MASK_VALUE)
+    m_new_R = jnp.maximum(m_R, jnp.max(s_RT, axis=1))
+    p_RT = jnp.where(valid_T[None, :], jnp.exp(s_RT - m_new_R[:, None]), 0.0)
+    corr_R = jnp.exp(m_R - m_new_R)
+    l_new_R = corr_R * l_R + jnp.sum(p_RT, axis=1)
+    p_op = jnp.where(is_packed, p_RT * vs.T, p_RT).astype(dtype)
+    v_op = jnp.where(is_packed, _unpack(vw, bits, dtype), rv)
+    pv_RH = jnp.dot(p_op, v_op, preferred_element_type=jnp.float32, precision=precision)
+    bias_R = jnp.where(is_packed, jnp.sum(p_RT * vz.T, axis=1), 0.0)
+    return corr_R[:, None] * acc_RH + pv_RH + bias_R[:, None], m_new_R, l_new_R
 
   split = pl.program_id(2)
   if sparse:
@@ -114,9 +150,15 @@ def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, 
   per_split = pl.cdiv(n_units, num_splits)
   start = split * per_split
   end = jnp.minimum(start + per_split, n_units)
-  triton_splitk.attend_range(q_ref, o_ref, m_ref, l_ref, start, end,
-                             lambda u: load_tile(unit_block(u)), scale=scale,
-                             precision=precision, n_rows=n_rows)
+  if fold:
+    body = lambda u, state: folded_step(unit_block(u), state)
+  else:
+    def body(u, state):
+      k_TH, v_TH, valid_T = dequant_tile(unit_block(u))
+      return online_softmax.attend_block(q_RH, k_TH, v_TH, valid_T, state, scale=scale,
+                                         precision=precision)
+  state = lax.fori_loop(start, end, body, online_softmax.init_state(q_RH.shape[0], H))
+  triton_splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "k_mode", "tile", "sparse",
