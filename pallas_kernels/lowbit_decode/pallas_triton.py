@@ -161,6 +161,111 @@ def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, 
   triton_splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
 
 
+def _sliced_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_splits: int,
+                   scale: float, precision, n_rows: int):
+  """The fast path: K per channel, V per token, W = H * bits / 32 >= 16 words per row. Sub-word
+  i of a [T, W] tile of words is the contiguous channel slice [i*W, (i+1)*W) (layout.py), so the
+  tile is never reshaped: with the scales folded out (q . (c * ks + kz) = (q * ks) . c + q . kz,
+  p @ (c * vs + vz) = (p * vs) @ c + p . vz) the scores are a sum of 32 / bits dots of a
+  [R, W] query slice with the slice's codes, and the output is 32 / bits [R, W] accumulators.
+  Packed tiles and residual tiles run in two loops (a split's packed share first), so neither
+  loop selects between the two. Refs as `_kernel` (+ npacked int32 [] when sparse: the live
+  slots whose block is packed)."""
+  if sparse:
+    (len_ref, packed_ref, nslots_ref, npk_ref, idx_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref,
+     vs_ref, vz_ref, rk_ref, rv_ref, o_ref, m_ref, l_ref) = refs
+  else:
+    (len_ref, packed_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref, vz_ref, rk_ref, rv_ref,
+     o_ref, m_ref, l_ref) = refs
+  R, H = q_ref.shape
+  W = kp_ref.shape[-1]
+  P = 32 // bits
+  length, packed = len_ref[()], packed_ref[()]
+  dtype = rk_ref.dtype
+  offsets_T = lax.broadcasted_iota(jnp.int32, (tile,), 0)
+  live_R = lax.broadcasted_iota(jnp.int32, (R, 1), 0) < n_rows
+  q_sl = [plgpu.load(q_ref.at[:, pl.ds(i * W, W)], mask=jnp.broadcast_to(live_R, (R, W)),
+                     other=0).astype(jnp.float32) for i in range(P)]
+
+  def softmax_update(s_RT, valid_T, m_R, l_R):
+    s_RT = jnp.where(valid_T[None, :], s_RT * scale, online_softmax.MASK_VALUE)
+    m_new_R = jnp.maximum(m_R, jnp.max(s_RT, axis=1))
+    p_RT = jnp.where(valid_T[None, :], jnp.exp(s_RT - m_new_R[:, None]), 0.0)
+    corr_R = jnp.exp(m_R - m_new_R)
+    return p_RT, corr_R, m_new_R, corr_R * l_R + jnp.sum(p_RT, axis=1)
+
+  def packed_step(block, state):
+    accs, m_R, l_R = state
+    t0 = pl.multiple_of(block * tile, tile)
+    g0 = t0 // group
+    kw = kp_ref[pl.ds(t0, tile), :]
+    vw = vp_ref[pl.ds(t0, tile), :]
+    s_RT = jnp.zeros((R, tile), jnp.float32)
+    bias_R1 = jnp.zeros((R, 1), jnp.float32)
+    for i in range(P):
+      ks = ks_ref[pl.ds(g0, 1), pl.ds(i * W, W)].astype(jnp.float32)      # [1, W]
+      kz = kz_ref[pl.ds(g0, 1), pl.ds(i * W, W)].astype(jnp.float32)
+      c = (lax.shift_right_logical(kw, i * bits) & layout.levels(bits)).astype(dtype)
+      s_RT += jnp.dot((q_sl[i] * ks).astype(dtype), c.T, preferred_element_type=jnp.float32,
+                      precision=precision)
+      bias_R1 += jnp.sum(q_sl[i] * kz, axis=1, keepdims=True)
+    valid_T = t0 + offsets_T < length
+    p_RT, corr_R, m_new, l_new = softmax_update(s_RT + bias_R1, valid_T, m_R, l_R)
+    vs_T1 = vs_ref[pl.ds(t0, tile), :].astype(jnp.float32)                # [T, 1]
+    vz_T1 = vz_ref[pl.ds(t0, tile), :].astype(jnp.float32)
+    pv_op = (p_RT * vs_T1.T).astype(dtype)
+    vbias_R1 = jnp.sum(p_RT * vz_T1.T, axis=1, keepdims=True)
+    new = []
+    for i in range(P):
+      c = (lax.shift_right_logical(vw, i * bits) & layout.levels(bits)).astype(dtype)
+      new.append(corr_R[:, None] * accs[i] + vbias_R1 + jnp.dot(
+          pv_op, c, preferred_element_type=jnp.float32, precision=precision))
+    return tuple(new), m_new, l_new
+
+  def residual_step(block, state):
+    accs, m_R, l_R = state
+    t0 = jnp.maximum(block, 0) * tile
+    r0 = pl.multiple_of(jnp.maximum(t0 - packed, 0), tile)
+    s_RT = jnp.zeros((R, tile), jnp.float32)
+    for i in range(P):
+      rk = rk_ref[pl.ds(r0, tile), pl.ds(i * W, W)]
+      s_RT += jnp.dot(q_sl[i].astype(dtype), rk.T, preferred_element_type=jnp.float32,
+                      precision=precision)
+    valid_T = (block >= 0) & (t0 + offsets_T < length)
+    p_RT, corr_R, m_new, l_new = softmax_update(s_RT, valid_T, m_R, l_R)
+    p_op = p_RT.astype(dtype)
+    new = []
+    for i in range(P):
+      rv = rv_ref[pl.ds(r0, tile), pl.ds(i * W, W)]
+      new.append(corr_R[:, None] * accs[i] + jnp.dot(p_op, rv, preferred_element_type=jnp.float32,
+                                                     precision=precision))
+    return tuple(new), m_new, l_new
+
+  split = pl.program_id(2)
+  if sparse:
+    n_units, n_packed = nslots_ref[()], npk_ref[()]
+    unit_block = lambda u: idx_ref[u]
+  else:
+    n_units = pl.cdiv(length, tile)
+    n_packed = jnp.minimum(packed // tile, n_units)
+    unit_block = lambda u: u
+  per_split = pl.cdiv(n_units, num_splits)
+  start = split * per_split
+  end = jnp.minimum(start + per_split, n_units)
+  state = (tuple(jnp.zeros((R, W), jnp.float32) for _ in range(P)),
+           jnp.full((R,), online_softmax.MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
+  mid = jnp.clip(n_packed, start, end)
+  state = lax.fori_loop(start, mid, lambda u, st: packed_step(unit_block(u), st), state)
+  state = lax.fori_loop(mid, end, lambda u, st: residual_step(unit_block(u), st), state)
+  accs, m_R, l_R = state
+  live = lax.broadcasted_iota(jnp.int32, (R, W), 0) < n_rows
+  for i in range(P):
+    plgpu.store(o_ref.at[:, pl.ds(i * W, W)], accs[i], mask=live)
+  live_1 = lax.broadcasted_iota(jnp.int32, (R,), 0) < n_rows
+  plgpu.store(m_ref, m_R, mask=live_1)
+  plgpu.store(l_ref, l_R, mask=live_1)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group", "k_mode", "tile", "sparse",
                                              "num_splits", "num_warps", "num_stages",
                                              "interpret"))
@@ -190,12 +295,20 @@ def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
   prefix_specs = [pl.BlockSpec((sq,), lambda b, k, j: (b,)),
                   pl.BlockSpec((sq,), lambda b, k, j: (b,))]
   prefix_args = [lengths_B, packed_B]
+  sliced = k_mode == "channel" and v_scale.shape[-1] == 1 and W >= 16
   if sparse:
-    prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)), whole(M)]
-    prefix_args += [nslots_BK, block_indices_BKM]
-  kernel = functools.partial(_kernel, sparse=sparse, tile=tile, bits=bits, group=group,
-                             k_mode=k_mode, num_splits=num_splits, scale=H ** -0.5,
-                             precision=launch.dot_precision(q_BKGH.dtype), n_rows=G)
+    prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k))]
+    prefix_args += [nslots_BK]
+    if sliced:  # live slots whose block is packed: ascending ids put them first
+      in_packed = (block_indices_BKM >= 0) & (block_indices_BKM * tile < packed_B[:, None, None])
+      prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k))]
+      prefix_args += [jnp.minimum(jnp.sum(in_packed, axis=-1, dtype=jnp.int32), nslots_BK)]
+    prefix_specs += [whole(M)]
+    prefix_args += [block_indices_BKM]
+  common = dict(sparse=sparse, tile=tile, bits=bits, group=group, num_splits=num_splits,
+                scale=H ** -0.5, precision=launch.dot_precision(q_BKGH.dtype), n_rows=G)
+  kernel = (functools.partial(_sliced_kernel, **common) if sliced
+            else functools.partial(_kernel, k_mode=k_mode, **common))
   o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
       kernel,
       grid=(B, K, num_splits),
