@@ -80,6 +80,7 @@ def main():
   ap.add_argument("--num-stages", type=int, default=None)
   ap.add_argument("--num-splits", type=int, default=None)
   ap.add_argument("--block-k", type=int, default=None)
+  ap.add_argument("--sliced", action="store_true", help="the per-sub-word-dot path")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
   ap.add_argument("--floor-tbps", type=float, default=None)
   ap.add_argument("--interpret", action="store_true")
@@ -101,7 +102,7 @@ def main():
   results = []
   rng = np.random.default_rng(0)
   kcfg = TritonConfig(num_warps=args.num_warps, num_stages=args.num_stages,
-                      num_splits=args.num_splits, block_k=args.block_k)
+                      num_splits=args.num_splits, block_k=args.block_k, sliced=args.sliced)
 
   def record(row):
     results.append(row)

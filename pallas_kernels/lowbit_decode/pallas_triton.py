@@ -32,8 +32,12 @@ from pallas_kernels.sparse_decode.reference import live_slots
 class TritonConfig(triton_splitk.SplitKConfig):
   """Launch parameters of the low-bit Triton decode kernel; None takes the tuned value.
   block_k: tokens per tile in the dense form (a power of 2 >= 16 dividing the group); the sparse
-  form's tile is its block size."""
+  form's tile is its block size.
+  sliced: the per-sub-word-dot path (`_sliced_kernel`) where it applies (K per channel, V per
+  token, >= 16 words a row). Slower on the H100 (B8 S128K int4: 3.52 ms against 1.82 ms for the
+  reshape path, both ~0.1-0.2 of the byte floor): off by default."""
   block_k: int | None = None
+  sliced: bool = False
 
   def validate(self) -> None:
     super().validate()
@@ -267,12 +271,12 @@ def _sliced_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_sp
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "k_mode", "tile", "sparse",
-                                             "num_splits", "num_warps", "num_stages",
+                                             "num_splits", "num_warps", "num_stages", "sliced",
                                              "interpret"))
 def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k, res_v,
                    lengths_B, packed_B, block_indices_BKM, num_live_BK, *, bits: int, group: int,
                    k_mode: str, tile: int, sparse: bool, num_splits: int | None, num_warps: int,
-                   num_stages: int, interpret: bool):
+                   num_stages: int, sliced: bool, interpret: bool):
   B, K, G, H = q_BKGH.shape
   S, W = k_packed.shape[2:]
   Rw = res_k.shape[2]
@@ -295,7 +299,7 @@ def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
   prefix_specs = [pl.BlockSpec((sq,), lambda b, k, j: (b,)),
                   pl.BlockSpec((sq,), lambda b, k, j: (b,))]
   prefix_args = [lengths_B, packed_B]
-  sliced = k_mode == "channel" and v_scale.shape[-1] == 1 and W >= 16
+  sliced = sliced and k_mode == "channel" and v_scale.shape[-1] == 1 and W >= 16
   if sparse:
     prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k))]
     prefix_args += [nslots_BK]
@@ -366,4 +370,4 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                         group=group, k_mode=k_mode, tile=tile, sparse=sparse,
                         num_splits=config.num_splits, num_warps=config.num_warps or t["num_warps"],
                         num_stages=config.num_stages or t["num_stages"],
-                        interpret=bool(interpret))
+                        sliced=bool(config.sliced), interpret=bool(interpret))

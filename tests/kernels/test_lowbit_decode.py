@@ -208,17 +208,25 @@ class TestPallasTritonInterpret(LowbitDecodeBase):
   # lowbit_extend_attention has no Triton backend (its reference is tested in TestXla)
   test_extend_matches_oracle = None
 
-  @pytest.mark.parametrize("num_splits,block_k", [(1, 16), (3, 32), (8, 64)])
-  def test_splits_and_tiles(self, num_splits, block_k):
-    """More splits than tiles, uneven shares, tiles smaller than the group."""
+  @pytest.mark.parametrize("num_splits,block_k,sliced", [(1, 16, False), (3, 32, False),
+                                                         (8, 64, False), (3, 32, True)])
+  def test_splits_and_tiles(self, num_splits, block_k, sliced):
+    """More splits than tiles, uneven shares, tiles smaller than the group; the sliced path
+    (K per channel, V per token, 16 words a row), dense and sparse."""
     from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
-    dtype, case = jnp.bfloat16, CASES[3]
+    sliced_case = (2, 2, 4, 128, 512, [300, 77], [256, 64], 4, 64, 128, "channel", 128)
+    dtype, case = jnp.bfloat16, sliced_case if sliced else CASES[3]
     q, cache, st = make_case(case, dtype, seed=num_splits)
     lengths, packed = case[5], case[6]
-    out = self.run(q, cache, lengths, packed, st,
-                   config=TritonConfig(num_splits=num_splits, block_k=block_k))
+    cfg = TritonConfig(num_splits=num_splits, block_k=block_k, sliced=sliced)
+    out = self.run(q, cache, lengths, packed, st, config=cfg)
     k, v = dequant_np(cache, lengths, packed, **st)
     check_close(out, oracle(q, k, v, length_valid(lengths, q.shape[1], k.shape[2])), dtype)
+    if sliced:
+      idx = random_blocks(5, q.shape[0], q.shape[1], case[4] // 64, 4)
+      out = self.run(q, cache, lengths, packed, st, config=cfg,
+                     block_indices_BKM=jnp.asarray(idx), block_size=64)
+      check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, case[4])), dtype)
 
   def test_bad_config_raises(self):
     from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
