@@ -46,13 +46,19 @@ class DenseKV:
   def capacity(self) -> int:
     return self.k.shape[2]
 
+  @property
+  def dtype(self):
+    return self.k.dtype
+
   def keys(self) -> jax.Array:
     """[B, K, S, H] keys (what block summaries are computed from)."""
     return self.k
 
-  def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, start_B: jax.Array | None) -> "DenseKV":
+  def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, start_B: jax.Array | None, *,
+            lengths_B: jax.Array | None = None) -> "DenseKV":
     """Stores T new tokens per sequence at positions [start_b, start_b + T) (start_B None: at 0
-    for every sequence, a prefill)."""
+    for every sequence, a prefill of prompts of lengths_B tokens; a dense cache stores all T)."""
+    del lengths_B
     if start_B is None:
       put = lambda c, x: jax.lax.dynamic_update_slice(
           c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, 0, 0))
@@ -112,7 +118,7 @@ class KVCache:
 
   @property
   def dtype(self):
-    return self.layers[0].k.dtype
+    return self.layers[0].dtype
 
 
 @struct.dataclass

@@ -64,12 +64,12 @@ class PrefillAttention:
   """Causal attention over the prompt itself (model.attention_impl), storing each layer's K/V at
   positions [0, T) of the cache. aux: the layer's updated cache entry."""
 
-  def __init__(self, cfg: ModelConfig, cache: KVCache):
-    self.impl, self.cache = cfg.attention_impl, cache
+  def __init__(self, cfg: ModelConfig, cache: KVCache, lengths_B: jax.Array | None = None):
+    self.impl, self.cache, self.lengths = cfg.attention_impl, cache, lengths_B
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     o = model_lib.CausalSelfAttention(self.impl)(layer, q_BTNH, k_BTKH, v_BTKH)[0]
-    return o, self.cache.layers[layer].write(k_BTKH, v_BTKH, None)
+    return o, self.cache.layers[layer].write(k_BTKH, v_BTKH, None, lengths_B=self.lengths)
 
 
 class CachedAttention:
@@ -126,7 +126,7 @@ def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array
     raise ValueError(f"prompt length {T} exceeds cache capacity {cache.capacity}")
   x = model_lib.embed(cfg, params, tokens_BT)
   x, layers = model_lib.run_layers(cfg, params, x, _positions(jnp.zeros((B,), jnp.int32), T),
-                                   PrefillAttention(cfg, cache))
+                                   PrefillAttention(cfg, cache, lengths_B))
   last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
   return (model_lib.logits(cfg, params, last),
           KVCache(layers=tuple(layers), lengths=lengths_B.astype(jnp.int32)))
@@ -201,22 +201,34 @@ def generation_capacity(cfg: ModelConfig, prompt_len: int, max_new_tokens: int,
   return cap
 
 
+def new_cache(cfg: ModelConfig, batch: int, capacity: int, cache_dtype=jnp.bfloat16,
+              kv_cache=None) -> KVCache:
+  """An empty cache: dense in cache_dtype, or as `kv_cache` says (an object with
+  `init(cfg, batch, capacity)`, e.g. `effjax.quant.kv.KVCacheSpec` for a 4 / 2-bit cache)."""
+  if kv_cache is not None:
+    return kv_cache.init(cfg, batch, capacity)
+  return KVCache.init(cfg, batch, capacity, cache_dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
-                                             "decode_impl", "cache_dtype"),
+                                             "decode_impl", "cache_dtype", "kv_cache"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
              *, max_new_tokens: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
              stop_tokens: tuple[int, ...] = (), pad_id: int = 256, decode_impl: str = "auto",
-             cache_dtype: Any = jnp.bfloat16):
+             cache_dtype: Any = jnp.bfloat16, kv_cache=None):
   """Prefill + a `lax.while_loop` of decode steps, all on device.
 
   tokens_BT: right-padded prompts int32 [B, T]; lengths_B: int32 [B]. Returns (new tokens int32
   [B, max_new_tokens], PAD after a sequence stops; number generated int32 [B], the stop token
   included). The loop ends when every sequence has stopped or max_new_tokens is reached. The cache
-  holds `generation_capacity(cfg, T, max_new_tokens)` tokens.
+  holds `generation_capacity(cfg, T, max_new_tokens)` tokens, dense in cache_dtype or as the
+  `kv_cache` spec says (`effjax.quant.kv.KVCacheSpec("int4")`: a 4-bit cache).
   """
   B, T = tokens_BT.shape
-  cache = KVCache.init(cfg, B, generation_capacity(cfg, T, max_new_tokens), cache_dtype)
+  multiple = getattr(kv_cache, "capacity_multiple", 1)
+  cache = new_cache(cfg, B, generation_capacity(cfg, T, max_new_tokens, multiple), cache_dtype,
+                    kv_cache)
   logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)

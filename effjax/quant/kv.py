@@ -59,6 +59,7 @@ no flush in the whole batch) only writes its rows into the residual (`lax.cond` 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -333,3 +334,43 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, 
                                group=group, window=window, k_mode=k_mode, v_group=v_group)
   return KVCache(layers=tuple(entry() for _ in range(cfg.n_layers)),
                  lengths=jnp.zeros((batch,), jnp.int32))
+
+
+KV_CACHE_KINDS = ("bf16", "float32", "int4", "int2")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+  """How a generation stores its KV cache (hashable: a static argument of the jitted loops).
+
+  kind: "bf16" / "float32" (a dense `DenseKV` cache) or "int4" / "int2" (`QuantKV`: K per channel
+  in groups of `group` tokens, or per token with k_mode "token"; V per token in groups of
+  `v_group` channels (None: the head); a full-precision residual window of `window` tokens (None:
+  128 at 4 bits, 256 at 2); scales, zeros and the window in bfloat16)."""
+  kind: str = "bf16"
+  group: int = 128
+  window: int | None = None
+  k_mode: str = "channel"
+  v_group: int | None = None
+
+  def __post_init__(self):
+    if self.kind not in KV_CACHE_KINDS:
+      raise ValueError(f"kv cache must be one of {', '.join(KV_CACHE_KINDS)}, got {self.kind!r}")
+    if self.bits:
+      layout.check_settings(bits=self.bits, group=self.group, k_mode=self.k_mode,
+                            v_group=self.v_group or 128, head_dim=128, window=self.window)
+
+  @property
+  def bits(self) -> int | None:
+    return {"int4": 4, "int2": 2}.get(self.kind)
+
+  @property
+  def capacity_multiple(self) -> int:
+    """Cache capacities must be multiples of this (the K group of a low-bit cache)."""
+    return self.group if self.bits else 1
+
+  def init(self, cfg: ModelConfig, batch: int, capacity: int) -> KVCache:
+    if not self.bits:
+      return KVCache.init(cfg, batch, capacity, jnp.bfloat16 if self.kind == "bf16" else jnp.float32)
+    return init_cache(cfg, batch, capacity, jnp.bfloat16, bits=self.bits, group=self.group,
+                      window=self.window, k_mode=self.k_mode, v_group=self.v_group)

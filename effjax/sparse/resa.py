@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -213,15 +214,18 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: KVCa
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
                                              "stop_tokens", "decode_impl", "cache_dtype", "sparse",
+                                             "kv_cache",
                                              "rectify_impl"),
                    compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B, rng, gate_params=None,
              *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
              pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True,
-             rectify_impl: str | None = None):
+             rectify_impl: str | None = None, kv_cache=None):
   """Generation on device: sparse decode steps (dense when `sparse` is False) with a dense
   rectification of the last f = scfg.rectify_every tokens after every f steps. Returns (tokens
   int32 [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`.
+  kv_cache: the cache's storage spec (None: dense in cache_dtype; `effjax.quant.kv.KVCacheSpec`:
+  a 4 / 2-bit cache, whose rectification re-quantises the rows it rewrites).
   rectify_impl: the attention of the rectification (`decoding.extend`'s decode_impl); None
   follows decode_impl (on a GPU: the multi-token Triton kernel).
 
@@ -238,16 +242,17 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
   rectifies, and a run whose sequences all stop early does no rectification after they stop."""
   c = _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, max_new_tokens,
                    temperature, top_k, stop_tokens, pad_id, decode_impl, cache_dtype, sparse,
-                   rectify_impl, None)
+                   rectify_impl, None, kv_cache)
   return c[4], c[7]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "decode_impl", "cache_dtype", "sparse",
-                                             "rectify_impl"),
+                                             "rectify_impl", "kv_cache"),
                    compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 def score_continuation(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
                        cont_BN, gate_params=None, *, decode_impl: str = "auto",
-                       cache_dtype=jnp.bfloat16, sparse: bool = True, rectify_impl: str | None = None):
+                       cache_dtype=jnp.bfloat16, sparse: bool = True, rectify_impl: str | None = None,
+                       kv_cache=None):
   """Teacher-forced decoding: the decode steps `generate` runs (sparse, rectified every
   scfg.rectify_every steps; dense when `sparse` is False), fed the given continuation instead of
   sampled tokens. So every K/V entry of the continuation is written by those steps -- sparse
@@ -262,7 +267,7 @@ def score_continuation(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, 
     raise ValueError(f"cont_BN must be [B={tokens_BT.shape[0]}, N], got {cont_BN.shape}")
   c = _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, jax.random.key(0), gate_params,
                    cont_BN.shape[1], 0.0, 0, (), 256, decode_impl, cache_dtype, sparse,
-                   rectify_impl, cont_BN.astype(jnp.int32))
+                   rectify_impl, cont_BN.astype(jnp.int32), kv_cache)
   return c[9]
 
 
@@ -278,15 +283,17 @@ def per_layer(gate_params):
 
 
 def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, temperature, top_k,
-                 stop_tokens, pad_id, decode_impl, cache_dtype, sparse, rectify_impl, forced_BN):
+                 stop_tokens, pad_id, decode_impl, cache_dtype, sparse, rectify_impl, forced_BN,
+                 kv_cache=None):
   """generate's loop (forced_BN None) or score_continuation's (forced_BN [B, N]: fed instead of
   the sampled tokens; carry[9] collects (logprob, argmax) of each step). Returns the final carry."""
   B, T = tokens_BT.shape
   if sparse:
     scfg.check_gate_params(cfg, gate_params)
   gate_params = per_layer(gate_params)
-  cap = decoding.generation_capacity(cfg, T, N, multiple=scfg.block_size)
-  cache = KVCache.init(cfg, B, cap, cache_dtype)
+  multiple = math.lcm(scfg.block_size, getattr(kv_cache, "capacity_multiple", 1))
+  cap = decoding.generation_capacity(cfg, T, N, multiple=multiple)
+  cache = decoding.new_cache(cfg, B, cap, cache_dtype, kv_cache)
   logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
   summ = init_summaries(cfg, scfg, cache, gate_params) if sparse else ()   # dense: none needed
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
