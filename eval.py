@@ -48,6 +48,14 @@ def main(argv=None) -> int:
                        "budgets of 8+ blocks (experiments/sparse_quality)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
+  dg.add_argument("--kv-quality", type=int, default=0, metavar="N",
+                  help="N valid examples decoded teacher-forced through a bf16, int4 and int2 KV "
+                       "cache (K per channel and per token): the perplexity each cache costs")
+  dg.add_argument("--kv-group", type=int, default=128,
+                  help="tokens per K scale of the low-bit caches (--kv-quality)")
+  dg.add_argument("--kv-window", type=int, default=None,
+                  help="full-precision residual window of the low-bit caches (default: 128 at 4 "
+                       "bits, 256 at 2, at least --kv-group)")
   dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")
   dg.add_argument("--context", type=int, default=None, help="passkey context tokens")
   dg.add_argument("--budgets", type=int, nargs="+", default=None, help="retrieval token budgets")
@@ -180,6 +188,32 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
     else:
       print(f"teacher-forced drift skipped: valid examples hold {ex.tokens.shape[1]} tokens, "
             f"fewer than prompt + new tokens = {total}")
+  if args.kv_quality:
+    from effjax.quant.kv import KVCacheSpec
+    ex = evaluation.split_examples(cfg, "valid")
+    n = min(args.kv_quality, len(ex))
+    total = args.prompt_len + args.new_tokens
+    if ex.tokens.shape[1] < total:
+      raise ValueError(f"--kv-quality needs valid examples of prompt + new tokens = {total} "
+                       f"tokens; they hold {ex.tokens.shape[1]} (lower --prompt-len / --new-tokens)")
+    prompts = ex.tokens[:n, :args.prompt_len]
+    lengths = np.full((n,), prompts.shape[1], np.int32)
+    g = args.kv_group
+    specs = {"bf16": KVCacheSpec("bf16")}
+    for kind in ("int4", "int2"):
+      w = args.kv_window or -(-(128 if kind == "int4" else 256) // g) * g
+      for mode in ("channel", "token"):
+        specs[f"{kind} K per {mode}"] = KVCacheSpec(kind, group=g, window=w, k_mode=mode)
+    r = evaluation.kv_cache_quality(cfg, params, prompts, lengths,
+                                    ex.tokens[:n, args.prompt_len:total], specs,
+                                    decode_impl=args.decode_impl)
+    out["kv_quality"] = {"prompts": n, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                         "group": g, "results": r}
+    print(f"KV cache quality ({n} valid examples, {args.prompt_len} + {args.new_tokens} tokens, "
+          f"K groups of {g} tokens):")
+    for name, x in r.items():
+      print(f"  {name:>20}: NLL {x['nll']:.4f} | ppl {x['ppl']:.3f} ({100 * x['ppl_increase']:+.2f}%) | "
+            f"greedy as bf16 {x['agreement_with_reference']:.3f}")
   if args.retrieval:
     context = args.context or cfg.model.max_seq_len - 8
     budgets = args.budgets or [4 * args.block_size, 8 * args.block_size]

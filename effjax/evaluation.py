@@ -205,6 +205,35 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   return out
 
 
+def kv_cache_quality(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
+                     lengths_B: np.ndarray, cont_BN: np.ndarray, specs: dict, *,
+                     decode_impl: str = "auto") -> dict:
+  """How much a KV cache's storage costs in quality: each spec decodes the same continuation
+  teacher-forced (`resa.score_continuation`, dense attention), so every K/V entry of prompt and
+  continuation goes through that cache. specs: {name: effjax.quant.kv.KVCacheSpec}; the first
+  is the reference (e.g. "bf16"). Returns {name: {"nll": mean per-token NLL, "ppl": exp(nll),
+  "ppl_increase": ppl / reference ppl - 1, "excess_nll_se": standard error of the per-sequence
+  excess, "agreement_with_reference": share of positions with the reference's greedy choice}}."""
+  mcfg = cfg.model if isinstance(cfg, Config) else cfg
+  toks, lens, cont = jnp.asarray(prompts_BT), jnp.asarray(lengths_B, jnp.int32), jnp.asarray(cont_BN)
+  scored = {}
+  for name, spec in specs.items():
+    lp, am = resa.score_continuation(mcfg, resa.SparseConfig(rectify_every=0), params, toks, lens,
+                                     cont, sparse=False, decode_impl=decode_impl, kv_cache=spec)
+    scored[name] = (np.asarray(lp), np.asarray(am))
+  ref_lp, ref_am = next(iter(scored.values()))
+  out = {}
+  for name, (lp, am) in scored.items():
+    per_seq = (ref_lp - lp).mean(axis=1)
+    nll = float(-lp.mean())
+    out[name] = {"nll": nll, "ppl": math.exp(nll),
+                 "ppl_increase": math.exp(nll + float(ref_lp.mean())) - 1.0,
+                 "excess_nll_se": (float(per_seq.std(ddof=1) / np.sqrt(len(per_seq)))
+                                   if len(per_seq) > 1 else None),
+                 "agreement_with_reference": float(np.mean(am == ref_am))}
+  return out
+
+
 def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, *,
                new_tokens: int, scfg, gate_params=None, decode_impl: str = "auto") -> dict:
   """Greedy continuations under dense, sparse and sparse + rectification decoding of the same

@@ -287,3 +287,27 @@ def test_full_budget_scoring_equals_dense_up_to_the_capacity_edge(selector):
   full = np.asarray(resa.score_continuation(cfg, scfg, params, toks, lengths, cont, gp, **kw)[0])
   err = np.abs(full - dense)
   assert err.max() < 2e-3, (err.max(), np.argmax(err.max(axis=0)))
+
+
+def test_low_bit_cache_decoding_with_the_triton_kernel_matches_xla():
+  """Teacher-forced decoding through an int4 / int2 cache: the fused Triton low-bit kernel (the
+  GPU default) gives the XLA dequantise-then-attend path's log-probabilities, dense and sparse."""
+  from effjax.quant.kv import KVCacheSpec
+  from effjax.sparse import resa
+  cfg = ModelConfig(d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
+                    compute_dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 500), 0, 256)
+  lengths = jnp.asarray([500, 321])
+  cont = jax.random.randint(jax.random.key(2), (2, 40), 0, 256)
+  for kind in ("int4", "int2"):
+    spec = KVCacheSpec(kind, group=64, window=128)
+    for sparse in (False, True):
+      scfg = resa.SparseConfig(selector="quest", block_size=64, budget_tokens=256,
+                               rectify_every=16 if sparse else 0)
+      lp = {impl: np.asarray(resa.score_continuation(cfg, scfg, params, toks, lengths, cont,
+                                                     sparse=sparse, decode_impl=impl,
+                                                     kv_cache=spec)[0])
+            for impl in ("xla", "auto")}
+      assert np.all(np.isfinite(lp["auto"]))
+      assert np.max(np.abs(lp["auto"] - lp["xla"])) < 5e-2, (kind, sparse)
