@@ -65,6 +65,7 @@ from benchmarks import common, devtime
 from effjax import decoding
 from effjax.config import load_config
 from effjax.model import init_params
+from effjax.quant.kv import KVCacheSpec
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa
 
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None):
                   help="SparseConfig.sparse_kernel: auto (= decode-impl) | pallas_mosaic_gpu | ...")
   ap.add_argument("--param-dtype", default="bfloat16")
   ap.add_argument("--cache-dtype", default="bfloat16")
+  ap.add_argument("--kv-caches", default="dense",
+                  help="cache kinds, each row repeated per kind: dense (--cache-dtype), int4, int2 "
+                       "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--mem-frac", type=float, default=0.25,
                   help="skip a batch whose KV cache exceeds this share of device memory (prefill "
@@ -282,7 +286,7 @@ def main(argv: list[str] | None = None):
   def record(row):
     results.append(row)
     keep = {k: row[k] for k in row if k in (
-        "B", "mode", "plan", "decode_tok_s", "step_ms", "prefill_ms", "frac_of_floor",
+        "B", "mode", "kv_cache", "plan", "decode_tok_s", "step_ms", "prefill_ms", "frac_of_floor",
         "decode_speedup_vs_dense", "compile_s", "hlo_loop_cache_copies", "skipped")}
     print(json.dumps(keep), flush=True)
     # Written after every row, so a run cut short by a timeout still leaves its rows.
@@ -306,16 +310,24 @@ def main(argv: list[str] | None = None):
       rows += [(m, label, tokens) for m in ("quest", "gate", "quest_rectify", "quest_rectify_xla")
                if m in modes]
 
-    for mode, label, budget in rows:
-      row_base = dict(base, mode=mode)
+    kinds = [k for k in args.kv_caches.split(",") if k]
+    for (mode, label, budget), kind in [(r, k) for r in rows for k in kinds]:
+      row_base = dict(base, mode=mode, kv_cache=kind)
       kw = dict(max_new_tokens=N, stop_tokens=(STOP,), decode_impl=args.decode_impl,
                 cache_dtype=cache_dtype)
+      # bytes a step reads per cached token and KV head, relative to the dense cache
+      kv_ratio = 1.0
+      if kind != "dense":
+        spec = KVCacheSpec(kind)
+        kw["kv_cache"] = spec
+        per_token = 2 * H * spec.bits / 8 + 2 * 2 + 2 * 2 * H / spec.group   # codes, V, K params
+        kv_ratio = per_token / (2 * H * cache_dtype.itemsize)
       weight_read = param_bytes
       if mode == "dense":
         fn, static, gp = decoding.generate, (mcfg,), None
         row_base.update(cache_capacity=dense_capacity,
                       cache_bytes=2 * L * B * K * dense_capacity * H * cache_dtype.itemsize)
-        kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize
+        kv_read = 2 * L * B * K * mean_len * H * cache_dtype.itemsize * kv_ratio
         summ_read = 0
         dyn = lambda p: (p, toks, lengths, key)
       else:
@@ -335,7 +347,7 @@ def main(argv: list[str] | None = None):
                       budget_blocks=scfg.budget_blocks, block_size=bs,
                       sparsity=max(0.0, 1 - budget / mean_len), rectify_every=f,
                       **({"gate_cache_dtype": args.gate_cache_dtype} if mode == "gate" else {}))
-        kv_read = 2 * L * B * K * min(budget, mean_len) * H * cache_dtype.itemsize
+        kv_read = 2 * L * B * K * min(budget, mean_len) * H * cache_dtype.itemsize * kv_ratio
         n_blocks = capacity // bs
         summ_read = (L * B * K * n_blocks * (2 * H * cache_dtype.itemsize if mode != "gate"
                                              else args.d_gate *
@@ -392,10 +404,10 @@ def main(argv: list[str] | None = None):
       _, peak = device_memory()
       if peak is not None:
         row["peak_bytes_process"] = int(peak)
-      if mode == "dense":
+      if mode == "dense" and kind == "dense":
         dense_decode = row["decode_tok_s"]
-      elif dense_decode:
-        row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense_decode
+      elif dense_decode and row["decode_tok_s"]:
+        row["decode_speedup_vs_dense"] = row["decode_tok_s"] / dense_decode  # the bf16 dense row
       record(row)
       del call
 
