@@ -48,6 +48,9 @@ def main(argv=None) -> int:
                        "budgets of 8+ blocks (experiments/sparse_quality)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
+  dg.add_argument("--kv-cache", choices=["bf16", "int4", "int2"], default="bf16",
+                  help="the KV cache of the --drift / --retrieval decodings (int4 / int2: K per "
+                       "channel in groups of --kv-group tokens, a --kv-window residual)")
   dg.add_argument("--kv-quality", type=int, default=0, metavar="N",
                   help="N valid examples decoded teacher-forced through a bf16, int4 and int2 KV "
                        "cache (K per channel and per token): the perplexity each cache costs")
@@ -144,6 +147,11 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   out: dict = {}
   gate_params = None
   gcfg = gate_lib.GateConfig(block_size=args.block_size, d_gate=64)
+  kv_cache = None
+  if args.kv_cache != "bf16":
+    from effjax.quant.kv import KVCacheSpec
+    kv_cache = KVCacheSpec(args.kv_cache, group=args.kv_group, window=args.kv_window)
+    out["kv_cache"] = {"kind": args.kv_cache, "group": args.kv_group, "window": args.kv_window}
   if args.train_gate:
     ex = evaluation.split_examples(cfg, "train")
     gate_params, losses = gate_training.train_gate(
@@ -168,7 +176,8 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
                              d_gate=gcfg.d_gate, gate_cache_dtype=args.gate_cache_dtype,
                              local_tokens=args.local_tokens, sparse_kernel=args.sparse_kernel)
     d = evaluation.drift_eval(cfg, params, prompts, lengths, new_tokens=args.new_tokens, scfg=scfg,
-                              gate_params=gate_params, decode_impl=args.decode_impl)
+                              gate_params=gate_params, decode_impl=args.decode_impl,
+                              kv_cache=kv_cache)
     out["drift"] = {"prompts": n, "prompt_len": int(prompts.shape[1]), "new_tokens": args.new_tokens,
                     "budget_tokens": budget, "sparsity_at_end": 1 - budget / total,
                     "selector": args.selector, "results": d}
@@ -179,7 +188,7 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
       tf = evaluation.teacher_forced_drift(cfg, params, prompts, lengths,
                                            ex.tokens[:n, prompts.shape[1]:total],
                                            evaluation.drift_runs(scfg, gate_params),
-                                           decode_impl=args.decode_impl)
+                                           decode_impl=args.decode_impl, kv_cache=kv_cache)
       out["drift"]["teacher_forced"] = tf
       print("teacher-forced (the valid text's own continuation, fed to every decoding):")
       for name, r in tf.items():
@@ -225,7 +234,7 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
                                                  "sparse_kernel": args.sparse_kernel})
     r = evaluation.retrieval_eval(cfg, params, n=args.retrieval, context_tokens=context,
                                   budgets=budgets, selectors=selectors, block_size=args.block_size,
-                                  decode_impl=args.decode_impl)
+                                  decode_impl=args.decode_impl, kv_cache=kv_cache)
     out["retrieval"] = {"n": args.retrieval, "context_tokens": context, "accuracy": r}
     print("passkey accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
   return out

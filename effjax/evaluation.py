@@ -153,7 +153,7 @@ def continuation_nll(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
 
 def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
                          lengths_B: np.ndarray, cont_BN: np.ndarray, runs: dict, *,
-                         decode_impl: str = "auto") -> dict:
+                         decode_impl: str = "auto", kv_cache=None) -> dict:
   """Teacher-forced drift: every run decodes the same continuation token by token
   (`resa.score_continuation`), so the K/V entries of the continuation are written by that run's
   decode steps (sparse attention in the layers below, rectified or not) while the tokens, and so
@@ -178,10 +178,11 @@ def teacher_forced_drift(cfg: Config | ModelConfig, params, prompts_BT: np.ndarr
   for name, run in runs.items():
     if run is None:   # the SparseConfig is unused when sparse=False
       lp, am = resa.score_continuation(mcfg, resa.SparseConfig(rectify_every=0), params, toks, lens,
-                                       cont, sparse=False, decode_impl=decode_impl)
+                                       cont, sparse=False, decode_impl=decode_impl,
+                                       kv_cache=kv_cache)
     else:
       lp, am = resa.score_continuation(mcfg, run[0], params, toks, lens, cont, run[1],
-                                       decode_impl=decode_impl)
+                                       decode_impl=decode_impl, kv_cache=kv_cache)
     scored[name] = (np.asarray(lp), np.asarray(am))
   ref = next(name for name, run in runs.items() if run is None)
   ref_lp, ref_am = scored[ref]
@@ -235,12 +236,13 @@ def kv_cache_quality(cfg: Config | ModelConfig, params, prompts_BT: np.ndarray,
 
 
 def drift_eval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, *,
-               new_tokens: int, scfg, gate_params=None, decode_impl: str = "auto") -> dict:
+               new_tokens: int, scfg, gate_params=None, decode_impl: str = "auto",
+               kv_cache=None) -> dict:
   """Greedy continuations under dense, sparse and sparse + rectification decoding of the same
   prompts: each one's dense-model NLL and its token agreement with the dense greedy continuation.
   (`drift_runs` names the same three decodings for `teacher_forced_drift`.)"""
   toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
-  kw = dict(max_new_tokens=new_tokens, decode_impl=decode_impl)
+  kw = dict(max_new_tokens=new_tokens, decode_impl=decode_impl, kv_cache=kv_cache)
   dense, _ = decoding.generate(cfg.model, params, toks, lens, jax.random.key(0), **kw)
   runs = {"dense": np.asarray(dense)}
   for name, (v, gp) in list(drift_runs(scfg, gate_params).items())[1:]:
@@ -289,7 +291,7 @@ def passkey_prompts(n: int, context_tokens: int, seed: int = 0, filler: str | No
 
 def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray,
                      keys: list[str], *, budgets: list[int], selectors: dict, block_size: int,
-                     decode_impl: str = "auto", log=None) -> dict:
+                     decode_impl: str = "auto", log=None, kv_cache=None) -> dict:
   """Passkey accuracy on given prompts (right-padded tokens, lengths, the keys): the 5 greedily
   generated tokens must spell the key. Dense decoding, then each selector (name -> (selector
   kind, gate params or None[, dict of further SparseConfig fields, e.g. {"gate_cache_dtype":
@@ -300,7 +302,7 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
   toks, lens = jnp.asarray(prompts_BT), jnp.asarray(lengths_B)
   rng = jax.random.key(0)
   acc, digits, seconds = {}, {}, {}
-  kw = dict(max_new_tokens=5, decode_impl=decode_impl)
+  kw = dict(max_new_tokens=5, decode_impl=decode_impl, kv_cache=kv_cache)
 
   def score(name, out, t0):
     got = [tok.decode(o[:5]) for o in np.asarray(jax.block_until_ready(out))]
@@ -324,10 +326,11 @@ def passkey_accuracy(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.
 
 def retrieval_eval(cfg: Config, params, *, n: int, context_tokens: int, budgets: list[int],
                    selectors: dict, block_size: int, decode_impl: str = "auto", seed: int = 0,
-                   filler: str | None = None) -> dict:
+                   filler: str | None = None, kv_cache=None) -> dict:
   """Passkey accuracy (all 5 digits generated greedily) for dense decoding and for each selector
   (name -> (selector kind, gate params or None)) at each token budget, on `passkey_prompts(n,
   context_tokens, seed, filler)`: {"dense": a, "<name>@<budget>": a, ...}."""
   prompts, lengths, keys = passkey_prompts(n, context_tokens, seed, filler=filler)
   return passkey_accuracy(cfg, params, prompts, lengths, keys, budgets=budgets, selectors=selectors,
-                          block_size=block_size, decode_impl=decode_impl)["accuracy"]
+                          block_size=block_size, decode_impl=decode_impl,
+                          kv_cache=kv_cache)["accuracy"]
