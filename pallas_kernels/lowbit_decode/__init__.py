@@ -14,7 +14,8 @@ residual. `lowbit_extend_attention` is the multi-token (causal) form.
 Implementations (pallas_kernels.dispatch): `xla` (reference.py: dequantise, splice, masked
 reference: what dequantise-then-attend costs) and, for the decode op, `pallas_triton` (the GPU
 default: split-K with the dequantisation fused into the tile loads, dense or over the selected
-blocks, pallas_triton.py). The extend op has the reference only.
+blocks, pallas_triton.py) and `pallas_mosaic_tpu` (a scalar-prefetched block list, TPU
+interpreter only so far). The extend op has the reference only.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from pallas_kernels.lowbit_decode.reference import (
 )
 
 _OP = Op("lowbit_decode_attention", __name__,
-         backends={"xla": "reference", "pallas_triton": "pallas_triton"},
-         defaults={"gpu": ("pallas_triton",)})
+         backends={"xla": "reference", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
+         defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
 _EXTEND_OP = Op("lowbit_extend_attention", __name__, backends={"xla": "reference"}, defaults={})
 IMPLEMENTATIONS = _OP.implementations
 EXTEND_IMPLEMENTATIONS = _EXTEND_OP.implementations

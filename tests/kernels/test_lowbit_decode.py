@@ -240,6 +240,12 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
   INTERPRET, GPU = False, True
 
 
+class TestPallasMosaicTPUInterpret(LowbitDecodeBase):
+  IMPLEMENTATION, INTERPRET = "pallas_mosaic_tpu", True
+  # lowbit_extend_attention has no TPU backend (its reference is tested in TestXla)
+  test_extend_matches_oracle = None
+
+
 def test_triton_lowers_for_cuda():
   """The whole Pallas -> Triton IR lowering, dense and sparse, on any host."""
   from ._oracle import lower_for_cuda
@@ -314,7 +320,7 @@ _BF = jnp.bfloat16
     ({"block_indices_BKM": jnp.asarray([[[0, 9]], [[1, -1]]], jnp.int32), "block_size": 32},
      r"must be -1 or in \[0, 8\)"),
     ({"block_size": 32}, "block_size and num_live_BK go with block_indices_BKM"),
-    ({"implementation": "pallas_mosaic_gpu"}, "implementation must be one of"),
+    ({"implementation": "cudnn"}, "implementation must be one of"),
 ])
 def test_bad_inputs_raise(over, match):
   with pytest.raises(ValueError, match=match):
