@@ -43,7 +43,10 @@ class ModelConfig:
   tie_embeddings: bool = True
   init_std: float = 0.02
   attention_impl: str = "auto"        # auto | xla | cudnn
-  linear_impl: str = "dense"          # dense (later: bitlinear, lora)
+  linear_impl: str = "dense"          # dense | bitlinear (BitNet b1.58: ternary weights, int8
+                                      # activations, straight-through; effjax/quant/ternary.py)
+  sub_norm: bool = False              # SubLN: RMSNorm before the attention output and the MLP
+                                      # down projection (BitNet)
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False                 # rematerialise each block in the backward pass
@@ -66,8 +69,8 @@ class ModelConfig:
       _check(self.d_ff > 0, "model.d_ff", f"must be > 0, got {self.d_ff}")
     _check(self.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
            f"must be one of auto|xla|cudnn, got {self.attention_impl!r}")
-    _check(self.linear_impl in ("dense",), "model.linear_impl",
-           f"must be 'dense', got {self.linear_impl!r}")
+    _check(self.linear_impl in ("dense", "bitlinear"), "model.linear_impl",
+           f"must be dense|bitlinear, got {self.linear_impl!r}")
     for k in ("compute_dtype", "param_dtype"):
       _check(getattr(self, k) in ("float32", "bfloat16", "float16"), f"model.{k}",
              f"must be float32|bfloat16|float16, got {getattr(self, k)!r}")
@@ -90,7 +93,7 @@ class ModelConfig:
     d, hd = self.d_model, self.hd
     attn = d * hd * (self.n_heads + 2 * self.n_kv_heads) + self.n_heads * hd * d
     mlp = 3 * d * self.ff
-    per_layer = attn + mlp + 2 * d
+    per_layer = attn + mlp + 2 * d + (self.n_heads * hd + self.ff if self.sub_norm else 0)
     n = self.n_layers * per_layer + d
     if include_embedding:
       n += self.vocab_size * d * (1 if self.tie_embeddings else 2)

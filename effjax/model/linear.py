@@ -5,9 +5,10 @@
     p = lin.init(rng, d_in, d_out, std)          # this layer's params (a dict pytree)
     y_NF = lin(p, x_ND)                          # compute-dtype output
 
-Only `dense` exists now. BitLinear (ternary weights + int8 activations, straight-through),
-LoRA adapters over a frozen low-bit base and packed inference formats plug in here as further
-classes with the same two methods: the transformer layer never changes.
+`dense` (DenseLinear) and `bitlinear` (effjax.quant.ternary.BitLinear: BitNet b1.58's ternary
+weights and int8 activations, straight-through). LoRA adapters over a frozen low-bit base and
+packed inference formats plug in here as further classes with the same two methods: the
+transformer layer never changes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+
+from effjax.quant.ternary import BitLinear
 
 
 class Linear(Protocol):
@@ -39,7 +42,7 @@ class DenseLinear:
     return jnp.dot(x.astype(dt), p["kernel"].astype(dt))
 
 
-LINEARS = {"dense": DenseLinear}
+LINEARS = {"dense": DenseLinear, "bitlinear": BitLinear}
 
 
 def make_linear(cfg) -> Linear:

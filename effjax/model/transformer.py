@@ -15,7 +15,8 @@ layer's updated KV cache). Projections go through the config's `Linear` (model/l
 
 Params: {"embed": [V, D], "layers_<i>" (or, with model.scan_layers, one "layers" stacked over a
 leading [L] axis): {"attn_norm": {"scale": [D]}, "wq", "wk", "wv", "wo", "mlp_norm",
-"w_gate", "w_up", "w_down"}, "final_norm": {"scale": [D]}, "unembed": [D, V] unless tied}.
+"w_gate", "w_up", "w_down"} (+ "attn_sub_norm" [N*H], "mlp_sub_norm" [F] with model.sub_norm),
+"final_norm": {"scale": [D]}, "unembed": [D, V] unless tied}.
 """
 
 from __future__ import annotations
@@ -51,11 +52,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> Params:
 
   def layer(key):
     ks = jax.random.split(key, 7)
-    return {"attn_norm": ones(D), "wq": lin.init(ks[0], D, N * H, std),
-            "wk": lin.init(ks[1], D, K * H, std), "wv": lin.init(ks[2], D, K * H, std),
-            "wo": lin.init(ks[3], N * H, D, out_std), "mlp_norm": ones(D),
-            "w_gate": lin.init(ks[4], D, F, std), "w_up": lin.init(ks[5], D, F, std),
-            "w_down": lin.init(ks[6], F, D, out_std)}
+    lp = {"attn_norm": ones(D), "wq": lin.init(ks[0], D, N * H, std),
+          "wk": lin.init(ks[1], D, K * H, std), "wv": lin.init(ks[2], D, K * H, std),
+          "wo": lin.init(ks[3], N * H, D, out_std), "mlp_norm": ones(D),
+          "w_gate": lin.init(ks[4], D, F, std), "w_up": lin.init(ks[5], D, F, std),
+          "w_down": lin.init(ks[6], F, D, out_std)}
+    if cfg.sub_norm:
+      lp.update(attn_sub_norm=ones(N * H), mlp_sub_norm=ones(F))
+    return lp
 
   k_embed, k_out, k_layers = jax.random.split(rng, 3)
   keys = jax.random.split(k_layers, cfg.n_layers)
@@ -84,7 +88,8 @@ def layer_params(params: Params, i: int) -> Params:
 def block(cfg: ModelConfig, lp: Params, x_BTD: jax.Array, rope, attention: Attention,
           layer: int = 0) -> tuple[jax.Array, Any]:
   """The transformer layer: x + Wo attention(RoPE(Wq h), RoPE(Wk h), Wv h) with h = norm(x),
-  then x + W_down (silu(W_gate h) * W_up h) with h = norm(x). Returns (x_BTD, aux of the
+  then x + W_down (silu(W_gate h) * W_up h) with h = norm(x) (with model.sub_norm, the
+  attention output and the MLP activation are RMS-normalised before Wo / W_down: SubLN). Returns (x_BTD, aux of the
   attention strategy)."""
   lin = make_linear(cfg)
   dt = jnp.dtype(cfg.compute_dtype)
@@ -97,9 +102,15 @@ def block(cfg: ModelConfig, lp: Params, x_BTD: jax.Array, rope, attention: Atten
   v_BTKH = lin(lp["wv"], h).reshape(B, T, K, H)
   q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
   o_BTNH, aux = attention(layer, q_BTNH, k_BTKH, v_BTKH)
-  x_BTD = x_BTD + lin(lp["wo"], o_BTNH.reshape(B, T, N * H)).astype(x_BTD.dtype)
+  o = o_BTNH.reshape(B, T, N * H)
+  if cfg.sub_norm:   # SubLN (BitNet): normalise what the output projection quantises
+    o = rms_norm(o, lp["attn_sub_norm"]["scale"], cfg.norm_eps, dt)
+  x_BTD = x_BTD + lin(lp["wo"], o).astype(x_BTD.dtype)
   h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, dt)
-  mlp_BTD = lin(lp["w_down"], jax.nn.silu(lin(lp["w_gate"], h)) * lin(lp["w_up"], h))
+  act = jax.nn.silu(lin(lp["w_gate"], h)) * lin(lp["w_up"], h)
+  if cfg.sub_norm:
+    act = rms_norm(act, lp["mlp_sub_norm"]["scale"], cfg.norm_eps, dt)
+  mlp_BTD = lin(lp["w_down"], act)
   return x_BTD + mlp_BTD.astype(x_BTD.dtype), aux
 
 
