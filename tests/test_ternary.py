@@ -8,7 +8,8 @@ import pytest
 
 from effjax.config import ModelConfig, load_config
 from effjax.model import forward, init_params
-from effjax.quant.ternary import BitLinear, absmax_int8, absmean_ternary, ste
+from effjax.model.linear import BitLinear
+from effjax.quant.ternary import absmax_int8, absmean_ternary, ste
 
 
 def test_absmean_ternary():

@@ -5,8 +5,8 @@
     p = lin.init(rng, d_in, d_out, std)          # this layer's params (a dict pytree)
     y_NF = lin(p, x_ND)                          # compute-dtype output
 
-`dense` (DenseLinear) and `bitlinear` (effjax.quant.ternary.BitLinear: BitNet b1.58's ternary
-weights and int8 activations, straight-through). LoRA adapters over a frozen low-bit base and
+`dense` (DenseLinear) and `bitlinear` (BitLinear: BitNet b1.58's ternary weights and int8
+activations, straight-through; the quantisers are effjax/quant/ternary.py). LoRA adapters over a frozen low-bit base and
 packed inference formats plug in here as further classes with the same two methods: the
 transformer layer never changes.
 """
@@ -19,7 +19,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from effjax.quant.ternary import BitLinear
+from effjax.quant import ternary
 
 
 class Linear(Protocol):
@@ -40,6 +40,24 @@ class DenseLinear:
   def __call__(self, p: dict, x: jax.Array) -> jax.Array:
     dt = jnp.dtype(self.dtype)
     return jnp.dot(x.astype(dt), p["kernel"].astype(dt))
+
+
+@dataclasses.dataclass(frozen=True)
+class BitLinear(DenseLinear):
+  """BitNet b1.58: y = absmax_int8(x) @ absmean_ternary(W), straight-through
+  (effjax/quant/ternary.py). The dense layer's params ({"kernel"} in param_dtype, fp32 master);
+  the quantised operands go to the dot in `dtype` (ternary codes times a scale, integers of at
+  most 8 bits times a scale)."""
+
+  def __call__(self, p: dict, x: jax.Array) -> jax.Array:
+    dt = jnp.dtype(self.dtype)
+    w = p["kernel"].astype(jnp.float32)
+    codes, s_w = ternary.absmean_ternary(w)
+    xf = x.astype(jnp.float32)
+    x_codes, s_x = ternary.absmax_int8(xf)
+    w_q = ternary.ste(w, codes * s_w)
+    x_q = ternary.ste(xf, x_codes * s_x)
+    return jnp.dot(x_q.astype(dt), w_q.astype(dt))
 
 
 LINEARS = {"dense": DenseLinear, "bitlinear": BitLinear}

@@ -12,13 +12,12 @@ Forward of a BitLinear (y = Q_a(x) @ Q_w(W)):
 Backward: the straight-through estimator, d Q(z) / dz = 1 (Q(z) = z + stop_gradient(Q(z) - z)),
 so the fp32 master weights and the activations get the full-precision gradient of the
 quantised forward. The params are the dense layer's ({"kernel": [d_in, d_out]} in param_dtype),
-so a checkpoint trained with BitLinear converts into the packed inference formats of
+so a checkpoint trained with BitLinear (`effjax.model.linear.BitLinear`, built on these
+functions) converts into the packed inference formats of
 `pallas_kernels.lowbit_matmul` (`ternarize` gives the codes and the scale a packer takes).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -43,26 +42,3 @@ def absmax_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def ste(z: jax.Array, quantised: jax.Array) -> jax.Array:
   """The quantised value forward, the identity's gradient backward."""
   return z + jax.lax.stop_gradient(quantised.astype(z.dtype) - z)
-
-
-@dataclasses.dataclass(frozen=True)
-class BitLinear:
-  """y = absmax_int8(x) @ absmean_ternary(W), straight-through; the `Linear` interface
-  (effjax/model/linear.py). Params {"kernel": [d_in, d_out]} in param_dtype (fp32 master);
-  the quantised operands go to the dot in `dtype` (ternary codes times a scale, and integers
-  of at most 8 bits times a scale: exact in bfloat16 up to the scales' rounding)."""
-  dtype: str = "bfloat16"
-  param_dtype: str = "float32"
-
-  def init(self, rng: jax.Array, d_in: int, d_out: int, std: float) -> dict:
-    return {"kernel": jax.random.normal(rng, (d_in, d_out), jnp.dtype(self.param_dtype)) * std}
-
-  def __call__(self, p: dict, x: jax.Array) -> jax.Array:
-    dt = jnp.dtype(self.dtype)
-    w = p["kernel"].astype(jnp.float32)
-    codes, s_w = absmean_ternary(w)
-    w_q = ste(w, codes * s_w)
-    xf = x.astype(jnp.float32)
-    x_codes, s_x = absmax_int8(xf)
-    x_q = ste(xf, x_codes * s_x)
-    return jnp.dot(x_q.astype(dt), w_q.astype(dt))
