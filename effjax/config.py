@@ -45,6 +45,8 @@ class ModelConfig:
   attention_impl: str = "auto"        # auto | xla | cudnn
   linear_impl: str = "dense"          # dense | bitlinear (BitNet b1.58: ternary weights, int8
                                       # activations, straight-through; effjax/quant/ternary.py)
+                                      # | ternary_packed (inference on packed weights:
+                                      # effjax/quant/convert.py)
   sub_norm: bool = False              # SubLN: RMSNorm before the attention output and the MLP
                                       # down projection (BitNet)
   compute_dtype: str = "bfloat16"
@@ -69,8 +71,8 @@ class ModelConfig:
       _check(self.d_ff > 0, "model.d_ff", f"must be > 0, got {self.d_ff}")
     _check(self.attention_impl in ("auto", "xla", "cudnn"), "model.attention_impl",
            f"must be one of auto|xla|cudnn, got {self.attention_impl!r}")
-    _check(self.linear_impl in ("dense", "bitlinear"), "model.linear_impl",
-           f"must be dense|bitlinear, got {self.linear_impl!r}")
+    _check(self.linear_impl in ("dense", "bitlinear", "ternary_packed"), "model.linear_impl",
+           f"must be dense|bitlinear|ternary_packed, got {self.linear_impl!r}")
     for k in ("compute_dtype", "param_dtype"):
       _check(getattr(self, k) in ("float32", "bfloat16", "float16"), f"model.{k}",
              f"must be float32|bfloat16|float16, got {getattr(self, k)!r}")

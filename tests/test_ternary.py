@@ -16,7 +16,7 @@ def test_absmean_ternary():
   w = jax.random.normal(jax.random.key(0), (64, 48)) * 0.3
   codes, scale = absmean_ternary(w)
   assert set(np.unique(np.asarray(codes)).tolist()) <= {-1.0, 0.0, 1.0}
-  np.testing.assert_allclose(float(scale), float(jnp.mean(jnp.abs(w))) + 1e-5, rtol=1e-6)
+  np.testing.assert_allclose(float(scale), float(jnp.mean(jnp.abs(w))), rtol=1e-6)
   # round(w / scale) clipped: a weight above 1.5 scales is +1, below 0.5 scales in size is 0
   wn = np.asarray(w) / float(scale)
   c = np.asarray(codes)
@@ -27,7 +27,7 @@ def test_absmax_int8_per_token():
   x = jax.random.normal(jax.random.key(1), (3, 5, 32)) * jnp.arange(1, 4)[:, None, None]
   codes, scale = absmax_int8(x)
   c = np.asarray(codes)
-  assert c.min() >= -128 and c.max() <= 127 and np.all(c == np.round(c))
+  assert c.min() >= -127 and c.max() <= 127 and np.all(c == np.round(c))
   assert np.all(np.abs(c).max(axis=-1) == 127)          # each token's largest entry maps to 127
   np.testing.assert_allclose(np.asarray(codes * scale), np.asarray(x),
                              atol=float(jnp.max(scale)) / 2 + 1e-6)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax.quant import ternary
+from pallas_kernels import lowbit_matmul
 
 
 class Linear(Protocol):
@@ -60,7 +61,27 @@ class BitLinear(DenseLinear):
     return jnp.dot(x_q.astype(dt), w_q.astype(dt))
 
 
-LINEARS = {"dense": DenseLinear, "bitlinear": BitLinear}
+@dataclasses.dataclass(frozen=True)
+class PackedTernaryLinear:
+  """Inference with packed ternary weights (`effjax.quant.convert.pack_model`): the params of a
+  layer are a `pallas_kernels.lowbit_matmul.layout.PackedWeight` (I2_S, TL1, TL2 or bit planes)
+  and y = lowbit_matmul_int8(absmax_int8(x), W): BitLinear's forward on the integer path (int8
+  activations, ternary codes, exact int32 sums, then the two scales)."""
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+
+  def init(self, rng: jax.Array, d_in: int, d_out: int, std: float) -> dict:
+    raise ValueError("packed ternary layers are made from a trained bitlinear checkpoint "
+                     "(effjax.quant.convert.pack_model), not initialised")
+
+  def __call__(self, p, x: jax.Array) -> jax.Array:
+    *lead, K = x.shape
+    x_int8, x_scale = lowbit_matmul.layout.quantize_activations(x.reshape(-1, K))
+    y = lowbit_matmul.lowbit_matmul_int8(x_int8, x_scale, p, out_dtype=jnp.dtype(self.dtype))
+    return y.reshape(*lead, p.shape[1])
+
+
+LINEARS = {"dense": DenseLinear, "bitlinear": BitLinear, "ternary_packed": PackedTernaryLinear}
 
 
 def make_linear(cfg) -> Linear:
