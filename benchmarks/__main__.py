@@ -8,6 +8,8 @@ Suites:
               with the selector (gate + top-k) step; byte floors checked
   lowbit      low-bit (4 / 2-bit) KV cache decode: fused-dequant kernels vs cuDNN bf16 and XLA
               dequantise-then-attend; byte floors checked
+  lowbit_matmul  packed ternary / 2-bit weight matmuls (dequant, W2A8, LUT) vs XLA bf16, int4
+              dequant and int8 x int8 matmuls
   selector    gate scores and top-k block selection alone
   extend      multi-token (rectification) attention over a cache
   gate_layout the gate's scores by cache layout and dtype
@@ -25,7 +27,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = {"decode": "bench_decode", "lowbit": "bench_lowbit", "selector": "bench_selector", "extend": "bench_extend",
+SUITES = {"decode": "bench_decode", "lowbit": "bench_lowbit", "lowbit_matmul": "bench_lowbit_matmul", "selector": "bench_selector", "extend": "bench_extend",
           "gate_layout": "bench_gate_layout", "generate": "bench_generate", "train": "bench_train",
           "scoring": "bench_scoring", "tune": "tune_decode", "profile": "profile_decode",
           "compare": "compare", "plot": "plot_decode"}

@@ -1,0 +1,137 @@
+"""Low-bit weight matmuls (ternary / 2-bit, LUT) against the XLA matmuls a JAX user has, in the
+same run.
+
+  python -m benchmarks lowbit_matmul [--shapes 4096x4096,8192x8192,4096x14336] [--ms 1,16,2048]
+  python -m benchmarks lowbit_matmul --shapes 256x512 --ms 1,16 --calls 2 --windows 1  # CPU smoke
+
+y = x @ W, x [M, K] bf16, W [K, N]. Rows (every implementation dispatchable by name runs; today
+the `xla` references of `pallas_kernels.lowbit_matmul` / `lut_matmul`; kernels join as backends):
+- `bf16`: jnp.dot of bf16 x and bf16 W (cuBLAS / XLA's GEMM).
+- `int4_dequant`: W as jnp.int4 [K, N] with a bf16 scale per column, dequantised in the same jit
+  and dotted (what XLA makes of an int4 weight).
+- `int8xint8`: int8 x int8 -> int32 dot (`preferred_element_type`), the integer peer of W2A8.
+- `lowbit_matmul[<impl>] i2_s` (W2A16), `lowbit_matmul_int8[<impl>] i2_s` (W2A8: int8
+  activations from `quantize_activations` in the timed call), `lut_matmul[<impl>] bitplanes`.
+Timing as the other micro-benchmarks (`benchmarks/devtime.py`): one jit of `--calls` calls over
+distinct activations x `--copies` distinct weights (each behind an optimization barrier),
+median of windows; the profiler's kernel time on a GPU. Floors: the bytes a call reads (packed
+weight + x) at the read bandwidth measured in the run, and for M = 2048 also the FLOP floor at
+`--peak-tflops` (989, the H100 SXM dense bf16 peak; a row that beats a byte floor fails the run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, devtime
+from benchmarks.bench_decode import measure, parse_ints
+from pallas_kernels import lowbit_matmul as lm
+from pallas_kernels import lut_matmul as lut
+from pallas_kernels.lowbit_matmul import layout
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--shapes", default="4096x4096,8192x8192,4096x14336", help="KxN list")
+  ap.add_argument("--ms", default="1,16,2048")
+  ap.add_argument("--impls", default="xla", help="backends of the low-bit ops to time")
+  ap.add_argument("--calls", type=int, default=64)
+  ap.add_argument("--copies", type=int, default=4)
+  ap.add_argument("--unroll", type=int, default=2)
+  ap.add_argument("--windows", type=int, default=5)
+  ap.add_argument("--peak-tflops", type=float, default=989.0)
+  ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
+  ap.add_argument("--floor-tbps", type=float, default=None)
+  common.add_output_args(ap)
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  trace = on_gpu if args.trace is None else args.trace
+  floor_tbps, floor_src = devtime.floor_bandwidth(args.floor_tbps)
+  print(f"floor bandwidth {floor_tbps:.2f} TB/s ({floor_src})", flush=True)
+  out = common.output_path(args, "lowbit_matmul.json")
+  meta = common.meta(
+      timing=(f"one jit of {args.calls} calls (distinct x) x {args.copies} distinct weights, an "
+              f"optimization barrier per call; `ms` = wall / calls, median of {args.windows} "
+              f"windows" + ("; `trace_busy_ms` = profiler kernel time per call" if trace else "")),
+      floor=f"bytes read (weight + x) at {floor_tbps:.3f} TB/s ({floor_src}); flop_floor_ms at "
+            f"{args.peak_tflops} TFLOP/s", floor_tbps=floor_tbps)
+  results = []
+  rng = np.random.default_rng(0)
+
+  def record(row):
+    results.append(row)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                      if k in ("K", "N", "M", "impl", "ms", "trace_busy_ms", "frac_of_floor",
+                               "speedup_vs_bf16", "skipped")}), flush=True)
+
+  for shape in args.shapes.split(","):
+    K, N = (int(v) for v in shape.split("x"))
+    w = [jnp.asarray(rng.standard_normal((K, N)) * 0.02, jnp.float32) for _ in range(args.copies)]
+    weights = {
+        "bf16": tuple(x.astype(jnp.bfloat16) for x in w),
+        "int4": tuple((jnp.clip(jnp.round(x / 0.006), -8, 7).astype(jnp.int4),
+                       jnp.full((N,), 0.006, jnp.bfloat16)) for x in w),
+        "int8": tuple(jnp.clip(jnp.round(x / 0.0005), -127, 127).astype(jnp.int8) for x in w),
+        "i2_s": tuple(layout.pack_ternary(*layout.ternarize(x), "i2_s") for x in w),
+        "bitplanes": tuple(layout.pack_ternary_bitplanes(*layout.ternarize(x)) for x in w),
+    }
+    del w
+    nbytes = {"bf16": K * N * 2, "int4": K * N // 2 + N * 2, "int8": K * N,
+              "i2_s": K * N // 4, "bitplanes": 2 * K * N // 8}
+    for M in parse_ints(args.ms):
+      n_q = max(1, args.calls // args.copies)
+      xs = jnp.asarray(rng.standard_normal((n_q, M, K)), jnp.bfloat16)
+      base = dict(K=K, N=N, M=M, copies=args.copies, calls_per_jit=n_q * args.copies)
+      bf16 = {}
+
+      def timed(impl, call, kind, x_bytes=M * K * 2, **extra):
+        try:
+          m = measure(call, xs, weights[kind], args.windows, args.unroll, trace)
+        except Exception as e:  # a backend that cannot take the shape: say so, keep going
+          record({**base, "impl": impl, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
+          return
+        nb = nbytes[kind] + x_bytes
+        floor = nb / (floor_tbps * 1e12)
+        r = {**base, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": nb,
+             "floor_ms": floor * 1e3, "frac_of_floor": floor / m["s"],
+             "flop_floor_ms": 2 * M * K * N / (args.peak_tflops * 1e12) * 1e3}
+        if "busy_s" in m:
+          r.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"],
+                   trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
+        if impl == "bf16":
+          bf16.update(m)
+        elif bf16:
+          r["speedup_vs_bf16"] = bf16["s"] / m["s"]
+        record(r)
+
+      timed("bf16", lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), "bf16")
+      timed("int4_dequant", lambda x, w: jnp.dot(
+          x, w[0].astype(jnp.bfloat16) * w[1], preferred_element_type=jnp.float32), "int4")
+      timed("int8xint8", lambda x, w: jnp.dot(
+          jnp.clip(jnp.round(x * 16), -127, 127).astype(jnp.int8), w,
+          preferred_element_type=jnp.int32), "int8", x_bytes=M * K)
+      for impl in [i for i in args.impls.split(",") if i]:
+        timed(f"lowbit_matmul[{impl}] i2_s", lambda x, w, impl=impl: lm.lowbit_matmul(
+            x, w, out_dtype=jnp.float32, implementation=impl), "i2_s")
+        timed(f"lowbit_matmul_int8[{impl}] i2_s", lambda x, w, impl=impl: lm.lowbit_matmul_int8(
+            *layout.quantize_activations(x), w, implementation=impl), "i2_s")
+        timed(f"lut_matmul[{impl}] bitplanes", lambda x, w, impl=impl: lut.lut_matmul(
+            x, w, out_dtype=jnp.float32, implementation=impl), "bitplanes")
+      common.write_json(out, meta, results)
+  common.write_json(out, meta, results)
+  print(f"wrote {out}")
+  bad = devtime.floor_violations(results)
+  if bad:
+    print("error: rows faster than their byte floor:\n  " + "\n  ".join(bad), file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
