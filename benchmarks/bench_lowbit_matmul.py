@@ -56,7 +56,8 @@ def main():
   print(f"floor bandwidth {floor_tbps:.2f} TB/s ({floor_src})", flush=True)
   out = common.output_path(args, "lowbit_matmul.json")
   meta = common.meta(
-      timing=(f"one jit of {args.calls} calls (distinct x) x {args.copies} distinct weights, an "
+      timing=(f"device time: one jit of {args.calls} calls (distinct x) x {args.copies} "
+              f"distinct weights, an "
               f"optimization barrier per call; `ms` = wall / calls, median of {args.windows} "
               f"windows" + ("; `trace_busy_ms` = profiler kernel time per call" if trace else "")),
       floor=f"bytes read (weight + x) at {floor_tbps:.3f} TB/s ({floor_src}); flop_floor_ms at "

@@ -54,6 +54,26 @@ def test_bench_decode_smoke(tmp_path):
                                                                                  "budget=256"}
 
 
+def test_bench_lowbit_smoke(tmp_path):
+  rows = run("lowbit", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
+             "--bits", "4", tmp_path=tmp_path)
+  positive(rows)
+  assert {r["impl"] for r in rows} == {"cudnn", "xla_dequant int4", "pallas_triton int4",
+                                       "pallas_triton int4 sparse"}
+  assert all(r["bytes_read"] > 0 for r in rows if "ms" in r)
+
+
+def test_bench_lowbit_matmul_smoke(tmp_path):
+  out = tmp_path / "out.json"
+  proc = subprocess.run([sys.executable, "-m", "benchmarks", "lowbit_matmul", "--shapes", "128x256",
+                         "--ms", "1", "--calls", "2", "--copies", "1", "--windows", "1", "--out",
+                         str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["results"]
+  positive(rows)
+  assert len(rows) == 6 and all("speedup_vs_bf16" in r for r in rows if r["impl"] != "bf16")
+
+
 def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():
   mb = 2 ** 20
   # B8 S128K float32 (32 MiB) / bfloat16 (16 MiB) gate caches, 4 K/V copies: 16 and 32 copies
