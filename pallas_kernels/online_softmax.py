@@ -47,3 +47,30 @@ def attend_block(q_RH: jax.Array, k_TH: jax.Array, v_TH: jax.Array, valid_T: jax
   pv_RH = jnp.dot(p_RT.astype(v_TH.dtype), v_TH, preferred_element_type=jnp.float32,
                   precision=precision)
   return corr_R[:, None] * acc_RH + pv_RH, m_new_R, l_new_R
+
+
+# The same state kept in VMEM scratch across the sequential last grid axis of a Pallas Mosaic TPU
+# kernel (the block-list kernels): m / l lane-dense [R, 128] (broadcast over the lanes, the
+# layout Mosaic wants), acc [R, H].
+
+def scratch_init(m_sc, l_sc, acc_sc) -> None:
+  """Empty state (call at the first step of the axis)."""
+  m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+  l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+  acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+
+def scratch_attend(q_RH, k_TH, v_TH, valid_T, m_sc, l_sc, acc_sc, *, scale: float,
+                   precision) -> None:
+  """Folds one block into the scratch state (`attend_block`)."""
+  acc, m, l = attend_block(q_RH, k_TH, v_TH, valid_T, (acc_sc[...], m_sc[:, 0], l_sc[:, 0]),
+                           scale=scale, precision=precision)
+  acc_sc[...] = acc
+  m_sc[...] = jnp.broadcast_to(m[:, None], m_sc.shape)
+  l_sc[...] = jnp.broadcast_to(l[:, None], l_sc.shape)
+
+
+def scratch_finish(o_ref, l_sc, acc_sc) -> None:
+  """Writes the normalised output (rows with no valid key: zeros); call at the last step."""
+  l = l_sc[:, :1]
+  o_ref[...] = (acc_sc[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)

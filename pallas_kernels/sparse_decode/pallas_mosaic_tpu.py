@@ -37,26 +37,19 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_sc, l_sc,
 
   @pl.when(j == 0)
   def _init():
-    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
-    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
-    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+    online_softmax.scratch_init(m_sc, l_sc, acc_sc)
 
   @pl.when(j < nlive_ref[b, h])
   def _attend():
     block = idx_ref[b, h, j]
     offsets_T = lax.broadcasted_iota(jnp.int32, (block_size,), 0)
     valid_T = (block >= 0) & (block * block_size + offsets_T < len_ref[b])
-    state = (acc_sc[...], m_sc[:, 0], l_sc[:, 0])
-    acc, m, l = online_softmax.attend_block(q_ref[...], k_ref[...], v_ref[...], valid_T, state,
-                                     scale=scale, precision=precision)
-    acc_sc[...] = acc
-    m_sc[...] = jnp.broadcast_to(m[:, None], m_sc.shape)
-    l_sc[...] = jnp.broadcast_to(l[:, None], l_sc.shape)
+    online_softmax.scratch_attend(q_ref[...], k_ref[...], v_ref[...], valid_T, m_sc, l_sc, acc_sc,
+                                  scale=scale, precision=precision)
 
   @pl.when(j == pl.num_programs(2) - 1)
   def _finish():
-    l = l_sc[:, :1]
-    o_ref[...] = (acc_sc[...] / jnp.where(l > 0, l, 1.0)).astype(o_ref.dtype)
+    online_softmax.scratch_finish(o_ref, l_sc, acc_sc)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
