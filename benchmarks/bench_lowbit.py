@@ -127,21 +127,10 @@ def main():
 
       def timed(impl, call, xs, caches, nbytes, **extra):
         m = measure(call, xs, caches, args.windows, args.unroll, trace)
-        floor = nbytes / (floor_tbps * 1e12)
-        r = {**row0, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": nbytes,
-             "floor_ms": floor * 1e3, "frac_of_floor": floor / m["s"]}
-        if "trace_error" in m:
-          r["trace_error"] = m["trace_error"]
-        elif trace:
-          r.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"],
-                   trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
+        record({**row0, "impl": impl, **extra, **devtime.timing_fields(
+            m, nbytes, floor_tbps, None if impl == "cudnn" else cudnn, "cudnn")})
         if impl == "cudnn":
           cudnn.update(m)
-        elif cudnn:
-          r["speedup_vs_cudnn"] = cudnn["s"] / m["s"]
-          if m.get("busy_s") and cudnn.get("busy_s"):
-            r["trace_speedup_vs_cudnn"] = cudnn["busy_s"] / m["busy_s"]
-        record(r)
 
       if on_gpu:
         kv = tuple((jax.random.normal(keys[1 + 2 * c], (B, S, HKV, D), DTYPE),

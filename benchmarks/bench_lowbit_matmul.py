@@ -97,19 +97,12 @@ def main():
         except Exception as e:  # a backend that cannot take the shape: say so, keep going
           record({**base, "impl": impl, "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
           return
-        nb = nbytes[kind] + x_bytes
-        floor = nb / (floor_tbps * 1e12)
-        r = {**base, "impl": impl, **extra, "ms": m["s"] * 1e3, "bytes_read": nb,
-             "floor_ms": floor * 1e3, "frac_of_floor": floor / m["s"],
-             "flop_floor_ms": 2 * M * K * N / (args.peak_tflops * 1e12) * 1e3}
-        if "busy_s" in m:
-          r.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"],
-                   trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
+        record({**base, "impl": impl, **extra,
+                **devtime.timing_fields(m, nbytes[kind] + x_bytes, floor_tbps,
+                                        None if impl == "bf16" else bf16, "bf16"),
+                "flop_floor_ms": 2 * M * K * N / (args.peak_tflops * 1e12) * 1e3})
         if impl == "bf16":
           bf16.update(m)
-        elif bf16:
-          r["speedup_vs_bf16"] = bf16["s"] / m["s"]
-        record(r)
 
       timed("bf16", lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32), "bf16")
       timed("int4_dequant", lambda x, w: jnp.dot(

@@ -210,3 +210,24 @@ def floor_violations(rows: list[dict]) -> list[str]:
         what = ", ".join(f"{k}={r[k]}" for k in ("B", "S", "impl", "plan") if k in r)
         bad.append(f"{what}: {key} = {f:.3f} > {FLOOR_TOLERANCE} (faster than reading its bytes)")
   return bad
+
+
+def timing_fields(m: dict, nbytes: float, floor_tbps: float, peer: dict | None = None,
+                  peer_name: str = "") -> dict:
+  """The timing columns of a result row from a `measure` result m: ms, bytes_read, floor_ms,
+  frac_of_floor, the trace's (trace_busy_ms, kernels, trace_frac_of_floor, or trace_error) when
+  it ran, and speedup_vs_<peer_name> (+ trace_speedup_vs_<peer_name>) against the peer's
+  measurement `peer` when given."""
+  floor = nbytes / (floor_tbps * 1e12)
+  r = {"ms": m["s"] * 1e3, "bytes_read": nbytes, "floor_ms": floor * 1e3,
+       "frac_of_floor": floor / m["s"]}
+  if "trace_error" in m:
+    r["trace_error"] = m["trace_error"]
+  elif "busy_s" in m:
+    r.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"],
+             trace_frac_of_floor=floor / m["busy_s"] if m["busy_s"] else None)
+  if peer:
+    r[f"speedup_vs_{peer_name}"] = peer["s"] / m["s"]
+    if m.get("busy_s") and peer.get("busy_s"):
+      r[f"trace_speedup_vs_{peer_name}"] = peer["busy_s"] / m["busy_s"]
+  return r
