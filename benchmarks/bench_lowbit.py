@@ -189,13 +189,7 @@ def main():
         del caches
       common.write_json(out, meta, results)
 
-  common.write_json(out, meta, results)
-  print(f"wrote {out}")
-  bad = devtime.floor_violations(results)
-  if bad:
-    print("error: rows faster than their byte floor:\n  " + "\n  ".join(bad), file=sys.stderr)
-    return 1
-  return 0
+  return common.finish(out, meta, results)
 
 
 if __name__ == "__main__":

@@ -118,13 +118,7 @@ def main():
         timed(f"lut_matmul[{impl}] bitplanes", lambda x, w, impl=impl: lut.lut_matmul(
             x, w, out_dtype=jnp.float32, implementation=impl), "bitplanes")
       common.write_json(out, meta, results)
-  common.write_json(out, meta, results)
-  print(f"wrote {out}")
-  bad = devtime.floor_violations(results)
-  if bad:
-    print("error: rows faster than their byte floor:\n  " + "\n  ".join(bad), file=sys.stderr)
-    return 1
-  return 0
+  return common.finish(out, meta, results)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 
 import jax
 
+from benchmarks import devtime
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +72,15 @@ def meta(**extra) -> dict:
 def write_json(path: pathlib.Path, meta_: dict, results: list) -> pathlib.Path:
   path.write_text(json.dumps({"meta": meta_, "results": results}, indent=1))
   return path
+
+
+def finish(path: pathlib.Path, meta_: dict, results: list) -> int:
+  """Writes the results, then the exit code of the suite: 1 (naming the rows) when a row beats
+  its byte floor (the harness let calls share work), else 0."""
+  write_json(path, meta_, results)
+  print(f"wrote {path}")
+  bad = devtime.floor_violations(results)
+  if bad:
+    print("error: rows faster than their byte floor:\n  " + "\n  ".join(bad), file=sys.stderr)
+    return 1
+  return 0
