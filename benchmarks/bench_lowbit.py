@@ -23,6 +23,7 @@ bandwidth measured in the same run; a row faster than its floor fails the run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -63,6 +64,21 @@ def random_cache(key, B: int, S: int, bits: int, window: int):
           scale(ks[4], vshape), zero(ks[5], vshape), res(ks[6]), res(ks[7]))
 
 
+def parse_variant(base: TritonConfig, text: str) -> TritonConfig:
+  """'magic=0,block_k=128' -> base with those TritonConfig fields replaced (ints; 0/1 for bools)."""
+  fields = {f.name: f for f in dataclasses.fields(TritonConfig)}
+  kw = {}
+  for item in text.split(","):
+    key, sep, value = item.strip().partition("=")
+    if not sep or key not in fields:
+      raise SystemExit(f"--variants: bad item {item!r}: want key=value with key in "
+                       f"{sorted(fields)}")
+    kw[key] = bool(int(value)) if key == "magic" else (None if value == "None" else int(value))
+  cfg = dataclasses.replace(base, **kw)
+  cfg.validate()
+  return cfg
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--batches", default="1,8,16")
@@ -80,7 +96,13 @@ def main():
   ap.add_argument("--num-stages", type=int, default=None)
   ap.add_argument("--num-splits", type=int, default=None)
   ap.add_argument("--block-k", type=int, default=None)
-  ap.add_argument("--sliced", action="store_true", help="the per-sub-word-dot path")
+  ap.add_argument("--no-magic", action="store_true",
+                  help="the general Triton path (codes converted with astype) instead of the "
+                       "magic-number path")
+  ap.add_argument("--variants", default="",
+                  help="more Triton launch configs to time in the same run, ';'-separated "
+                       "key=value lists of TritonConfig fields (e.g. 'magic=0;block_k=128,"
+                       "num_warps=8'), each over the flags' config")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
   ap.add_argument("--floor-tbps", type=float, default=None)
   ap.add_argument("--interpret", action="store_true")
@@ -102,7 +124,9 @@ def main():
   results = []
   rng = np.random.default_rng(0)
   kcfg = TritonConfig(num_warps=args.num_warps, num_stages=args.num_stages,
-                      num_splits=args.num_splits, block_k=args.block_k, sliced=args.sliced)
+                      num_splits=args.num_splits, block_k=args.block_k, magic=not args.no_magic)
+  variants = [("", kcfg)] + [(v.strip(), parse_variant(kcfg, v)) for v in args.variants.split(";")
+                             if v.strip()]
 
   def record(row):
     results.append(row)
@@ -155,13 +179,13 @@ def main():
         nbytes = lowbit_bytes(B, S - window, window, bits, GROUP)
         st = dict(bits=bits, group=GROUP, k_mode="channel", v_group=D)
 
-        def call(impl, sparse_bs=None):
+        def call(impl, sparse_bs=None, cfg=kcfg):
           def f(x, c):
             q, idx = (x if sparse_bs else (x, None))
             return lowbit_decode_attention(q, *c, lengths, packed, **st, implementation=impl,
                                            interpret=args.interpret, block_indices_BKM=idx,
                                            block_size=sparse_bs,
-                                           config=kcfg if impl == "pallas_triton" else None)
+                                           config=cfg if impl == "pallas_triton" else None)
           return f
 
         plan = dict(bits=bits, window=window, group=GROUP, bf16_over_packed_bytes=bf16_bytes / nbytes,
@@ -175,7 +199,6 @@ def main():
             # one cache: the f32 dequantised copies of several would not fit at B16
             timed(f"xla_dequant int{bits}", call("xla"), qs, caches[:1], nbytes, **plan)
         kimpl = "xla" if not on_gpu and not args.interpret else "pallas_triton"
-        timed(f"{kimpl} int{bits}", call(kimpl), qs, caches, nbytes, **plan)
         if args.sparsity and bits == 4:
           bs = args.sparse_block
           n_blocks = S // bs
@@ -183,9 +206,14 @@ def main():
           idx = random_block_sets(rng, n_q * B * HKV, n_blocks, n_sel).reshape(n_q, B, HKV, n_sel)
           sel_tokens = n_sel * bs   # upper bound on tokens read: blocks in the residual read bf16
           sel_bytes = int(nbytes * sel_tokens / S)
-          timed(f"{kimpl} int{bits} sparse", call(kimpl, bs), (qs, jnp.asarray(idx)), caches,
-                sel_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
-                blocks_total=n_blocks, **plan)
+        for vname, vcfg in (variants if kimpl == "pallas_triton" else variants[:1]):
+          vplan = {**plan, "config": repr(vcfg)}
+          tag = f" [{vname}]" if vname else ""
+          timed(f"{kimpl} int{bits}{tag}", call(kimpl, cfg=vcfg), qs, caches, nbytes, **vplan)
+          if args.sparsity and bits == 4:
+            timed(f"{kimpl} int{bits} sparse{tag}", call(kimpl, bs, vcfg), (qs, jnp.asarray(idx)),
+                  caches, sel_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
+                  blocks_total=n_blocks, **vplan)
         del caches
       common.write_json(out, meta, results)
 

@@ -33,11 +33,11 @@ class TritonConfig(triton_splitk.SplitKConfig):
   """Launch parameters of the low-bit Triton decode kernel; None takes the tuned value.
   block_k: tokens per tile in the dense form (a power of 2 >= 16 dividing the group); the sparse
   form's tile is its block size.
-  sliced: the per-sub-word-dot path (`_sliced_kernel`) where it applies (K per channel, V per
-  token, >= 16 words a row). Slower on the H100 (B8 S128K int4: 3.52 ms against 1.82 ms for the
-  reshape path, both ~0.1-0.2 of the byte floor): off by default."""
+  magic: the magic-number path (`_magic_kernel`) where it applies (`magic_applies`: K per
+  channel, V per token, bf16 / f16); False takes the general `_kernel` (codes converted with
+  `astype`) everywhere."""
   block_k: int | None = None
-  sliced: bool = False
+  magic: bool = True
 
   def validate(self) -> None:
     super().validate()
@@ -165,31 +165,60 @@ def _kernel(*refs, sparse: bool, tile: int, bits: int, group: int, k_mode: str, 
   triton_splitk.write_partial(o_ref, m_ref, l_ref, state, n_rows)
 
 
-def _sliced_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_splits: int,
-                   scale: float, precision, n_rows: int):
-  """The fast path: K per channel, V per token, W = H * bits / 32 >= 16 words per row. Sub-word
-  i of a [T, W] tile of words is the contiguous channel slice [i*W, (i+1)*W) (layout.py), so the
-  tile is never reshaped: with the scales folded out (q . (c * ks + kz) = (q * ks) . c + q . kz,
-  p @ (c * vs + vz) = (p * vs) @ c + p . vz) the scores are a sum of 32 / bits dots of a
-  [R, W] query slice with the slice's codes, and the output is 32 / bits [R, W] accumulators.
-  Packed tiles and residual tiles run in two loops (a split's packed share first), so neither
-  loop selects between the two. Refs as `_kernel` (+ npacked int32 [] when sparse: the live
-  slots whose block is packed)."""
+# The bit patterns of 2^e with a mantissa step of 1: 0x4300 is bfloat16 128 (7 mantissa bits),
+# 0x6400 float16 1024 (10 bits). OR-ing a code c < 2^bits into the low mantissa bits gives
+# exactly MAGIC + c, with no integer -> float conversion.
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+def magic_applies(dtype, k_mode: str, n_v: int) -> bool:
+  """Whether `_magic_kernel` serves a cache: K per channel, V per token, bf16 / f16 tiles."""
+  return jnp.dtype(dtype) in _MAGIC and k_mode == "channel" and n_v == 1
+
+
+def magic_halves(words_TW: jax.Array, bits: int, dtype) -> tuple[jax.Array, jax.Array]:
+  """int32 [T, W] words -> (lo, hi) [T, H / 2] in `dtype` holding OFF + code, OFF = 128 (bf16) /
+  1024 (f16): channels [0, H / 2) and [H / 2, H). Sub-words i and i + P / 2 (P = 32 / bits) of a
+  word sit 16 bits apart, so one shift and one mask-and-or of the word make both 16-bit halves
+  the bit patterns of OFF + code; truncation and a same-width bitcast read them out. About one
+  integer op per code, against two conversions per code for `astype`."""
+  T, W = words_TW.shape
+  half = 16 // bits
+  magic, _ = _MAGIC[jnp.dtype(dtype)]
+  mask = layout.levels(bits) * 0x10001
+  shifts = lax.broadcasted_iota(jnp.int32, (1, half, 1), 1) * bits
+  x = (lax.shift_right_logical(words_TW[:, None, :], shifts) & mask) | (magic * 0x10001)
+  lo = lax.bitcast_convert_type(x.astype(jnp.int16), dtype)
+  hi = lax.bitcast_convert_type(lax.shift_right_logical(x, 16).astype(jnp.int16), dtype)
+  return lo.reshape(T, half * W), hi.reshape(T, half * W)
+
+
+def _magic_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_splits: int,
+                  scale: float, precision, n_rows: int):
+  """The fast path (`magic_applies`): K per channel, V per token, bf16 / f16. Codes reach the
+  dots as OFF + code (`magic_halves`, no conversion), the scales are folded out of the tiles --
+  q . (c * ks + kz) = (q * ks) . (OFF + c) + q . kz - OFF * sum(q * ks), and p @ (c * vs + vz) =
+  (p * vs) @ (OFF + c) + p . vz - OFF * sum(p * vs) -- and each product is two dots over the
+  channel halves, so no tile is concatenated. A packed tile and a residual tile are the two
+  branches of one `lax.switch` on its first token (one uniform branch per tile, no per-element
+  select, no masked loads; a third skips a -1 slot or a block past the length), so block indices
+  may come in any order. Refs as `_kernel`."""
   if sparse:
-    (len_ref, packed_ref, nslots_ref, npk_ref, idx_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref,
-     vs_ref, vz_ref, rk_ref, rv_ref, o_ref, m_ref, l_ref) = refs
+    (len_ref, packed_ref, nslots_ref, idx_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref,
+     vz_ref, rk_ref, rv_ref, o_ref, m_ref, l_ref) = refs
   else:
     (len_ref, packed_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref, vz_ref, rk_ref, rv_ref,
      o_ref, m_ref, l_ref) = refs
   R, H = q_ref.shape
-  W = kp_ref.shape[-1]
-  P = 32 // bits
+  h2 = H // 2
   length, packed = len_ref[()], packed_ref[()]
   dtype = rk_ref.dtype
+  _, off = _MAGIC[jnp.dtype(dtype)]
   offsets_T = lax.broadcasted_iota(jnp.int32, (tile,), 0)
   live_R = lax.broadcasted_iota(jnp.int32, (R, 1), 0) < n_rows
-  q_sl = [plgpu.load(q_ref.at[:, pl.ds(i * W, W)], mask=jnp.broadcast_to(live_R, (R, W)),
-                     other=0).astype(jnp.float32) for i in range(P)]
+  q_lo, q_hi = (plgpu.load(q_ref.at[:, pl.ds(c0, h2)], mask=jnp.broadcast_to(live_R, (R, h2)),
+                           other=0) for c0 in (0, h2))
+  qf_lo, qf_hi = q_lo.astype(jnp.float32), q_hi.astype(jnp.float32)
 
   def softmax_update(s_RT, valid_T, m_R, l_R):
     s_RT = jnp.where(valid_T[None, :], s_RT * scale, online_softmax.MASK_VALUE)
@@ -198,85 +227,81 @@ def _sliced_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_sp
     corr_R = jnp.exp(m_R - m_new_R)
     return p_RT, corr_R, m_new_R, corr_R * l_R + jnp.sum(p_RT, axis=1)
 
-  def packed_step(block, state):
-    accs, m_R, l_R = state
-    t0 = pl.multiple_of(block * tile, tile)
+  dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32, precision=precision)
+
+  def packed_step(t0, state):
+    acc_lo, acc_hi, m_R, l_R = state
+    t0 = pl.multiple_of(t0, tile)
     g0 = t0 // group
-    kw = kp_ref[pl.ds(t0, tile), :]
-    vw = vp_ref[pl.ds(t0, tile), :]
-    s_RT = jnp.zeros((R, tile), jnp.float32)
-    bias_R1 = jnp.zeros((R, 1), jnp.float32)
-    for i in range(P):
-      ks = ks_ref[pl.ds(g0, 1), pl.ds(i * W, W)].astype(jnp.float32)      # [1, W]
-      kz = kz_ref[pl.ds(g0, 1), pl.ds(i * W, W)].astype(jnp.float32)
-      c = (lax.shift_right_logical(kw, i * bits) & layout.levels(bits)).astype(dtype)
-      s_RT += jnp.dot((q_sl[i] * ks).astype(dtype), c.T, preferred_element_type=jnp.float32,
-                      precision=precision)
-      bias_R1 += jnp.sum(q_sl[i] * kz, axis=1, keepdims=True)
+    k_lo, k_hi = magic_halves(kp_ref[pl.ds(t0, tile), :], bits, dtype)
+    qs = [(qf * ks_ref[pl.ds(g0, 1), pl.ds(c0, h2)].astype(jnp.float32)).astype(dtype)
+          for qf, c0 in ((qf_lo, 0), (qf_hi, h2))]
+    bias_R1 = (jnp.sum(qf_lo * kz_ref[pl.ds(g0, 1), pl.ds(0, h2)].astype(jnp.float32), axis=1,
+                       keepdims=True)
+               + jnp.sum(qf_hi * kz_ref[pl.ds(g0, 1), pl.ds(h2, h2)].astype(jnp.float32), axis=1,
+                         keepdims=True)
+               - off * jnp.sum(qs[0].astype(jnp.float32) + qs[1].astype(jnp.float32), axis=1,
+                               keepdims=True))
+    s_RT = dot(qs[0], k_lo.T) + dot(qs[1], k_hi.T) + bias_R1
     valid_T = t0 + offsets_T < length
-    p_RT, corr_R, m_new, l_new = softmax_update(s_RT + bias_R1, valid_T, m_R, l_R)
+    p_RT, corr_R, m_new, l_new = softmax_update(s_RT, valid_T, m_R, l_R)
     vs_T1 = vs_ref[pl.ds(t0, tile), :].astype(jnp.float32)                # [T, 1]
     vz_T1 = vz_ref[pl.ds(t0, tile), :].astype(jnp.float32)
-    pv_op = (p_RT * vs_T1.T).astype(dtype)
-    vbias_R1 = jnp.sum(p_RT * vz_T1.T, axis=1, keepdims=True)
-    new = []
-    for i in range(P):
-      c = (lax.shift_right_logical(vw, i * bits) & layout.levels(bits)).astype(dtype)
-      new.append(corr_R[:, None] * accs[i] + vbias_R1 + jnp.dot(
-          pv_op, c, preferred_element_type=jnp.float32, precision=precision))
-    return tuple(new), m_new, l_new
+    p_op = (p_RT * vs_T1.T).astype(dtype)
+    vbias_R1 = (jnp.sum(p_RT * vz_T1.T, axis=1, keepdims=True)
+                - off * jnp.sum(p_op.astype(jnp.float32), axis=1, keepdims=True))
+    v_lo, v_hi = magic_halves(vp_ref[pl.ds(t0, tile), :], bits, dtype)
+    corr = corr_R[:, None]
+    return (corr * acc_lo + dot(p_op, v_lo) + vbias_R1, corr * acc_hi + dot(p_op, v_hi) + vbias_R1,
+            m_new, l_new)
 
-  def residual_step(block, state):
-    accs, m_R, l_R = state
-    t0 = jnp.maximum(block, 0) * tile
-    r0 = pl.multiple_of(jnp.maximum(t0 - packed, 0), tile)
-    s_RT = jnp.zeros((R, tile), jnp.float32)
-    for i in range(P):
-      rk = rk_ref[pl.ds(r0, tile), pl.ds(i * W, W)]
-      s_RT += jnp.dot(q_sl[i].astype(dtype), rk.T, preferred_element_type=jnp.float32,
-                      precision=precision)
-    valid_T = (block >= 0) & (t0 + offsets_T < length)
+  def residual_step(t0, state):
+    acc_lo, acc_hi, m_R, l_R = state
+    r0 = pl.multiple_of(t0 - packed, tile)
+    rows = pl.ds(r0, tile)
+    s_RT = (dot(q_lo, rk_ref[rows, pl.ds(0, h2)].T) + dot(q_hi, rk_ref[rows, pl.ds(h2, h2)].T))
+    valid_T = t0 + offsets_T < length
     p_RT, corr_R, m_new, l_new = softmax_update(s_RT, valid_T, m_R, l_R)
     p_op = p_RT.astype(dtype)
-    new = []
-    for i in range(P):
-      rv = rv_ref[pl.ds(r0, tile), pl.ds(i * W, W)]
-      new.append(corr_R[:, None] * accs[i] + jnp.dot(p_op, rv, preferred_element_type=jnp.float32,
-                                                     precision=precision))
-    return tuple(new), m_new, l_new
+    corr = corr_R[:, None]
+    return (corr * acc_lo + dot(p_op, rv_ref[rows, pl.ds(0, h2)]),
+            corr * acc_hi + dot(p_op, rv_ref[rows, pl.ds(h2, h2)]), m_new, l_new)
 
   split = pl.program_id(2)
   if sparse:
-    n_units, n_packed = nslots_ref[()], npk_ref[()]
+    n_units = nslots_ref[()]
     unit_block = lambda u: idx_ref[u]
   else:
     n_units = pl.cdiv(length, tile)
-    n_packed = jnp.minimum(packed // tile, n_units)
     unit_block = lambda u: u
   per_split = pl.cdiv(n_units, num_splits)
   start = split * per_split
   end = jnp.minimum(start + per_split, n_units)
-  state = (tuple(jnp.zeros((R, W), jnp.float32) for _ in range(P)),
+
+  def body(u, state):
+    block = unit_block(u)
+    t0 = jnp.maximum(block, 0) * tile
+    branch = jnp.where((block >= 0) & (t0 < length), jnp.where(t0 < packed, 0, 1), 2)
+    return lax.switch(branch, (packed_step, residual_step, lambda t0, st: st), t0, state)
+
+  state = (jnp.zeros((R, h2), jnp.float32), jnp.zeros((R, h2), jnp.float32),
            jnp.full((R,), online_softmax.MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
-  mid = jnp.clip(n_packed, start, end)
-  state = lax.fori_loop(start, mid, lambda u, st: packed_step(unit_block(u), st), state)
-  state = lax.fori_loop(mid, end, lambda u, st: residual_step(unit_block(u), st), state)
-  accs, m_R, l_R = state
-  live = lax.broadcasted_iota(jnp.int32, (R, W), 0) < n_rows
-  for i in range(P):
-    plgpu.store(o_ref.at[:, pl.ds(i * W, W)], accs[i], mask=live)
+  acc_lo, acc_hi, m_R, l_R = lax.fori_loop(start, end, body, state)
+  live = jnp.broadcast_to(live_R, (R, h2))
+  plgpu.store(o_ref.at[:, pl.ds(0, h2)], acc_lo, mask=live)
+  plgpu.store(o_ref.at[:, pl.ds(h2, h2)], acc_hi, mask=live)
   live_1 = lax.broadcasted_iota(jnp.int32, (R,), 0) < n_rows
   plgpu.store(m_ref, m_R, mask=live_1)
   plgpu.store(l_ref, l_R, mask=live_1)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "k_mode", "tile", "sparse",
-                                             "num_splits", "num_warps", "num_stages", "sliced",
+                                             "num_splits", "num_warps", "num_stages", "magic",
                                              "interpret"))
 def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k, res_v,
                    lengths_B, packed_B, block_indices_BKM, num_live_BK, *, bits: int, group: int,
                    k_mode: str, tile: int, sparse: bool, num_splits: int | None, num_warps: int,
-                   num_stages: int, sliced: bool, interpret: bool):
+                   num_stages: int, magic: bool, interpret: bool):
   B, K, G, H = q_BKGH.shape
   S, W = k_packed.shape[2:]
   Rw = res_k.shape[2]
@@ -299,19 +324,13 @@ def _lowbit_decode(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
   prefix_specs = [pl.BlockSpec((sq,), lambda b, k, j: (b,)),
                   pl.BlockSpec((sq,), lambda b, k, j: (b,))]
   prefix_args = [lengths_B, packed_B]
-  sliced = sliced and k_mode == "channel" and v_scale.shape[-1] == 1 and W >= 16
+  magic = magic and magic_applies(res_k.dtype, k_mode, v_scale.shape[-1])
   if sparse:
-    prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k))]
-    prefix_args += [nslots_BK]
-    if sliced:  # live slots whose block is packed: ascending ids put them first
-      in_packed = (block_indices_BKM >= 0) & (block_indices_BKM * tile < packed_B[:, None, None])
-      prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k))]
-      prefix_args += [jnp.minimum(jnp.sum(in_packed, axis=-1, dtype=jnp.int32), nslots_BK)]
-    prefix_specs += [whole(M)]
-    prefix_args += [block_indices_BKM]
+    prefix_specs += [pl.BlockSpec((sq, sq), lambda b, k, j: (b, k)), whole(M)]
+    prefix_args += [nslots_BK, block_indices_BKM]
   common = dict(sparse=sparse, tile=tile, bits=bits, group=group, num_splits=num_splits,
                 scale=H ** -0.5, precision=launch.dot_precision(q_BKGH.dtype), n_rows=G)
-  kernel = (functools.partial(_sliced_kernel, **common) if sliced
+  kernel = (functools.partial(_magic_kernel, **common) if magic
             else functools.partial(_kernel, k_mode=k_mode, **common))
   o_BKNRH, m_BKNR, l_BKNR = pl.pallas_call(
       kernel,
@@ -370,4 +389,4 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                         group=group, k_mode=k_mode, tile=tile, sparse=sparse,
                         num_splits=config.num_splits, num_warps=config.num_warps or t["num_warps"],
                         num_stages=config.num_stages or t["num_stages"],
-                        sliced=bool(config.sliced), interpret=bool(interpret))
+                        magic=bool(config.magic), interpret=bool(interpret))

@@ -208,25 +208,45 @@ class TestPallasTritonInterpret(LowbitDecodeBase):
   # lowbit_extend_attention has no Triton backend (its reference is tested in TestXla)
   test_extend_matches_oracle = None
 
-  @pytest.mark.parametrize("num_splits,block_k,sliced", [(1, 16, False), (3, 32, False),
-                                                         (8, 64, False), (3, 32, True)])
-  def test_splits_and_tiles(self, num_splits, block_k, sliced):
-    """More splits than tiles, uneven shares, tiles smaller than the group; the sliced path
-    (K per channel, V per token, 16 words a row), dense and sparse."""
+  @pytest.mark.parametrize("num_splits,block_k,magic", [(1, 16, False), (3, 32, False),
+                                                        (8, 64, False), (3, 32, True),
+                                                        (2, 64, True)])
+  def test_splits_and_tiles(self, num_splits, block_k, magic):
+    """More splits than tiles, uneven shares, tiles smaller than the group; both Triton paths
+    (the magic-number path where it applies: K per channel, V per token), dense and sparse
+    (random ascending blocks; also with every slot declared live, -1 padding included)."""
     from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
-    sliced_case = (2, 2, 4, 128, 512, [300, 77], [256, 64], 4, 64, 128, "channel", 128)
-    dtype, case = jnp.bfloat16, sliced_case if sliced else CASES[3]
+    magic_case = (2, 2, 4, 128, 512, [300, 77], [256, 64], 4, 64, 128, "channel", 128)
+    dtype, case = jnp.bfloat16, magic_case if magic else CASES[3]
     q, cache, st = make_case(case, dtype, seed=num_splits)
     lengths, packed = case[5], case[6]
-    cfg = TritonConfig(num_splits=num_splits, block_k=block_k, sliced=sliced)
+    cfg = TritonConfig(num_splits=num_splits, block_k=block_k, magic=magic)
     out = self.run(q, cache, lengths, packed, st, config=cfg)
     k, v = dequant_np(cache, lengths, packed, **st)
     check_close(out, oracle(q, k, v, length_valid(lengths, q.shape[1], k.shape[2])), dtype)
-    if sliced:
+    if magic:
       idx = random_blocks(5, q.shape[0], q.shape[1], case[4] // 64, 4)
+      want = oracle(q, k, v, block_valid(idx, lengths, 64, case[4]))
       out = self.run(q, cache, lengths, packed, st, config=cfg,
                      block_indices_BKM=jnp.asarray(idx), block_size=64)
-      check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, case[4])), dtype)
+      check_close(out, want, dtype)
+      # every slot declared live: the -1 padding and blocks past the length are skipped in-kernel
+      out = self.run(q, cache, lengths, packed, st, config=cfg,
+                     block_indices_BKM=jnp.asarray(idx), block_size=64,
+                     num_live_BK=jnp.full(idx.shape[:2], idx.shape[2], jnp.int32))
+      check_close(out, want, dtype)
+
+  def test_magic_halves_are_offset_codes(self):
+    """The magic-number unpacking gives exactly OFF + code for every code, both bit widths and
+    both half-precision dtypes, channel for channel as the layout says."""
+    from pallas_kernels.lowbit_decode.pallas_triton import magic_halves
+    rng = np.random.default_rng(3)
+    for bits, dtype, off in ((4, jnp.bfloat16, 128), (2, jnp.bfloat16, 128), (4, jnp.float16, 1024),
+                             (2, jnp.float16, 1024)):
+      words = jnp.asarray(rng.integers(-2**31, 2**31, size=(16, 128 * bits // 32)), jnp.int32)
+      lo, hi = jax.jit(magic_halves, static_argnums=(1, 2))(words, bits, dtype)
+      got = np.concatenate([np.asarray(lo, np.float64), np.asarray(hi, np.float64)], axis=-1)
+      np.testing.assert_array_equal(got - off, unpack_np(words, bits))
 
   def test_bad_config_raises(self):
     from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
