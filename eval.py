@@ -48,17 +48,18 @@ def main(argv=None) -> int:
                        "budgets of 8+ blocks (experiments/sparse_quality)")
   dg.add_argument("--train-gate", type=int, default=0, metavar="STEPS",
                   help="distil a decode gate for STEPS steps on the train split, save <run>/gate.npz")
-  dg.add_argument("--kv-cache", choices=["bf16", "int4", "int2"], default="bf16",
+  dg.add_argument("--kv-cache", choices=["bf16", "int4", "int2"], default=None,
                   help="the KV cache of the --drift / --retrieval decodings (int4 / int2: K per "
-                       "channel in groups of --kv-group tokens, a --kv-window residual)")
+                       "channel in groups of --kv-group tokens, a --kv-window residual; default: "
+                       "the config's decode.kv_cache)")
   dg.add_argument("--kv-quality", type=int, default=0, metavar="N",
                   help="N valid examples decoded teacher-forced through a bf16, int4 and int2 KV "
                        "cache (K per channel and per token): the perplexity each cache costs")
-  dg.add_argument("--kv-group", type=int, default=128,
-                  help="tokens per K scale of the low-bit caches (--kv-quality)")
+  dg.add_argument("--kv-group", type=int, default=None,
+                  help="tokens per K scale of the low-bit caches (default: decode.kv_group)")
   dg.add_argument("--kv-window", type=int, default=None,
-                  help="full-precision residual window of the low-bit caches (default: 128 at 4 "
-                       "bits, 256 at 2, at least --kv-group)")
+                  help="full-precision residual window of the low-bit caches (default: "
+                       "decode.kv_window, else 128 at 4 bits, 256 at 2, at least the group)")
   dg.add_argument("--retrieval", type=int, default=0, metavar="N", help="N passkey prompts")
   dg.add_argument("--context", type=int, default=None, help="passkey context tokens")
   dg.add_argument("--budgets", type=int, nargs="+", default=None, help="retrieval token budgets")
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     else:
       cfg_path = args.config
     cfg = load_config(cfg_path, args.overrides)
+    cfg = apply_kv_args(cfg, args)
   except (ConfigError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -117,6 +119,19 @@ def main(argv=None) -> int:
   return 0
 
 
+def apply_kv_args(cfg, args):
+  """--kv-cache / --kv-group / --kv-window override the config's decode section (checked like a
+  config key, before any compute); args.kv_* then hold the settings in force."""
+  import dataclasses
+  d = cfg.decode
+  decode = dataclasses.replace(d, kv_cache=args.kv_cache or d.kv_cache,
+                               kv_group=args.kv_group or d.kv_group,
+                               kv_window=args.kv_window or d.kv_window)
+  cfg = dataclasses.replace(cfg, decode=decode)
+  args.kv_cache, args.kv_group, args.kv_window = decode.kv_cache, decode.kv_group, decode.kv_window
+  return cfg
+
+
 def drift_budget(args) -> int:
   """--budget, or 10% of prompt + new tokens in whole blocks (at least 2)."""
   total = args.prompt_len + args.new_tokens
@@ -147,11 +162,10 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   out: dict = {}
   gate_params = None
   gcfg = gate_lib.GateConfig(block_size=args.block_size, d_gate=64)
-  kv_cache = None
-  if args.kv_cache != "bf16":
-    from effjax.quant.kv import KVCacheSpec
-    kv_cache = KVCacheSpec(args.kv_cache, group=args.kv_group, window=args.kv_window)
-    out["kv_cache"] = {"kind": args.kv_cache, "group": args.kv_group, "window": args.kv_window}
+  kv_cache = cfg.decode.kv_cache_spec(cfg.model.hd)
+  if kv_cache is not None:
+    out["kv_cache"] = {"kind": kv_cache.kind, "group": kv_cache.group, "window": kv_cache.window,
+                       "k_mode": kv_cache.k_mode, "v_group": kv_cache.v_group}
   if args.train_gate:
     ex = evaluation.split_examples(cfg, "train")
     gate_params, losses = gate_training.train_gate(

@@ -205,6 +205,45 @@ class EvalConfig:
     _check(self.top_k >= 0, "eval.top_k", "must be >= 0 (0 = no top-k)")
 
 
+KV_CACHES = ("bf16", "float32", "int4", "int2")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """How generation stores its KV cache (`effjax.quant.kv.KVCacheSpec`): eval.py's decoding
+  evaluations (--drift, --retrieval) and `kv_cache_spec()` for any generate call."""
+  kv_cache: str = "bf16"                   # bf16 | float32 | int4 | int2 (packed, BitDecoding-style)
+  kv_group: int = 128                      # int4 / int2: tokens per K scale (K per channel)
+  kv_window: Optional[int] = None          # full-precision residual window (None: 128 at 4 bits, 256 at 2)
+  kv_k_mode: str = "channel"               # channel (K per channel, per group of tokens) | token
+  kv_v_group: Optional[int] = None         # V channels per scale (None: the whole head)
+
+  def __post_init__(self):
+    _check(self.kv_cache in KV_CACHES, "decode.kv_cache",
+           f"must be one of {'|'.join(KV_CACHES)}, got {self.kv_cache!r}")
+    _check(self.kv_group > 0, "decode.kv_group", f"must be > 0, got {self.kv_group}")
+    _check(self.kv_k_mode in ("channel", "token"), "decode.kv_k_mode",
+           f"must be channel|token, got {self.kv_k_mode!r}")
+
+  def kv_cache_spec(self, head_dim: int | None = None):
+    """The `KVCacheSpec`, None for bf16; ConfigError for low-bit settings that do not fit (bits,
+    group, window, V channel groups of a `head_dim`-wide head)."""
+    if self.kv_cache == "bf16":
+      return None
+    from effjax.quant.kv import KVCacheSpec
+    from pallas_kernels.lowbit_decode import layout
+    try:
+      spec = KVCacheSpec(self.kv_cache, group=self.kv_group, window=self.kv_window,
+                         k_mode=self.kv_k_mode, v_group=self.kv_v_group)
+      if spec.bits and head_dim is not None:
+        layout.check_settings(bits=spec.bits, group=spec.group, k_mode=spec.k_mode,
+                              v_group=spec.v_group or head_dim, head_dim=head_dim,
+                              window=spec.window)
+      return spec
+    except ValueError as e:
+      raise ConfigError(f"config key 'decode': {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DeltConfig:
   """DELT data efficacy: score -> select -> order, before training (effjax/data/delt.py)."""
@@ -268,9 +307,11 @@ class Config:
   optim: OptimConfig = OptimConfig()
   train: TrainConfig = TrainConfig()
   eval: EvalConfig = EvalConfig()
+  decode: DecodeConfig = DecodeConfig()
   delt: DeltConfig = DeltConfig()
 
   def __post_init__(self):
+    self.decode.kv_cache_spec(self.model.hd)  # low-bit settings checked when the config loads
     _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
            f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
     _check(self.delt.proxy.vocab_size == self.model.vocab_size, "delt.proxy.vocab_size",

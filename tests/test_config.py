@@ -65,6 +65,9 @@ def test_unknown_top_level_and_nested_keys_name_the_key(tmp_path):
     ("optim.lr=-1", "optim.lr"),
     ("optim.warmup_steps=10000", "optim.warmup_steps"),
     ("data.valid_fraction=1.5", "data.valid_fraction"),
+    ("decode.kv_cache=int3", "decode.kv_cache"),
+    ("decode.kv_k_mode=row", "decode.kv_k_mode"),
+    ("decode.kv_group=0", "decode.kv_group"),
 ])
 def test_impossible_values_name_the_key(override, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -107,3 +110,21 @@ def test_proxy_context_checked_only_when_the_proxy_runs():
   load_config("configs/tiny.yaml", base + ["delt.scoring=random", "delt.ordering=folding"])
   with pytest.raises(ConfigError, match=r"delt\.proxy\.max_seq_len"):
     load_config("configs/tiny.yaml", base + ["delt.scoring=loss", "delt.ordering=folding"])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["decode.kv_cache=int4", "decode.kv_window=64"], "window"),        # window < group 128
+    (["decode.kv_cache=int2", "decode.kv_v_group=24"], "v_group"),      # not a multiple of 32
+    (["decode.kv_cache=int2", "model.d_model=96", "model.n_heads=4"], "head_dim"),  # 24 * 2 bits
+])
+def test_low_bit_cache_settings_fail_when_the_config_loads(overrides, match):
+  with pytest.raises(ConfigError, match=rf"config key 'decode':.*{match}"):
+    load_config("configs/tiny.yaml", overrides)
+
+
+def test_decode_section_gives_the_cache_spec():
+  from effjax.quant.kv import KVCacheSpec
+  assert load_config("configs/tiny.yaml").decode.kv_cache_spec() is None
+  cfg = load_config("configs/tiny.yaml", ["decode.kv_cache=int2", "decode.kv_group=64",
+                                          "decode.kv_k_mode=token"])
+  assert cfg.decode.kv_cache_spec(cfg.model.hd) == KVCacheSpec("int2", group=64, k_mode="token")

@@ -163,6 +163,18 @@ def test_train_and_eval_cli(tmp_path):
                       "16", "--budget", "32", "--local-tokens", "16"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2 and "fewer than the 3 forced ones" in r.stderr, r.stderr[-500:]
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "decode.kv_cache=int3"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "decode.kv_cache" in r.stderr, r.stderr[-500:]
+  # the config's decode section chooses the decodings' KV cache; --kv-group overrides it
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--drift", "1", "--prompt-len",
+                      "32", "--new-tokens", "8", "--block-size", "16", "--budget", "32",
+                      "--kv-group", "16", "decode.kv_cache=int4", "eval.num_samples=0",
+                      "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  res = json.loads((run / "eval.json").read_text())
+  assert res["kv_cache"]["kind"] == "int4" and res["kv_cache"]["group"] == 16
+  assert all(np.isfinite(x["nll"]) for x in res["drift"]["results"].values())
 
 
 def test_sampling_beyond_context_and_greedy_determinism(tmp_path):
