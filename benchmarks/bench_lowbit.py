@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, devtime
-from benchmarks.bench_decode import (D, DTYPE, G, HKV, HQ, device_bytes_limit, measure,
+from benchmarks.bench_decode import (D, DTYPE, G, GATE_DIM, HKV, HQ, device_bytes_limit, measure,
                                      parse_ints, random_block_sets)
+from effjax.sparse import gate as gate_lib
+from pallas_kernels.block_topk import block_topk
 from pallas_kernels.lowbit_decode import layout, lowbit_decode_attention
 from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
 
@@ -92,6 +94,8 @@ def main():
   ap.add_argument("--windows", type=int, default=5)
   ap.add_argument("--mem-frac", type=float, default=0.6)
   ap.add_argument("--no-xla", action="store_true", help="skip the XLA dequantise-then-attend rows")
+  ap.add_argument("--no-selector", action="store_true",
+                  help="skip the gate + top-k + sparse 4-bit row")
   ap.add_argument("--num-warps", type=int, default=None, help="Triton kernel (default: tuned)")
   ap.add_argument("--num-stages", type=int, default=None)
   ap.add_argument("--num-splits", type=int, default=None)
@@ -214,6 +218,32 @@ def main():
             timed(f"{kimpl} int{bits} sparse{tag}", call(kimpl, bs, vcfg), (qs, jnp.asarray(idx)),
                   caches, sel_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
                   blocks_total=n_blocks, **vplan)
+        if args.sparsity and bits == 4 and not args.no_selector:
+          # The whole sparse step over the 4-bit cache: the SeerAttention-R gate's scores over its
+          # K-compression cache (bf16, Dg = 64, one row per block; each cache copy is a layer
+          # with its own gate cache and projection), top-k (`block_topk`), the sparse kernel.
+          kc_bytes = B * HKV * n_blocks * GATE_DIM * 2
+          gated = tuple(
+              (*c, gate_lib.to_cache_dtype(jax.random.normal(
+                  jax.random.key(77 + i), (B, HKV, n_blocks, GATE_DIM), jnp.float32), "bfloat16"),
+               jax.random.normal(jax.random.key(7000 + i), (HKV, G * D, GATE_DIM), jnp.float32)
+               * (G * D) ** -0.5)
+              for i, c in enumerate(caches))
+          topk_impl = "xla" if kimpl == "xla" or args.interpret else "pallas_triton"
+
+          def gated_call(q, c):
+            scores = gate_lib.gate_logits(c[9], q, c[8], lengths - 1, 1e4)
+            sel, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel,
+                                     implementation=topk_impl, interpret=args.interpret)
+            return lowbit_decode_attention(q, *c[:8], lengths, packed, **st, implementation=kimpl,
+                                           interpret=args.interpret, block_indices_BKM=sel,
+                                           block_size=bs, num_live_BK=n_live,
+                                           config=kcfg if kimpl == "pallas_triton" else None)
+
+          timed(f"gate+topk+{kimpl} int{bits} sparse", gated_call, qs, gated,
+                sel_bytes + kc_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
+                blocks_total=n_blocks, gate_dim=GATE_DIM, **plan)
+          del gated
         del caches
       common.write_json(out, meta, results)
 

@@ -60,7 +60,8 @@ def test_bench_lowbit_smoke(tmp_path):
   positive(rows)
   assert {r["impl"] for r in rows} == {"cudnn", "xla_dequant int4", "pallas_triton int4",
                                        "pallas_triton int4 sparse", "pallas_triton int4 [magic=0]",
-                                       "pallas_triton int4 sparse [magic=0]"}
+                                       "pallas_triton int4 sparse [magic=0]",
+                                       "gate+topk+pallas_triton int4 sparse"}
   assert all(r["bytes_read"] > 0 for r in rows if "ms" in r)
 
 
