@@ -14,7 +14,9 @@ The integer path is exact: the sums of x_int8 * codes (per weight group) equal i
 then float32 scales them; `reference.int_group_sums` exposes those sums, and `lut_matmul` (the
 table-lookup form over bit planes) reproduces them.
 
-Implementations (pallas_kernels.dispatch): `xla` (reference.py) only so far.
+Implementations (pallas_kernels.dispatch): `xla` (reference.py) and `pallas_triton` (the GPU
+default for i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV or
+tiled GEMM, pallas_triton.py; other formats fall back to `xla`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from pallas_kernels.lowbit_matmul.reference import (
   lowbit_matmul_reference,
 )
 
-_OP = Op("lowbit_matmul", __name__, backends={"xla": "reference"}, defaults={})
-_INT8_OP = Op("lowbit_matmul_int8", __name__, backends={"xla": "reference"}, defaults={})
+_BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton"}
+_OP = Op("lowbit_matmul", __name__, backends=_BACKENDS, defaults={"gpu": ("pallas_triton",)})
+_INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS,
+              defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
 INT8_IMPLEMENTATIONS = _INT8_OP.implementations
 
@@ -89,8 +93,9 @@ def lowbit_matmul(x_MK: jax.Array, packed: layout.PackedWeight, *, out_dtype=Non
     x_MK: float32 / bfloat16 / float16 [M, K].
     packed: a `layout.PackedWeight` of shape (K, N), any format.
     out_dtype: float dtype of y; None: x's dtype.
-    implementation: None | "xla" | a sequence (pallas_kernels.dispatch). interpret: Pallas
-      interpret mode. config: the chosen backend's config.
+    implementation: None | "xla" | "pallas_triton" | a sequence (pallas_kernels.dispatch).
+      interpret: Pallas interpret mode. config: the chosen backend's config
+      (`pallas_triton.TritonConfig`).
 
   Returns:
     y_MN [M, N] in out_dtype: x (in its dtype) times the dequantised weight, float32 sums.

@@ -123,7 +123,8 @@ def test_every_tuned_entry_belongs_to_an_op_backend():
       if op.startswith("_") or op == "device":
         continue
       pkg = {"sparse_decode_attention": "sparse_decode",
-             "lowbit_decode_attention": "lowbit_decode"}.get(op, op)
+             "lowbit_decode_attention": "lowbit_decode",
+             "lowbit_matmul_int8": "lowbit_matmul"}.get(op, op)
       mod = importlib.import_module(f"pallas_kernels.{pkg}")
       for backend in backends:
         assert backend in mod.IMPLEMENTATIONS, (path.name, op, backend)
