@@ -162,7 +162,8 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
   out: dict = {}
   gate_params = None
   gcfg = gate_lib.GateConfig(block_size=args.block_size, d_gate=64)
-  kv_cache = cfg.decode.kv_cache_spec(cfg.model.hd)
+  from effjax.quant.kv import KVCacheSpec
+  kv_cache = KVCacheSpec.from_config(cfg.decode)
   if kv_cache is not None:
     out["kv_cache"] = {"kind": kv_cache.kind, "group": kv_cache.group, "window": kv_cache.window,
                        "k_mode": kv_cache.k_mode, "v_group": kv_cache.v_group}
@@ -212,7 +213,6 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
       print(f"teacher-forced drift skipped: valid examples hold {ex.tokens.shape[1]} tokens, "
             f"fewer than prompt + new tokens = {total}")
   if args.kv_quality:
-    from effjax.quant.kv import KVCacheSpec
     ex = evaluation.split_examples(cfg, "valid")
     n = min(args.kv_quality, len(ex))
     total = args.prompt_len + args.new_tokens

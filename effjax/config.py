@@ -39,6 +39,11 @@ class ModelConfig:
   d_ff: Optional[int] = None          # default: 8/3 * d_model rounded up to a multiple of 64
   max_seq_len: int = 2048
   rope_theta: float = 10000.0
+  rope_scaling: str = "none"          # none | yarn (context extension: effjax/model/layers.py)
+  rope_factor: float = 1.0            # yarn: s, the context extension factor
+  rope_original_max_seq_len: Optional[int] = None   # yarn: the context the model was trained on
+  rope_beta_fast: float = 32.0        # yarn: pairs turning more often than this keep their frequency
+  rope_beta_slow: float = 1.0         # yarn: pairs turning less often than this are interpolated
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   init_std: float = 0.02
@@ -80,6 +85,17 @@ class ModelConfig:
            f"must be auto|gather|onehot, got {self.embed_lookup!r}")
     _check(self.init_std > 0, "model.init_std", "must be > 0")
     _check(self.rope_theta > 0, "model.rope_theta", "must be > 0")
+    _check(self.rope_scaling in ("none", "yarn"), "model.rope_scaling",
+           f"must be none|yarn, got {self.rope_scaling!r}")
+    if self.rope_scaling == "yarn":
+      _check(self.rope_factor >= 1, "model.rope_factor",
+             f"yarn needs a factor >= 1, got {self.rope_factor}")
+      _check(self.rope_original_max_seq_len is not None and self.rope_original_max_seq_len > 0,
+             "model.rope_original_max_seq_len",
+             f"yarn needs the original training context (> 0), got {self.rope_original_max_seq_len}")
+      _check(0 < self.rope_beta_slow < self.rope_beta_fast, "model.rope_beta_fast",
+             f"yarn needs 0 < rope_beta_slow < rope_beta_fast, got {self.rope_beta_slow}, "
+             f"{self.rope_beta_fast}")
 
   @property
   def hd(self) -> int:
@@ -210,8 +226,8 @@ KV_CACHES = ("bf16", "float32", "int4", "int2")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
-  """How generation stores its KV cache (`effjax.quant.kv.KVCacheSpec`): eval.py's decoding
-  evaluations (--drift, --retrieval) and `kv_cache_spec()` for any generate call."""
+  """How generation stores its KV cache: eval.py's decoding evaluations (--drift, --retrieval);
+  `effjax.quant.kv.KVCacheSpec.from_config(cfg.decode)` for any generate call."""
   kv_cache: str = "bf16"                   # bf16 | float32 | int4 | int2 (packed, BitDecoding-style)
   kv_group: int = 128                      # int4 / int2: tokens per K scale (K per channel)
   kv_window: Optional[int] = None          # full-precision residual window (None: 128 at 4 bits, 256 at 2)
@@ -225,21 +241,18 @@ class DecodeConfig:
     _check(self.kv_k_mode in ("channel", "token"), "decode.kv_k_mode",
            f"must be channel|token, got {self.kv_k_mode!r}")
 
-  def kv_cache_spec(self, head_dim: int | None = None):
-    """The `KVCacheSpec`, None for bf16; ConfigError for low-bit settings that do not fit (bits,
-    group, window, V channel groups of a `head_dim`-wide head)."""
-    if self.kv_cache == "bf16":
-      return None
-    from effjax.quant.kv import KVCacheSpec
+  def check_head(self, head_dim: int) -> None:
+    """ConfigError for low-bit settings that do not fit a head of `head_dim` channels (bits x
+    head_dim in whole words, window >= group, V channel groups); nothing for bf16 / float32.
+    `effjax.quant.kv.KVCacheSpec.from_config` makes the cache spec."""
+    bits = {"int4": 4, "int2": 2}.get(self.kv_cache)
+    if bits is None:
+      return
     from pallas_kernels.lowbit_decode import layout
     try:
-      spec = KVCacheSpec(self.kv_cache, group=self.kv_group, window=self.kv_window,
-                         k_mode=self.kv_k_mode, v_group=self.kv_v_group)
-      if spec.bits and head_dim is not None:
-        layout.check_settings(bits=spec.bits, group=spec.group, k_mode=spec.k_mode,
-                              v_group=spec.v_group or head_dim, head_dim=head_dim,
-                              window=spec.window)
-      return spec
+      layout.check_settings(bits=bits, group=self.kv_group, k_mode=self.kv_k_mode,
+                            v_group=self.kv_v_group or head_dim, head_dim=head_dim,
+                            window=self.kv_window)
     except ValueError as e:
       raise ConfigError(f"config key 'decode': {e}") from None
 
@@ -311,7 +324,7 @@ class Config:
   delt: DeltConfig = DeltConfig()
 
   def __post_init__(self):
-    self.decode.kv_cache_spec(self.model.hd)  # low-bit settings checked when the config loads
+    self.decode.check_head(self.model.hd)  # low-bit settings checked when the config loads
     _check(self.data.seq_len <= self.model.max_seq_len, "data.seq_len",
            f"seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
     _check(self.delt.proxy.vocab_size == self.model.vocab_size, "delt.proxy.vocab_size",

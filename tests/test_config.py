@@ -124,7 +124,7 @@ def test_low_bit_cache_settings_fail_when_the_config_loads(overrides, match):
 
 def test_decode_section_gives_the_cache_spec():
   from effjax.quant.kv import KVCacheSpec
-  assert load_config("configs/tiny.yaml").decode.kv_cache_spec() is None
+  assert KVCacheSpec.from_config(load_config("configs/tiny.yaml").decode) is None
   cfg = load_config("configs/tiny.yaml", ["decode.kv_cache=int2", "decode.kv_group=64",
                                           "decode.kv_k_mode=token"])
-  assert cfg.decode.kv_cache_spec(cfg.model.hd) == KVCacheSpec("int2", group=64, k_mode="token")
+  assert KVCacheSpec.from_config(cfg.decode) == KVCacheSpec("int2", group=64, k_mode="token")

@@ -364,6 +364,14 @@ class KVCacheSpec:
   def bits(self) -> int | None:
     return {"int4": 4, "int2": 2}.get(self.kind)
 
+  @classmethod
+  def from_config(cls, decode) -> "KVCacheSpec | None":
+    """The spec of a config's decode section (`effjax.config.DecodeConfig`); None for bf16."""
+    if decode.kv_cache == "bf16":
+      return None
+    return cls(decode.kv_cache, group=decode.kv_group, window=decode.kv_window,
+               k_mode=decode.kv_k_mode, v_group=decode.kv_v_group)
+
   @property
   def capacity_multiple(self) -> int:
     """Cache capacities must be multiples of this (the K group of a low-bit cache)."""
