@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax.config import ModelConfig
-from effjax.model.layers import apply_rope, rms_norm, rope_tables
+from effjax.model.layers import apply_rope, model_rope_tables, rms_norm
 from effjax.model.linear import make_linear
 from pallas_kernels.causal_attention import causal_attention
 
@@ -120,7 +120,7 @@ def run_layers(cfg: ModelConfig, params: Params, x_BTD: jax.Array, positions_BT:
   run as a `lax.scan` when the strategy is stateless (aux None), else as a Python loop over
   layer slices, like unrolled params; `remat` rematerialises each layer in the backward pass
   (the training forward passes model.remat)."""
-  rope = rope_tables(positions_BT, cfg.hd, cfg.rope_theta)
+  rope = model_rope_tables(cfg, positions_BT)
 
   def one(lp, x, i):
     return block(cfg, lp, x, rope, attention, i)
