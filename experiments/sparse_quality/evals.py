@@ -12,6 +12,8 @@
              haystacks; `evaluation.retrieval_eval` builds its own prompts).
   recall     the share of dense attention probability inside the blocks Quest / the gate choose, per
              budget, at given query positions (teacher-forced: one dense forward, no decoding).
+  kv_quality the teacher-forced perplexity through low-bit KV caches (`evaluation.kv_cache_quality`);
+             drift and retrieval take a `kv_cache` too (`effjax.quant.kv.KVCacheSpec`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import numpy as np
 from effjax import decoding
 from effjax.config import Config, ModelConfig
 from effjax.data import ByteTokenizer
-from effjax.evaluation import continuation_nll, passkey_accuracy, teacher_forced_drift
+from effjax.evaluation import (continuation_nll, kv_cache_quality, passkey_accuracy,
+                               teacher_forced_drift)
+from effjax.quant.kv import KVCacheSpec
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import resa, selection
 from effjax.sparse.gate_training import attention_recall
@@ -65,7 +69,8 @@ def first_divergence(cont_BN: np.ndarray, ref_BN: np.ndarray) -> np.ndarray:
 
 def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, block_size: int,
           budget: int, rectify: list[int], selectors: dict, decode_impl: str = "auto",
-          rectify_cache_only: list[int] = (), log=print) -> dict:
+          rectify_cache_only: list[int] = (), log=print, kv_cache: KVCacheSpec | None = None,
+          reference_BN: np.ndarray | None = None, return_continuations: bool = False):
   """Greedy continuations of len(true_BN[0]) tokens of equal-length prompts under dense decoding
   and, per selector (name -> (kind, gate params or None[, further SparseConfig fields])),
   block-sparse decoding at `budget`
@@ -78,7 +83,12 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
   Returns {"rows": {run: {"nll", "agreement_with_dense", "first_divergence"}},
   "teacher_forced": {run: {"nll", "excess_nll", "agreement_with_dense", "excess_nll_by_quarter"}},
   "true_continuation_nll": the dense NLL of the real held-out continuation, "seconds": per run
-  (wall, compile included), "continuations": {run: first continuation as text}}."""
+  (wall, compile included), "continuations": {run: first continuation as text}}.
+  kv_cache: every decoding (free-running and teacher-forced, the "dense" reference included)
+  stores its K/V this way (None: bf16); the NLLs stay the dense model's over a full forward.
+  reference_BN: int [B, N], e.g. the dense continuation over a bf16 cache: each row also gets
+  "agreement_with_reference" and "first_divergence_from_reference".
+  return_continuations: return (that dict, {run: int32 [B, N] continuation})."""
   B, T = prompts_BT.shape
   N = true_BN.shape[1]
   toks, lens = jnp.asarray(prompts_BT), jnp.full((B,), T, jnp.int32)
@@ -86,7 +96,8 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
   runs, seconds = {}, {}
   t0 = time.perf_counter()
   runs["dense"] = np.asarray(_block(decoding.generate(
-      cfg.model, params, toks, lens, key, max_new_tokens=N, decode_impl=decode_impl)[0]))
+      cfg.model, params, toks, lens, key, max_new_tokens=N, decode_impl=decode_impl,
+      kv_cache=kv_cache)[0]))
   seconds["dense"] = time.perf_counter() - t0
   log(f"  drift dense: {seconds['dense']:.1f} s")
   decodings = {"dense": None}   # name -> None (dense) or (SparseConfig, gate params)
@@ -101,12 +112,13 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
   for name, (scfg, gp) in list(decodings.items())[1:]:
     t0 = time.perf_counter()
     runs[name] = np.asarray(_block(resa.generate(
-        cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl)[0]))
+        cfg.model, scfg, params, toks, lens, key, gp, max_new_tokens=N, decode_impl=decode_impl,
+        kv_cache=kv_cache)[0]))
     seconds[name] = time.perf_counter() - t0
     log(f"  drift {name}: {seconds[name]:.1f} s")
   t0 = time.perf_counter()
   teacher_forced = teacher_forced_drift(cfg, params, prompts_BT, np.asarray(lens), true_BN, decodings,
-                                        decode_impl=decode_impl)
+                                        decode_impl=decode_impl, kv_cache=kv_cache)
   seconds["teacher_forced"] = time.perf_counter() - t0
   log(f"  drift teacher-forced (true continuation, {len(decodings)} decodings): "
       f"{seconds['teacher_forced']:.1f} s; excess NLL " + ", ".join(
@@ -116,11 +128,15 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
     rows[name] = {"nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, cont))),
                   "agreement_with_dense": float(np.mean(cont == runs["dense"])),
                   "first_divergence": float(np.mean(first_divergence(cont, runs["dense"])))}
+    if reference_BN is not None:
+      rows[name]["agreement_with_reference"] = float(np.mean(cont == reference_BN))
+      rows[name]["first_divergence_from_reference"] = float(np.mean(first_divergence(cont, reference_BN)))
   tok = ByteTokenizer()
-  return {"rows": rows, "teacher_forced": teacher_forced,
-          "true_continuation_nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, true_BN))),
-          "seconds": seconds,
-          "continuations": {name: tok.decode(cont[0]) for name, cont in runs.items()}}
+  out = {"rows": rows, "teacher_forced": teacher_forced,
+         "true_continuation_nll": float(np.mean(dense_nll(cfg.model, params, prompts_BT, true_BN))),
+         "seconds": seconds,
+         "continuations": {name: tok.decode(cont[0]) for name, cont in runs.items()}}
+  return (out, runs) if return_continuations else out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,11 +145,46 @@ def drift(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, *, b
 
 def retrieval(cfg: Config, params, prompts_BT: np.ndarray, lengths_B: np.ndarray, keys: list[str],
               *, budgets: list[int], selectors: dict, block_size: int, decode_impl: str = "auto",
-              log=print) -> dict:
+              log=print, kv_cache: KVCacheSpec | None = None) -> dict:
   """Passkey accuracy on given prompts (`evaluation.passkey_accuracy`, the definition of
-  `evaluation.retrieval_eval`): {"accuracy", "digit_accuracy", "seconds"} by row."""
+  `evaluation.retrieval_eval`), every decoding over `kv_cache` (None: bf16): {"accuracy",
+  "digit_accuracy", "seconds"} by row."""
   return passkey_accuracy(cfg, params, prompts_BT, lengths_B, keys, budgets=budgets,
-                          selectors=selectors, block_size=block_size, decode_impl=decode_impl, log=log)
+                          selectors=selectors, block_size=block_size, decode_impl=decode_impl, log=log,
+                          kv_cache=kv_cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# low-bit KV caches
+
+
+def kv_specs(kinds: list[str], *, group: int | None = None, window: int | None = None,
+             k_modes: tuple[str, ...] = ("channel", "token")) -> dict:
+  """{"bf16": the reference, "<kind> K per <mode>": KVCacheSpec} for each kind ("int4" / "int2")
+  and K mode; group / window None keep KVCacheSpec's defaults (128 tokens per K scale; a
+  residual window of 128 tokens at 4 bits, 256 at 2). ValueError on a bad setting."""
+  specs = {"bf16": KVCacheSpec("bf16")}
+  for kind in kinds:
+    for mode in k_modes:
+      specs[f"{kind} K per {mode}"] = KVCacheSpec(kind, window=window, k_mode=mode,
+                                                  **({} if group is None else {"group": group}))
+  return specs
+
+
+def kv_quality(cfg: Config, params, prompts_BT: np.ndarray, true_BN: np.ndarray, specs: dict, *,
+               decode_impl: str = "auto") -> dict:
+  """Teacher-forced NLL of the true continuations through each cache (`evaluation.
+  kv_cache_quality`: dense attention, every K/V entry of prompt and continuation stored in the
+  cache; the first spec is the reference). Equal-length prompts int [B, T], true_BN int [B, N].
+  Returns {"rows": {name: kv_cache_quality's row + "ppl_increase_se": the standard error of
+  ppl_increase (delta method: exp(excess) * SE of the per-sequence excess NLL)}, "seconds"}."""
+  t0 = time.perf_counter()
+  lengths = np.full((len(prompts_BT),), prompts_BT.shape[1], np.int32)
+  rows = kv_cache_quality(cfg, params, prompts_BT, lengths, true_BN, specs, decode_impl=decode_impl)
+  for r in rows.values():
+    se = r["excess_nll_se"]
+    r["ppl_increase_se"] = None if se is None else float((1.0 + r["ppl_increase"]) * se)
+  return {"rows": rows, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------

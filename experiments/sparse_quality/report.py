@@ -1,5 +1,5 @@
 """REPORT.md and the plots (retrieval.png, drift.png, rectify_phase.png) of the sparse-quality
-experiment, from its results.json document."""
+experiment, from its results.json document (with the low-bit KV cache tables of the kv phase)."""
 
 from __future__ import annotations
 
@@ -58,9 +58,10 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
       + (f" and {doc['data']['copy_docs']} copy documents ({a['copy_frac']:.0%}; real text with "
          f"copies of its own earlier stretches at random distances)" if doc['data'].get('copy_docs') else "")
       + ".",
-      f"- **Gate:** SeerAttention-R decode gate (block {a['block_size']}, d_gate {a['d_gate']}) "
-      f"distilled {a['gate_steps']} steps from the frozen model; KL "
-      f"{_fmt((doc.get('gate') or {}).get('first_kl'))} -> {_fmt((doc.get('gate') or {}).get('last_kl'))}.",
+      (f"- **Gate:** SeerAttention-R decode gate (block {a['block_size']}, d_gate {a['d_gate']}) "
+       f"distilled {a['gate_steps']} steps from the frozen model; KL "
+       f"{_fmt(doc['gate'].get('first_kl'))} -> {_fmt(doc['gate'].get('last_kl'))}."
+       if doc.get("gate") else "- **Gate:** not distilled in this run directory."),
       "",
   ]
   d = ev.get("drift")
@@ -165,6 +166,7 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
           + f"; {mag['share_below_f8_normal']:.1%} below its smallest normal (2^-6), "
           f"{mag['share_flushed_to_zero']:.1%} stored as 0, {mag['share_clipped']:.2%} clipped at 448.",
           ""]
+  lines += kv_lines(doc.get("kv") or {}, a)
   t = doc.get("timings_s") or {}
   if t:
     lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
@@ -172,6 +174,122 @@ def write_markdown(doc: dict, out: pathlib.Path) -> None:
     lines.append("")
   lines += ["Raw numbers: `results.json`.", ""]
   (out / "REPORT.md").write_text("\n".join(lines))
+
+
+def _pct(x, se=None) -> str:
+  return "-" if x is None else f"{100 * x:+.2f}%" + ("" if se is None else f" ± {100 * se:.2f}%")
+
+
+def _spec_text(spec: dict) -> str:
+  k = (f"K per channel over groups of {spec['group']} tokens" if spec["k_mode"] == "channel" else
+       f"K per token (packed {spec['group']} tokens at a time)")
+  return f"{spec['kind']}, {k}, V per token, a residual window of {spec['window']} tokens"
+
+
+def kv_lines(kv: dict, a: dict) -> list[str]:
+  """The kv phase's tables: perplexity through each cache (K per channel vs per token, int4 vs
+  int2), then drift and passkey retrieval over bf16 and each low-bit cache (K per channel)."""
+  if not kv or not any(k in kv for k in ("quality", "drift", "retrieval_real", "retrieval_synthetic")):
+    return []
+  specs = kv.get("specs") or {}
+  lines = ["## Low-bit KV caches", "",
+           "The same model with its KV cache stored in 4 or 2 bits (`effjax.quant.kv.KVCacheSpec`, "
+           "KIVI-style asymmetric min/max codes; scales, zeros and the full-precision residual "
+           "window in bfloat16): "
+           + "; ".join(f"**{n}**: {_spec_text(s)}" for n, s in specs.items() if s.get("kind") != "bf16")
+           + ". bf16 is the reference.", ""]
+  q = kv.get("quality")
+  if q:
+    lines += [
+        "### Perplexity through the cache",
+        "",
+        f"{q['prompts']} held-out prompts of {q['prompt_len']} tokens, then their true "
+        f"{q['new_tokens']}-token continuation fed token by token (teacher-forced, dense attention, "
+        "`evaluation.kv_cache_quality`): every K/V entry of prompt and continuation goes through "
+        "the cache. NLL in nats/byte over the continuation; the perplexity increase over bf16 "
+        "± its standard error over the prompts (delta method on the paired per-prompt excess "
+        "NLL); the share of positions whose greedy choice equals bf16's.",
+        "",
+        "| cache | K quantised | NLL | perplexity | increase over bf16 | excess NLL ± SE | greedy choice as bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in q["rows"].items():
+      spec = specs.get(name) or {}
+      mode = f"per {spec['k_mode']}" if spec.get("k_mode") else "-"
+      ex = r["nll"] - q["rows"][next(iter(q["rows"]))]["nll"]
+      se = r.get("excess_nll_se")
+      lines.append(f"| {spec.get('kind', name)} | {mode} | {r['nll']:.4f} | {r['ppl']:.4f} | "
+                   f"{_pct(r['ppl_increase'], r.get('ppl_increase_se'))} | "
+                   f"{ex:+.4f}" + (f" ± {se:.4f}" if se is not None else "") + " | "
+                   f"{r['agreement_with_reference']:.3f} |")
+    lines.append("")
+  d = kv.get("drift")
+  if d and d.get("by_cache"):
+    lines += [
+        f"### Drift over the low-bit caches ({d['sparsity_at_end']:.1%} sparsity)",
+        "",
+        f"The drift evaluation, repeated with every decoding's cache (its own dense "
+        f"reference included) stored as named: {d['prompts']} held-out prompts of "
+        f"{d['prompt_len']} tokens + {d['new_tokens']} greedy tokens; sparse rows keep "
+        f"{d['budget_tokens']} tokens (blocks of {a['block_size']})"
+        + (f", rectified every {', '.join(map(str, d['rectify']))} steps where named"
+           if d.get("rectify") else "") + ". K per channel. Free-running: "
+        "the dense model's NLL of each continuation (one forward, no cache; nats/byte); agreement "
+        "and first divergence against the **bf16 dense** continuation and against the same "
+        "cache's dense continuation.",
+        "",
+        "| cache | decoding | dense-model NLL | agreement with bf16 dense | first divergence from bf16 dense | agreement with this cache's dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cache, r in d["by_cache"].items():
+      for name, row in r["rows"].items():
+        lines.append(f"| {cache} | {name} | {row['nll']:.3f} | "
+                     f"{_fmt(row.get('agreement_with_reference'))} | "
+                     f"{_fmt(row.get('first_divergence_from_reference'), 1)} | "
+                     f"{row['agreement_with_dense']:.3f} |")
+    ref = (d["by_cache"].get("bf16") or {}).get("teacher_forced", {}).get("dense")
+    lines += [
+        "",
+        "Teacher-forced on the true continuation: NLL; its difference from **bf16 dense** "
+        "decoding (a difference of means over the same positions; for the dense rows the "
+        "paired standard error is in the perplexity table); the excess over **the same cache's** "
+        "dense decoding ± its paired standard error (what the selector adds on top of the "
+        "cache); the share of greedy choices equal to that cache's dense decoding.",
+        "",
+        "| cache | decoding | NLL | minus bf16 dense | excess over this cache's dense | greedy choice as this cache's dense |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cache, r in d["by_cache"].items():
+      for name, row in (r.get("teacher_forced") or {}).items():
+        se = row.get("excess_nll_se")
+        vs = "-" if ref is None else f"{row['nll'] - ref['nll']:+.4f}"
+        lines.append(f"| {cache} | {name} | {row['nll']:.4f} | {vs} | {row['excess_nll']:+.4f}"
+                     + (f" ± {se:.4f}" if se else "") + f" | {row['agreement_with_dense']:.3f} |")
+    lines.append("")
+  for key, title in (("retrieval_real", "real-text haystacks"),
+                     ("retrieval_synthetic", "repetitive filler")):
+    r = kv.get(key)
+    if not r or not r.get("by_cache"):
+      continue
+    budgets, sels = r["budgets"], r["selectors"]
+    cols = ["dense"] + [f"{s}@{b}" for s in sels for b in budgets]
+    lines += [
+        f"### Passkey retrieval over the low-bit caches, {title}",
+        "",
+        f"{r['n']} prompts of {r['context_tokens']} tokens (the eval phase's prompts); accuracy = all 5 digits right (in brackets: share of digits right). K per channel.",
+        "",
+        "| cache | " + " | ".join(c.replace("@", " @ ") + (" tokens" if "@" in c else "") for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for cache, x in r["by_cache"].items():
+      lines.append(f"| {cache} | " + " | ".join(
+          f"{x['accuracy'][c]:.2f} ({x['digit_accuracy'][c]:.2f})" if c in x["accuracy"] else "-"
+          for c in cols) + " |")
+    if (r["by_cache"].get("bf16") or {}).get("accuracy", {}).get("dense") == 0.0:
+      lines += ["", "bf16 dense decoding retrieves no key on these prompts: the model has not "
+                "learnt retrieval, so these rows say nothing about the caches (train longer)."]
+    lines.append("")
+  return lines
 
 
 def _rectify_gains(tf: dict, split: bool = False) -> dict:

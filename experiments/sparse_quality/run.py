@@ -24,11 +24,22 @@ it and every later one):
   gate    distils the decode gate (effjax.sparse.gate_training.train_gate) -> <out>/gate.npz.
   eval    passkey accuracy by budget on real-text haystacks and on evaluation.retrieval_eval's
           repetitive filler; drift at 90% sparsity; attention recall of the block choices.
+  kv      with --kv-caches int4,int2: the same model over low-bit KV caches (effjax.quant.kv):
+          teacher-forced perplexity increase over the bf16 cache (evaluation.kv_cache_quality) with
+          K quantised per channel and per token, then drift and passkey retrieval (dense and
+          --kv-selectors) over bf16 and each low-bit cache (K per channel) -> <out>/kv.json.
   report  <out>/results.json, REPORT.md, retrieval.png, drift.png, loss.png (also copied to
           --results-dir when given).
 
 --smoke runs tiny sizes end to end in about a minute on CPU (test_sparse_quality.py here:
 `pytest -m experiment experiments/sparse_quality`).
+
+Evaluating again without training: a call with the same --out and the same data / training flags
+reuses the data, the trained model (train/train_done.json; a killed run resumes from its last
+checkpoint) and the gate, and redoes only evaluations whose settings changed. --kv-only runs only
+the low-bit evaluations (the data and train phases still run, or are reused; the gate only if a
+--kv-selectors row needs it; the eval phase is skipped and its earlier results, if any, stay in
+the report).
 """
 
 from __future__ import annotations
@@ -50,7 +61,8 @@ for p in (str(ROOT), str(HERE)):
 
 import numpy as np
 
-PHASES = ("data", "train", "gate", "eval", "report")
+PHASES = ("data", "train", "gate", "eval", "kv", "report")
+KV_KINDS = ("int4", "int2")
 # --gate-variants: K-compression cache dtype -> the selector's row name
 GATE_VARIANTS = {"float32": "gate-f32", "float8_e4m3fn": "gate-f8"}
 
@@ -154,11 +166,31 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "SparseConfig.gate_cache_dtype's default, bfloat16. Recall scores all three.")
   g.add_argument("--no-gate-f32", dest="gate_variants", action="store_const", const=[],
                  help="no extra gate rows (same as --gate-variants with no values)")
+  g = ap.add_argument_group("kv (low-bit KV caches)")
+  g.add_argument("--kv-caches", default="",
+                 help="comma-separated low-bit caches to evaluate, e.g. int4,int2 (default: none)")
+  g.add_argument("--kv-only", action="store_true",
+                 help="run only the low-bit evaluations: skip the eval phase (and the gate phase "
+                      "unless a --kv-selectors row needs the gate)")
+  g.add_argument("--kv-group", type=int, default=None,
+                 help="tokens per K scale (default: KVCacheSpec's, 128; a multiple of --block-size)")
+  g.add_argument("--kv-window", type=int, default=None,
+                 help="full-precision residual tokens (default: KVCacheSpec's, 128 at int4 / 256 at int2)")
+  g.add_argument("--kv-selectors", nargs="*", default=["quest"],
+                 help="sparse rows of the low-bit drift and retrieval (names as in the eval phase: "
+                      "quest, gate, gate-f32, gate-f8, quest-lN, gate-lN)")
+  g.add_argument("--kv-budgets", type=int, nargs="+", default=None,
+                 help="retrieval budgets of the low-bit rows (default: the largest of --budgets)")
+  g.add_argument("--kv-rectify", type=int, nargs="*", default=[],
+                 help="drift over the low-bit caches: ReSA rectification periods (default: none)")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (applied last)")
   args = ap.parse_args(argv)
   for k, v in (SMOKE if args.smoke else FULL).items():
     if getattr(args, k) is None:
       setattr(args, k, v)
+  args.kv_caches = [k.strip() for k in args.kv_caches.split(",") if k.strip()]
+  if args.kv_budgets is None:
+    args.kv_budgets = [max(args.budgets)]
   if args.corpus is None:
     args.corpus = ["bundled:tinyshakespeare"] if args.smoke else default_corpus()
     if not args.corpus:
@@ -198,6 +230,7 @@ def check_args(ap, a) -> None:
     for b in a.budgets + [drift_budget(a)]:
       if b // bs < forced_blocks_max(bs, n):
         ap.error(f"--local-tokens {n}: a budget of {b} tokens cannot hold the forced blocks")
+  check_kv_args(ap, a)
   if (a.auto_steps or a.resume_later) and a.train_seconds is None:
     ap.error("--auto-steps and --resume-later need --train-seconds")
   if a.auto_steps and a.resume_later:
@@ -209,6 +242,48 @@ def check_args(ap, a) -> None:
   if a.steps * a.batch + a.valid_docs < 20:
     # below 20 documents effjax.data.split_documents holds out the tail of every document instead
     ap.error("the corpus needs >= 20 documents (--steps x --batch + --valid-docs)")
+
+
+def selector_names(a) -> list[str]:
+  """The selector rows the eval phase builds (`make_selectors`)."""
+  return (["quest", "gate"] + [GATE_VARIANTS[dt] for dt in a.gate_variants]
+          + [f"{s}-l{n}" for n in a.local_tokens for s in ("quest", "gate")])
+
+
+def check_kv_args(ap, a) -> None:
+  """The low-bit flags: known kinds, caches whose K groups hold whole blocks, known selectors."""
+  for k in a.kv_caches:
+    if k not in KV_KINDS:
+      ap.error(f"--kv-caches: {k!r} is not one of {', '.join(KV_KINDS)}")
+  if len(set(a.kv_caches)) != len(a.kv_caches):
+    ap.error("--kv-caches: a cache is named twice")
+  if a.kv_only and not a.kv_caches:
+    ap.error("--kv-only needs --kv-caches (e.g. --kv-caches int4,int2)")
+  if not a.kv_caches:
+    return
+  import evals
+  try:
+    specs = evals.kv_specs(a.kv_caches, group=a.kv_group, window=a.kv_window)
+  except ValueError as e:
+    ap.error(f"--kv-group / --kv-window: {e}")
+  group = specs[f"{a.kv_caches[0]} K per channel"].group
+  if group % a.block_size:
+    ap.error(f"--kv-group {group} must be a multiple of --block-size {a.block_size} (a sparse block "
+             "may not straddle two K scales)")
+  known = selector_names(a)
+  for s in a.kv_selectors:
+    if s not in known:
+      ap.error(f"--kv-selectors: {s!r} is not one of {', '.join(known)}")
+  from pallas_kernels.block_topk import forced_blocks_max
+  for b in a.kv_budgets:
+    if b % a.block_size or b < 2 * a.block_size:
+      ap.error(f"--kv-budgets: {b} must be a multiple of --block-size {a.block_size} and >= 2 blocks")
+    for s in a.kv_selectors:
+      n = int(s.rsplit("-l", 1)[1]) if "-l" in s else 1
+      if b // a.block_size < forced_blocks_max(a.block_size, n):
+        ap.error(f"--kv-budgets: {b} tokens cannot hold the blocks {s} always keeps")
+  if any(f <= 0 for f in a.kv_rectify):
+    ap.error("--kv-rectify periods must be > 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,6 +568,23 @@ def phase_gate(args, cfg, run: Run) -> dict:
   return done
 
 
+def make_selectors(args, gp) -> dict:
+  """The sparse rows: name -> (selector kind, gate params or None[, further SparseConfig
+  fields]) (`evals.drift`, `evaluation.passkey_accuracy`); gp None leaves out the gate rows."""
+  selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
+  for dt in args.gate_variants:  # the same gate, its K-compression cache stored in another dtype
+    selectors[GATE_VARIANTS[dt]] = ("gate", gp, {"gate_cache_dtype": dt})
+  for n in args.local_tokens:    # a local window across the block boundary
+    selectors[f"quest-l{n}"] = ("quest", None, {"local_tokens": n})
+    selectors[f"gate-l{n}"] = ("gate", gp, {"local_tokens": n})
+  assert list(selectors) == selector_names(args)
+  return {k: v for k, v in selectors.items() if v[0] == "quest" or gp is not None}
+
+
+def kv_needs_gate(args) -> bool:
+  return bool(args.kv_caches) and any(s.startswith("gate") for s in args.kv_selectors)
+
+
 def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   """The evaluations, each saved to eval_partial.json when done (and passed to on_partial, which
   writes the report so far: a call killed mid-eval still leaves the finished tables)."""
@@ -519,12 +611,7 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   params, step = load_params(cfg, cfg.train.out_dir)
   gp = {k: jnp.asarray(v) for k, v in np.load(run.out / "gate.npz").items()}
   heldout = (run.out / "data" / "heldout.txt").read_text()
-  selectors = {"quest": ("quest", None), "gate": ("gate", gp)}
-  for dt in args.gate_variants:  # the same gate, its K-compression cache stored in another dtype
-    selectors[GATE_VARIANTS[dt]] = ("gate", gp, {"gate_cache_dtype": dt})
-  for n in args.local_tokens:    # a local window across the block boundary
-    selectors[f"quest-l{n}"] = ("quest", None, {"local_tokens": n})
-    selectors[f"gate-l{n}"] = ("gate", gp, {"local_tokens": n})
+  selectors = make_selectors(args, gp)
   bs, log = args.block_size, (lambda m: run.log(f"eval: {m}"))
   kw = dict(block_size=bs, decode_impl=args.decode_impl)
   res["model_step"] = int(step)
@@ -593,8 +680,138 @@ def phase_eval(args, cfg, run: Run, on_partial=None) -> dict:
   return res
 
 
+def kv_request(args, run: Run) -> dict:
+  """What the kv phase's results are made from: its settings and the model (and gate) they
+  evaluate."""
+  train = run.read("train/train_done.json") or {}
+  want = {k: getattr(args, k) for k in ("kv_caches", "kv_group", "kv_window", "kv_selectors",
+                                         "kv_budgets", "kv_rectify", "block_size", "retrieval_n",
+                                         "context", "drift_n", "new_tokens", "sparsity", "seed",
+                                         "skip_synthetic", "decode_impl")}
+  want["model"] = {"step": train.get("steps_done"), "loss": train.get("final_loss")}
+  if kv_needs_gate(args):
+    want["gate"] = gate_request(args, run)
+  return want
+
+
+def phase_kv(args, cfg, run: Run, on_partial=None) -> dict:
+  """The low-bit KV cache evaluations (module docstring), each part saved to kv_partial.json when
+  done (a re-run continues after the last finished part) and passed to on_partial."""
+  import corpus
+  import evals
+  import jax.numpy as jnp
+  from effjax.evaluation import load_params, passkey_prompts
+  want = kv_request(args, run)
+  done = run.read("kv.json")
+  if done is not None and done.get("request") == want:
+    run.log("kv: done earlier, skipping")
+    return done
+  t_phase = time.perf_counter()
+  res = run.read("kv_partial.json") or {}
+  if res and res.get("request") != want:
+    run.log("kv: settings or model changed since the partial results, starting over")
+    res = {}
+  res["request"] = want
+  params, step = load_params(cfg, cfg.train.out_dir)
+  res["model_step"] = int(step)
+  gp = None
+  if kv_needs_gate(args):
+    gp = {k: jnp.asarray(v) for k, v in np.load(run.out / "gate.npz").items()}
+  selectors = {k: v for k, v in make_selectors(args, gp).items() if k in args.kv_selectors}
+  specs = evals.kv_specs(args.kv_caches, group=args.kv_group, window=args.kv_window)
+  # drift and retrieval over bf16 (the reference) and each low-bit cache with K per channel
+  # (the bf16 spec, not None, so the dense teacher-forced runs reuse kv_quality's compiled programs)
+  caches = {"bf16": specs["bf16"], **{k: specs[f"{k} K per channel"] for k in args.kv_caches}}
+  res["specs"] = {name: {"kind": s.kind, "group": s.group if s.bits else None,
+                         "window": (s.window or layout_window(s)) if s.bits else None,
+                         "k_mode": s.k_mode if s.bits else None} for name, s in specs.items()}
+  heldout = (run.out / "data" / "heldout.txt").read_text()
+  bs, log = args.block_size, (lambda m: run.log(f"kv: {m}"))
+  kw = dict(block_size=bs, decode_impl=args.decode_impl)
+  prompt_len = args.seq - args.new_tokens
+  text_prompts, text_true = corpus.text_prompts(args.drift_n, prompt_len, args.new_tokens, heldout,
+                                                args.seed)
+
+  def save(key, value, t0):   # parts done cache by cache add up their seconds
+    value["seconds_total"] = value.get("seconds_total", 0.0) + time.perf_counter() - t0
+    res[key] = value
+    run.write("kv_partial.json", res)
+    if on_partial is not None:
+      on_partial(res)
+    log(f"{key} done in {value['seconds_total']:.0f} s")
+
+  if "quality" not in res:
+    t0 = time.perf_counter()
+    log(f"perplexity through the caches: {args.drift_n} held-out prompts of {prompt_len} tokens + "
+        f"{args.new_tokens} true tokens, teacher-forced; " + ", ".join(specs))
+    q = evals.kv_quality(cfg, params, text_prompts, text_true, specs, decode_impl=args.decode_impl)
+    for name, r in q["rows"].items():
+      se = r["ppl_increase_se"]
+      log(f"  {name}: NLL {r['nll']:.4f}, ppl {r['ppl']:.4f} ({100 * r['ppl_increase']:+.2f}%"
+          + (f" +- {100 * se:.2f}%" if se is not None else "") + f"), greedy as bf16 "
+          f"{r['agreement_with_reference']:.3f}")
+    save("quality", {"prompts": args.drift_n, "prompt_len": prompt_len, "new_tokens": args.new_tokens,
+                     **q}, t0)
+  budget = drift_budget(args)
+  total = prompt_len + args.new_tokens
+  d = res.get("drift") or {"prompts": args.drift_n, "prompt_len": prompt_len,
+                           "new_tokens": args.new_tokens, "budget_tokens": budget,
+                           "sparsity_at_end": 1 - budget / total, "rectify": args.kv_rectify,
+                           "selectors": list(selectors), "by_cache": {}}
+  ref_path = run.out / "kv_drift_reference.npy"   # the bf16 dense continuation, for a resumed call
+  reference = np.load(ref_path) if "bf16" in d["by_cache"] and ref_path.exists() else None
+  if reference is None:
+    d["by_cache"] = {}
+  for name, spec in caches.items():
+    if name in d["by_cache"]:
+      continue
+    t0 = time.perf_counter()
+    log(f"drift over the {name} cache: {args.drift_n} prompts of {prompt_len} tokens + "
+        f"{args.new_tokens} greedy tokens, dense and {', '.join(selectors)} at {budget} tokens")
+    r, conts = evals.drift(cfg, params, text_prompts, text_true, budget=budget, rectify=args.kv_rectify,
+                           selectors=selectors, log=log, kv_cache=spec, reference_BN=reference,
+                           return_continuations=True, **kw)
+    if name == "bf16":
+      reference = conts["dense"]
+      np.save(ref_path, reference)
+      r["rows"] = {k: {**v, "agreement_with_reference": v["agreement_with_dense"],
+                       "first_divergence_from_reference": v["first_divergence"]}
+                   for k, v in r["rows"].items()}
+    r["seconds_total"] = time.perf_counter() - t0
+    d["by_cache"][name] = r
+    save("drift", d, t0)
+  for key, title in (("retrieval_real", "real-text haystacks"),
+                     ("retrieval_synthetic", "repetitive filler")):
+    if key == "retrieval_synthetic" and args.skip_synthetic:
+      continue
+    if key == "retrieval_real":
+      prompts = corpus.real_passkey_prompts(args.retrieval_n, args.context, heldout, args.seed)
+    else:   # evaluation.retrieval_eval's prompts
+      prompts = passkey_prompts(args.retrieval_n, args.context, args.seed)
+    r = res.get(key) or {"n": args.retrieval_n, "context_tokens": args.context,
+                         "budgets": args.kv_budgets, "selectors": list(selectors), "by_cache": {}}
+    for name, spec in caches.items():
+      if name in r["by_cache"]:
+        continue
+      t0 = time.perf_counter()
+      log(f"passkey retrieval over the {name} cache, {title}: {args.retrieval_n} prompts of "
+          f"{args.context} tokens")
+      r["by_cache"][name] = evals.retrieval(cfg, params, *prompts, budgets=args.kv_budgets,
+                                            selectors=selectors, log=log, kv_cache=spec, **kw)
+      save(key, r, t0)
+  run.write("kv.json", res)
+  run.timed("kv", time.perf_counter() - t_phase)
+  return res
+
+
+def layout_window(spec) -> int:
+  """The residual window a low-bit spec gets when its window is None."""
+  from pallas_kernels.lowbit_decode import layout
+  return layout.default_window(spec.bits, spec.group)
+
+
 def phase_report(args, cfg, run: Run, data: dict, train: dict | None, gate: dict | None,
-                 ev: dict | None, quiet: bool = False) -> dict:
+                 ev: dict | None, quiet: bool = False, kv: dict | None = None) -> dict:
   import jax
   import report
   from effjax.config import to_dict
@@ -607,7 +824,7 @@ def phase_report(args, cfg, run: Run, data: dict, train: dict | None, gate: dict
                 "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.hd,
                 "compute_dtype": m.compute_dtype},
       "config": to_dict(cfg), "data": {k: v for k, v in data.items() if k != "request"},
-      "train": train, "gate": gate, "eval": ev, "timings_s": dict(run.timings),
+      "train": train, "gate": gate, "eval": ev, "kv": kv, "timings_s": dict(run.timings),
   }
   run.write("results.json", doc)
   report.write_markdown(doc, run.out)
@@ -645,32 +862,58 @@ def main(argv=None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  phases = list(args.phases)
+  if args.kv_only:   # the low-bit evaluations only: no eval phase, no gate unless a kv row needs it
+    phases = [p for p in phases if p != "eval" and (p != "gate" or kv_needs_gate(args))]
+  if not args.kv_caches:
+    phases = [p for p in phases if p != "kv"]
   run.log(f"sparse_quality: {jax.devices()[0].device_kind} ({jax.default_backend()}), JAX "
-          f"{jax.__version__}, out {run.out}, phases {' '.join(args.phases)}")
+          f"{jax.__version__}, out {run.out}, phases {' '.join(phases)}")
   force = set()
   for p in args.force:
     force |= set(PHASES[PHASES.index(p):])
   for p, files in (("data", ["data/meta.json"]), ("train", ["train/train_done.json"]),
-                   ("gate", ["gate.json", "gate.npz"]), ("eval", ["eval.json", "eval_partial.json"])):
+                   ("gate", ["gate.json", "gate.npz"]), ("eval", ["eval.json", "eval_partial.json"]),
+                   ("kv", ["kv.json", "kv_partial.json", "kv_drift_reference.npy"])):
     if p in force:
       for f in files:
         (run.out / f).unlink(missing_ok=True)
       if p == "train" and (run.out / "train").exists():
         shutil.rmtree(run.out / "train")
-  data = phase_data(args, run) if "data" in args.phases else run.read("data/meta.json")
-  train = phase_train(args, cfg, run) if "train" in args.phases else run.read("train/train_done.json")
-  if train is None and "train" in args.phases:
+  data = phase_data(args, run) if "data" in phases else run.read("data/meta.json")
+  train = phase_train(args, cfg, run) if "train" in phases else run.read("train/train_done.json")
+  if train is None and "train" in phases:
     return 0  # paused by --resume-later
-  gate = phase_gate(args, cfg, run) if "gate" in args.phases else run.read("gate.json")
-  if "report" in args.phases and data is None:
+  gate = phase_gate(args, cfg, run) if "gate" in phases else run.read("gate.json")
+  if "report" in phases and data is None:
     print("error: no data phase output to report on", file=sys.stderr)
     return 2
-  report_now = None
-  if "report" in args.phases:
-    report_now = lambda ev: phase_report(args, cfg, run, data, train, gate, ev, quiet=True)
-  ev = phase_eval(args, cfg, run, report_now) if "eval" in args.phases else run.read("eval.json")
-  if "report" in args.phases:
-    phase_report(args, cfg, run, data, train, gate, ev)
+  for p, needs in (("eval", "gate.npz"), ("kv", "gate.npz" if kv_needs_gate(args) else None)):
+    if p in phases and needs and not (run.out / needs).exists():
+      print(f"error: the {p} phase needs {run.out / needs} (run the gate phase)", file=sys.stderr)
+      return 2
+  # the report is rewritten after every finished part of eval and kv (a killed call keeps its tables)
+  ev, kv = run.read("eval.json"), run.read("kv.json")   # finished earlier (phases not run now)
+  report_now = (lambda: phase_report(args, cfg, run, data, train, gate, ev, quiet=True, kv=kv)) \
+      if "report" in phases else (lambda: None)
+  if "eval" in phases:
+    ev = None
+
+    def on_eval(part):
+      nonlocal ev
+      ev = part
+      report_now()
+    ev = phase_eval(args, cfg, run, on_eval)
+  if "kv" in phases:
+    kv = None
+
+    def on_kv(part):
+      nonlocal kv
+      kv = part
+      report_now()
+    kv = phase_kv(args, cfg, run, on_kv)
+  if "report" in phases:
+    phase_report(args, cfg, run, data, train, gate, ev, kv=kv)
   run.log(f"sparse_quality: finished in {time.perf_counter() - t_all:.0f} s "
           f"(phase seconds: {', '.join(f'{k} {v:.0f}' for k, v in run.timings.items())})")
   return 0

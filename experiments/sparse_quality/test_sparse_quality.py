@@ -1,6 +1,7 @@
 """experiments/sparse_quality: the passkey corpus, the report's arithmetic, the whole experiment at
-smoke sizes on CPU, and the committed results' gain plot. Marked `experiment` (deselected by
-default; the default suite collects tests/ only):
+smoke sizes on CPU, the low-bit KV cache evaluations (--kv-only) at smaller sizes still, and the
+committed results' gain plot. Marked `experiment` (deselected by default; the default suite
+collects tests/ only):
 
     python -m pytest -m experiment experiments/sparse_quality
 """
@@ -233,3 +234,151 @@ def test_plot_rectify_gains_on_the_committed_runs(tmp_path, capsys):
   assert "quest f=16 -0.0045 +- 0.0015" in capsys.readouterr().out
   with pytest.raises(SystemExit, match="not found"):
     prg.main([str(tmp_path / "missing"), "--out", str(out)])
+
+
+# ----------------------------------------------------------------------------------------------
+# the low-bit KV cache evaluations (--kv-caches, --kv-only)
+
+# Tiny and shaped so the compiled programs are shared: the drift prompts (seq 256 - 5 new tokens)
+# have the passkey prompts' length and the retrieval budget is the drift's (2 blocks of 16), so the
+# retrieval decodings reuse the drift's programs. K groups and windows of 32 tokens: the prompts
+# are packed and the residual window flushes.
+KV_ARGV = ["model.n_layers=1", "--smoke", "--no-jax-cache", "--steps", "4", "--kv-only",
+           "--kv-caches", "int4,int2", "--kv-group", "32", "--kv-window", "32", "--drift-n", "2",
+           "--retrieval-n", "2", "--new-tokens", "5", "--context", "251", "--kv-budgets", "32"]
+KV_ROWS = {"bf16", "int4 K per channel", "int4 K per token", "int2 K per channel", "int2 K per token"}
+
+
+def _main_fast(sq_run, argv) -> int:
+  """run.main with XLA's optimisations off (compiling dominates at these sizes), restored after."""
+  import jax
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  try:
+    return sq_run.main(argv)
+  finally:
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
+@pytest.fixture(scope="module")
+def kv_run(tmp_path_factory):
+  import run as sq_run
+  out = tmp_path_factory.mktemp("sparse_quality_kv")
+  argv = KV_ARGV + ["--out", str(out), "--results-dir", str(out / "committed")]
+  assert _main_fast(sq_run, argv) == 0
+  return sq_run, argv, out
+
+
+def test_kv_only_run_measures_the_low_bit_caches(kv_run):
+  _, _, out = kv_run
+  log = (out / "run.log").read_text()
+  assert "phases data train kv report" in log             # no gate (Quest only), no eval phase
+  assert not (out / "gate.npz").exists() and not (out / "eval.json").exists()
+  doc = json.loads((out / "results.json").read_text())
+  assert doc["eval"] is None and doc["train"]["steps_done"] == 4
+  kv = doc["kv"]
+  assert kv["model_step"] == 4
+  assert kv["specs"]["int2 K per token"] == {"kind": "int2", "group": 32, "window": 32, "k_mode": "token"}
+  # (a) perplexity through each cache, teacher-forced
+  q = kv["quality"]
+  assert (q["prompts"], q["prompt_len"], q["new_tokens"]) == (2, 251, 5)
+  rows = q["rows"]
+  assert set(rows) == KV_ROWS
+  assert rows["bf16"]["ppl_increase"] == 0.0 and rows["bf16"]["excess_nll_se"] == 0.0
+  assert rows["bf16"]["agreement_with_reference"] == 1.0
+  for name, r in rows.items():
+    for k in ("nll", "ppl", "ppl_increase", "excess_nll_se", "ppl_increase_se"):
+      assert math.isfinite(r[k]), (name, k, r)
+    assert r["ppl"] == pytest.approx(math.exp(r["nll"]))
+    assert r["ppl_increase"] == pytest.approx(r["ppl"] / rows["bf16"]["ppl"] - 1, abs=1e-9)
+    assert 0.0 <= r["agreement_with_reference"] <= 1.0
+  for name in KV_ROWS - {"bf16"}:    # the caches really quantise
+    assert rows[name]["nll"] != rows["bf16"]["nll"], name
+  ex = {n: abs(rows[n]["nll"] - rows["bf16"]["nll"]) for n in rows}
+  assert ex["int4 K per channel"] < ex["int2 K per channel"] and ex["int4 K per token"] < ex["int2 K per token"]
+  # (b) drift over bf16 and each low-bit cache (K per channel), dense and Quest
+  d = kv["drift"]
+  assert list(d["by_cache"]) == ["bf16", "int4", "int2"] and d["budget_tokens"] == 32
+  for cache, r in d["by_cache"].items():
+    assert set(r["rows"]) == set(r["teacher_forced"]) == {"dense", "quest sparse"}
+    for row in r["rows"].values():
+      assert math.isfinite(row["nll"]) and 0.0 <= row["agreement_with_reference"] <= 1.0
+      assert 0 <= row["first_divergence_from_reference"] <= 5
+    assert r["rows"]["dense"]["agreement_with_dense"] == 1.0
+    assert r["teacher_forced"]["dense"]["excess_nll"] == 0.0
+    assert math.isfinite(r["teacher_forced"]["quest sparse"]["excess_nll"])
+    # its dense teacher-forced run is the perplexity table's row of the same cache
+    q_row = rows["bf16" if cache == "bf16" else f"{cache} K per channel"]
+    assert r["teacher_forced"]["dense"]["nll"] == pytest.approx(q_row["nll"], abs=1e-6)
+  assert d["by_cache"]["bf16"]["rows"]["dense"]["agreement_with_reference"] == 1.0
+  # (b) passkey retrieval over each cache, both haystack kinds
+  for key in ("retrieval_real", "retrieval_synthetic"):
+    r = kv[key]
+    assert list(r["by_cache"]) == ["bf16", "int4", "int2"] and r["budgets"] == [32]
+    for x in r["by_cache"].values():
+      assert set(x["accuracy"]) == set(x["digit_accuracy"]) == {"dense", "quest@32"}
+      assert all(0.0 <= v <= 1.0 for v in list(x["accuracy"].values()) + list(x["digit_accuracy"].values()))
+  # the report's tables, also in the --results-dir copy
+  report = (out / "committed" / "REPORT.md").read_text()
+  assert report == (out / "REPORT.md").read_text()
+  for s in ("## Low-bit KV caches", "### Perplexity through the cache",
+            "### Drift over the low-bit caches", "### Passkey retrieval over the low-bit caches, "
+            "real-text haystacks", "repetitive filler", "| int4 | per channel |",
+            "| int2 | per token |", "| int2 | quest sparse |", "| kv |"):
+    assert s in report, s
+  assert re.search(r"\| bf16 \| - \| [0-9.]+ \| [0-9.]+ \| \+0\.00% ± 0\.00% \|", report)
+  assert "Drift at" not in report and "Gate:** not distilled" in report
+  if kv["retrieval_real"]["by_cache"]["bf16"]["accuracy"]["dense"] == 0.0:   # 4 steps: no retrieval
+    assert "has not learnt retrieval" in report
+
+
+def test_kv_rerun_reuses_the_model_and_resumes_the_parts(kv_run, capsys):
+  """A second call trains nothing; a call whose kv results were cut short redoes only the missing
+  parts; other kv settings redo the kv phase on the same model."""
+  sq_run, argv, out = kv_run
+  before = json.loads((out / "results.json").read_text())
+  capsys.readouterr()
+  assert _main_fast(sq_run, argv) == 0
+  log = capsys.readouterr().out
+  assert "data: reusing" in log and "train: done earlier" in log and "kv: done earlier" in log
+  assert json.loads((out / "results.json").read_text())["kv"] == before["kv"]
+  # cut short after the drift: the kv phase continues with the retrieval
+  part = json.loads((out / "kv.json").read_text())
+  del part["retrieval_real"], part["retrieval_synthetic"]
+  (out / "kv_partial.json").write_text(json.dumps(part))
+  (out / "kv.json").unlink()
+  assert _main_fast(sq_run, argv) == 0
+  log = capsys.readouterr().out
+  assert "retrieval_real done" in log and "retrieval_synthetic done" in log
+  assert "quality done" not in log and "drift done" not in log and "train: done earlier" in log
+  after = json.loads((out / "results.json").read_text())["kv"]
+  assert after["drift"] == before["kv"]["drift"] and after["quality"] == before["kv"]["quality"]
+  # one low-bit cache: a new kv phase over the same trained model
+  argv_int4 = [("int4" if a == "int4,int2" else a) for a in argv]
+  assert _main_fast(sq_run, argv_int4) == 0
+  log = capsys.readouterr().out
+  assert "train: done earlier" in log and "quality done" in log
+  kv = json.loads((out / "results.json").read_text())["kv"]
+  assert set(kv["quality"]["rows"]) == {"bf16", "int4 K per channel", "int4 K per token"}
+  assert list(kv["drift"]["by_cache"]) == ["bf16", "int4"]
+
+
+def test_kv_flags_validate_before_compute():
+  import run as sq_run
+  a = sq_run.parse_args(["--smoke"])
+  assert a.kv_caches == [] and a.kv_budgets == [48] and a.kv_selectors == ["quest"]
+  a = sq_run.parse_args(["--smoke", "--kv-caches", "int4, int2", "--kv-selectors", "quest", "gate"])
+  assert a.kv_caches == ["int4", "int2"] and sq_run.kv_needs_gate(a)
+  assert not sq_run.kv_needs_gate(sq_run.parse_args(["--smoke", "--kv-caches", "int2"]))
+  a = sq_run.parse_args(["--smoke", "--kv-caches", "int4", "--local-tokens", "16", "--sparsity", "0.8",
+                         "--kv-selectors", "quest-l16", "--kv-budgets", "48"])
+  assert a.kv_selectors == ["quest-l16"] and a.kv_budgets == [48]
+  for bad in (["--kv-caches", "int3"], ["--kv-only"], ["--kv-caches", "int4,int4"],
+              ["--kv-caches", "int4", "--kv-group", "24"],                      # not whole blocks of 16
+              ["--kv-caches", "int4", "--kv-group", "32", "--kv-window", "48"],  # window not whole groups
+              ["--kv-caches", "int4", "--kv-selectors", "quest-l16"],            # no such row
+              ["--kv-caches", "int4", "--kv-budgets", "40"],
+              ["--kv-caches", "int4", "--local-tokens", "16", "--sparsity", "0.8",   # 3 forced blocks
+               "--kv-selectors", "quest-l16", "--kv-budgets", "32"]):
+    with pytest.raises(SystemExit):
+      sq_run.parse_args(["--smoke"] + bad)
