@@ -20,6 +20,15 @@ Modes (all through the public generation functions, greedy, the whole loop on de
 Sparse modes run at a `--budget-tokens` budget and at each `--sparsities` budget (sparsity 0.9 =
 10% of the context), block size `--block-size`.
 
+Prefill: one call over the whole prompt by default; `--prefill-chunk N` prefills it in chunks of N
+tokens (`generate(prefill_chunk=N)`, `decoding.prefill_chunked`: the first chunk a prefill, the
+rest `extend` over the cache with `--decode-impl`), for batches whose one-call prefill does not
+fit (the 8B-shaped model at 32K x B4 asked for a 28 GiB temporary). Same logits and cache up to
+rounding; the low-bit caches hold a compute-dtype copy of the prompt's K/V while prefilling.
+Only prefill_ms changes. On a GPU a chunk's attention is the Triton extend kernel, one program
+holding all chunk x G query rows of a KV head; it was measured at 32 tokens x G = 4
+(results/NVIDIA_H100_80GB_HBM3/extend.json), so `--prefill-chunk 32` is the tried size.
+
 Timing: host wall time of whole `generate` calls (one dispatch each; a call takes 0.1-10 s, so the
 ~0.1 ms dispatch is noise). Prefill and decode are separated with two runs of the *same* compiled
 executable: one that generates N = `--new-tokens` tokens, and one that stops after its first token
@@ -205,6 +214,8 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--kv-caches", default="dense",
                   help="cache kinds, each row repeated per kind: dense (--cache-dtype), int4, int2 "
                        "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens)")
+  ap.add_argument("--prefill-chunk", type=int, default=None,
+                  help="prefill the prompt in chunks of this many tokens (default: one call)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--mem-frac", type=float, default=0.25,
                   help="skip a batch whose KV cache exceeds this share of device memory (prefill "
@@ -220,6 +231,8 @@ def main(argv: list[str] | None = None):
   N = args.new_tokens
   if N < 2:
     ap.error("--new-tokens must be >= 2 (decode time is the difference of N and 1 steps)")
+  if args.prefill_chunk is not None and args.prefill_chunk < 1:
+    ap.error(f"--prefill-chunk must be a positive number of tokens, got {args.prefill_chunk}")
   modes = [m for m in args.modes.split(",") if m]
   for m in modes:
     if m not in MODES:
@@ -269,6 +282,7 @@ def main(argv: list[str] | None = None):
         "weights": "random init (init_params); throughput does not depend on the values",
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
         "decode_impl": args.decode_impl, "sparse_kernel": args.sparse_kernel, "sampling": "greedy",
+        "prefill_chunk": args.prefill_chunk,
         "compiler_options": decoding.DECODE_COMPILER_OPTIONS,
         "timing": (f"host wall time of whole generate calls (one dispatch each, loop on device), "
                    f"same executable run for N={N} tokens and stopped after 1 token (stop token, "
@@ -294,7 +308,8 @@ def main(argv: list[str] | None = None):
 
   for B in parse_ints(args.batch):
     cache_bytes = 2 * L * B * K * capacity * H * cache_dtype.itemsize
-    base = dict(B=B, context=T, new_tokens=N, cache_capacity=capacity, cache_bytes=cache_bytes)
+    base = dict(B=B, context=T, new_tokens=N, cache_capacity=capacity, cache_bytes=cache_bytes,
+                prefill_chunk=args.prefill_chunk)
     if limit is not None and cache_bytes > args.mem_frac * limit:
       record({**base, "mode": "all", "skipped": f"KV cache {cache_bytes / 2**30:.1f} GiB exceeds "
               f"{args.mem_frac} of device memory ({limit / 2**30:.1f} GiB)"})
@@ -314,7 +329,7 @@ def main(argv: list[str] | None = None):
     for (mode, label, budget), kind in [(r, k) for r in rows for k in kinds]:
       row_base = dict(base, mode=mode, kv_cache=kind)
       kw = dict(max_new_tokens=N, stop_tokens=(STOP,), decode_impl=args.decode_impl,
-                cache_dtype=cache_dtype)
+                cache_dtype=cache_dtype, prefill_chunk=args.prefill_chunk)
       # bytes a step reads per cached token and KV head, relative to the dense cache
       kv_ratio = 1.0
       if kind != "dense":

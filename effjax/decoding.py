@@ -1,4 +1,5 @@
-"""KV-cached decoding: jitted `prefill`, `decode_step`, `extend` and an on-device generation loop.
+"""KV-cached decoding: jitted `prefill` (in one call, or in chunks: `prefill_chunked`),
+`decode_step`, `extend` and an on-device generation loop.
 
 Each is the model's one layer (`effjax.model.block`) with a cache attention strategy: prefill
 attends causally over the prompt and stores its K/V; a decode step stores one token and attends
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax import model as model_lib
-from effjax.cache import KVCache
+from effjax.cache import DenseKV, KVCache
 from effjax.config import ModelConfig
 
 # XLA options of the generation loops (`generate` here, `resa.generate` / `score_continuation`).
@@ -121,15 +122,31 @@ def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array
   writes their K/V to cache positions [0, T). Returns (logits float32 [B, V] at each sequence's
   last prompt token, cache with lengths = lengths_B). Padding tokens sit after every real token, so
   causal attention keeps them out of the real positions; decode masks them by length."""
-  B, T = tokens_BT.shape
+  T = tokens_BT.shape[1]
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds cache capacity {cache.capacity}")
+  x, cache = _prefill_layers(cfg, params, tokens_BT, lengths_B, cache)
+  return model_lib.logits(cfg, params, _hidden_at(x, lengths_B - 1, 0, None)), cache
+
+
+def _prefill_layers(cfg: ModelConfig, params, tokens_BT, lengths_B, cache: KVCache):
+  """prefill's layers: (residual stream [B, T, D], cache with lengths = lengths_B)."""
+  B, T = tokens_BT.shape
   x = model_lib.embed(cfg, params, tokens_BT)
   x, layers = model_lib.run_layers(cfg, params, x, _positions(jnp.zeros((B,), jnp.int32), T),
                                    PrefillAttention(cfg, cache, lengths_B))
-  last = jnp.take_along_axis(x, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-  return (model_lib.logits(cfg, params, last),
-          KVCache(layers=tuple(layers), lengths=lengths_B.astype(jnp.int32)))
+  return x, KVCache(layers=tuple(layers), lengths=lengths_B.astype(jnp.int32))
+
+
+def _hidden_at(x_BTD: jax.Array, pos_B: jax.Array, start: int | jax.Array, prev_BD):
+  """x at each sequence's position pos_b of a chunk that starts at position `start`: [B, D];
+  where pos_b lies outside the chunk, prev_BD (None: every pos_b lies inside)."""
+  T = x_BTD.shape[1]
+  i_B = pos_B - start
+  x_BD = jnp.take_along_axis(x_BTD, jnp.clip(i_B, 0, T - 1)[:, None, None], axis=1)[:, 0]
+  if prev_BD is None:
+    return x_BD
+  return jnp.where(((i_B >= 0) & (i_B < T))[:, None], x_BD, prev_BD)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
@@ -154,12 +171,91 @@ def extend(cfg: ModelConfig, params, cache: KVCache, tokens_BF: jax.Array, start
   model's) and a chunked prefill. Returns (logits float32 [B, F, V], cache with lengths =
   max(lengths, start + F)). Attention: `pallas_kernels.extend_attention` (the multi-token
   Triton kernel on a GPU: each layer's cache is read once for all F tokens)."""
+  x, cache = _extend_layers(cfg, params, cache, tokens_BF, start_B, decode_impl)
+  return model_lib.logits(cfg, params, x), cache
+
+
+def _extend_layers(cfg: ModelConfig, params, cache: KVCache, tokens_BF, start_B, decode_impl):
+  """extend's layers: (residual stream [B, F, D], cache with lengths max(lengths, start + F))."""
   F = tokens_BF.shape[1]
   x = model_lib.embed(cfg, params, tokens_BF)
   x, layers = model_lib.run_layers(cfg, params, x, _positions(start_B, F),
                                    CachedAttention(cache, start_B, decode_impl))
   lengths = jnp.maximum(cache.lengths, start_B + F)
-  return model_lib.logits(cfg, params, x), KVCache(layers=tuple(layers), lengths=lengths)
+  return x, KVCache(layers=tuple(layers), lengths=lengths)
+
+
+def check_prefill_chunk(prefill_chunk) -> None:
+  """Raises ValueError unless prefill_chunk is None or a positive int."""
+  if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or
+                                    not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+    raise ValueError(f"prefill_chunk must be a positive int (tokens per chunk) or None, got "
+                     f"{prefill_chunk!r}")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk", "decode_impl"),
+                   donate_argnames=("cache",))
+def prefill_chunked(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array,
+                    cache: KVCache, chunk: int | None, decode_impl: str = "auto"):
+  """`prefill` in chunks of `chunk` tokens (None, or chunk >= T: one `prefill` call), so that
+  activations are those of `chunk` tokens per sequence, not T. Same arguments and results as
+  `prefill` (logits float32 [B, V] at each sequence's last prompt token, the cache with lengths =
+  lengths_B), equal up to float rounding.
+
+  The first chunk is a `prefill` of tokens [0, chunk); every later one an `extend` at [s, s +
+  chunk) (attention `decode_impl`: `extend_attention`), the last one shorter where chunk does not
+  divide T. Every chunk runs for every sequence, also past its length: the rows of right padding
+  are then written as a one-call prefill writes them, and the hidden state for the logits is
+  taken from the chunk that holds position length_b - 1.
+
+  Chunks attend to the earlier chunks' K/V in the compute dtype, as the one-call prefill does. A
+  dense cache (`DenseKV`) at least as precise as the compute dtype (bf16 with bf16 compute) is
+  written in place. Another cache cannot serve as that: a narrower dense one would round the
+  earlier chunks' K/V, the low-bit `QuantKV` holds them quantised (and each chunk's write would
+  pack padding rows past short prompts). Its chunks therefore run over a dense cache of the T
+  prompt rows in the compute dtype (2 * L * B * T * K * H elements more memory while
+  prefilling), whose K/V are then written to it once, as the one-call prefill writes them
+  (`write(k, v, None, lengths_B=...)`; for `QuantKV`: every full group of each prompt packed,
+  the rest in the residual window)."""
+  check_prefill_chunk(chunk)
+  B, T = tokens_BT.shape
+  if chunk is None or chunk >= T:
+    return prefill(cfg, params, tokens_BT, lengths_B, cache)
+  if T > cache.capacity:
+    raise ValueError(f"prompt length {T} exceeds cache capacity {cache.capacity}")
+  lengths_B = lengths_B.astype(jnp.int32)
+  dt = jnp.dtype(cfg.compute_dtype)
+  in_place = all(isinstance(e, DenseKV) and jnp.promote_types(e.dtype, dt) == e.dtype
+                 for e in cache.layers)
+  if in_place:
+    work = cache
+  else:
+    cap = min(-(-T // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE, cache.capacity)
+    work = KVCache.init(cfg, B, cap, dt)
+  last_B = lengths_B - 1
+  x, work = _prefill_layers(cfg, params, tokens_BT[:, :chunk], jnp.minimum(lengths_B, chunk), work)
+  h_BD = _hidden_at(x, last_B, 0, None)
+
+  def run_chunk(start, tokens_BF, work, h_BD):
+    x, work = _extend_layers(cfg, params, work, tokens_BF, jnp.full((B,), start, jnp.int32),
+                             decode_impl)
+    return work, _hidden_at(x, last_B, start, h_BD)
+
+  def body(i, carry):
+    start = i * chunk
+    return run_chunk(start, jax.lax.dynamic_slice_in_dim(tokens_BT, start, chunk, axis=1), *carry)
+
+  n_full = T // chunk
+  work, h_BD = jax.lax.fori_loop(1, n_full, body, (work, h_BD))
+  if T % chunk:
+    work, h_BD = run_chunk(n_full * chunk, tokens_BT[:, n_full * chunk:], work, h_BD)
+  if in_place:
+    layers = work.layers
+  else:
+    rows = lambda x: x[:, :, :T].transpose(0, 2, 1, 3)     # [B, K, S, H] -> [B, T, K, H]
+    layers = tuple(e.write(rows(w.k), rows(w.v), None, lengths_B=lengths_B)
+                   for e, w in zip(cache.layers, work.layers))
+  return model_lib.logits(cfg, params, h_BD), KVCache(layers=layers, lengths=lengths_B)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,12 +307,13 @@ def new_cache(cfg: ModelConfig, batch: int, capacity: int, cache_dtype=jnp.bfloa
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
-                                             "decode_impl", "cache_dtype", "kv_cache"),
+                                             "decode_impl", "cache_dtype", "kv_cache",
+                                             "prefill_chunk"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
              *, max_new_tokens: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
              stop_tokens: tuple[int, ...] = (), pad_id: int = 256, decode_impl: str = "auto",
-             cache_dtype: Any = jnp.bfloat16, kv_cache=None):
+             cache_dtype: Any = jnp.bfloat16, kv_cache=None, prefill_chunk: int | None = None):
   """Prefill + a `lax.while_loop` of decode steps, all on device.
 
   tokens_BT: right-padded prompts int32 [B, T]; lengths_B: int32 [B]. Returns (new tokens int32
@@ -224,12 +321,16 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
   included). The loop ends when every sequence has stopped or max_new_tokens is reached. The cache
   holds `generation_capacity(cfg, T, max_new_tokens)` tokens, dense in cache_dtype or as the
   `kv_cache` spec says (`effjax.quant.kv.KVCacheSpec("int4")`: a 4-bit cache).
+  prefill_chunk: None prefills the prompts in one call; a positive int, in chunks of that many
+  tokens (`prefill_chunked`: the activations of a chunk instead of the whole prompt).
   """
+  check_prefill_chunk(prefill_chunk)
   B, T = tokens_BT.shape
   multiple = getattr(kv_cache, "capacity_multiple", 1)
   cache = new_cache(cfg, B, generation_capacity(cfg, T, max_new_tokens, multiple), cache_dtype,
                     kv_cache)
-  logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache)
+  logits, cache = prefill_chunked(cfg, params, tokens_BT, lengths_B, cache, prefill_chunk,
+                                  decode_impl)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
 

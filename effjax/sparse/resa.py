@@ -214,13 +214,12 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: KVCa
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scfg", "max_new_tokens", "top_k",
                                              "stop_tokens", "decode_impl", "cache_dtype", "sparse",
-                                             "kv_cache",
-                                             "rectify_impl"),
+                                             "kv_cache", "rectify_impl", "prefill_chunk"),
                    compiler_options=decoding.DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B, rng, gate_params=None,
              *, max_new_tokens: int, temperature=0.0, top_k: int = 0, stop_tokens: tuple = (),
              pad_id: int = 256, decode_impl: str = "auto", cache_dtype=jnp.bfloat16, sparse: bool = True,
-             rectify_impl: str | None = None, kv_cache=None):
+             rectify_impl: str | None = None, kv_cache=None, prefill_chunk: int | None = None):
   """Generation on device: sparse decode steps (dense when `sparse` is False) with a dense
   rectification of the last f = scfg.rectify_every tokens after every f steps. Returns (tokens
   int32 [B, max_new_tokens], number generated int32 [B]) like `decoding.generate`.
@@ -228,6 +227,8 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
   a 4 / 2-bit cache, whose rectification re-quantises the rows it rewrites).
   rectify_impl: the attention of the rectification (`decoding.extend`'s decode_impl); None
   follows decode_impl (on a GPU: the multi-token Triton kernel).
+  prefill_chunk: as `decoding.generate` (None: one prefill call; else chunks of that many tokens,
+  `decoding.prefill_chunked` with decode_impl).
 
   Loop structure: a first inner `lax.while_loop` of up to f sparse steps, then an outer
   `lax.while_loop` whose body rectifies unconditionally (`decoding.extend` + `refresh_summaries`)
@@ -240,9 +241,10 @@ def generate(cfg: ModelConfig, scfg: SparseConfig, params, tokens_BT, lengths_B,
   last chunk when f does not divide max_new_tokens, or a last full chunk -- are left unrectified:
   rectifying them could change only the cache, which is not returned. So f >= max_new_tokens never
   rectifies, and a run whose sequences all stop early does no rectification after they stop."""
+  decoding.check_prefill_chunk(prefill_chunk)
   c = _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, max_new_tokens,
                    temperature, top_k, stop_tokens, pad_id, decode_impl, cache_dtype, sparse,
-                   rectify_impl, None, kv_cache)
+                   rectify_impl, None, kv_cache, prefill_chunk)
   return c[4], c[7]
 
 
@@ -284,7 +286,7 @@ def per_layer(gate_params):
 
 def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, temperature, top_k,
                  stop_tokens, pad_id, decode_impl, cache_dtype, sparse, rectify_impl, forced_BN,
-                 kv_cache=None):
+                 kv_cache=None, prefill_chunk=None):
   """generate's loop (forced_BN None) or score_continuation's (forced_BN [B, N]: fed instead of
   the sampled tokens; carry[9] collects (logprob, argmax) of each step). Returns the final carry."""
   B, T = tokens_BT.shape
@@ -294,7 +296,8 @@ def _decode_loop(cfg, scfg, params, tokens_BT, lengths_B, rng, gate_params, N, t
   multiple = math.lcm(scfg.block_size, getattr(kv_cache, "capacity_multiple", 1))
   cap = decoding.generation_capacity(cfg, T, N, multiple=multiple)
   cache = decoding.new_cache(cfg, B, cap, cache_dtype, kv_cache)
-  logits, cache = decoding.prefill(cfg, params, tokens_BT, lengths_B, cache)
+  logits, cache = decoding.prefill_chunked(cfg, params, tokens_BT, lengths_B, cache, prefill_chunk,
+                                           decode_impl)
   summ = init_summaries(cfg, scfg, cache, gate_params) if sparse else ()   # dense: none needed
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
