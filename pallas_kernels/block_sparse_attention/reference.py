@@ -1,0 +1,60 @@
+"""Plain-jnp block-sparse prefill attention: dense attention with every token outside the selected
+key blocks masked (the oracle of `block_sparse_attention`'s backends), and the index <-> mask
+conversions the selectors and tests share."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.decode_attention.reference import masked_attention_reference
+
+
+def per_query_head(block_indices_BHQM: jax.Array, n_heads: int) -> jax.Array:
+  """Indices given per KV head ([B, K, nQ, M], one decision per GQA group) repeated for the
+  G = N / K query heads of each group; per-query-head indices pass through. [B, N, nQ, M]."""
+  Hi = block_indices_BHQM.shape[1]
+  return block_indices_BHQM if Hi == n_heads else jnp.repeat(block_indices_BHQM, n_heads // Hi, 1)
+
+
+def block_mask(block_indices_BHQM: jax.Array, num_kv_blocks: int) -> jax.Array:
+  """bool [B, Hi, nQ, nK]: key block j is selected for query block i (-1 padding selects
+  nothing)."""
+  # -1 is sent past the end and dropped (a negative index would wrap to the last block)
+  idx = jnp.where(block_indices_BHQM >= 0, block_indices_BHQM, num_kv_blocks)
+  onehot = idx[..., None] == jnp.arange(num_kv_blocks, dtype=idx.dtype)
+  return jnp.any(onehot, axis=-2)
+
+
+def token_mask(block_indices_BNQM: jax.Array, lengths_B: jax.Array, T: int,
+               block_size: int) -> jax.Array:
+  """bool [B, N, T, S=T]: key s is visible from query t iff its block is selected for t's block,
+  s <= t, and both lie below the length."""
+  nb = -(-T // block_size)
+  sel = block_mask(block_indices_BNQM, nb)                                    # [B, N, nQ, nK]
+  sel = jnp.repeat(jnp.repeat(sel, block_size, axis=2), block_size, axis=3)[:, :, :T, :T]
+  t = jnp.arange(T)
+  below_BT = t[None, :] < lengths_B[:, None]
+  causal = (t[None, :] <= t[:, None])[None, None]
+  return sel & causal & below_BT[:, None, :, None] & below_BT[:, None, None, :]
+
+
+@functools.partial(jax.jit, static_argnames=("block_size",))
+def block_sparse_attention_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                                     block_indices_BHQM: jax.Array, lengths_B: jax.Array, *,
+                                     block_size: int) -> jax.Array:
+  """Dense causal attention with the unselected key blocks (and tokens past the length) masked,
+  through the cache layout's masked reference (float32 softmax and PV, HIGHEST precision).
+  Shapes as `block_sparse_attention`; rows with no visible key are zeros. Differentiable."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  valid_BNTS = token_mask(per_query_head(block_indices_BHQM, N), lengths_B, T, block_size)
+  # rows of KV head k: its G query heads x T tokens (the cache layout's q_BKRH)
+  q_BKRH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)
+  valid_BKRS = valid_BNTS.reshape(B, K, G * T, T)
+  o_BKRH = masked_attention_reference(q_BKRH, k_BTKH.transpose(0, 2, 1, 3),
+                                      v_BTKH.transpose(0, 2, 1, 3), valid_BKRS)
+  return o_BKRH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
