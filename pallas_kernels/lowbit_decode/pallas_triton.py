@@ -200,8 +200,8 @@ def _magic_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_spl
   q . (c * ks + kz) = (q * ks) . (OFF + c) + q . kz - OFF * sum(q * ks), and p @ (c * vs + vz) =
   (p * vs) @ (OFF + c) + p . vz - OFF * sum(p * vs) -- and each product is two dots over the
   channel halves, so no tile is concatenated. A packed tile and a residual tile are the two
-  branches of one `lax.switch` on its first token (one uniform branch per tile, no per-element
-  select, no masked loads; a third skips a -1 slot or a block past the length), so block indices
+  branches of one `lax.cond` on its first token (one uniform branch per tile, no per-element
+  select, no masked loads; an outer one skips a -1 slot or a block past the length), so block indices
   may come in any order. Refs as `_kernel`."""
   if sparse:
     (len_ref, packed_ref, nslots_ref, idx_ref, q_ref, kp_ref, ks_ref, kz_ref, vp_ref, vs_ref,
@@ -281,8 +281,9 @@ def _magic_kernel(*refs, sparse: bool, tile: int, bits: int, group: int, num_spl
   def body(u, state):
     block = unit_block(u)
     t0 = jnp.maximum(block, 0) * tile
-    branch = jnp.where((block >= 0) & (t0 < length), jnp.where(t0 < packed, 0, 1), 2)
-    return lax.switch(branch, (packed_step, residual_step, lambda t0, st: st), t0, state)
+    return lax.cond((block >= 0) & (t0 < length),
+                    lambda st: lax.cond(t0 < packed, packed_step, residual_step, t0, st),
+                    lambda st: st, state)
 
   state = (jnp.zeros((R, h2), jnp.float32), jnp.zeros((R, h2), jnp.float32),
            jnp.full((R,), online_softmax.MASK_VALUE, jnp.float32), jnp.zeros((R,), jnp.float32))
