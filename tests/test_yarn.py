@@ -82,7 +82,7 @@ def test_yarn_model_runs_and_changes_logits():
               compute_dtype="float32")
   cfg, ycfg = ModelConfig(**base), ModelConfig(**base, rope_scaling="yarn", rope_factor=4.0,
                                                  rope_original_max_seq_len=16)
-  params = init_params(cfg, jax.random.key(0))
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
   toks = jax.random.randint(jax.random.key(1), (2, 40), 0, 256)
   fwd = jax.jit(forward, static_argnums=0)
   a, b = fwd(cfg, params, toks), fwd(ycfg, params, toks)

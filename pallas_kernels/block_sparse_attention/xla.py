@@ -131,6 +131,7 @@ def _attention_bwd(block_size, res, do_BTNH):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
 def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B, *,
                            block_size: int, interpret: bool = False):
   """The `xla` implementation (interpret has nothing to interpret). Shapes as the op."""

@@ -11,6 +11,8 @@ max_prob_tj = exp(m_tj - lse_t).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -59,6 +61,7 @@ def block_target_from_probs(p_BKGTS: jax.Array, block_size: int) -> jax.Array:
   return target.reshape(B, K * G, nq, nk)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def block_target_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, lengths_B: jax.Array | None,
                            block_size: int) -> jax.Array:
   """The block-level distillation target alone: float32 [B, N, nQ, nK], nQ = nK =
@@ -69,6 +72,7 @@ def block_target_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, lengths_B: jax.
   return block_target_from_probs(attention_probs(q_BTNH, k_BTKH, lengths_B), block_size)
 
 
+@functools.partial(jax.jit, static_argnames=("block_size",))
 def flash_attention_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                               lengths_B: jax.Array | None = None, *,
                               block_size: int | None = None):
