@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--sparse-kernel", default="auto",
                   help="SparseConfig.sparse_kernel: auto (= decode-impl) | pallas_mosaic_gpu | ...")
   ap.add_argument("--param-dtype", default="bfloat16")
+  ap.add_argument("--weights", choices=["dense", "ternary"], default="dense",
+                  help="ternary: a BitNet b1.58 model (bitlinear + SubLN) packed to I2_S "
+                       "(effjax.quant.convert.pack_model); its projections run the W2A8 "
+                       "lowbit_matmul_int8 kernel")
   ap.add_argument("--cache-dtype", default="bfloat16")
   ap.add_argument("--kv-caches", default="dense",
                   help="cache kinds, each row repeated per kind: dense (--cache-dtype), int4, int2 "
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None):
   out = common.output_path(args, "generate.json")
 
   T, bs = args.context, args.block_size
+  if args.weights == "ternary":
+    args.override = [*args.override, "model.linear_impl=bitlinear", "model.sub_norm=true"]
   cfg = load_config(args.config, [*args.override, f"model.param_dtype={args.param_dtype}"])
   mcfg = cfg.model
   # the capacity both generate functions use (rounded up to 128 and whole blocks)
@@ -256,6 +262,10 @@ def main(argv: list[str] | None = None):
   L, K, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.hd
 
   params = init_params(mcfg, jax.random.key(args.seed))
+  if args.weights == "ternary":  # random float weights, then BitNet's absmean quantiser + I2_S
+    from effjax.quant.convert import pack_model
+    cfg, params = pack_model(cfg, params, "i2_s")
+    mcfg = cfg.model
   p_long, p_short = stop_params(params, mcfg.tie_embeddings)
   del params
   param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(p_long))
@@ -278,8 +288,11 @@ def main(argv: list[str] | None = None):
             "d_model": mcfg.d_model, "n_layers": L, "n_heads": mcfg.n_heads, "n_kv_heads": K,
             "head_dim": H, "d_ff": mcfg.ff, "vocab_size": mcfg.vocab_size,
             "params": mcfg.num_params(), "param_dtype": args.param_dtype,
-            "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl},
-        "weights": "random init (init_params); throughput does not depend on the values",
+            "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl,
+            "linear_impl": mcfg.linear_impl},
+        "weights": ("random init (init_params); throughput does not depend on the values"
+                    + ("; ternary: absmean-quantised and packed to I2_S (pack_model)"
+                       if args.weights == "ternary" else "")),
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
         "decode_impl": args.decode_impl, "sparse_kernel": args.sparse_kernel, "sampling": "greedy",
         "prefill_chunk": args.prefill_chunk,

@@ -37,3 +37,21 @@ def test_bench_generate_cpu_smoke(tmp_path):
   assert all(r["budget_tokens"] == 32 and r["budget_blocks"] == 2 for r in sparse)
   assert {r["rectify_every"] for r in sparse if r["mode"].startswith("quest_rectify")} == {4}
   assert all("decode_speedup_vs_dense" in r for r in sparse)
+
+
+def test_bench_generate_ternary_weights(tmp_path):
+  """--weights ternary decodes a BitNet model packed to I2_S (its projections on the W2A8 path),
+  with a low-bit KV cache too; the floor counts the packed weight bytes."""
+  out = tmp_path / "generate.json"
+  cmd = [sys.executable, "-m", "benchmarks", "generate", "--config", "configs/tiny.yaml",
+         "--override", "model.n_layers=2", "--context", "128", "--new-tokens", "4", "--batch", "1",
+         "--modes", "dense", "--sparsities", "", "--kv-caches", "dense,int4", "--repeats", "1",
+         "--weights", "ternary", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert data["meta"]["model"]["linear_impl"] == "ternary_packed"
+  assert "I2_S" in data["meta"]["weights"]
+  rows = data["results"]
+  assert {r["kv_cache"] for r in rows} == {"dense", "int4"}
+  assert all(math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 for r in rows)
