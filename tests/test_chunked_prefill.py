@@ -53,7 +53,7 @@ def assert_quant_close(got: QuantKV, want: QuantKV, lengths):
 
 # float32: the chunks run in the cache itself; bf16 (narrower than the float32 compute) and int4:
 # over a float32 copy of the prompt rows, then written to the cache once
-@pytest.mark.parametrize("kind", ["float32", "bf16", "int4"])
+@pytest.mark.parametrize("kind", [pytest.param("float32", marks=pytest.mark.slow), "bf16", "int4"])
 def test_chunked_prefill_matches_one_call(params, kind):
   toks, lengths = prompts()
   spec = SPECS[kind]
@@ -71,7 +71,7 @@ def test_chunked_prefill_matches_one_call(params, kind):
         assert_quant_close(g, w, LENGTHS)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "int4"])
+@pytest.mark.parametrize("kind", [pytest.param("bf16", marks=pytest.mark.slow), "int4"])
 def test_generate_with_prefill_chunk_matches_one_call(params, kind):
   toks, lengths = prompts()
   run = lambda chunk: decoding.generate(CFG, params, toks, lengths, jax.random.key(0),

@@ -271,6 +271,7 @@ def test_gate_learns_planted_blocks():
   assert float(loss_fn(params)) < 0.1 * l0, (l0, float(loss_fn(params)))
 
 
+@pytest.mark.slow
 def test_train_prefill_gate_on_a_model():
   from effjax.model import init_params
   from effjax.sparse import prefill_gate_training as pgt

@@ -77,6 +77,7 @@ def test_off_is_the_plain_rope_bit_for_bit():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_yarn_model_runs_and_changes_logits():
   base = dict(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=64,
               compute_dtype="float32")

@@ -58,7 +58,7 @@ class TestPallasTritonInterpret(LowbitBase):
 
   @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(
       f"{k}={v}" for k, v in vars(c).items() if v is not None))
-  @pytest.mark.parametrize("M", [5, 40])
+  @pytest.mark.parametrize("M", [5, pytest.param(40, marks=pytest.mark.slow)])
   def test_configs(self, cfg, M):
     """Every launch form: the integer path exactly, bf16 within tolerance."""
     K, N = 520, 70
