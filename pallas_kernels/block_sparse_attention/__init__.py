@@ -15,7 +15,10 @@ above it contribute nothing. lengths_B (optional int [B]) masks keys past the le
 there give zeros, as do rows that see no key.
 
 Implementations (pallas_kernels.dispatch): `xla` (xla.py: a scan over the index slots with an
-online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memory per head).
+online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memory per head),
+`pallas_triton` (pallas_triton.py, the GPU default: a forward kernel looping over the live slots
+and dq / dk-dv kernels, the latter over the transposed index lists; H and block_size powers of
+2, H <= 256, 16 <= block_size <= 128).
 `block_sparse_attention_reference` (reference.py) is the dense masked oracle the tests hold
 every backend to; gradients flow to q, k and v (indices and lengths are not differentiable).
 """
@@ -33,7 +36,9 @@ from pallas_kernels.block_sparse_attention.reference import (block_mask,
 from pallas_kernels.dispatch import Op
 from pallas_kernels.flash_attention import check_prefill_args
 
-_OP = Op("block_sparse_attention", __name__, backends={"xla": "xla"})
+_OP = Op("block_sparse_attention", __name__,
+         backends={"xla": "xla", "pallas_triton": "pallas_triton"},
+         defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "block_mask", "block_sparse_attention",

@@ -28,7 +28,14 @@ class TestPallasTritonInterpret(FlashAttentionBase):
   IMPLEMENTATION, INTERPRET = "pallas_triton", True
   CASES = CASES
 
-  def test_full_lengths_match_causal_attention(self, dtype):
+  def test_full_lengths_match_causal_attention(self):
+    self._full_lengths(jnp.float32)
+
+  @pytest.mark.slow
+  def test_full_lengths_bf16(self):
+    self._full_lengths(jnp.bfloat16)
+
+  def _full_lengths(self, dtype):
     q, k, v = rand_qkv((2, 40, 4, 2, 16), dtype)
     o = flash_attention(q, k, v, **self.kw)
     check_close(o, np.asarray(causal_attention(q, k, v, implementation="xla"), np.float64), dtype)
@@ -45,7 +52,9 @@ class TestPallasTritonInterpret(FlashAttentionBase):
 
   @pytest.mark.parametrize("cfg", [TritonConfig(block_q=16, block_k=32),
                                    TritonConfig(block_q=32, block_k=16),
-                                   TritonConfig(block_q=64, num_warps=4, num_stages=2)],
+                                   pytest.param(TritonConfig(block_q=64, num_warps=4,
+                                                             num_stages=2),
+                                                marks=pytest.mark.slow)],
                            ids=lambda c: f"q{c.block_q}k{c.block_k}")
   def test_tile_shapes(self, cfg):
     """Query tiles larger / smaller than the key tiles (several diagonal tiles per program, or
@@ -67,6 +76,7 @@ class TestPallasTritonInterpret(FlashAttentionBase):
     chex.assert_trees_all_close(t, block_target_reference(q, k, lengths, 32),
                                 **TOLERANCES[jnp.float32])
 
+  @pytest.mark.slow
   def test_output_gradient_runs_the_reference_backward(self):
     q, k, v = rand_qkv((1, 24, 2, 1, 16), jnp.float32)
     lengths = jnp.asarray([20], jnp.int32)

@@ -1,0 +1,226 @@
+"""block_sparse_attention's Pallas Triton kernels (forward, dq, dk / dv): the shared test base
+(random block sets against a float64 loop and the masked dense reference, gradients against
+autodiff of it; ragged lengths, GQA, per-head and per-group indices) in interpret mode on the
+CPU and compiled under `pytest -m gpu`; all blocks == dense causal attention; the transposed
+index lists; the Pallas -> Triton lowering of all three kernels for CUDA on any host."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.block_sparse_attention import (block_sparse_attention,
+                                                   block_sparse_attention_reference)
+from pallas_kernels.block_sparse_attention.pallas_triton import (TritonConfig,
+                                                                 block_sparse_attention_fwd,
+                                                                 transpose_indices)
+from pallas_kernels.causal_attention import causal_attention
+from pallas_kernels.dispatch import NotSupported
+from pallas_kernels.flash_attention import flash_attention
+
+from ._oracle import TOLERANCES, check_close, generate_from_class, lower_for_cuda
+from .test_block_sparse_attention import BlockSparseAttentionBase, rand_qkv, random_indices
+
+pytest_generate_tests = generate_from_class
+
+# (B, T, N, K, H, block_size, lengths, per_group): powers of 2 >= 16 for Triton tiles
+CASES = [(2, 45, 4, 2, 16, 16, (45, 20), False), (1, 64, 6, 2, 32, 16, (64,), True),
+         (3, 40, 3, 3, 16, 16, (40, 1, 27), False)]
+
+
+def triangle(B, H, nb):
+  """Every causal block (j <= i), -1 above the diagonal: int32 [B, H, nb, nb]."""
+  j = np.arange(nb)
+  tri = np.where(j[None, :] <= j[:, None], j[None, :], -1).astype(np.int32)
+  return jnp.asarray(np.broadcast_to(tri, (B, H, nb, nb)))
+
+
+class TestPallasTritonInterpret(BlockSparseAttentionBase):
+  IMPLEMENTATION, INTERPRET = "pallas_triton", True
+  CASES = CASES
+
+  @pytest.mark.slow
+  def test_gradients_match_masked_dense_autodiff(self, case):
+    super().test_gradients_match_masked_dense_autodiff(case)
+
+  def test_gradients_per_group_gqa(self):
+    """The default suite's gradient case: per-group indices, 3 query heads per KV head."""
+    super().test_gradients_match_masked_dense_autodiff(CASES[1])
+
+  @pytest.mark.slow
+  def test_bf16_gradients_close(self):
+    super().test_bf16_gradients_close()
+
+  def test_all_blocks_is_dense_causal_attention(self):
+    self._all_blocks(jnp.float32)
+
+  @pytest.mark.slow
+  def test_all_blocks_bf16(self):
+    self._all_blocks(jnp.bfloat16)
+
+  def _all_blocks(self, dtype):
+    B, T, N, K, H, bs = 2, 40, 4, 2, 16, 16
+    q, k, v = rand_qkv(3, B, T, N, K, H, dtype)
+    nb = -(-T // bs)
+    every = jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (B, N, nb, nb))
+    out = block_sparse_attention(q, k, v, every, block_size=bs, **self.kw)
+    check_close(out, np.asarray(causal_attention(q, k, v, implementation="xla"), np.float64), dtype)
+    lengths = jnp.asarray([29, 40], jnp.int32)
+    out = block_sparse_attention(q, k, v, triangle(B, K, nb), lengths, block_size=bs, **self.kw)
+    want = flash_attention(q, k, v, lengths, implementation="xla")
+    check_close(out, np.asarray(jnp.asarray(want, jnp.float32), np.float64), dtype)
+
+  def test_per_group_indices_equal_repeated_per_head(self):
+    B, T, N, K, H, bs = 2, 64, 4, 2, 16, 16
+    q, k, v = rand_qkv(5, B, T, N, K, H, jnp.float32)
+    idx = jnp.asarray(random_indices(6, B, K, 4, 3))
+    a = block_sparse_attention(q, k, v, idx, block_size=bs, **self.kw)
+    b = block_sparse_attention(q, k, v, jnp.repeat(idx, N // K, axis=1), block_size=bs, **self.kw)
+    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
+
+  def test_empty_rows_are_zero_with_finite_gradients(self):
+    B, T, N, K, H, bs = 1, 48, 2, 1, 16, 16
+    q, k, v = rand_qkv(7, B, T, N, K, H, jnp.float32)
+    idx = np.full((B, N, 3, 2), -1, np.int32)
+    idx[0, 0, 1] = [2, -1]           # only a block above the diagonal: nothing visible
+    idx[0, 1, 2] = [0, 2]
+    fn = lambda q: block_sparse_attention(q, k, v, jnp.asarray(idx), block_size=bs, **self.kw)
+    out = np.asarray(fn(q))
+    assert np.all(out[0, :32, :] == 0) and np.all(out[0, 32:, 0] == 0)
+    assert np.all(np.abs(out[0, 32:, 1]) > 0)
+    g = jax.grad(lambda q: jnp.sum(fn(q)))(q)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+  def test_jit_with_traced_indices(self):
+    B, T, N, K, H, bs = 2, 48, 2, 1, 16, 16
+    q, k, v = rand_qkv(8, B, T, N, K, H, jnp.float32)
+    idx, lengths = jnp.asarray(random_indices(9, B, N, 3, 2)), jnp.asarray([48, 23], jnp.int32)
+    fn = jax.jit(lambda *a: block_sparse_attention(*a, block_size=bs, **self.kw))
+    chex.assert_trees_all_close(fn(q, k, v, idx, lengths),
+                                block_sparse_attention_reference(q, k, v, idx, lengths,
+                                                                 block_size=bs),
+                                rtol=1e-5, atol=1e-5)
+
+  @pytest.mark.parametrize("prefetch", [pytest.param(False, marks=pytest.mark.slow), True],
+                           ids=["load", "prefetch"])
+  def test_forward_lse_and_all_blocks_gradients(self, prefetch):
+    """The forward kernel's lse is the rows' log-sum-exp (+inf past the length); with every
+    causal block selected the kernels' gradients are dense causal attention's."""
+    B, T, N, K, H, bs = 1, 56, 4, 2, 16, 16
+    q, k, v = rand_qkv(11, B, T, N, K, H, jnp.float32)
+    nb = -(-T // bs)
+    lengths = jnp.asarray([50], jnp.int32)
+    cfg = TritonConfig(prefetch_index=prefetch)
+    idx = triangle(B, N, nb)
+    o, lse = block_sparse_attention_fwd(q, k, v, idx, lengths, block_size=bs, interpret=True,
+                                        config=cfg)
+    G = N // K
+    s = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, G, axis=2)) * H ** -0.5
+    t = np.arange(T)
+    ok = (t[None, :] <= t[:, None]) & (t[None, :] < 50)
+    want = jax.nn.logsumexp(jnp.where(ok, s, -jnp.inf), axis=-1)
+    np.testing.assert_allclose(np.asarray(lse)[..., :50], np.asarray(want)[..., :50], rtol=1e-5)
+    assert np.all(np.isposinf(np.asarray(lse)[..., 50:]))
+    w = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape), jnp.float32)
+    loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
+    got = jax.grad(loss(lambda q, k, v: block_sparse_attention(
+        q, k, v, idx, lengths, block_size=bs, config=cfg, **self.kw)), (0, 1, 2))(q, k, v)
+    dense = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, lengths,
+                                                          implementation="xla")), (0, 1, 2))(q, k, v)
+    chex.assert_trees_all_close(got, dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+class TestPallasTritonGPU(TestPallasTritonInterpret):
+  INTERPRET, GPU = False, True
+  DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+  @pytest.mark.parametrize("bs", [64, 128])
+  @pytest.mark.parametrize("H", [64, 128, 256])
+  def test_prefill_scale(self, H, bs):
+    """16 / 4 heads, T 2000 ragged, ~30% random causal blocks per query head (diagonal kept),
+    bf16: forward and gradients against the XLA backend in float32."""
+    B, T, N, K = 2, 2000, 16, 4
+    q, k, v = rand_qkv(H + bs, B, T, N, K, H, jnp.bfloat16)
+    nb = -(-T // bs)
+    rng = np.random.default_rng(bs)
+    keep = (rng.random((B, N, nb, nb)) < 0.3) | np.eye(nb, dtype=bool)
+    keep &= np.tri(nb, dtype=bool)
+    idx = np.where(keep, np.arange(nb), nb)
+    idx = np.sort(idx, axis=-1)
+    idx = jnp.asarray(np.where(idx == nb, -1, idx).astype(np.int32))
+    lengths = jnp.asarray([2000, 1337], jnp.int32)
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def run(impl, *x):
+      f = lambda q, k, v: block_sparse_attention(q, k, v, idx, lengths, block_size=bs,
+                                                  implementation=impl)
+      o, vjp = jax.vjp(f, *x)
+      return (o, *vjp(w.astype(o.dtype)))
+
+    got = run("pallas_triton", q, k, v)
+    want = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    for a, b in zip(got, want):
+      rel = np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b)) / np.linalg.norm(b)
+      assert rel < 2e-2, rel
+
+
+def test_transposed_lists_hold_each_selecting_query_block_once():
+  """Every live (query head, query block) -> key block pair appears once in the key block's
+  list, below-diagonal entries before the diagonal ones, -1 padded; counts match."""
+  B, N, K, nb, bs = 2, 6, 2, 5, 16
+  G = N // K
+  idx = random_indices(4, B, N, nb, 4)
+  lengths = np.asarray([80, 50])
+  tidx, n_full, n_live = (np.asarray(x) for x in transpose_indices(
+      jnp.asarray(idx), jnp.asarray(lengths, jnp.int32), K, bs))
+  assert tidx.shape == (B, K, nb, G * nb)
+  for b in range(B):
+    for h in range(K):
+      for j in range(nb):
+        want = {(i, g) for g in range(G) for i in range(nb)
+                if j in idx[b, h * G + g, i] and j <= i and i * bs < lengths[b]}
+        row = tidx[b, h, j]
+        live = row[:n_live[b, h, j]]
+        assert np.all(row[n_live[b, h, j]:] == -1)
+        got = [(r // G, r % G) for r in live]
+        assert len(got) == len(set(got)) and set(got) == want
+        assert all(i > j for i, _ in got[:n_full[b, h, j]])
+        assert all(i == j for i, _ in got[n_full[b, h, j]:])
+
+
+def test_refusals():
+  q, k, v = rand_qkv(0, 1, 32, 2, 1, 24, jnp.float32)                # H=24: no Triton tile
+  idx = jnp.zeros((1, 2, 2, 1), jnp.int32)
+  with pytest.raises(NotSupported, match="head dim H=24"):
+    block_sparse_attention(q, k, v, idx, block_size=16, implementation="pallas_triton",
+                           interpret=True)
+  q, k, v = rand_qkv(0, 1, 32, 2, 1, 16, jnp.float32)
+  with pytest.raises(NotSupported, match="block_size=8"):
+    block_sparse_attention(q, k, v, jnp.zeros((1, 2, 4, 1), jnp.int32), block_size=8,
+                           implementation="pallas_triton", interpret=True)
+  with pytest.raises(ValueError, match="num_warps"):
+    block_sparse_attention(q, k, v, idx, block_size=16, implementation="pallas_triton",
+                           interpret=True, config=TritonConfig(num_warps=3))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("H,bs,per_group", [(64, 64, False), (128, 64, True), (128, 128, False),
+                                            (256, 64, False)])
+def test_kernels_lower_for_cuda(dtype, H, bs, per_group):
+  """Forward, dq and dk / dv kernels lower to Triton IR for CUDA (checked on CPU, without a
+  GPU), through `implementation=None` and a gradient."""
+  S = jax.ShapeDtypeStruct
+  T, N, K = 1000, 8, 2
+  nb = -(-T // bs)
+  q, kv = S((1, T, N, H), dtype), S((1, T, K, H), dtype)
+  n, idx = S((1,), jnp.int32), S((1, K if per_group else N, nb, 5), jnp.int32)
+  f = lambda q, k, v, n, i: block_sparse_attention(q, k, v, i, n, block_size=bs)
+  g = lambda q, k, v, n, i: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, n, i).astype(
+      jnp.float32)), (0, 1, 2))(q, k, v)
+  text = lower_for_cuda(g, q, kv, kv, n, idx)
+  assert "xla.gpu.triton" in text
+  for name in ("block_sparse_attention_fwd", "block_sparse_attention_dq",
+               "block_sparse_attention_dkv"):
+    assert f'name = "{name}"' in text, name
