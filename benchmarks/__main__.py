@@ -12,6 +12,8 @@ Suites:
               dequant and int8 x int8 matmuls
   selector    gate scores and top-k block selection alone
   extend      multi-token (rectification) attention over a cache
+  seer_prefill  SeerAttention prefill: block-sparse attention at several densities vs cuDNN
+              causal and XLA, forward and forward + backward
   gate_layout the gate's scores by cache layout and dtype
   generate    end-to-end decoding tokens/s (dense, sparse, ReSA)
   train       train-step throughput and MFU
@@ -28,6 +30,7 @@ import importlib
 import sys
 
 SUITES = {"decode": "bench_decode", "lowbit": "bench_lowbit", "lowbit_matmul": "bench_lowbit_matmul", "selector": "bench_selector", "extend": "bench_extend",
+          "seer_prefill": "bench_seer_prefill",
           "gate_layout": "bench_gate_layout", "generate": "bench_generate", "train": "bench_train",
           "scoring": "bench_scoring", "tune": "tune_decode", "profile": "profile_decode",
           "compare": "compare", "plot": "plot_decode"}

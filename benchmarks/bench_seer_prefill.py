@@ -1,0 +1,235 @@
+"""SeerAttention prefill: block-sparse attention at several densities vs dense causal attention,
+forward and forward + backward, device time.
+
+  python -m benchmarks seer_prefill [--seqs 32768,131072] [--densities 1.0,0.5,0.2,0.1]
+  python -m benchmarks seer_prefill --interpret --seqs 128 --heads 4,2 --head-dim 16 \\
+      --block-size 16 --densities 0.5 --calls 1 --copies 1 --windows 1      # CPU smoke
+
+Shapes: B1, 32 query / 8 KV heads, d 128, bf16, full sequences, 64-token blocks. Rows per S and
+mode (`fwd`: the forward; `fwdbwd`: forward + the gradients of q, k and v):
+- `cudnn`: `jax.nn.dot_product_attention(..., implementation="cudnn", is_causal=True)`, what a
+  JAX user runs for dense causal prefill (the peer of every row's `speedup_vs_cudnn`);
+- `xla_dense`: `causal_attention(implementation="xla")` (the [T, T] map: skipped where it
+  cannot fit);
+- `pallas_triton_flash` / `pallas_triton_flash+target` (forward only): `flash_attention`'s
+  dense kernel, and with SeerAttention's block target (the gate's distillation target);
+- `pallas_triton_sparse` / `xla_sparse`: `block_sparse_attention` over per-query-head block
+  sets of the density: `random` (the diagonal plus random causal blocks, ceil(d (i + 1)) per
+  query block i) or `static` (a sink block and a local window ending at the diagonal, same
+  counts); at 1.0 both are every causal block (`all`). The XLA path (a scan over the index
+  slots) runs the random sets up to --xla-max-seq.
+
+Timing (benchmarks/devtime.py, as the other suites): one jit runs --calls calls over --copies
+distinct inputs (each behind an optimization barrier, so nothing is hoisted or shared), wall
+time / calls, median of --windows windows; with --trace (default on a GPU) also the profiler's
+kernel time. FLOPs are the useful ones (4 H per visible query-key pair forward, 3.5x that
+forward + backward); the floor is those FLOPs at the card's dense bf16 peak, and a row faster
+than its floor fails the run (a harness error). Writes out/<card>/seer_prefill.json
+(--update-results: benchmarks/results/<card>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common
+from benchmarks.bench_decode import device_bytes_limit, measure, parse_ints
+from benchmarks.bench_train import PEAK_BF16, peak_tflops
+from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.causal_attention import causal_attention
+from pallas_kernels.flash_attention import flash_attention
+
+BWD_FLOP_FACTOR = 3.5        # forward + backward = 2 + 5 matmuls over 2 (FlashAttention-2's count)
+FALLBACK_PEAK = "H100"       # the floor's peak where the card is unknown (CPU smoke runs)
+
+
+def block_counts(nq: int, density: float) -> np.ndarray:
+  """Blocks kept per query block i: ceil(density * (i + 1)), at least the diagonal. int [nQ]."""
+  i = np.arange(1, nq + 1)
+  return np.maximum(1, np.minimum(i, np.ceil(density * i - 1e-9).astype(int)))
+
+
+def block_indices(key, B: int, N: int, nq: int, density: float, pattern: str) -> jax.Array:
+  """int32 [B, N, nQ, M], ascending, -1 padded (M = the widest row). random: the diagonal plus
+  uniformly random causal blocks per (sequence, head, query block); static: block 0 (the sink)
+  and the window ending at the diagonal; all: every causal block."""
+  n_Q = jnp.asarray(block_counts(nq, density))
+  M = int(block_counts(nq, density).max())
+  i, j = jnp.arange(nq)[:, None], jnp.arange(nq)[None, :]
+  if pattern == "all" or density >= 1.0:
+    keep = jnp.broadcast_to(j <= i, (B, N, nq, nq))
+  elif pattern == "random":
+    # the diagonal scores above every uniform, blocks above it below: the n_i best are the
+    # diagonal and n_i - 1 random causal blocks
+    u = jax.random.uniform(key, (B, N, nq, nq))
+    score = jnp.where(j < i, u, jnp.where(j == i, 2.0, -1.0))
+    kth = jnp.take_along_axis(-jnp.sort(-score, axis=-1),
+                              jnp.broadcast_to((n_Q - 1)[:, None], (B, N, nq, 1)), axis=-1)
+    keep = score >= kth
+  elif pattern == "static":
+    n = n_Q[:, None]
+    keep = jnp.broadcast_to(((j == 0) & (n >= 2)) | ((j <= i) & (j > i - n + (n >= 2))),
+                            (B, N, nq, nq))
+  else:
+    raise ValueError(f"unknown pattern {pattern!r}")
+  ids = jnp.sort(jnp.where(keep, j, nq), axis=-1)[..., :M]
+  return jnp.where(ids == nq, -1, ids).astype(jnp.int32)
+
+
+def visible_pairs(idx_BNQM: np.ndarray, block_size: int, T: int) -> int:
+  """Query-key pairs the selection makes visible (causal inside the diagonal block; T a block
+  multiple): full blocks bs^2, diagonal ones bs (bs + 1) / 2."""
+  i = np.arange(idx_BNQM.shape[2])[:, None]
+  live = (idx_BNQM >= 0) & (idx_BNQM <= i)
+  diag = int(np.sum(live & (idx_BNQM == i)))
+  return (int(np.sum(live)) - diag) * block_size ** 2 + diag * block_size * (block_size + 1) // 2
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--seqs", default="32768,131072")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--heads", default="32,8", help="query heads,KV heads")
+  ap.add_argument("--head-dim", type=int, default=128)
+  ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+  ap.add_argument("--block-size", type=int, default=64)
+  ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
+  ap.add_argument("--patterns", default="random,static")
+  ap.add_argument("--modes", default="fwd,fwdbwd")
+  ap.add_argument("--calls", type=int, default=2, help="calls per timed jit")
+  ap.add_argument("--copies", type=int, default=2, help="distinct inputs rotated inside the jit")
+  ap.add_argument("--unroll", type=int, default=1)
+  ap.add_argument("--windows", type=int, default=3)
+  ap.add_argument("--xla-max-seq", type=int, default=32768,
+                  help="longest S of the XLA rows (a scan over the slots: seconds per call at "
+                       "128K)")
+  ap.add_argument("--no-xla", action="store_true", help="skip every XLA row")
+  ap.add_argument("--no-target", action="store_true", help="skip the flash+target row")
+  ap.add_argument("--mem-frac", type=float, default=0.5,
+                  help="share of device memory a row's largest buffer may take")
+  ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
+                  help="also time every row from a profiler trace (default: on a GPU)")
+  ap.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+  common.add_output_args(ap)
+  args = ap.parse_args()
+  on_gpu = jax.default_backend() == "gpu"
+  trace = on_gpu if args.trace is None else args.trace
+  N, K = parse_ints(args.heads)
+  B, H, bs, dtype = args.batch, args.head_dim, args.block_size, jnp.dtype(args.dtype)
+  modes = args.modes.split(",")
+  kind = jax.devices()[0].device_kind
+  peak = peak_tflops(kind)
+  peak_src = f"{kind} dense bf16 datasheet" if peak else f"{FALLBACK_PEAK} (card unknown)"
+  peak = peak or PEAK_BF16[FALLBACK_PEAK]
+  limit = device_bytes_limit()
+  fits = lambda nbytes: limit is None or nbytes <= args.mem_frac * limit
+  results = []
+
+  for S in parse_ints(args.seqs):
+    if S % bs:
+      ap.error(f"--seqs: S={S} must be a multiple of --block-size {bs}")
+    nq = S // bs
+    key = jax.random.key(S)
+    copies = tuple(tuple(jax.random.normal(jax.random.fold_in(key, 4 * c + t), shape, dtype)
+                         for t, shape in enumerate(((B, S, N, H), (B, S, K, H), (B, S, K, H),
+                                                    (B, S, N, H))))
+                   for c in range(args.copies))               # (q, k, v, d_out) per copy
+    xs = jnp.arange(args.calls // args.copies or 1, dtype=jnp.float32)
+    dense_pairs = B * N * S * (S + 1) // 2
+    peers: dict[str, float] = {}
+
+    def row(impl, mode, fn, pairs, skip=None, **extra):
+      """Times fn(q, k, v) (fwd) or its vjp (fwdbwd) over the copies; one result row."""
+      flops = 4 * H * pairs * (BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
+      r = dict(B=B, S=S, Hq=N, Hkv=K, d=H, dtype=dtype.name, block_size=bs, impl=impl, mode=mode,
+               **extra, density_of_causal=round(pairs / dense_pairs, 4), flops=flops)
+      if skip:
+        r["skipped"] = skip
+      else:
+        def call(x, c):
+          q, k, v, do = c
+          if mode == "fwd":
+            return jnp.sum(fn(q, k, v).astype(jnp.float32), axis=1)
+          o, vjp = jax.vjp(fn, q, k, v)
+          dq, dk, dv = vjp(do.astype(o.dtype))
+          f32 = lambda a: jnp.sum(a.astype(jnp.float32), axis=(1, 2))
+          return jnp.sum(o.astype(jnp.float32), axis=(1, 2)) + f32(dq) + f32(dk) + f32(dv)
+        try:
+          m = measure(call, xs, copies, args.windows, args.unroll, trace)
+        except Exception as e:  # a backend that cannot run here (cuDNN off the GPU) or OOM
+          r["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+        else:
+          floor_s = flops / (peak * 1e12)
+          r.update(ms=m["s"] * 1e3, tflops=flops / m["s"] / 1e12, floor_ms=floor_s * 1e3,
+                   frac_of_floor=floor_s / m["s"])
+          if "busy_s" in m:
+            r.update(trace_busy_ms=m["busy_s"] * 1e3, kernels=m["kernels"],
+                     trace_frac_of_floor=floor_s / m["busy_s"] if m["busy_s"] else None)
+          elif "trace_error" in m:
+            r["trace_error"] = m["trace_error"]
+          if impl == "cudnn":
+            peers[mode] = m["s"]
+          elif mode in peers:
+            r["speedup_vs_cudnn"] = peers[mode] / m["s"]
+      results.append(r)
+      print(json.dumps(r), flush=True)
+
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                         implementation="cudnn")
+    xla_dense = lambda q, k, v: causal_attention(q, k, v, implementation="xla")
+    map_bytes = B * N * S * S * 4
+    for mode in modes:
+      row("cudnn", mode, cudnn, dense_pairs,
+          skip=None if on_gpu else "cuDNN needs a GPU")
+      if not args.no_xla:
+        row("xla_dense", mode, xla_dense, dense_pairs,
+            skip=None if fits(map_bytes * (3 if mode == "fwdbwd" else 1)) and S <= args.xla_max_seq
+            else f"the [T, T] map ({map_bytes / 2**30:.0f} GiB per copy) or S > --xla-max-seq")
+    if "fwd" in modes:
+      row("pallas_triton_flash", "fwd",
+          lambda q, k, v: flash_attention(q, k, v, implementation="pallas_triton",
+                                          interpret=args.interpret), dense_pairs)
+      if not args.no_target:
+        target_bytes = B * N * nq * S * 4
+        row("pallas_triton_flash+target", "fwd",
+            lambda q, k, v: flash_attention(q, k, v, block_size=bs, implementation="pallas_triton",
+                                            interpret=args.interpret)[0], dense_pairs,
+            skip=None if fits(target_bytes * args.copies) else
+            f"the row-max buffers ({args.copies} x {target_bytes / 2**30:.0f} GiB, one per "
+            "copy in the jit) exceed --mem-frac")
+
+    for density in parse_ints_f(args.densities):
+      patterns = ["all"] if density >= 1.0 else args.patterns.split(",")
+      for pattern in patterns:
+        idx = block_indices(jax.random.fold_in(key, 99), B, N, nq, density, pattern)
+        pairs = visible_pairs(np.asarray(idx), bs, S)
+        plan = dict(pattern=pattern, density=density, slots=int(idx.shape[-1]))
+        sparse = lambda impl, idx=idx: (lambda q, k, v: block_sparse_attention(
+            q, k, v, idx, block_size=bs, implementation=impl, interpret=args.interpret))
+        for mode in modes:
+          row("pallas_triton_sparse", mode, sparse("pallas_triton"), pairs, **plan)
+          if not args.no_xla and pattern in ("random", "all"):
+            row("xla_sparse", mode, sparse("xla"), pairs, **plan,
+                skip=None if S <= args.xla_max_seq else f"S > --xla-max-seq {args.xla_max_seq}")
+    copies = None  # frees this S's inputs before the next are made
+
+  timing = (f"device time: one jit of {args.calls} calls over {args.copies} distinct inputs "
+            f"(bench_decode.measure, unroll {args.unroll}), median of {args.windows} windows"
+            f"{'; profiler kernel time' if trace else ''}; floor: useful FLOPs at {peak} TFLOP/s "
+            f"({peak_src})")
+  path = common.output_path(args, "seer_prefill.json")
+  return common.finish(path, common.meta(timing=timing, peak_tflops=peak), results)
+
+
+def parse_ints_f(s: str) -> list[float]:
+  return [float(x) for x in s.split(",") if x]
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""CPU smoke test of the SeerAttention prefill benchmark (interpret mode, tiny shapes) through the
+one entry point, and the block sets it times (ascending, -1 padded, diagonal kept, the
+promised counts)."""
+
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks.bench_seer_prefill import block_counts, block_indices, visible_pairs
+from pallas_kernels.block_sparse_attention import check_block_indices
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_bench_seer_prefill_smoke(tmp_path):
+  out = tmp_path / "out.json"
+  cmd = [sys.executable, "-m", "benchmarks", "seer_prefill", "--interpret", "--seqs", "64",
+         "--heads", "4,2", "--head-dim", "16", "--block-size", "16", "--densities", "0.5",
+         "--calls", "1", "--copies", "1", "--windows", "1", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  meta, rows = data["meta"], data["results"]
+  assert meta["command"].startswith("python -m benchmarks seer_prefill") and meta["commit"]
+  assert "device time" in meta["timing"] and meta["peak_tflops"] > 0
+  got = {(r["impl"], r["mode"], r.get("pattern")) for r in rows}
+  assert got == {("cudnn", "fwd", None), ("cudnn", "fwdbwd", None),
+                 ("xla_dense", "fwd", None), ("xla_dense", "fwdbwd", None),
+                 ("pallas_triton_flash", "fwd", None), ("pallas_triton_flash+target", "fwd", None),
+                 ("pallas_triton_sparse", "fwd", "random"), ("pallas_triton_sparse", "fwdbwd", "random"),
+                 ("xla_sparse", "fwd", "random"), ("xla_sparse", "fwdbwd", "random"),
+                 ("pallas_triton_sparse", "fwd", "static"), ("pallas_triton_sparse", "fwdbwd", "static")}
+  for r in rows:
+    if r["impl"] == "cudnn":
+      assert "skipped" in r                       # no GPU here
+      continue
+    assert "skipped" not in r, r
+    assert math.isfinite(r["ms"]) and r["ms"] > 0 and 0 < r["frac_of_floor"] < 1
+  sparse = [r for r in rows if r["impl"] == "pallas_triton_sparse"]
+  assert all(0.4 < r["density_of_causal"] < 0.75 for r in sparse)
+
+
+@pytest.mark.parametrize("pattern,density", [("random", 0.2), ("random", 0.5), ("static", 0.1),
+                                             ("static", 0.5), ("all", 1.0)])
+def test_block_sets_are_valid_and_keep_the_promised_counts(pattern, density):
+  B, N, K, nq, bs = 2, 4, 2, 12, 16
+  idx = block_indices(jax.random.key(0), B, N, nq, density, pattern)
+  q = jax.ShapeDtypeStruct((B, nq * bs, N, 16), np.float32)
+  k = jax.ShapeDtypeStruct((B, nq * bs, K, 16), np.float32)
+  check_block_indices(q, k, idx, bs)               # ascending, distinct, -1 padded
+  idx = np.asarray(idx)
+  i = np.arange(nq)[:, None]
+  live = idx >= 0
+  assert np.all(idx[live] <= np.broadcast_to(i, idx.shape)[live])     # causal blocks only
+  assert np.all(np.any(idx == i, axis=-1))                            # the diagonal kept
+  counts = live.sum(-1)
+  want = block_counts(nq, density)
+  assert np.all(counts <= want) and (pattern == "static" or np.all(counts == want))
+  if pattern == "static":
+    assert np.all(idx[:, :, want >= 2, 0] == 0)                       # the sink block
+  full = nq * bs * (nq * bs + 1) // 2 * B * N
+  assert visible_pairs(idx, bs, nq * bs) <= full
+  if pattern == "all":
+    assert visible_pairs(idx, bs, nq * bs) == full
