@@ -100,9 +100,8 @@ def main():
   ap.add_argument("--num-stages", type=int, default=None)
   ap.add_argument("--num-splits", type=int, default=None)
   ap.add_argument("--block-k", type=int, default=None)
-  ap.add_argument("--no-magic", action="store_true",
-                  help="the general Triton path (codes converted with astype) instead of the "
-                       "magic-number path")
+  ap.add_argument("--magic", action="store_true",
+                  help="the magic-number Triton path (TritonConfig.magic) instead of the general one")
   ap.add_argument("--variants", default="",
                   help="more Triton launch configs to time in the same run, ';'-separated "
                        "key=value lists of TritonConfig fields (e.g. 'magic=0;block_k=128,"
@@ -128,7 +127,7 @@ def main():
   results = []
   rng = np.random.default_rng(0)
   kcfg = TritonConfig(num_warps=args.num_warps, num_stages=args.num_stages,
-                      num_splits=args.num_splits, block_k=args.block_k, magic=not args.no_magic)
+                      num_splits=args.num_splits, block_k=args.block_k, magic=args.magic)
   variants = [("", kcfg)] + [(v.strip(), parse_variant(kcfg, v)) for v in args.variants.split(";")
                              if v.strip()]
 

@@ -56,11 +56,11 @@ def test_bench_decode_smoke(tmp_path):
 
 def test_bench_lowbit_smoke(tmp_path):
   rows = run("lowbit", "--batches", "1", "--seqs", "1024", "--calls", "2", "--copies", "1",
-             "--bits", "4", "--variants", "magic=0", tmp_path=tmp_path)
+             "--bits", "4", "--variants", "magic=1", tmp_path=tmp_path)
   positive(rows)
   assert {r["impl"] for r in rows} == {"cudnn", "xla_dequant int4", "pallas_triton int4",
-                                       "pallas_triton int4 sparse", "pallas_triton int4 [magic=0]",
-                                       "pallas_triton int4 sparse [magic=0]",
+                                       "pallas_triton int4 sparse", "pallas_triton int4 [magic=1]",
+                                       "pallas_triton int4 sparse [magic=1]",
                                        "gate+topk+pallas_triton int4 sparse"}
   assert all(r["bytes_read"] > 0 for r in rows if "ms" in r)
 

@@ -33,9 +33,12 @@ from pallas_kernels.lowbit_matmul.reference import (
 )
 
 _BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton"}
-_OP = Op("lowbit_matmul", __name__, backends=_BACKENDS, defaults={"gpu": ("pallas_triton",)})
-_INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS,
-              defaults={"gpu": ("pallas_triton",)})
+# `auto` is XLA on a GPU too: on the H100 (8192 x 8192, docs/results/ternary.md) the XLA path is
+# faster at M = 1 (W2A8 48.9 us against 58.5 us for the Triton kernel's default unpacking) and at
+# M = 2048 (357 against 1,572 us); the Triton kernel wins only at M = 16. Name `pallas_triton`
+# to use it.
+_OP = Op("lowbit_matmul", __name__, backends=_BACKENDS)
+_INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS)
 IMPLEMENTATIONS = _OP.implementations
 INT8_IMPLEMENTATIONS = _INT8_OP.implementations
 
