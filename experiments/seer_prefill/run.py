@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""SeerAttention prefill on a trained model: distil the prefill AttnGate from the frozen model,
+then the perplexity at densities 1.0 / 0.5 / 0.2 / 0.1 for the learned gate, the oracle (true
+top-k of the block-level attention) and the static pattern (sink + local window), in the layout
+of SeerAttention's PG19 table.
+
+  python experiments/seer_prefill/run.py --run RUN_DIR --out DIR [--gate-steps N] [--seq T]
+      [--eval-source PATH ...] [--densities 1.0,0.5,0.2,0.1] [--block-size 64]
+
+RUN_DIR is any training run (config.yaml + checkpoints), e.g. the long-context model of
+experiments/sparse_quality (`<its --out>/train`). The gate trains on the run's train split and is
+evaluated on its valid split plus every --eval-source (a .txt with one document per line, or a
+.jsonl; each reported separately), on full windows of --seq tokens (default: the run's
+data.seq_len). Phases resume: <out>/gate.npz is reused when its settings match, and
+<out>/results.json keeps each evaluated set; <out>/REPORT.md is rewritten after each set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints)")
+  ap.add_argument("--out", required=True, help="results directory")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  ap.add_argument("--block-size", type=int, default=64)
+  ap.add_argument("--d-gate", type=int, default=64)
+  ap.add_argument("--gate-steps", type=int, default=500)
+  ap.add_argument("--gate-batch", type=int, default=4)
+  ap.add_argument("--gate-lr", type=float, default=3e-3)
+  ap.add_argument("--gate-seqs", type=int, default=512, help="training windows the gate samples")
+  ap.add_argument("--seq", type=int, default=None, help="tokens per evaluated window")
+  ap.add_argument("--n-eval", type=int, default=32, help="windows per evaluated set")
+  ap.add_argument("--eval-batch", type=int, default=2)
+  ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
+  ap.add_argument("--selectors", default="gate,oracle,static")
+  ap.add_argument("--dense-rows", type=int, default=0)
+  ap.add_argument("--eval-source", action="append", default=[], metavar="PATH",
+                  help="an extra held-out set (.txt one document per line, or .jsonl); repeatable")
+  ap.add_argument("--implementation", default=None, help="block-sparse attention backend")
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+  run = pathlib.Path(args.run)
+  if not (run / "config.yaml").is_file():
+    ap.error(f"--run {run}: no config.yaml (is it a training run directory?)")
+  for p in args.eval_source:
+    path = pathlib.Path(p)
+    if not path.is_file():
+      ap.error(f"--eval-source {p}: no such file")
+    if path.suffix not in (".txt", ".jsonl"):
+      ap.error(f"--eval-source {p}: want a .txt (one document per line) or .jsonl file")
+  try:
+    args.density_list = [float(x) for x in args.densities.split(",") if x]
+  except ValueError:
+    ap.error(f"--densities {args.densities!r}: want comma-separated numbers in (0, 1]")
+  if not args.density_list or any(not 0 < d <= 1 for d in args.density_list):
+    ap.error(f"--densities {args.densities!r}: want comma-separated numbers in (0, 1]")
+  args.selector_list = [s for s in args.selectors.split(",") if s]
+  bad = [s for s in args.selector_list if s not in ("gate", "oracle", "static")]
+  if bad or not args.selector_list:
+    ap.error(f"--selectors: choose from gate, oracle, static; got {args.selectors!r}")
+  for name in ("block_size", "gate_batch", "gate_seqs", "n_eval", "eval_batch", "d_gate"):
+    if getattr(args, name) < 1:
+      ap.error(f"--{name.replace('_', '-')} must be >= 1")
+  if args.gate_steps < 0 or args.dense_rows < 0:
+    ap.error("--gate-steps and --dense-rows must be >= 0")
+  return args
+
+
+def windows(examples, seq: int, n: int):
+  """int32 [<= n, seq]: the first n examples whose first seq tokens are all real (mask 1)."""
+  import numpy as np
+  toks, mask = examples.tokens, examples.mask
+  if toks.shape[1] < seq:
+    raise ValueError(f"examples hold {toks.shape[1]} tokens, fewer than --seq {seq}")
+  full = np.all(mask[:, :seq - 1] > 0, axis=1)
+  rows = toks[full][:n, :seq]
+  if len(rows) == 0:
+    raise ValueError(f"no example has {seq} real tokens")
+  return np.ascontiguousarray(rows, np.int32)
+
+
+def table(results: dict, densities, selectors) -> str:
+  """Markdown: one row per evaluated set, perplexity at each density per selector (in the layout
+  of SeerAttention's PG19 table), dense first."""
+  head = ["set", "dense"] + [f"{s} {d:g}" for d in densities for s in selectors]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for name, r in results.items():
+    cells = [name, f"{r['dense']['ppl']:.3f}"]
+    for d in densities:
+      for s in selectors:
+        x = r.get(f"{s}@{d}")
+        cells.append("" if x is None else f"{x['ppl']:.3f} ({100 * x['ppl_increase']:+.1f}%, "
+                                          f"d {x['density']:.2f})")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from effjax import evaluation
+  from effjax.checkpoint import atomic_write_text
+  from effjax.config import load_config
+  from effjax.sparse import prefill_sparse as ps
+  from effjax.sparse.gate import GateConfig
+  from effjax.sparse.prefill_gate_training import train_prefill_gate
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  log_f = (out / "run.log").open("a")
+
+  def log(msg):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    log_f.write(line + "\n")
+    log_f.flush()
+
+  cfg = load_config(pathlib.Path(args.run) / "config.yaml")
+  mcfg = cfg.model
+  seq = args.seq or cfg.data.seq_len
+  params, step = evaluation.load_params(cfg, args.run, args.step)
+  log(f"model {args.run} step {step}: {mcfg.num_params() / 1e6:.1f}M params, eval windows of "
+      f"{seq} tokens, blocks of {args.block_size}")
+  gcfg = GateConfig(block_size=args.block_size, d_gate=args.d_gate)
+
+  # gate: distilled once per (run, step, settings); reused when they match
+  gate_meta = {"run": str(args.run), "step": step, "block_size": args.block_size,
+               "d_gate": args.d_gate, "steps": args.gate_steps, "batch": args.gate_batch,
+               "lr": args.gate_lr, "seqs": args.gate_seqs, "seq": seq, "seed": args.seed}
+  gate_path, meta_path = out / "gate.npz", out / "gate.json"
+  gate = None
+  if "gate" in args.selector_list:
+    if (gate_path.exists() and meta_path.exists()
+        and json.loads(meta_path.read_text()).get("settings") == gate_meta):
+      gate = {k: jnp.asarray(v) for k, v in np.load(gate_path).items()}
+      log(f"gate: reusing {gate_path}")
+    else:
+      train = windows(evaluation.split_examples(cfg, "train"), seq, args.gate_seqs)
+      t0 = time.time()
+      gate, losses = train_prefill_gate(mcfg, gcfg, params, train, steps=args.gate_steps,
+                                        batch_size=args.gate_batch, lr=args.gate_lr,
+                                        seed=args.seed, log=log)
+      np.savez(gate_path, **{k: np.asarray(v) for k, v in gate.items()})
+      atomic_write_text(meta_path, json.dumps({"settings": gate_meta, "first_kl": losses[0],
+                                               "last_kl": losses[-1], "seconds": time.time() - t0},
+                                              indent=2))
+      log(f"gate: KL {losses[0]:.4f} -> {losses[-1]:.4f} in {time.time() - t0:.0f} s")
+
+  res_path = out / "results.json"
+  saved = json.loads(res_path.read_text()) if res_path.exists() else {}
+  settings = {**gate_meta, "n_eval": args.n_eval, "densities": args.density_list,
+              "selectors": args.selector_list, "dense_rows": args.dense_rows}
+  results = saved.get("results", {}) if saved.get("settings") == settings else {}
+  sets = [("valid", "valid")] + [(pathlib.Path(p).name, p) for p in args.eval_source]
+  for name, src in sets:
+    if name in results:
+      log(f"{name}: done earlier")
+      continue
+    toks = windows(evaluation.split_examples(cfg, src), seq, args.n_eval)
+    log(f"{name}: {len(toks)} windows")
+    results[name] = ps.evaluate_densities(
+        mcfg, params, toks, densities=args.density_list, selectors=args.selector_list,
+        block_size=args.block_size, dense_rows=args.dense_rows, gate_params=gate,
+        batch_size=args.eval_batch, implementation=args.implementation, log=log)
+    atomic_write_text(res_path, json.dumps({"settings": settings, "results": results}, indent=2))
+    cmd = "python3 experiments/seer_prefill/run.py " + " ".join(sys.argv[1:] if argv is None
+                                                                 else argv)
+    report = (f"# SeerAttention prefill: perplexity by density\n\nModel: `{args.run}` step {step} "
+              f"({mcfg.num_params() / 1e6:.1f}M parameters), {seq}-token windows, blocks of "
+              f"{args.block_size}, {jax.devices()[0].device_kind}, "
+              f"{time.strftime('%Y-%m-%d')}.\n\nCommand: `{cmd}`\n\n"
+              f"Perplexity (increase over dense, measured density over the causal triangle):\n\n"
+              + table(results, args.density_list, args.selector_list) + "\n")
+    atomic_write_text(out / "REPORT.md", report)
+  log(f"wrote {res_path} and {out / 'REPORT.md'}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,49 @@
+"""The SeerAttention prefill experiment end to end at toy scale: a tiny trained run, the gate
+distilled, perplexity by density on the valid split and an --eval-source file, resume, errors."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.experiment
+
+
+def test_seer_prefill_tiny(tmp_path):
+  run = tmp_path / "run"
+  r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
+                      f"train.out_dir={run}", "train.steps=4", "train.batch_size=4",
+                      "train.checkpoint_every=4", "train.eval_every=4", "optim.warmup_steps=1",
+                      "train.progress=false", "data.seq_len=64", "model.n_layers=2",
+                      "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  extra = tmp_path / "extra.txt"
+  extra.write_text("\n".join("a held-out document with enough bytes to fill a window, " * 3
+                             for _ in range(6)))
+  out = tmp_path / "out"
+  cmd = [sys.executable, "experiments/seer_prefill/run.py", "--run", str(run), "--out", str(out),
+         "--gate-steps", "3", "--gate-batch", "2", "--gate-seqs", "8", "--block-size", "8",
+         "--d-gate", "8", "--n-eval", "2", "--densities", "1.0,0.25", "--eval-source", str(extra)]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((out / "results.json").read_text())["results"]
+  assert set(res) == {"valid", "extra.txt"}
+  for rows in res.values():
+    assert rows["dense"]["ppl_increase"] == 0.0
+    assert abs(rows["oracle@1.0"]["ppl_increase"]) < 1e-3
+    assert rows["static@0.25"]["density"] < 0.6 and rows["gate@0.25"]["density"] < 0.6
+  report = (out / "REPORT.md").read_text()
+  assert "| valid |" in report and "| extra.txt |" in report and "Command:" in report
+  # a rerun reuses the gate and every finished set
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "gate: reusing" in r.stdout and "done earlier" in r.stdout
+  # clear errors before any compute
+  r = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.txt")], cwd=ROOT, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 2 and "no such file" in r.stderr
+  r = subprocess.run(cmd + ["--densities", "0,2"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "--densities" in r.stderr
