@@ -62,14 +62,18 @@ DECODE_COMPILER_OPTIONS = _decode_compiler_options()
 
 
 class PrefillAttention:
-  """Causal attention over the prompt itself (model.attention_impl), storing each layer's K/V at
-  positions [0, T) of the cache. aux: the layer's updated cache entry."""
+  """Causal attention over the prompt itself (model.attention_impl; or `sparse`, a
+  `effjax.sparse.prefill_sparse.SeerSparseAttention`: SeerAttention's block-sparse prefill),
+  storing each layer's K/V at positions [0, T) of the cache. aux: the layer's updated cache
+  entry."""
 
-  def __init__(self, cfg: ModelConfig, cache: KVCache, lengths_B: jax.Array | None = None):
-    self.impl, self.cache, self.lengths = cfg.attention_impl, cache, lengths_B
+  def __init__(self, cfg: ModelConfig, cache: KVCache, lengths_B: jax.Array | None = None,
+               sparse=None):
+    self.impl, self.cache, self.lengths, self.sparse = cfg.attention_impl, cache, lengths_B, sparse
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
-    o = model_lib.CausalSelfAttention(self.impl)(layer, q_BTNH, k_BTKH, v_BTKH)[0]
+    attend = self.sparse or model_lib.CausalSelfAttention(self.impl)
+    o = attend(layer, q_BTNH, k_BTKH, v_BTKH)[0]
     return o, self.cache.layers[layer].write(k_BTKH, v_BTKH, None, lengths_B=self.lengths)
 
 
@@ -116,25 +120,35 @@ def forward_layers(cfg: ModelConfig, params, tokens_BT: jax.Array):
 # prefill, decode step, extend
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: KVCache):
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill_sparse"), donate_argnames=("cache",))
+def prefill(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, cache: KVCache,
+            prefill_sparse=None, prefill_gate=None):
   """Runs right-padded prompts (tokens int32 [B, T], lengths int32 [B], 1 <= length <= T) and
   writes their K/V to cache positions [0, T). Returns (logits float32 [B, V] at each sequence's
   last prompt token, cache with lengths = lengths_B). Padding tokens sit after every real token, so
-  causal attention keeps them out of the real positions; decode masks them by length."""
+  causal attention keeps them out of the real positions; decode masks them by length.
+  prefill_sparse: an `effjax.sparse.prefill_sparse.PrefillSparseConfig` for SeerAttention's
+  block-sparse prefill (its gate selector reads `prefill_gate`, the distilled prefill gate
+  params); None: dense causal attention."""
   T = tokens_BT.shape[1]
   if T > cache.capacity:
     raise ValueError(f"prompt length {T} exceeds cache capacity {cache.capacity}")
-  x, cache = _prefill_layers(cfg, params, tokens_BT, lengths_B, cache)
+  x, cache = _prefill_layers(cfg, params, tokens_BT, lengths_B, cache, prefill_sparse,
+                             prefill_gate)
   return model_lib.logits(cfg, params, _hidden_at(x, lengths_B - 1, 0, None)), cache
 
 
-def _prefill_layers(cfg: ModelConfig, params, tokens_BT, lengths_B, cache: KVCache):
+def _prefill_layers(cfg: ModelConfig, params, tokens_BT, lengths_B, cache: KVCache,
+                    prefill_sparse=None, prefill_gate=None):
   """prefill's layers: (residual stream [B, T, D], cache with lengths = lengths_B)."""
   B, T = tokens_BT.shape
+  sparse = None
+  if prefill_sparse is not None:
+    from effjax.sparse.prefill_sparse import SeerSparseAttention
+    sparse = SeerSparseAttention(cfg, prefill_sparse, lengths_B.astype(jnp.int32), prefill_gate)
   x = model_lib.embed(cfg, params, tokens_BT)
   x, layers = model_lib.run_layers(cfg, params, x, _positions(jnp.zeros((B,), jnp.int32), T),
-                                   PrefillAttention(cfg, cache, lengths_B))
+                                   PrefillAttention(cfg, cache, lengths_B, sparse))
   return x, KVCache(layers=tuple(layers), lengths=lengths_B.astype(jnp.int32))
 
 
@@ -308,12 +322,13 @@ def new_cache(cfg: ModelConfig, batch: int, capacity: int, cache_dtype=jnp.bfloa
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "top_k", "stop_tokens",
                                              "decode_impl", "cache_dtype", "kv_cache",
-                                             "prefill_chunk"),
+                                             "prefill_chunk", "prefill_sparse"),
                    compiler_options=DECODE_COMPILER_OPTIONS)
 def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Array, rng: jax.Array,
              *, max_new_tokens: int, temperature: float | jax.Array = 0.0, top_k: int = 0,
              stop_tokens: tuple[int, ...] = (), pad_id: int = 256, decode_impl: str = "auto",
-             cache_dtype: Any = jnp.bfloat16, kv_cache=None, prefill_chunk: int | None = None):
+             cache_dtype: Any = jnp.bfloat16, kv_cache=None, prefill_chunk: int | None = None,
+             prefill_sparse=None, prefill_gate=None):
   """Prefill + a `lax.while_loop` of decode steps, all on device.
 
   tokens_BT: right-padded prompts int32 [B, T]; lengths_B: int32 [B]. Returns (new tokens int32
@@ -323,14 +338,21 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
   `kv_cache` spec says (`effjax.quant.kv.KVCacheSpec("int4")`: a 4-bit cache).
   prefill_chunk: None prefills the prompts in one call; a positive int, in chunks of that many
   tokens (`prefill_chunked`: the activations of a chunk instead of the whole prompt).
+  prefill_sparse / prefill_gate: SeerAttention's block-sparse prefill (see `prefill`; one call,
+  not with prefill_chunk).
   """
   check_prefill_chunk(prefill_chunk)
+  if prefill_sparse is not None and prefill_chunk is not None:
+    raise ValueError("prefill_sparse runs the prompt in one call: leave prefill_chunk None")
   B, T = tokens_BT.shape
   multiple = getattr(kv_cache, "capacity_multiple", 1)
   cache = new_cache(cfg, B, generation_capacity(cfg, T, max_new_tokens, multiple), cache_dtype,
                     kv_cache)
-  logits, cache = prefill_chunked(cfg, params, tokens_BT, lengths_B, cache, prefill_chunk,
-                                  decode_impl)
+  if prefill_sparse is not None:
+    logits, cache = prefill(cfg, params, tokens_BT, lengths_B, cache, prefill_sparse, prefill_gate)
+  else:
+    logits, cache = prefill_chunked(cfg, params, tokens_BT, lengths_B, cache, prefill_chunk,
+                                    decode_impl)
   stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
   temperature = jnp.asarray(temperature, jnp.float32)
 

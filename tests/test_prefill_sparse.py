@@ -80,3 +80,23 @@ def test_bad_settings_raise():
     ps.PrefillSparseConfig("gate", density=0.0)
   with pytest.raises(ValueError, match="needs prefill gate params"):
     ps.SeerSparseAttention(MCFG, ps.PrefillSparseConfig("gate"), jnp.ones((1,), jnp.int32))
+
+
+def test_generate_with_block_sparse_prefill(setup):
+  """generate's prefill through SeerAttention: the dense selector gives the same tokens as the
+  plain prefill; a sparse gate prefill (ragged prompts) generates; a chunked one is refused."""
+  from effjax import decoding
+  params, tokens, gate = setup
+  lengths = jnp.asarray([64, 41], jnp.int32)
+  kw = dict(max_new_tokens=6, decode_impl="xla")
+  want, _ = decoding.generate(MCFG, params, tokens, lengths, jax.random.key(0), **kw)
+  got, _ = decoding.generate(MCFG, params, tokens, lengths, jax.random.key(0), **kw,
+                             prefill_sparse=ps.PrefillSparseConfig("dense", BS))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  out, n = decoding.generate(MCFG, params, tokens, lengths, jax.random.key(0), **kw,
+                             prefill_sparse=ps.PrefillSparseConfig("gate", BS, density=0.3),
+                             prefill_gate=gate)
+  assert np.asarray(n).tolist() == [6, 6] and np.all((np.asarray(out) >= 0) & (np.asarray(out) < 259))
+  with pytest.raises(ValueError, match="prefill_chunk None"):
+    decoding.generate(MCFG, params, tokens, lengths, jax.random.key(0), **kw, prefill_chunk=16,
+                      prefill_sparse=ps.PrefillSparseConfig("dense", BS))
