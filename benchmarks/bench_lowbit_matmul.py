@@ -4,6 +4,8 @@ same run.
   python -m benchmarks lowbit_matmul [--shapes 4096x4096,8192x8192,4096x14336] [--ms 1,16,2048]
   python -m benchmarks lowbit_matmul --impls xla,pallas_triton \
       --configs 'num_splits=4;unpack=asm;transpose=1,unpack=asm'   # a launch-config sweep
+  python -m benchmarks lowbit_matmul --impls xla,pallas_triton --lut-weights bitplanes,bits4 \
+      --lut-paths float,int8,int8_tables --lut-configs 'lookup=select;lookup=onehot'  # LUT rows
   python -m benchmarks lowbit_matmul --shapes 256x512 --ms 1,16 --calls 2 --windows 1  # CPU smoke
 
 y = x @ W, x [M, K] bf16, W [K, N]. Rows (each backend named in `--impls` that the op has:
@@ -14,11 +16,18 @@ GPU kernel of the two lowbit_matmul ops)):
   and dotted (what XLA makes of an int4 weight).
 - `int8xint8`: int8 x int8 -> int32 dot (`preferred_element_type`), the integer peer of W2A8.
 - `lowbit_matmul[<impl>] i2_s` (W2A16), `lowbit_matmul_int8[<impl>] i2_s` (W2A8: int8
-  activations from `quantize_activations` in the timed call), `lut_matmul[<impl>] bitplanes`.
+  activations from `quantize_activations` in the timed call).
+- `lut_matmul[<impl>] <weights> <path>`, per `--lut-weights` (`bitplanes`: the ternary weight
+  as 2 planes, one group; `bits4`: 4-bit planes in groups of 128, the bytes of `int4_dequant`)
+  and `--lut-paths` (`float`: bf16 x, float32 tables; `int8`: int8 x from
+  `quantize_activations` in the call, exact integer tables; `int8_tables`: bf16 x, int8 tables
+  scaled per row). The default (`bitplanes`, `float`) is one row per backend.
 - `... [<config>]`: the pallas_triton rows again under each `--configs` entry (';'-separated
   key=value lists of `pallas_triton.TritonConfig` fields over the tuned defaults, e.g.
-  'block_n=64,num_splits=8;unpack=asm'; bools as 0 / 1). Every pallas_triton row records its
-  resolved launch plan (tiles, splits, warps, stages, unpacking).
+  'block_n=64,num_splits=8;unpack=asm'; bools as 0 / 1), and the LUT rows under each
+  `--lut-configs` entry (`lut_matmul.pallas_triton.TritonConfig` fields, e.g.
+  'lookup=select;lookup=onehot,block_n=32'). Every pallas_triton row records its resolved launch
+  plan (tiles, splits, warps, stages, unpacking or lookup).
 Timing as the other micro-benchmarks (`benchmarks/devtime.py`): one jit of `--calls` calls over
 distinct activations x `--copies` distinct weights (each behind an optimization barrier),
 median of windows; the profiler's kernel time on a GPU. Floors: the bytes a call reads (packed
@@ -44,46 +53,87 @@ from pallas_kernels import lut_matmul as lut
 from pallas_kernels.lowbit_matmul import layout
 
 
-def parse_config(text: str):
-  """'num_splits=4,unpack=asm' -> a pallas_triton TritonConfig with those fields (the others
-  None: tuned); ints, 0 / 1 for transpose, names for unpack / rowsum."""
-  from pallas_kernels.lowbit_matmul.pallas_triton import TritonConfig
+LUT_PATHS = ("float", "int8", "int8_tables")
+LUT_WEIGHTS = ("bitplanes", "bits4")
+LUT_GROUP = 128            # rows a scale group of the bits4 LUT weights
+
+
+def parse_config(text: str, lut: bool = False):
+  """'num_splits=4,unpack=asm' -> a pallas_triton TritonConfig (lowbit_matmul's, or
+  lut_matmul's with lut=True) with those fields (the others None: tuned); ints, 0 / 1 for
+  transpose, names for unpack / rowsum / lookup."""
+  if lut:
+    from pallas_kernels.lut_matmul.pallas_triton import TritonConfig
+  else:
+    from pallas_kernels.lowbit_matmul.pallas_triton import TritonConfig
+  flag = "--lut-configs" if lut else "--configs"
   fields = {f.name for f in dataclasses.fields(TritonConfig)}
   kw = {}
   for item in text.split(","):
     key, sep, value = (v.strip() for v in item.partition("="))
     if not sep or key not in fields:
-      raise SystemExit(f"--configs: bad item {item!r}: want key=value with key in {sorted(fields)}")
+      raise SystemExit(f"{flag}: bad item {item!r}: want key=value with key in {sorted(fields)}")
     if value == "None":
       kw[key] = None
-    elif key in ("unpack", "rowsum"):
+    elif key in ("unpack", "rowsum", "lookup"):
       kw[key] = value
     else:
       try:
         kw[key] = bool(int(value)) if key == "transpose" else int(value)
       except ValueError:
-        raise SystemExit(f"--configs: {key} wants an int, got {value!r}") from None
+        raise SystemExit(f"{flag}: {key} wants an int, got {value!r}") from None
   cfg = TritonConfig(**kw)
   try:
     cfg.validate()
   except ValueError as e:
-    raise SystemExit(f"--configs: {e}") from None
+    raise SystemExit(f"{flag}: {e}") from None
   return cfg
 
 
+def parse_choices(text: str, flag: str, choices) -> list[str]:
+  items = [v.strip() for v in text.split(",") if v.strip()]
+  bad = [v for v in items if v not in choices]
+  if bad or not items:
+    raise SystemExit(f"{flag}: want a comma list of {choices}, got {text!r}")
+  return items
+
+
 def launch_plan(op: str, M: int, K: int, w: layout.PackedWeight, cfg, impl: str,
-                interpret: bool) -> dict:
+                interpret: bool, table_dtype=None) -> dict:
   """{"config", "plan"} of a pallas_triton row (the launch the kernel resolves for these shapes),
-  {} for other backends or where the kernel refuses (the row then says why)."""
+  {} for other backends or where the kernel refuses (the row then says why). op: lowbit_matmul,
+  lowbit_matmul_int8, or lut_matmul / lut_matmul_int8 (float / int8 x)."""
   if impl != "pallas_triton":
     return {}
-  from pallas_kernels.lowbit_matmul import pallas_triton
-  dtype = jnp.int8 if op == "lowbit_matmul_int8" else jnp.bfloat16
+  dtype = jnp.int8 if op.endswith("_int8") else jnp.bfloat16
+  x = jax.ShapeDtypeStruct((M, K), dtype)
   try:
-    plan = pallas_triton._prepare(op, jax.ShapeDtypeStruct((M, K), dtype), w, cfg, interpret)
+    if op.startswith("lut_matmul"):
+      from pallas_kernels.lut_matmul import pallas_triton as lut_triton
+      plan = lut_triton._prepare(x, w, table_dtype, cfg, interpret)
+    else:
+      from pallas_kernels.lowbit_matmul import pallas_triton
+      plan = pallas_triton._prepare(op, x, w, cfg, interpret)
   except Exception:  # noqa: BLE001 -- reported by the timed call itself
     return {}
   return {"config": repr(cfg), "plan": dataclasses.asdict(plan)}
+
+
+def lut_call(path: str, kw: dict):
+  """The timed call of a lut_matmul row: (x bf16, packed weight) -> y float32."""
+  if path == "int8":
+    def call(x, w):
+      x_int8, x_scale = layout.quantize_activations(x)
+      return lut.lut_matmul(x_int8, w, x_scale, out_dtype=jnp.float32, **kw)
+    return call
+  table_dtype = jnp.int8 if path == "int8_tables" else None
+  return lambda x, w: lut.lut_matmul(x, w, table_dtype=table_dtype, out_dtype=jnp.float32, **kw)
+
+
+def lut_weight(w_KN, kind: str) -> layout.PackedWeight:
+  if kind == "bitplanes":
+    return layout.pack_ternary_bitplanes(*layout.ternarize(w_KN))
+  return layout.quantize_nbit(w_KN, 4, LUT_GROUP)
 
 
 def main():
@@ -95,6 +145,14 @@ def main():
                   help="more pallas_triton launch configs to time in the same run: ';'-separated "
                        "key=value lists of TritonConfig fields (e.g. 'num_splits=4;unpack=asm,"
                        "transpose=1')")
+  ap.add_argument("--lut-weights", default="bitplanes",
+                  help=f"weights of the lut_matmul rows, a comma list of {LUT_WEIGHTS}")
+  ap.add_argument("--lut-paths", default="float",
+                  help=f"activation / table paths of the lut_matmul rows, a comma list of "
+                       f"{LUT_PATHS}")
+  ap.add_argument("--lut-configs", default="",
+                  help="more lut_matmul pallas_triton launch configs: ';'-separated key=value "
+                       "lists of its TritonConfig fields (e.g. 'lookup=select;lookup=onehot')")
   ap.add_argument("--calls", type=int, default=64)
   ap.add_argument("--copies", type=int, default=4)
   ap.add_argument("--unroll", type=int, default=2)
@@ -122,6 +180,10 @@ def main():
   impls = [i for i in args.impls.split(",") if i]
   configs = [("", None)] + [(c.strip(), parse_config(c)) for c in args.configs.split(";")
                             if c.strip()]
+  lut_configs = [("", None)] + [(c.strip(), parse_config(c, lut=True))
+                                for c in args.lut_configs.split(";") if c.strip()]
+  lut_weights = parse_choices(args.lut_weights, "--lut-weights", LUT_WEIGHTS)
+  lut_paths = parse_choices(args.lut_paths, "--lut-paths", LUT_PATHS)
 
   def record(row):
     results.append(row)
@@ -138,11 +200,12 @@ def main():
                        jnp.full((N,), 0.006, jnp.bfloat16)) for x in w),
         "int8": tuple(jnp.clip(jnp.round(x / 0.0005), -127, 127).astype(jnp.int8) for x in w),
         "i2_s": tuple(layout.pack_ternary(*layout.ternarize(x), "i2_s") for x in w),
-        "bitplanes": tuple(layout.pack_ternary_bitplanes(*layout.ternarize(x)) for x in w),
+        **{kind: tuple(lut_weight(x, kind) for x in w) for kind in lut_weights},
     }
     del w
     nbytes = {"bf16": K * N * 2, "int4": K * N // 2 + N * 2, "int8": K * N,
-              "i2_s": K * N // 4, "bitplanes": 2 * K * N // 8}
+              "i2_s": K * N // 4, "bitplanes": 2 * K * N // 8,
+              "bits4": K * N // 2 + 2 * -(-K // LUT_GROUP) * N * 4}
     for M in parse_ints(args.ms):
       n_q = max(1, args.calls // args.copies)
       xs = jnp.asarray(rng.standard_normal((n_q, M, K)), jnp.bfloat16)
@@ -178,9 +241,18 @@ def main():
               x, w, out_dtype=jnp.float32, **kw), "i2_s", **plans["lowbit_matmul"])
           timed(f"lowbit_matmul_int8{name}", lambda x, w, kw=kw: lm.lowbit_matmul_int8(
               *layout.quantize_activations(x), w, **kw), "i2_s", **plans["lowbit_matmul_int8"])
-        if impl in lut.IMPLEMENTATIONS:
-          timed(f"lut_matmul[{impl}] bitplanes", lambda x, w, impl=impl: lut.lut_matmul(
-              x, w, out_dtype=jnp.float32, implementation=impl), "bitplanes")
+        if impl not in lut.IMPLEMENTATIONS:
+          continue
+        for kind in lut_weights:
+          for path in lut_paths:
+            for tag, cfg in (lut_configs if impl == "pallas_triton" else [("", None)]):
+              name = (f"lut_matmul[{impl}] {kind}" + ("" if path == "float" else f" {path}")
+                      + (f" [{tag}]" if tag else ""))
+              op = "lut_matmul_int8" if path == "int8" else "lut_matmul"
+              plan = launch_plan(op, M, K, weights[kind][0], cfg, impl, args.interpret,
+                                 jnp.dtype(jnp.int8) if path == "int8_tables" else None)
+              kw = {"implementation": impl, "config": cfg, "interpret": args.interpret}
+              timed(name, lut_call(path, kw), kind, **plan)
       common.write_json(out, meta, results)
   return common.finish(out, meta, results)
 

@@ -14,9 +14,11 @@ The integer path is exact: the sums of x_int8 * codes (per weight group) equal i
 then float32 scales them; `reference.int_group_sums` exposes those sums, and `lut_matmul` (the
 table-lookup form over bit planes) reproduces them.
 
-Implementations (pallas_kernels.dispatch): `xla` (reference.py) and `pallas_triton` (the GPU
-default for i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV or
-tiled GEMM, pallas_triton.py; other formats fall back to `xla`).
+Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU too),
+`pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
+or tiled GEMM, pallas_triton.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
+lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
+fall back to `xla`.
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from pallas_kernels.lowbit_matmul.reference import (
   lowbit_matmul_reference,
 )
 
-_BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton"}
+_BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton",
+             "pallas_mosaic_tpu": "pallas_mosaic_tpu"}
 # `auto` is XLA on a GPU too: on the H100 (8192 x 8192, docs/results/ternary.md) the XLA path is
 # faster at M = 1 (W2A8 48.9 us against 58.5 us for the Triton kernel's default unpacking) and at
 # M = 2048 (357 against 1,572 us); the Triton kernel wins only at M = 16. Name `pallas_triton`
-# to use it.
-_OP = Op("lowbit_matmul", __name__, backends=_BACKENDS)
-_INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS)
+# to use it. On a TPU `auto` tries the Mosaic TPU kernel first (not yet measured on a TPU).
+_DEFAULTS = {"tpu": ("pallas_mosaic_tpu",)}
+_OP = Op("lowbit_matmul", __name__, backends=_BACKENDS, defaults=_DEFAULTS)
+_INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS, defaults=_DEFAULTS)
 IMPLEMENTATIONS = _OP.implementations
 INT8_IMPLEMENTATIONS = _INT8_OP.implementations
 
@@ -96,9 +100,9 @@ def lowbit_matmul(x_MK: jax.Array, packed: layout.PackedWeight, *, out_dtype=Non
     x_MK: float32 / bfloat16 / float16 [M, K].
     packed: a `layout.PackedWeight` of shape (K, N), any format.
     out_dtype: float dtype of y; None: x's dtype.
-    implementation: None | "xla" | "pallas_triton" | a sequence (pallas_kernels.dispatch).
-      interpret: Pallas interpret mode. config: the chosen backend's config
-      (`pallas_triton.TritonConfig`).
+    implementation: None | "xla" | "pallas_triton" | "pallas_mosaic_tpu" | a sequence
+      (pallas_kernels.dispatch). interpret: Pallas interpret mode. config: the chosen backend's
+      config (`pallas_triton.TritonConfig`, `pallas_mosaic_tpu.TPUConfig`).
 
   Returns:
     y_MN [M, N] in out_dtype: x (in its dtype) times the dequantised weight, float32 sums.

@@ -151,7 +151,7 @@ def test_validates_arguments():
       (lambda: lut_matmul(x, pw, table_dtype=jnp.int16), "table_dtype"),
       (lambda: lut_matmul(x, pw, table_dtype="nonsense"), "table_dtype"),
       (lambda: lut_matmul(x, pw, table_scale="column"), "table_scale"),
-      (lambda: lut_matmul(x, pw, implementation="pallas_triton"), "implementation must be"),
+      (lambda: lut_matmul(x, pw, implementation="pallas_mosaic_gpu"), "implementation must be"),
       (lambda: lut_group_sums(lut_tables(x, k_pad=128, group=128), pw), "do not fit"),
       (lambda: lut_tables(x, k_pad=60, group=32), "k_pad must be"),
       (lambda: lut_tables(x, k_pad=64, group=64, table_scale="column"), "table_scale"),
