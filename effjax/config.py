@@ -136,9 +136,15 @@ class DataConfig:
   seed: int = 0                            # the held-out split (and the shuffle, by default)
   shuffle_seed: Optional[int] = None       # the training shuffle's seed; default data.seed
   max_documents: Optional[int] = None
+  epochs: int = 0                          # 0: train.steps steps over an endless stream of
+                                           # epochs; E > 0: exactly E passes over the training ids
+                                           # (DELT's kept ids), E * ceil(n / batch) steps, the
+                                           # last batch of each epoch padded (effjax/data/pipeline.py);
+                                           # train.steps then 0 (derived) or that count
 
   def __post_init__(self):
     _check(bool(self.source), "data.source", "must be non-empty")
+    _check(self.epochs >= 0, "data.epochs", f"must be >= 0 (0 = train.steps decides), got {self.epochs}")
     _check(self.seq_len > 0, "data.seq_len", f"must be > 0, got {self.seq_len}")
     _check(self.packing in ("pack", "pad"), "data.packing", f"must be pack|pad, got {self.packing!r}")
     _check(0.0 <= self.valid_fraction < 1.0, "data.valid_fraction",
@@ -186,7 +192,7 @@ class TrainConfig:
   progress: bool = True
 
   def __post_init__(self):
-    _check(self.steps > 0, "train.steps", f"must be > 0, got {self.steps}")
+    _check(self.steps >= 0, "train.steps", f"must be > 0 (or 0 with data.epochs), got {self.steps}")
     _check(self.batch_size > 0, "train.batch_size", f"must be > 0, got {self.batch_size}")
     _check(self.grad_accum > 0, "train.grad_accum", f"must be > 0, got {self.grad_accum}")
     _check(self.batch_size % self.grad_accum == 0, "train.grad_accum",
@@ -333,8 +339,12 @@ class Config:
       _check(self.data.seq_len <= self.delt.proxy.max_seq_len, "delt.proxy.max_seq_len",
              f"must be >= data.seq_len={self.data.seq_len} (delt.scoring={self.delt.scoring!r} "
              "runs the proxy on the training examples)")
-    _check(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
-           f"warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}")
+    if self.data.epochs == 0:
+      _check(self.train.steps > 0, "train.steps",
+             f"must be > 0, got {self.train.steps} (0 derives it from data.epochs, which is 0)")
+    if self.train.steps > 0:  # with data.epochs and train.steps 0, checked once the data is known
+      _check(self.optim.warmup_steps < self.train.steps, "optim.warmup_steps",
+             f"warmup_steps={self.optim.warmup_steps} must be < train.steps={self.train.steps}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def _check_resume_config(paths: RunPaths, cfg: Config) -> None:
           f"{paths.out} holds a run with different {section} settings ({', '.join(f'{section}.{k}' for k in diff)}); "
           f"use another train.out_dir or pass --overwrite to start over")
   for k in ("batch_size", "grad_accum", "seed", "steps"):
+    if k == "steps" and cfg.train.steps == 0 and cfg.data.epochs:
+      continue  # derived from data.epochs (compared above) and the data; config.yaml holds it
     if old.get("train", {}).get(k) != new["train"][k]:
       raise TrainingError(f"{paths.out} holds a run with train.{k}={old.get('train', {}).get(k)}, "
                           f"now {new['train'][k]}: exact resume needs the same value")
@@ -97,14 +99,36 @@ def _is_run_dir(path: pathlib.Path) -> bool:
 
 
 def _finished_summary(paths: RunPaths, cfg: Config) -> dict | None:
-  """The run's summary.json if it records a finished run of cfg.train.steps steps."""
+  """The run's summary.json if it records a finished run of cfg.train.steps steps (of
+  data.epochs epochs when the steps are derived from them)."""
   try:
     summary = json.loads(paths.summary.read_text())
   except (OSError, ValueError):
     return None
-  if isinstance(summary, dict) and summary.get("finished") and summary.get("step") == cfg.train.steps:
-    return summary
-  return None
+  if not isinstance(summary, dict) or not summary.get("finished"):
+    return None
+  if cfg.train.steps == 0 and cfg.data.epochs:
+    return summary if summary.get("epochs") == cfg.data.epochs else None
+  return summary if summary.get("step") == cfg.train.steps else None
+
+
+def derive_steps(cfg: Config, n_train: int) -> Config:
+  """The config a run trains with: unchanged without data.epochs; with data.epochs = E,
+  train.steps = E * ceil(n_train / train.batch_size), the epoch-complete iterator's length
+  (n_train: the ids one epoch visits, DELT's kept ids). TrainingError when train.steps names
+  another count or optim.warmup_steps does not fit."""
+  epochs = cfg.data.epochs
+  if not epochs:
+    return cfg
+  steps = data_lib.epoch_steps(n_train, cfg.train.batch_size, epochs)
+  if cfg.train.steps not in (0, steps):
+    raise TrainingError(f"train.steps={cfg.train.steps}, but data.epochs={epochs} over {n_train} "
+                        f"examples in batches of {cfg.train.batch_size} is {steps} steps: set "
+                        f"train.steps=0 (derived) or {steps}")
+  if cfg.optim.warmup_steps >= steps:
+    raise TrainingError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be < the {steps} steps "
+                        f"of data.epochs={epochs}")
+  return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
 def _truncate_metrics(path: pathlib.Path, step: int) -> None:
@@ -192,7 +216,7 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
     done = _finished_summary(paths, cfg)
     if done is not None:
       valid = done.get("valid_loss")
-      log(f"{paths.out} is complete: step {done['step']} of {cfg.train.steps}"
+      log(f"{paths.out} is complete: step {done['step']} of {done.get('total_steps', done['step'])}"
           + (f", valid loss {valid:.4f} nats/token" if isinstance(valid, (int, float)) else "")
           + f" ({paths.summary}); nothing to do (--overwrite starts over)")
       return done
@@ -211,10 +235,16 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
                      f"{cfg.data.seq_len} tokens")
   entropy = unigram_entropy(train_ex.tokens[:, 1:], train_ex.mask)
 
+  # The model shapes are checked before DELT scoring runs; the state's shapes do not depend on
+  # the schedule's length, which data.epochs may only fix once the DELT order is known.
+  probe = make_optimizer(cfg.optim, max(cfg.train.steps, cfg.optim.warmup_steps + 1))
+  state_sh = shd.state_shardings(
+      jax.eval_shape(lambda rng: init_train_state(cfg, rng, probe), jax.random.key(0)), mesh)
+  order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
+  n_epoch = len(order) if order is not None else len(train_ex)
+  cfg = derive_steps(cfg, n_epoch)  # the steps of data.epochs; saved in config.yaml
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   make_state = lambda rng: init_train_state(cfg, rng, optimizer)
-  state_sh = shd.state_shardings(jax.eval_shape(make_state, jax.random.key(0)), mesh)
-  order, delt_info = delt.prepare_order(cfg, train_ex, log=log, progress=cfg.train.progress)
 
   # ---- act
   if overwrite and paths.out.exists():
@@ -251,9 +281,14 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
   it = data_lib.TrainIterator(train_ex, batch_size=cfg.train.batch_size,
                               ordering_kind=cfg.data.ordering,
                               seed=cfg.data.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed,
-                              start_step=start_step, order=order)
+                              start_step=start_step, order=order, epochs=cfg.data.epochs or None)
   if data_state is not None:
     it.set_state(data_state)
+  if cfg.data.epochs:
+    left = n_epoch % cfg.train.batch_size
+    log(f"{cfg.data.epochs} epochs x {it.steps_per_epoch} steps = {cfg.train.steps} steps over "
+        f"{n_epoch} examples" + (f" (the last batch of each epoch holds {left} examples, padded)"
+                                 if left else ""))
 
   step_fn, eval_fn = _compiled_steps(cfg, optimizer, mesh, state_sh)
   # The valid loss of training and of eval.py: the first eval.max_batches * eval.batch_size
@@ -355,7 +390,10 @@ def train(cfg: Config, *, overwrite: bool = False, stop_at_step: int | None = No
              "valid_bits_per_byte": None if last_valid is None else last_valid["bits_per_byte"],
              "valid_examples": n_eval, "valid_split_examples": len(valid_ex),
              "checkpoint_dir": str(ckpt.dir), "metrics": str(paths.metrics),
-             "train_examples": len(train_ex), "delt": delt_info}
+             "train_examples": len(train_ex), "delt": delt_info,
+             "epochs": cfg.data.epochs or None, "examples_per_epoch": n_epoch,
+             "steps_per_epoch": it.steps_per_epoch if cfg.data.epochs else None,
+             "total_steps": cfg.train.steps}
   if finished:
     plot_metrics(paths.metrics, paths.plot, title=f"{cfg.name}: {n_params / 1e6:.2f}M params")
     summary["plot"] = str(paths.plot)

@@ -6,8 +6,8 @@ tensorflow-datasets when a tfds source is read (or `effjax.data.tfds_text` is im
 
 from effjax.data.ordering import ORDERINGS, make_ordering, sequential_order, shuffle_order
 from effjax.data.packing import Examples, empty_examples, pack_documents, pad_documents
-from effjax.data.pipeline import (TrainIterator, eval_batches, load_eval_split, load_splits,
-                                  split_documents)
+from effjax.data.pipeline import (TrainIterator, epoch_steps, eval_batches, load_eval_split,
+                                  load_splits, split_documents)
 from effjax.data.sources import load_documents
 from effjax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 
@@ -16,5 +16,5 @@ __all__ = [
     "load_documents",
     "Examples", "empty_examples", "pack_documents", "pad_documents",
     "ORDERINGS", "make_ordering", "sequential_order", "shuffle_order",
-    "TrainIterator", "eval_batches", "load_eval_split", "load_splits", "split_documents",
+    "TrainIterator", "epoch_steps", "eval_batches", "load_eval_split", "load_splits", "split_documents",
 ]

@@ -1,12 +1,22 @@
 """From a DataConfig to train/valid Examples, and a grain iterator whose position resumes exactly.
 
-The training stream is epoch 0's permutation of example ids, then epoch 1's, ...; batch s takes
-stream items [s*B, (s+1)*B), so a batch is a pure function of (examples, ordering, B, s) and the
-iterator's whole state is the step number.
+Two ways to walk the data, both a pure function of (examples, ordering, B, step), so the
+iterator's whole state is the step number:
+
+- endless (`epochs=None`, train.steps governs): the stream is epoch 0's permutation of example
+  ids, then epoch 1's, ...; batch s takes stream items [s*B, (s+1)*B) and may straddle an epoch
+  boundary.
+- epoch-complete (`epochs=E`, data.epochs): exactly E passes, each one permutation of the n ids
+  (the ordering applied within every epoch), cut into ceil(n / B) batches. Epoch boundaries are
+  batch boundaries; the last batch of an epoch holds the n mod B leftover examples and is filled
+  up with PAD rows whose loss_mask is 0 (the loss is a token mean over the mask, so they add
+  nothing). Every example is seen exactly once per epoch, none is dropped, and the run is
+  `epoch_steps(n, B, E)` = E * ceil(n / B) steps long.
 
     splits = load_splits(cfg.data)
     it = TrainIterator(splits["train"], batch_size=32, ordering_kind="shuffle", seed=0)
     batch = next(it)            # {"inputs": int32 [B, T], "targets": int32 [B, T], "loss_mask": f32 [B, T]}
+    it = TrainIterator(splits["train"], 32, order=folding, epochs=3)   # 3 * ceil(n / 32) batches
     state = it.get_state()      # JSON-able; TrainIterator(..., start_step=state["step"]) continues
 """
 
@@ -79,7 +89,7 @@ def load_splits(cfg: DataConfig) -> dict[str, Examples]:
   cfg.valid_fraction == 0. Only the fields that shape the examples key an in-process cache (runs of
   an experiment share one load); callers must not modify the returned arrays.
   """
-  key = dataclasses.replace(cfg, ordering="shuffle", shuffle_seed=None)
+  key = dataclasses.replace(cfg, ordering="shuffle", shuffle_seed=None, epochs=0)
   if key not in _SPLIT_CACHE:
     _SPLIT_CACHE.clear()  # keep one corpus in memory at most
     _SPLIT_CACHE[key] = _load_splits(cfg)
@@ -110,6 +120,14 @@ def load_eval_split(path_or_source: str, cfg: DataConfig) -> Examples:
   return to_examples([tok.encode(d) for d in docs], cfg)
 
 
+def epoch_steps(n: int, batch_size: int, epochs: int) -> int:
+  """Steps of an epoch-complete run: epochs * ceil(n / batch_size) (the last batch of each epoch
+  padded, see the module docstring)."""
+  if n <= 0 or batch_size <= 0 or epochs <= 0:
+    raise ValueError(f"epoch_steps needs n, batch_size, epochs > 0, got {n}, {batch_size}, {epochs}")
+  return epochs * -(-n // batch_size)
+
+
 def _batch_dict(tokens: np.ndarray, mask: np.ndarray) -> Batch:
   return {"inputs": np.ascontiguousarray(tokens[:, :-1]),
           "targets": np.ascontiguousarray(tokens[:, 1:]),
@@ -121,10 +139,13 @@ class _BatchAt:
   with threads); keeps the few most recent epochs' permutations, since consecutive steps reuse them."""
 
   def __init__(self, examples: Examples, batch_size: int, ordering_kind: str, seed: int,
-               order: Optional[np.ndarray]):
+               order: Optional[np.ndarray], epochs: Optional[int] = None):
     self.examples, self.batch_size = examples, batch_size
     self.ordering_kind, self.seed, self.order = ordering_kind, seed, order
     self.epoch_len = len(order) if order is not None else len(examples)
+    self.epochs = epochs
+    self.steps_per_epoch = -(-self.epoch_len // batch_size)
+    self.total_steps = None if epochs is None else epochs * self.steps_per_epoch
     self._cache: dict[int, np.ndarray] = {}
     self._lock = threading.Lock()
 
@@ -142,7 +163,17 @@ class _BatchAt:
     return perm
 
   def ids(self, step: int) -> np.ndarray:
-    """Example ids of batch `step`: int64 [B]; may straddle an epoch boundary."""
+    """Example ids of batch `step`: int64 [B]. Endless: may straddle an epoch boundary.
+    Epoch-complete: within one epoch; -1 marks the padding rows of an epoch's last batch."""
+    if self.epochs is not None:
+      if not 0 <= step < self.total_steps:
+        raise IndexError(f"step {step} is outside the {self.total_steps} steps of {self.epochs} "
+                         f"epochs")
+      epoch, k = divmod(step, self.steps_per_epoch)
+      chunk = self.epoch_order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+      out = np.full(self.batch_size, -1, np.int64)
+      out[:len(chunk)] = chunk
+      return out
     items = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
     epochs, pos = np.divmod(items, self.epoch_len)
     out = np.empty_like(items)
@@ -153,26 +184,32 @@ class _BatchAt:
 
   def __call__(self, step: int) -> Batch:
     ids = self.ids(int(step))
-    return _batch_dict(self.examples.tokens[ids], self.examples.mask[ids])
+    tokens, mask = self.examples.tokens[ids], self.examples.mask[ids]
+    pad = ids < 0
+    if pad.any():  # fancy indexing copied the rows: safe to overwrite
+      tokens[pad], mask[pad] = PAD_ID, 0.0
+    return _batch_dict(tokens, mask)
 
 
 class TrainIterator:
-  """Infinite, exactly resumable iterator of training batches, run by grain (threads + prefetch).
+  """Exactly resumable iterator of training batches, run by grain (threads + prefetch).
 
   examples: the training Examples (N rows, seq_len T). ordering_kind: a name in
   `ordering.ORDERINGS` ("shuffle": a new permutation per epoch from (seed, epoch); "sequential").
   order: an explicit int array of example ids (e.g. a DELT folding order, possibly a selection);
-  it overrides ordering_kind and is repeated every epoch. Yields {"inputs": int32 [B, T],
+  it overrides ordering_kind and is repeated every epoch. epochs: None = endless; E = exactly E
+  epochs of `steps_per_epoch` = ceil(n / B) batches each, then StopIteration (see the module
+  docstring for the padded last batch of an epoch). Yields {"inputs": int32 [B, T],
   "targets": int32 [B, T], "loss_mask": float32 [B, T]}.
 
-  State (`get_state`): {"step", "batch_size", "num_examples", "ordering", "seed", "order_crc32"}.
-  `set_state` needs only "step"; the other keys, when present, must match this iterator (a resumed
-  run that changed its data would silently see other batches otherwise).
+  State (`get_state`): {"step", "batch_size", "num_examples", "ordering", "seed", "order_crc32",
+  "epochs"}. `set_state` needs only "step"; the other keys, when present, must match this iterator
+  (a resumed run that changed its data would silently see other batches otherwise).
   """
 
   def __init__(self, examples: Examples, batch_size: int, ordering_kind: str = "shuffle",
                seed: int = 0, start_step: int = 0, order: Optional[np.ndarray] = None, *,
-               num_threads: int = 2, prefetch: int = 8):
+               epochs: Optional[int] = None, num_threads: int = 2, prefetch: int = 8):
     import grain  # lazy: effjax.data's tokenizer/packing stay importable without grain
 
     if batch_size <= 0:
@@ -189,7 +226,10 @@ class TrainIterator:
     elif ordering_kind not in ordering_lib.ORDERINGS:
       raise ValueError(f"unknown ordering {ordering_kind!r} "
                        f"(known: {', '.join(sorted(ordering_lib.ORDERINGS))})")
-    self._fn = _BatchAt(examples, batch_size, ordering_kind, seed, order)
+    if epochs is not None and (isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1):
+      raise ValueError(f"epochs must be None or an integer >= 1, got {epochs!r}")
+    self._fn = _BatchAt(examples, batch_size, ordering_kind, seed, order,
+                        None if epochs is None else int(epochs))
     if self._fn.epoch_len < batch_size:
       what = "the explicit order holds" if order is not None else "the data has"
       raise ValueError(f"too little training data: {what} {self._fn.epoch_len} examples but one "
@@ -198,9 +238,11 @@ class TrainIterator:
     self.batch_size, self.seed = batch_size, seed
     self.ordering = "explicit" if order is not None else ordering_kind
     self.num_examples = len(examples)
+    self.epochs = self._fn.epochs
     self._order_crc = int(zlib.crc32(order.tobytes())) if order is not None else None
     # A step-indexed MapDataset: grain owns iteration, prefetching and the position ("next_index").
-    self._dataset = grain.MapDataset.range(0, sys.maxsize).map(self._fn).to_iter_dataset(
+    stop = sys.maxsize if self._fn.total_steps is None else self._fn.total_steps
+    self._dataset = grain.MapDataset.range(0, stop).map(self._fn).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
     self._it = iter(self._dataset)
     if start_step:
@@ -211,6 +253,25 @@ class TrainIterator:
 
   def __next__(self) -> Batch:
     return next(self._it)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per epoch: ceil(n / B) (epoch-complete) -- the stream's n / B otherwise."""
+    return self._fn.steps_per_epoch
+
+  @property
+  def total_steps(self) -> Optional[int]:
+    """epochs * steps_per_epoch, or None for an endless iterator."""
+    return self._fn.total_steps
+
+  @property
+  def examples_per_epoch(self) -> int:
+    """n: the ids one epoch visits (the explicit order's length, else every example)."""
+    return self._fn.epoch_len
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    """The permutation (int64 [n]) of example ids that epoch `epoch` visits."""
+    return self._fn.epoch_order(epoch)
 
   @property
   def step(self) -> int:
@@ -227,17 +288,21 @@ class TrainIterator:
 
   def get_state(self) -> dict[str, Any]:
     return {"step": self.step, "batch_size": self.batch_size, "num_examples": self.num_examples,
-            "ordering": self.ordering, "seed": self.seed, "order_crc32": self._order_crc}
+            "ordering": self.ordering, "seed": self.seed, "order_crc32": self._order_crc,
+            "epochs": self.epochs}
 
   def set_state(self, state: dict[str, Any]) -> None:
     mine = self.get_state()
-    for key in ("batch_size", "num_examples", "ordering", "seed", "order_crc32"):
+    for key in ("batch_size", "num_examples", "ordering", "seed", "order_crc32", "epochs"):
       if key in state and state[key] != mine[key]:
         raise ValueError(f"data iterator state mismatch: checkpoint has {key}={state[key]!r}, this "
                          f"run has {key}={mine[key]!r}; resuming would not replay the same batches")
     step = int(state["step"])
     if step < 0:
       raise ValueError(f"data iterator step must be >= 0, got {step}")
+    if self.total_steps is not None and step > self.total_steps:
+      raise ValueError(f"data iterator step {step} is past the end of its {self.epochs} epochs "
+                       f"({self.total_steps} steps)")
     self._it.set_state({"next_index": step})
 
 
