@@ -54,8 +54,8 @@ def _cache_key(cfg: Config, pool: Examples) -> str:
   for k in ("selection", "select_value", "ordering", "folds", "cache_dir", "chunk_size", "hvp_chunk"):
     d.pop(k)
   data = to_dict(cfg.data)
-  for k in ("ordering", "shuffle_seed"):  # the training shuffle does not change scores
-    data.pop(k)
+  for k in ("ordering", "shuffle_seed", "epochs"):  # how training walks the pool does not
+    data.pop(k)                                      # change its scores
   blob = json.dumps({"delt": d, "data": data,
                      "pool_crc32": zlib.crc32(np.ascontiguousarray(pool.tokens).tobytes()),
                      "pool_n": len(pool)}, sort_keys=True)
@@ -76,6 +76,7 @@ def _pretrain_proxy(cfg: Config, pool: Examples, log: Callable[[str], None]):
   if steps == 0:
     return state["params"]
   step = jax.jit(training.make_train_step(pcfg, opt))
+  m = None
   rng = np.random.default_rng((d.seed, 99))
   for _ in range(steps):
     ids = rng.integers(0, len(pool), d.proxy_batch_size)
@@ -83,19 +84,25 @@ def _pretrain_proxy(cfg: Config, pool: Examples, log: Callable[[str], None]):
     state, m = step(state, {"inputs": jnp.asarray(t[:, :-1]), "targets": jnp.asarray(t[:, 1:]),
                             "loss_mask": jnp.asarray(pool.mask[ids])})
   log(f"proxy pretrained {steps} AdamW steps: loss {float(m['loss']):.3f}")
-  return state["params"]
+  return jax.block_until_ready(state["params"])
 
 
 def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = print,
                    progress: bool = True) -> dict[str, tuple[np.ndarray, dict]]:
   """{scoring name: (scores float32 [N], metadata)} for every pool example; higher = keep / later
-  in curricula. LQS and PDS come from the same proxy trajectory, so both are returned together."""
+  in curricula. LQS and PDS come from the same proxy trajectory, so both are returned together.
+
+  With delt.score_sample = 0 every example is scored directly by the proxy; otherwise a sample is
+  and a learned scorer extends it. The metadata times each phase (seconds_pretrain,
+  seconds_trajectory, seconds_scoring: adjoint + per-example gradient passes, seconds_learned_scorer)
+  and counts the per-example gradient evaluations, so the cost can be set against training's."""
   d = cfg.delt
   t0 = time.perf_counter()
-  meta: dict = {"scoring": d.scoring, "n": len(pool)}
+  meta: dict = {"scoring": d.scoring, "n": len(pool), "proxy_params": d.proxy.num_params()}
   if d.scoring == "random":
     return {"random": (scoring.random_scores(len(pool), d.seed), meta)}
   params0 = _pretrain_proxy(cfg, pool, log)
+  meta["seconds_pretrain"] = time.perf_counter() - t0
   fns = scoring.ScoringFns(d.proxy, d.projection_dim, d.seed, d.hvp_chunk)
   if d.score_sample and d.score_sample < len(pool):
     sample_ids = np.sort(np.random.default_rng((d.seed, 5)).choice(len(pool), d.score_sample,
@@ -104,12 +111,17 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
     sample_ids = np.arange(len(pool))
   scored = pool.take(sample_ids)
   if d.scoring == "loss":
+    t1 = time.perf_counter()
     sample_scores = {"loss": scoring.loss_scores(fns, params0, scored, d.chunk_size)}
+    meta["seconds_scoring"] = time.perf_counter() - t1
     encoder = params0
   else:
     ref, _ = reference_split(cfg)
+    t1 = time.perf_counter()
     trace = scoring.train_proxy(fns, params0, pool, d.proxy_steps, d.proxy_lr, d.proxy_batch_size,
                                 d.seed)
+    jax.block_until_ready(trace.checkpoints[trace.steps])
+    t2 = time.perf_counter()
     passes = scoring.scoring_passes(d.proxy_steps, trace.interval)
     bar = None
     if progress:
@@ -126,19 +138,27 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
     sample_scores = {"lqs": res.lqs, "pds": res.pds}
     encoder = trace.checkpoints[trace.steps]
     meta.update(reference_examples=len(ref), proxy_steps=trace.steps, interval=trace.interval,
-                scored_steps=res.steps, lam_norms={str(k): v for k, v in res.lam_norms.items()})
+                scored_steps=res.steps, lam_norms={str(k): v for k, v in res.lam_norms.items()},
+                seconds_trajectory=t2 - t1, seconds_scoring=time.perf_counter() - t2,
+                example_gradient_passes=passes * len(scored))
   meta["scored_directly"] = len(sample_ids)
   out = {}
   for name, s in sample_scores.items():
     m = dict(meta, scoring=name)
     if len(sample_ids) < len(pool):
+      t3 = time.perf_counter()
       scorer = scoring.fit_learned_scorer(d.proxy, encoder, scored, s, seed=d.seed,
                                           chunk=max(d.chunk_size, 32))
       s = scorer.predict(pool, chunk=max(d.chunk_size, 32))
       m["learned_scorer"] = scorer.fit
+      m["seconds_learned_scorer"] = time.perf_counter() - t3
       log(f"{name}: learned scorer fit on {len(sample_ids)} proxy-scored examples: {scorer.fit}")
     m["seconds"] = time.perf_counter() - t0
     out[name] = (np.asarray(s, np.float32), m)
+  log(f"{d.scoring} scoring of {len(pool)} examples ({len(sample_ids)} scored by the proxy "
+      f"directly): {time.perf_counter() - t0:.1f} s (" + ", ".join(
+          f"{k[len('seconds_'):]} {v:.1f} s" for k, v in meta.items() if k.startswith("seconds_"))
+      + ")")
   return out
 
 
