@@ -92,8 +92,8 @@ def compute_scores(cfg: Config, pool: Examples, log: Callable[[str], None] = pri
   """{scoring name: (scores float32 [N], metadata)} for every pool example; higher = keep / later
   in curricula. LQS and PDS come from the same proxy trajectory, so both are returned together.
 
-  With delt.score_sample = 0 every example is scored directly by the proxy; otherwise a sample is
-  and a learned scorer extends it. The metadata times each phase (seconds_pretrain,
+  With delt.score_sample = 0 every example is scored directly by the proxy; otherwise the proxy
+  scores a sample and a learned scorer extends its scores to the rest. The metadata times each phase (seconds_pretrain,
   seconds_trajectory, seconds_scoring: adjoint + per-example gradient passes, seconds_learned_scorer)
   and counts the per-example gradient evaluations, so the cost can be set against training's."""
   d = cfg.delt
