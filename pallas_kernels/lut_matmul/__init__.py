@@ -13,9 +13,11 @@ error bound are reference.py's. On the integer path with exact tables the per-gr
 `lowbit_matmul.reference.int_group_sums` exactly, and the result equals `lowbit_matmul_int8`'s.
 Any M, N and K.
 
-Implementations (pallas_kernels.dispatch): `xla` (reference.py) and `pallas_triton` (the GPU
+Implementations (pallas_kernels.dispatch): `xla` (reference.py), `pallas_triton` (the GPU
 default: tables built in the kernel from its x slice, looked up by a select tree (GEMV) or as one
-MMA over a one-hot selection (GEMM), pallas_triton.py).
+MMA over a one-hot selection (GEMM), pallas_triton.py) and `pallas_mosaic_tpu` (the TPU default:
+tables as a small MXU matmul of the x slice, looked up as one MXU matmul over a one-hot
+selection, pallas_mosaic_tpu.py); kernel_math.py holds the pieces they share.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pallas_kernels.lut_matmul.reference import (
 )
 
 _OP = Op("lut_matmul", __name__,
-         backends={"xla": "reference", "pallas_triton": "pallas_triton"},
-         defaults={"gpu": ("pallas_triton",)})
+         backends={"xla": "reference", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
+         defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "TABLE_SCALES", "LutTables", "lut_group_sums", "lut_matmul",
@@ -56,9 +59,9 @@ def lut_matmul(x_MK: jax.Array, packed: layout.PackedWeight, x_scale_M: jax.Arra
     table_dtype: None (exact tables: int32 for int8 x, float32 otherwise) or int8 (quantised).
     table_scale: int8 table scale per "row" or per (row, weight) "group".
     out_dtype: float dtype of y; None: x's dtype (float x) or float32 (int8 x).
-    implementation: None | "xla" | "pallas_triton" | a sequence (pallas_kernels.dispatch).
-      interpret: Pallas interpret mode. config: the chosen backend's config
-      (`pallas_triton.TritonConfig`).
+    implementation: None | "xla" | "pallas_triton" | "pallas_mosaic_tpu" | a sequence
+      (pallas_kernels.dispatch). interpret: Pallas interpret mode. config: the chosen backend's
+      config (`pallas_triton.TritonConfig`, `pallas_mosaic_tpu.TPUConfig`).
 
   Returns:
     y_MN [M, N] in out_dtype: x_scale_m * sum_g scale_g (S_g - zero_g X_g), S_g the looked-up

@@ -68,11 +68,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import launch, tuned
 from pallas_kernels.dispatch import NotSupported, require_platform
 from pallas_kernels.lowbit_matmul import layout
+from pallas_kernels.lut_matmul.kernel_math import (
+  bit_set,
+  flip_words,
+  group_share,
+  quantize_entry,
+  table_entries,
+  table_kind,
+  table_scales,
+)
 from pallas_kernels.lut_matmul.reference import ENTRIES, LUT_ROWS
 
 LOOKUPS = ("select", "onehot")
 SLOTS = layout.PLANE_WORD // LUT_ROWS     # nibbles (LUT groups) a plane word
-NIBBLE_TOPS = 0x11111111                  # bit 0 of every nibble
 EXACT_F32 = 1 << 24
 MAX_ABS_ENTRY = 4 * 127                   # |H| of int8 x
 SQ = pl.squeezed
@@ -121,40 +129,6 @@ class TritonConfig:
 
 
 CONFIG = TritonConfig
-
-
-# ------------------------------------------------------------------------------- table algebra
-
-
-def table_entries(x0, x1, x2, x3) -> list:
-  """The 8 symmetrised entries H[j] = s0 x0 + s1 x1 + s2 x2 + x3 (s_i = 2 bit_i(j) - 1) of four
-  same-shaped activation arrays: 20 adds, summed in the order x0, x1, x2, x3."""
-  p, q = x0 + x1, x0 - x1
-  low = [-p, q, -q, p]                    # s0 x0 + s1 x1 for j & 3 = b0 + 2 b1
-  return [(low[j & 3] + (x2 if j >= 4 else -x2)) + x3 for j in range(ENTRIES)]
-
-
-def quantize_entry(h_f32, ts_safe):
-  """The reference's int8 table entry of a float32 entry: clip(round(h / ts), -127, 127) with
-  jnp.round's half-to-even, from floor (Pallas Triton has no round; the magic-number form (v +
-  1.5 2^23) - 1.5 2^23 is folded to v by XLA's simplifier in interpret mode); int32."""
-  v = h_f32 / ts_safe
-  f = jnp.floor(v)
-  d = v - f                                    # exact: |v| < 2^23
-  odd = f * 0.5 != jnp.floor(f * 0.5)
-  r = jnp.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
-  return jnp.clip(r, -127.0, 127.0).astype(jnp.int32)
-
-
-def _flip_words(u):
-  """(v, flip) of plane words u (int32): flip has bit 4c set where nibble c's top bit is clear,
-  v = u ^ 15 flip has every top bit set; v's nibble & 7 is the entry, flip's bit the sign."""
-  flip = lax.shift_right_logical(~u, jnp.int32(3)) & jnp.int32(NIBBLE_TOPS)
-  return u ^ (flip * 15), flip
-
-
-def _bit(v, b: int):
-  return (v & jnp.int32(1 << b)) != 0
 
 
 # ------------------------------------------------------------------------------------- kernel
@@ -230,11 +204,11 @@ def _kernel(*refs, plan: _Plan, P: int, M: int, N: int, G: int, spg: int, steps:
   def select_step(t, carry):
     accs, xsums, g = carry
     w0 = t * ws
-    vf = [_flip_words(load_words(p, w0)) for p in range(P)]
+    vf = [flip_words(load_words(p, w0)) for p in range(P)]
     accs, xsums = list(accs), list(xsums)
     for c in range(SLOTS):
-      masks = [(tuple(_bit(v, LUT_ROWS * c + b) for b in range(3)),
-                _bit(flip, LUT_ROWS * c)) for v, flip in vf]
+      masks = [(tuple(bit_set(v, LUT_ROWS * c + b) for b in range(3)),
+                bit_set(flip, LUT_ROWS * c)) for v, flip in vf]
       for r in range(bm):
         xi = [load_x(r, w0, c, i) for i in range(LUT_ROWS)]
         xsums[r] = xsums[r] + jnp.sum(xi[0] + xi[1] + xi[2] + xi[3])
@@ -254,7 +228,7 @@ def _kernel(*refs, plan: _Plan, P: int, M: int, N: int, G: int, spg: int, steps:
     acc, xsum, g = carry
     w0 = t * ws
     ts = ts_of(g)[:, None] if plan.kind == "q8" else None
-    vf = [_flip_words(load_words(p, w0).T) for p in range(P)]       # [bn, ws]
+    vf = [flip_words(load_words(p, w0).T) for p in range(P)]       # [bn, ws]
     tables, sels = [], []
     for c in range(SLOTS):
       xi = [load_x(None, w0, c, i) for i in range(LUT_ROWS)]
@@ -262,7 +236,7 @@ def _kernel(*refs, plan: _Plan, P: int, M: int, N: int, G: int, spg: int, steps:
       tables += entries(xi, ts)
       shift = jnp.int32(LUT_ROWS * c)
       idx_sgn = [(lax.shift_right_logical(v, shift) & 7,
-                  jnp.where(_bit(flip, LUT_ROWS * c), -(1 << p), 1 << p))
+                  jnp.where(bit_set(flip, LUT_ROWS * c), -(1 << p), 1 << p))
                  for p, (v, flip) in enumerate(vf)]
       for j in range(ENTRIES):
         sel = None
@@ -287,18 +261,9 @@ def _kernel(*refs, plan: _Plan, P: int, M: int, N: int, G: int, spg: int, steps:
   # ------------------------------------------------------------------------- group epilogue
 
   def fold(acc, xsum, ts, g):
-    """One weight group's part (acc: the looked-up sums, xsum: x's, ts: "q8"'s table scale) ->
-    its float32 share of y, by the reference's epilogue."""
-    if plan.kind == "int":
-      grp = ((acc.astype(jnp.int32) + L * xsum) >> 1).astype(jnp.float32)
-    elif plan.kind == "q8":
-      corr = (L * xsum).astype(jnp.float32)
-      grp = (acc.astype(jnp.float32) * ts + corr) * 0.5
-    else:
-      grp = (acc + L * xsum) * 0.5
-    scale = load_cols(sc_ref.at[g, :])
-    zero = load_cols(z_ref.at[g, :])
-    return (grp - zero * xsum.astype(jnp.float32)) * scale
+    """One weight group's part -> its float32 share of y (kernel_math.group_share)."""
+    return group_share(plan.kind, acc, xsum, ts, load_cols(sc_ref.at[g, :]),
+                       load_cols(z_ref.at[g, :]), L)
 
   lo = s_id * plan.per_split
   hi = jnp.minimum(lo + plan.per_split, steps)
@@ -372,12 +337,6 @@ def stack_pieces(pieces: list):
 # ------------------------------------------------------------------------------------ launch
 
 
-def _kind(x_dtype, table_dtype) -> str:
-  if table_dtype is not None:
-    return "q8"
-  return "int" if jnp.dtype(x_dtype) == jnp.int8 else "float"
-
-
 def _plan(M: int, packed: layout.PackedWeight, kind: str, config: TritonConfig) -> _Plan:
   t = tuned.lookup("lut_matmul", "pallas_triton")
   lookup = config.lookup or ("select" if M <= t["select_max_rows"] else "onehot")
@@ -404,20 +363,6 @@ def _plan(M: int, packed: layout.PackedWeight, kind: str, config: TritonConfig) 
   splits = -(-steps // per_split)
   return _Plan(lookup=lookup, kind=kind, bm=bm, bn=bn, ws=ws, splits=splits, per_split=per_split,
                num_warps=pick("num_warps"), num_stages=pick("num_stages"))
-
-
-def table_scales(x_MK, rows: int, group: int, table_scale: str) -> jax.Array:
-  """float32 [G, M]: the int8 tables' ts = max|H| / 127 per row (broadcast over the groups) or
-  per (row, weight group), from max_j |H_c[j]| = sum_i |x_{4c+i}| (reference.lut_tables)."""
-  M, K = x_MK.shape
-  G = rows // group
-  a = jnp.abs(x_MK.astype(jnp.int32 if x_MK.dtype == jnp.int8 else jnp.float32))
-  a = jnp.pad(a, ((0, 0), (0, rows - K))).reshape(M, rows // LUT_ROWS, LUT_ROWS).sum(axis=2)
-  if table_scale == "row":
-    ts = jnp.broadcast_to(jnp.max(a, axis=1)[:, None], (M, G))
-  else:
-    ts = jnp.max(a.reshape(M, G, -1), axis=2)
-  return (ts.astype(jnp.float32) / 127.0).T
 
 
 @functools.partial(jax.jit, static_argnames=("plan", "block", "N", "table_scale", "out_dtype",
@@ -479,7 +424,7 @@ def _prepare(x_MK, packed: layout.PackedWeight, table_dtype, config, interpret: 
   require_platform("gpu", interpret, "the Pallas Triton lut_matmul kernel")
   config = config or TritonConfig()
   config.validate()
-  kind = _kind(x_MK.dtype, table_dtype)
+  kind = table_kind(x_MK.dtype, table_dtype)
   plan = _plan(x_MK.shape[0], packed, kind, config)
   if plan.lookup == "onehot" and kind == "int":
     bound = packed.block // LUT_ROWS * MAX_ABS_ENTRY * layout.levels(packed.bits)

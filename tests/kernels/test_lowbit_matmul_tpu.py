@@ -28,10 +28,10 @@ pytest_generate_tests = generate_from_class
 CASES = [(1, 300, 33, "i2_s"), (40, 520, 130, "i2_s")]
 
 # On (M, K, N) = (40, 512, 300): 4 blocks, 2 a step; partial M (32-row tiles) and N (128-column
-# tiles) edges; the int8 MXU dot.
+# tiles) edges; the int8 MXU dot (under -m slow; its lowering is checked by default).
 CONFIGS = [
     TPUConfig(block_m=32, block_n=128, blocks_per_step=2),
-    TPUConfig(int8_dot=True, blocks_per_step=4),
+    pytest.param(TPUConfig(int8_dot=True, blocks_per_step=4), marks=pytest.mark.slow),
 ]
 
 
@@ -45,10 +45,12 @@ def lower_for_tpu(fn, *args) -> str:
 class TestPallasMosaicTPUInterpret(LowbitBase):
   IMPLEMENTATION, INTERPRET = "pallas_mosaic_tpu", True
   CASES = CASES
-  DTYPES = (jnp.float32, jnp.bfloat16)
 
-  @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(
-      f"{k}={v}" for k, v in vars(c).items() if v is not None))
+  def test_float_path(self, case):
+    """One float dtype a case: float32 (float32 codes, HIGHEST) for GEMV, bf16 for GEMM."""
+    LowbitBase.test_float_path(self, case, jnp.float32 if case == CASES[0] else jnp.bfloat16)
+
+  @pytest.mark.parametrize("cfg", CONFIGS, ids=["tiles", "int8_dot"])
   def test_configs(self, cfg):
     M, K, N = 40, 512, 300
     pw, w = make_weight(M, K, N, "i2_s", integer=True)
@@ -116,16 +118,15 @@ def test_mosaic_lowering_on_any_host():
   """The Pallas -> Mosaic lowering of every dot form, and `auto` choosing this backend on a
   TPU (a config only it takes would be refused by any other)."""
   pw, _ = make_weight(0, 300, 300, "i2_s")
-  for M in (1, 300):
-    for dtype in (jnp.bfloat16, jnp.float32, jnp.float16):
-      text = lower_for_tpu(lambda x, w: lowbit_matmul(x, w, config=TPUConfig()),
-                           jnp.zeros((M, 300), dtype), pw)
-      assert "tpu_custom_call" in text and "lowbit_matmul_tpu" in text
-    for int8_dot in (False, True):
-      text = lower_for_tpu(lambda x, s, w, d=int8_dot: lowbit_matmul_int8(
-          x, s, w, config=TPUConfig(int8_dot=d)), jnp.zeros((M, 300), jnp.int8),
-          jnp.ones((M,)), pw)
-      assert "tpu_custom_call" in text and "lowbit_matmul_int8_tpu" in text
+  for M, dtype in ((1, jnp.bfloat16), (300, jnp.float32), (1, jnp.float16)):
+    text = lower_for_tpu(lambda x, w: lowbit_matmul(x, w, config=TPUConfig()),
+                         jnp.zeros((M, 300), dtype), pw)
+    assert "tpu_custom_call" in text and "lowbit_matmul_tpu" in text
+  for M, int8_dot in ((1, False), (300, True)):
+    text = lower_for_tpu(lambda x, s, w, d=int8_dot: lowbit_matmul_int8(
+        x, s, w, config=TPUConfig(int8_dot=d)), jnp.zeros((M, 300), jnp.int8),
+        jnp.ones((M,)), pw)
+    assert "tpu_custom_call" in text and "lowbit_matmul_int8_tpu" in text
 
 
 def test_cpu_without_interpret_is_not_supported():

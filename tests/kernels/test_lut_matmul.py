@@ -103,7 +103,8 @@ class LutBase(BackendBase):
     xs = jnp.asarray(np.random.default_rng(M).uniform(0.005, 0.02, M), jnp.float32)
     y = lut_matmul(jnp.asarray(x), pw, xs, **self.kw)
     want = lowbit_matmul_int8(jnp.asarray(x), xs, pw, implementation="xla")
-    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-6, atol=1e-6)
+    # float32 tolerance: a kernel sums the groups' float shares in its own order
+    check_float(y, np.asarray(want, np.float64), jnp.float32, 1e-5)
 
   def test_float_path(self, case, dtype):
     M, K, N, fmt = case

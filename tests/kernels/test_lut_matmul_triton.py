@@ -11,8 +11,7 @@ import pytest
 
 from pallas_kernels.dispatch import NotSupported
 from pallas_kernels.lowbit_matmul import layout, lowbit_matmul, lowbit_matmul_int8
-from pallas_kernels.lut_matmul import lut_matmul, lut_tables
-from pallas_kernels.lut_matmul import pallas_triton as lt
+from pallas_kernels.lut_matmul import kernel_math, lut_matmul, lut_tables
 from pallas_kernels.lut_matmul.pallas_triton import TritonConfig
 from pallas_kernels.lut_matmul.reference import SIGNS_IJ
 
@@ -49,11 +48,12 @@ def _cfg_id(c):
 class TestPallasTritonInterpret(LutBase):
   IMPLEMENTATION, INTERPRET = "pallas_triton", True
   CASES = CASES
-  DTYPES = (jnp.float32, jnp.bfloat16)
+
+  # Interpreted, one float dtype and one table scale a case (the GPU class runs them all).
+  def test_float_path(self, case):
+    LutBase.test_float_path(self, case, jnp.bfloat16 if case == CASES[0] else jnp.float32)
 
   def test_int8_tables_within_bound(self, case):
-    """Interpreted: one table scale a case ("group" for the first, "row" for the second); the
-    GPU class runs both for every case."""
     LutBase.test_int8_tables_within_bound(self, case, "group" if case == CASES[0] else "row")
 
   def test_equals_dequant_kernel(self):
@@ -124,10 +124,11 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
   INTERPRET, GPU = False, True
   CASES = ALL_CASES + CASES
   DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+  test_float_path = LutBase.test_float_path
   test_int8_tables_within_bound = LutBase.test_int8_tables_within_bound
 
-  @pytest.mark.parametrize("lookup", ["select", "onehot"])
-  @pytest.mark.parametrize("M", [1, 16, 256])
+  @pytest.mark.parametrize("M,lookup", [(1, "select"), (16, "select"), (1, "onehot"),
+                                        (16, "onehot"), (256, "onehot")])
   def test_model_shapes(self, M, lookup):
     """Compiled at a 4096 x 4096 projection (ternary planes, and 4-bit planes in groups of 128):
     exact int8 sums, bf16 against float64."""
@@ -156,14 +157,14 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
 
 def test_table_entries_are_the_reference_signs():
   x = np.random.default_rng(0).integers(-127, 128, (4, 5)).astype(np.int32)
-  got = np.stack([np.asarray(e) for e in lt.table_entries(*(jnp.asarray(r) for r in x))])
+  got = np.stack([np.asarray(e) for e in kernel_math.table_entries(*(jnp.asarray(r) for r in x))])
   np.testing.assert_array_equal(got, SIGNS_IJ.astype(np.int64).T @ x.astype(np.int64))
 
 
 def test_quantize_entry_rounds_half_to_even():
   v = np.concatenate([np.random.default_rng(1).uniform(-130, 130, 4096),
                       np.arange(-130, 130.5, 0.5), [0.49999997, -0.49999997]]).astype(np.float32)
-  got = np.asarray(jax.jit(lt.quantize_entry)(jnp.asarray(v), jnp.float32(1.0)))
+  got = np.asarray(jax.jit(kernel_math.quantize_entry)(jnp.asarray(v), jnp.float32(1.0)))
   np.testing.assert_array_equal(got, np.clip(np.round(v), -127, 127))
 
 
@@ -174,7 +175,7 @@ def test_table_scales_are_the_references(table_scale):
   x = jnp.asarray(random_x_int8(2, 3, 200))
   t = lut_tables(x, k_pad=pw.rows, group=pw.block, table_dtype=jnp.dtype(jnp.int8),
                  table_scale=table_scale)
-  got = np.asarray(lt.table_scales(x, pw.rows, pw.block, table_scale)).T
+  got = np.asarray(kernel_math.table_scales(x, pw.rows, pw.block, table_scale)).T
   np.testing.assert_array_equal(got, np.broadcast_to(np.asarray(t.scale_MS), got.shape))
 
 
