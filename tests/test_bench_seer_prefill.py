@@ -18,6 +18,7 @@ from pallas_kernels.block_sparse_attention import check_block_indices
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_seer_prefill_smoke(tmp_path):
   out = tmp_path / "out.json"
   cmd = [sys.executable, "-m", "benchmarks", "seer_prefill", "--interpret", "--seqs", "64",

@@ -60,6 +60,7 @@ def test_static_window_matches_the_density():
     assert abs(kept - d) < 2.0 / nb, (nb, d, w, kept)
 
 
+@pytest.mark.slow  # also run end to end by experiments/seer_prefill's test
 def test_evaluate_densities_rows(setup):
   params, tokens, gate = setup
   r = ps.evaluate_densities(MCFG, params, np.asarray(tokens), densities=(1.0, 0.25),
