@@ -13,8 +13,8 @@ error bound are reference.py's. On the integer path with exact tables the per-gr
 `lowbit_matmul.reference.int_group_sums` exactly, and the result equals `lowbit_matmul_int8`'s.
 Any M, N and K.
 
-Implementations (pallas_kernels.dispatch): `xla` (reference.py), `pallas_triton` (the GPU
-default: tables built in the kernel from its x slice, looked up by a select tree (GEMV) or as one
+Implementations (pallas_kernels.dispatch): `xla` (reference.py), `pallas_triton` (named
+only until timed on a GPU: tables built in the kernel from its x slice, looked up by a select tree (GEMV) or as one
 MMA over a one-hot selection (GEMM), pallas_triton.py) and `pallas_mosaic_tpu` (the TPU default:
 tables as a small MXU matmul of the x slice, looked up as one MXU matmul over a one-hot
 selection, pallas_mosaic_tpu.py); kernel_math.py holds the pieces they share.
@@ -36,10 +36,11 @@ from pallas_kernels.lut_matmul.reference import (
   table_error_bound,
 )
 
+# `auto` is XLA on a GPU until the Triton kernel has been run and timed on one (name it to use it).
 _OP = Op("lut_matmul", __name__,
          backends={"xla": "reference", "pallas_triton": "pallas_triton",
                    "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
-         defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
+         defaults={"tpu": ("pallas_mosaic_tpu",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "TABLE_SCALES", "LutTables", "lut_group_sums", "lut_matmul",

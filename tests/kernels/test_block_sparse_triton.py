@@ -19,7 +19,7 @@ from pallas_kernels.causal_attention import causal_attention
 from pallas_kernels.dispatch import NotSupported
 from pallas_kernels.flash_attention import flash_attention
 
-from ._oracle import TOLERANCES, check_close, generate_from_class, lower_for_cuda
+from ._oracle import check_close, generate_from_class, lower_for_cuda
 from .test_block_sparse_attention import BlockSparseAttentionBase, rand_qkv, random_indices
 
 pytest_generate_tests = generate_from_class
@@ -210,13 +210,14 @@ def test_refusals():
                                             (256, 64, False)])
 def test_kernels_lower_for_cuda(dtype, H, bs, per_group):
   """Forward, dq and dk / dv kernels lower to Triton IR for CUDA (checked on CPU, without a
-  GPU), through `implementation=None` and a gradient."""
+  GPU), through a gradient."""
   S = jax.ShapeDtypeStruct
   T, N, K = 1000, 8, 2
   nb = -(-T // bs)
   q, kv = S((1, T, N, H), dtype), S((1, T, K, H), dtype)
   n, idx = S((1,), jnp.int32), S((1, K if per_group else N, nb, 5), jnp.int32)
-  f = lambda q, k, v, n, i: block_sparse_attention(q, k, v, i, n, block_size=bs)
+  f = lambda q, k, v, n, i: block_sparse_attention(q, k, v, i, n, block_size=bs,
+                                                   implementation="pallas_triton")
   g = lambda q, k, v, n, i: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, n, i).astype(
       jnp.float32)), (0, 1, 2))(q, k, v)
   text = lower_for_cuda(g, q, kv, kv, n, idx)
