@@ -125,6 +125,18 @@ def setup_sel(seed=0, B=2, T=44, N=4, K=2, H=8, bs=4, lengths=(44, 19)):
   return q, k, scores, jnp.asarray(lengths, jnp.int32), bs, nb
 
 
+def check_rows(idx, lengths, bs, nb, dense_rows, want_of):
+  """Every (sequence, head, query block) row of idx [2, 4, nQ, M]: empty past the length, dense
+  in the last dense_rows blocks, else want_of(b, n, i)."""
+  for b in range(2):
+    nv = -(-int(lengths[b]) // bs)
+    for n in range(4):
+      for i in range(nb):
+        want = ([] if i >= nv else list(range(i + 1)) if i >= nv - dense_rows
+                else want_of(b, n, i))
+        assert rows_of(idx[b, n, i:i + 1])[0] == want, (b, n, i)
+
+
 @pytest.mark.parametrize("dense_rows", [0, 2])
 def test_select_threshold_matches_loop(dense_rows):
   q, k, scores, lengths, bs, nb = setup_sel()
@@ -133,17 +145,8 @@ def test_select_threshold_matches_loop(dense_rows):
   idx = np.asarray(sel.select_threshold(probs, lengths, bs, tau, dense_rows=dense_rows))
   assert idx.shape == (2, 4, nb, nb) and idx.dtype == np.int32
   p = np.asarray(probs)
-  for b in range(2):
-    nv = -(-int(lengths[b]) // bs)
-    for n in range(4):
-      for i in range(nb):
-        if i >= nv:
-          want = []
-        elif i >= nv - dense_rows:
-          want = list(range(i + 1))
-        else:
-          want = sorted({j for j in range(i + 1) if p[b, n, i, j] >= tau} | {i})
-        assert rows_of(idx[b, n, i:i + 1])[0] == want, (b, n, i)
+  check_rows(idx, lengths, bs, nb, dense_rows,
+             lambda b, n, i: sorted({j for j in range(i + 1) if p[b, n, i, j] >= tau} | {i}))
   check_format(idx, q, k, bs)
   capped = np.asarray(sel.select_threshold(probs, lengths, bs, 0.0, max_blocks=3))
   assert capped.shape[-1] == 3
@@ -158,19 +161,13 @@ def test_select_nz_ratio_matches_loop(ratio, dense_rows):
   idx = np.asarray(sel.select_nz_ratio(scores, lengths, bs, ratio, dense_rows))
   assert idx.shape[-1] == sel.nz_ratio_width(nb, ratio, dense_rows)
   s = np.asarray(scores)
-  for b in range(2):
-    nv = -(-int(lengths[b]) // bs)
-    for n in range(4):
-      for i in range(nb):
-        if i >= nv:
-          want = []
-        elif i >= nv - dense_rows:
-          want = list(range(i + 1))
-        else:
-          kk = max(1, math.ceil(round(ratio * (i + 1), 6)))
-          others = [j for j in np.argsort(-s[b, n, i, :i], kind="stable")][:kk - 1]
-          want = sorted(set(int(j) for j in others) | {i})
-        assert rows_of(idx[b, n, i:i + 1])[0] == want, (b, n, i)
+
+  def top(b, n, i):
+    kk = max(1, math.ceil(round(ratio * (i + 1), 6)))
+    others = [j for j in np.argsort(-s[b, n, i, :i], kind="stable")][:kk - 1]
+    return sorted(set(int(j) for j in others) | {i})
+
+  check_rows(idx, lengths, bs, nb, dense_rows, top)
   check_format(idx, q, k, bs)
   if dense_rows == 0:
     d = float(sel.density(jnp.asarray(idx), lengths, bs))
