@@ -18,6 +18,7 @@ data.seq_len). Phases resume: <out>/gate.npz is reused when its settings match, 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -46,6 +47,9 @@ def parse_args(argv=None):
   ap.add_argument("--dense-rows", type=int, default=0)
   ap.add_argument("--eval-source", action="append", default=[], metavar="PATH",
                   help="an extra held-out set (.txt one document per line, or .jsonl); repeatable")
+  ap.add_argument("--eval-packing", choices=("pack", "pad"), default="pack",
+                  help="how --eval-source documents fill the windows: pack (concatenated, so short "
+                       "documents count) or pad (one document per window, as the run's own data)")
   ap.add_argument("--implementation", default=None, help="block-sparse attention backend")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
@@ -162,14 +166,17 @@ def main(argv=None) -> int:
   res_path = out / "results.json"
   saved = json.loads(res_path.read_text()) if res_path.exists() else {}
   settings = {**gate_meta, "n_eval": args.n_eval, "densities": args.density_list,
-              "selectors": args.selector_list, "dense_rows": args.dense_rows}
+              "selectors": args.selector_list, "dense_rows": args.dense_rows,
+              "eval_packing": args.eval_packing}
   results = saved.get("results", {}) if saved.get("settings") == settings else {}
   sets = [("valid", "valid")] + [(pathlib.Path(p).name, p) for p in args.eval_source]
   for name, src in sets:
     if name in results:
       log(f"{name}: done earlier")
       continue
-    toks = windows(evaluation.split_examples(cfg, src), seq, args.n_eval)
+    scfg = cfg if src == "valid" else dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, packing=args.eval_packing))
+    toks = windows(evaluation.split_examples(scfg, src), seq, args.n_eval)
     log(f"{name}: {len(toks)} windows")
     results[name] = ps.evaluate_densities(
         mcfg, params, toks, densities=args.density_list, selectors=args.selector_list,

@@ -21,8 +21,8 @@ def test_seer_prefill_tiny(tmp_path):
                       "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   extra = tmp_path / "extra.txt"
-  extra.write_text("\n".join("a held-out document with enough bytes to fill a window, " * 3
-                             for _ in range(6)))
+  # documents shorter than a window: --eval-packing pack (the default) concatenates them
+  extra.write_text("\n".join(f"short held-out document {i}." for i in range(40)))
   out = tmp_path / "out"
   cmd = [sys.executable, "experiments/seer_prefill/run.py", "--run", str(run), "--out", str(out),
          "--gate-steps", "3", "--gate-batch", "2", "--gate-seqs", "8", "--block-size", "8",
