@@ -8,3 +8,19 @@ if str(ROOT) not in sys.path:
 
 # Tests must not be slowed or skewed by a user's preallocation settings on GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _ieee_f32_references_on_gpu(request):
+  """GPU tests run under float32 ("highest") matmul precision: XLA's float32 dots default to
+  TF32 on a GPU (~1e-3 relative error), and the XLA computations the kernels are compared with
+  must be IEEE float32 (the kernels themselves ask for it through `launch.dot_precision`)."""
+  if request.node.get_closest_marker("gpu") is None:
+    yield
+    return
+  import jax
+  with jax.default_matmul_precision("highest"):
+    yield

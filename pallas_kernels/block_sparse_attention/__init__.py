@@ -16,7 +16,7 @@ there give zeros, as do rows that see no key.
 
 Implementations (pallas_kernels.dispatch): `xla` (xla.py: a scan over the index slots with an
 online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memory per head),
-`pallas_triton` (pallas_triton.py, named only until timed on a GPU: a forward kernel looping over the live slots
+`pallas_triton` (pallas_triton.py, the GPU default: a forward kernel looping over the live slots
 and dq / dk-dv kernels, the latter over the transposed index lists; H and block_size powers of
 2, H <= 256, 16 <= block_size <= 128).
 `block_sparse_attention_reference` (reference.py) is the dense masked oracle the tests hold
@@ -36,9 +36,11 @@ from pallas_kernels.block_sparse_attention.reference import (block_mask,
 from pallas_kernels.dispatch import Op
 from pallas_kernels.flash_attention import check_prefill_args
 
-# `auto` is XLA on a GPU until the Triton kernel has been run and timed on one (name it to use it).
+# `auto` on a GPU: the Triton kernels (H100, 32K tokens, 32 / 8 heads, every causal block:
+# forward 21.0 ms against the XLA scan's 787 ms).
 _OP = Op("block_sparse_attention", __name__,
-         backends={"xla": "xla", "pallas_triton": "pallas_triton"})
+         backends={"xla": "xla", "pallas_triton": "pallas_triton"},
+         defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "block_mask", "block_sparse_attention",

@@ -136,6 +136,13 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
   INTERPRET, GPU = False, True
   DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
+  def test_auto_is_the_triton_kernel_on_a_gpu(self):
+    q, k, v = rand_qkv(12, 1, 64, 2, 1, 64, jnp.bfloat16)
+    idx = jnp.asarray(random_indices(13, 1, 2, 4, 2))
+    lowered = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, idx, block_size=16)).lower(
+        q, k, v)
+    assert "xla.gpu.triton" in lowered.as_text()
+
   @pytest.mark.parametrize("bs", [64, 128])
   @pytest.mark.parametrize("H", [64, 128, 256])
   def test_prefill_scale(self, H, bs):
