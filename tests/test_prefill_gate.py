@@ -174,6 +174,28 @@ def test_select_nz_ratio_matches_loop(ratio, dense_rows):
     assert abs(d - ratio) < 0.1, d
 
 
+@pytest.mark.parametrize("ratio,sink,local", [(0.3, 1, 2), (0.2, 0, 3), (0.5, 2, 1)])
+def test_select_nz_ratio_keeps_sink_and_local_blocks_inside_the_budget(ratio, sink, local):
+  q, k, scores, lengths, bs, nb = setup_sel(3)
+  idx = np.asarray(sel.select_nz_ratio(scores, lengths, bs, ratio, 0, sink, local))
+  s = np.asarray(scores)
+
+  def top(b, n, i):
+    keep = {j for j in range(i + 1) if j < sink or j > i - local}
+    kk = max(1, math.ceil(round(ratio * (i + 1), 6)), len(keep))
+    rest = [int(j) for j in np.argsort(-s[b, n, i, :i + 1], kind="stable") if j not in keep]
+    return sorted(keep | set(rest[:kk - len(keep)]))
+
+  check_rows(idx, lengths, bs, nb, 0, top)
+  check_format(idx, q, k, bs)
+  thr = np.asarray(sel.select_threshold(jax.nn.softmax(scores, -1), lengths, bs, 0.99,
+                                        sink_blocks=sink, local_blocks=local))
+  check_rows(thr, lengths, bs, nb, 0,
+             lambda b, n, i: sorted(j for j in range(i + 1) if j < sink or j > i - local))
+  with pytest.raises(ValueError, match="local_blocks >= 1"):
+    sel.select_nz_ratio(scores, lengths, bs, ratio, 0, 0, 0)
+
+
 def test_oracle_is_top_k_of_the_ground_truth_and_beats_random():
   q, k, scores, lengths, bs, nb = setup_sel(2)
   q = q * 3.0          # sharper attention than standard normals give, so block choice matters

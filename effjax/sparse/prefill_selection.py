@@ -40,14 +40,20 @@ def visible(lengths_B: jax.Array, nb: int, block_size: int) -> jax.Array:
   return ((j <= i)[None] & row_ok)[:, None]
 
 
-def forced(lengths_B: jax.Array, nb: int, block_size: int, dense_rows: int) -> jax.Array:
-  """bool [B, 1, nQ, nK]: the diagonal block, and every visible block of the last dense_rows
+def forced(lengths_B: jax.Array, nb: int, block_size: int, dense_rows: int,
+           sink_blocks: int = 0, local_blocks: int = 1) -> jax.Array:
+  """bool [B, 1, nQ, nK]: the diagonal block (with local_blocks > 1: the local_blocks blocks
+  ending at it), the first sink_blocks blocks, and every visible block of the last dense_rows
   valid query blocks."""
+  if sink_blocks < 0 or local_blocks < 1:
+    raise ValueError(f"need sink_blocks >= 0 and local_blocks >= 1, got {sink_blocks}, "
+                     f"{local_blocks}")
   vis = visible(lengths_B, nb, block_size)
   i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
   last_B = (lengths_B + block_size - 1) // block_size                       # valid query blocks
   dense = jnp.arange(nb)[None, :] >= (last_B - dense_rows)[:, None]         # [B, nQ]
-  return vis & ((i == j)[None, None] | dense[:, None, :, None])
+  always = (j > i - local_blocks) | (j < sink_blocks)
+  return vis & (always[None, None] | dense[:, None, :, None])
 
 
 def _ceil_ratio(ratio: float, n):
@@ -71,19 +77,22 @@ def _top(scores_BHQN: jax.Array, keep_BHQN: jax.Array, force_BHQN: jax.Array, co
   return jnp.where(idx < nk, idx, -1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "dense_rows", "max_blocks"))
+@functools.partial(jax.jit, static_argnames=("block_size", "dense_rows", "max_blocks",
+                                             "sink_blocks", "local_blocks"))
 def select_threshold(probs_BHQN: jax.Array, lengths_B: jax.Array, block_size: int,
                      threshold: float, dense_rows: int = 0,
-                     max_blocks: int | None = None) -> jax.Array:
-  """Blocks whose gate probability is >= threshold, plus the forced ones; at most max_blocks per
-  row (the highest probabilities win; None: no cap, M = nK). probs [B, H, nQ, nK] ->
-  int32 [B, H, nQ, M]."""
+                     max_blocks: int | None = None, sink_blocks: int = 0,
+                     local_blocks: int = 1) -> jax.Array:
+  """Blocks whose gate probability is >= threshold, plus the forced ones (as `select_nz_ratio`);
+  at most max_blocks per row (the highest probabilities win; None: no cap, M = nK).
+  probs [B, H, nQ, nK] -> int32 [B, H, nQ, M]."""
   if max_blocks is not None and (dense_rows or max_blocks < 1):
     raise ValueError(f"max_blocks must be >= 1 and leaves no room for dense rows (every visible "
                      f"block); got max_blocks={max_blocks}, dense_rows={dense_rows}")
   nb = probs_BHQN.shape[-1]
   vis = visible(lengths_B, nb, block_size)
-  force = jnp.broadcast_to(forced(lengths_B, nb, block_size, dense_rows), probs_BHQN.shape)
+  force = jnp.broadcast_to(forced(lengths_B, nb, block_size, dense_rows, sink_blocks,
+                                  local_blocks), probs_BHQN.shape)
   keep = vis & (probs_BHQN >= threshold)
   width = nb if max_blocks is None else min(max_blocks, nb)
   count = None if max_blocks is None else jnp.full(probs_BHQN.shape[:-1], width)
@@ -95,32 +104,39 @@ def nz_ratio_width(nb: int, nz_ratio: float, dense_rows: int = 0) -> int:
   return nb if dense_rows else max(1, min(nb, math.ceil(round(nz_ratio * nb, 6))))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "nz_ratio", "dense_rows"))
+@functools.partial(jax.jit, static_argnames=("block_size", "nz_ratio", "dense_rows",
+                                             "sink_blocks", "local_blocks"))
 def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: int,
-                    nz_ratio: float, dense_rows: int = 0) -> jax.Array:
+                    nz_ratio: float, dense_rows: int = 0, sink_blocks: int = 0,
+                    local_blocks: int = 1) -> jax.Array:
   """Per-row top-k: query block i keeps k_i = ceil(nz_ratio * (i + 1)) of its i + 1 visible
-  blocks (at least the diagonal; all of them in dense rows), the highest scores besides the
-  forced ones. scores [B, H, nQ, nK] (gate logits or probabilities, or a target) ->
-  int32 [B, H, nQ, nz_ratio_width(nK, nz_ratio, dense_rows)]."""
+  blocks (at least the forced ones: the diagonal, or with local_blocks > 1 the local window
+  ending at it, and the first sink_blocks; all of them in dense rows), the rest of its budget
+  the highest scores. scores [B, H, nQ, nK] (gate logits or probabilities, or a target) ->
+  int32 [B, H, nQ, M], M = nz_ratio_width(nK, nz_ratio, dense_rows), widened to hold the forced
+  blocks."""
   if not 0 < nz_ratio <= 1:
     raise ValueError(f"nz_ratio must be in (0, 1], got {nz_ratio}")
   nb = scores_BHQN.shape[-1]
   vis = jnp.broadcast_to(visible(lengths_B, nb, block_size), scores_BHQN.shape)
-  force = jnp.broadcast_to(forced(lengths_B, nb, block_size, dense_rows), scores_BHQN.shape)
+  force = jnp.broadcast_to(forced(lengths_B, nb, block_size, dense_rows, sink_blocks,
+                                  local_blocks), scores_BHQN.shape)
   k_Q = jnp.maximum(_ceil_ratio(nz_ratio, jnp.arange(1, nb + 1)), 1)        # [nQ]
   n_forced = jnp.sum(force, axis=-1)
   count = jnp.maximum(jnp.broadcast_to(k_Q, scores_BHQN.shape[:-1]), n_forced)
-  return _top(scores_BHQN, vis, force, count, nz_ratio_width(nb, nz_ratio, dense_rows))
+  width = max(nz_ratio_width(nb, nz_ratio, dense_rows), min(nb, sink_blocks + local_blocks))
+  return _top(scores_BHQN, vis, force, count, width)
 
 
 def select_oracle(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, lengths_B: jax.Array,
                   block_size: int, nz_ratio: float, dense_rows: int = 0,
-                  implementation=None) -> jax.Array:
+                  implementation=None, sink_blocks: int = 0, local_blocks: int = 1) -> jax.Array:
   """The true top-k: `select_nz_ratio` on the block-level ground truth of the layer's own
   attention (`pallas_kernels.flash_attention`), per query head: int32 [B, N, nQ, M]."""
   _, target = flash_attention(q_BTNH, k_BTKH, v_BTKH, lengths_B, block_size=block_size,
                               implementation=implementation)
-  return select_nz_ratio(target, lengths_B, block_size, nz_ratio, dense_rows)
+  return select_nz_ratio(target, lengths_B, block_size, nz_ratio, dense_rows, sink_blocks,
+                         local_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("n_heads", "T", "block_size", "sink_blocks",

@@ -46,6 +46,9 @@ class PrefillSparseConfig:
   threshold: float | None = None  # gate: keep blocks with probability >= threshold instead
   dense_rows: int = 0             # the last query blocks of each sequence attend densely
   sink_blocks: int = 1            # static: the first blocks always kept
+  keep_local_blocks: int = 1      # gate, oracle: the blocks ending at the diagonal always kept
+  keep_sink_blocks: int = 0       # gate, oracle: the first blocks always kept (both count
+                                  # against the row's budget; the scores fill the rest)
   implementation: str | None = None  # block-sparse attention backend (None: auto)
 
   def __post_init__(self):
@@ -57,8 +60,10 @@ class PrefillSparseConfig:
       raise ValueError(f"density must be in (0, 1], got {self.density}")
     if self.threshold is not None and not 0 < self.threshold <= 1:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-    if self.dense_rows < 0 or self.sink_blocks < 0:
-      raise ValueError("dense_rows and sink_blocks must be >= 0")
+    if self.dense_rows < 0 or self.sink_blocks < 0 or self.keep_sink_blocks < 0:
+      raise ValueError("dense_rows, sink_blocks and keep_sink_blocks must be >= 0")
+    if self.keep_local_blocks < 1:
+      raise ValueError(f"keep_local_blocks must be >= 1 (the diagonal), got {self.keep_local_blocks}")
 
 
 def static_local_blocks(nb: int, density: float, sink_blocks: int) -> int:
@@ -93,13 +98,16 @@ class SeerSparseAttention:
       w = static_local_blocks(nb, s.density, s.sink_blocks)
       return sel.select_static(lengths, N, T, bs, sink_blocks=s.sink_blocks, local_blocks=w,
                                dense_rows=s.dense_rows)
+    keep = dict(sink_blocks=s.keep_sink_blocks, local_blocks=s.keep_local_blocks)
     if s.selector == "oracle":
-      return sel.select_oracle(q_BTNH, k_BTKH, v_BTKH, lengths, bs, s.density, s.dense_rows)
+      return sel.select_oracle(q_BTNH, k_BTKH, v_BTKH, lengths, bs, s.density, s.dense_rows,
+                               **keep)
     probs = pg.gate_probs(self.gate_params["wq"][layer], self.gate_params["wk"][layer], q_BTNH,
                           k_BTKH, lengths, bs, self.mcfg.rope_theta)
     if s.threshold is not None:
-      return sel.select_threshold(probs, lengths, bs, s.threshold, dense_rows=s.dense_rows)
-    return sel.select_nz_ratio(probs, lengths, bs, s.density, s.dense_rows)
+      return sel.select_threshold(probs, lengths, bs, s.threshold, dense_rows=s.dense_rows,
+                                  **keep)
+    return sel.select_nz_ratio(probs, lengths, bs, s.density, s.dense_rows, **keep)
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     idx = self.select(layer, q_BTNH, k_BTKH, v_BTKH)
@@ -138,9 +146,12 @@ def sparse_nll(mcfg: ModelConfig, scfg: PrefillSparseConfig, params, tokens_BT: 
 def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
                        densities=(1.0, 0.5, 0.2, 0.1), selectors=("gate", "oracle", "static"),
                        block_size: int = 64, dense_rows: int = 0, gate_params=None,
-                       batch_size: int = 4, implementation=None, log=None) -> dict:
+                       batch_size: int = 4, implementation=None, local_blocks: int = 2,
+                       sink_blocks: int = 1, log=None) -> dict:
   """Perplexity of the frozen model on tokens_NT (int32 [N, T], full-length sequences) with
-  block-sparse prefill at each density for each selector, plus the dense reference. Returns
+  block-sparse prefill at each density for each selector, plus the dense reference. A selector
+  "gate+local" / "oracle+local" is the gate / oracle top-k with the first sink_blocks and the
+  local_blocks blocks ending at the diagonal always kept (inside the same budget). Returns
   {"dense": row, "<selector>@<density>": row}, row = {"nll", "ppl", "ppl_increase" (over dense),
   "density" (measured), "tokens"}."""
   N, T = tokens_NT.shape
@@ -160,11 +171,16 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
   if log:
     log(f"dense: ppl {out['dense']['ppl']:.4f}")
   for s in selectors:
-    if s == "gate" and gate_params is None:
+    base, _, variant = s.partition("+")
+    if variant not in ("", "local") or (variant and base not in ("gate", "oracle")):
+      raise ValueError(f"selector {s!r}: want one of {', '.join(SELECTORS)}, or gate+local / "
+                       f"oracle+local")
+    if base == "gate" and gate_params is None:
       continue
+    keep = dict(keep_local_blocks=local_blocks, keep_sink_blocks=sink_blocks) if variant else {}
     for d in densities:
-      row = run(PrefillSparseConfig(s, block_size, density=float(d), dense_rows=dense_rows,
-                                    implementation=implementation))
+      row = run(PrefillSparseConfig(base, block_size, density=float(d), dense_rows=dense_rows,
+                                    implementation=implementation, **keep))
       row["ppl_increase"] = row["ppl"] / out["dense"]["ppl"] - 1.0
       out[f"{s}@{d}"] = row
       if log:

@@ -43,7 +43,12 @@ def parse_args(argv=None):
   ap.add_argument("--n-eval", type=int, default=32, help="windows per evaluated set")
   ap.add_argument("--eval-batch", type=int, default=2)
   ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
-  ap.add_argument("--selectors", default="gate,oracle,static")
+  ap.add_argument("--selectors", default="gate,oracle,static,gate+local",
+                  help="comma-separated: gate, oracle, static, gate+local, oracle+local (+local: "
+                       "the first --sink-blocks and the --local-blocks ending at the diagonal "
+                       "always kept, the scores filling the rest of the row's budget)")
+  ap.add_argument("--local-blocks", type=int, default=2)
+  ap.add_argument("--sink-blocks", type=int, default=1)
   ap.add_argument("--dense-rows", type=int, default=0)
   ap.add_argument("--eval-source", action="append", default=[], metavar="PATH",
                   help="an extra held-out set (.txt one document per line, or .jsonl); repeatable")
@@ -69,9 +74,12 @@ def parse_args(argv=None):
   if not args.density_list or any(not 0 < d <= 1 for d in args.density_list):
     ap.error(f"--densities {args.densities!r}: want comma-separated numbers in (0, 1]")
   args.selector_list = [s for s in args.selectors.split(",") if s]
-  bad = [s for s in args.selector_list if s not in ("gate", "oracle", "static")]
+  known = ("gate", "oracle", "static", "gate+local", "oracle+local")
+  bad = [s for s in args.selector_list if s not in known]
   if bad or not args.selector_list:
-    ap.error(f"--selectors: choose from gate, oracle, static; got {args.selectors!r}")
+    ap.error(f"--selectors: choose from {', '.join(known)}; got {args.selectors!r}")
+  if args.local_blocks < 1 or args.sink_blocks < 0:
+    ap.error("--local-blocks must be >= 1 and --sink-blocks >= 0")
   for name in ("block_size", "gate_batch", "gate_seqs", "n_eval", "eval_batch", "d_gate"):
     if getattr(args, name) < 1:
       ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -94,19 +102,22 @@ def windows(examples, seq: int, n: int):
 
 
 def table(results: dict, densities, selectors) -> str:
-  """Markdown: one row per evaluated set, perplexity at each density per selector (in the layout
-  of SeerAttention's PG19 table), dense first."""
-  head = ["set", "dense"] + [f"{s} {d:g}" for d in densities for s in selectors]
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  """Markdown, one table per evaluated set: a row per selector (dense first), a column per
+  density (SeerAttention's PG19 table has methods as rows and sparsity settings as columns)."""
+  parts = []
   for name, r in results.items():
-    cells = [name, f"{r['dense']['ppl']:.3f}"]
-    for d in densities:
-      for s in selectors:
+    head = ["selector"] + [f"density {d:g}" for d in densities]
+    lines = [f"**{name}** (dense perplexity {r['dense']['ppl']:.3f})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in selectors:
+      cells = [s]
+      for d in densities:
         x = r.get(f"{s}@{d}")
         cells.append("" if x is None else f"{x['ppl']:.3f} ({100 * x['ppl_increase']:+.1f}%, "
                                           f"d {x['density']:.2f})")
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines)
+      lines.append("| " + " | ".join(cells) + " |")
+    parts.append("\n".join(lines))
+  return "\n\n".join(parts)
 
 
 def main(argv=None) -> int:
@@ -146,7 +157,7 @@ def main(argv=None) -> int:
                "lr": args.gate_lr, "seqs": args.gate_seqs, "seq": seq, "seed": args.seed}
   gate_path, meta_path = out / "gate.npz", out / "gate.json"
   gate = None
-  if "gate" in args.selector_list:
+  if any(s.startswith("gate") for s in args.selector_list):
     if (gate_path.exists() and meta_path.exists()
         and json.loads(meta_path.read_text()).get("settings") == gate_meta):
       gate = {k: jnp.asarray(v) for k, v in np.load(gate_path).items()}
@@ -167,7 +178,8 @@ def main(argv=None) -> int:
   saved = json.loads(res_path.read_text()) if res_path.exists() else {}
   settings = {**gate_meta, "n_eval": args.n_eval, "densities": args.density_list,
               "selectors": args.selector_list, "dense_rows": args.dense_rows,
-              "eval_packing": args.eval_packing}
+              "eval_packing": args.eval_packing, "local_blocks": args.local_blocks,
+              "sink_blocks": args.sink_blocks}
   results = saved.get("results", {}) if saved.get("settings") == settings else {}
   sets = [("valid", "valid")] + [(pathlib.Path(p).name, p) for p in args.eval_source]
   for name, src in sets:
@@ -181,7 +193,8 @@ def main(argv=None) -> int:
     results[name] = ps.evaluate_densities(
         mcfg, params, toks, densities=args.density_list, selectors=args.selector_list,
         block_size=args.block_size, dense_rows=args.dense_rows, gate_params=gate,
-        batch_size=args.eval_batch, implementation=args.implementation, log=log)
+        batch_size=args.eval_batch, implementation=args.implementation,
+        local_blocks=args.local_blocks, sink_blocks=args.sink_blocks, log=log)
     atomic_write_text(res_path, json.dumps({"settings": settings, "results": results}, indent=2))
     cmd = "python3 experiments/seer_prefill/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv)

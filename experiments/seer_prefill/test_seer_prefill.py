@@ -35,8 +35,10 @@ def test_seer_prefill_tiny(tmp_path):
     assert rows["dense"]["ppl_increase"] == 0.0
     assert abs(rows["oracle@1.0"]["ppl_increase"]) < 1e-3
     assert rows["static@0.25"]["density"] < 0.6 and rows["gate@0.25"]["density"] < 0.6
+    assert rows["gate+local@0.25"]["density"] < 0.6         # the default selectors include it
   report = (out / "REPORT.md").read_text()
-  assert "| valid |" in report and "| extra.txt |" in report and "Command:" in report
+  assert "**valid**" in report and "**extra.txt**" in report and "Command:" in report
+  assert "| gate+local |" in report
   # a rerun reuses the gate and every finished set
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "gate: reusing" in r.stdout and "done earlier" in r.stdout
