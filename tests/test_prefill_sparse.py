@@ -101,3 +101,41 @@ def test_generate_with_block_sparse_prefill(setup):
   with pytest.raises(ValueError, match="prefill_chunk None"):
     decoding.generate(MCFG, params, tokens, lengths, jax.random.key(0), **kw, prefill_chunk=16,
                       prefill_sparse=ps.PrefillSparseConfig("dense", BS))
+
+
+def test_sparse_training_loss_trains_model_and_gate_apart(setup):
+  """At density 1 the training loss's NLL is the causal forward's; the LM loss reaches the model
+  only (the choice and the gate's inputs carry no gradient), the distillation loss the gate only;
+  a few Adam steps on the gate lower the KL."""
+  import optax
+  params, tokens, gate = setup
+  lengths = jnp.asarray([64, 50], jnp.int32)
+  trainable = {"model": params, "gate": gate}
+  full = ps.PrefillSparseConfig("gate", BS, density=1.0)
+  _, (nll, kl, dens) = ps.sparse_training_loss(MCFG, full, trainable, tokens, lengths)
+  logp = jax.nn.log_softmax(forward(MCFG, params, tokens)[:, :-1], -1)
+  tok_nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+  valid = jnp.arange(63)[None] < (lengths[:, None] - 1)
+  want = jnp.sum(jnp.where(valid, tok_nll, 0.0)) / jnp.sum(valid)
+  np.testing.assert_allclose(float(nll), float(want), rtol=2e-4)
+  np.testing.assert_allclose(float(dens), 1.0)
+  assert float(kl) > 0
+  scfg = ps.PrefillSparseConfig("gate", BS, density=0.3, keep_local_blocks=2, keep_sink_blocks=1)
+  grad = jax.grad(lambda t, w: ps.sparse_training_loss(MCFG, scfg, t, tokens, lengths, w)[0])
+  g_lm, g_kl = grad(trainable, 0.0), grad(trainable, 1.0)
+  norm = lambda t: float(optax.tree.norm(t))
+  assert norm(g_lm["gate"]) == 0.0 and norm(g_lm["model"]) > 0
+  chex.assert_trees_all_close(g_kl["model"], g_lm["model"], atol=1e-6)
+  assert norm(g_kl["gate"]) > 0
+  opt = optax.adam(3e-3)                   # the gate alone (frozen model): its KL goes down
+  gp = gate
+  st = opt.init(gp)
+  kl_of = lambda gp: float(ps.sparse_training_loss(MCFG, scfg, {"model": params, "gate": gp},
+                                                   tokens, lengths)[1][1])
+  kl0 = kl_of(gp)
+  for _ in range(5):
+    u, st = opt.update(grad({"model": params, "gate": gp}, 1.0)["gate"], st, gp)
+    gp = optax.apply_updates(gp, u)
+  assert kl_of(gp) < kl0
+  with pytest.raises(ValueError, match="nz-ratio"):
+    ps.SeerTrainingAttention(MCFG, ps.PrefillSparseConfig("oracle", BS), lengths, gate)

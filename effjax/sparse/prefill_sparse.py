@@ -33,6 +33,7 @@ from effjax.model import transformer as model_lib
 from effjax.sparse import prefill_gate as pg
 from effjax.sparse import prefill_selection as sel
 from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.flash_attention import flash_attention
 
 SELECTORS = ("gate", "oracle", "static", "dense")
 
@@ -115,6 +116,61 @@ class SeerSparseAttention:
                                block_size=self.scfg.block_size,
                                implementation=self.scfg.implementation)
     return o, sel.density(idx, self.lengths_B, self.scfg.block_size)
+
+
+class SeerTrainingAttention(SeerSparseAttention):
+  """Fine-tuning strategy (model and gate trained together, SeerAttention's long-context use):
+  the gate's nz-ratio selection as `SeerSparseAttention` (no gradient through the choice),
+  block-sparse attention with gradients to q, k and v, and the gate's distillation loss:
+  KL(block-level target of the layer's dense attention || softmax(gate logits)), the target
+  and the gate's inputs computed from stop-gradient q / k / v (so only the gate learns from it).
+  aux per layer: (density, KL) float32 scalars."""
+
+  def __init__(self, mcfg: ModelConfig, scfg: PrefillSparseConfig, lengths_B: jax.Array,
+               gate_params: dict, target_implementation=None):
+    if scfg.selector != "gate" or scfg.threshold is not None:
+      raise ValueError("fine-tuning selects by the gate's nz-ratio top-k: selector 'gate', "
+                       "threshold None")
+    super().__init__(mcfg, scfg, lengths_B, gate_params)
+    self.target_implementation = target_implementation
+
+  def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
+    s, bs, lengths = self.scfg, self.scfg.block_size, self.lengths_B
+    qs, ks, vs = (jax.lax.stop_gradient(x) for x in (q_BTNH, k_BTKH, v_BTKH))
+    logits = pg.gate_logits(self.gate_params["wq"][layer], self.gate_params["wk"][layer], qs, ks,
+                            lengths, bs, self.mcfg.rope_theta)
+    probs = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
+    idx = sel.select_nz_ratio(probs, lengths, bs, s.density, s.dense_rows,
+                              s.keep_sink_blocks, s.keep_local_blocks)
+    o = block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, idx, lengths, block_size=bs,
+                               implementation=s.implementation)
+    _, target = flash_attention(qs, ks, vs, lengths, block_size=bs,
+                                implementation=self.target_implementation)
+    kl = pg.kl_loss(jax.lax.stop_gradient(target), logits, lengths, bs)
+    return o, (sel.density(idx, lengths, bs), kl)
+
+
+@functools.partial(jax.jit, static_argnames=("mcfg", "scfg"))
+def sparse_training_loss(mcfg: ModelConfig, scfg: PrefillSparseConfig, trainable: dict,
+                         tokens_BT: jax.Array, lengths_B: jax.Array, kl_weight=1.0):
+  """(loss, (next-token NLL, mean KL over layers, mean density)) of trainable
+  {"model": params, "gate": prefill gate params} on right-padded tokens: the mean NLL with
+  block-sparse attention chosen by the gate in every layer, plus kl_weight times the gate's
+  distillation loss (`SeerTrainingAttention`). Differentiate with respect to `trainable`."""
+  params, gate = trainable["model"], trainable["gate"]
+  B, T = tokens_BT.shape
+  x = model_lib.embed(mcfg, params, tokens_BT, mcfg.embed_lookup)
+  pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  x, aux = model_lib.run_layers(mcfg, params, x, pos,
+                                SeerTrainingAttention(mcfg, scfg, lengths_B, gate),
+                                remat=mcfg.remat)
+  logp = jax.nn.log_softmax(model_lib.logits(mcfg, params, x)[:, :-1], axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+  valid = jnp.arange(T - 1)[None] < (lengths_B[:, None] - 1)
+  nll = jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+  dens = jnp.mean(jnp.stack([a[0] for a in aux]))
+  kl = jnp.mean(jnp.stack([a[1] for a in aux]))
+  return nll + kl_weight * kl, (nll, kl, dens)
 
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "scfg"))

@@ -1,7 +1,9 @@
 """The SeerAttention prefill experiment end to end at toy scale: a tiny trained run, the gate
-distilled, perplexity by density on the valid split and an --eval-source file, resume, errors."""
+distilled, perplexity by density on the valid split and an --eval-source file, resume, errors;
+the YaRN long-context fine-tuning (yarn.py) likewise."""
 
 import json
+import math
 import pathlib
 import subprocess
 import sys
@@ -49,3 +51,41 @@ def test_seer_prefill_tiny(tmp_path):
   r = subprocess.run(cmd + ["--densities", "0,2"], cwd=ROOT, capture_output=True, text=True,
                      timeout=120)
   assert r.returncode == 2 and "--densities" in r.stderr
+
+
+def test_yarn_fine_tuning_tiny(tmp_path):
+  """yarn.py end to end on a tiny run: both arms, the baselines and the report; a rerun resumes."""
+  run = tmp_path / "run"
+  r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
+                      f"train.out_dir={run}", "train.steps=4", "train.batch_size=4",
+                      "train.checkpoint_every=4", "train.eval_every=4", "optim.warmup_steps=1",
+                      "train.progress=false", "data.seq_len=64", "model.n_layers=2",
+                      "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  extra = tmp_path / "extra.txt"
+  extra.write_text("\n".join(f"short held-out document {i}." for i in range(60)))
+  out = tmp_path / "yarn"
+  cmd = [sys.executable, "experiments/seer_prefill/yarn.py", "--run", str(run), "--out", str(out),
+         "--factor", "2", "--steps", "3", "--batch", "2", "--gate-steps", "2", "--block-size", "8",
+         "--d-gate", "8", "--n-eval", "2", "--eval-batch", "2", "--train-windows", "8",
+         "--density", "0.3", "--eval-source", str(extra)]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((out / "results.json").read_text())["phases"]
+  assert set(res) == {"gate", "baselines", "dense", "sparse"}
+  for arm in ("dense", "sparse"):
+    assert len(res[arm]["curve"]) == 3
+    ev = res[arm]["eval"]
+    assert set(ev) == {"valid", "extra.txt"}
+    assert all(math.isfinite(v["dense"]) and v["dense"] > 1 for v in ev.values())
+  sp = res["sparse"]["eval"]["valid"]
+  assert 0.2 < sp["sparse_density"] < 0.8 and math.isfinite(sp["sparse"])
+  # the sparse arm trains the gate: its KL is recorded and positive
+  assert all(c[2] > 0 for c in res["sparse"]["curve"])
+  report = (out / "REPORT.md").read_text()
+  assert "YaRN + sparse fine-tuning" in report and "Command:" in report
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "dense: done earlier" in r.stdout and "gate: reusing" in r.stdout
+  r = subprocess.run(cmd + ["--factor", "0.5"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=120)
+  assert r.returncode == 2 and "--factor" in r.stderr
