@@ -68,6 +68,18 @@ def main(argv=None) -> int:
                   choices=list(SPARSE_KERNELS),
                   help="the block-sparse attention's kernel (SparseConfig.sparse_kernel; auto: "
                        "--decode-impl); pallas_mosaic_gpu: the Hopper TMA + wgmma kernel")
+  pg = ap.add_argument_group("SeerAttention block-sparse prefill (perplexity by density)")
+  pg.add_argument("--prefill-densities", default=None, metavar="D,D,...",
+                  help="perplexity of full valid windows with block-sparse prefill attention at "
+                       "these densities (e.g. 1.0,0.5,0.2,0.1), per --prefill-selectors")
+  pg.add_argument("--prefill-selectors", default="gate+local,gate,oracle,static",
+                  help="gate, gate+local (sink and local blocks kept), oracle, oracle+local, static")
+  pg.add_argument("--prefill-windows", type=int, default=8, help="valid windows evaluated")
+  pg.add_argument("--prefill-block-size", type=int, default=64)
+  pg.add_argument("--prefill-gate", default=None, help="prefill gate params .npz")
+  pg.add_argument("--train-prefill-gate", type=int, default=0, metavar="STEPS",
+                  help="distil a prefill gate for STEPS steps on the train split, save "
+                       "<run>/prefill_gate.npz")
   ap.add_argument("overrides", nargs="*", help="key.sub=value config overrides (e.g. eval.*)")
   args = ap.parse_intermixed_args(argv)  # options may follow the key=value overrides
   check_decoding_args(ap, args)
@@ -111,6 +123,7 @@ def main(argv=None) -> int:
     for i, s in enumerate(samples):
       print(f"--- sample {i} (temperature {cfg.eval.temperature}, top-k {cfg.eval.top_k}) ---\n{s}")
   decoding_results = run_decoding_evals(args, cfg, params, run)
+  decoding_results.update(run_prefill_evals(args, cfg, params, run))
   atomic_write_text(out, json.dumps({"run": str(run), "step": step, "splits": results, "samples": samples,
                              **decoding_results,
                              "sampling": {"prompt": cfg.eval.prompt, "temperature": cfg.eval.temperature,
@@ -139,8 +152,27 @@ def drift_budget(args) -> int:
 
 
 def check_decoding_args(ap, args) -> None:
-  """Budgets that cannot hold the forced blocks fail here, before any compute."""
+  """Budgets that cannot hold the forced blocks fail here, before any compute; so do bad
+  prefill densities and selectors."""
   from pallas_kernels.block_topk import forced_blocks_max
+  if args.prefill_densities is not None:
+    try:
+      args.prefill_density_list = [float(x) for x in args.prefill_densities.split(",") if x]
+    except ValueError:
+      ap.error(f"--prefill-densities: want numbers like 1.0,0.5,0.1, got {args.prefill_densities!r}")
+    if not args.prefill_density_list or not all(0 < d <= 1 for d in args.prefill_density_list):
+      ap.error(f"--prefill-densities must be in (0, 1], got {args.prefill_densities!r}")
+    known = ("gate", "gate+local", "oracle", "oracle+local", "static")
+    args.prefill_selector_list = [x for x in args.prefill_selectors.split(",") if x]
+    if not args.prefill_selector_list or any(x not in known for x in args.prefill_selector_list):
+      ap.error(f"--prefill-selectors: choose from {', '.join(known)}; got {args.prefill_selectors!r}")
+    if (any(x.startswith("gate") for x in args.prefill_selector_list)
+        and not (args.prefill_gate or args.train_prefill_gate)):
+      ap.error("gate selectors need --prefill-gate PATH or --train-prefill-gate STEPS")
+    if args.prefill_windows < 1 or args.prefill_block_size < 1:
+      ap.error("--prefill-windows and --prefill-block-size must be >= 1")
+  if args.prefill_gate and not pathlib.Path(args.prefill_gate).is_file():
+    ap.error(f"--prefill-gate {args.prefill_gate}: no such file")
   if args.local_tokens < 1:
     ap.error(f"--local-tokens must be >= 1, got {args.local_tokens}")
   need = forced_blocks_max(args.block_size, args.local_tokens)
@@ -251,6 +283,46 @@ def run_decoding_evals(args, cfg, params, run: pathlib.Path) -> dict:
                                   decode_impl=args.decode_impl, kv_cache=kv_cache)
     out["retrieval"] = {"n": args.retrieval, "context_tokens": context, "accuracy": r}
     print("passkey accuracy: " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+  return out
+
+
+def run_prefill_evals(args, cfg, params, run: pathlib.Path) -> dict:
+  """--train-prefill-gate / --prefill-densities; returns their results for eval.json."""
+  import jax.numpy as jnp
+  import numpy as np
+  from effjax import evaluation
+  from effjax.sparse import prefill_sparse as ps
+  from effjax.sparse.gate import GateConfig
+  from effjax.sparse.prefill_gate_training import train_prefill_gate
+  out: dict = {}
+  seq = cfg.data.seq_len
+  gate = None
+  if args.train_prefill_gate:
+    gcfg = GateConfig(block_size=args.prefill_block_size, d_gate=64)
+    train = evaluation.full_windows(evaluation.split_examples(cfg, "train"), seq, 512)
+    gate, losses = train_prefill_gate(cfg.model, gcfg, params, train,
+                                      steps=args.train_prefill_gate, batch_size=4, log=print)
+    path = run / "prefill_gate.npz"
+    np.savez(path, **{k: np.asarray(v) for k, v in gate.items()})
+    out["prefill_gate_training"] = {"steps": args.train_prefill_gate, "first_kl": losses[0],
+                                    "last_kl": losses[-1], "path": str(path)}
+    print(f"prefill gate: KL {losses[0]:.4f} -> {losses[-1]:.4f}, saved {path}")
+  elif args.prefill_gate:
+    gate = {k: jnp.asarray(v) for k, v in np.load(args.prefill_gate).items()}
+  if args.prefill_densities is not None:
+    toks = evaluation.full_windows(evaluation.split_examples(cfg, "valid"), seq,
+                                   args.prefill_windows)
+    r = ps.evaluate_densities(cfg.model, params, toks, densities=args.prefill_density_list,
+                              selectors=args.prefill_selector_list,
+                              block_size=args.prefill_block_size, gate_params=gate)
+    out["prefill_sparse"] = {"windows": len(toks), "seq": seq,
+                             "block_size": args.prefill_block_size, "results": r}
+    print(f"block-sparse prefill ({len(toks)} valid windows of {seq} tokens), dense ppl "
+          f"{r['dense']['ppl']:.3f}:")
+    for name, x in r.items():
+      if name != "dense":
+        print(f"  {name:>20}: ppl {x['ppl']:.3f} ({100 * x['ppl_increase']:+.2f}%) | "
+              f"density {x['density']:.3f}")
   return out
 
 

@@ -53,6 +53,18 @@ def split_examples(cfg: Config, name: str):
   return data_lib.load_eval_split(name, cfg.data)
 
 
+def full_windows(examples, seq: int, n: int) -> np.ndarray:
+  """int32 [<= n, seq]: the first n examples whose first seq tokens are all real (mask 1)."""
+  toks, mask = examples.tokens, examples.mask
+  if toks.shape[1] < seq:
+    raise ValueError(f"examples hold {toks.shape[1]} tokens, fewer than the {seq} asked for")
+  full = np.all(mask[:, :seq - 1] > 0, axis=1)
+  rows = toks[full][:n, :seq]
+  if len(rows) == 0:
+    raise ValueError(f"no example has {seq} real tokens")
+  return np.ascontiguousarray(rows, np.int32)
+
+
 def evaluate_splits(cfg: Config, params, splits=None) -> dict:
   """{split: {"loss" (nats/token), "ppl", "bits_per_byte", "tokens", "bytes", "examples",
   "of_examples"}} over the first eval.max_batches * eval.batch_size examples of each split (the

@@ -163,6 +163,13 @@ def test_train_and_eval_cli(tmp_path):
                       "16", "--budget", "32", "--local-tokens", "16"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2 and "fewer than the 3 forced ones" in r.stderr, r.stderr[-500:]
+  for flags, msg in ((["--prefill-densities", "0.5,2"], "--prefill-densities must be in"),
+                     (["--prefill-densities", "0.5"], "need --prefill-gate"),
+                     (["--prefill-densities", "0.5", "--prefill-selectors", "topk"],
+                      "--prefill-selectors: choose")):
+    r = subprocess.run([sys.executable, "eval.py", "--run", str(run), *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]
   r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "decode.kv_cache=int3"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "decode.kv_cache" in r.stderr, r.stderr[-500:]

@@ -89,16 +89,9 @@ def parse_args(argv=None):
 
 
 def windows(examples, seq: int, n: int):
-  """int32 [<= n, seq]: the first n examples whose first seq tokens are all real (mask 1)."""
-  import numpy as np
-  toks, mask = examples.tokens, examples.mask
-  if toks.shape[1] < seq:
-    raise ValueError(f"examples hold {toks.shape[1]} tokens, fewer than --seq {seq}")
-  full = np.all(mask[:, :seq - 1] > 0, axis=1)
-  rows = toks[full][:n, :seq]
-  if len(rows) == 0:
-    raise ValueError(f"no example has {seq} real tokens")
-  return np.ascontiguousarray(rows, np.int32)
+  """int32 [<= n, seq]: the first n examples whose first seq tokens are all real."""
+  from effjax.evaluation import full_windows
+  return full_windows(examples, seq, n)
 
 
 def table(results: dict, densities, selectors) -> str:

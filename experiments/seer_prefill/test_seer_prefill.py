@@ -41,6 +41,20 @@ def test_seer_prefill_tiny(tmp_path):
   report = (out / "REPORT.md").read_text()
   assert "**valid**" in report and "**extra.txt**" in report and "Command:" in report
   assert "| gate+local |" in report
+  # eval.py reports the same rows for a run: a prefill gate distilled there, then reused
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--train-prefill-gate", "2",
+                      "--prefill-densities", "1.0,0.25", "--prefill-block-size", "8",
+                      "--prefill-windows", "2", "eval.num_samples=0", "eval.max_batches=1"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  ev = json.loads((run / "eval.json").read_text())["prefill_sparse"]["results"]
+  assert abs(ev["oracle@1.0"]["ppl_increase"]) < 1e-3 and ev["gate+local@0.25"]["density"] < 0.6
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--prefill-gate",
+                      str(run / "prefill_gate.npz"), "--prefill-densities", "0.5",
+                      "--prefill-selectors", "gate", "--prefill-block-size", "8",
+                      "--prefill-windows", "2", "eval.num_samples=0", "eval.max_batches=1"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "gate@0.5" in r.stdout, r.stderr[-2000:]
   # a rerun reuses the gate and every finished set
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "gate: reusing" in r.stdout and "done earlier" in r.stdout
