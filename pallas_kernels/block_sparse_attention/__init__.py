@@ -19,6 +19,8 @@ online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memor
 `pallas_triton` (pallas_triton.py, the GPU default: a forward kernel looping over the live slots
 and dq / dk-dv kernels, the latter over the transposed index lists; H and block_size powers of
 2, H <= 256, 16 <= block_size <= 128).
+`pallas_mosaic_gpu` (pallas_mosaic_gpu.py, named only until timed on a GPU: a warp-specialised
+TMA + wgmma forward for block_size 64, H in {64, 128, 256}, bf16 / f16, with the Triton backward).
 `block_sparse_attention_reference` (reference.py) is the dense masked oracle the tests hold
 every backend to; gradients flow to q, k and v (indices and lengths are not differentiable).
 """
@@ -39,7 +41,8 @@ from pallas_kernels.flash_attention import check_prefill_args
 # `auto` on a GPU: the Triton kernels (H100, 32K tokens, 32 / 8 heads, every causal block:
 # forward 21.0 ms against the XLA scan's 787 ms).
 _OP = Op("block_sparse_attention", __name__,
-         backends={"xla": "xla", "pallas_triton": "pallas_triton"},
+         backends={"xla": "xla", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_gpu": "pallas_mosaic_gpu"},
          defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
 

@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import launch
-from pallas_kernels.block_sparse_attention.reference import per_query_head
+from pallas_kernels.block_sparse_attention.reference import per_query_head, slot_counts
 from pallas_kernels.dispatch import require_platform
 from pallas_kernels.flash_attention import pallas_triton as flash
 
@@ -70,18 +70,6 @@ CONFIG = TritonConfig
 
 
 # -- index bookkeeping (XLA) --
-
-def slot_counts(idx_BHQM: jax.Array, lengths_B: jax.Array, block_size: int):
-  """(n_full, n_live) int32 [B, Hi, nQ]: the row's live slots hold the selected blocks j <= i
-  (a prefix, the ids being ascending); the first n_full of them lie strictly below the
-  diagonal. Query blocks wholly past the length have none."""
-  nq = idx_BHQM.shape[2]
-  i = jnp.arange(nq, dtype=jnp.int32)[:, None]
-  alive = (i[None, None, :, 0] * block_size < lengths_B[:, None, None])             # [B, 1, nQ]
-  below = jnp.sum((idx_BHQM >= 0) & (idx_BHQM < i), axis=-1, dtype=jnp.int32)
-  live = below + jnp.sum(idx_BHQM == i, axis=-1, dtype=jnp.int32)
-  return jnp.where(alive, below, 0), jnp.where(alive, live, 0)
-
 
 def transpose_indices(idx_BNQM: jax.Array, lengths_B: jax.Array, n_kv_heads: int,
                       block_size: int):

@@ -58,3 +58,15 @@ def block_sparse_attention_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTK
   o_BKRH = masked_attention_reference(q_BKRH, k_BTKH.transpose(0, 2, 1, 3),
                                       v_BTKH.transpose(0, 2, 1, 3), valid_BKRS)
   return o_BKRH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def slot_counts(idx_BHQM: jax.Array, lengths_B: jax.Array, block_size: int):
+  """(n_full, n_live) int32 [B, Hi, nQ]: the row's live slots hold the selected blocks j <= i
+  (a prefix, the ids being ascending); the first n_full of them lie strictly below the
+  diagonal. Query blocks wholly past the length have none."""
+  nq = idx_BHQM.shape[2]
+  i = jnp.arange(nq, dtype=jnp.int32)[:, None]
+  alive = (i[None, None, :, 0] * block_size < lengths_B[:, None, None])             # [B, 1, nQ]
+  below = jnp.sum((idx_BHQM >= 0) & (idx_BHQM < i), axis=-1, dtype=jnp.int32)
+  live = below + jnp.sum(idx_BHQM == i, axis=-1, dtype=jnp.int32)
+  return jnp.where(alive, below, 0), jnp.where(alive, live, 0)

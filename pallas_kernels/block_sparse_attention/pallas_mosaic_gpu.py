@@ -1,0 +1,331 @@
+"""Block-sparse causal prefill attention, forward pass as a Pallas Mosaic GPU kernel (Hopper: TMA
+loads, wgmma, warp specialisation as in FlashAttention-3), the `pallas_mosaic_gpu`
+implementation of `block_sparse_attention`. The backward pass is the Triton kernels'
+(`pallas_triton.backward`, from this kernel's o and lse), tied by a `jax.custom_vjp`.
+
+One program (a CTA of three warpgroups) per (sequence, query head, pair of query blocks):
+
+- warpgroups 0 and 1 each own one query block of 64 rows: its Q tile in shared memory, its
+  online softmax in registers, QK^T and PV as wgmmas reading K / V straight from shared memory;
+- warpgroup 2 is the producer: for each consumer it walks that query block's live index slots
+  (ascending block ids, `slot_counts`) and issues one TMA copy of the selected [64, H] K tile and
+  one of V per slot into that consumer's ring of `pipeline_depth` buffers, waiting for the
+  consumer to free a buffer before refilling it.
+
+The two consumers have their own index rows (a choice per query block, as the gate makes it), so
+unlike dense FlashAttention-3 they do not share K / V tiles, and each has its own buffers and
+barriers; they run independently (no ping-pong schedule barrier: their step counts differ).
+Every step applies the causal and length mask (col <= row, col < length) on the 64 x 64 tile:
+only the diagonal block and a block crossing the length change, the rest cost a compare and a
+select. Rows past the length, or that see no key, give o = 0 and lse = +inf, as the Triton
+forward (whose backward kernels this one feeds).
+
+Shapes: block_size 64 (one wgmma row tile per query block), head dim 64 or 128 (256 fits one
+buffer per consumer and is offered, unpipelined), bfloat16 / float16. Others raise NotSupported
+and the dispatcher moves on. In interpret mode (the Mosaic GPU interpreter, CPU tests) the two
+products are plain dots (JAX 0.10's interpreter has no wgmma with a transposed operand) and no
+register layouts are stated; the rest is the same kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import online_softmax, tuned
+from pallas_kernels.block_sparse_attention.reference import slot_counts
+from pallas_kernels.dispatch import NotSupported, require_platform
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+CONSUMERS = 2        # query blocks (compute warpgroups) per program
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """pipeline_depth: K / V buffers per consumer (None: as many as fit, at most 4 for H=64 and
+  2 for H=128; lowered until the program's shared memory fits an SM). backward: the Triton
+  backward kernels' config (`pallas_triton.TritonConfig`; None: tuned)."""
+  pipeline_depth: int | None = None
+  backward: object | None = None
+
+  def validate(self) -> None:
+    d = self.pipeline_depth
+    if d is not None and (not isinstance(d, int) or d < 1):
+      raise ValueError(f"config.pipeline_depth must be a positive int or None, got {d!r}")
+
+
+CONFIG = MosaicGPUConfig
+
+
+def mgpu_supported(H: int, block_size: int, dtype) -> str | None:
+  """Why the kernel can't take these shapes, or None if it can."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
+  if H not in (64, 128, 256):
+    return f"head dim H={H} must be 64, 128 or 256 (128-byte swizzled tiles in shared memory)"
+  if block_size != 64:
+    return f"block_size={block_size} must be 64 (one wgmma row tile per query block)"
+  return None
+
+
+def _tiles(dtype):
+  return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(128))
+
+
+def _transposed(ref):
+  """ref transposed (1, 0): `Ref.transpose` on JAX >= 0.11, plgpu.transpose_ref before."""
+  if hasattr(ref, "transpose"):
+    try:
+      return ref.transpose((1, 0))
+    except (TypeError, AttributeError, NotImplementedError):
+      pass
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def smem_bytes(H: int, block_size: int, depth: int, dtype) -> int:
+  """Shared memory of one program: two Q / O tiles, two rings of depth K and V buffers, lse."""
+  isz = jnp.dtype(dtype).itemsize
+  tile = block_size * H * isz
+  return CONSUMERS * tile + 2 * CONSUMERS * depth * tile + CONSUMERS * block_size * 4 + 1024
+
+
+def fit_depth(H: int, block_size: int, depth: int, dtype) -> int:
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  while depth > 1 and smem_bytes(H, block_size, depth, dtype) > limit:
+    depth -= 1
+  return depth
+
+
+def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
+            bs: int, G: int, hdiv: int, nq: int, depth: int, scale_log2: float,
+            interpret: bool):
+  (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped
+  b = lax.axis_index("b")
+  n = lax.axis_index("n")
+  pair = lax.axis_index("q")
+  wg = lax.axis_index("wg")
+  hi = lax.div(n, jnp.int32(hdiv))                  # the index row: per query head or per group
+  kvh = lax.div(n, jnp.int32(G))
+  length = len_ref[b]
+  H = q_smem.shape[-1]
+  dtype = q_smem.dtype
+  wgmma_layout = plgpu.Layout.WGMMA
+  row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+  def cast(x, layout):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+  def iota(shape, dim):
+    if interpret:
+      return lax.broadcasted_iota(jnp.int32, shape, dim)
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
+
+  def live(w):
+    """Live slots of consumer w's query block (0 past the last block)."""
+    i = pair * CONSUMERS + w
+    return jnp.where(i < nq, nlive_ref[b, hi, jnp.minimum(i, nq - 1)], 0)
+
+  @pl.when(wg < CONSUMERS)
+  def _consumer():
+    if not interpret:
+      plgpu.set_max_registers(232, action="increase")
+    i = pair * CONSUMERS + wg
+    q0 = i * bs
+    steps = live(wg)
+    my_q = q_smem.at[wg]
+
+    @pl.when(i < nq)
+    def _():
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bs), n], my_q, q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      rows = q0 + iota((bs, bs), 0)
+      offs = iota((bs, bs), 1)
+
+      def step(s, carry):
+        acc, m_i, l_i = carry
+        slot = wg * depth + lax.rem(s, jnp.int32(depth))
+        block = idx_ref[b, hi, i, s]
+        plgpu.barrier_wait(k_ready.at[slot])
+        if interpret:
+          qk = jnp.dot(my_q[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
+        else:
+          def compute_qk(acc_ref):
+            plgpu.wgmma(acc_ref, my_q, _transposed(k_smem.at[slot]))
+            return acc_ref[...]
+          qk = pl.run_scoped(compute_qk, plgpu.ACC((bs, bs), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        cols = block * bs + offs
+        valid = (cols <= rows) & (cols < length)
+        s_ = jnp.where(valid, qk * scale_log2, online_softmax.MASK_VALUE)
+        m_new = jnp.maximum(m_i, s_.max(axis=1))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.where(valid, jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0])), 0.0)
+        l_new = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        p16 = p.astype(dtype)
+        plgpu.barrier_wait(v_ready.at[slot])
+        if interpret:
+          acc = acc + jnp.dot(p16, v_smem.at[slot][...], preferred_element_type=jnp.float32)
+        else:
+          def compute_pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+          acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc, m_new, l_new
+
+      init = (cast(jnp.zeros((bs, H), jnp.float32), wgmma_layout),
+              cast(jnp.full((bs,), online_softmax.MASK_VALUE, jnp.float32), row_layout),
+              cast(jnp.zeros((bs,), jnp.float32), row_layout))
+      acc, m_i, l_i = lax.fori_loop(0, steps, step, init)
+      row_ids = q0 + (lax.broadcasted_iota(jnp.int32, (bs,), 0) if interpret else
+                      plgpu.broadcasted_iota(jnp.int32, (bs,), 0, layout=row_layout))
+      ok = (row_ids < length) & (l_i > 0)
+      l_safe = jnp.where(ok, l_i, 1.0)
+      o = acc / lax.broadcast_in_dim(l_safe, acc.shape, [0])
+      o = jnp.where(lax.broadcast_in_dim(ok, acc.shape, [0]), o, 0.0)
+      my_q[...] = o.astype(dtype)                  # the Q tile's buffer takes the output
+      lse_smem.at[wg][...] = jnp.where(ok, (m_i + jnp.log2(l_safe)) * LN2, jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bs), n])
+      plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, n, pl.ds(q0, bs)])
+      plgpu.wait_smem_to_gmem(0)
+
+  @pl.when(wg == CONSUMERS)
+  def _producer():
+    if not interpret:
+      plgpu.set_max_registers(40, action="decrease")
+    counts = [live(w) for w in range(CONSUMERS)]
+
+    def issue(w, s):
+      slot = w * depth + lax.rem(s, jnp.int32(depth))
+      block = jnp.maximum(idx_ref[b, hi, pair * CONSUMERS + w, s], 0)
+      src = (b, pl.ds(block * bs, bs), kvh)
+
+      @pl.when(s >= depth)
+      def _():
+        plgpu.barrier_wait(k_free.at[slot])
+      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+
+      @pl.when(s >= depth)
+      def _():
+        plgpu.barrier_wait(v_free.at[slot])
+      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+
+    def step(s, carry):
+      for w in range(CONSUMERS):
+        pl.when(s < counts[w])(functools.partial(issue, w, s))
+      return carry
+
+    lax.fori_loop(0, jnp.maximum(counts[0], counts[1]), step, 0)
+
+    # Drain: wait for the consumers to free the buffers of their last steps, so that every
+    # phase of the free barriers is observed before they are released (the interpreter checks
+    # it; on the GPU the producer has nothing else to do).
+    for w in range(CONSUMERS):
+      def drain(s, carry, w=w):
+        slot = w * depth + lax.rem(s, jnp.int32(depth))
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        return carry
+      lax.fori_loop(jnp.maximum(counts[w] - depth, 0), counts[w], drain, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "depth", "interpret"))
+def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, depth: int,
+            interpret: bool = False):
+  """(o [B, T, N, H] in q's dtype, lse f32 [B, N, Tp] natural log, +inf on rows that see no
+  key), Tp = nQ * block_size (the Triton forward's outputs, o unpadded)."""
+  B, T, N, H = q_BTNH.shape
+  K, Hi, nq = k_BTKH.shape[2], idx_BHQM.shape[1], idx_BHQM.shape[2]
+  bs = block_size
+  _, n_live = slot_counts(idx_BHQM, lengths_B, bs)
+  dtype = q_BTNH.dtype
+  kernel = functools.partial(_kernel, bs=bs, G=N // K, hdiv=N // Hi, nq=nq, depth=depth,
+                             scale_log2=H ** -0.5 * LOG2E, interpret=interpret)
+  tiles = _tiles(dtype)
+
+  def entry(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+    pl.run_scoped(
+        lambda *scoped: kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+                               scoped),
+        (plgpu.SMEM((CONSUMERS, bs, H), dtype, transforms=tiles),
+         plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
+         plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
+         plgpu.SMEM((CONSUMERS, bs), jnp.float32)),
+        (plgpu.Barrier(num_barriers=CONSUMERS * depth),
+         plgpu.Barrier(num_barriers=CONSUMERS * depth),
+         plgpu.Barrier(num_barriers=CONSUMERS)),
+        (plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS * depth),) * 2,
+        collective_axes="wg",
+    )
+
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    # reads past T (the last block of a ragged length) are zero-filled, as the TMA unit does
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  Tp = nq * bs
+  # The output rows past T (a ragged last block) land in the padded o, sliced off below.
+  o, lse = plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct((B, Tp, N, H), dtype),
+                jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+      grid=(B, N, -(-nq // CONSUMERS)),
+      grid_names=("b", "n", "q"),
+      num_threads=CONSUMERS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interp,
+  )(lengths_B.astype(jnp.int32), n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH, v_BTKH)
+  return o[:, :T], lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attention(q, k, v, idx_BHQM, lengths_B, block_size, depth, bwd_launch, interpret):
+  return forward(q, k, v, idx_BHQM, lengths_B, block_size=block_size, depth=depth,
+                 interpret=interpret)[0]
+
+
+def _attention_fwd(q, k, v, idx_BHQM, lengths_B, block_size, depth, bwd_launch, interpret):
+  o, lse = forward(q, k, v, idx_BHQM, lengths_B, block_size=block_size, depth=depth,
+                   interpret=interpret)
+  return o, (q, k, v, idx_BHQM, lengths_B, o, lse)
+
+
+def _attention_bwd(block_size, depth, bwd_launch, interpret, res, do):
+  from pallas_kernels.block_sparse_attention import pallas_triton
+  q, k, v, idx_BHQM, lengths_B, o, lse = res
+  dq, dk, dv = pallas_triton.backward(q, k, v, idx_BHQM, lengths_B, o, lse, do,
+                                      block_size=block_size, launch_=bwd_launch)
+  return dq, dk, dv, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B, *,
+                           block_size: int, interpret: bool = False,
+                           config: MosaicGPUConfig | None = None):
+  """As `pallas_kernels.block_sparse_attention` (inputs checked there)."""
+  require_platform("gpu", interpret, "the Mosaic GPU block-sparse attention kernel")
+  H = q_BTNH.shape[-1]
+  why = mgpu_supported(H, block_size, q_BTNH.dtype)
+  if why is not None:
+    raise NotSupported(why)
+  config = config or MosaicGPUConfig()
+  config.validate()
+  depth = fit_depth(H, block_size, config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H],
+                    q_BTNH.dtype)
+  from pallas_kernels.block_sparse_attention import pallas_triton
+  _, bwd = pallas_triton.resolve(config.backward, block_size, H, interpret)
+  return _attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM.astype(jnp.int32),
+                    lengths_B.astype(jnp.int32), int(block_size), depth, bwd, bool(interpret))
