@@ -13,7 +13,10 @@ mode (`fwd`: the forward; `fwdbwd`: forward + the gradients of q, k and v):
   cannot fit);
 - `pallas_triton_flash` / `pallas_triton_flash+target` (forward only): `flash_attention`'s
   dense kernel, and with SeerAttention's block target (the gate's distillation target);
-- `pallas_triton_sparse` / `xla_sparse`: `block_sparse_attention` over per-query-head block
+- `<impl>_sparse+gate` (forward, --gate): the whole SeerAttention forward at that density: the
+  prefill gate's scores (random gate params), the nz-ratio top-k, the first --sparse-impls
+  backend over the chosen blocks;
+- `pallas_triton_sparse` (each of --sparse-impls) / `xla_sparse`: `block_sparse_attention` over per-query-head block
   sets of the density: `random` (the diagonal plus random causal blocks, ceil(d (i + 1)) per
   query block i) or `static` (a sink block and a local window ending at the diagonal, same
   counts); at 1.0 both are every causal block (`all`). The XLA path (a scan over the index
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,10 @@ import numpy as np
 from benchmarks import common
 from benchmarks.bench_decode import device_bytes_limit, measure, parse_ints
 from benchmarks.bench_train import PEAK_BF16, peak_tflops
+from effjax.config import ModelConfig
+from effjax.sparse.gate import GateConfig
+from effjax.sparse.prefill_gate import gate_probs, init_prefill_gate_params
+from effjax.sparse.prefill_selection import select_nz_ratio
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.causal_attention import causal_attention
 from pallas_kernels.flash_attention import flash_attention
@@ -110,6 +116,11 @@ def main():
                   help="longest S of the XLA rows (a scan over the slots: seconds per call at "
                        "128K)")
   ap.add_argument("--no-xla", action="store_true", help="skip every XLA row")
+  ap.add_argument("--sparse-impls", default="pallas_triton",
+                  help="block-sparse backends to time (e.g. pallas_triton,pallas_mosaic_gpu)")
+  ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
+                  help="also time the gated forward (gate scores + top-k + the first backend)")
+  ap.add_argument("--d-gate", type=int, default=64)
   ap.add_argument("--no-target", action="store_true", help="skip the flash+target row")
   ap.add_argument("--mem-frac", type=float, default=0.5,
                   help="share of device memory a row's largest buffer may take")
@@ -204,6 +215,21 @@ def main():
             f"the row-max buffers ({args.copies} x {target_bytes / 2**30:.0f} GiB, one per "
             "copy in the jit) exceed --mem-frac")
 
+    lengths = jnp.full((B,), S, jnp.int32)
+    gate_params = init_prefill_gate_params(
+        ModelConfig(d_model=N * H, n_heads=N, n_kv_heads=K, head_dim=H),
+        GateConfig(block_size=bs, d_gate=args.d_gate), jax.random.fold_in(key, 7))
+
+    def gated(impl, density):
+      """The whole SeerAttention forward: gate scores of every (head, query block), the nz-ratio
+      top-k, then block-sparse attention over the chosen blocks (one gate layer's params)."""
+      def fn(q, k, v):
+        probs = gate_probs(gate_params["wq"][0], gate_params["wk"][0], q, k, lengths, bs, 10000.0)
+        idx = select_nz_ratio(probs, lengths, bs, density)
+        return block_sparse_attention(q, k, v, idx, lengths, block_size=bs, implementation=impl,
+                                      interpret=args.interpret)
+      return fn
+
     for density in parse_ints_f(args.densities):
       patterns = ["all"] if density >= 1.0 else args.patterns.split(",")
       for pattern in patterns:
@@ -213,7 +239,11 @@ def main():
         sparse = lambda impl, idx=idx: (lambda q, k, v: block_sparse_attention(
             q, k, v, idx, block_size=bs, implementation=impl, interpret=args.interpret))
         for mode in modes:
-          row("pallas_triton_sparse", mode, sparse("pallas_triton"), pairs, **plan)
+          for impl in args.sparse_impls.split(","):
+            row(f"{impl}_sparse", mode, sparse(impl), pairs, **plan)
+          if args.gate and mode == "fwd" and pattern == patterns[0] != "all":   # once a density
+            row(f"{args.sparse_impls.split(',')[0]}_sparse+gate", mode,
+                gated(args.sparse_impls.split(",")[0], density), pairs, **plan)
           if not args.no_xla and pattern in ("random", "all"):
             row("xla_sparse", mode, sparse("xla"), pairs, **plan,
                 skip=None if S <= args.xla_max_seq else f"S > --xla-max-seq {args.xla_max_seq}")

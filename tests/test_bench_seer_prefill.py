@@ -36,7 +36,8 @@ def test_bench_seer_prefill_smoke(tmp_path):
                  ("pallas_triton_flash", "fwd", None), ("pallas_triton_flash+target", "fwd", None),
                  ("pallas_triton_sparse", "fwd", "random"), ("pallas_triton_sparse", "fwdbwd", "random"),
                  ("xla_sparse", "fwd", "random"), ("xla_sparse", "fwdbwd", "random"),
-                 ("pallas_triton_sparse", "fwd", "static"), ("pallas_triton_sparse", "fwdbwd", "static")}
+                 ("pallas_triton_sparse", "fwd", "static"), ("pallas_triton_sparse", "fwdbwd", "static"),
+                 ("pallas_triton_sparse+gate", "fwd", "random")}
   for r in rows:
     if r["impl"] == "cudnn":
       assert "skipped" in r                       # no GPU here
