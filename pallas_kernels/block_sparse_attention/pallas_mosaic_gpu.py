@@ -15,10 +15,11 @@ One program (a CTA of three warpgroups) per (sequence, query head, pair of query
 The two consumers have their own index rows (a choice per query block, as the gate makes it), so
 unlike dense FlashAttention-3 they do not share K / V tiles, and each has its own buffers and
 barriers; they run independently (no ping-pong schedule barrier: their step counts differ).
-Every step applies the causal and length mask (col <= row, col < length) on the 64 x 64 tile:
-only the diagonal block and a block crossing the length change, the rest cost a compare and a
-select. Rows past the length, or that see no key, give o = 0 and lse = +inf, as the Triton
-forward (whose backward kernels this one feeds).
+Ids ascend, so a row's live slots are the blocks below the diagonal (no mask: they end before
+the length whenever the query block holds a valid row) and then the diagonal, the only step that
+applies the causal and length mask (col <= row, col < length). Rows past the length, or that
+see no key, give o = 0 and lse = +inf, as the Triton forward (whose backward kernels this one
+feeds).
 
 Shapes: block_size 64 (one wgmma row tile per query block), head dim 64 or 128 (256 fits one
 buffer per consumer and is offered, unpipelined), bfloat16 / float16. Others raise NotSupported
@@ -105,7 +106,7 @@ def fit_depth(H: int, block_size: int, depth: int, dtype) -> int:
   return depth
 
 
-def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
+def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
             bs: int, G: int, hdiv: int, nq: int, depth: int, scale_log2: float,
             interpret: bool):
   (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped
@@ -129,10 +130,11 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sc
       return lax.broadcasted_iota(jnp.int32, shape, dim)
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=wgmma_layout)
 
-  def live(w):
-    """Live slots of consumer w's query block (0 past the last block)."""
+  def live(w, ref=nlive_ref):
+    """Live slots of consumer w's query block (0 past the last block); with nfull_ref, those
+    strictly below the diagonal."""
     i = pair * CONSUMERS + w
-    return jnp.where(i < nq, nlive_ref[b, hi, jnp.minimum(i, nq - 1)], 0)
+    return jnp.where(i < nq, ref[b, hi, jnp.minimum(i, nq - 1)], 0)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -150,7 +152,7 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sc
       rows = q0 + iota((bs, bs), 0)
       offs = iota((bs, bs), 1)
 
-      def step(s, carry):
+      def step(s, carry, masked):
         acc, m_i, l_i = carry
         slot = wg * depth + lax.rem(s, jnp.int32(depth))
         block = idx_ref[b, hi, i, s]
@@ -163,12 +165,16 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sc
             return acc_ref[...]
           qk = pl.run_scoped(compute_qk, plgpu.ACC((bs, bs), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
-        cols = block * bs + offs
-        valid = (cols <= rows) & (cols < length)
-        s_ = jnp.where(valid, qk * scale_log2, online_softmax.MASK_VALUE)
+        s_ = qk * scale_log2
+        if masked:                # the diagonal block (the only one that can cross the length)
+          cols = block * bs + offs
+          valid = (cols <= rows) & (cols < length)
+          s_ = jnp.where(valid, s_, online_softmax.MASK_VALUE)
         m_new = jnp.maximum(m_i, s_.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
-        p = jnp.where(valid, jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0])), 0.0)
+        p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
+        if masked:
+          p = jnp.where(valid, p, 0.0)
         l_new = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)
@@ -185,7 +191,11 @@ def _kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, sc
       init = (cast(jnp.zeros((bs, H), jnp.float32), wgmma_layout),
               cast(jnp.full((bs,), online_softmax.MASK_VALUE, jnp.float32), row_layout),
               cast(jnp.zeros((bs,), jnp.float32), row_layout))
-      acc, m_i, l_i = lax.fori_loop(0, steps, step, init)
+      # Ascending ids: the slots below the diagonal come first and need no mask (a block j < i
+      # of a query block holding a valid row ends before the length); then the diagonal.
+      n_full = live(wg, nfull_ref)
+      carry = lax.fori_loop(0, n_full, functools.partial(step, masked=False), init)
+      acc, m_i, l_i = lax.fori_loop(n_full, steps, functools.partial(step, masked=True), carry)
       row_ids = q0 + (lax.broadcasted_iota(jnp.int32, (bs,), 0) if interpret else
                       plgpu.broadcasted_iota(jnp.int32, (bs,), 0, layout=row_layout))
       ok = (row_ids < length) & (l_i > 0)
@@ -247,16 +257,16 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
   B, T, N, H = q_BTNH.shape
   K, Hi, nq = k_BTKH.shape[2], idx_BHQM.shape[1], idx_BHQM.shape[2]
   bs = block_size
-  _, n_live = slot_counts(idx_BHQM, lengths_B, bs)
+  n_full, n_live = slot_counts(idx_BHQM, lengths_B, bs)
   dtype = q_BTNH.dtype
   kernel = functools.partial(_kernel, bs=bs, G=N // K, hdiv=N // Hi, nq=nq, depth=depth,
                              scale_log2=H ** -0.5 * LOG2E, interpret=interpret)
   tiles = _tiles(dtype)
 
-  def entry(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def entry(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     pl.run_scoped(
-        lambda *scoped: kernel(len_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-                               scoped),
+        lambda *scoped: kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref,
+                               lse_ref, scoped),
         (plgpu.SMEM((CONSUMERS, bs, H), dtype, transforms=tiles),
          plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
          plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
@@ -285,7 +295,8 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interp,
-  )(lengths_B.astype(jnp.int32), n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH, v_BTKH)
+  )(lengths_B.astype(jnp.int32), n_full, n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH,
+    v_BTKH)
   return o[:, :T], lse
 
 
