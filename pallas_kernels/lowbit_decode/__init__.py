@@ -14,8 +14,10 @@ residual. `lowbit_extend_attention` is the multi-token (causal) form.
 Implementations (pallas_kernels.dispatch): `xla` (reference.py: dequantise, splice, masked
 reference: what dequantise-then-attend costs) and, for the decode op, `pallas_triton` (the GPU
 default: split-K with the dequantisation fused into the tile loads, dense or over the selected
-blocks, pallas_triton.py) and `pallas_mosaic_tpu` (a scalar-prefetched block list, TPU
-interpreter only so far). The extend op has the reference only.
+blocks, pallas_triton.py), `pallas_mosaic_gpu` (named only until timed on a GPU: TMA loads of the
+packed words, dequantisation in registers into swizzled tiles, wgmmas; dense, 4-bit H 128 / 256
+and 2-bit H 256, K per channel, V per token; pallas_mosaic_gpu.py) and `pallas_mosaic_tpu` (a
+scalar-prefetched block list, TPU interpreter only so far). The extend op has the reference only.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pallas_kernels.lowbit_decode.reference import (
 
 _OP = Op("lowbit_decode_attention", __name__,
          backends={"xla": "reference", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_gpu": "pallas_mosaic_gpu",
                    "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
          defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
 _EXTEND_OP = Op("lowbit_extend_attention", __name__, backends={"xla": "reference"}, defaults={})

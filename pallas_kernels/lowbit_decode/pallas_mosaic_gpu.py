@@ -1,0 +1,304 @@
+"""Decode attention over the packed low-bit KV cache as a Pallas Mosaic GPU kernel (Hopper: TMA
+loads, dequantisation in registers, wgmma), the `pallas_mosaic_gpu` implementation of
+`lowbit_decode_attention` (dense: every packed token; block selections go to the Triton kernel).
+
+Split-K as the Triton kernel: program (b, k, j) takes the j-th share of the packed 64-token
+blocks of (sequence b, KV head k) and writes an online-softmax partial; the residual window (at
+most R full-precision tokens) is one more partial computed in XLA, and `combine_splits` merges
+them. Per block, `plgpu.emit_pipeline` brings in by TMA, `pipeline_depth` blocks ahead: the K and
+V words [64, W] (int32, W = H * bits / 32), the K scales / zeros of the block's group [32 / bits,
+W] and the V scales / zeros of its tokens [64]. Then, in registers:
+
+- sub-word i of every word holds channels [i W, (i + 1) W) (`layout.py`): shift, mask, convert,
+  times scale plus zero (per channel for K, per token for V), rounded once to the cache dtype, and
+  stored as the column slab [:, i W:(i + 1) W] of a [64, H] shared-memory tile whose swizzle is
+  one slab wide (2 W bytes), so a slab is whole swizzle rows;
+- QK^T and PV are wgmmas over those tiles (the Q tile shares their swizzle, as the wgmma needs),
+  the G query rows padded to the 64 rows of a warpgroup MMA.
+
+So the kernel reads bits (4 bits a value plus the scales: ~3.8x fewer bytes than bf16) and keeps
+the per-element work to a shift, an and, a convert and an FMA. Shapes: 4-bit with H in {128,
+256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step), k_mode
+"channel", v_group = H, groups of a multiple of 64 tokens, bfloat16 / float16. Others raise
+NotSupported and the dispatcher moves on (Triton, then XLA). Interpret mode (the Mosaic GPU
+interpreter, CPU tests): plain dots in place of the wgmmas and no register layouts; the rest is
+the same kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import combine_splits as combine_lib
+from pallas_kernels import launch, online_softmax, tuned
+from pallas_kernels.dispatch import NotSupported, require_platform
+from pallas_kernels.lowbit_decode import layout
+
+T = 64               # tokens per block (one wgmma row tile of keys)
+ROWS = 64            # query rows of a warpgroup MMA (G padded to it)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
+  kernel); pipeline_depth: blocks in flight (TMA copies issued ahead)."""
+  num_splits: int | None = None
+  pipeline_depth: int | None = None
+
+  def validate(self) -> None:
+    for name in ("num_splits", "pipeline_depth"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
+
+
+CONFIG = MosaicGPUConfig
+
+
+def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dtype,
+                   sparse: bool) -> str | None:
+  """Why the kernel can't take these settings, or None if it can."""
+  if sparse:
+    return "block selections: the Mosaic GPU kernel reads every packed token (dense)"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
+  W = layout.words_per_row(H, bits)
+  if W not in (16, 32) or H > 256:
+    return (f"H={H} at {bits} bits gives slabs of W={W} channels; the kernel takes 16 or 32 "
+            f"(4-bit H 128 / 256, 2-bit H 256)")
+  if k_mode != "channel" or v_group != H:
+    return f"k_mode={k_mode!r}, v_group={v_group}: the kernel takes K per channel, V per token"
+  if group % T:
+    return f"group={group} must be a multiple of the kernel's {T}-token blocks"
+  return None
+
+
+def _tiles(dtype, width_bytes: int):
+  return (plgpu.TilingTransform((8, width_bytes // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(width_bytes))
+
+
+def _transposed(ref):
+  if hasattr(ref, "transpose"):
+    try:
+      return ref.transpose((1, 0))
+    except (TypeError, AttributeError, NotImplementedError):
+      pass
+  return plgpu.transpose_ref(ref, (1, 0))
+
+
+def _kernel(packed_ref, len_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref, vz_ref, o_ref, m_ref,
+            l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int, group: int, num_splits: int,
+            stages: int, scale_log2: float, interpret: bool):
+  H = q_smem.shape[-1]
+  W = layout.words_per_row(H, bits)
+  subs = 32 // bits
+  mask = layout.levels(bits)
+  dtype = q_smem.dtype
+  RO = o_ref.shape[-2]
+  wgmma_layout = plgpu.Layout.WGMMA
+  b = lax.axis_index("b")
+  kh = lax.axis_index("k")
+  j = lax.axis_index("s")
+  length = len_ref[b]
+  # packed blocks holding a valid token (a prefill may have packed rows past the length)
+  n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
+  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
+  start = j * per_split
+  steps = jnp.clip(n_blocks - start, 0, per_split)
+
+  def cast(x, lay):
+    return x if interpret else plgpu.layout_cast(x, lay)
+
+  def load(ref, lay):
+    return ref[...] if interpret else plgpu.load(ref, (), layout=lay)
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, kh], q_smem, q_bar)
+  plgpu.barrier_wait(q_bar)
+
+  def dequant(words, scale_of, zero_of, per_token: bool, out_smem):
+    """Slab i of the [T, H] tile from sub-word i of the words."""
+    for i in range(subs):
+      codes = (lax.shift_right_logical(words, jnp.int32(bits * i)) & mask).astype(jnp.float32)
+      s, z = scale_of(i), zero_of(i)
+      dims = [0] if per_token else [1]
+      x = codes * lax.broadcast_in_dim(s, codes.shape, dims) + lax.broadcast_in_dim(
+          z, codes.shape, dims)
+      out_smem.at[:, pl.ds(i * W, W)][...] = x.astype(dtype)
+
+  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
+    acc, m_i, l_i = carry
+    col = wgmma_layout.reduce(0)
+    row = wgmma_layout.reduce(1)
+    f32 = lambda x: x.astype(jnp.float32)
+    dequant(load(kw_smem, wgmma_layout), lambda i: f32(load(ks_smem.at[i], col)),
+            lambda i: f32(load(kz_smem.at[i], col)), False, kt_smem)
+    vs, vz = f32(load(vs_smem, row)), f32(load(vz_smem, row))
+    dequant(load(vw_smem, wgmma_layout), lambda i: vs, lambda i: vz, True, vt_smem)
+    plgpu.commit_smem()          # the generic-proxy stores, visible to the wgmmas
+    if interpret:
+      s = jnp.dot(q_smem[...], kt_smem[...].T, preferred_element_type=jnp.float32)
+    else:
+      def compute_qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, _transposed(kt_smem))
+        return acc_ref[...]
+      s = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, T), jnp.float32))
+    valid = cols < length - blk(indices[0]) * T
+    s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
+    m_new = jnp.maximum(m_i, s.max(axis=1))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+    l_new = l_i * alpha + p.sum(axis=1)
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    p16 = p.astype(dtype)
+    if interpret:
+      acc = acc + jnp.dot(p16, vt_smem[...], preferred_element_type=jnp.float32)
+    else:
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, p16, vt_smem)
+      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+    return acc, m_new, l_new
+
+  cols = (lax.broadcasted_iota(jnp.int32, (ROWS, T), 1) if interpret else
+          plgpu.broadcasted_iota(jnp.int32, (ROWS, T), 1, layout=wgmma_layout))
+  blk = lambda i: start + i
+  grp = lambda i: lax.div(blk(i) * T, jnp.int32(group))
+  words = _tiles(jnp.int32, W * 4)        # swizzled: conflict-free loads into the WGMMA layout
+  specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
+           plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # V words
+           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K scales of the group
+           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K zeros
+           plgpu.BlockSpec((T,), lambda i: (blk(i),)),                      # V scales of the tokens
+           plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
+  init = (cast(jnp.zeros((ROWS, H), jnp.float32), wgmma_layout),
+          cast(jnp.full((ROWS,), online_softmax.MASK_VALUE, jnp.float32), wgmma_layout.reduce(1)),
+          cast(jnp.zeros((ROWS,), jnp.float32), wgmma_layout.reduce(1)))
+  acc, m_i, l_i = plgpu.emit_pipeline(
+      step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(
+          kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
+          vs_ref.at[b, kh], vz_ref.at[b, kh])
+
+  def store(o_smem, m_smem, l_smem):
+    o_smem[...] = acc
+    m_smem[...] = m_i * LN2        # natural-log units, as the other kernels' partials
+    l_smem[...] = l_i
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, RO)], m_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((ROWS, H), jnp.float32, transforms=_tiles(jnp.float32, 128)),
+                plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages",
+                                             "interpret"))
+def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
+                    packed_B, *, bits: int, group: int, num_splits: int, stages: int,
+                    interpret: bool = False):
+  """The kernel's partials over the packed tokens below the length: o f32 [B, K, N, RO, H],
+  m / l f32 [B, K, N, RO] (N = num_splits, RO = G rounded up to 8)."""
+  B, K, G, H = q_BKGH.shape
+  S = k_packed.shape[2]
+  W = layout.words_per_row(H, bits)
+  subs = 32 // bits
+  RO = launch.round_up(G, 8)
+  dtype = q_BKGH.dtype
+  swz = W * jnp.dtype(dtype).itemsize        # one slab of channels per swizzle row
+  q64 = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, ROWS - G), (0, 0)))      # rows >= G: zeros
+  kernel = functools.partial(_kernel, bits=bits, group=group, num_splits=num_splits,
+                             stages=stages, scale_log2=H ** -0.5 * LOG2E, interpret=interpret)
+  f32 = jnp.float32
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, RO), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, RO), f32)),
+      scratch_types=(plgpu.SMEM((ROWS, H), dtype, transforms=_tiles(dtype, swz)),
+                     plgpu.SMEM((T, H), dtype, transforms=_tiles(dtype, swz)),
+                     plgpu.SMEM((T, H), dtype, transforms=_tiles(dtype, swz)),
+                     plgpu.Barrier(num_arrivals=1)),
+      grid=(B, K, num_splits),
+      grid_names=("b", "k", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interp,
+  )
+  return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), q64, k_packed, v_packed,
+              k_scale.reshape(B, K, S // group, subs, W), k_zero.reshape(B, K, S // group, subs, W),
+              v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
+
+
+def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int):
+  """The residual window's partial in XLA (tokens [packed_b, length_b) in residual slots
+  [0, length_b - packed_b)): o f32 [B, K, 1, rows, H], m / l f32 [B, K, 1, rows]."""
+  B, K, G, H = q_BKGH.shape
+  R = res_k.shape[2]
+  s = jnp.einsum("bkgh,bkrh->bkgr", q_BKGH.astype(jnp.float32), res_k.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST) * H ** -0.5
+  valid = (jnp.arange(R)[None, :] < (lengths_B - packed_B)[:, None])[:, None, None, :]
+  s = jnp.where(valid, s, online_softmax.MASK_VALUE)
+  m = jnp.max(s, axis=-1)
+  p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
+  o = jnp.einsum("bkgr,bkrh->bkgh", p, res_v.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  pad = ((0, 0), (0, 0), (0, rows - G))
+  return (jnp.pad(o, pad + ((0, 0),))[:, :, None], jnp.pad(m, pad)[:, :, None],
+          jnp.pad(jnp.sum(p, axis=-1), pad)[:, :, None])
+
+
+def smem_bytes(H: int, stages: int, bits: int, dtype) -> int:
+  isz = jnp.dtype(dtype).itemsize
+  W = layout.words_per_row(H, bits)
+  per_stage = 2 * T * W * 4 + 2 * (32 // bits) * W * isz + 2 * T * isz
+  return ROWS * H * isz + 2 * T * H * isz + max(stages * per_stage, ROWS * H * 4 + 512) + 1024
+
+
+def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k,
+                            res_v, lengths_B, packed_B, *, bits: int, group: int, k_mode: str,
+                            v_group: int, block_indices_BKM=None, block_size=None,
+                            num_live_BK=None, interpret: bool = False,
+                            config: MosaicGPUConfig | None = None):
+  """As `pallas_kernels.lowbit_decode_attention` (arguments checked there)."""
+  require_platform("gpu", interpret, "the Mosaic GPU low-bit decode kernel")
+  B, K, G, H = q_BKGH.shape
+  why = mgpu_supported(H, bits, group, k_mode, v_group, q_BKGH.dtype,
+                       block_indices_BKM is not None)
+  if why is not None:
+    raise NotSupported(why)
+  if G > ROWS:
+    raise NotSupported(f"G={G} query heads per KV head must be <= {ROWS}")
+  config = config or MosaicGPUConfig()
+  config.validate()
+  stages = config.pipeline_depth or 3
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:
+    stages -= 1
+  S = k_packed.shape[2]
+  num_splits = config.num_splits or launch.default_num_splits(
+      B * K, max(1, S // T), launch.target_programs(2))
+  o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+                            lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
+                            bits=int(bits), group=int(group), num_splits=int(num_splits),
+                            stages=int(stages), interpret=bool(interpret))
+  ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
+                                packed_B.astype(jnp.int32), o.shape[-2])
+  o = jnp.concatenate([o, ro], axis=2)
+  m = jnp.concatenate([m, rm], axis=2)
+  l = jnp.concatenate([l, rl], axis=2)
+  many = o.shape[2] >= tuned.lookup("combine_splits", "pallas_triton")["min_splits"]
+  impl = ("pallas_triton", "xla") if many and not interpret else "xla"
+  return combine_lib.combine_splits(o, m, l, G, q_BKGH.dtype, implementation=impl)
