@@ -14,6 +14,8 @@ K per channel in groups of 128 tokens, V per token. Rows:
 - `pallas_triton int{b}`: the fused kernel (`pallas_kernels/lowbit_decode/pallas_triton.py`).
 - `pallas_triton int4 sparsity=0.9`: the same kernel over 10% of the blocks (64 tokens), random
   ascending block sets.
+- `pallas_mosaic_gpu int{b}` (--mosaic): the Mosaic GPU kernel
+  (`pallas_kernels/lowbit_decode/pallas_mosaic_gpu.py`), dense, where it takes the shape.
 Timing as `benchmarks/bench_decode.py` (one jit of `--calls` calls over distinct queries x
 distinct caches, an optimization barrier per call, median of windows; the profiler's kernel time
 on a GPU). Floor: the packed words + scales + zeros + residual bytes a call must read, at the read
@@ -37,6 +39,8 @@ from benchmarks.bench_decode import (D, DTYPE, G, GATE_DIM, HKV, HQ, device_byte
 from effjax.sparse import gate as gate_lib
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.lowbit_decode import layout, lowbit_decode_attention
+from pallas_kernels.lowbit_decode import pallas_mosaic_gpu as mosaic_lib
+from pallas_kernels.lowbit_decode.pallas_mosaic_gpu import MosaicGPUConfig
 from pallas_kernels.lowbit_decode.pallas_triton import TritonConfig
 
 GROUP = 128
@@ -66,9 +70,10 @@ def random_cache(key, B: int, S: int, bits: int, window: int):
           scale(ks[4], vshape), zero(ks[5], vshape), res(ks[6]), res(ks[7]))
 
 
-def parse_variant(base: TritonConfig, text: str) -> TritonConfig:
-  """'magic=0,block_k=128' -> base with those TritonConfig fields replaced (ints; 0/1 for bools)."""
-  fields = {f.name: f for f in dataclasses.fields(TritonConfig)}
+def parse_variant(base, text: str):
+  """'magic=0,block_k=128' -> base (a TritonConfig or MosaicGPUConfig) with those fields replaced
+  (ints; 0/1 for bools)."""
+  fields = {f.name: f for f in dataclasses.fields(type(base))}
   kw = {}
   for item in text.split(","):
     key, sep, value = item.strip().partition("=")
@@ -106,6 +111,10 @@ def main():
                   help="more Triton launch configs to time in the same run, ';'-separated "
                        "key=value lists of TritonConfig fields (e.g. 'magic=0;block_k=128,"
                        "num_warps=8'), each over the flags' config")
+  ap.add_argument("--mosaic", default=None, metavar="CONFIGS",
+                  help="also time the Mosaic GPU kernel (dense rows; where it takes the shape): "
+                       "'' for its defaults, or ';'-separated key=value lists of MosaicGPUConfig "
+                       "fields (e.g. 'num_splits=8;pipeline_depth=2')")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
   ap.add_argument("--floor-tbps", type=float, default=None)
   ap.add_argument("--interpret", action="store_true")
@@ -130,6 +139,9 @@ def main():
                       num_splits=args.num_splits, block_k=args.block_k, magic=args.magic)
   variants = [("", kcfg)] + [(v.strip(), parse_variant(kcfg, v)) for v in args.variants.split(";")
                              if v.strip()]
+  mosaic = [] if args.mosaic is None else (
+      [(v.strip(), parse_variant(MosaicGPUConfig(), v)) for v in args.mosaic.split(";")
+       if v.strip()] or [("", MosaicGPUConfig())])
 
   def record(row):
     results.append(row)
@@ -188,7 +200,7 @@ def main():
             return lowbit_decode_attention(q, *c, lengths, packed, **st, implementation=impl,
                                            interpret=args.interpret, block_indices_BKM=idx,
                                            block_size=sparse_bs,
-                                           config=cfg if impl == "pallas_triton" else None)
+                                           config=cfg if impl != "xla" else None)
           return f
 
         plan = dict(bits=bits, window=window, group=GROUP, bf16_over_packed_bytes=bf16_bytes / nbytes,
@@ -217,6 +229,15 @@ def main():
             timed(f"{kimpl} int{bits} sparse{tag}", call(kimpl, bs, vcfg), (qs, jnp.asarray(idx)),
                   caches, sel_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
                   blocks_total=n_blocks, **vplan)
+        for mname, mcfg in mosaic:
+          tag = f" [{mname}]" if mname else ""
+          why = mosaic_lib.mgpu_supported(D, bits, GROUP, "channel", D, DTYPE, False)
+          if why or (not on_gpu and not args.interpret):
+            record({**row0, "impl": f"pallas_mosaic_gpu int{bits}{tag}",
+                    "skipped": why or "the Mosaic GPU kernel needs a GPU (or --interpret)"})
+          else:
+            timed(f"pallas_mosaic_gpu int{bits}{tag}", call("pallas_mosaic_gpu", cfg=mcfg), qs,
+                  caches, nbytes, **{**plan, "config": repr(mcfg)})
         if args.sparsity and bits == 4 and not args.no_selector:
           # The whole sparse step over the 4-bit cache: the SeerAttention-R gate's scores over its
           # K-compression cache (bf16, Dg = 64, one row per block; each cache copy is a layer
