@@ -113,8 +113,8 @@ def main():
                        "num_warps=8'), each over the flags' config")
   ap.add_argument("--mosaic", default=None, metavar="CONFIGS",
                   help="also time the Mosaic GPU kernel (dense rows; where it takes the shape): "
-                       "'' for its defaults, or ';'-separated key=value lists of MosaicGPUConfig "
-                       "fields (e.g. 'num_splits=8;pipeline_depth=2')")
+                       "';'-separated key=value lists of MosaicGPUConfig fields, an empty item "
+                       "for the defaults (e.g. ';num_splits=8,pipeline_depth=2': both)")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None)
   ap.add_argument("--floor-tbps", type=float, default=None)
   ap.add_argument("--interpret", action="store_true")
@@ -139,9 +139,9 @@ def main():
                       num_splits=args.num_splits, block_k=args.block_k, magic=args.magic)
   variants = [("", kcfg)] + [(v.strip(), parse_variant(kcfg, v)) for v in args.variants.split(";")
                              if v.strip()]
-  mosaic = [] if args.mosaic is None else (
-      [(v.strip(), parse_variant(MosaicGPUConfig(), v)) for v in args.mosaic.split(";")
-       if v.strip()] or [("", MosaicGPUConfig())])
+  mosaic = [] if args.mosaic is None else [
+      (v.strip(), parse_variant(MosaicGPUConfig(), v) if v.strip() else MosaicGPUConfig())
+      for v in dict.fromkeys(args.mosaic.split(";"))]          # '' (an empty item): the defaults
 
   def record(row):
     results.append(row)
