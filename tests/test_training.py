@@ -1,5 +1,6 @@
 """Training loop: exact resume, checkpoints, gradient accumulation, data-parallel mesh, CLIs."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -133,7 +134,7 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
   chex.assert_trees_all_close(s1["params"], s4["params"], rtol=1e-5, atol=1e-6)
 
 
-def test_train_and_eval_cli(tmp_path):
+def test_train_and_eval_cli(tmp_path, capsys):
   run = tmp_path / "cli"
   r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml", *SMALL,
                       "train.steps=4", "train.eval_every=4", f"train.out_dir={run}"],
@@ -163,13 +164,14 @@ def test_train_and_eval_cli(tmp_path):
                       "16", "--budget", "32", "--local-tokens", "16"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
   assert r.returncode == 2 and "fewer than the 3 forced ones" in r.stderr, r.stderr[-500:]
+  eval_cli = importlib.import_module("eval")       # argument errors, in process (no compute)
   for flags, msg in ((["--prefill-densities", "0.5,2"], "--prefill-densities must be in"),
                      (["--prefill-densities", "0.5"], "need --prefill-gate"),
                      (["--prefill-densities", "0.5", "--prefill-selectors", "topk"],
                       "--prefill-selectors: choose")):
-    r = subprocess.run([sys.executable, "eval.py", "--run", str(run), *flags], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and msg in r.stderr, r.stderr[-500:]
+    with pytest.raises(SystemExit) as e:
+      eval_cli.main(["--run", str(run), *flags])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
   r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "decode.kv_cache=int3"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and "decode.kv_cache" in r.stderr, r.stderr[-500:]
