@@ -1,11 +1,12 @@
 """Decode attention over the packed low-bit KV cache as a Pallas Mosaic GPU kernel (Hopper: TMA
 loads, dequantisation in registers, wgmma), the `pallas_mosaic_gpu` implementation of
-`lowbit_decode_attention` (dense: every packed token; block selections go to the Triton kernel).
+`lowbit_decode_attention`, dense or over selected 64-token blocks.
 
 Split-K as the Triton kernel: program (b, k, j) takes the j-th share of the packed 64-token
-blocks of (sequence b, KV head k) and writes an online-softmax partial; the residual window (at
-most R full-precision tokens) is one more partial computed in XLA, and `combine_splits` merges
-them. Per block, `plgpu.emit_pipeline` brings in by TMA, `pipeline_depth` blocks ahead: the K and
+blocks of (sequence b, KV head k) -- every one below the length, or the selected ones (the
+leading slots of the ascending index row that lie in the packed region) -- and writes an
+online-softmax partial; the residual window (at most R full-precision tokens, masked to the
+selected blocks) is one more partial computed in XLA, and `combine_splits` merges them. Per block, `plgpu.emit_pipeline` brings in by TMA, `pipeline_depth` blocks ahead: the K and
 V words [64, W] (int32, W = H * bits / 32), the K scales / zeros of the block's group [32 / bits,
 W] and the V scales / zeros of its tokens [64]. Then, in registers:
 
@@ -19,7 +20,8 @@ W] and the V scales / zeros of its tokens [64]. Then, in registers:
 So the kernel reads bits (4 bits a value plus the scales: ~3.8x fewer bytes than bf16) and keeps
 the per-element work to a shift, an and, a convert and an FMA. Shapes: 4-bit with H in {128,
 256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step), k_mode
-"channel", v_group = H, groups of a multiple of 64 tokens, bfloat16 / float16. Others raise
+"channel", v_group = H, groups of a multiple of 64 tokens, selections of 64-token blocks,
+bfloat16 / float16. Others raise
 NotSupported and the dispatcher moves on (Triton, then XLA). Interpret mode (the Mosaic GPU
 interpreter, CPU tests): plain dots in place of the wgmmas and no register layouts; the rest is
 the same kernel.
@@ -69,7 +71,7 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
                    sparse: bool) -> str | None:
   """Why the kernel can't take these settings, or None if it can."""
   if sparse:
-    return "block selections: the Mosaic GPU kernel reads every packed token (dense)"
+    return f"block selections of other than {T}-token blocks"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
   W = layout.words_per_row(H, bits)
@@ -97,9 +99,10 @@ def _transposed(ref):
   return plgpu.transpose_ref(ref, (1, 0))
 
 
-def _kernel(packed_ref, len_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref, vz_ref, o_ref, m_ref,
-            l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int, group: int, num_splits: int,
-            stages: int, scale_log2: float, interpret: bool):
+def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref,
+            vz_ref, o_ref, m_ref, l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int,
+            group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
+            interpret: bool):
   H = q_smem.shape[-1]
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
@@ -111,8 +114,10 @@ def _kernel(packed_ref, len_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref, 
   kh = lax.axis_index("k")
   j = lax.axis_index("s")
   length = len_ref[b]
-  # packed blocks holding a valid token (a prefill may have packed rows past the length)
-  n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
+  if sparse:      # the leading slots of the row whose blocks are packed (counted in XLA)
+    n_blocks = nslots_ref[b, kh]
+  else:           # packed blocks holding a valid token (a prefill may pack rows past the length)
+    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
   per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
   start = j * per_split
   steps = jnp.clip(n_blocks - start, 0, per_split)
@@ -171,7 +176,7 @@ def _kernel(packed_ref, len_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref, 
 
   cols = (lax.broadcasted_iota(jnp.int32, (ROWS, T), 1) if interpret else
           plgpu.broadcasted_iota(jnp.int32, (ROWS, T), 1, layout=wgmma_layout))
-  blk = lambda i: start + i
+  blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
   grp = lambda i: lax.div(blk(i) * T, jnp.int32(group))
   words = _tiles(jnp.int32, W * 4)        # swizzled: conflict-free loads into the WGMMA layout
   specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
@@ -205,9 +210,10 @@ def _kernel(packed_ref, len_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref, 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages",
                                              "interpret"))
 def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
-                    packed_B, *, bits: int, group: int, num_splits: int, stages: int,
-                    interpret: bool = False):
-  """The kernel's partials over the packed tokens below the length: o f32 [B, K, N, RO, H],
+                    packed_B, block_indices_BKM=None, *, bits: int, group: int, num_splits: int,
+                    stages: int, interpret: bool = False):
+  """The kernel's partials over the packed tokens below the length (with block_indices_BKM, int32
+  [B, K, M] of 64-token blocks: over the selected packed blocks only): o f32 [B, K, N, RO, H],
   m / l f32 [B, K, N, RO] (N = num_splits, RO = G rounded up to 8)."""
   B, K, G, H = q_BKGH.shape
   S = k_packed.shape[2]
@@ -217,8 +223,17 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
   dtype = q_BKGH.dtype
   swz = W * jnp.dtype(dtype).itemsize        # one slab of channels per swizzle row
   q64 = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, ROWS - G), (0, 0)))      # rows >= G: zeros
+  sparse = block_indices_BKM is not None
+  if sparse:
+    idx = block_indices_BKM.astype(jnp.int32)
+    # live selected blocks that lie in the packed region below the length: a prefix (ascending)
+    limit = (jnp.minimum(packed_B, lengths_B) + (T - 1)) // T
+    nslots = jnp.sum((idx >= 0) & (idx < limit[:, None, None]), axis=-1, dtype=jnp.int32)
+  else:
+    idx, nslots = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
   kernel = functools.partial(_kernel, bits=bits, group=group, num_splits=num_splits,
-                             stages=stages, scale_log2=H ** -0.5 * LOG2E, interpret=interpret)
+                             stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
+                             interpret=interpret)
   f32 = jnp.float32
   interp = None
   if interpret:
@@ -238,19 +253,27 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interp,
   )
-  return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), q64, k_packed, v_packed,
+  return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64, k_packed, v_packed,
               k_scale.reshape(B, K, S // group, subs, W), k_zero.reshape(B, K, S // group, subs, W),
               v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
 
 
-def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int):
+def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int,
+                     block_indices_BKM=None, block_size: int | None = None):
   """The residual window's partial in XLA (tokens [packed_b, length_b) in residual slots
-  [0, length_b - packed_b)): o f32 [B, K, 1, rows, H], m / l f32 [B, K, 1, rows]."""
+  [0, length_b - packed_b); with block_indices_BKM, only those of the selected blocks):
+  o f32 [B, K, 1, rows, H], m / l f32 [B, K, 1, rows]."""
   B, K, G, H = q_BKGH.shape
   R = res_k.shape[2]
   s = jnp.einsum("bkgh,bkrh->bkgr", q_BKGH.astype(jnp.float32), res_k.astype(jnp.float32),
                  precision=lax.Precision.HIGHEST) * H ** -0.5
-  valid = (jnp.arange(R)[None, :] < (lengths_B - packed_B)[:, None])[:, None, None, :]
+  r = jnp.arange(R)
+  valid = (r[None, :] < (lengths_B - packed_B)[:, None])[:, None, :]               # [B, 1, R]
+  if block_indices_BKM is not None:
+    blocks = (packed_B[:, None] + r[None, :]) // block_size                          # [B, R]
+    chosen = jnp.any(block_indices_BKM[:, :, :, None] == blocks[:, None, None, :], axis=2)
+    valid = valid & chosen                                                          # [B, K, R]
+  valid = valid[:, :, None, :]
   s = jnp.where(valid, s, online_softmax.MASK_VALUE)
   m = jnp.max(s, axis=-1)
   p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
@@ -276,7 +299,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   require_platform("gpu", interpret, "the Mosaic GPU low-bit decode kernel")
   B, K, G, H = q_BKGH.shape
   why = mgpu_supported(H, bits, group, k_mode, v_group, q_BKGH.dtype,
-                       block_indices_BKM is not None)
+                       block_indices_BKM is not None and block_size != T)
   if why is not None:
     raise NotSupported(why)
   if G > ROWS:
@@ -288,14 +311,18 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:
     stages -= 1
   S = k_packed.shape[2]
+  units = block_indices_BKM.shape[-1] if block_indices_BKM is not None else max(1, S // T)
   num_splits = config.num_splits or launch.default_num_splits(
-      B * K, max(1, S // T), launch.target_programs(2))
+      B * K, units, launch.target_programs(2))
+  if block_indices_BKM is not None:
+    block_indices_BKM = block_indices_BKM.astype(jnp.int32)
   o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
                             lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
-                            bits=int(bits), group=int(group), num_splits=int(num_splits),
-                            stages=int(stages), interpret=bool(interpret))
+                            block_indices_BKM, bits=int(bits), group=int(group),
+                            num_splits=int(num_splits), stages=int(stages),
+                            interpret=bool(interpret))
   ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
-                                packed_B.astype(jnp.int32), o.shape[-2])
+                                packed_B.astype(jnp.int32), o.shape[-2], block_indices_BKM, T)
   o = jnp.concatenate([o, ro], axis=2)
   m = jnp.concatenate([m, rm], axis=2)
   l = jnp.concatenate([l, rl], axis=2)

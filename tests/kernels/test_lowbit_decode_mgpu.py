@@ -15,7 +15,7 @@ from pallas_kernels.lowbit_decode import lowbit_decode_attention
 from pallas_kernels.lowbit_decode import pallas_mosaic_gpu as mgpu
 
 from ._oracle import check_close, length_valid, oracle
-from .test_lowbit_decode import dequant_np, make_case
+from .test_lowbit_decode import block_valid, dequant_np, make_case, random_blocks
 
 # (B, K, G, H, S, lengths, packed, bits, group, window, k_mode, v_group)
 CASES = [
@@ -27,9 +27,11 @@ CASES = [
 # residual window holding 127 of its 256 slots
 
 
-def run(q, cache, lengths, packed, st, interpret=True, **cfg):
+def run(q, cache, lengths, packed, st, interpret=True, block_indices_BKM=None, block_size=None,
+        **cfg):
   return lowbit_decode_attention(q, *cache, jnp.asarray(lengths, jnp.int32),
                                  jnp.asarray(packed, jnp.int32), **st,
+                                 block_indices_BKM=block_indices_BKM, block_size=block_size,
                                  implementation="pallas_mosaic_gpu", interpret=interpret,
                                  config=mgpu.MosaicGPUConfig(**cfg) if cfg else None)
 
@@ -48,6 +50,20 @@ def test_interpret_matches_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2)
 
 
+@pytest.mark.parametrize("case", CASES[:2])
+def test_interpret_sparse_matches_oracle(case):
+  """Selected 64-token blocks only: packed ones in the kernel, residual ones in the XLA
+  partial, some past the length, -1 padded, rows with nothing selected."""
+  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, 5)
+  out = run(q, cache, lengths, packed, st, True, num_splits=2, pipeline_depth=2,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+
+
 @pytest.mark.parametrize("bits,H", [(4, 128), (4, 256), (2, 256)])
 def test_compiled_kernel_lowers_for_cuda(bits, H):
   """TMA loads of swizzled words, register dequantisation into slab-swizzled tiles, wgmmas: the
@@ -60,12 +76,13 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
           S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
           S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
           S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
-  fn = jax.jit(lambda *a: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
-                                               stages=2))
-  with lowering_for("gpu"):
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args).mlir_module()
-  assert "mosaic_gpu" in text
+  for extra in ((), (S_((B, K, 5), jnp.int32),)):          # dense, and over selected blocks
+    fn = jax.jit(lambda *a: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
+                                                 stages=2))
+    with lowering_for("gpu"):
+      text = export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args, *extra).mlir_module()
+    assert "mosaic_gpu" in text
 
 
 def test_refusals_name_the_setting():
@@ -77,7 +94,7 @@ def test_refusals_name_the_setting():
   assert "k_mode" in mgpu.mgpu_supported(128, 4, 128, "token", 128, bf16, False)
   assert "k_mode" in mgpu.mgpu_supported(128, 4, 128, "channel", 32, bf16, False)
   assert "group=32" in mgpu.mgpu_supported(128, 4, 32, "channel", 128, bf16, False)
-  assert "block selections" in mgpu.mgpu_supported(128, 4, 128, "channel", 128, bf16, True)
+  assert "64-token blocks" in mgpu.mgpu_supported(128, 4, 128, "channel", 128, bf16, True)
   assert mgpu.mgpu_supported(128, 4, 128, "channel", 128, bf16, False) is None
   q, cache, st = make_case((1, 1, 2, 64, 256, [100], [64], 4, 64, 128, "channel", 64), bf16)
   with pytest.raises(NotSupported, match="W=8"):
