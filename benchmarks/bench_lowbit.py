@@ -15,7 +15,8 @@ K per channel in groups of 128 tokens, V per token. Rows:
 - `pallas_triton int4 sparsity=0.9`: the same kernel over 10% of the blocks (64 tokens), random
   ascending block sets.
 - `pallas_mosaic_gpu int{b}` (--mosaic): the Mosaic GPU kernel
-  (`pallas_kernels/lowbit_decode/pallas_mosaic_gpu.py`), dense, where it takes the shape.
+  (`pallas_kernels/lowbit_decode/pallas_mosaic_gpu.py`) where it takes the shape, dense and over
+  the sparse rows' blocks; `gate+topk+pallas_mosaic_gpu` the gated step with it.
 Timing as `benchmarks/bench_decode.py` (one jit of `--calls` calls over distinct queries x
 distinct caches, an optimization barrier per call, median of windows; the profiler's kernel time
 on a GPU). Floor: the packed words + scales + zeros + residual bytes a call must read, at the read
@@ -238,6 +239,11 @@ def main():
           else:
             timed(f"pallas_mosaic_gpu int{bits}{tag}", call("pallas_mosaic_gpu", cfg=mcfg), qs,
                   caches, nbytes, **{**plan, "config": repr(mcfg)})
+            if args.sparsity and bits == 4:
+              timed(f"pallas_mosaic_gpu int{bits} sparse{tag}", call("pallas_mosaic_gpu", bs, mcfg),
+                    (qs, jnp.asarray(idx)), caches, sel_bytes, plan=f"sparsity={args.sparsity}",
+                    blocks_selected=n_sel, blocks_total=n_blocks,
+                    **{**plan, "config": repr(mcfg)})
         if args.sparsity and bits == 4 and not args.no_selector:
           # The whole sparse step over the 4-bit cache: the SeerAttention-R gate's scores over its
           # K-compression cache (bf16, Dg = 64, one row per block; each cache copy is a layer
@@ -251,18 +257,24 @@ def main():
               for i, c in enumerate(caches))
           topk_impl = "xla" if kimpl == "xla" or args.interpret else "pallas_triton"
 
-          def gated_call(q, c):
-            scores = gate_lib.gate_logits(c[9], q, c[8], lengths - 1, 1e4)
-            sel, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel,
-                                     implementation=topk_impl, interpret=args.interpret)
-            return lowbit_decode_attention(q, *c[:8], lengths, packed, **st, implementation=kimpl,
-                                           interpret=args.interpret, block_indices_BKM=sel,
-                                           block_size=bs, num_live_BK=n_live,
-                                           config=kcfg if kimpl == "pallas_triton" else None)
+          def gated_call(impl, cfg):
+            def f(q, c):
+              scores = gate_lib.gate_logits(c[9], q, c[8], lengths - 1, 1e4)
+              sel, n_live = block_topk(scores, lengths, block_size=bs, k=n_sel,
+                                       implementation=topk_impl, interpret=args.interpret)
+              return lowbit_decode_attention(q, *c[:8], lengths, packed, **st,
+                                             implementation=impl, interpret=args.interpret,
+                                             block_indices_BKM=sel, block_size=bs,
+                                             num_live_BK=n_live,
+                                             config=cfg if impl != "xla" else None)
+            return f
 
-          timed(f"gate+topk+{kimpl} int{bits} sparse", gated_call, qs, gated,
-                sel_bytes + kc_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
-                blocks_total=n_blocks, gate_dim=GATE_DIM, **plan)
+          gated_rows = [(kimpl, kcfg)] + ([("pallas_mosaic_gpu", mosaic[0][1])] if mosaic and (
+              on_gpu or args.interpret) else [])
+          for impl, cfg in gated_rows:
+            timed(f"gate+topk+{impl} int{bits} sparse", gated_call(impl, cfg), qs, gated,
+                  sel_bytes + kc_bytes, plan=f"sparsity={args.sparsity}", blocks_selected=n_sel,
+                  blocks_total=n_blocks, gate_dim=GATE_DIM, **plan)
           del gated
         del caches
       common.write_json(out, meta, results)
