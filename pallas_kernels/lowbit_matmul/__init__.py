@@ -16,7 +16,9 @@ table-lookup form over bit planes) reproduces them.
 
 Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU too),
 `pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
-or tiled GEMM, pallas_triton.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
+or tiled GEMM, pallas_triton.py), `pallas_mosaic_gpu` (i2_s weights, M <= 64, named only until
+timed: TMA loads, unpacking in registers into swizzled tiles, one wgmma a 256-row step,
+pallas_mosaic_gpu.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
 lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
 fall back to `xla`.
 """
@@ -35,7 +37,7 @@ from pallas_kernels.lowbit_matmul.reference import (
 )
 
 _BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton",
-             "pallas_mosaic_tpu": "pallas_mosaic_tpu"}
+             "pallas_mosaic_gpu": "pallas_mosaic_gpu", "pallas_mosaic_tpu": "pallas_mosaic_tpu"}
 # `auto` is XLA on a GPU too: on the H100 (8192 x 8192, docs/results/ternary.md) the XLA path is
 # faster at M = 1 (W2A8 48.9 us against 58.5 us for the Triton kernel's default unpacking) and at
 # M = 2048 (357 against 1,572 us); the Triton kernel wins only at M = 16. Name `pallas_triton`

@@ -1,0 +1,202 @@
+"""Packed ternary matmul for few rows (decoding: M <= 64) as a Pallas Mosaic GPU kernel (Hopper:
+TMA loads, unpacking in registers, wgmma): the `pallas_mosaic_gpu` implementation of
+`lowbit_matmul` and `lowbit_matmul_int8` for I2_S weights.
+
+y [M, N] = x [M, K] @ t [K, N] * scale. One program per (128-column tile, share of K): for each
+256-row K tile, `plgpu.emit_pipeline` brings in by TMA the tile's packed bytes, read as int32
+words [64, 32] (4 columns a word, byte e = column 4 c + e), and the matching x tile [64, 256]
+(M padded to the 64 rows of a warpgroup MMA). In registers, slot i (2 bits at 6 - 2 i of each
+byte) of byte e of every word is one [64, 32] slab of ternary codes: rows of slot i of the two
+128-row I2_S blocks, columns e, e + 4, ... of the tile. Each slab, t = code - 1 in bf16, is stored
+as a block of a [256, 128] shared-memory tile (64-byte swizzle, one slab wide), and one wgmma
+multiplies x by it. The slabs' order is fixed, so the permutation is paid outside the loop: x's K
+columns are permuted to the tile's row order once per call (XLA, M x K), and y's columns are
+un-permuted once (XLA, M x N). The split-K partial sums (float32, only the M rows rounded up to 8)
+are added, scaled and cast in XLA.
+
+The W2A8 op runs the same kernel on the int8 activations cast to bf16 (integers up to 127 are
+exact in bf16, and the float32 sums of products up to 127 stay exact below 2^24: K <= 132K), then
+the activation and weight scales: it equals the integer path bit for bit.
+
+Shapes: i2_s with 128-row blocks, K rows a multiple of 256, N a multiple of 128, M <= 64,
+bfloat16 / float16 activations (W2A16) or int8 ones (W2A8). Others raise
+NotSupported and the dispatcher moves on. Interpret mode (the Mosaic GPU interpreter, CPU tests):
+a plain dot in place of the wgmma, no register layouts; the rest is the same kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import launch
+from pallas_kernels.dispatch import NotSupported, require_platform
+
+KT = 256          # K rows a step (two I2_S blocks of 128)
+NT = 128          # output columns a program
+ROWS = 64         # x rows of a warpgroup MMA (M padded to it)
+WR, WC = KT // 4, NT // 4      # the step's packed words: [64 rows, 32 words]
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicGPUConfig:
+  """num_splits: programs per 128-column tile along K (None: about two programs per SM);
+  pipeline_depth: K steps in flight."""
+  num_splits: int | None = None
+  pipeline_depth: int | None = None
+
+  def validate(self) -> None:
+    for name in ("num_splits", "pipeline_depth"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
+
+
+CONFIG = MosaicGPUConfig
+
+
+def mgpu_supported(M: int, packed, dtype) -> str | None:
+  if packed.fmt != "i2_s" or packed.block != 128:
+    return f"format {packed.fmt} (block {packed.block}): the kernel reads i2_s in 128-row blocks"
+  if packed.rows % KT:
+    return f"K rows {packed.rows} must be a multiple of {KT}"
+  if packed.shape[1] % NT:
+    return f"N={packed.shape[1]} must be a multiple of {NT}"
+  if M > ROWS:
+    return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                              jnp.dtype(jnp.int8)):
+    return (f"activations in {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 "
+            f"(or int8, exact in bfloat16)")
+  return None
+
+
+def _tiles(dtype, width_bytes: int):
+  return (plgpu.TilingTransform((8, width_bytes // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(width_bytes))
+
+
+def row_permutation() -> np.ndarray:
+  """int [KT]: tile row rho = i * 64 + r (slot i, word row r) holds K row (r // 32) * 128 +
+  i * 32 + r % 32 of the step."""
+  rho = np.arange(KT)
+  i, r = rho // WR, rho % WR
+  return (r // 32) * 128 + i * 32 + r % 32
+
+
+def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_steps: int,
+            interpret: bool):
+  n = lax.axis_index("n")
+  s = lax.axis_index("s")
+  per = -(-n_steps // num_splits)
+  start = s * per
+  steps = jnp.clip(n_steps - start, 0, per)
+  dtype = b_smem.dtype
+  RO = o_ref.shape[-2]
+  wgmma_layout = plgpu.Layout.WGMMA
+
+  def step(_, x_smem, w_smem, acc):
+    words = w_smem[...] if interpret else plgpu.load(w_smem, (), layout=wgmma_layout)
+    for i in range(4):
+      for e in range(4):
+        code = lax.shift_right_logical(words, jnp.int32(8 * e + 6 - 2 * i)) & 3
+        b_smem.at[pl.ds(i * WR, WR), pl.ds(e * WC, WC)][...] = (code - 1).astype(
+            jnp.float32).astype(dtype)
+    plgpu.commit_smem()          # the generic-proxy stores, visible to the wgmma
+    if interpret:
+      return acc + jnp.dot(x_smem[...], b_smem[...], preferred_element_type=jnp.float32)
+
+    def mma(acc_ref):
+      plgpu.wgmma(acc_ref, x_smem, b_smem)
+    return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+  specs = [plgpu.BlockSpec((ROWS, KT), lambda k: (0, start + k), transforms=_tiles(dtype, 64)),
+           plgpu.BlockSpec((WR, WC), lambda k: (start + k, n), transforms=_tiles(jnp.int32, 128))]
+  init = jnp.zeros((ROWS, NT), jnp.float32)
+  if not interpret:
+    init = plgpu.layout_cast(init, wgmma_layout)
+  acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages,
+                            init_carry=init)(x_ref, w_ref)
+
+  def store(o_smem):
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[s, :, pl.ds(n * NT, NT)])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((ROWS, NT), jnp.float32, transforms=_tiles(jnp.float32, 128)))
+
+
+@functools.partial(jax.jit, static_argnames=("N", "num_splits", "stages", "interpret"))
+def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int,
+                 interpret: bool = False):
+  """float32 [num_splits, RO, N] split-K sums of x @ t (t the ternary codes; RO = M rounded up to
+  8), columns in the kernel's order (`unpermute_columns`)."""
+  M, K = x_MK.shape
+  rows = packed_u8.shape[0] * 4
+  RO = launch.round_up(M, 8)
+  dtype = x_MK.dtype
+  x = jnp.pad(x_MK, ((0, ROWS - M), (0, rows - K)))
+  x = x.reshape(ROWS, rows // KT, KT)[:, :, row_permutation()].reshape(ROWS, rows)
+  words = lax.bitcast_convert_type(packed_u8.reshape(rows // 4, N // 4, 4), jnp.int32)
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  call = plgpu.kernel(
+      functools.partial(_kernel, num_splits=num_splits, stages=stages, n_steps=rows // KT,
+                        interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((num_splits, RO, N), jnp.float32),
+      scratch_types=(plgpu.SMEM((KT, NT), dtype, transforms=_tiles(dtype, 64)),),
+      grid=(N // NT, num_splits),
+      grid_names=("n", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interp,
+  )
+  return call(x, words)
+
+
+def unpermute_columns(y_MN: jax.Array) -> jax.Array:
+  """Kernel column e * 32 + c of each 128-column tile -> column 4 c + e."""
+  M, N = y_MN.shape
+  return y_MN.reshape(M, N // NT, 4, WC).transpose(0, 1, 3, 2).reshape(M, N)
+
+
+def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
+  require_platform("gpu", interpret, "the Mosaic GPU ternary matmul")
+  M = x_MK.shape[0]
+  why = mgpu_supported(M, packed, x_MK.dtype)
+  if why is not None:
+    raise NotSupported(why)
+  config = config or MosaicGPUConfig()
+  config.validate()
+  N = packed.shape[1]
+  dtype = x_MK.dtype if x_MK.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+  n_steps = packed.rows // KT
+  num_splits = config.num_splits or max(1, min(n_steps, launch.target_programs(2) // (N // NT)))
+  sums = partial_sums(x_MK.astype(dtype), packed.packed, N=N, num_splits=int(num_splits),
+                      stages=int(config.pipeline_depth or 2), interpret=bool(interpret))
+  y = unpermute_columns(jnp.sum(sums, axis=0)[:M]) * packed.scale
+  if x_scale_M is not None:
+    y = y * x_scale_M.astype(jnp.float32)[:, None]
+  return y.astype(out_dtype)
+
+
+def lowbit_matmul(x_MK, packed, out_dtype, *, interpret: bool = False,
+                  config: MosaicGPUConfig | None = None):
+  """Arguments as `pallas_kernels.lowbit_matmul.lowbit_matmul` (checked there)."""
+  return _run(x_MK, packed, None, out_dtype, interpret, config)
+
+
+def lowbit_matmul_int8(x_int8_MK, x_scale_M, packed, out_dtype, *, interpret: bool = False,
+                       config: MosaicGPUConfig | None = None):
+  """Arguments as `pallas_kernels.lowbit_matmul.lowbit_matmul_int8` (checked there); exact."""
+  return _run(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config)
+
