@@ -352,7 +352,7 @@ def test_validates_arguments():
       (lambda: lowbit_matmul(x[None], pw), "2-D"),
       (lambda: lowbit_matmul(x, codes), "PackedWeight"),
       (lambda: lowbit_matmul(x, pw, out_dtype=jnp.int32), "out_dtype"),
-      (lambda: lowbit_matmul(x, pw, implementation="pallas_mosaic_gpu"), "implementation must be"),
+      (lambda: lowbit_matmul(x, pw, implementation="cublas"), "implementation must be"),
       (lambda: lowbit_matmul(x, pw, config=object()), "config"),
       (lambda: lowbit_matmul_int8(x, jnp.ones(2), pw), "int8"),
       (lambda: lowbit_matmul_int8(xi, jnp.ones(3), pw), "x_scale_M"),
