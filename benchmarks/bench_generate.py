@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None):
             "head_dim": H, "d_ff": mcfg.ff, "vocab_size": mcfg.vocab_size,
             "params": mcfg.num_params(), "param_dtype": args.param_dtype,
             "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl,
-            "linear_impl": mcfg.linear_impl},
+            "linear_impl": mcfg.linear_impl, "lowbit_impl": mcfg.lowbit_impl},
         "weights": ("random init (init_params); throughput does not depend on the values"
                     + ("; ternary: absmean-quantised and packed to I2_S (pack_model)"
                        if args.weights == "ternary" else "")),

@@ -52,6 +52,9 @@ class ModelConfig:
                                       # activations, straight-through; effjax/quant/ternary.py)
                                       # | ternary_packed (inference on packed weights:
                                       # effjax/quant/convert.py)
+  lowbit_impl: str = "auto"           # ternary_packed: the packed matmul's backends, tried in
+                                      # order (e.g. "pallas_mosaic_gpu,xla": the kernel where it
+                                      # takes the shape, XLA for the rest, such as prefill)
   sub_norm: bool = False              # SubLN: RMSNorm before the attention output and the MLP
                                       # down projection (BitNet)
   compute_dtype: str = "bfloat16"
@@ -78,6 +81,12 @@ class ModelConfig:
            f"must be one of auto|xla|cudnn, got {self.attention_impl!r}")
     _check(self.linear_impl in ("dense", "bitlinear", "ternary_packed"), "model.linear_impl",
            f"must be dense|bitlinear|ternary_packed, got {self.linear_impl!r}")
+    from pallas_kernels.lowbit_matmul import INT8_IMPLEMENTATIONS
+    names = self.lowbit_impl.split(",")
+    bad = [n for n in names if n not in INT8_IMPLEMENTATIONS or (n == "auto" and len(names) > 1)]
+    _check(not bad, "model.lowbit_impl",
+           f"must be auto, or comma-separated names of "
+           f"{', '.join(n for n in INT8_IMPLEMENTATIONS if n != 'auto')}, got {self.lowbit_impl!r}")
     for k in ("compute_dtype", "param_dtype"):
       _check(getattr(self, k) in ("float32", "bfloat16", "float16"), f"model.{k}",
              f"must be float32|bfloat16|float16, got {getattr(self, k)!r}")

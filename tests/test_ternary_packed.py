@@ -68,3 +68,18 @@ def test_only_bitlinear_models_pack():
     pack_model(Config(model=ModelConfig()), {}, "i2_s")
   with pytest.raises(ValueError, match="format must be one of"):
     pack_model(Config(model=MCFG), {}, "i3")
+
+
+def test_lowbit_impl_chooses_the_packed_matmul_backends(model):
+  """model.lowbit_impl names the backends tried in order: a chain whose first kernel does not
+  take the shape here (no GPU) gives XLA's result; bad names fail when the config is made."""
+  import dataclasses
+  from effjax.config import ConfigError
+  cfg, params, toks = model
+  pcfg, pparams = pack_model(cfg, params, "i2_s")
+  want = forward(pcfg.model, pparams, toks)
+  chained = dataclasses.replace(pcfg.model, lowbit_impl="pallas_mosaic_gpu,xla")
+  np.testing.assert_array_equal(np.asarray(forward(chained, pparams, toks)), np.asarray(want))
+  for bad in ("cublas", "auto,xla"):
+    with pytest.raises(ConfigError, match="model.lowbit_impl"):
+      dataclasses.replace(pcfg.model, lowbit_impl=bad)

@@ -69,6 +69,7 @@ class PackedTernaryLinear:
   activations, ternary codes, exact int32 sums, then the two scales)."""
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
+  implementation: str = "auto"      # model.lowbit_impl: backend names, comma-separated
 
   def init(self, rng: jax.Array, d_in: int, d_out: int, std: float) -> dict:
     raise ValueError("packed ternary layers are made from a trained bitlinear checkpoint "
@@ -77,7 +78,9 @@ class PackedTernaryLinear:
   def __call__(self, p, x: jax.Array) -> jax.Array:
     *lead, K = x.shape
     x_int8, x_scale = lowbit_matmul.layout.quantize_activations(x.reshape(-1, K))
-    y = lowbit_matmul.lowbit_matmul_int8(x_int8, x_scale, p, out_dtype=jnp.dtype(self.dtype))
+    impl = tuple(self.implementation.split(","))
+    y = lowbit_matmul.lowbit_matmul_int8(x_int8, x_scale, p, out_dtype=jnp.dtype(self.dtype),
+                                         implementation=impl[0] if len(impl) == 1 else impl)
     return y.reshape(*lead, p.shape[1])
 
 
@@ -89,4 +92,7 @@ def make_linear(cfg) -> Linear:
   if cfg.linear_impl not in LINEARS:
     raise ValueError(f"unknown linear implementation {cfg.linear_impl!r}; available: "
                      f"{sorted(LINEARS)}")
+  if cfg.linear_impl == "ternary_packed":
+    return PackedTernaryLinear(dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                               implementation=cfg.lowbit_impl)
   return LINEARS[cfg.linear_impl](dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype)
