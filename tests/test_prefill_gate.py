@@ -316,3 +316,21 @@ def test_train_prefill_gate_on_a_model():
   assert np.all(np.isfinite(losses))
   l1 = float(pgt.prefill_gate_loss(mcfg, gcfg, gp, params, tb, lb))
   assert l1 < 0.7 * l0, (l0, l1)
+
+
+def test_block_mass_and_the_mass_oracle():
+  """block_mass == the loop's mean over a query block's rows of each key block's probability
+  sum; the mass oracle is select_nz_ratio on it."""
+  from pallas_kernels.flash_attention import attention_probs
+  q, k, _, lengths, bs, nb = setup_sel(4)
+  mass = np.asarray(sel.block_mass(q, k, lengths, bs))
+  p = np.asarray(attention_probs(q, k, lengths))                  # [B, K, G, T, S]
+  B, K, G, T, _ = p.shape
+  for b, n, i, j in [(0, 0, 3, 1), (1, 3, 2, 2), (0, 2, 10, 0), (1, 1, 9, 4)]:
+    rows = slice(i * bs, min((i + 1) * bs, T))
+    want = p[b, n // G, n % G, rows, j * bs:(j + 1) * bs].sum() / bs
+    np.testing.assert_allclose(mass[b, n, i, j], want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(mass[0, :, :11].sum(-1), 1.0, rtol=1e-5)  # whole valid blocks
+  got = np.asarray(sel.select_oracle_mass(q, k, lengths, bs, 0.3, 0, 1, 2))
+  np.testing.assert_array_equal(got, np.asarray(sel.select_nz_ratio(jnp.asarray(mass), lengths,
+                                                                     bs, 0.3, 0, 1, 2)))

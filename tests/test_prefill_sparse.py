@@ -38,7 +38,7 @@ def test_dense_selector_and_full_oracle_are_the_causal_forward(setup):
     np.testing.assert_allclose(np.asarray(dens), 1.0)
 
 
-@pytest.mark.parametrize("selector", ["gate", "oracle", "static"])
+@pytest.mark.parametrize("selector", ["gate", "oracle", "oracle_mass", "static"])
 def test_selectors_reach_their_density_and_change_the_output(setup, selector):
   params, tokens, gate = setup
   lengths = jnp.full((2,), 64, jnp.int32)

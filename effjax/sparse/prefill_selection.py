@@ -11,7 +11,9 @@ nothing (their output is zero anyway).
 
 Selectors: `select_threshold` (gate probability >= tau), `select_nz_ratio` (per-row top-k with
 k_i = ceil(ratio * (i + 1)): the density over the causal triangle is the ratio), `select_oracle`
-(the same top-k on the ground-truth target of `pallas_kernels.flash_attention`), `select_static`
+(the same top-k on the ground-truth target of `pallas_kernels.flash_attention`),
+`select_oracle_mass` (the top-k by attention mass per block: an ablation of the target's
+max-pooling), `select_static`
 (attention sinks + a local window, the training-free baseline). `density` and `recall` measure a
 selection.
 """
@@ -137,6 +139,30 @@ def select_oracle(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, lengt
                               implementation=implementation)
   return select_nz_ratio(target, lengths_B, block_size, nz_ratio, dense_rows, sink_blocks,
                          local_blocks)
+
+
+def block_mass(q_BTNH: jax.Array, k_BTKH: jax.Array, lengths_B: jax.Array,
+               block_size: int) -> jax.Array:
+  """float32 [B, N, nQ, nK]: the attention probability mass of key block j, averaged over the
+  query rows of block i (the full attention map: for the mass oracle, an ablation of the
+  max-pooled target)."""
+  B, T, N, _ = q_BTNH.shape
+  nb = num_blocks(T, block_size)
+  p = attention_probs(q_BTNH, k_BTKH, lengths_B)                            # [B, K, G, T, S]
+  pad = nb * block_size - T
+  p = jnp.pad(p, ((0, 0),) * 3 + ((0, pad), (0, pad)))
+  K, G = p.shape[1], p.shape[2]
+  mass = jnp.sum(p.reshape(B, K, G, nb, block_size, nb, block_size), axis=(4, 6)) / block_size
+  return mass.reshape(B, N, nb, nb)
+
+
+def select_oracle_mass(q_BTNH: jax.Array, k_BTKH: jax.Array, lengths_B: jax.Array,
+                       block_size: int, nz_ratio: float, dense_rows: int = 0,
+                       sink_blocks: int = 0, local_blocks: int = 1) -> jax.Array:
+  """`select_nz_ratio` on `block_mass`: the blocks holding the most attention probability (not
+  the sharpest single probability, as `select_oracle`). int32 [B, N, nQ, M]."""
+  return select_nz_ratio(block_mass(q_BTNH, k_BTKH, lengths_B, block_size), lengths_B,
+                         block_size, nz_ratio, dense_rows, sink_blocks, local_blocks)
 
 
 @functools.partial(jax.jit, static_argnames=("n_heads", "T", "block_size", "sink_blocks",

@@ -9,6 +9,8 @@ layer it chooses key blocks for every (sequence, query head, query block) and ru
           probability reaches `threshold`
   oracle  the same top-k on the layer's true block-level attention (`select_oracle`): the
           upper bound of any gate at that density
+  oracle_mass  the top-k by the attention mass of each block (`select_oracle_mass`; the full
+          attention map): whether max-pooled targets pick the right blocks
   static  attention sinks + a local window (`select_static`), the window sized so the density
           over the causal triangle is the closest to `density`
   dense   every visible block (block-sparse attention with nothing left out == causal attention)
@@ -35,7 +37,7 @@ from effjax.sparse import prefill_selection as sel
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.flash_attention import flash_attention
 
-SELECTORS = ("gate", "oracle", "static", "dense")
+SELECTORS = ("gate", "oracle", "oracle_mass", "static", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +105,8 @@ class SeerSparseAttention:
     if s.selector == "oracle":
       return sel.select_oracle(q_BTNH, k_BTKH, v_BTKH, lengths, bs, s.density, s.dense_rows,
                                **keep)
+    if s.selector == "oracle_mass":
+      return sel.select_oracle_mass(q_BTNH, k_BTKH, lengths, bs, s.density, s.dense_rows, **keep)
     probs = pg.gate_probs(self.gate_params["wq"][layer], self.gate_params["wk"][layer], q_BTNH,
                           k_BTKH, lengths, bs, self.mcfg.rope_theta)
     if s.threshold is not None:
@@ -228,9 +232,10 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
     log(f"dense: ppl {out['dense']['ppl']:.4f}")
   for s in selectors:
     base, _, variant = s.partition("+")
-    if variant not in ("", "local") or (variant and base not in ("gate", "oracle")):
+    if (variant not in ("", "local") or base not in SELECTORS
+        or (variant and base not in ("gate", "oracle", "oracle_mass"))):
       raise ValueError(f"selector {s!r}: want one of {', '.join(SELECTORS)}, or gate+local / "
-                       f"oracle+local")
+                       f"oracle+local / oracle_mass+local")
     if base == "gate" and gate_params is None:
       continue
     keep = dict(keep_local_blocks=local_blocks, keep_sink_blocks=sink_blocks) if variant else {}
