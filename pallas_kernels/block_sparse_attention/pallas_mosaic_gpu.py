@@ -42,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import online_softmax, tuned
 from pallas_kernels.block_sparse_attention.reference import slot_counts
+from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
 
 LOG2E = math.log2(math.e)
@@ -75,21 +76,6 @@ def mgpu_supported(H: int, block_size: int, dtype) -> str | None:
   if block_size != 64:
     return f"block_size={block_size} must be 64 (one wgmma row tile per query block)"
   return None
-
-
-def _tiles(dtype):
-  return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(128))
-
-
-def _transposed(ref):
-  """ref transposed (1, 0): `Ref.transpose` on JAX >= 0.11, plgpu.transpose_ref before."""
-  if hasattr(ref, "transpose"):
-    try:
-      return ref.transpose((1, 0))
-    except (TypeError, AttributeError, NotImplementedError):
-      pass
-  return plgpu.transpose_ref(ref, (1, 0))
 
 
 def smem_bytes(H: int, block_size: int, depth: int, dtype) -> int:
@@ -161,7 +147,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
           qk = jnp.dot(my_q[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
         else:
           def compute_qk(acc_ref):
-            plgpu.wgmma(acc_ref, my_q, _transposed(k_smem.at[slot]))
+            plgpu.wgmma(acc_ref, my_q, mgpu_util.transposed(k_smem.at[slot]))
             return acc_ref[...]
           qk = pl.run_scoped(compute_qk, plgpu.ACC((bs, bs), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
@@ -261,7 +247,7 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
   dtype = q_BTNH.dtype
   kernel = functools.partial(_kernel, bs=bs, G=N // K, hdiv=N // Hi, nq=nq, depth=depth,
                              scale_log2=H ** -0.5 * LOG2E, interpret=interpret)
-  tiles = _tiles(dtype)
+  tiles = mgpu_util.tiles(dtype)
 
   def entry(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
     pl.run_scoped(

@@ -6,7 +6,8 @@ Split-K as the Triton kernel: program (b, k, j) takes the j-th share of the pack
 blocks of (sequence b, KV head k) -- every one below the length, or the selected ones (the
 leading slots of the ascending index row that lie in the packed region) -- and writes an
 online-softmax partial; the residual window (at most R full-precision tokens, masked to the
-selected blocks) is one more partial computed in XLA, and `combine_splits` merges them. Per block, `plgpu.emit_pipeline` brings in by TMA, `pipeline_depth` blocks ahead: the K and
+selected blocks) is one more partial computed in XLA, and `combine_splits` merges them. Per
+block, `plgpu.emit_pipeline` brings in by TMA, `pipeline_depth` blocks ahead: the K and
 V words [64, W] (int32, W = H * bits / 32), the K scales / zeros of the block's group [32 / bits,
 W] and the V scales / zeros of its tokens [64]. Then, in registers:
 
@@ -41,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import combine_splits as combine_lib
 from pallas_kernels import launch, online_softmax, tuned
+from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
 from pallas_kernels.lowbit_decode import layout
 
@@ -85,20 +87,6 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
   return None
 
 
-def _tiles(dtype, width_bytes: int):
-  return (plgpu.TilingTransform((8, width_bytes // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(width_bytes))
-
-
-def _transposed(ref):
-  if hasattr(ref, "transpose"):
-    try:
-      return ref.transpose((1, 0))
-    except (TypeError, AttributeError, NotImplementedError):
-      pass
-  return plgpu.transpose_ref(ref, (1, 0))
-
-
 def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref,
             vz_ref, o_ref, m_ref, l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int,
             group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
@@ -126,7 +114,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
     return x if interpret else plgpu.layout_cast(x, lay)
 
   def load(ref, lay):
-    return ref[...] if interpret else plgpu.load(ref, (), layout=lay)
+    return ref[...] if interpret else mgpu_util.load(ref, lay)
 
   plgpu.copy_gmem_to_smem(q_ref.at[b, kh], q_smem, q_bar)
   plgpu.barrier_wait(q_bar)
@@ -155,7 +143,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
       s = jnp.dot(q_smem[...], kt_smem[...].T, preferred_element_type=jnp.float32)
     else:
       def compute_qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, _transposed(kt_smem))
+        plgpu.wgmma(acc_ref, q_smem, mgpu_util.transposed(kt_smem))
         return acc_ref[...]
       s = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, T), jnp.float32))
     valid = cols < length - blk(indices[0]) * T
@@ -178,7 +166,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
           plgpu.broadcasted_iota(jnp.int32, (ROWS, T), 1, layout=wgmma_layout))
   blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
   grp = lambda i: lax.div(blk(i) * T, jnp.int32(group))
-  words = _tiles(jnp.int32, W * 4)        # swizzled: conflict-free loads into the WGMMA layout
+  words = mgpu_util.tiles(jnp.int32, W * 4)    # swizzled: conflict-free loads into WGMMA layout
   specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
            plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # V words
            plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K scales of the group
@@ -203,7 +191,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
     plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(store, plgpu.SMEM((ROWS, H), jnp.float32, transforms=_tiles(jnp.float32, 128)),
+  pl.run_scoped(store, plgpu.SMEM((ROWS, H), jnp.float32, transforms=mgpu_util.tiles(jnp.float32)),
                 plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
 
 
@@ -244,16 +232,17 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
       out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
                 jax.ShapeDtypeStruct((B, K, num_splits, RO), f32),
                 jax.ShapeDtypeStruct((B, K, num_splits, RO), f32)),
-      scratch_types=(plgpu.SMEM((ROWS, H), dtype, transforms=_tiles(dtype, swz)),
-                     plgpu.SMEM((T, H), dtype, transforms=_tiles(dtype, swz)),
-                     plgpu.SMEM((T, H), dtype, transforms=_tiles(dtype, swz)),
+      scratch_types=(plgpu.SMEM((ROWS, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((T, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((T, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=interp,
   )
-  return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64, k_packed, v_packed,
+  return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64,
+              k_packed, v_packed,
               k_scale.reshape(B, K, S // group, subs, W), k_zero.reshape(B, K, S // group, subs, W),
               v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
 

@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import launch
+from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
 
 KT = 256          # K rows a step (two I2_S blocks of 128)
@@ -78,11 +79,6 @@ def mgpu_supported(M: int, packed, dtype) -> str | None:
   return None
 
 
-def _tiles(dtype, width_bytes: int):
-  return (plgpu.TilingTransform((8, width_bytes // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(width_bytes))
-
-
 def row_permutation() -> np.ndarray:
   """int [KT]: tile row rho = i * 64 + r (slot i, word row r) holds K row (r // 32) * 128 +
   i * 32 + r % 32 of the step."""
@@ -103,7 +99,7 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
   wgmma_layout = plgpu.Layout.WGMMA
 
   def step(_, x_smem, w_smem, acc):
-    words = w_smem[...] if interpret else plgpu.load(w_smem, (), layout=wgmma_layout)
+    words = w_smem[...] if interpret else mgpu_util.load(w_smem, wgmma_layout)
     for i in range(4):
       for e in range(4):
         code = lax.shift_right_logical(words, jnp.int32(8 * e + 6 - 2 * i)) & 3
@@ -117,8 +113,10 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
       plgpu.wgmma(acc_ref, x_smem, b_smem)
     return pl.run_state(mma)(plgpu.ACC.init(acc))
 
-  specs = [plgpu.BlockSpec((ROWS, KT), lambda k: (0, start + k), transforms=_tiles(dtype, 64)),
-           plgpu.BlockSpec((WR, WC), lambda k: (start + k, n), transforms=_tiles(jnp.int32, 128))]
+  specs = [plgpu.BlockSpec((ROWS, KT), lambda k: (0, start + k),
+                           transforms=mgpu_util.tiles(dtype, 64)),
+           plgpu.BlockSpec((WR, WC), lambda k: (start + k, n),
+                           transforms=mgpu_util.tiles(jnp.int32))]
   init = jnp.zeros((ROWS, NT), jnp.float32)
   if not interpret:
     init = plgpu.layout_cast(init, wgmma_layout)
@@ -131,7 +129,8 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
     plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[s, :, pl.ds(n * NT, NT)])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(store, plgpu.SMEM((ROWS, NT), jnp.float32, transforms=_tiles(jnp.float32, 128)))
+  pl.run_scoped(store, plgpu.SMEM((ROWS, NT), jnp.float32,
+                                  transforms=mgpu_util.tiles(jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnames=("N", "num_splits", "stages", "interpret"))
@@ -154,7 +153,7 @@ def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int,
       functools.partial(_kernel, num_splits=num_splits, stages=stages, n_steps=rows // KT,
                         interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, RO, N), jnp.float32),
-      scratch_types=(plgpu.SMEM((KT, NT), dtype, transforms=_tiles(dtype, 64)),),
+      scratch_types=(plgpu.SMEM((KT, NT), dtype, transforms=mgpu_util.tiles(dtype, 64)),),
       grid=(N // NT, num_splits),
       grid_names=("n", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -34,6 +34,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import combine_splits as combine_lib
 from pallas_kernels import launch, online_softmax, tuned
+from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
 from pallas_kernels.sparse_decode.reference import live_slots
 
@@ -88,22 +89,6 @@ def query_stride(G: int) -> int:
   the rows past the boundary in the wrong place (H200, JAX 0.11.2: G = 3 / 5 / 6 with B * K > 1,
   experiments/mgpu_sparse/diagnose_g.txt)."""
   return G if (8 % G == 0 or G % 8 == 0) else rows_out(G)
-
-
-def _transposed(ref):
-  """ref transposed (1, 0): `Ref.transpose` on JAX >= 0.11, plgpu.transpose_ref before."""
-  if hasattr(ref, "transpose"):
-    try:
-      return ref.transpose((1, 0))
-    except (TypeError, AttributeError, NotImplementedError):
-      pass
-  return plgpu.transpose_ref(ref, (1, 0))
-
-
-def _tiles(dtype):
-  """Shared-memory transforms of a wgmma / TMA tile: 8-row tiles 128 bytes wide, swizzled."""
-  return (plgpu.TilingTransform((8, 128 // jnp.dtype(dtype).itemsize)),
-          plgpu.SwizzleTransform(128))
 
 
 def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, q_smem, q_bar,
@@ -162,7 +147,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
     limit = jnp.where(block >= 0, length - block * T, 0)
 
     def compute_qk(acc_ref):
-      plgpu.wgmma(acc_ref, q_smem, _transposed(k_smem))
+      plgpu.wgmma(acc_ref, q_smem, mgpu_util.transposed(k_smem))
       return acc_ref[...]
 
     if interpret:
@@ -191,7 +176,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
     return acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv, m_new, l_new
 
   spec = plgpu.BlockSpec((T, H), lambda i: (jnp.maximum(block_id(i), 0), 0),
-                         transforms=_tiles(dtype))
+                         transforms=mgpu_util.tiles(dtype))
   init = (cast(jnp.zeros((R, H), jnp.float32), wgmma_layout),
           cast(jnp.full((R,), online_softmax.MASK_VALUE, jnp.float32), row_layout),
           cast(jnp.zeros((R,), jnp.float32), row_layout))
@@ -210,7 +195,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
     plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
     plgpu.wait_smem_to_gmem(0)
 
-  pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=_tiles(jnp.float32)),
+  pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=mgpu_util.tiles(jnp.float32)),
                 plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
 
 
@@ -237,7 +222,8 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
       out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
                 jax.ShapeDtypeStruct((B, K, num_splits, RO), f32),
                 jax.ShapeDtypeStruct((B, K, num_splits, RO), f32)),
-      scratch_types=(plgpu.SMEM((WGMMA_ROWS, H), q_BKGH.dtype, transforms=_tiles(q_BKGH.dtype)),
+      scratch_types=(plgpu.SMEM((WGMMA_ROWS, H), q_BKGH.dtype,
+                                transforms=mgpu_util.tiles(q_BKGH.dtype)),
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
