@@ -322,7 +322,10 @@ def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B
   config.validate()
   depth = fit_depth(H, block_size, config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H],
                     q_BTNH.dtype)
-  from pallas_kernels.block_sparse_attention import pallas_triton
+  try:                                          # the backward pass is the Triton kernels'
+    from pallas_kernels.block_sparse_attention import pallas_triton
+  except ImportError as e:
+    raise NotSupported(f"its backward needs the Pallas Triton kernels ({e})") from e
   _, bwd = pallas_triton.resolve(config.backward, block_size, H, interpret)
   return _attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM.astype(jnp.int32),
                     lengths_B.astype(jnp.int32), int(block_size), depth, bwd, bool(interpret))
