@@ -115,6 +115,36 @@ def table(results: dict, densities, selectors) -> str:
   return "\n\n".join(parts)
 
 
+def plot(results: dict, densities, selectors, path: pathlib.Path) -> bool:
+  """Perplexity increase over dense against density, a line per selector, a panel per set
+  (log-spaced densities); False if matplotlib is missing."""
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return False
+  sets = list(results)
+  fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.4), squeeze=False)
+  for ax, name in zip(axes[0], sets):
+    r = results[name]
+    for sel in selectors:
+      pts = [(r[f"{sel}@{d}"]["density"], 100 * r[f"{sel}@{d}"]["ppl_increase"])
+             for d in densities if f"{sel}@{d}" in r]
+      if pts:
+        ax.plot(*zip(*sorted(pts)), marker="o", label=sel)
+    ax.set_xscale("log")
+    ax.set_xlabel("measured density")
+    ax.set_title(name)
+    ax.axhline(0, color="gray", lw=0.5)
+  axes[0][0].set_ylabel("perplexity increase over dense (%)")
+  axes[0][-1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return True
+
+
 def main(argv=None) -> int:
   args = parse_args(argv)
   import jax
@@ -199,6 +229,8 @@ def main(argv=None) -> int:
               f"{time.strftime('%Y-%m-%d')}.\n\nCommand: `{cmd}`\n\n"
               f"Perplexity (increase over dense, measured density over the causal triangle):\n\n"
               + table(results, args.density_list, args.selector_list) + "\n")
+    if plot(results, args.density_list, args.selector_list, out / "density.png"):
+      report += "\n![perplexity increase by density](density.png)\n"
     atomic_write_text(out / "REPORT.md", report)
   log(f"wrote {res_path} and {out / 'REPORT.md'}")
   return 0

@@ -41,6 +41,7 @@ def test_seer_prefill_tiny(tmp_path):
   report = (out / "REPORT.md").read_text()
   assert "**valid**" in report and "**extra.txt**" in report and "Command:" in report
   assert "| gate+local |" in report
+  assert (out / "density.png").stat().st_size > 0 and "density.png" in report
   # eval.py reports the same rows for a run: a prefill gate distilled there, then reused
   r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--train-prefill-gate", "2",
                       "--prefill-densities", "1.0,0.25", "--prefill-block-size", "8",
