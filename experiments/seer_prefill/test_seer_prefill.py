@@ -14,17 +14,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.experiment
 
 
-def test_seer_prefill_tiny(tmp_path):
-  run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(a 4-step tiny training run, a held-out .txt of documents shorter than a window: the
+  default --eval-packing pack concatenates them), shared by the tests here."""
+  tmp = tmp_path_factory.mktemp("seer")
+  run = tmp / "run"
   r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
                       f"train.out_dir={run}", "train.steps=4", "train.batch_size=4",
                       "train.checkpoint_every=4", "train.eval_every=4", "optim.warmup_steps=1",
                       "train.progress=false", "data.seq_len=64", "model.n_layers=2",
                       "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
-  extra = tmp_path / "extra.txt"
-  # documents shorter than a window: --eval-packing pack (the default) concatenates them
-  extra.write_text("\n".join(f"short held-out document {i}." for i in range(40)))
+  extra = tmp / "extra.txt"
+  extra.write_text("\n".join(f"short held-out document {i}." for i in range(60)))
+  return run, extra
+
+
+def test_seer_prefill_tiny(tiny, tmp_path):
+  run, extra = tiny
   out = tmp_path / "out"
   cmd = [sys.executable, "experiments/seer_prefill/run.py", "--run", str(run), "--out", str(out),
          "--gate-steps", "3", "--gate-batch", "2", "--gate-seqs", "8", "--block-size", "8",
@@ -68,17 +76,9 @@ def test_seer_prefill_tiny(tmp_path):
   assert r.returncode == 2 and "--densities" in r.stderr
 
 
-def test_yarn_fine_tuning_tiny(tmp_path):
+def test_yarn_fine_tuning_tiny(tiny, tmp_path):
   """yarn.py end to end on a tiny run: both arms, the baselines and the report; a rerun resumes."""
-  run = tmp_path / "run"
-  r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
-                      f"train.out_dir={run}", "train.steps=4", "train.batch_size=4",
-                      "train.checkpoint_every=4", "train.eval_every=4", "optim.warmup_steps=1",
-                      "train.progress=false", "data.seq_len=64", "model.n_layers=2",
-                      "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-2000:]
-  extra = tmp_path / "extra.txt"
-  extra.write_text("\n".join(f"short held-out document {i}." for i in range(60)))
+  run, extra = tiny
   out = tmp_path / "yarn"
   cmd = [sys.executable, "experiments/seer_prefill/yarn.py", "--run", str(run), "--out", str(out),
          "--factor", "2", "--steps", "3", "--batch", "2", "--gate-steps", "2", "--block-size", "8",
