@@ -28,6 +28,31 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
+def check_sources(ap, args) -> None:
+  """--run holds a config.yaml and every --eval-source is a .txt / .jsonl file, or ap.error."""
+  run = pathlib.Path(args.run)
+  if not (run / "config.yaml").is_file():
+    ap.error(f"--run {run}: no config.yaml (is it a training run directory?)")
+  for p in args.eval_source:
+    path = pathlib.Path(p)
+    if not path.is_file():
+      ap.error(f"--eval-source {p}: no such file")
+    if path.suffix not in (".txt", ".jsonl"):
+      ap.error(f"--eval-source {p}: want a .txt (one document per line) or .jsonl file")
+
+
+def open_log(out: pathlib.Path):
+  """A log function printing timestamped lines and appending them to <out>/run.log."""
+  log_f = (out / "run.log").open("a")
+
+  def log(msg):
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    log_f.write(line + "\n")
+    log_f.flush()
+  return log
+
+
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--run", required=True, help="training run directory (config.yaml + checkpoints)")
@@ -59,15 +84,7 @@ def parse_args(argv=None):
   ap.add_argument("--implementation", default=None, help="block-sparse attention backend")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
-  run = pathlib.Path(args.run)
-  if not (run / "config.yaml").is_file():
-    ap.error(f"--run {run}: no config.yaml (is it a training run directory?)")
-  for p in args.eval_source:
-    path = pathlib.Path(p)
-    if not path.is_file():
-      ap.error(f"--eval-source {p}: no such file")
-    if path.suffix not in (".txt", ".jsonl"):
-      ap.error(f"--eval-source {p}: want a .txt (one document per line) or .jsonl file")
+  check_sources(ap, args)
   try:
     args.density_list = [float(x) for x in args.densities.split(",") if x]
   except ValueError:
@@ -88,12 +105,6 @@ def parse_args(argv=None):
   if args.gate_steps < 0 or args.dense_rows < 0:
     ap.error("--gate-steps and --dense-rows must be >= 0")
   return args
-
-
-def windows(examples, seq: int, n: int):
-  """int32 [<= n, seq]: the first n examples whose first seq tokens are all real."""
-  from effjax.evaluation import full_windows
-  return full_windows(examples, seq, n)
 
 
 def table(results: dict, densities, selectors) -> str:
@@ -160,13 +171,7 @@ def main(argv=None) -> int:
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  log_f = (out / "run.log").open("a")
-
-  def log(msg):
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    log_f.write(line + "\n")
-    log_f.flush()
+  log = open_log(out)
 
   cfg = load_config(pathlib.Path(args.run) / "config.yaml")
   mcfg = cfg.model
@@ -188,7 +193,8 @@ def main(argv=None) -> int:
       gate = {k: jnp.asarray(v) for k, v in np.load(gate_path).items()}
       log(f"gate: reusing {gate_path}")
     else:
-      train = windows(evaluation.split_examples(cfg, "train"), seq, args.gate_seqs)
+      train = evaluation.full_windows(evaluation.split_examples(cfg, "train"), seq,
+                                      args.gate_seqs)
       t0 = time.time()
       gate, losses = train_prefill_gate(mcfg, gcfg, params, train, steps=args.gate_steps,
                                         batch_size=args.gate_batch, lr=args.gate_lr,
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
       continue
     scfg = cfg if src == "valid" else dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, packing=args.eval_packing))
-    toks = windows(evaluation.split_examples(scfg, src), seq, args.n_eval)
+    toks = evaluation.full_windows(evaluation.split_examples(scfg, src), seq, args.n_eval)
     log(f"{name}: {len(toks)} windows")
     results[name] = ps.evaluate_densities(
         mcfg, params, toks, densities=args.density_list, selectors=args.selector_list,

@@ -33,6 +33,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from run import check_sources, open_log  # noqa: E402  (the sibling experiment script)
+
 
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -61,15 +63,7 @@ def parse_args(argv=None):
   ap.add_argument("--eval-batch", type=int, default=1)
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
-  run = pathlib.Path(args.run)
-  if not (run / "config.yaml").is_file():
-    ap.error(f"--run {run}: no config.yaml (is it a training run directory?)")
-  for p in args.eval_source:
-    path = pathlib.Path(p)
-    if not path.is_file():
-      ap.error(f"--eval-source {p}: no such file")
-    if path.suffix not in (".txt", ".jsonl"):
-      ap.error(f"--eval-source {p}: want a .txt (one document per line) or .jsonl file")
+  check_sources(ap, args)
   if args.factor < 1:
     ap.error(f"--factor must be >= 1, got {args.factor}")
   if not 0 < args.density <= 1:
@@ -96,17 +90,10 @@ def main(argv=None) -> int:
   from effjax.sparse.gate import GateConfig
   from effjax.sparse.prefill_gate import init_prefill_gate_params
   from effjax.sparse.prefill_gate_training import train_prefill_gate
-  from run import windows
 
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  log_f = (out / "run.log").open("a")
-
-  def log(msg):
-    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-    print(line, flush=True)
-    log_f.write(line + "\n")
-    log_f.flush()
+  log = open_log(out)
 
   cfg = load_config(pathlib.Path(args.run) / "config.yaml")
   base = cfg.model
@@ -129,10 +116,13 @@ def main(argv=None) -> int:
         cfg.data, source=source, packing="pack", seq_len=T))
 
   src_cfg = data_cfg(args.source or cfg.data.source)
-  train = windows(evaluation.split_examples(src_cfg, "train"), T, args.train_windows)
-  sets = {"valid": windows(evaluation.split_examples(src_cfg, "valid"), T, args.n_eval)}
+  def windows(dcfg, split, n):
+    return evaluation.full_windows(evaluation.split_examples(dcfg, split), T, n)
+
+  train = windows(src_cfg, "train", args.train_windows)
+  sets = {"valid": windows(src_cfg, "valid", args.n_eval)}
   for p in args.eval_source:
-    sets[pathlib.Path(p).name] = windows(evaluation.split_examples(data_cfg(p), p), T, args.n_eval)
+    sets[pathlib.Path(p).name] = windows(data_cfg(p), p, args.n_eval)
   log(f"{len(train)} training windows; eval sets " +
       ", ".join(f"{k} ({len(v)})" for k, v in sets.items()))
 
