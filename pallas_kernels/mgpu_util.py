@@ -3,7 +3,10 @@ runs on (0.10 on the CPU, 0.11 on the GPU)."""
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 
@@ -31,3 +34,24 @@ def load(ref, layout):
     return plgpu.load(ref, layout=layout)
   except TypeError:
     return plgpu.load(ref, (), layout=layout)
+
+
+def store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, index) -> None:
+  """A split-K decode program's online-softmax partial, through shared memory: the first RO rows
+  (o_ref's row count, a whole number of 8-row tiles) of acc f32 [R, H], m (base 2, stored in
+  natural-log units as every kernel's partials) and l [R], to o_ref / m_ref / l_ref.at[index]."""
+  R, H = acc.shape
+  RO = o_ref.shape[-2]
+
+  def store(o_smem, m_smem, l_smem):
+    o_smem[...] = acc
+    m_smem[...] = m_i * math.log(2.0)
+    l_smem[...] = l_i
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[index])
+    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, RO)], m_ref.at[index])
+    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[index])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=tiles(jnp.float32)),
+                plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))

@@ -49,7 +49,6 @@ from pallas_kernels.lowbit_decode import layout
 T = 64               # tokens per block (one wgmma row tile of keys)
 ROWS = 64            # query rows of a warpgroup MMA (G padded to it)
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +95,6 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
   subs = 32 // bits
   mask = layout.levels(bits)
   dtype = q_smem.dtype
-  RO = o_ref.shape[-2]
   wgmma_layout = plgpu.Layout.WGMMA
   b = lax.axis_index("b")
   kh = lax.axis_index("k")
@@ -181,18 +179,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
           kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
           vs_ref.at[b, kh], vz_ref.at[b, kh])
 
-  def store(o_smem, m_smem, l_smem):
-    o_smem[...] = acc
-    m_smem[...] = m_i * LN2        # natural-log units, as the other kernels' partials
-    l_smem[...] = l_i
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[b, kh, j])
-    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, RO)], m_ref.at[b, kh, j])
-    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(store, plgpu.SMEM((ROWS, H), jnp.float32, transforms=mgpu_util.tiles(jnp.float32)),
-                plgpu.SMEM((ROWS,), jnp.float32), plgpu.SMEM((ROWS,), jnp.float32))
+  mgpu_util.store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, (b, kh, j))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages",

@@ -60,7 +60,6 @@ CONFIG = MosaicGPUConfig
 
 WGMMA_ROWS = 64  # rows of a warpgroup MMA: the query rows are padded to this
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
 
 
 def mgpu_supported(G: int, H: int, block_size: int, dtype) -> str | None:
@@ -184,19 +183,7 @@ def _kernel(len_ref, nslots_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_r
       step, grid=(steps,), in_specs=[spec, spec], max_concurrent_steps=stages,
       init_carry=init)(k_ref.at[b, kh], v_ref.at[b, kh])
 
-  # The partial: its first RO rows (G rounded up to a whole 8-row tile), through shared memory.
-  def store(o_smem, m_smem, l_smem):
-    o_smem[...] = acc
-    m_smem[...] = m_i * LN2  # natural-log units, as the Triton kernels' partials
-    l_smem[...] = l_i
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, RO)], o_ref.at[b, kh, j])
-    plgpu.copy_smem_to_gmem(m_smem.at[pl.ds(0, RO)], m_ref.at[b, kh, j])
-    plgpu.copy_smem_to_gmem(l_smem.at[pl.ds(0, RO)], l_ref.at[b, kh, j])
-    plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=mgpu_util.tiles(jnp.float32)),
-                plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
+  mgpu_util.store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, (b, kh, j))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "num_splits", "stages", "interpret"))
