@@ -14,11 +14,11 @@ The integer path is exact: the sums of x_int8 * codes (per weight group) equal i
 then float32 scales them; `reference.int_group_sums` exposes those sums, and `lut_matmul` (the
 table-lookup form over bit planes) reproduces them.
 
-Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU too),
+Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU for M > 16),
 `pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
-or tiled GEMM, pallas_triton.py), `pallas_mosaic_gpu` (i2_s weights, M <= 64, named only until
-timed: TMA loads, unpacking in registers into swizzled tiles, one wgmma a 256-row step,
-pallas_mosaic_gpu.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
+or tiled GEMM, pallas_triton.py; `auto` on a GPU for M <= 16), `pallas_mosaic_gpu` (i2_s
+weights, M <= 64, named only, slower than the Triton kernel on the H100: TMA loads,
+unpacking in registers into swizzled tiles, one wgmma a 256-row step, pallas_mosaic_gpu.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
 lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
 fall back to `xla`.
 """
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import checks
+from pallas_kernels import dispatch, tuned
 from pallas_kernels.dispatch import Op
 from pallas_kernels.lowbit_matmul import layout
 from pallas_kernels.lowbit_matmul.reference import (
@@ -38,11 +39,22 @@ from pallas_kernels.lowbit_matmul.reference import (
 
 _BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton",
              "pallas_mosaic_gpu": "pallas_mosaic_gpu", "pallas_mosaic_tpu": "pallas_mosaic_tpu"}
-# `auto` is XLA on a GPU too: on the H100 (8192 x 8192, docs/results/ternary.md) the XLA path is
-# faster at M = 1 (W2A8 48.9 us against 58.5 us for the Triton kernel's default unpacking) and at
-# M = 2048 (357 against 1,572 us); the Triton kernel wins only at M = 16. Name `pallas_triton`
-# to use it. On a TPU `auto` tries the Mosaic TPU kernel first (not yet measured on a TPU).
-_DEFAULTS = {"tpu": ("pallas_mosaic_tpu",)}
+# `auto` on a GPU: the Triton kernel (inline-PTX unpacking) for GEMV rows, M <= its
+# `max_gemv_rows` (tuned/default.json), XLA above. On the H100 (docs/results/ternary.md, W2A8,
+# M = 1): 8192 x 8192 41.5 us against XLA's 58.0 and bf16's 59.2; 4096 x 14336 45.1 against
+# 111.7 and 52.6; at M = 16 37.9 against 124.8. At M = 2048 the XLA path is faster (357 against
+# 1,572 us). On a TPU `auto` tries the Mosaic TPU kernel first (not yet measured on a TPU).
+_DEFAULTS = {"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)}
+
+
+def _auto_rows(implementation, M: int):
+  """`auto` with M rows: on a GPU, past the Triton kernel's GEMV rows, the XLA path."""
+  if ((implementation is None or implementation == dispatch.AUTO) and dispatch.platform() == "gpu"
+      and M > tuned.lookup("lowbit_matmul", "pallas_triton")["max_gemv_rows"]):
+    return "xla"
+  return implementation
+
+
 _OP = Op("lowbit_matmul", __name__, backends=_BACKENDS, defaults=_DEFAULTS)
 _INT8_OP = Op("lowbit_matmul_int8", __name__, backends=_BACKENDS, defaults=_DEFAULTS)
 IMPLEMENTATIONS = _OP.implementations
@@ -111,6 +123,7 @@ def lowbit_matmul(x_MK: jax.Array, packed: layout.PackedWeight, *, out_dtype=Non
   """
   check_matmul_args(x_MK, packed, int8=False)
   out_dtype = resolve_out_dtype(out_dtype, x_MK)
+  implementation = _auto_rows(implementation, x_MK.shape[0])
   return _OP(implementation, x_MK, packed, out_dtype, interpret=interpret, config=config)
 
 
@@ -132,5 +145,6 @@ def lowbit_matmul_int8(x_int8_MK: jax.Array, x_scale_M: jax.Array, packed: layou
   """
   check_matmul_args(x_int8_MK, packed, x_scale_M, int8=True)
   out_dtype = resolve_out_dtype(out_dtype, x_int8_MK)
+  implementation = _auto_rows(implementation, x_int8_MK.shape[0])
   return _INT8_OP(implementation, x_int8_MK, x_scale_M, packed, out_dtype, interpret=interpret,
                   config=config)

@@ -85,6 +85,24 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
     assert "mosaic_gpu" in text
 
 
+def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
+  """`auto` lowered for CUDA: the Mosaic GPU kernel for 4-bit H 128; the Triton kernel for
+  2-bit H 128 (8-channel slabs) and per-token K, which the Mosaic kernel refuses."""
+  from jax import export
+  for case, kernel in (((1, 2, 4, 128, 512, [300], [256], 4, 128, 128, "channel", 128), "mosaic"),
+                       ((1, 2, 4, 128, 512, [300], [256], 2, 128, 128, "channel", 128), "triton"),
+                       ((1, 2, 4, 128, 512, [300], [256], 4, 128, 128, "token", 32), "triton")):
+    q, cache, st = make_case(case, jnp.bfloat16)
+    fn = jax.jit(lambda q, *c, st=st: lowbit_decode_attention(
+        q, *c, jnp.asarray([300], jnp.int32), jnp.asarray([256], jnp.int32), **st))
+    with lowering_for("gpu"):
+      text = export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, *cache).mlir_module()
+    assert ("mosaic_gpu" in text) == (kernel == "mosaic"), case
+    assert ("xla.gpu.triton" in text) == (kernel == "triton") or kernel == "mosaic", case
+
+
 def test_refusals_name_the_setting():
   bf16 = jnp.bfloat16
   assert "bfloat16 / float16" in mgpu.mgpu_supported(128, 4, 128, "channel", 128, jnp.float32,

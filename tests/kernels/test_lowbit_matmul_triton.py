@@ -161,13 +161,16 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
     y = lowbit_matmul(xf, pw, config=cfg, **self.kw)
     check_float(y, np.asarray(xf.astype(jnp.float32), np.float64) @ w, jnp.bfloat16, 2e-2)
 
-  def test_auto_is_xla(self):
-    """`auto` keeps XLA on a GPU (faster at M = 1 and 2048 on the H100; see the op)."""
-    M, K, N = 16, 1024, 256
-    pw, _ = make_weight(3, K, N, "i2_s")
-    x = jnp.asarray(np.random.default_rng(3).standard_normal((M, K)), jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(lowbit_matmul(x, pw)),
-                                  np.asarray(lowbit_matmul(x, pw, implementation="xla")))
+def test_auto_on_a_gpu_is_the_kernel_for_gemv_rows_and_xla_above():
+  """`auto` lowered for CUDA: the Triton kernel up to max_gemv_rows (16) rows, XLA past them."""
+  pw, _ = make_weight(0, 256, 64, "i2_s")
+  for M, kernel in ((1, True), (16, True), (17, False), (64, False)):
+    x, xi = jnp.zeros((M, 256), jnp.bfloat16), jnp.zeros((M, 256), jnp.int8)
+    text = lower_for_cuda(lambda x, w: lowbit_matmul(x, w), x, pw)
+    assert ("xla.gpu.triton" in text) == kernel, M
+    text = lower_for_cuda(lambda x, w, M=M: lowbit_matmul_int8(
+        x, jnp.ones((M,), jnp.float32), w), xi, pw)
+    assert ("xla.gpu.triton" in text) == kernel, M
 
 
 def test_triton_lowers_for_cuda():
