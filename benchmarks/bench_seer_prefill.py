@@ -155,8 +155,10 @@ def main():
     dense_pairs = B * N * S * (S + 1) // 2
     peers: dict[str, float] = {}
 
-    def row(impl, mode, fn, pairs, skip=None, **extra):
-      """Times fn(q, k, v) (fwd) or its vjp (fwdbwd) over the copies; one result row."""
+    def row(impl, mode, fn, pairs, skip=None, operands=(), **extra):
+      """Times fn(q, k, v, *operands) (fwd) or its vjp in q, k, v (fwdbwd) over the copies; one
+      result row. operands (the block indices) enter the jit as arguments: as constants XLA
+      would spend minutes folding the reductions over them."""
       flops = 4 * H * pairs * (BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
       r = dict(B=B, S=S, Hq=N, Hkv=K, d=H, dtype=dtype.name, block_size=bs, impl=impl, mode=mode,
                **extra, density_of_causal=round(pairs / dense_pairs, 4), flops=flops)
@@ -164,15 +166,17 @@ def main():
         r["skipped"] = skip
       else:
         def call(x, c):
-          q, k, v, do = c
+          (q, k, v, do), ops = c
+          f = lambda q, k, v: fn(q, k, v, *ops)
           if mode == "fwd":
-            return jnp.sum(fn(q, k, v).astype(jnp.float32), axis=1)
-          o, vjp = jax.vjp(fn, q, k, v)
+            return jnp.sum(f(q, k, v).astype(jnp.float32), axis=1)
+          o, vjp = jax.vjp(f, q, k, v)
           dq, dk, dv = vjp(do.astype(o.dtype))
           f32 = lambda a: jnp.sum(a.astype(jnp.float32), axis=(1, 2))
           return jnp.sum(o.astype(jnp.float32), axis=(1, 2)) + f32(dq) + f32(dk) + f32(dv)
         try:
-          m = measure(call, xs, copies, args.windows, args.unroll, trace)
+          m = measure(call, xs, [(c, tuple(operands)) for c in copies], args.windows,
+                      args.unroll, trace)
         except Exception as e:  # a backend that cannot run here (cuDNN off the GPU) or OOM
           r["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
         else:
@@ -236,16 +240,16 @@ def main():
         idx = block_indices(jax.random.fold_in(key, 99), B, N, nq, density, pattern)
         pairs = visible_pairs(np.asarray(idx), bs, S)
         plan = dict(pattern=pattern, density=density, slots=int(idx.shape[-1]))
-        sparse = lambda impl, idx=idx: (lambda q, k, v: block_sparse_attention(
+        sparse = lambda impl: (lambda q, k, v, idx: block_sparse_attention(
             q, k, v, idx, block_size=bs, implementation=impl, interpret=args.interpret))
         for mode in modes:
           for impl in args.sparse_impls.split(","):
-            row(f"{impl}_sparse", mode, sparse(impl), pairs, **plan)
+            row(f"{impl}_sparse", mode, sparse(impl), pairs, operands=(idx,), **plan)
           if args.gate and mode == "fwd" and pattern == patterns[0] != "all":   # once a density
             row(f"{args.sparse_impls.split(',')[0]}_sparse+gate", mode,
                 gated(args.sparse_impls.split(",")[0], density), pairs, **plan)
           if not args.no_xla and pattern in ("random", "all"):
-            row("xla_sparse", mode, sparse("xla"), pairs, **plan,
+            row("xla_sparse", mode, sparse("xla"), pairs, operands=(idx,), **plan,
                 skip=None if S <= args.xla_max_seq else f"S > --xla-max-seq {args.xla_max_seq}")
     copies = None  # frees this S's inputs before the next are made
 

@@ -269,11 +269,30 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, lau
   )(n_full, n_live, lengths_B, idx_BHQM, q, k, v)
 
 
+# The largest [block, H] tile the backward kernels take: at H 256 with 128-token blocks they ask
+# 256 KB of shared memory on the H100 (227 KB available), so such selections run the backward in
+# blocks of half the size (`halve_blocks`: the same pairs of tokens).
+_BWD_TILE_ELEMENTS = 128 * 128
+
+
+def halve_blocks(idx_BHQM: jax.Array) -> jax.Array:
+  """The same selection in blocks of half the size: query blocks 2i and 2i + 1 each select key
+  blocks 2j and 2j + 1 for every j that block i selected. Ascending and -1 padded as before; the
+  one half-block above the diagonal (2i + 1, from row 2i) drops out as every block past a row's
+  own does."""
+  B, Hi, nq, M = idx_BHQM.shape
+  sub = jnp.where(idx_BHQM[..., None] >= 0,
+                  2 * idx_BHQM[..., None] + jnp.arange(2, dtype=idx_BHQM.dtype), -1)
+  return jnp.repeat(sub.reshape(B, Hi, nq, 2 * M), 2, axis=2)
+
+
 def backward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, o_BTNH, lse_BNT, do_BTNH, *,
              block_size: int, launch_: Launch):
   """(dq, dk, dv) in the inputs' dtypes, [B, T, ., H]; o / lse as `forward` returned them
   (o unpadded or padded), do [B, T, N, H]."""
   B, T, N, H = q_BTNH.shape
+  while block_size * H > _BWD_TILE_ELEMENTS and block_size % 32 == 0:
+    idx_BHQM, block_size = halve_blocks(idx_BHQM), block_size // 2
   K, Hi, nq, M = k_BTKH.shape[2], idx_BHQM.shape[1], idx_BHQM.shape[2], idx_BHQM.shape[3]
   G, hdiv, bs = N // K, N // Hi, block_size
   Tp = nq * bs

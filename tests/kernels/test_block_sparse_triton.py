@@ -14,7 +14,7 @@ from pallas_kernels.block_sparse_attention import (block_sparse_attention,
                                                    block_sparse_attention_reference)
 from pallas_kernels.block_sparse_attention.pallas_triton import (TritonConfig,
                                                                  block_sparse_attention_fwd,
-                                                                 transpose_indices)
+                                                                 halve_blocks, transpose_indices)
 from pallas_kernels.causal_attention import causal_attention
 from pallas_kernels.dispatch import NotSupported
 from pallas_kernels.flash_attention import flash_attention
@@ -211,3 +211,38 @@ def test_kernels_lower_for_cuda(dtype, H, bs, per_group):
   for name in ("block_sparse_attention_fwd", "block_sparse_attention_dq",
                "block_sparse_attention_dkv"):
     assert f'name = "{name}"' in text, name
+
+
+def test_halve_blocks_selects_the_same_token_pairs():
+  """A selection in blocks of 8 and its `halve_blocks` form in blocks of 4 attend to the same
+  keys (the XLA backend's outputs agree), some blocks above the diagonal included."""
+  B, T, N, K, H, bs = 2, 29, 2, 1, 8, 8
+  q, k, v = rand_qkv(21, B, T, N, K, H, jnp.float32)
+  idx = jnp.asarray(random_indices(22, B, N, 4, 3))
+  lengths = jnp.asarray([29, 13], jnp.int32)
+  half = halve_blocks(idx)
+  assert half.shape == (B, N, 8, 6)
+  a = block_sparse_attention(q, k, v, idx, lengths, block_size=bs, implementation="xla")
+  b = block_sparse_attention(q, k, v, half, lengths, block_size=bs // 2, implementation="xla")
+  chex.assert_trees_all_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_gradients_at_h256_with_128_token_blocks():
+  """H 256 with 128-token blocks runs the backward in 64-token blocks (the 128-row tiles exceed
+  the H100's shared memory): bf16 gradients against the XLA backend's in float32 on the same
+  inputs (interpret mode, ragged T)."""
+  B, T, N, K, H, bs = 1, 300, 2, 1, 256, 128
+  q, k, v = rand_qkv(23, B, T, N, K, H, jnp.bfloat16)
+  idx = jnp.asarray(random_indices(24, B, N, 3, 2, causal_only=True))
+  idx = idx.at[..., 0].set(jnp.maximum(idx[..., 0], 0))        # every row sees something
+
+  def grads(impl, dtype, **kw):
+    f = lambda q, k, v: jnp.sum(jnp.sin(block_sparse_attention(
+        q, k, v, idx, block_size=bs, implementation=impl, **kw).astype(jnp.float32)))
+    x = [a.astype(dtype) for a in (q, k, v)]
+    return [g.astype(jnp.float32) for g in jax.grad(f, argnums=(0, 1, 2))(*x)]
+
+  got, want = grads("pallas_triton", jnp.bfloat16, interpret=True), grads("xla", jnp.float32)
+  for g, w in zip(got, want):
+    assert float(jnp.max(jnp.abs(w))) > 0.1
+    chex.assert_trees_all_close(g, w, atol=3e-2, rtol=3e-2)
