@@ -74,7 +74,8 @@ def main(argv=None) -> int:
                        "these densities (e.g. 1.0,0.5,0.2,0.1), per --prefill-selectors")
   pg.add_argument("--prefill-selectors", default="gate+local,gate,oracle,static",
                   help="gate, gate+local (sink and local blocks kept), oracle, oracle+local, "
-                       "oracle_mass (top-k by attention mass), oracle_mass+local, static")
+                       "oracle_mass (top-k by attention mass), oracle_mass+local, static, recency "
+                       "(the nearest blocks at the gate's per-row budget), recency+local")
   pg.add_argument("--prefill-windows", type=int, default=8, help="valid windows evaluated")
   pg.add_argument("--prefill-block-size", type=int, default=64)
   pg.add_argument("--prefill-gate", default=None, help="prefill gate params .npz")
@@ -163,8 +164,7 @@ def check_decoding_args(ap, args) -> None:
       ap.error(f"--prefill-densities: want numbers like 1.0,0.5,0.1, got {args.prefill_densities!r}")
     if not args.prefill_density_list or not all(0 < d <= 1 for d in args.prefill_density_list):
       ap.error(f"--prefill-densities must be in (0, 1], got {args.prefill_densities!r}")
-    known = ("gate", "gate+local", "oracle", "oracle+local", "static", "oracle_mass",
-             "oracle_mass+local")
+    from effjax.sparse.prefill_sparse import NAMES as known
     args.prefill_selector_list = [x for x in args.prefill_selectors.split(",") if x]
     if not args.prefill_selector_list or any(x not in known for x in args.prefill_selector_list):
       ap.error(f"--prefill-selectors: choose from {', '.join(known)}; got {args.prefill_selectors!r}")

@@ -38,7 +38,7 @@ def test_dense_selector_and_full_oracle_are_the_causal_forward(setup):
     np.testing.assert_allclose(np.asarray(dens), 1.0)
 
 
-@pytest.mark.parametrize("selector", ["gate", "oracle", "oracle_mass", "static"])
+@pytest.mark.parametrize("selector", ["gate", "oracle", "oracle_mass", "static", "recency"])
 def test_selectors_reach_their_density_and_change_the_output(setup, selector):
   params, tokens, gate = setup
   lengths = jnp.full((2,), 64, jnp.int32)
@@ -50,6 +50,30 @@ def test_selectors_reach_their_density_and_change_the_output(setup, selector):
   assert 0.25 <= d <= 0.45, d
   assert np.all(np.isfinite(np.asarray(got)))
   assert not np.allclose(np.asarray(got), np.asarray(dense), atol=1e-3)
+
+
+def test_recency_keeps_the_nearest_blocks_at_the_gates_budget(setup):
+  """recency(+local) picks the blocks nearest the diagonal, as many per row as the gate's top-k
+  with the same forced blocks: the same density to the pair, a different choice."""
+  params, tokens, gate = setup
+  B, T, N, H = 2, 64, MCFG.n_heads, MCFG.d_model // MCFG.n_heads
+  lengths = jnp.asarray([64, 37], jnp.int32)
+  rng = np.random.default_rng(3)
+  q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((B, T, MCFG.n_kv_heads, H)), jnp.float32)
+  keep = dict(keep_local_blocks=2, keep_sink_blocks=1)
+  pick = lambda name, **kw: np.asarray(ps.SeerSparseAttention(
+      MCFG, ps.PrefillSparseConfig(name, BS, density=kw.pop("d", 0.6), **kw), lengths,
+      gate).select(0, q, k, k))
+  rec, g = pick("recency", **keep), pick("gate", **keep)
+  np.testing.assert_array_equal(np.sum(rec >= 0, -1), np.sum(g >= 0, -1))
+  assert not np.array_equal(rec, g)
+  for i in range(8):                                     # row i: sink 0, then the nearest blocks
+    ids = rec[0, 0, i][rec[0, 0, i] >= 0]
+    n = len(ids)
+    want = sorted({0} | set(range(max(0, i - n + 2), i + 1))) if n < i + 1 else list(range(i + 1))
+    assert list(ids) == want, (i, ids, want)
+  np.testing.assert_array_equal(pick("recency", d=0.3)[0, 0, 7], [5, 6, 7])   # ceil(0.3 * 8)
 
 
 def test_static_window_matches_the_density():

@@ -13,9 +13,13 @@ layer it chooses key blocks for every (sequence, query head, query block) and ru
           attention map): whether max-pooled targets pick the right blocks
   static  attention sinks + a local window (`select_static`), the window sized so the density
           over the causal triangle is the closest to `density`
+  recency the nearest blocks, each row's budget as the gate's nz-ratio top-k (with +local the
+          same forced sink and local blocks too): a static pattern at exactly the gate's density
   dense   every visible block (block-sparse attention with nothing left out == causal attention)
 
-Every selector keeps the diagonal block, and the last `dense_rows` query blocks of each sequence
+`NAMES` lists the selector names the drivers take: these, and `<name>+local` for gate, oracle,
+oracle_mass and recency (`keep_sink_blocks` / `keep_local_blocks` always kept inside the row's
+budget, the scores filling the rest). Every selector keeps the diagonal block, and the last `dense_rows` query blocks of each sequence
 attend densely (SeerAttention's setting for the rows that produce the next tokens).
 `sparse_nll` / `evaluate_densities` give the perplexity of a frozen model at given densities.
 """
@@ -37,7 +41,10 @@ from effjax.sparse import prefill_selection as sel
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.flash_attention import flash_attention
 
-SELECTORS = ("gate", "oracle", "oracle_mass", "static", "dense")
+SELECTORS = ("gate", "oracle", "oracle_mass", "static", "recency", "dense")
+_WITH_LOCAL = ("gate", "oracle", "oracle_mass", "recency")
+NAMES = ("gate", "gate+local", "oracle", "oracle+local", "oracle_mass", "oracle_mass+local",
+         "static", "recency", "recency+local")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +56,8 @@ class PrefillSparseConfig:
   threshold: float | None = None  # gate: keep blocks with probability >= threshold instead
   dense_rows: int = 0             # the last query blocks of each sequence attend densely
   sink_blocks: int = 1            # static: the first blocks always kept
-  keep_local_blocks: int = 1      # gate, oracle: the blocks ending at the diagonal always kept
-  keep_sink_blocks: int = 0       # gate, oracle: the first blocks always kept (both count
+  keep_local_blocks: int = 1      # top-k selectors: the blocks ending at the diagonal always kept
+  keep_sink_blocks: int = 0       # top-k selectors: the first blocks always kept (both count
                                   # against the row's budget; the scores fill the rest)
   implementation: str | None = None  # block-sparse attention backend (None: auto)
 
@@ -107,6 +114,10 @@ class SeerSparseAttention:
                                **keep)
     if s.selector == "oracle_mass":
       return sel.select_oracle_mass(q_BTNH, k_BTKH, lengths, bs, s.density, s.dense_rows, **keep)
+    if s.selector == "recency":                           # nearer blocks score higher
+      i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
+      near = jnp.broadcast_to((j - i).astype(jnp.float32), (B, N, nb, nb))
+      return sel.select_nz_ratio(near, lengths, bs, s.density, s.dense_rows, **keep)
     probs = pg.gate_probs(self.gate_params["wq"][layer], self.gate_params["wk"][layer], q_BTNH,
                           k_BTKH, lengths, bs, self.mcfg.rope_theta)
     if s.threshold is not None:
@@ -232,10 +243,8 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
     log(f"dense: ppl {out['dense']['ppl']:.4f}")
   for s in selectors:
     base, _, variant = s.partition("+")
-    if (variant not in ("", "local") or base not in SELECTORS
-        or (variant and base not in ("gate", "oracle", "oracle_mass"))):
-      raise ValueError(f"selector {s!r}: want one of {', '.join(SELECTORS)}, or gate+local / "
-                       f"oracle+local / oracle_mass+local")
+    if s not in NAMES:
+      raise ValueError(f"selector {s!r}: want one of {', '.join(NAMES)}")
     if base == "gate" and gate_params is None:
       continue
     keep = dict(keep_local_blocks=local_blocks, keep_sink_blocks=sink_blocks) if variant else {}

@@ -68,11 +68,12 @@ def parse_args(argv=None):
   ap.add_argument("--n-eval", type=int, default=32, help="windows per evaluated set")
   ap.add_argument("--eval-batch", type=int, default=2)
   ap.add_argument("--densities", default="1.0,0.5,0.2,0.1")
-  ap.add_argument("--selectors", default="gate,oracle,static,gate+local",
+  ap.add_argument("--selectors", default="gate,oracle,static,gate+local,recency+local",
                   help="comma-separated: gate, oracle, static, oracle_mass (top-k by attention "
-                       "mass: the full map), gate+local, oracle+local, oracle_mass+local (+local: "
-                       "the first --sink-blocks and the --local-blocks ending at the diagonal "
-                       "always kept, the scores filling the rest of the row's budget)")
+                       "mass: the full map), recency (the nearest blocks, each row's budget as "
+                       "the gate's), gate+local, oracle+local, oracle_mass+local, recency+local "
+                       "(+local: the first --sink-blocks and the --local-blocks ending at the "
+                       "diagonal always kept, the scores filling the rest of the row's budget)")
   ap.add_argument("--local-blocks", type=int, default=2)
   ap.add_argument("--sink-blocks", type=int, default=1)
   ap.add_argument("--dense-rows", type=int, default=0)
@@ -92,8 +93,7 @@ def parse_args(argv=None):
   if not args.density_list or any(not 0 < d <= 1 for d in args.density_list):
     ap.error(f"--densities {args.densities!r}: want comma-separated numbers in (0, 1]")
   args.selector_list = [s for s in args.selectors.split(",") if s]
-  known = ("gate", "oracle", "static", "gate+local", "oracle+local", "oracle_mass",
-           "oracle_mass+local")
+  from effjax.sparse.prefill_sparse import NAMES as known
   bad = [s for s in args.selector_list if s not in known]
   if bad or not args.selector_list:
     ap.error(f"--selectors: choose from {', '.join(known)}; got {args.selectors!r}")

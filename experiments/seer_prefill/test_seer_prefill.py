@@ -23,7 +23,8 @@ def tiny(tmp_path_factory):
   r = subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.yaml",
                       f"train.out_dir={run}", "train.steps=4", "train.batch_size=4",
                       "train.checkpoint_every=4", "train.eval_every=4", "optim.warmup_steps=1",
-                      "train.progress=false", "data.seq_len=64", "model.n_layers=2",
+                      "train.progress=false", "data.seq_len=64", "model.max_seq_len=64",
+                      "model.n_layers=2",
                       "eval.max_batches=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   extra = tmp / "extra.txt"

@@ -111,8 +111,8 @@ def main(argv=None) -> int:
                                        keep_sink_blocks=args.sink_blocks)
 
   # data: packed windows of T tokens
-  def data_cfg(source):
-    return dataclasses.replace(cfg, data=dataclasses.replace(
+  def data_cfg(source):                           # windows of T > the trained max_seq_len
+    return dataclasses.replace(cfg, model=plain, data=dataclasses.replace(
         cfg.data, source=source, packing="pack", seq_len=T))
 
   src_cfg = data_cfg(args.source or cfg.data.source)
