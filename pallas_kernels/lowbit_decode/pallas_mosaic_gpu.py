@@ -54,15 +54,28 @@ LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
-  kernel); pipeline_depth: blocks in flight (TMA copies issued ahead)."""
+  kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
+  while the QK^T wgmma runs (False: after it, in series); profile_dir: write a Mosaic GPU
+  profiler trace of every launch there (per-warpgroup timelines of the named phases
+  dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
+  room for profile_space phases a warpgroup."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
+  overlap: bool = True
+  profile_dir: str | None = None
+  profile_space: int = 4096
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
+    if not isinstance(self.overlap, bool):
+      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
+    if self.profile_dir is not None and not isinstance(self.profile_dir, str):
+      raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
+    if not isinstance(self.profile_space, int) or self.profile_space < 1:
+      raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
 
 
 CONFIG = MosaicGPUConfig
@@ -89,7 +102,7 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
 def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref,
             vz_ref, o_ref, m_ref, l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int,
             group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
-            interpret: bool):
+            overlap: bool, interpret: bool):
   H = q_smem.shape[-1]
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
@@ -132,32 +145,48 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
     col = wgmma_layout.reduce(0)
     row = wgmma_layout.reduce(1)
     f32 = lambda x: x.astype(jnp.float32)
-    dequant(load(kw_smem, wgmma_layout), lambda i: f32(load(ks_smem.at[i], col)),
-            lambda i: f32(load(kz_smem.at[i], col)), False, kt_smem)
-    vs, vz = f32(load(vs_smem, row)), f32(load(vz_smem, row))
-    dequant(load(vw_smem, wgmma_layout), lambda i: vs, lambda i: vz, True, vt_smem)
+
+    def dequant_v():
+      with jax.named_scope("dequant_v"):
+        vs, vz = f32(load(vs_smem, row)), f32(load(vz_smem, row))
+        dequant(load(vw_smem, wgmma_layout), lambda i: vs, lambda i: vz, True, vt_smem)
+
+    with jax.named_scope("dequant_k"):
+      dequant(load(kw_smem, wgmma_layout), lambda i: f32(load(ks_smem.at[i], col)),
+              lambda i: f32(load(kz_smem.at[i], col)), False, kt_smem)
+    if not overlap:
+      dequant_v()
     plgpu.commit_smem()          # the generic-proxy stores, visible to the wgmmas
     if interpret:
       s = jnp.dot(q_smem[...], kt_smem[...].T, preferred_element_type=jnp.float32)
+      if overlap:
+        dequant_v()
     else:
       def compute_qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, mgpu_util.transposed(kt_smem))
-        return acc_ref[...]
+        with jax.named_scope("qk"):
+          plgpu.wgmma(acc_ref, q_smem, mgpu_util.transposed(kt_smem))
+          if overlap:            # V's unpacking runs while the tensor cores work on QK^T
+            dequant_v()
+          return acc_ref[...]    # waits for the wgmma
       s = pl.run_scoped(compute_qk, plgpu.ACC((ROWS, T), jnp.float32))
-    valid = cols < length - blk(indices[0]) * T
-    s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
-    m_new = jnp.maximum(m_i, s.max(axis=1))
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
-    l_new = l_i * alpha + p.sum(axis=1)
-    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-    p16 = p.astype(dtype)
-    if interpret:
-      acc = acc + jnp.dot(p16, vt_smem[...], preferred_element_type=jnp.float32)
-    else:
-      def compute_pv(acc_ref):
-        plgpu.wgmma(acc_ref, p16, vt_smem)
-      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+    if overlap:
+      plgpu.commit_smem()
+    with jax.named_scope("softmax"):
+      valid = cols < length - blk(indices[0]) * T
+      s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
+      m_new = jnp.maximum(m_i, s.max(axis=1))
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.where(valid, jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0])), 0.0)
+      l_new = l_i * alpha + p.sum(axis=1)
+      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+      p16 = p.astype(dtype)
+    with jax.named_scope("pv"):
+      if interpret:
+        acc = acc + jnp.dot(p16, vt_smem[...], preferred_element_type=jnp.float32)
+      else:
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, p16, vt_smem)
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
     return acc, m_new, l_new
 
   cols = (lax.broadcasted_iota(jnp.int32, (ROWS, T), 1) if interpret else
@@ -182,11 +211,12 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
   mgpu_util.store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, (b, kh, j))
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "overlap",
+                                             "profile", "interpret"))
 def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                     packed_B, block_indices_BKM=None, *, bits: int, group: int, num_splits: int,
-                    stages: int, interpret: bool = False):
+                    stages: int, overlap: bool = True, profile: tuple[str, int] | None = None,
+                    interpret: bool = False):
   """The kernel's partials over the packed tokens below the length (with block_indices_BKM, int32
   [B, K, M] of 64-token blocks: over the selected packed blocks only): o f32 [B, K, N, RO, H],
   m / l f32 [B, K, N, RO] (N = num_splits, RO = G rounded up to 8)."""
@@ -208,7 +238,7 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
     idx, nslots = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
   kernel = functools.partial(_kernel, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
-                             interpret=interpret)
+                             overlap=overlap, interpret=interpret)
   f32 = jnp.float32
   interp = None
   if interpret:
@@ -225,7 +255,9 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, **({} if profile is None else
+                               dict(profile_dir=profile[0], profile_space=profile[1]))),
       interpret=interp,
   )
   return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64,
@@ -296,6 +328,9 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                             lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
                             block_indices_BKM, bits=int(bits), group=int(group),
                             num_splits=int(num_splits), stages=int(stages),
+                            overlap=config.overlap,
+                            profile=None if config.profile_dir is None else (
+                                config.profile_dir, config.profile_space),
                             interpret=bool(interpret))
   ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
                                 packed_B.astype(jnp.int32), o.shape[-2], block_indices_BKM, T)

@@ -50,6 +50,11 @@ def test_interpret_matches_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2)
 
 
+def test_interpret_in_series_matches_oracle():
+  """overlap=False (V dequantised after the QK^T wgmma, not during it): the same results."""
+  check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=False)
+
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_interpret_sparse_matches_oracle(case):
   """Selected 64-token blocks only: packed ones in the kernel, residual ones in the XLA
@@ -76,9 +81,11 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
           S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
           S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
           S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
-  for extra in ((), (S_((B, K, 5), jnp.int32),)):          # dense, and over selected blocks
-    fn = jax.jit(lambda *a: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
-                                                 stages=2))
+  variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
+              ((), dict(overlap=False)))                                   # in series
+  for extra, kw in variants:
+    fn = jax.jit(lambda *a, kw=kw: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
+                                                        stages=2, **kw))
     with lowering_for("gpu"):
       text = export.export(fn, platforms=["cuda"], disabled_checks=[
           export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args, *extra).mlir_module()
@@ -125,6 +132,10 @@ def test_refusals_name_the_setting():
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
   with pytest.raises(ValueError, match="num_splits"):
     mgpu.MosaicGPUConfig(num_splits=0).validate()
+  with pytest.raises(ValueError, match="overlap"):
+    mgpu.MosaicGPUConfig(overlap=1).validate()
+  with pytest.raises(ValueError, match="profile_space"):
+    mgpu.MosaicGPUConfig(profile_dir="/tmp", profile_space=0).validate()
 
 
 @pytest.mark.gpu
