@@ -9,8 +9,37 @@ if str(ROOT) not in sys.path:
 # Tests must not be slowed or skewed by a user's preallocation settings on GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+# One persistent XLA compilation cache for the whole run (both xdist workers and every train.py /
+# eval.py subprocess the tests start): the CLI tests compile the same tiny programs many times
+# (~30% of their time). Keyed by the run, so it starts cold: no result depends on an earlier run.
+# An explicitly set JAX_COMPILATION_CACHE_DIR is left alone.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+CACHE_DIR = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"effjax-test-xla-cache-{_RUN}"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = str(CACHE_DIR)
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 
 import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+  if "jax" in sys.modules:            # imported before this file ran: apply the settings directly
+    import jax
+    for name, cast in (("jax_compilation_cache_dir", str),
+                       ("jax_persistent_cache_min_compile_time_secs", float),
+                       ("jax_persistent_cache_min_entry_size_bytes", int)):
+      if name.upper() in os.environ:
+        jax.config.update(name, cast(os.environ[name.upper()]))
+
+
+def pytest_unconfigure(config):
+  """The controller (or a run without xdist) removes the run's cache."""
+  if not hasattr(config, "workerinput") and os.environ.get("JAX_COMPILATION_CACHE_DIR") == str(
+      CACHE_DIR):
+    import shutil
+    shutil.rmtree(CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
