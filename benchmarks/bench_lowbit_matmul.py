@@ -98,6 +98,29 @@ def parse_choices(text: str, flag: str, choices) -> list[str]:
   return items
 
 
+def parse_mosaic_config(text: str):
+  """'num_splits=4,overlap=1' -> a lowbit_matmul pallas_mosaic_gpu MosaicGPUConfig (ints; 0 / 1
+  for overlap)."""
+  from pallas_kernels.lowbit_matmul.pallas_mosaic_gpu import MosaicGPUConfig
+  fields = {f.name for f in dataclasses.fields(MosaicGPUConfig)}
+  kw = {}
+  for item in text.split(","):
+    key, sep, value = (v.strip() for v in item.partition("="))
+    if not sep or key not in fields:
+      raise SystemExit(f"--mosaic-configs: bad item {item!r}: want key=value with key in "
+                       f"{sorted(fields)}")
+    try:
+      kw[key] = None if value == "None" else bool(int(value)) if key == "overlap" else int(value)
+    except ValueError:
+      raise SystemExit(f"--mosaic-configs: {key} wants an int, got {value!r}") from None
+  cfg = MosaicGPUConfig(**kw)
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise SystemExit(f"--mosaic-configs: {e}") from None
+  return cfg
+
+
 def launch_plan(op: str, M: int, K: int, w: layout.PackedWeight, cfg, impl: str,
                 interpret: bool, table_dtype=None) -> dict:
   """{"config", "plan"} of a pallas_triton row (the launch the kernel resolves for these shapes),
@@ -145,6 +168,9 @@ def main():
                   help="more pallas_triton launch configs to time in the same run: ';'-separated "
                        "key=value lists of TritonConfig fields (e.g. 'num_splits=4;unpack=asm,"
                        "transpose=1')")
+  ap.add_argument("--mosaic-configs", default="",
+                  help="more pallas_mosaic_gpu configs to time: ';'-separated key=value lists of "
+                       "its MosaicGPUConfig fields (e.g. 'overlap=1;num_splits=8,overlap=1')")
   ap.add_argument("--lut-weights", default="bitplanes",
                   help=f"weights of the lut_matmul rows, a comma list of {LUT_WEIGHTS}")
   ap.add_argument("--lut-paths", default="float",
@@ -180,6 +206,8 @@ def main():
   impls = [i for i in args.impls.split(",") if i]
   configs = [("", None)] + [(c.strip(), parse_config(c)) for c in args.configs.split(";")
                             if c.strip()]
+  mosaic_configs = [("", None)] + [(c.strip(), parse_mosaic_config(c))
+                                   for c in args.mosaic_configs.split(";") if c.strip()]
   lut_configs = [("", None)] + [(c.strip(), parse_config(c, lut=True))
                                 for c in args.lut_configs.split(";") if c.strip()]
   lut_weights = parse_choices(args.lut_weights, "--lut-weights", LUT_WEIGHTS)
@@ -232,7 +260,8 @@ def main():
           jnp.clip(jnp.round(x * 16), -127, 127).astype(jnp.int8), w,
           preferred_element_type=jnp.int32), "int8", x_bytes=M * K)
       for impl in impls:
-        for tag, cfg in (configs if impl == "pallas_triton" else [("", None)]):
+        for tag, cfg in (configs if impl == "pallas_triton" else mosaic_configs
+                         if impl == "pallas_mosaic_gpu" else [("", None)]):
           name = f"[{impl}] i2_s" + (f" [{tag}]" if tag else "")
           plans = {op: launch_plan(op, M, K, weights["i2_s"][0], cfg, impl, args.interpret)
                    for op in ("lowbit_matmul", "lowbit_matmul_int8")}

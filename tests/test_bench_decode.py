@@ -11,6 +11,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from benchmarks import devtime, plot_decode
 from benchmarks.bench_decode import GATE_L2_DEFEAT_BYTES, MAX_GATE_COPIES, gate_cache_copies
@@ -74,6 +75,16 @@ def test_bench_lowbit_matmul_smoke(tmp_path):
   rows = json.loads(out.read_text())["results"]
   positive(rows)
   assert len(rows) == 6 and all("speedup_vs_bf16" in r for r in rows if r["impl"] != "bf16")
+
+
+def test_lowbit_matmul_mosaic_configs_parse():
+  from benchmarks.bench_lowbit_matmul import parse_mosaic_config
+  cfg = parse_mosaic_config("num_splits=8,overlap=1")
+  assert cfg.num_splits == 8 and cfg.overlap is True and cfg.pipeline_depth is None
+  with pytest.raises(SystemExit, match="bad item"):
+    parse_mosaic_config("unpack=asm")
+  with pytest.raises(SystemExit, match="num_splits"):
+    parse_mosaic_config("num_splits=0")
 
 
 def test_gate_cache_copies_defeat_the_l2_on_the_gpu_only():

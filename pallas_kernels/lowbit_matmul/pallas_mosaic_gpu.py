@@ -49,15 +49,20 @@ WR, WC = KT // 4, NT // 4      # the step's packed words: [64 rows, 32 words]
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
   """num_splits: programs per 128-column tile along K (None: about two programs per SM);
-  pipeline_depth: K steps in flight."""
+  pipeline_depth: K steps in flight; overlap: unpack step k's weights while step k - 1's wgmma
+  runs (two B tiles in turn, the wgmma left in flight across the step; x tiles released a step
+  late), instead of waiting for each wgmma before the next unpacking."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
+  overlap: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
+    if not isinstance(self.overlap, bool):
+      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
 
 
 CONFIG = MosaicGPUConfig
@@ -88,7 +93,7 @@ def row_permutation() -> np.ndarray:
 
 
 def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_steps: int,
-            interpret: bool):
+            overlap: bool, interpret: bool):
   n = lax.axis_index("n")
   s = lax.axis_index("s")
   per = -(-n_steps // num_splits)
@@ -98,30 +103,51 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
   RO = o_ref.shape[-2]
   wgmma_layout = plgpu.Layout.WGMMA
 
-  def step(_, x_smem, w_smem, acc):
+  def unpack(w_smem, b):
+    """The step's [64, 32] words -> the [256, 128] tile of codes - 1 (16 slabs)."""
     words = w_smem[...] if interpret else mgpu_util.load(w_smem, wgmma_layout)
     for i in range(4):
       for e in range(4):
         code = lax.shift_right_logical(words, jnp.int32(8 * e + 6 - 2 * i)) & 3
-        b_smem.at[pl.ds(i * WR, WR), pl.ds(e * WC, WC)][...] = (code - 1).astype(
+        b.at[pl.ds(i * WR, WR), pl.ds(e * WC, WC)][...] = (code - 1).astype(
             jnp.float32).astype(dtype)
     plgpu.commit_smem()          # the generic-proxy stores, visible to the wgmma
-    if interpret:
-      return acc + jnp.dot(x_smem[...], b_smem[...], preferred_element_type=jnp.float32)
 
-    def mma(acc_ref):
-      plgpu.wgmma(acc_ref, x_smem, b_smem)
-    return pl.run_state(mma)(plgpu.ACC.init(acc))
+  x_spec = lambda delay: plgpu.BlockSpec((ROWS, KT), lambda k: (0, start + k),
+                                         transforms=mgpu_util.tiles(dtype, 64),
+                                         delay_release=delay)
+  w_spec = plgpu.BlockSpec((WR, WC), lambda k: (start + k, n),
+                           transforms=mgpu_util.tiles(jnp.int32))
+  if overlap and not interpret:
+    def accumulate(acc_ref):
+      def step(idx, x_smem, w_smem):
+        b = b_smem.at[lax.rem(idx[0], 2)]
+        unpack(w_smem, b)        # while the previous step's wgmma reads the other tile
+        plgpu.wgmma(acc_ref, x_smem, b)
+        plgpu.wgmma_wait(1)      # the previous wgmma is done: its B tile and x tile are free
 
-  specs = [plgpu.BlockSpec((ROWS, KT), lambda k: (0, start + k),
-                           transforms=mgpu_util.tiles(dtype, 64)),
-           plgpu.BlockSpec((WR, WC), lambda k: (start + k, n),
-                           transforms=mgpu_util.tiles(jnp.int32))]
-  init = jnp.zeros((ROWS, NT), jnp.float32)
-  if not interpret:
-    init = plgpu.layout_cast(init, wgmma_layout)
-  acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages,
-                            init_carry=init)(x_ref, w_ref)
+      plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec(1), w_spec],
+                          max_concurrent_steps=max(stages, 2))(x_ref, w_ref)
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+    acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, NT), jnp.float32))
+  else:
+    b = b_smem.at[0]
+
+    def step(_, x_smem, w_smem, acc):
+      unpack(w_smem, b)
+      if interpret:
+        return acc + jnp.dot(x_smem[...], b[...], preferred_element_type=jnp.float32)
+
+      def mma(acc_ref):
+        plgpu.wgmma(acc_ref, x_smem, b)
+      return pl.run_state(mma)(plgpu.ACC.init(acc))
+
+    init = jnp.zeros((ROWS, NT), jnp.float32)
+    if not interpret:
+      init = plgpu.layout_cast(init, wgmma_layout)
+    acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec(0), w_spec],
+                              max_concurrent_steps=stages, init_carry=init)(x_ref, w_ref)
 
   def store(o_smem):
     o_smem[...] = acc
@@ -133,8 +159,8 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
                                   transforms=mgpu_util.tiles(jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnames=("N", "num_splits", "stages", "interpret"))
-def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int,
+@functools.partial(jax.jit, static_argnames=("N", "num_splits", "stages", "overlap", "interpret"))
+def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int, overlap: bool = False,
                  interpret: bool = False):
   """float32 [num_splits, RO, N] split-K sums of x @ t (t the ternary codes; RO = M rounded up to
   8), columns in the kernel's order (`unpermute_columns`)."""
@@ -151,9 +177,10 @@ def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int,
     interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
   call = plgpu.kernel(
       functools.partial(_kernel, num_splits=num_splits, stages=stages, n_steps=rows // KT,
-                        interpret=interpret),
+                        overlap=overlap and not interpret, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, RO, N), jnp.float32),
-      scratch_types=(plgpu.SMEM((KT, NT), dtype, transforms=mgpu_util.tiles(dtype, 64)),),
+      scratch_types=(plgpu.SMEM((2 if overlap and not interpret else 1, KT, NT), dtype,
+                                transforms=mgpu_util.tiles(dtype, 64)),),
       grid=(N // NT, num_splits),
       grid_names=("n", "s"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -181,7 +208,8 @@ def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   n_steps = packed.rows // KT
   num_splits = config.num_splits or max(1, min(n_steps, launch.target_programs(2) // (N // NT)))
   sums = partial_sums(x_MK.astype(dtype), packed.packed, N=N, num_splits=int(num_splits),
-                      stages=int(config.pipeline_depth or 2), interpret=bool(interpret))
+                      stages=int(config.pipeline_depth or 2), overlap=config.overlap,
+                      interpret=bool(interpret))
   y = unpermute_columns(jnp.sum(sums, axis=0)[:M]) * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]

@@ -43,10 +43,13 @@ def test_interpret_matches_the_xla_paths(M, K, N, cfg):
   check(M, K, N, True, **cfg)
 
 
-def test_compiled_kernel_lowers_for_cuda():
+@pytest.mark.parametrize("overlap", [False, True])
+def test_compiled_kernel_lowers_for_cuda(overlap):
+  """Both schedules (overlap: two B tiles, the wgmma in flight across steps) lower for CUDA."""
   from jax import export
   S_ = jax.ShapeDtypeStruct
-  fn = jax.jit(lambda x, p: mgpu.partial_sums(x, p, N=1024, num_splits=4, stages=2))
+  fn = jax.jit(lambda x, p: mgpu.partial_sums(x, p, N=1024, num_splits=4, stages=2,
+                                              overlap=overlap))
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
@@ -76,6 +79,8 @@ def test_layout_bookkeeping_and_refusals():
   assert y.shape == (1, 256)
   with pytest.raises(ValueError, match="num_splits"):
     mgpu.MosaicGPUConfig(num_splits=0).validate()
+  with pytest.raises(ValueError, match="overlap"):
+    mgpu.MosaicGPUConfig(overlap="yes").validate()
 
 
 @pytest.mark.gpu
@@ -83,3 +88,5 @@ def test_layout_bookkeeping_and_refusals():
 def test_gpu_matches_the_xla_paths(M, K, N):
   check(M, K, N, False)
   check(M, K, N, False, num_splits=3, pipeline_depth=3)
+  check(M, K, N, False, overlap=True)
+  check(M, K, N, False, num_splits=5, pipeline_depth=3, overlap=True)
