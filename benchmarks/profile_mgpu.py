@@ -3,7 +3,7 @@ profiler (per-warpgroup timelines of the kernel's named phases: dequant_k, qk, d
 softmax, pv), summed.
 
     python -m benchmarks profile_mgpu [--batch 8] [--seq 16384] [--bits 4]
-                                      [--configs ';overlap=0'] [--out FILE.json]
+                                      [--configs ';overlap=1'] [--out FILE.json]
 
 For every config (`;`-separated `key=value` lists of `MosaicGPUConfig`, '' the defaults) the
 kernel runs once with `profile_dir` set, and the trace it writes is reduced to: per phase, the

@@ -55,13 +55,13 @@ LOG2E = math.log2(math.e)
 class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
   kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
-  while the QK^T wgmma runs (False: after it, in series); profile_dir: write a Mosaic GPU
+  while the QK^T wgmma runs (False, the measured default: after it, in series); profile_dir: write a Mosaic GPU
   profiler trace of every launch there (per-warpgroup timelines of the named phases
   dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
   room for profile_space phases a warpgroup."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
-  overlap: bool = True
+  overlap: bool = False
   profile_dir: str | None = None
   profile_space: int = 4096
 
@@ -215,7 +215,7 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
                                              "profile", "interpret"))
 def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                     packed_B, block_indices_BKM=None, *, bits: int, group: int, num_splits: int,
-                    stages: int, overlap: bool = True, profile: tuple[str, int] | None = None,
+                    stages: int, overlap: bool = False, profile: tuple[str, int] | None = None,
                     interpret: bool = False):
   """The kernel's partials over the packed tokens below the length (with block_indices_BKM, int32
   [B, K, M] of 64-token blocks: over the selected packed blocks only): o f32 [B, K, N, RO, H],

@@ -50,9 +50,9 @@ def test_interpret_matches_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2)
 
 
-def test_interpret_in_series_matches_oracle():
-  """overlap=False (V dequantised after the QK^T wgmma, not during it): the same results."""
-  check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=False)
+def test_interpret_overlapped_matches_oracle():
+  """overlap=True (V dequantised while the QK^T wgmma runs): the same results."""
+  check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
 
 
 @pytest.mark.parametrize("case", CASES[:2])
@@ -82,7 +82,7 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
           S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
           S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
-              ((), dict(overlap=False)))                                   # in series
+              ((), dict(overlap=True)))                                    # overlapped
   for extra, kw in variants:
     fn = jax.jit(lambda *a, kw=kw: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
                                                         stages=2, **kw))
@@ -144,3 +144,4 @@ def test_refusals_name_the_setting():
 def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=1)
+  check_case(case, dtype, False, overlap=True)
