@@ -21,8 +21,9 @@ into the tile loads, dense or over the selected blocks, pallas_triton.py) and `p
 (a scalar-prefetched block list, TPU interpreter only so far). On the H100 at S 128K int4
 (docs/results/lowbit_kv_cache.md) the Mosaic GPU kernel takes 0.86-0.96x the time of cuDNN bf16
 against the Triton kernel's 0.75x, and 7.7-8.0x with 90% of the blocks at B 8 / 16 (Triton
-6.4-6.6x); at B 1 with 90% of the blocks Triton is faster (37 against 46 us). The extend op has
-the reference only.
+6.4-6.6x); at B 1 with 90% of the blocks Triton is faster (37 against 46 us), so `auto` over
+block selections tries Triton first below `SPARSE_MOSAIC_MIN_PAIRS` (sequence, KV head) pairs.
+The extend op has the reference only.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import checks
+from pallas_kernels import checks, dispatch
 from pallas_kernels.dispatch import Op
 from pallas_kernels.lowbit_decode import layout
 from pallas_kernels.lowbit_decode.reference import (
@@ -107,6 +108,21 @@ def _check_within_window(name, end_B, packed_B, R) -> None:
       raise ValueError(f"{name} - packed_B must be <= the window R={R}, got {over.tolist()}")
 
 
+# Below this many (sequence, KV head) pairs `auto` tries the Triton kernel first for block
+# selections: at B1 (8 pairs) S128K with 10% of the blocks it took 37.4 us against the Mosaic
+# GPU kernel's 46.4 (whose residual window is a separate XLA partial); from B8 (64 pairs) on the
+# Mosaic kernel is faster (178.5 against 212.5 us). H100, docs/results/lowbit_kv_cache.md.
+SPARSE_MOSAIC_MIN_PAIRS = 64
+
+
+def _auto_order(implementation, pairs: int, sparse: bool):
+  """`auto` on a GPU for few (sequence, KV head) pairs over block selections: Triton first."""
+  if ((implementation is None or implementation == dispatch.AUTO) and sparse
+      and dispatch.platform() == "gpu" and pairs < SPARSE_MOSAIC_MIN_PAIRS):
+    return ("pallas_triton", "pallas_mosaic_gpu", "xla")
+  return implementation
+
+
 def lowbit_decode_attention(q_BKGH: jax.Array, k_packed: jax.Array, k_scale: jax.Array,
                             k_zero: jax.Array, v_packed: jax.Array, v_scale: jax.Array,
                             v_zero: jax.Array, res_k: jax.Array, res_v: jax.Array,
@@ -159,6 +175,7 @@ def lowbit_decode_attention(q_BKGH: jax.Array, k_packed: jax.Array, k_scale: jax
     if num_live_BK is not None and _shape(num_live_BK) != (B, K):
       raise ValueError(f"num_live_BK must have shape [B, K]={(B, K)}, got {_shape(num_live_BK)}")
     block_size = int(block_size)
+  implementation = _auto_order(implementation, B * K, block_indices_BKM is not None)
   return _OP(implementation, q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k,
              res_v, lengths_B, packed_B, bits=int(bits), group=int(group), k_mode=k_mode,
              v_group=int(v_group), block_indices_BKM=block_indices_BKM, block_size=block_size,

@@ -110,6 +110,25 @@ def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
     assert ("xla.gpu.triton" in text) == (kernel == "triton") or kernel == "mosaic", case
 
 
+def test_auto_over_block_selections_prefers_triton_for_few_pairs():
+  """Block selections: `auto` lowered for CUDA runs the Triton kernel below
+  SPARSE_MOSAIC_MIN_PAIRS (sequence, KV head) pairs and the Mosaic GPU kernel from there on."""
+  from jax import export
+  import pallas_kernels.lowbit_decode as lbd
+  for B, kernel in ((1, "triton"), (lbd.SPARSE_MOSAIC_MIN_PAIRS // 2, "mosaic")):
+    case = (B, 2, 4, 128, 256, [200] * B, [128] * B, 4, 128, 128, "channel", 128)
+    q, cache, st = make_case(case, jnp.bfloat16)
+    idx = jnp.asarray(random_blocks(3, B, 2, 4, 2))
+    fn = jax.jit(lambda q, *c, st=st, B=B: lowbit_decode_attention(
+        q, *c, jnp.full((B,), 200, jnp.int32), jnp.full((B,), 128, jnp.int32), **st,
+        block_indices_BKM=idx, block_size=64))
+    with lowering_for("gpu"):
+      text = export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, *cache).mlir_module()
+    assert ("mosaic_gpu" in text) == (kernel == "mosaic"), B
+
+
 def test_refusals_name_the_setting():
   bf16 = jnp.bfloat16
   assert "bfloat16 / float16" in mgpu.mgpu_supported(128, 4, 128, "channel", 128, jnp.float32,
