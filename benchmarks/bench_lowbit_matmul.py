@@ -15,8 +15,9 @@ GPU kernel of the two lowbit_matmul ops)):
 - `int4_dequant`: W as jnp.int4 [K, N] with a bf16 scale per column, dequantised in the same jit
   and dotted (what XLA makes of an int4 weight).
 - `int8xint8`: int8 x int8 -> int32 dot (`preferred_element_type`), the integer peer of W2A8.
-- `lowbit_matmul[<impl>] i2_s` (W2A16), `lowbit_matmul_int8[<impl>] i2_s` (W2A8: int8
-  activations from `quantize_activations` in the timed call).
+- `lowbit_matmul[<impl>] <fmt>` (W2A16), `lowbit_matmul_int8[<impl>] <fmt>` (W2A8: int8
+  activations from `quantize_activations` in the timed call), for each packed format in
+  `--formats` (i2_s, the default; i2_t, the Mosaic GPU register-operand kernel's layout).
 - `lut_matmul[<impl>] <weights> <path>`, per `--lut-weights` (`bitplanes`: the ternary weight
   as 2 planes, one group; `bits4`: 4-bit planes in groups of 128, the bytes of `int4_dequant`)
   and `--lut-paths` (`float`: bf16 x, float32 tables; `int8`: int8 x from
@@ -56,6 +57,7 @@ from pallas_kernels.lowbit_matmul import layout
 LUT_PATHS = ("float", "int8", "int8_tables")
 LUT_WEIGHTS = ("bitplanes", "bits4")
 LUT_GROUP = 128            # rows a scale group of the bits4 LUT weights
+TERNARY_ROW_FORMATS = ("i2_s", "i2_t")
 
 
 def _parse_fields(text: str, cls, flag: str, names=(), bools=()):
@@ -161,6 +163,10 @@ def main():
   ap.add_argument("--mosaic-configs", default="",
                   help="more pallas_mosaic_gpu configs to time: ';'-separated key=value lists of "
                        "its MosaicGPUConfig fields (e.g. 'overlap=1;num_splits=8,overlap=1')")
+  ap.add_argument("--formats", default="i2_s",
+                  help=f"packed formats of the ternary weight for the lowbit_matmul rows, a comma "
+                       f"list of {TERNARY_ROW_FORMATS} (i2_t: the Mosaic GPU register-operand "
+                       f"kernel's)")
   ap.add_argument("--lut-weights", default="bitplanes",
                   help=f"weights of the lut_matmul rows, a comma list of {LUT_WEIGHTS}")
   ap.add_argument("--lut-paths", default="float",
@@ -201,6 +207,7 @@ def main():
   lut_configs = [("", None)] + [(c.strip(), parse_config(c, lut=True))
                                 for c in args.lut_configs.split(";") if c.strip()]
   lut_weights = parse_choices(args.lut_weights, "--lut-weights", LUT_WEIGHTS)
+  formats = parse_choices(args.formats, "--formats", TERNARY_ROW_FORMATS)
   lut_paths = parse_choices(args.lut_paths, "--lut-paths", LUT_PATHS)
 
   def record(row):
@@ -217,12 +224,13 @@ def main():
         "int4": tuple((jnp.clip(jnp.round(x / 0.006), -8, 7).astype(jnp.int4),
                        jnp.full((N,), 0.006, jnp.bfloat16)) for x in w),
         "int8": tuple(jnp.clip(jnp.round(x / 0.0005), -127, 127).astype(jnp.int8) for x in w),
-        "i2_s": tuple(layout.pack_ternary(*layout.ternarize(x), "i2_s") for x in w),
+        **{fmt: tuple(layout.pack_ternary(*layout.ternarize(x), fmt) for x in w)
+           for fmt in formats},
         **{kind: tuple(lut_weight(x, kind) for x in w) for kind in lut_weights},
     }
     del w
     nbytes = {"bf16": K * N * 2, "int4": K * N // 2 + N * 2, "int8": K * N,
-              "i2_s": K * N // 4, "bitplanes": 2 * K * N // 8,
+              "i2_s": K * N // 4, "i2_t": K * N // 4, "bitplanes": 2 * K * N // 8,
               "bits4": K * N // 2 + 2 * -(-K // LUT_GROUP) * N * 4}
     for M in parse_ints(args.ms):
       n_q = max(1, args.calls // args.copies)
@@ -250,16 +258,17 @@ def main():
           jnp.clip(jnp.round(x * 16), -127, 127).astype(jnp.int8), w,
           preferred_element_type=jnp.int32), "int8", x_bytes=M * K)
       for impl in impls:
-        for tag, cfg in (configs if impl == "pallas_triton" else mosaic_configs
-                         if impl == "pallas_mosaic_gpu" else [("", None)]):
-          name = f"[{impl}] i2_s" + (f" [{tag}]" if tag else "")
-          plans = {op: launch_plan(op, M, K, weights["i2_s"][0], cfg, impl, args.interpret)
+        for fmt, (tag, cfg) in ((f, c) for f in formats for c in (
+            configs if impl == "pallas_triton" else mosaic_configs
+            if impl == "pallas_mosaic_gpu" else [("", None)])):
+          name = f"[{impl}] {fmt}" + (f" [{tag}]" if tag else "")
+          plans = {op: launch_plan(op, M, K, weights[fmt][0], cfg, impl, args.interpret)
                    for op in ("lowbit_matmul", "lowbit_matmul_int8")}
           kw = {"implementation": impl, "config": cfg, "interpret": args.interpret}
           timed(f"lowbit_matmul{name}", lambda x, w, kw=kw: lm.lowbit_matmul(
-              x, w, out_dtype=jnp.float32, **kw), "i2_s", **plans["lowbit_matmul"])
+              x, w, out_dtype=jnp.float32, **kw), fmt, **plans["lowbit_matmul"])
           timed(f"lowbit_matmul_int8{name}", lambda x, w, kw=kw: lm.lowbit_matmul_int8(
-              *layout.quantize_activations(x), w, **kw), "i2_s", **plans["lowbit_matmul_int8"])
+              *layout.quantize_activations(x), w, **kw), fmt, **plans["lowbit_matmul_int8"])
         if impl not in lut.IMPLEMENTATIONS:
           continue
         for kind in lut_weights:

@@ -3,7 +3,7 @@ LUT Tensor Core): the one place that quantises, packs and unpacks them. `lowbit_
 `lut_matmul` and their kernels read these; a checkpoint converter stores `PackedWeight.as_dict()`.
 
 A weight W is [K, N] (y = x @ W, x [M, K]). Every format packs along K, the reduction axis, and
-keeps N the minor axis as in the dense W: each byte (word) feeds one output column's dot product,
+all but i2_t keep N the minor axis as in the dense W: each byte (word) feeds one output column's dot product,
 a kernel tile is [bk * bits / 8, bn] with N on the lanes (coalesced on a GPU, the 128 lanes of a
 TPU vreg), and nothing is transposed between the packed tile and the MMA / table lookup. N is never
 packed, so any N works. K is padded at the end to `rows`, a multiple of the format's `block`;
@@ -25,6 +25,17 @@ bitnet.cpp's unit: its buffers convert to these by a transpose.
             rows in blocks of `block` rows (default 128, a multiple of 4); padding rows are t = 0.
             With block 128 (64) this is bitnet.cpp's x86 (ARM) I2_S byte for byte, transposed:
             packed[:, n] is quantize_i2_s's row n (its QK_I2_S blocks). 2 bits a weight.
+  i2_t      packed uint16 [N, rows / 8]: the i2_s codes q = t + 1 transposed, N the major axis,
+            eight a 16-bit word, LSB first: within each block of `block` rows (default 512, a
+            multiple of 8; W = block / 8 words a block), row i * W + j of the block is bits
+            [2 i, 2 i + 2) of word j. The exception to "N minor", made for Hopper's warpgroup MMA
+            with the weight as its register operand (y^T = W^T x^T, the Mosaic GPU kernel): a
+            [64 columns, 64 words] tile loaded in the wgmma register layout gives every thread
+            the words of exactly the (column, row) pairs it multiplies, and slot i of the tile is
+            the A operand of the block's rows [i W, i W + W) with W = 64; each 32-bit register
+            pair of adjacent words becomes a bf16x2 operand register by one mask, one or and
+            one fused multiply-add (no conversion instructions, no shared-memory round trip).
+            2 bits a weight.
   tl1       packed uint8 [rows / 4, N]: rows (2p, 2p + 1) as the index u = 3 (t0 + 1) + (t1 + 1)
             of the 9 pairs (4 = the zero pair, also the padding), two a byte, slot interleave over
             pairs in blocks of `block` rows (default 128, a multiple of 4). A LUT kernel looks one
@@ -74,12 +85,12 @@ from jax import lax
 
 from pallas_kernels import checks
 
-FORMATS = ("i2_s", "tl1", "tl2", "bitplanes")
-TERNARY_FORMATS = ("i2_s", "tl1", "tl2")
+FORMATS = ("i2_s", "i2_t", "tl1", "tl2", "bitplanes")
+TERNARY_FORMATS = ("i2_s", "i2_t", "tl1", "tl2")
 # `block` must be a multiple of: whole code bytes (i2_s, tl1), whole sign bytes of triples (tl2),
 # whole int32 plane words (bitplanes).
-BLOCK_MULTIPLE = {"i2_s": 4, "tl1": 4, "tl2": 24, "bitplanes": 32}
-DEFAULT_BLOCK = {"i2_s": 128, "tl1": 128, "tl2": 96, "bitplanes": 128}
+BLOCK_MULTIPLE = {"i2_s": 4, "i2_t": 8, "tl1": 4, "tl2": 24, "bitplanes": 32}
+DEFAULT_BLOCK = {"i2_s": 128, "i2_t": 512, "tl1": 128, "tl2": 96, "bitplanes": 128}
 MAX_BITS = 4
 PLANE_WORD = 32        # rows a bit-plane word
 ZERO_TRIPLE = 13       # tl2: e of (0, 0, 0), the centre of the sign symmetry e <-> 26 - e
@@ -229,7 +240,9 @@ def check_packed(pw, *, values: bool = False) -> None:
     if pw.bits is not None:
       raise ValueError(f"bits is for bitplanes; a {pw.fmt} weight has bits=None, got {pw.bits!r}")
     per_byte = 6 if pw.fmt == "tl2" else 4
-    want = {"packed": (jnp.dtype(jnp.uint8), (Kp // per_byte, N)), "scale": (f32, ()),
+    packed = ((jnp.dtype(jnp.uint16), (N, Kp // 8)) if pw.fmt == "i2_t"
+              else (jnp.dtype(jnp.uint8), (Kp // per_byte, N)))
+    want = {"packed": packed, "scale": (f32, ()),
             "zero": None,
             "signs": (jnp.dtype(jnp.uint8), (Kp // 24, N)) if pw.fmt == "tl2" else None}
   for name, spec in want.items():
@@ -244,8 +257,9 @@ def check_packed(pw, *, values: bool = False) -> None:
                        f"block={pw.block}, got {_dtype(x)} {_shape(x)}")
   if values and pw.fmt in TERNARY_FORMATS and checks.is_concrete(pw.packed):
     b = np.asarray(pw.packed)
-    if pw.fmt == "i2_s":
-      fields, top, what = [(b >> s) & 3 for s in (0, 2, 4, 6)], 2, "2-bit code"
+    if pw.fmt in ("i2_s", "i2_t"):
+      shifts = range(0, 8 * b.dtype.itemsize, 2)
+      fields, top, what = [(b >> s) & 3 for s in shifts], 2, "2-bit code"
     else:
       fields, top = [b >> 4, b & 15], (8 if pw.fmt == "tl1" else ZERO_TRIPLE)
       what = "pair index" if pw.fmt == "tl1" else "magnitude index"
@@ -272,7 +286,7 @@ def _slot_shifts(bits: int, word_bits: int, msb_first: bool) -> np.ndarray:
 def pack_slots(codes_RN: jax.Array, *, bits: int, block: int, word_bits: int = 8,
                msb_first: bool = True) -> jax.Array:
   """Codes [R, N] in [0, 2^bits) (R a multiple of block) -> words [R * bits / word_bits, N],
-  uint8 (word_bits 8) or int32 (32): within each block of `block` codes along R, code i * W + j
+  uint8 (word_bits 8), uint16 (16) or int32 (32): within each block of `block` codes along R, code i * W + j
   is in word j at slot i (W = block * bits / word_bits words a block); slot i sits at bits
   [word_bits - (i + 1) bits, word_bits - i bits) (msb_first) or [i bits, (i + 1) bits)."""
   R, N = codes_RN.shape
@@ -282,7 +296,11 @@ def pack_slots(codes_RN: jax.Array, *, bits: int, block: int, word_bits: int = 8
   shifts = _slot_shifts(bits, word_bits, msb_first)[:, None, None]
   # the slots' bits are disjoint, so their sum is their bitwise or
   words = jnp.sum(c << shifts, axis=1, dtype=jnp.uint32).reshape(R // per, N)
-  return words.astype(jnp.uint8) if word_bits == 8 else lax.bitcast_convert_type(words, jnp.int32)
+  if word_bits == 8:
+    return words.astype(jnp.uint8)
+  if word_bits == 16:
+    return words.astype(jnp.uint16)
+  return lax.bitcast_convert_type(words, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "block", "word_bits", "msb_first"))
@@ -293,8 +311,8 @@ def unpack_slots(words: jax.Array, *, bits: int, block: int, word_bits: int = 8,
   per = word_bits // bits
   W = block // per
   # uint32: logical shifts, so the top bit of an int32 word is an ordinary code bit
-  u = (words.astype(jnp.uint32) if word_bits == 8
-       else lax.bitcast_convert_type(words, jnp.uint32)).reshape(Rw // W, 1, W, N)
+  u = (lax.bitcast_convert_type(words, jnp.uint32) if word_bits == 32
+       else words.astype(jnp.uint32)).reshape(Rw // W, 1, W, N)
   c = (u >> _slot_shifts(bits, word_bits, msb_first)[:, None, None]) & np.uint32(levels(bits))
   return c.astype(jnp.int32).reshape(Rw * per, N)
 
@@ -319,6 +337,8 @@ def _pack_ternary_codes(codes_KN: jax.Array, *, fmt: str, block: int):
   t = _pad_rows(codes_KN.astype(jnp.int32), round_up(K, block), 0) + 1
   if fmt == "i2_s":
     return pack_slots(t, bits=2, block=block), None
+  if fmt == "i2_t":
+    return pack_slots(t, bits=2, block=block, word_bits=16, msb_first=False).T, None
   if fmt == "tl1":
     t = t.reshape(-1, 2, N)
     return pack_slots(3 * t[:, 0] + t[:, 1], bits=4, block=block // 2), None
@@ -341,6 +361,8 @@ def _unpack_ternary(pw: PackedWeight) -> jax.Array:
   K, N = pw.shape
   if pw.fmt == "i2_s":
     t = unpack_slots(pw.packed, bits=2, block=pw.block)
+  elif pw.fmt == "i2_t":
+    t = unpack_slots(pw.packed.T, bits=2, block=pw.block, word_bits=16, msb_first=False)
   elif pw.fmt == "tl1":
     u = unpack_slots(pw.packed, bits=4, block=pw.block // 2)
     t = jnp.stack([u // 3, u % 3], axis=1).reshape(-1, N)
@@ -362,6 +384,18 @@ def pack_i2s(codes_KN: jax.Array, scale, *, block: int = DEFAULT_BLOCK["i2_s"]) 
 def unpack_i2s(pw: PackedWeight) -> jax.Array:
   """An i2_s weight -> int8 codes [K, N] in {-1, 0, 1}."""
   _check_fmt(pw, "i2_s")
+  return _unpack_ternary(pw)
+
+
+def pack_i2t(codes_KN: jax.Array, scale, *, block: int = DEFAULT_BLOCK["i2_t"]) -> PackedWeight:
+  """Ternary codes int [K, N] in {-1, 0, 1} and the float per-tensor scale -> an i2_t weight:
+  packed uint16 [N, rows / 8], q = t + 1 eight a word (module docstring)."""
+  return _pack_ternary("i2_t", codes_KN, scale, block)
+
+
+def unpack_i2t(pw: PackedWeight) -> jax.Array:
+  """An i2_t weight -> int8 codes [K, N] in {-1, 0, 1}."""
+  _check_fmt(pw, "i2_t")
   return _unpack_ternary(pw)
 
 
@@ -391,7 +425,7 @@ def unpack_tl2(pw: PackedWeight) -> jax.Array:
 
 
 def pack_ternary(codes_KN: jax.Array, scale, fmt: str, *, block: int | None = None) -> PackedWeight:
-  """`pack_i2s` / `pack_tl1` / `pack_tl2` by name (block None: the format's default)."""
+  """`pack_i2s` / `pack_i2t` / `pack_tl1` / `pack_tl2` by name (block None: the format's default)."""
   if fmt not in TERNARY_FORMATS:
     raise ValueError(f"fmt must be one of {TERNARY_FORMATS}, got {fmt!r}")
   return _pack_ternary(fmt, codes_KN, scale, DEFAULT_BLOCK[fmt] if block is None else block)

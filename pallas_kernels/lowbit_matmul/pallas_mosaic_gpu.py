@@ -55,8 +55,11 @@ class MosaicGPUConfig:
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
+  block_n: int | None = None
 
   def validate(self) -> None:
+    if self.block_n is not None and self.block_n not in (64, 128):
+      raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
@@ -198,6 +201,11 @@ def unpermute_columns(y_MN: jax.Array) -> jax.Array:
 def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   require_platform("gpu", interpret, "the Mosaic GPU ternary matmul")
   M = x_MK.shape[0]
+  if packed.fmt == "i2_t":
+    why = mgpu_supported_t(M, packed, x_MK.dtype)
+    if why is not None:
+      raise NotSupported(why)
+    return _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config)
   why = mgpu_supported(M, packed, x_MK.dtype)
   if why is not None:
     raise NotSupported(why)
@@ -211,6 +219,138 @@ def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
                       stages=int(config.pipeline_depth or 2), overlap=config.overlap,
                       interpret=bool(interpret))
   y = unpermute_columns(jnp.sum(sums, axis=0)[:M]) * packed.scale
+  if x_scale_M is not None:
+    y = y * x_scale_M.astype(jnp.float32)[:, None]
+  return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------- i2_t: the weight in registers
+
+KT_T = 512        # K rows a step: the 8 slots of a 16-bit word x 64 words
+PW = 64           # K rows a slot: one 128-byte swizzle of bf16, the width of the A operand
+# bits of 128.0 (bf16) / 1024.0 (f16): the exponent whose mantissa unit is 1.0
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+def mgpu_supported_t(M: int, packed, dtype) -> str | None:
+  if packed.fmt != "i2_t" or packed.block != KT_T:
+    return f"format {packed.fmt} (block {packed.block}): this kernel reads i2_t in {KT_T}-row blocks"
+  if packed.shape[1] % 64:
+    return f"N={packed.shape[1]} must be a multiple of 64"
+  if M > ROWS:
+    return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                              jnp.dtype(jnp.int8)):
+    return (f"activations in {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 "
+            f"(or int8, exact in bfloat16)")
+  return None
+
+
+def slot_operands(words, dtype):
+  """uint16 words [R, 64] (i2_t: 8 codes q = t + 1 a word, slot i at bits [2 i, 2 i + 2)) ->
+  the 8 slots' t = q - 1 in dtype [R, 64], exactly. No conversion instruction: the code's two bits,
+  masked in place into the low mantissa of `magic` (a float whose mantissa unit is 1.0), make the
+  float magic + q 4^j (slot i = 3 h + j, after a shift of the word by 6 h: the mantissa holds three
+  slots); one multiply-add, exact in the format, gives q - 1."""
+  bits, base = _MAGIC[jnp.dtype(dtype)]
+  out = []
+  for i in range(8):
+    h, j = divmod(i, 3)
+    w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(6 * h))
+    f = lax.bitcast_convert_type((w & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
+    unit = 0.25 ** j
+    out.append(f * unit - (base * unit + 1.0))
+  return out
+
+
+def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int, n_steps: int,
+              interpret: bool):
+  n = lax.axis_index("n")
+  s = lax.axis_index("s")
+  per = -(-n_steps // num_splits)
+  start = s * per
+  steps = jnp.clip(n_steps - start, 0, per)
+  dtype = x_ref.dtype
+  MR = x_ref.shape[1]
+  NT = block_n
+  x_spec = plgpu.BlockSpec((KT_T // PW, MR, PW), lambda k: (start + k, 0, 0),
+                           transforms=mgpu_util.tiles(dtype))
+  w_spec = plgpu.BlockSpec((NT, PW), lambda k: (n, start + k),
+                           transforms=mgpu_util.tiles(jnp.uint16))
+  wgmma_layout = plgpu.Layout.WGMMA
+
+  if interpret:
+    def step(_, x_smem, w_smem, acc):
+      for i, a in enumerate(slot_operands(w_smem[...], dtype)):
+        acc = acc + jnp.dot(a, x_smem[i].T, preferred_element_type=jnp.float32)
+      return acc
+    acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec, w_spec],
+                              max_concurrent_steps=stages,
+                              init_carry=jnp.zeros((NT, MR), jnp.float32))(x_ref, w_ref)
+  else:
+    def accumulate(acc_ref):
+      def step(_, x_smem, w_smem):
+        words = mgpu_util.load(w_smem, wgmma_layout)
+        for i, a in enumerate(slot_operands(words, dtype)):
+          plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[i]))
+          plgpu.wgmma_wait(1)    # the previous slot's wgmma is done; this one runs on
+        plgpu.wgmma_wait(0)      # the x tile is read before the pipeline reuses its slot
+      plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec, w_spec],
+                          max_concurrent_steps=stages)(x_ref, w_ref)
+      return acc_ref[...]
+    acc = pl.run_scoped(accumulate, plgpu.ACC((NT, MR), jnp.float32))
+
+  def store(o_smem):
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[s, pl.ds(n * NT, NT)])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((NT, MR), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "interpret"))
+def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, stages: int,
+                   interpret: bool = False):
+  """float32 [num_splits, N, MR] split-K sums of (x @ t)^T for an i2_t weight's packed words
+  [N, rows / 8] (MR = M rounded up to 8, the wgmma's N)."""
+  M, K = x_MK.shape
+  rows = packed_u16.shape[1] * 8
+  MR = launch.round_up(M, 8)
+  x = jnp.pad(x_MK, ((0, MR - M), (0, rows - K)))
+  x = x.reshape(MR, rows // PW, PW).transpose(1, 0, 2)      # [rows / 64, MR, 64]
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  call = plgpu.kernel(
+      functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
+                        n_steps=rows // KT_T, interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
+      grid=(N // block_n, num_splits),
+      grid_names=("n", "s"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=interp,
+  )
+  return call(x, packed_u16)
+
+
+def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
+  M = x_MK.shape[0]
+  config = config or MosaicGPUConfig()
+  config.validate()
+  N = packed.shape[1]
+  dtype = x_MK.dtype if x_MK.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+  block_n = config.block_n or (128 if N % 128 == 0 else 64)
+  if N % block_n:
+    raise NotSupported(f"N={N} is not a multiple of config.block_n={block_n}")
+  n_steps = packed.rows // KT_T
+  num_splits = config.num_splits or max(1, min(n_steps,
+                                               launch.target_programs(2) // (N // block_n)))
+  sums = partial_sums_t(x_MK.astype(dtype), packed.packed, N=N, block_n=int(block_n),
+                        num_splits=int(num_splits), stages=int(config.pipeline_depth or 3),
+                        interpret=bool(interpret))
+  y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]
   return y.astype(out_dtype)

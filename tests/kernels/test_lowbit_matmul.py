@@ -103,8 +103,8 @@ def test_ternary_round_trip(fmt, K, N, block):
                                 codes.astype(np.float32) * np.float32(0.37))
   Kp = pw.rows
   assert Kp % pw.block == 0 and Kp - K < pw.block
-  # bits a (padded) weight: 2 for i2_s / tl1, 5 per triple for tl2
-  stored = pw.packed.size + (0 if pw.signs is None else pw.signs.size)
+  # bits a (padded) weight: 2 for i2_s / i2_t / tl1, 5 per triple for tl2
+  stored = pw.packed.nbytes + (0 if pw.signs is None else pw.signs.nbytes)
   assert stored * 8 == Kp * N * (5 / 3 if fmt == "tl2" else 2)
 
 
@@ -117,6 +117,8 @@ def test_ternary_bit_layout(K, N, block, tl2_block):
   i2s = layout.pack_i2s(codes, 1.0, block=block)
   t = np.pad(codes.astype(np.int64), ((0, i2s.rows - K), (0, 0))) + 1
   np.testing.assert_array_equal(np_unpack_slots(i2s.packed, 2, block, 8, True), t)
+  i2t = layout.pack_i2t(codes, 1.0, block=block)     # the same codes, transposed, LSB first
+  np.testing.assert_array_equal(np_unpack_slots(np.asarray(i2t.packed).T, 2, block, 16, False), t)
   tl1 = layout.pack_tl1(codes, 1.0, block=block)
   np.testing.assert_array_equal(np_unpack_slots(tl1.packed, 4, block // 2, 8, True),
                                 3 * t[0::2] + t[1::2])

@@ -19,8 +19,8 @@ def weight(seed, K, N, fmt="i2_s"):
   return layout.pack_ternary(codes, 0.37, fmt), codes
 
 
-def check(M, K, N, interpret, **cfg):
-  pw, codes = weight(M + K + N, K, N)
+def check(M, K, N, interpret, fmt="i2_s", **cfg):
+  pw, codes = weight(M + K + N, K, N, fmt)
   rng = np.random.default_rng(K)
   config = mgpu.MosaicGPUConfig(**cfg) if cfg else None
   kw = dict(implementation="pallas_mosaic_gpu", interpret=interpret, config=config)
@@ -29,18 +29,54 @@ def check(M, K, N, interpret, **cfg):
   got = lowbit_matmul_int8(xi, xs, pw, **kw)
   want = lowbit_matmul_int8(xi, xs, pw, implementation="xla")
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
-  y = lowbit_matmul(x, pw, **kw)
-  assert y.shape == (M, N) and y.dtype == jnp.bfloat16
-  ref = np.asarray(x, np.float64) @ codes.astype(np.float64) * np.float64(np.float32(0.37))
-  np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-2,
-                             atol=1e-2 * np.abs(ref).max())
+  for dtype in (jnp.bfloat16, jnp.float16):
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    y = lowbit_matmul(x, pw, **kw)
+    assert y.shape == (M, N) and y.dtype == dtype
+    ref = np.asarray(x, np.float64) @ codes.astype(np.float64) * np.float64(np.float32(0.37))
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-2,
+                               atol=1e-2 * np.abs(ref).max())
 
 
 @pytest.mark.parametrize("M,K,N,cfg", [(1, 500, 256, dict(num_splits=2)),
                                        (13, 768, 384, dict(num_splits=3, pipeline_depth=1))])
 def test_interpret_matches_the_xla_paths(M, K, N, cfg):
   check(M, K, N, True, **cfg)
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [(1, 1000, 128, dict(num_splits=2)),
+                                       (13, 1536, 192, dict(block_n=64, num_splits=2,
+                                                            pipeline_depth=1)),
+                                       (64, 512, 256, {})])
+def test_i2t_interpret_matches_the_xla_paths(M, K, N, cfg):
+  """The i2_t kernel (the weight as the wgmma's register operand): ragged K, 64-column tiles,
+  several splits, M up to 64."""
+  check(M, K, N, True, "i2_t", **cfg)
+
+
+def test_i2t_slot_operands_are_exact():
+  """Every 16-bit word -> its 8 codes - 1, exactly, in bf16 and f16 (the mask / magic / fma
+  decoding)."""
+  words = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16).reshape(1024, 64)
+  want = [((np.asarray(words, np.int64) >> (2 * i)) & 3) - 1 for i in range(8)]
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = mgpu.slot_operands(words, dtype)
+    for i in range(8):
+      assert got[i].dtype == dtype
+      np.testing.assert_array_equal(np.asarray(got[i], np.float64), want[i])
+
+
+@pytest.mark.parametrize("block_n,M", [(128, 1), (64, 16)])
+def test_i2t_kernel_lowers_for_cuda(block_n, M):
+  from jax import export
+  S_ = jax.ShapeDtypeStruct
+  fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
+                                                stages=3))
+  with lowering_for("gpu"):
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
+            S_((M, 2048), jnp.bfloat16), S_((1024, 256), jnp.uint16)).mlir_module()
+  assert "mosaic_gpu" in text
 
 
 @pytest.mark.parametrize("overlap", [False, True])
@@ -77,6 +113,16 @@ def test_layout_bookkeeping_and_refusals():
   y = lowbit_matmul(jnp.ones((1, 300), jnp.float32), weight(0, 300, 256)[0],
                     implementation=("pallas_mosaic_gpu", "xla"))
   assert y.shape == (1, 256)
+  pt, _ = weight(0, 1024, 128, "i2_t")
+  assert mgpu.mgpu_supported_t(1, pt, jnp.bfloat16) is None
+  assert "i2_t" in mgpu.mgpu_supported_t(1, pw, jnp.bfloat16)
+  assert "N=96" in mgpu.mgpu_supported_t(1, weight(0, 512, 96, "i2_t")[0], jnp.bfloat16)
+  assert "M=65" in mgpu.mgpu_supported_t(65, pt, jnp.bfloat16)
+  with pytest.raises(NotSupported, match="block_n=128"):
+    mgpu.lowbit_matmul(jnp.ones((1, 1024), jnp.bfloat16), weight(0, 1024, 192, "i2_t")[0],
+                       jnp.bfloat16, interpret=True, config=mgpu.MosaicGPUConfig(block_n=128))
+  with pytest.raises(ValueError, match="block_n"):
+    mgpu.MosaicGPUConfig(block_n=96).validate()
   with pytest.raises(ValueError, match="num_splits"):
     mgpu.MosaicGPUConfig(num_splits=0).validate()
   with pytest.raises(ValueError, match="overlap"):
@@ -90,3 +136,11 @@ def test_gpu_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, num_splits=3, pipeline_depth=3)
   check(M, K, N, False, overlap=True)
   check(M, K, N, False, num_splits=5, pipeline_depth=3, overlap=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 14336), (16, 14336, 4096), (64, 8192, 8192),
+                                   (3, 1000, 192)])
+def test_gpu_i2t_matches_the_xla_paths(M, K, N):
+  check(M, K, N, False, "i2_t")
+  check(M, K, N, False, "i2_t", block_n=64, num_splits=3, pipeline_depth=2)
