@@ -210,8 +210,11 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--sparse-kernel", default="auto",
                   help="SparseConfig.sparse_kernel: auto (= decode-impl) | pallas_mosaic_gpu | ...")
   ap.add_argument("--param-dtype", default="bfloat16")
+  ap.add_argument("--ternary-format", choices=["i2_s", "i2_t"], default="i2_s",
+                  help="packed format of --weights ternary (i2_t: the Mosaic GPU register-operand "
+                       "kernel's layout)")
   ap.add_argument("--weights", choices=["dense", "ternary"], default="dense",
-                  help="ternary: a BitNet b1.58 model (bitlinear + SubLN) packed to I2_S "
+                  help="ternary: a BitNet b1.58 model (bitlinear + SubLN) packed to --ternary-format "
                        "(effjax.quant.convert.pack_model); its projections run the W2A8 "
                        "lowbit_matmul_int8 kernel")
   ap.add_argument("--cache-dtype", default="bfloat16")
@@ -262,9 +265,9 @@ def main(argv: list[str] | None = None):
   L, K, H = mcfg.n_layers, mcfg.n_kv_heads, mcfg.hd
 
   params = init_params(mcfg, jax.random.key(args.seed))
-  if args.weights == "ternary":  # random float weights, then BitNet's absmean quantiser + I2_S
+  if args.weights == "ternary":  # random float weights, then BitNet's absmean quantiser + packing
     from effjax.quant.convert import pack_model
-    cfg, params = pack_model(cfg, params, "i2_s")
+    cfg, params = pack_model(cfg, params, args.ternary_format)
     mcfg = cfg.model
   p_long, p_short = stop_params(params, mcfg.tie_embeddings)
   del params
@@ -291,8 +294,8 @@ def main(argv: list[str] | None = None):
             "max_seq_len": mcfg.max_seq_len, "attention_impl": mcfg.attention_impl,
             "linear_impl": mcfg.linear_impl, "lowbit_impl": mcfg.lowbit_impl},
         "weights": ("random init (init_params); throughput does not depend on the values"
-                    + ("; ternary: absmean-quantised and packed to I2_S (pack_model)"
-                       if args.weights == "ternary" else "")),
+                    + (f"; ternary: absmean-quantised and packed to {args.ternary_format} "
+                       f"(pack_model)" if args.weights == "ternary" else "")),
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
         "decode_impl": args.decode_impl, "sparse_kernel": args.sparse_kernel, "sampling": "greedy",
         "prefill_chunk": args.prefill_chunk,

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -39,20 +41,22 @@ def test_bench_generate_cpu_smoke(tmp_path):
   assert all("decode_speedup_vs_dense" in r for r in sparse)
 
 
-def test_bench_generate_ternary_weights(tmp_path):
-  """--weights ternary decodes a BitNet model packed to I2_S (its projections on the W2A8 path),
-  with a low-bit KV cache too; the floor counts the packed weight bytes. (16 new tokens, median of
-  2: the step time is a difference of two timings, and 4 tokens on a busy CPU gave noise <= 0.)"""
+@pytest.mark.parametrize("fmt", ["i2_s", "i2_t"])
+def test_bench_generate_ternary_weights(tmp_path, fmt):
+  """--weights ternary decodes a BitNet model packed to I2_S or I2_T (its projections on the W2A8
+  path), with a low-bit KV cache too; the floor counts the packed weight bytes. (16 new tokens,
+  median of 2: the step time is a difference of two timings, and 4 tokens on a busy CPU gave
+  noise <= 0.)"""
   out = tmp_path / "generate.json"
   cmd = [sys.executable, "-m", "benchmarks", "generate", "--config", "configs/tiny.yaml",
          "--override", "model.n_layers=2", "--context", "128", "--new-tokens", "16", "--batch", "1",
          "--modes", "dense", "--sparsities", "", "--kv-caches", "dense,int4", "--repeats", "2",
-         "--weights", "ternary", "--out", str(out)]
+         "--weights", "ternary", "--ternary-format", fmt, "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = json.loads(out.read_text())
   assert data["meta"]["model"]["linear_impl"] == "ternary_packed"
-  assert "I2_S" in data["meta"]["weights"]
+  assert f"packed to {fmt}" in data["meta"]["weights"]
   rows = data["results"]
   assert {r["kv_cache"] for r in rows} == {"dense", "int4"}
   assert all(math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 for r in rows)

@@ -16,9 +16,11 @@ table-lookup form over bit planes) reproduces them.
 
 Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU for M > 16),
 `pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
-or tiled GEMM, pallas_triton.py; `auto` on a GPU for M <= 16), `pallas_mosaic_gpu` (i2_s
-weights, M <= 64, named only, slower than the Triton kernel on the H100: TMA loads,
-unpacking in registers into swizzled tiles, one wgmma a 256-row step, pallas_mosaic_gpu.py) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
+or tiled GEMM, pallas_triton.py; `auto` on a GPU for M <= 16), `pallas_mosaic_gpu` (M <= 64,
+pallas_mosaic_gpu.py: i2_t weights, `auto` on a GPU for them -- y^T = W^T x^T with the weight
+decoded in registers as the wgmma's register operand; i2_s weights named only, slower than the
+Triton kernel on the H100 -- unpacking into swizzled shared-memory tiles, one wgmma a 256-row
+step) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
 lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
 fall back to `xla`.
 """
@@ -47,11 +49,15 @@ _BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton",
 _DEFAULTS = {"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)}
 
 
-def _auto_rows(implementation, M: int):
-  """`auto` with M rows: on a GPU, past the Triton kernel's GEMV rows, the XLA path."""
-  if ((implementation is None or implementation == dispatch.AUTO) and dispatch.platform() == "gpu"
-      and M > tuned.lookup("lowbit_matmul", "pallas_triton")["max_gemv_rows"]):
-    return "xla"
+def _auto_rows(implementation, M: int, packed=None):
+  """`auto` with M rows: on a GPU, an i2_t weight goes to the Mosaic GPU kernel (its layout is
+  that kernel's; it takes M <= 64, XLA the rest); other weights past the Triton kernel's GEMV
+  rows take the XLA path."""
+  if (implementation is None or implementation == dispatch.AUTO) and dispatch.platform() == "gpu":
+    if packed is not None and packed.fmt == "i2_t":
+      return ("pallas_mosaic_gpu", "xla")
+    if M > tuned.lookup("lowbit_matmul", "pallas_triton")["max_gemv_rows"]:
+      return "xla"
   return implementation
 
 
@@ -123,7 +129,7 @@ def lowbit_matmul(x_MK: jax.Array, packed: layout.PackedWeight, *, out_dtype=Non
   """
   check_matmul_args(x_MK, packed, int8=False)
   out_dtype = resolve_out_dtype(out_dtype, x_MK)
-  implementation = _auto_rows(implementation, x_MK.shape[0])
+  implementation = _auto_rows(implementation, x_MK.shape[0], packed)
   return _OP(implementation, x_MK, packed, out_dtype, interpret=interpret, config=config)
 
 
@@ -145,6 +151,6 @@ def lowbit_matmul_int8(x_int8_MK: jax.Array, x_scale_M: jax.Array, packed: layou
   """
   check_matmul_args(x_int8_MK, packed, x_scale_M, int8=True)
   out_dtype = resolve_out_dtype(out_dtype, x_int8_MK)
-  implementation = _auto_rows(implementation, x_int8_MK.shape[0])
+  implementation = _auto_rows(implementation, x_int8_MK.shape[0], packed)
   return _INT8_OP(implementation, x_int8_MK, x_scale_M, packed, out_dtype, interpret=interpret,
                   config=config)
