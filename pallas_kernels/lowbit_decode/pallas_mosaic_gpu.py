@@ -62,6 +62,7 @@ class MosaicGPUConfig:
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
+  token_rows: bool = False
   profile_dir: str | None = None
   profile_space: int = 4096
 
@@ -70,8 +71,9 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    if not isinstance(self.overlap, bool):
-      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
+    for name in ("overlap", "token_rows"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
       raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
     if not isinstance(self.profile_space, int) or self.profile_space < 1:
@@ -211,6 +213,195 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
   mgpu_util.store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, (b, kh, j))
 
 
+_MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+
+
+def decode_codes(codes, dtype):
+  """int32 codes in [0, 2^bits) (bits <= 4) -> exactly those values in dtype, without a
+  conversion instruction: each code, truncated to 16 bits and or-ed into the low mantissa of a
+  float whose mantissa unit is 1.0 (`_MAGIC`), makes base + code; one subtraction leaves the
+  code. (Truncating a pair of adjacent int32 codes to a 16-bit pair is a byte permute.)"""
+  bits, base = _MAGIC[jnp.dtype(dtype)]
+  u = codes.astype(jnp.uint16) | jnp.uint16(bits)
+  return lax.bitcast_convert_type(u, dtype) - base
+
+
+def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
+                vs_ref, vz_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar, *, bits: int,
+                group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
+                interpret: bool):
+  """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
+  with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
+  memory), the online softmax over S^T's rows (cross-warp reductions), and O^T [H, NR] +=
+  V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
+  NR = W (the query rows padded to one swizzle of the slabs), not the 64 rows of the other form."""
+  NR, H = q_smem.shape
+  W = layout.words_per_row(H, bits)
+  subs = 32 // bits
+  mask = layout.levels(bits)
+  dtype = q_smem.dtype
+  wgmma_layout = plgpu.Layout.WGMMA
+  col = wgmma_layout.reduce(0)      # a vector along the columns (one value a query row)
+  row = wgmma_layout.reduce(1)      # a vector along the rows (one value a token / channel)
+  b = lax.axis_index("b")
+  kh = lax.axis_index("k")
+  j = lax.axis_index("s")
+  length = len_ref[b]
+  if sparse:
+    n_blocks = nslots_ref[b, kh]
+  else:
+    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
+  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
+  start = j * per_split
+  steps = jnp.clip(n_blocks - start, 0, per_split)
+
+  def cast(x, lay):
+    return x if interpret else plgpu.layout_cast(x, lay)
+
+  def load(ref, lay):
+    return ref[...] if interpret else mgpu_util.load(ref, lay)
+
+  def bcast(v, shape, dim):
+    return lax.broadcast_in_dim(v, shape, [dim])
+
+  plgpu.copy_gmem_to_smem(q_ref.at[b, kh], q_smem, q_bar)
+  plgpu.barrier_wait(q_bar)
+
+  def slabs(words, i):
+    """Sub-word i of the [64, W] words: channels [i W, (i + 1) W), as dtype codes."""
+    return decode_codes(lax.shift_right_logical(words, jnp.int32(bits * i)) & mask, dtype)
+
+  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
+    acc, m_i, l_i = carry
+    kwords = load(kw_smem, wgmma_layout)
+    k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, W), 1)
+               + bcast(load(kz_smem.at[i], col), (T, W), 1) for i in range(subs)]
+
+    def dequant_v():
+      vwords, vscale, vzero = load(vw_smem, wgmma_layout), load(vs_smem, row), load(vz_smem, row)
+      for i in range(subs):
+        x = slabs(vwords, i) * bcast(vscale, (T, W), 0) + bcast(vzero, (T, W), 0)
+        v_smem.at[:, pl.ds(i * W, W)][...] = x
+      plgpu.commit_smem()
+
+    if interpret:
+      s = sum(jnp.dot(k_slabs[i], q_smem[:, i * W:(i + 1) * W].T,
+                      preferred_element_type=jnp.float32) for i in range(subs))
+      dequant_v()
+    else:
+      def compute_qk(acc_ref):
+        for i in range(subs):
+          plgpu.wgmma(acc_ref, k_slabs[i],
+                      mgpu_util.transposed(q_smem.at[:, pl.ds(i * W, W)]))
+        dequant_v()              # while the tensor cores work on S^T
+        return acc_ref[...]
+      s = pl.run_scoped(compute_qk, plgpu.ACC((T, NR), jnp.float32))
+    tokens = (lax.broadcasted_iota(jnp.int32, (T, NR), 0) if interpret else
+              plgpu.broadcasted_iota(jnp.int32, (T, NR), 0, layout=wgmma_layout))
+    valid = tokens < length - blk(indices[0]) * T
+    s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
+    m_new = jnp.maximum(m_i, s.max(axis=0))
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
+    l_new = l_i * alpha + p.sum(axis=0)
+    acc = acc * bcast(alpha, acc.shape, 1)
+    p_smem[...] = p.astype(dtype)
+    plgpu.commit_smem()
+    if interpret:
+      acc = acc + jnp.dot(v_smem[...].T, p_smem[...], preferred_element_type=jnp.float32)
+    else:
+      def compute_pv(acc_ref):
+        plgpu.wgmma(acc_ref, mgpu_util.transposed(v_smem), p_smem)
+      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+    return acc, m_new, l_new
+
+  blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
+  grp = lambda i: lax.div(blk(i) * T, jnp.int32(group))
+  words = mgpu_util.tiles(jnp.int32, W * 4)
+  specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
+           plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # V words
+           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K scales of the group
+           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K zeros
+           plgpu.BlockSpec((T,), lambda i: (blk(i),)),                      # V scales of the tokens
+           plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
+  init = (cast(jnp.zeros((H, NR), jnp.float32), wgmma_layout),
+          cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
+          cast(jnp.zeros((NR,), jnp.float32), col))
+  acc, m_i, l_i = plgpu.emit_pipeline(
+      step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(
+          kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
+          vs_ref.at[b, kh], vz_ref.at[b, kh])
+
+  def store(o_smem, m_smem, l_smem):
+    o_smem[...] = acc
+    m_smem[...] = m_i * math.log(2.0)
+    l_smem[...] = l_i
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(m_smem, m_ref.at[b, kh, j])
+    plgpu.copy_smem_to_gmem(l_smem, l_ref.at[b, kh, j])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((H, NR), jnp.float32), plgpu.SMEM((NR,), jnp.float32),
+                plgpu.SMEM((NR,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
+                                             "interpret"))
+def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
+                        packed_B, block_indices_BKM=None, *, bits: int, group: int,
+                        num_splits: int, stages: int, profile: tuple[str, int] | None = None,
+                        interpret: bool = False):
+  """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
+  (RO = G rounded up to 8)."""
+  B, K, G, H = q_BKGH.shape
+  S = k_packed.shape[2]
+  W = layout.words_per_row(H, bits)
+  subs = 32 // bits
+  NR = W
+  RO = launch.round_up(G, 8)
+  dtype = q_BKGH.dtype
+  swz = W * jnp.dtype(dtype).itemsize
+  qp = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, NR - G), (0, 0)))
+  sparse = block_indices_BKM is not None
+  if sparse:
+    idx = block_indices_BKM.astype(jnp.int32)
+    limit = (jnp.minimum(packed_B, lengths_B) + (T - 1)) // T
+    nslots = jnp.sum((idx >= 0) & (idx < limit[:, None, None]), axis=-1, dtype=jnp.int32)
+  else:
+    idx, nslots = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
+  kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
+                             stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
+                             interpret=interpret)
+  f32 = jnp.float32
+  interp = None
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((B, K, num_splits, H, NR), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, NR), f32),
+                jax.ShapeDtypeStruct((B, K, num_splits, NR), f32)),
+      scratch_types=(plgpu.SMEM((NR, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((T, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((T, NR), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.Barrier(num_arrivals=1)),
+      grid=(B, K, num_splits),
+      grid_names=("b", "k", "s"),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, **({} if profile is None else
+                               dict(profile_dir=profile[0], profile_space=profile[1]))),
+      interpret=interp,
+  )
+  o, m, l = call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, qp,
+                 k_packed, v_packed,
+                 k_scale.reshape(B, K, S // group, subs, W),
+                 k_zero.reshape(B, K, S // group, subs, W),
+                 v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
+  return o.transpose(0, 1, 2, 4, 3)[..., :RO, :], m[..., :RO], l[..., :RO]
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "overlap",
                                              "profile", "interpret"))
 def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
@@ -314,6 +505,9 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
     raise NotSupported(f"G={G} query heads per KV head must be <= {ROWS}")
   config = config or MosaicGPUConfig()
   config.validate()
+  W = layout.words_per_row(H, bits)
+  if config.token_rows and G > W:
+    raise NotSupported(f"token_rows: G={G} query heads per KV head must be <= W={W}")
   stages = config.pipeline_depth or 3
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
   while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:
@@ -324,14 +518,20 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
       B * K, units, launch.target_programs(2))
   if block_indices_BKM is not None:
     block_indices_BKM = block_indices_BKM.astype(jnp.int32)
-  o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
-                            lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
-                            block_indices_BKM, bits=int(bits), group=int(group),
-                            num_splits=int(num_splits), stages=int(stages),
-                            overlap=config.overlap,
-                            profile=None if config.profile_dir is None else (
-                                config.profile_dir, config.profile_space),
-                            interpret=bool(interpret))
+  profile = None if config.profile_dir is None else (config.profile_dir, config.profile_space)
+  if config.token_rows:
+    o, m, l = packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+                                  lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
+                                  block_indices_BKM, bits=int(bits), group=int(group),
+                                  num_splits=int(num_splits), stages=int(stages),
+                                  profile=profile, interpret=bool(interpret))
+  else:
+    o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
+                              lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
+                              block_indices_BKM, bits=int(bits), group=int(group),
+                              num_splits=int(num_splits), stages=int(stages),
+                              overlap=config.overlap, profile=profile,
+                              interpret=bool(interpret))
   ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
                                 packed_B.astype(jnp.int32), o.shape[-2], block_indices_BKM, T)
   o = jnp.concatenate([o, ro], axis=2)

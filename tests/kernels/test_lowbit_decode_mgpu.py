@@ -50,6 +50,24 @@ def test_interpret_matches_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_interpret_token_rows_matches_oracle(case):
+  """token_rows=True (S^T = K Q^T with K dequantised as the register operand, O^T = V^T P^T):
+  the same results, in bf16 and f16."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, token_rows=True)
+  if case is CASES[0]:
+    check_case(case, jnp.float16, True, num_splits=2, token_rows=True)
+
+
+def test_decode_codes_is_exact():
+  """Every 4-bit code -> its value in bf16 / f16 by the or-into-the-mantissa decoding."""
+  codes = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = mgpu.decode_codes(codes, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float64), np.arange(16).reshape(2, 8))
+
+
 def test_interpret_overlapped_matches_oracle():
   """overlap=True (V dequantised while the QK^T wgmma runs): the same results."""
   check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
@@ -67,6 +85,9 @@ def test_interpret_sparse_matches_oracle(case):
             block_indices_BKM=jnp.asarray(idx), block_size=64)
   k, v = dequant_np(cache, lengths, packed, **st)
   check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+  out = run(q, cache, lengths, packed, st, True, num_splits=2, token_rows=True,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
 
 
 @pytest.mark.parametrize("bits,H", [(4, 128), (4, 256), (2, 256)])
@@ -83,9 +104,11 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
           S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
               ((), dict(overlap=True)))                                    # overlapped
+  variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)))
   for extra, kw in variants:
-    fn = jax.jit(lambda *a, kw=kw: mgpu.packed_partials(*a, bits=bits, group=group, num_splits=2,
-                                                        stages=2, **kw))
+    part = mgpu.packed_partials_tok if kw.pop("token_rows", False) else mgpu.packed_partials
+    fn = jax.jit(lambda *a, kw=kw, part=part: part(*a, bits=bits, group=group, num_splits=2,
+                                                   stages=2, **kw))
     with lowering_for("gpu"):
       text = export.export(fn, platforms=["cuda"], disabled_checks=[
           export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args, *extra).mlir_module()
@@ -153,6 +176,12 @@ def test_refusals_name_the_setting():
     mgpu.MosaicGPUConfig(num_splits=0).validate()
   with pytest.raises(ValueError, match="overlap"):
     mgpu.MosaicGPUConfig(overlap=1).validate()
+  with pytest.raises(ValueError, match="token_rows"):
+    mgpu.MosaicGPUConfig(token_rows=1).validate()
+  q, cache, st = make_case((1, 1, 32, 128, 256, [100], [64], 4, 64, 128, "channel", 128), bf16)
+  with pytest.raises(NotSupported, match="G=32"):
+    mgpu.lowbit_decode_attention(q, *cache, jnp.asarray([100]), jnp.asarray([64]), **st,
+                                 interpret=True, config=mgpu.MosaicGPUConfig(token_rows=True))
   with pytest.raises(ValueError, match="profile_space"):
     mgpu.MosaicGPUConfig(profile_dir="/tmp", profile_space=0).validate()
 
@@ -164,3 +193,19 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=1)
   check_case(case, dtype, False, overlap=True)
+  check_case(case, dtype, False, token_rows=True)
+  check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("token_rows", [False, True])
+def test_gpu_sparse_matches_oracle(case, token_rows):
+  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, 5)
+  out = run(q, cache, lengths, packed, st, False, num_splits=2, token_rows=token_rows,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
