@@ -19,7 +19,16 @@ W] and the V scales / zeros of its tokens [64]. Then, in registers:
   the G query rows padded to the 64 rows of a warpgroup MMA.
 
 So the kernel reads bits (4 bits a value plus the scales: ~3.8x fewer bytes than bf16) and keeps
-the per-element work to a shift, an and, a convert and an FMA. Shapes: 4-bit with H in {128,
+the per-element work to a shift, an and, a convert and an FMA.
+
+`MosaicGPUConfig.token_rows` (`_kernel_tok`) turns both products around so that tokens, not the
+G query rows, fill the 64 rows of every MMA: S^T [64 tokens, NR] = K Q^T with each dequantised K
+slab [64, W] as the wgmma's register operand (K never goes through shared memory), the online
+softmax down S^T's columns (cross-warp reductions), and O^T [H, NR] += V^T P^T with the V tile
+read transposed from shared memory and P^T [64, NR] stored there. The query rows are padded to NR
+= W (16 or 32) instead of 64, which shrinks the softmax work and the accumulators 4x or more, and
+codes become floats without a conversion instruction (`decode_codes`: or into a float's mantissa,
+one subtraction). Shapes: 4-bit with H in {128,
 256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step), k_mode
 "channel", v_group = H, groups of a multiple of 64 tokens, selections of 64-token blocks,
 bfloat16 / float16. Others raise
@@ -55,7 +64,8 @@ LOG2E = math.log2(math.e)
 class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
   kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
-  while the QK^T wgmma runs (False, the measured default: after it, in series); profile_dir: write a Mosaic GPU
+  while the QK^T wgmma runs (False, the measured default: after it, in series); token_rows: the
+  token-rows form (module docstring; G <= W, V always dequantised during QK^T); profile_dir: write a Mosaic GPU
   profiler trace of every launch there (per-warpgroup timelines of the named phases
   dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
   room for profile_space phases a warpgroup."""

@@ -1,6 +1,20 @@
-"""Packed ternary matmul for few rows (decoding: M <= 64) as a Pallas Mosaic GPU kernel (Hopper:
+"""Packed ternary matmul for few rows (decoding: M <= 64) as Pallas Mosaic GPU kernels (Hopper:
 TMA loads, unpacking in registers, wgmma): the `pallas_mosaic_gpu` implementation of
-`lowbit_matmul` and `lowbit_matmul_int8` for I2_S weights.
+`lowbit_matmul` and `lowbit_matmul_int8` for I2_T and I2_S weights.
+
+I2_T (`layout.py`; `auto` on a GPU): the weight is the wgmma's *register* operand, so decoded
+codes never touch shared memory and x is not padded to 64 rows. y^T [N, M] = W^T [N, K] x^T
+[K, M]: one program per (tile of 128 or 64 output columns, share of K); per 512-row K step the
+pipeline brings in the tile's words [NT, 64] (uint16, 8 codes each) and x's [8, MR, 64] slabs (MR
+= M rounded up to 8, the wgmma's N; x laid out [K / 64, MR, 64] in XLA once per call). The words
+are loaded in the wgmma register layout, so every thread holds the words of exactly the (column, K
+row) pairs of the A fragments it feeds; slot i of them (`slot_operands`: mask, or, one multiply-
+add; exact) is the A operand [NT, 64] of K rows [64 i, 64 i + 64), multiplied by x's slab i read
+transposed from shared memory into a float32 accumulator [NT, MR]. Each slot's wgmma runs while
+the next slot decodes (`wgmma_wait(1)`). The split-K partial sums [splits, N, MR] are added,
+transposed, scaled and cast in XLA. Shapes: I2_T in 512-row blocks, N a multiple of 64, M <= 64.
+
+I2_S (named only; slower than the Triton kernel on the H100):
 
 y [M, N] = x [M, K] @ t [K, N] * scale. One program per (128-column tile, share of K): for each
 256-row K tile, `plgpu.emit_pipeline` brings in by TMA the tile's packed bytes, read as int32
@@ -14,14 +28,14 @@ columns are permuted to the tile's row order once per call (XLA, M x K), and y's
 un-permuted once (XLA, M x N). The split-K partial sums (float32, only the M rows rounded up to 8)
 are added, scaled and cast in XLA.
 
-The W2A8 op runs the same kernel on the int8 activations cast to bf16 (integers up to 127 are
+Both kernels run the W2A8 op on the int8 activations cast to bf16 (integers up to 127 are
 exact in bf16, and the float32 sums of products up to 127 stay exact below 2^24: K <= 132K), then
 the activation and weight scales: it equals the integer path bit for bit.
 
-Shapes: i2_s with 128-row blocks, K rows a multiple of 256, N a multiple of 128, M <= 64,
-bfloat16 / float16 activations (W2A16) or int8 ones (W2A8). Others raise
+Shapes (I2_S): 128-row blocks, K rows a multiple of 256, N a multiple of 128, M <= 64;
+bfloat16 / float16 activations (W2A16) or int8 ones (W2A8) for both. Others raise
 NotSupported and the dispatcher moves on. Interpret mode (the Mosaic GPU interpreter, CPU tests):
-a plain dot in place of the wgmma, no register layouts; the rest is the same kernel.
+plain dots in place of the wgmmas, no register layouts; the rest is the same kernel.
 """
 
 from __future__ import annotations
@@ -48,10 +62,11 @@ WR, WC = KT // 4, NT // 4      # the step's packed words: [64 rows, 32 words]
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
-  """num_splits: programs per 128-column tile along K (None: about two programs per SM);
-  pipeline_depth: K steps in flight; overlap: unpack step k's weights while step k - 1's wgmma
-  runs (two B tiles in turn, the wgmma left in flight across the step; x tiles released a step
-  late), instead of waiting for each wgmma before the next unpacking."""
+  """num_splits: programs per column tile along K (None: about two programs per SM);
+  pipeline_depth: K steps in flight (None: 2 for I2_S, 3 for I2_T); overlap (I2_S): unpack step
+  k's weights while step k - 1's wgmma runs (two B tiles in turn, the wgmma left in flight across
+  the step; x tiles released a step late), instead of waiting for each wgmma before the next
+  unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
