@@ -8,7 +8,8 @@ softmax, pv), summed.
 For every config (`;`-separated `key=value` lists of `MosaicGPUConfig`, '' the defaults) the
 kernel runs once with `profile_dir` set, and the trace it writes is reduced to: per phase, the
 mean time a warpgroup spends in it per 64-token block and its share of the warpgroup's span
-(the phases nest: dequant_v runs inside qk when `overlap`), plus the span of a whole program.
+(the phases nest: dequant_v runs inside qk with `overlap` and in the token-rows form), plus
+the span of a whole program.
 Profiling adds a few cycles per phase boundary; compare configs within one run.
 """
 

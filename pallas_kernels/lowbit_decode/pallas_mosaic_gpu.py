@@ -64,15 +64,18 @@ LOG2E = math.log2(math.e)
 class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
   kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
-  while the QK^T wgmma runs (False, the measured default: after it, in series); token_rows: the
-  token-rows form (module docstring; G <= W, V always dequantised during QK^T); profile_dir: write a Mosaic GPU
+  while the QK^T wgmma runs (False, the measured default: after it, in series; the form with query
+  rows only); token_rows: the token-rows form (module docstring; G <= W, V always dequantised
+  during QK^T), None (the default) where G <= W and overlap is off -- on the H100 at S128K int4 it
+  takes 0.146 / 0.960 / 1.896 ms at B1 / B8 / B16 against the query-rows form's 0.210 / 1.488 /
+  2.930; profile_dir: write a Mosaic GPU
   profiler trace of every launch there (per-warpgroup timelines of the named phases
   dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
   room for profile_space phases a warpgroup."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
-  token_rows: bool = False
+  token_rows: bool | None = None
   profile_dir: str | None = None
   profile_space: int = 4096
 
@@ -81,9 +84,10 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "token_rows"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
+    if not isinstance(self.overlap, bool):
+      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
+    if self.token_rows is not None and not isinstance(self.token_rows, bool):
+      raise ValueError(f"config.token_rows must be a bool or None, got {self.token_rows!r}")
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
       raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
     if not isinstance(self.profile_space, int) or self.profile_space < 1:
@@ -283,16 +287,19 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
 
   def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
     acc, m_i, l_i = carry
-    kwords = load(kw_smem, wgmma_layout)
-    k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, W), 1)
-               + bcast(load(kz_smem.at[i], col), (T, W), 1) for i in range(subs)]
+    with jax.named_scope("dequant_k"):
+      kwords = load(kw_smem, wgmma_layout)
+      k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, W), 1)
+                 + bcast(load(kz_smem.at[i], col), (T, W), 1) for i in range(subs)]
 
     def dequant_v():
-      vwords, vscale, vzero = load(vw_smem, wgmma_layout), load(vs_smem, row), load(vz_smem, row)
-      for i in range(subs):
-        x = slabs(vwords, i) * bcast(vscale, (T, W), 0) + bcast(vzero, (T, W), 0)
-        v_smem.at[:, pl.ds(i * W, W)][...] = x
-      plgpu.commit_smem()
+      with jax.named_scope("dequant_v"):
+        vwords = load(vw_smem, wgmma_layout)
+        vscale, vzero = load(vs_smem, row), load(vz_smem, row)
+        for i in range(subs):
+          x = slabs(vwords, i) * bcast(vscale, (T, W), 0) + bcast(vzero, (T, W), 0)
+          v_smem.at[:, pl.ds(i * W, W)][...] = x
+        plgpu.commit_smem()
 
     if interpret:
       s = sum(jnp.dot(k_slabs[i], q_smem[:, i * W:(i + 1) * W].T,
@@ -300,29 +307,32 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
       dequant_v()
     else:
       def compute_qk(acc_ref):
-        for i in range(subs):
-          plgpu.wgmma(acc_ref, k_slabs[i],
-                      mgpu_util.transposed(q_smem.at[:, pl.ds(i * W, W)]))
-        dequant_v()              # while the tensor cores work on S^T
-        return acc_ref[...]
+        with jax.named_scope("qk"):
+          for i in range(subs):
+            plgpu.wgmma(acc_ref, k_slabs[i],
+                        mgpu_util.transposed(q_smem.at[:, pl.ds(i * W, W)]))
+          dequant_v()            # while the tensor cores work on S^T
+          return acc_ref[...]
       s = pl.run_scoped(compute_qk, plgpu.ACC((T, NR), jnp.float32))
-    tokens = (lax.broadcasted_iota(jnp.int32, (T, NR), 0) if interpret else
-              plgpu.broadcasted_iota(jnp.int32, (T, NR), 0, layout=wgmma_layout))
-    valid = tokens < length - blk(indices[0]) * T
-    s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
-    m_new = jnp.maximum(m_i, s.max(axis=0))
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
-    l_new = l_i * alpha + p.sum(axis=0)
-    acc = acc * bcast(alpha, acc.shape, 1)
-    p_smem[...] = p.astype(dtype)
-    plgpu.commit_smem()
-    if interpret:
-      acc = acc + jnp.dot(v_smem[...].T, p_smem[...], preferred_element_type=jnp.float32)
-    else:
-      def compute_pv(acc_ref):
-        plgpu.wgmma(acc_ref, mgpu_util.transposed(v_smem), p_smem)
-      acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
+    with jax.named_scope("softmax"):
+      tokens = (lax.broadcasted_iota(jnp.int32, (T, NR), 0) if interpret else
+                plgpu.broadcasted_iota(jnp.int32, (T, NR), 0, layout=wgmma_layout))
+      valid = tokens < length - blk(indices[0]) * T
+      s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
+      m_new = jnp.maximum(m_i, s.max(axis=0))
+      alpha = jnp.exp2(m_i - m_new)
+      p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
+      l_new = l_i * alpha + p.sum(axis=0)
+      acc = acc * bcast(alpha, acc.shape, 1)
+      p_smem[...] = p.astype(dtype)
+      plgpu.commit_smem()
+    with jax.named_scope("pv"):
+      if interpret:
+        acc = acc + jnp.dot(v_smem[...].T, p_smem[...], preferred_element_type=jnp.float32)
+      else:
+        def compute_pv(acc_ref):
+          plgpu.wgmma(acc_ref, mgpu_util.transposed(v_smem), p_smem)
+        acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
     return acc, m_new, l_new
 
   blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
@@ -518,6 +528,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   W = layout.words_per_row(H, bits)
   if config.token_rows and G > W:
     raise NotSupported(f"token_rows: G={G} query heads per KV head must be <= W={W}")
+  token_rows = G <= W and not config.overlap if config.token_rows is None else config.token_rows
   stages = config.pipeline_depth or 3
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
   while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:
@@ -529,7 +540,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   if block_indices_BKM is not None:
     block_indices_BKM = block_indices_BKM.astype(jnp.int32)
   profile = None if config.profile_dir is None else (config.profile_dir, config.profile_space)
-  if config.token_rows:
+  if token_rows:
     o, m, l = packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
                                   lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
                                   block_indices_BKM, bits=int(bits), group=int(group),

@@ -50,7 +50,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import launch
+from pallas_kernels import launch, tuned
 from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
 
@@ -350,6 +350,12 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   return call(x, packed_u16)
 
 
+def smem_bytes_t(block_n: int, MR: int, stages: int) -> int:
+  """Shared memory of the i2_t kernel: `stages` x (x slabs [8, MR, 64] bf16 + words [block_n, 64]
+  uint16) + the [block_n, MR] float32 output tile + barriers."""
+  return stages * (8 * MR * PW * 2 + block_n * PW * 2) + block_n * MR * 4 + 1024
+
+
 def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   M = x_MK.shape[0]
   config = config or MosaicGPUConfig()
@@ -362,8 +368,13 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   n_steps = packed.rows // KT_T
   num_splits = config.num_splits or max(1, min(n_steps,
                                                launch.target_programs(2) // (N // block_n)))
+  MR = launch.round_up(M, 8)
+  stages = config.pipeline_depth or 3
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  while stages > 1 and smem_bytes_t(block_n, MR, stages) > limit:
+    stages -= 1
   sums = partial_sums_t(x_MK.astype(dtype), packed.packed, N=N, block_n=int(block_n),
-                        num_splits=int(num_splits), stages=int(config.pipeline_depth or 3),
+                        num_splits=int(num_splits), stages=int(stages),
                         interpret=bool(interpret))
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:

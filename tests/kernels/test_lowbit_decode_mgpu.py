@@ -51,12 +51,13 @@ def test_interpret_matches_oracle(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_interpret_token_rows_matches_oracle(case):
-  """token_rows=True (S^T = K Q^T with K dequantised as the register operand, O^T = V^T P^T):
-  the same results, in bf16 and f16."""
-  check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, token_rows=True)
+def test_interpret_query_rows_matches_oracle(case):
+  """token_rows=False (the query rows padded to 64, K and V dequantised into shared tiles): the
+  same results as the default token-rows form (S^T = K Q^T with K dequantised as the register
+  operand, O^T = V^T P^T), in bf16 and f16."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, token_rows=False)
   if case is CASES[0]:
-    check_case(case, jnp.float16, True, num_splits=2, token_rows=True)
+    check_case(case, jnp.float16, True, num_splits=2)
 
 
 def test_decode_codes_is_exact():
@@ -85,7 +86,7 @@ def test_interpret_sparse_matches_oracle(case):
             block_indices_BKM=jnp.asarray(idx), block_size=64)
   k, v = dequant_np(cache, lengths, packed, **st)
   check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
-  out = run(q, cache, lengths, packed, st, True, num_splits=2, token_rows=True,
+  out = run(q, cache, lengths, packed, st, True, num_splits=2, token_rows=False,
             block_indices_BKM=jnp.asarray(idx), block_size=64)
   check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
 
@@ -178,10 +179,15 @@ def test_refusals_name_the_setting():
     mgpu.MosaicGPUConfig(overlap=1).validate()
   with pytest.raises(ValueError, match="token_rows"):
     mgpu.MosaicGPUConfig(token_rows=1).validate()
+  # G > W: the default falls back to the query-rows form; asking for token rows is refused
   q, cache, st = make_case((1, 1, 32, 128, 256, [100], [64], 4, 64, 128, "channel", 128), bf16)
   with pytest.raises(NotSupported, match="G=32"):
     mgpu.lowbit_decode_attention(q, *cache, jnp.asarray([100]), jnp.asarray([64]), **st,
                                  interpret=True, config=mgpu.MosaicGPUConfig(token_rows=True))
+  out = mgpu.lowbit_decode_attention(q, *cache, jnp.asarray([100]), jnp.asarray([64]), **st,
+                                     interpret=True)
+  k, v = dequant_np(cache, [100], [64], **st)
+  check_close(out, oracle(q, k, v, length_valid([100], q.shape[1], k.shape[2])), bf16)
   with pytest.raises(ValueError, match="profile_space"):
     mgpu.MosaicGPUConfig(profile_dir="/tmp", profile_space=0).validate()
 
@@ -193,8 +199,8 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=1)
   check_case(case, dtype, False, overlap=True)
-  check_case(case, dtype, False, token_rows=True)
-  check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=True)
+  check_case(case, dtype, False, token_rows=False)
+  check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
 
 
 @pytest.mark.gpu
