@@ -26,7 +26,7 @@ def model():
   return cfg, params, toks
 
 
-@pytest.mark.parametrize("fmt", ["i2_s", "tl1", "tl2", "bitplanes"])
+@pytest.mark.parametrize("fmt", ["i2_s", "i2_t", "tl1", "tl2", "bitplanes"])
 def test_packed_forward_equals_the_trained_forward(model, fmt):
   cfg, params, toks = model
   pcfg, pparams = pack_model(cfg, params, fmt)
@@ -39,9 +39,10 @@ def test_packed_forward_equals_the_trained_forward(model, fmt):
   assert diff.max() < 2e-2 and np.mean(diff > 1e-3) < 0.01, (diff.max(), np.mean(diff > 1e-3))
 
 
-def test_save_load_and_decode(model, tmp_path):
+@pytest.mark.parametrize("fmt", ["i2_s", "i2_t"])
+def test_save_load_and_decode(model, tmp_path, fmt):
   cfg, params, toks = model
-  pcfg, pparams = pack_model(cfg, params, "i2_s")
+  pcfg, pparams = pack_model(cfg, params, fmt)
   out = save_packed(tmp_path / "packed", pcfg, pparams)
   cfg2, params2 = load_packed(out)
   assert cfg2.model == pcfg.model
