@@ -1,9 +1,15 @@
-"""Where the Mosaic GPU low-bit decode kernel spends its time: one launch under the Mosaic GPU
-profiler (per-warpgroup timelines of the kernel's named phases: dequant_k, qk, dequant_v,
-softmax, pv), summed.
+"""Where a Mosaic GPU kernel spends its time: one launch under the Mosaic GPU profiler
+(per-warpgroup timelines of the kernel's named phases), summed; optionally the instruction mix of
+its compiled code.
 
-    python -m benchmarks profile_mgpu [--batch 8] [--seq 16384] [--bits 4]
-                                      [--configs ';overlap=1'] [--out FILE.json]
+    python -m benchmarks profile_mgpu [--kernel lowbit_decode] [--batch 8] [--seq 16384] [--bits 4]
+                                      [--configs ';overlap=1'] [--sass] [--out FILE.json]
+    python -m benchmarks profile_mgpu --kernel ternary [--shape 8192x8192] [--m 1] [--sass]
+
+`lowbit_decode`: the low-bit decode kernel (phases dequant_k, qk, dequant_v, softmax, pv).
+`ternary`: the I2_T ternary matmul (phases load, decode, mma, drain; W2A8 path). `--sass`: the
+kernel's SASS (Mosaic GPU's dump, through the CUDA toolkit's nvdisasm) reduced to an opcode
+histogram, and ptxas's register / spill report, per config.
 
 For every config (`;`-separated `key=value` lists of `MosaicGPUConfig`, '' the defaults) the
 kernel runs once with `profile_dir` set, and the trace it writes is reduced to: per phase, the
@@ -19,7 +25,9 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import pathlib
+import re
 import sys
 import tempfile
 
@@ -57,8 +65,46 @@ def summarize(trace: dict) -> dict:
   return out
 
 
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+
+
+def sass_histogram(text: str) -> dict:
+  """{"total": instructions, "ops": {opcode: count}} of nvdisasm output (one instruction a line,
+  `/*addr*/ [@P] OPCODE.MODIFIERS operands ;`); the opcode keeps its first modifier (e.g.
+  HFMA2.BF16 vs HFMA2), predicates are dropped."""
+  ops: collections.Counter = collections.Counter()
+  for line in text.splitlines():
+    m = _SASS_LINE.match(line)
+    if m:
+      first = (m.group(2) or "").split(".")[1:2]
+      ops[m.group(1) + ("." + first[0] if first else "")] += 1
+  return {"total": sum(ops.values()), "ops": dict(ops.most_common())}
+
+
+def read_dump(d: str) -> dict:
+  """The SASS histogram and ptxas report of the kernels Mosaic GPU dumped into d (the largest
+  SASS file: the kernel, not a helper)."""
+  files = sorted(pathlib.Path(d).glob("*.sass"), key=lambda f: f.stat().st_size)
+  out = {}
+  if files:
+    out["sass"] = sass_histogram(files[-1].read_text())
+    out["sass"]["ops"] = dict(list(out["sass"]["ops"].items())[:40])
+  reports = [f.read_text() for f in pathlib.Path(d).glob("*.ptxas")]
+  if reports:
+    out["ptxas"] = [l.strip() for r in reports for l in r.splitlines()
+                    if "registers" in l or "spill" in l][-4:]
+  if not out:
+    out["sass_error"] = f"nothing dumped into {d} (no CUDA toolkit tools on this machine?)"
+  return out
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--kernel", default="lowbit_decode", choices=("lowbit_decode", "ternary"))
+  ap.add_argument("--shape", default="8192x8192", help="ternary: K x N")
+  ap.add_argument("--m", type=int, default=1, help="ternary: activation rows")
+  ap.add_argument("--sass", action="store_true",
+                  help="also dump the compiled kernel and report its opcode histogram")
   ap.add_argument("--batch", type=int, default=8)
   ap.add_argument("--seq", type=int, default=16384)
   ap.add_argument("--bits", type=int, default=4, choices=(2, 4))
@@ -71,37 +117,62 @@ def main(argv=None) -> int:
 
   from benchmarks import bench_lowbit as bl
   from benchmarks import common
-  from pallas_kernels.lowbit_decode import lowbit_decode_attention
-  from pallas_kernels.lowbit_decode.pallas_mosaic_gpu import MosaicGPUConfig
 
   if jax.default_backend() != "gpu":
     print("error: profile_mgpu needs a GPU (the Mosaic GPU profiler runs on the device)",
           file=sys.stderr)
     return 2
+  key = jax.random.key(0)
+  if args.kernel == "ternary":
+    from pallas_kernels.lowbit_matmul import layout, lowbit_matmul_int8
+    from pallas_kernels.lowbit_matmul.pallas_mosaic_gpu import MosaicGPUConfig
+    K, N = (int(v) for v in args.shape.split("x"))
+    codes = jax.random.randint(key, (K, N), -1, 2, jnp.int8)
+    w = layout.pack_ternary(codes, 0.02, "i2_t")
+    x_int8, x_scale = layout.quantize_activations(
+        jax.random.normal(jax.random.fold_in(key, 1), (args.m, K), jnp.float32))
+    head = {"K": K, "N": N, "M": args.m}
+    space = lambda cfg: max(cfg.profile_space, 64 * K // 512 + 64)
+
+    def launch(cfg):
+      return lowbit_matmul_int8(x_int8, x_scale, w, implementation="pallas_mosaic_gpu",
+                                config=cfg)
+  else:
+    from pallas_kernels.lowbit_decode import lowbit_decode_attention
+    from pallas_kernels.lowbit_decode.pallas_mosaic_gpu import MosaicGPUConfig
+    B, S, bits = args.batch, args.seq, args.bits
+    window = 128 if bits == 4 else 256
+    cache = bl.random_cache(key, B, S, bits, window)
+    q = jax.random.normal(jax.random.fold_in(key, 1), (B, bl.HKV, bl.G, bl.D), bl.DTYPE)
+    lengths = jnp.full((B,), S, jnp.int32)
+    packed = jnp.full((B,), S - window, jnp.int32)
+    st = dict(bits=bits, group=bl.GROUP, k_mode="channel", v_group=bl.D)
+    head = {"B": B, "S": S, "bits": bits}
+    space = lambda cfg: max(cfg.profile_space, 8 * S // 64 + 64)
+
+    def launch(cfg):
+      return lowbit_decode_attention(q, *cache, lengths, packed, **st,
+                                     implementation="pallas_mosaic_gpu", config=cfg)
   configs = [(v.strip(), bl.parse_variant(MosaicGPUConfig(), v) if v.strip() else MosaicGPUConfig())
              for v in dict.fromkeys(args.configs.split(";"))]
-  B, S, bits = args.batch, args.seq, args.bits
-  window = 128 if bits == 4 else 256
-  key = jax.random.key(0)
-  cache = bl.random_cache(key, B, S, bits, window)
-  q = jax.random.normal(jax.random.fold_in(key, 1), (B, bl.HKV, bl.G, bl.D), bl.DTYPE)
-  lengths = jnp.full((B,), S, jnp.int32)
-  packed = jnp.full((B,), S - window, jnp.int32)
-  st = dict(bits=bits, group=bl.GROUP, k_mode="channel", v_group=bl.D)
   rows = []
   for name, cfg in configs:
-    with tempfile.TemporaryDirectory() as d:
-      pcfg = dataclasses.replace(cfg, profile_dir=d,
-                                 profile_space=max(cfg.profile_space, 8 * S // 64 + 64))
-      out = lowbit_decode_attention(q, *cache, lengths, packed, **st,
-                                    implementation="pallas_mosaic_gpu", config=pcfg)
-      jax.block_until_ready(out)
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as dump:
+      pcfg = dataclasses.replace(cfg, profile_dir=d, profile_space=space(cfg))
+      if args.sass:
+        os.environ["MOSAIC_GPU_DUMP_TO"] = dump
+      try:
+        jax.block_until_ready(launch(pcfg))
+      finally:
+        os.environ.pop("MOSAIC_GPU_DUMP_TO", None)
       files = sorted(pathlib.Path(d).glob("*trace.json"))
       if not files:
         print(f"error: config {name!r}: the profiler wrote no trace", file=sys.stderr)
         return 1
       summary = summarize(json.loads(files[-1].read_text()))
-    row = {"B": B, "S": S, "bits": bits, "config": name or "defaults", **summary}
+      if args.sass:
+        summary.update(read_dump(dump))
+    row = {"kernel": args.kernel, **head, "config": name or "defaults", **summary}
     rows.append(row)
     print(json.dumps(row), flush=True)
   if args.out:

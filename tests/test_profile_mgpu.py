@@ -1,6 +1,7 @@
 """benchmarks/profile_mgpu.py: the trace reduction on a hand-made trace; on a GPU the whole run."""
 
 import json
+import pathlib
 
 import pytest
 
@@ -27,6 +28,29 @@ def test_summarize_sums_nested_phases_per_block():
   assert s["qk"]["us_per_block"] == 3.0 and s["dequant_v"]["us_per_block"] == 1.0
   with pytest.raises(ValueError, match="no complete phase"):
     profile_mgpu.summarize({"traceEvents": [ev("qk", "B", 0.0, 1)]})
+
+
+def test_sass_histogram_counts_opcodes_with_their_first_modifier():
+  text = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/              @!P0 HFMA2.BF16_V2 R3, R4, R5, -R6 ;
+        /*0020*/                   HFMA2.MMA R2, -RZ, RZ, 0, 0 ;
+        /*0030*/                   LOP3.LUT R7, R7, 0x3, RZ, 0xc0, !PT ;
+        /*0040*/                   LOP3.LUT R8, R7, 0x3, RZ, 0xc0, !PT ;
+        // a comment line, and a label:
+.L_x_1:
+"""
+  h = profile_mgpu.sass_histogram(text)
+  assert h == {"total": 5, "ops": {"LOP3.LUT": 2, "LDC": 1, "HFMA2.BF16_V2": 1, "HFMA2.MMA": 1}}
+  assert "sass_error" in profile_mgpu.read_dump(str(pathlib.Path(__file__).parent / "nothing"))
+
+
+@pytest.mark.gpu
+def test_profile_ternary_on_a_gpu(tmp_path):
+  out = tmp_path / "t.json"
+  assert profile_mgpu.main(["--kernel", "ternary", "--shape", "4096x4096", "--out", str(out)]) == 0
+  (row,) = json.loads(out.read_text())["results"]
+  assert {"load", "decode", "mma", "drain"} <= set(row)
 
 
 @pytest.mark.gpu

@@ -66,13 +66,22 @@ class MosaicGPUConfig:
   pipeline_depth: K steps in flight (None: 2 for I2_S, 3 for I2_T); overlap (I2_S): unpack step
   k's weights while step k - 1's wgmma runs (two B tiles in turn, the wgmma left in flight across
   the step; x tiles released a step late), instead of waiting for each wgmma before the next
-  unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows)."""
+  unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows);
+  profile_dir (I2_T): write a Mosaic GPU profiler trace of every launch there (per-warpgroup
+  timelines of the named phases load / decode / mma / drain; `python -m benchmarks profile_mgpu
+  --kernel ternary` sums them), with room for profile_space phases a warpgroup."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
   block_n: int | None = None
+  profile_dir: str | None = None
+  profile_space: int = 4096
 
   def validate(self) -> None:
+    if self.profile_dir is not None and not isinstance(self.profile_dir, str):
+      raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
+    if not isinstance(self.profile_space, int) or self.profile_space < 1:
+      raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
     if self.block_n is not None and self.block_n not in (64, 128):
       raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
     for name in ("num_splits", "pipeline_depth"):
@@ -267,15 +276,17 @@ def slot_operands(words, dtype):
   masked in place into the low mantissa of `magic` (a float whose mantissa unit is 1.0), make the
   float magic + q 4^j (slot i = 3 h + j, after a shift of the word by 6 h: the mantissa holds three
   slots); one multiply-add, exact in the format, gives q - 1."""
+  return [slot_operand(words, i, dtype) for i in range(8)]
+
+
+def slot_operand(words, i: int, dtype):
+  """Slot i of `slot_operands`."""
   bits, base = _MAGIC[jnp.dtype(dtype)]
-  out = []
-  for i in range(8):
-    h, j = divmod(i, 3)
-    w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(6 * h))
-    f = lax.bitcast_convert_type((w & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
-    unit = 0.25 ** j
-    out.append(f * unit - (base * unit + 1.0))
-  return out
+  h, j = divmod(i, 3)
+  w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(6 * h))
+  f = lax.bitcast_convert_type((w & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
+  unit = 0.25 ** j
+  return f * unit - (base * unit + 1.0)
 
 
 def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int, n_steps: int,
@@ -305,11 +316,16 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
   else:
     def accumulate(acc_ref):
       def step(_, x_smem, w_smem):
-        words = mgpu_util.load(w_smem, wgmma_layout)
-        for i, a in enumerate(slot_operands(words, dtype)):
-          plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[i]))
-          plgpu.wgmma_wait(1)    # the previous slot's wgmma is done; this one runs on
-        plgpu.wgmma_wait(0)      # the x tile is read before the pipeline reuses its slot
+        with jax.named_scope("load"):
+          words = mgpu_util.load(w_smem, wgmma_layout)
+        for i in range(8):
+          with jax.named_scope("decode"):
+            a = slot_operand(words, i, dtype)
+          with jax.named_scope("mma"):
+            plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[i]))
+            plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one runs on
+        with jax.named_scope("drain"):
+          plgpu.wgmma_wait(0)    # the x tile is read before the pipeline reuses its slot
       plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec, w_spec],
                           max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
@@ -324,9 +340,10 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
   pl.run_scoped(store, plgpu.SMEM((NT, MR), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "profile",
+                                             "interpret"))
 def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, stages: int,
-                   interpret: bool = False):
+                   profile: tuple[str, int] | None = None, interpret: bool = False):
   """float32 [num_splits, N, MR] split-K sums of (x @ t)^T for an i2_t weight's packed words
   [N, rows / 8] (MR = M rounded up to 8, the wgmma's N)."""
   M, K = x_MK.shape
@@ -344,7 +361,9 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
       out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
       grid=(N // block_n, num_splits),
       grid_names=("n", "s"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(
+          approx_math=True, **({} if profile is None else
+                               dict(profile_dir=profile[0], profile_space=profile[1]))),
       interpret=interp,
   )
   return call(x, packed_u16)
@@ -375,6 +394,8 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
     stages -= 1
   sums = partial_sums_t(x_MK.astype(dtype), packed.packed, N=N, block_n=int(block_n),
                         num_splits=int(num_splits), stages=int(stages),
+                        profile=None if config.profile_dir is None else (
+                            config.profile_dir, config.profile_space),
                         interpret=bool(interpret))
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
