@@ -5,12 +5,14 @@ TMA loads, unpacking in registers, wgmma): the `pallas_mosaic_gpu` implementatio
 I2_T (`layout.py`; `auto` on a GPU): the weight is the wgmma's *register* operand, so decoded
 codes never touch shared memory and x is not padded to 64 rows. y^T [N, M] = W^T [N, K] x^T
 [K, M]: one program per (tile of 128 or 64 output columns, share of K); per 512-row K step the
-pipeline brings in the tile's words [NT, 64] (uint16, 8 codes each) and x's [8, MR, 64] slabs (MR
-= M rounded up to 8, the wgmma's N; x laid out [K / 64, MR, 64] in XLA once per call). The words
+pipeline brings in the tile's words [NT, 64] (uint16, 8 codes each) and x's [MR, 512] tile (MR
+= M rounded up to 8, the wgmma's N; x read in place, the TMA filling the rows past M and the
+columns past K with zeros, so no XLA op prepares it). The words
 are loaded in the wgmma register layout, so every thread holds the words of exactly the (column, K
 row) pairs of the A fragments it feeds; slot i of them (`slot_operands`: mask, or, one multiply-
 add; exact) is the A operand [NT, 64] of K rows [64 i, 64 i + 64), multiplied by x's slab i read
-transposed from shared memory into a float32 accumulator [NT, MR]. Each slot's wgmma runs while
+transposed from shared memory (a 64-column slice of the x tile) into a float32 accumulator
+[NT, MR]. Each slot's wgmma runs while
 the next slot decodes (`wgmma_wait(1)`). The split-K partial sums [splits, N, MR] are added,
 transposed, scaled and cast in XLA. Shapes: I2_T in 512-row blocks, N a multiple of 64, M <= 64.
 
@@ -261,6 +263,8 @@ def mgpu_supported_t(M: int, packed, dtype) -> str | None:
     return f"format {packed.fmt} (block {packed.block}): this kernel reads i2_t in {KT_T}-row blocks"
   if packed.shape[1] % 64:
     return f"N={packed.shape[1]} must be a multiple of 64"
+  if packed.shape[0] % 8:
+    return f"K={packed.shape[0]} must be a multiple of 8 (x's rows are read by TMA: 16-byte strides)"
   if M > ROWS:
     return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
@@ -297,9 +301,9 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
   start = s * per
   steps = jnp.clip(n_steps - start, 0, per)
   dtype = x_ref.dtype
-  MR = x_ref.shape[1]
+  MR = launch.round_up(x_ref.shape[0], 8)
   NT = block_n
-  x_spec = plgpu.BlockSpec((KT_T // PW, MR, PW), lambda k: (start + k, 0, 0),
+  x_spec = plgpu.BlockSpec((MR, KT_T), lambda k: (0, start + k),
                            transforms=mgpu_util.tiles(dtype))
   w_spec = plgpu.BlockSpec((NT, PW), lambda k: (n, start + k),
                            transforms=mgpu_util.tiles(jnp.uint16))
@@ -308,7 +312,8 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
   if interpret:
     def step(_, x_smem, w_smem, acc):
       for i, a in enumerate(slot_operands(w_smem[...], dtype)):
-        acc = acc + jnp.dot(a, x_smem[i].T, preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(a, x_smem[:, i * PW:(i + 1) * PW].T,
+                            preferred_element_type=jnp.float32)
       return acc
     acc = plgpu.emit_pipeline(step, grid=(steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
@@ -322,7 +327,7 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
           with jax.named_scope("decode"):
             a = slot_operand(words, i, dtype)
           with jax.named_scope("mma"):
-            plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[i]))
+            plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[:, pl.ds(i * PW, PW)]))
             plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one runs on
         with jax.named_scope("drain"):
           plgpu.wgmma_wait(0)    # the x tile is read before the pipeline reuses its slot
@@ -349,8 +354,8 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   M, K = x_MK.shape
   rows = packed_u16.shape[1] * 8
   MR = launch.round_up(M, 8)
-  x = jnp.pad(x_MK, ((0, MR - M), (0, rows - K)))
-  x = x.reshape(MR, rows // PW, PW).transpose(1, 0, 2)      # [rows / 64, MR, 64]
+  # x is read in place: the TMA fills the rows past M and the columns past K with zeros
+  x = x_MK
   interp = None
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -370,7 +375,7 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
 
 
 def smem_bytes_t(block_n: int, MR: int, stages: int) -> int:
-  """Shared memory of the i2_t kernel: `stages` x (x slabs [8, MR, 64] bf16 + words [block_n, 64]
+  """Shared memory of the i2_t kernel: `stages` x (x tile [MR, 512] bf16 + words [block_n, 64]
   uint16) + the [block_n, MR] float32 output tile + barriers."""
   return stages * (8 * MR * PW * 2 + block_n * PW * 2) + block_n * MR * 4 + 1024
 

@@ -118,6 +118,7 @@ def test_layout_bookkeeping_and_refusals():
   assert "i2_t" in mgpu.mgpu_supported_t(1, pw, jnp.bfloat16)
   assert "N=96" in mgpu.mgpu_supported_t(1, weight(0, 512, 96, "i2_t")[0], jnp.bfloat16)
   assert "M=65" in mgpu.mgpu_supported_t(65, pt, jnp.bfloat16)
+  assert "K=1001" in mgpu.mgpu_supported_t(1, weight(0, 1001, 64, "i2_t")[0], jnp.bfloat16)
   with pytest.raises(NotSupported, match="block_n=128"):
     mgpu.lowbit_matmul(jnp.ones((1, 1024), jnp.bfloat16), weight(0, 1024, 192, "i2_t")[0],
                        jnp.bfloat16, interpret=True, config=mgpu.MosaicGPUConfig(block_n=128))
