@@ -51,6 +51,7 @@ import datetime
 import hashlib
 import json
 import math
+import os
 import pathlib
 import shlex
 import shutil
@@ -177,6 +178,10 @@ def parse_eval_sources(paths: list[str], text_field: str = "text") -> list[tuple
 
 
 def _git_commit() -> str | None:
+  """The tree's commit: $EFFJAX_COMMIT if set (a copy without its git metadata, e.g. on a GPU
+  host), else git's."""
+  if os.environ.get("EFFJAX_COMMIT"):
+    return os.environ["EFFJAX_COMMIT"]
   try:
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                        capture_output=True, text=True, timeout=10)
