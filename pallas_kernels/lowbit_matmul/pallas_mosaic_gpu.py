@@ -30,9 +30,10 @@ columns are permuted to the tile's row order once per call (XLA, M x K), and y's
 un-permuted once (XLA, M x N). The split-K partial sums (float32, only the M rows rounded up to 8)
 are added, scaled and cast in XLA.
 
-Both kernels run the W2A8 op on the int8 activations cast to bf16 (integers up to 127 are
-exact in bf16, and the float32 sums of products up to 127 stay exact below 2^24: K <= 132K), then
-the activation and weight scales: it equals the integer path bit for bit.
+Both kernels run the W2A8 op on the int8 activations cast to a 16-bit float (bf16 for I2_S, f16
+for I2_T, whose decoding is cheaper in f16; integers up to 127 are exact in both, and the float32
+sums of products up to 127 stay exact below 2^24: K <= 132K), then the activation and weight
+scales: it equals the integer path bit for bit.
 
 Shapes (I2_S): 128-row blocks, K rows a multiple of 256, N a multiple of 128, M <= 64;
 bfloat16 / float16 activations (W2A16) or int8 ones (W2A8) for both. Others raise
@@ -254,8 +255,10 @@ def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
 
 KT_T = 512        # K rows a step: the 8 slots of a 16-bit word x 64 words
 PW = 64           # K rows a slot: one 128-byte swizzle of bf16, the width of the A operand
-# bits of 128.0 (bf16) / 1024.0 (f16): the exponent whose mantissa unit is 1.0
+# bits of 128.0 (bf16) / 1024.0 (f16): the exponent whose mantissa unit is 1.0; and the slots
+# that fit the mantissa (7 / 10 bits: 3 / 5 two-bit slots) between shifts of the word
 _MAGIC = {jnp.dtype(jnp.bfloat16): (0x4300, 128.0), jnp.dtype(jnp.float16): (0x6400, 1024.0)}
+_SLOTS_PER_SHIFT = {jnp.dtype(jnp.bfloat16): 3, jnp.dtype(jnp.float16): 5}
 
 
 def mgpu_supported_t(M: int, packed, dtype) -> str | None:
@@ -278,16 +281,18 @@ def slot_operands(words, dtype):
   """uint16 words [R, 64] (i2_t: 8 codes q = t + 1 a word, slot i at bits [2 i, 2 i + 2)) ->
   the 8 slots' t = q - 1 in dtype [R, 64], exactly. No conversion instruction: the code's two bits,
   masked in place into the low mantissa of `magic` (a float whose mantissa unit is 1.0), make the
-  float magic + q 4^j (slot i = 3 h + j, after a shift of the word by 6 h: the mantissa holds three
-  slots); one multiply-add, exact in the format, gives q - 1."""
+  float magic + q 4^j (slot i = P h + j, after a shift of the word by 2 P h, where the mantissa
+  holds P slots: 3 in bf16, so two shifts a word, 5 in f16, one); one multiply-add, exact in the
+  format, gives q - 1."""
   return [slot_operand(words, i, dtype) for i in range(8)]
 
 
 def slot_operand(words, i: int, dtype):
   """Slot i of `slot_operands`."""
   bits, base = _MAGIC[jnp.dtype(dtype)]
-  h, j = divmod(i, 3)
-  w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(6 * h))
+  per = _SLOTS_PER_SHIFT[jnp.dtype(dtype)]
+  h, j = divmod(i, per)
+  w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(2 * per * h))
   f = lax.bitcast_convert_type((w & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
   unit = 0.25 ** j
   return f * unit - (base * unit + 1.0)
@@ -385,7 +390,8 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   config = config or MosaicGPUConfig()
   config.validate()
   N = packed.shape[1]
-  dtype = x_MK.dtype if x_MK.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
+  # int8 x (W2A8) in f16: exact, and its decoding takes one shift a word instead of bf16's two
+  dtype = x_MK.dtype if x_MK.dtype in (jnp.bfloat16, jnp.float16) else jnp.float16
   block_n = config.block_n or (128 if N % 128 == 0 else 64)
   if N % block_n:
     raise NotSupported(f"N={N} is not a multiple of config.block_n={block_n}")

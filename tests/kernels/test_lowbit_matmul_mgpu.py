@@ -66,8 +66,8 @@ def test_i2t_slot_operands_are_exact():
       np.testing.assert_array_equal(np.asarray(got[i], np.float64), want[i])
 
 
-@pytest.mark.parametrize("block_n,M", [(128, 1), (64, 16)])
-def test_i2t_kernel_lowers_for_cuda(block_n, M):
+@pytest.mark.parametrize("block_n,M,dtype", [(128, 1, jnp.bfloat16), (64, 16, jnp.float16)])
+def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
@@ -75,7 +75,7 @@ def test_i2t_kernel_lowers_for_cuda(block_n, M):
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-            S_((M, 2048), jnp.bfloat16), S_((1024, 256), jnp.uint16)).mlir_module()
+            S_((M, 2048), dtype), S_((1024, 256), jnp.uint16)).mlir_module()
   assert "mosaic_gpu" in text
 
 
