@@ -246,7 +246,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 interpret: bool):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
-  memory), the online softmax over S^T's rows (cross-warp reductions), and O^T [H, NR] +=
+  memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
+  and O^T [H, NR] +=
   V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
   NR = W (the query rows padded to one swizzle of the slabs), not the 64 rows of the other form."""
   NR, H = q_smem.shape
