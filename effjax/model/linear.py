@@ -64,9 +64,9 @@ class BitLinear(DenseLinear):
 @dataclasses.dataclass(frozen=True)
 class PackedTernaryLinear:
   """Inference with packed ternary weights (`effjax.quant.convert.pack_model`): the params of a
-  layer are a `pallas_kernels.lowbit_matmul.layout.PackedWeight` (I2_S, TL1, TL2 or bit planes)
-  and y = lowbit_matmul_int8(absmax_int8(x), W): BitLinear's forward on the integer path (int8
-  activations, ternary codes, exact int32 sums, then the two scales)."""
+  layer are a `pallas_kernels.lowbit_matmul.layout.PackedWeight` (I2_S, I2_T, TL1, TL2 or bit
+  planes) and y = lowbit_matmul_int8(absmax_int8(x), W): BitLinear's forward on the integer path
+  (int8 activations, ternary codes, exact int32 sums, then the two scales)."""
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   implementation: str = "auto"      # model.lowbit_impl: backend names, comma-separated

@@ -5,8 +5,8 @@ model, saved and loaded with a verified manifest.
 
 Every projection's fp32 master kernel becomes its ternary codes and absmean scale (the quantiser
 training used, `effjax.quant.ternary.absmean_ternary`) packed in one of the formats of
-`pallas_kernels.lowbit_matmul.layout` (i2_s, tl1, tl2, bitplanes); norms and embeddings stay as
-they are. The packed model's config has `model.linear_impl=ternary_packed`: the layer computes
+`pallas_kernels.lowbit_matmul.layout` (i2_s, i2_t -- the GPU's fastest decoding path --, tl1, tl2,
+bitplanes); norms and embeddings stay as they are. The packed model's config has `model.linear_impl=ternary_packed`: the layer computes
 BitLinear's forward on the integer path, so `effjax.model.forward`, `decoding.generate` and the
 evaluations run on it unchanged. The output directory holds `config.yaml`, `weights.npz` and
 `effjax_manifest.json` (size and SHA-256 of each file, checked on load).
