@@ -83,7 +83,7 @@ def sass_histogram(text: str) -> dict:
 
 def read_dump(d: str) -> dict:
   """The SASS histogram and ptxas report of the kernels Mosaic GPU dumped into d (the largest
-  SASS file: the kernel, not a helper)."""
+  SASS file: the kernel, not a smaller support function)."""
   files = sorted(pathlib.Path(d).glob("*.sass"), key=lambda f: f.stat().st_size)
   out = {}
   if files:
