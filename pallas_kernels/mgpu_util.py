@@ -27,6 +27,22 @@ def transposed(ref):
   return plgpu.transpose_ref(ref, (1, 0))
 
 
+def interpret_params(interpret: bool):
+  """The Mosaic GPU interpreter's settings for a kernel run with interpret=True (None otherwise):
+  reads past a buffer are zero-filled, as the TMA unit does on the GPU."""
+  if not interpret:
+    return None
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+
+
+def compiler_params(profile: tuple[str, int] | None = None):
+  """CompilerParams with approximate math; profile (dir, space) turns on the profiler."""
+  return plgpu.CompilerParams(
+      approx_math=True, **({} if profile is None else
+                           dict(profile_dir=profile[0], profile_space=profile[1])))
+
+
 def load(ref, layout):
   """The whole ref into registers in `layout`: JAX 0.11 takes the index as part of the ref
   (a separate one is deprecated there), 0.10 needs it as an argument."""

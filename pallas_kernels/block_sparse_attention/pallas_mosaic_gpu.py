@@ -264,11 +264,8 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
         collective_axes="wg",
     )
 
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    # reads past T (the last block of a ragged length) are zero-filled, as the TMA unit does
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  # reads past T (the last block of a ragged length) are zero-filled, as the TMA unit does
+  interp = mgpu_util.interpret_params(interpret)
   Tp = nq * bs
   # The output rows past T (a ragged last block) land in the padded o, sliced off below.
   o, lse = plgpu.kernel(
@@ -279,7 +276,7 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
       grid_names=("b", "n", "q"),
       num_threads=CONSUMERS + 1,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=mgpu_util.compiler_params(),
       interpret=interp,
   )(lengths_B.astype(jnp.int32), n_full, n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH,
     v_BTKH)

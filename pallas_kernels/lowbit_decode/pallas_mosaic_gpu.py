@@ -115,6 +115,35 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
   return None
 
 
+def _program_blocks(packed_ref, len_ref, nslots_ref, sparse: bool, num_splits: int):
+  """(b, k, split j, length, first block slot, block count) of this program: its share of the
+  packed blocks of (sequence b, KV head k) -- with a selection, the leading slots of the index row
+  whose blocks are packed (counted in XLA, `_selection`); else the packed blocks holding a valid
+  token (a prefill may pack rows past the length)."""
+  b = lax.axis_index("b")
+  kh = lax.axis_index("k")
+  j = lax.axis_index("s")
+  length = len_ref[b]
+  if sparse:
+    n_blocks = nslots_ref[b, kh]
+  else:
+    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
+  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
+  start = j * per_split
+  return b, kh, j, length, start, jnp.clip(n_blocks - start, 0, per_split)
+
+
+def _selection(block_indices_BKM, lengths_B, packed_B, B: int, K: int):
+  """(idx int32 [B, K, M], nslots int32 [B, K]): the selected blocks and how many of the leading
+  ones lie in the packed region below the length (ascending rows: a prefix); placeholders when
+  there is no selection."""
+  if block_indices_BKM is None:
+    return jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
+  idx = block_indices_BKM.astype(jnp.int32)
+  limit = (jnp.minimum(packed_B, lengths_B) + (T - 1)) // T
+  return idx, jnp.sum((idx >= 0) & (idx < limit[:, None, None]), axis=-1, dtype=jnp.int32)
+
+
 def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref,
             vz_ref, o_ref, m_ref, l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int,
             group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
@@ -125,17 +154,8 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
   mask = layout.levels(bits)
   dtype = q_smem.dtype
   wgmma_layout = plgpu.Layout.WGMMA
-  b = lax.axis_index("b")
-  kh = lax.axis_index("k")
-  j = lax.axis_index("s")
-  length = len_ref[b]
-  if sparse:      # the leading slots of the row whose blocks are packed (counted in XLA)
-    n_blocks = nslots_ref[b, kh]
-  else:           # packed blocks holding a valid token (a prefill may pack rows past the length)
-    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
-  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
-  start = j * per_split
-  steps = jnp.clip(n_blocks - start, 0, per_split)
+  b, kh, j, length, start, steps = _program_blocks(packed_ref, len_ref, nslots_ref, sparse,
+                                                   num_splits)
 
   def cast(x, lay):
     return x if interpret else plgpu.layout_cast(x, lay)
@@ -258,17 +278,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   wgmma_layout = plgpu.Layout.WGMMA
   col = wgmma_layout.reduce(0)      # a vector along the columns (one value a query row)
   row = wgmma_layout.reduce(1)      # a vector along the rows (one value a token / channel)
-  b = lax.axis_index("b")
-  kh = lax.axis_index("k")
-  j = lax.axis_index("s")
-  length = len_ref[b]
-  if sparse:
-    n_blocks = nslots_ref[b, kh]
-  else:
-    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
-  per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
-  start = j * per_split
-  steps = jnp.clip(n_blocks - start, 0, per_split)
+  b, kh, j, length, start, steps = _program_blocks(packed_ref, len_ref, nslots_ref, sparse,
+                                                   num_splits)
 
   def cast(x, lay):
     return x if interpret else plgpu.layout_cast(x, lay)
@@ -385,20 +396,12 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   swz = W * jnp.dtype(dtype).itemsize
   qp = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, NR - G), (0, 0)))
   sparse = block_indices_BKM is not None
-  if sparse:
-    idx = block_indices_BKM.astype(jnp.int32)
-    limit = (jnp.minimum(packed_B, lengths_B) + (T - 1)) // T
-    nslots = jnp.sum((idx >= 0) & (idx < limit[:, None, None]), axis=-1, dtype=jnp.int32)
-  else:
-    idx, nslots = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
+  idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
                              interpret=interpret)
   f32 = jnp.float32
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, K, num_splits, H, NR), f32),
@@ -410,9 +413,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, **({} if profile is None else
-                               dict(profile_dir=profile[0], profile_space=profile[1]))),
+      compiler_params=mgpu_util.compiler_params(profile),
       interpret=interp,
   )
   o, m, l = call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, qp,
@@ -441,21 +442,12 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
   swz = W * jnp.dtype(dtype).itemsize        # one slab of channels per swizzle row
   q64 = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, ROWS - G), (0, 0)))      # rows >= G: zeros
   sparse = block_indices_BKM is not None
-  if sparse:
-    idx = block_indices_BKM.astype(jnp.int32)
-    # live selected blocks that lie in the packed region below the length: a prefix (ascending)
-    limit = (jnp.minimum(packed_B, lengths_B) + (T - 1)) // T
-    nslots = jnp.sum((idx >= 0) & (idx < limit[:, None, None]), axis=-1, dtype=jnp.int32)
-  else:
-    idx, nslots = jnp.zeros((B, K, 1), jnp.int32), jnp.zeros((B, K), jnp.int32)
+  idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
   kernel = functools.partial(_kernel, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
                              overlap=overlap, interpret=interpret)
   f32 = jnp.float32
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
@@ -467,9 +459,7 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, **({} if profile is None else
-                               dict(profile_dir=profile[0], profile_space=profile[1]))),
+      compiler_params=mgpu_util.compiler_params(profile),
       interpret=interp,
   )
   return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64,

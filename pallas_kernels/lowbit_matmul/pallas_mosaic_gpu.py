@@ -98,6 +98,17 @@ class MosaicGPUConfig:
 CONFIG = MosaicGPUConfig
 
 
+def _rows_and_dtype(M: int, dtype) -> str | None:
+  """Why neither kernel takes M rows of `dtype` activations, or None."""
+  if M > ROWS:
+    return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                              jnp.dtype(jnp.int8)):
+    return (f"activations in {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 "
+            f"(or int8, exact in a 16-bit float)")
+  return None
+
+
 def mgpu_supported(M: int, packed, dtype) -> str | None:
   if packed.fmt != "i2_s" or packed.block != 128:
     return f"format {packed.fmt} (block {packed.block}): the kernel reads i2_s in 128-row blocks"
@@ -105,13 +116,7 @@ def mgpu_supported(M: int, packed, dtype) -> str | None:
     return f"K rows {packed.rows} must be a multiple of {KT}"
   if packed.shape[1] % NT:
     return f"N={packed.shape[1]} must be a multiple of {NT}"
-  if M > ROWS:
-    return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                              jnp.dtype(jnp.int8)):
-    return (f"activations in {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 "
-            f"(or int8, exact in bfloat16)")
-  return None
+  return _rows_and_dtype(M, dtype)
 
 
 def row_permutation() -> np.ndarray:
@@ -201,10 +206,7 @@ def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int, overl
   x = jnp.pad(x_MK, ((0, ROWS - M), (0, rows - K)))
   x = x.reshape(ROWS, rows // KT, KT)[:, :, row_permutation()].reshape(ROWS, rows)
   words = lax.bitcast_convert_type(packed_u8.reshape(rows // 4, N // 4, 4), jnp.int32)
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       functools.partial(_kernel, num_splits=num_splits, stages=stages, n_steps=rows // KT,
                         overlap=overlap and not interpret, interpret=interpret),
@@ -213,7 +215,7 @@ def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int, overl
                                 transforms=mgpu_util.tiles(dtype, 64)),),
       grid=(N // NT, num_splits),
       grid_names=("n", "s"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=mgpu_util.compiler_params(),
       interpret=interp,
   )
   return call(x, words)
@@ -268,13 +270,7 @@ def mgpu_supported_t(M: int, packed, dtype) -> str | None:
     return f"N={packed.shape[1]} must be a multiple of 64"
   if packed.shape[0] % 8:
     return f"K={packed.shape[0]} must be a multiple of 8 (x's rows are read by TMA: 16-byte strides)"
-  if M > ROWS:
-    return f"M={M} rows: the kernel is for decoding (M <= {ROWS})"
-  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
-                              jnp.dtype(jnp.int8)):
-    return (f"activations in {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 "
-            f"(or int8, exact in bfloat16)")
-  return None
+  return _rows_and_dtype(M, dtype)
 
 
 def slot_operands(words, dtype):
@@ -361,19 +357,14 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   MR = launch.round_up(M, 8)
   # x is read in place: the TMA fills the rows past M and the columns past K with zeros
   x = x_MK
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
                         n_steps=rows // KT_T, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
       grid=(N // block_n, num_splits),
       grid_names=("n", "s"),
-      compiler_params=plgpu.CompilerParams(
-          approx_math=True, **({} if profile is None else
-                               dict(profile_dir=profile[0], profile_space=profile[1]))),
+      compiler_params=mgpu_util.compiler_params(profile),
       interpret=interp,
   )
   return call(x, packed_u16)

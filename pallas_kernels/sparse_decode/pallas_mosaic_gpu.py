@@ -197,13 +197,10 @@ def sparse_decode_partials(q_BKGH, k_BKSH, v_BKSH, lengths_B, block_indices_BKM,
   kernel = functools.partial(_kernel, G=G, q_stride=GS, T=block_size, num_splits=num_splits,
                              stages=stages, scale=H ** -0.5, interpret=interpret)
   f32 = jnp.float32
-  interp = None
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    # Reads past the buffer (the tail of a last block past S) are zero-filled, as the TMA unit
-    # does on the GPU. Rows G..RO of the query tile hold the next group's query (or zeros past
-    # the array), so the kernel's row masking is still exercised.
-    interp = InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
+  # Reads past the buffer (the tail of a last block past S) are zero-filled, as the TMA unit
+  # does on the GPU. Rows G..RO of the query tile hold the next group's query (or zeros past
+  # the array), so the kernel's row masking is still exercised.
+  interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((B, K, num_splits, RO, H), f32),
