@@ -24,6 +24,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 
+def pytest_addoption(parser):
+  parser.addoption("--full-grid", action="store_true", default=False,
+                   help="interpreted kernel tests: every case in every dtype (the default suite "
+                        "pairs each case with one dtype)")
+
+
 def pytest_configure(config):
   if "jax" in sys.modules:            # imported before this file ran: apply the settings directly
     import jax

@@ -21,14 +21,25 @@ TOLERANCES = {jnp.float32: dict(rtol=1e-5, atol=1e-5), jnp.bfloat16: dict(rtol=1
 def generate_from_class(metafunc) -> None:
   """pytest_generate_tests for the per-op test bases: a test argument named like a class
   attribute in CLASS_PARAMS is parametrised over that attribute of the (backend) subclass, so each
-  backend lists the shapes and dtypes it supports."""
+  backend lists the shapes and dtypes it supports.
+
+  An interpreted backend (CPU, the default suite) whose test takes both `dtype` and `case` runs
+  each case in one dtype, the dtypes taken in turn down the cases (every dtype still meets several
+  ragged shapes; the interpreter is what makes the full product slow). Compiled backends, and
+  `pytest --full-grid`, run the full product."""
   cls = metafunc.cls
   if cls is None:
     return
-  for arg, attr in CLASS_PARAMS.items():
-    if arg in metafunc.fixturenames and hasattr(cls, attr):
-      values = getattr(cls, attr)
-      metafunc.parametrize(arg, values, ids=[_id(v) for v in values])
+  args = {arg: getattr(cls, attr) for arg, attr in CLASS_PARAMS.items()
+          if arg in metafunc.fixturenames and hasattr(cls, attr)}
+  dtypes, cases = args.get("dtype"), args.get("case")
+  if (getattr(cls, "INTERPRET", False) and dtypes is not None and cases is not None
+      and len(cases) >= len(dtypes) > 1 and not metafunc.config.getoption("full_grid", False)):
+    pairs = [(dtypes[i % len(dtypes)], c) for i, c in enumerate(cases)]
+    metafunc.parametrize("dtype,case", pairs, ids=[f"{_id(d)}-{_id(c)}" for d, c in pairs])
+    del args["dtype"], args["case"]
+  for arg, values in args.items():
+    metafunc.parametrize(arg, values, ids=[_id(v) for v in values])
 
 
 CLASS_PARAMS = {"dtype": "DTYPES", "case": "CASES", "block_size": "BLOCK_SIZES"}
