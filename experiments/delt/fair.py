@@ -331,8 +331,11 @@ def cmd_run(args) -> int:
     n_epoch = len(order) if order is not None else len(pool)
     steps = epoch_steps(n_epoch, cfg.train.batch_size, cfg.data.epochs)
     warmup = min(int(round(args.warmup_fraction * steps)), steps - 1)
+    # One checkpoint, at the end: it is evaluated and then deleted, and a run that would not fit
+    # --time-limit is not started, so checkpoints along the way (~1 s each) would be lost time.
     cfg = load_config(args.config, run_ovs + [f"train.steps={steps}",
-                                              f"optim.warmup_steps={warmup}"])
+                                              f"optim.warmup_steps={warmup}",
+                                              f"train.checkpoint_every={steps}"])
     tag = f"E{b} {c.name} seed {seed}"
     if missing is not None:  # finished earlier; a new --eval-source needs its checkpoint
       f = result_path(results_dir, b, c.name, seed)
