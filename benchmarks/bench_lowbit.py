@@ -73,7 +73,7 @@ def random_cache(key, B: int, S: int, bits: int, window: int):
 
 def parse_variant(base, text: str):
   """'magic=0,block_k=128' -> base (a TritonConfig or MosaicGPUConfig) with those fields replaced
-  (ints; 0/1 for the bools magic, overlap and token_rows; profile_dir a path)."""
+  (ints; 0/1 for the bool fields: magic, overlap, token_rows, word_shifts; profile_dir a path)."""
   fields = {f.name: f for f in dataclasses.fields(type(base))}
   kw = {}
   for item in text.split(","):
@@ -81,7 +81,7 @@ def parse_variant(base, text: str):
     if not sep or key not in fields:
       raise SystemExit(f"--variants: bad item {item!r}: want key=value with key in "
                        f"{sorted(fields)}")
-    kw[key] = (bool(int(value)) if key in ("magic", "overlap", "token_rows") else value if key == "profile_dir"
+    kw[key] = (bool(int(value)) if "bool" in str(fields[key].type) else value if key == "profile_dir"
                else None if value == "None" else int(value))
   cfg = dataclasses.replace(base, **kw)
   cfg.validate()

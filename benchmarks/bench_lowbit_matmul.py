@@ -60,10 +60,11 @@ LUT_GROUP = 128            # rows a scale group of the bits4 LUT weights
 TERNARY_ROW_FORMATS = ("i2_s", "i2_t")
 
 
-def _parse_fields(text: str, cls, flag: str, names=(), bools=()):
-  """'key=value,...' -> cls(**fields) (validated): ints, except `names` (strings) and `bools`
-  (0 / 1); 'None' for None. Bad items exit naming `flag`."""
+def _parse_fields(text: str, cls, flag: str, names=()):
+  """'key=value,...' -> cls(**fields) (validated): ints, except `names` (strings) and the bool
+  fields (0 / 1); 'None' for None. Bad items exit naming `flag`."""
   fields = {f.name for f in dataclasses.fields(cls)}
+  bools = {f.name for f in dataclasses.fields(cls) if "bool" in str(f.type)}
   kw = {}
   for item in text.split(","):
     key, sep, value = (v.strip() for v in item.partition("="))
@@ -95,7 +96,7 @@ def parse_config(text: str, lut: bool = False):
   else:
     from pallas_kernels.lowbit_matmul.pallas_triton import TritonConfig
   return _parse_fields(text, TritonConfig, "--lut-configs" if lut else "--configs",
-                       names=("unpack", "rowsum", "lookup"), bools=("transpose",))
+                       names=("unpack", "rowsum", "lookup"))
 
 
 def parse_choices(text: str, flag: str, choices) -> list[str]:
@@ -108,9 +109,9 @@ def parse_choices(text: str, flag: str, choices) -> list[str]:
 
 def parse_mosaic_config(text: str):
   """'num_splits=4,overlap=1' -> a lowbit_matmul pallas_mosaic_gpu MosaicGPUConfig (ints; 0 / 1
-  for overlap)."""
+  for the bools overlap and word_shifts)."""
   from pallas_kernels.lowbit_matmul.pallas_mosaic_gpu import MosaicGPUConfig
-  return _parse_fields(text, MosaicGPUConfig, "--mosaic-configs", bools=("overlap",))
+  return _parse_fields(text, MosaicGPUConfig, "--mosaic-configs")
 
 
 def launch_plan(op: str, M: int, K: int, w: layout.PackedWeight, cfg, impl: str,

@@ -71,3 +71,32 @@ def store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, index) -> None:
 
   pl.run_scoped(store, plgpu.SMEM((R, H), jnp.float32, transforms=tiles(jnp.float32)),
                 plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
+
+
+def shift_right_words(x, shift: int, layout):
+  """x (a 16-bit unsigned array in registers, `layout`) shifted right by `shift` bits as whole
+  32-bit registers, each holding two neighbouring elements: one instruction a register, where
+  LLVM splits a shift of a 2 x 16-bit vector into two 16-bit shifts and a repack. The low element
+  receives the high one's low bits in its top `shift` bits, so this is a per-element shift only
+  under a mask of the bits below 16 - shift (the caller's job)."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  import numpy as np
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=layout))
+  def body(ctx, a):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    regs = np.empty_like(a.registers)
+    for idx, reg in np.ndenumerate(a.registers):
+      r = ir.VectorType(reg.type)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
+        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
+      word = mgpu_utils.bitcast(reg, i32)
+      regs[idx] = mgpu_utils.bitcast(arith.shrui(word, mgpu_utils.c(shift, i32)), reg.type)
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=a.is_signed)
+
+  return body(x)

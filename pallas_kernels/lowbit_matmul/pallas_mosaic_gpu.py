@@ -72,13 +72,17 @@ class MosaicGPUConfig:
   unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows);
   profile_dir (I2_T): write a Mosaic GPU profiler trace of every launch there (per-warpgroup
   timelines of the named phases load / decode / mma / drain; `python -m benchmarks profile_mgpu
-  --kernel ternary` sums them), with room for profile_space phases a warpgroup."""
+  --kernel ternary` sums them), with room for profile_space phases a warpgroup; word_shifts
+  (I2_T): shift the packed words as whole 32-bit registers (two words each; one instruction
+  where a shift of 16-bit pairs takes several), exact since a slot reads only bits the
+  neighbouring word cannot reach."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
   block_n: int | None = None
   profile_dir: str | None = None
   profile_space: int = 4096
+  word_shifts: bool = False
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -91,8 +95,9 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    if not isinstance(self.overlap, bool):
-      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
+    for name in ("overlap", "word_shifts"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
 
 CONFIG = MosaicGPUConfig
@@ -283,19 +288,33 @@ def slot_operands(words, dtype):
   return [slot_operand(words, i, dtype) for i in range(8)]
 
 
-def slot_operand(words, i: int, dtype):
-  """Slot i of `slot_operands`."""
+def slot_operand(words, i: int, dtype, shift=None):
+  """Slot i of `slot_operands`. shift(words, n): the words shifted right by n bits (default a
+  per-element shift); only the bits below 16 - n of each shifted word are read, so a shift of
+  whole 32-bit registers (`mgpu_util.shift_right_words`) gives the same operand."""
   bits, base = _MAGIC[jnp.dtype(dtype)]
   per = _SLOTS_PER_SHIFT[jnp.dtype(dtype)]
   h, j = divmod(i, per)
-  w = words if h == 0 else lax.shift_right_logical(words, jnp.uint16(2 * per * h))
-  f = lax.bitcast_convert_type((w & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
+  if h:
+    n = 2 * per * h
+    words = (lax.shift_right_logical(words, jnp.uint16(n)) if shift is None
+             else shift(words, n))
+  # bits [2 j, 2 j + 2) with 2 (per h + j) + 2 = 2 i + 2 <= 16: below 16 - n
+  f = lax.bitcast_convert_type((words & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
   unit = 0.25 ** j
   return f * unit - (base * unit + 1.0)
 
 
+def shift_pairs(words, n: int):
+  """`mgpu_util.shift_right_words` in jnp (the interpreter's form): uint16 [..., C] (C even) as
+  little-endian pairs of neighbouring columns in uint32, each pair shifted right by n bits."""
+  pairs = lax.bitcast_convert_type(words.reshape(*words.shape[:-1], -1, 2), jnp.uint32)
+  pairs = lax.shift_right_logical(pairs, jnp.uint32(n))
+  return lax.bitcast_convert_type(pairs, jnp.uint16).reshape(words.shape)
+
+
 def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int, n_steps: int,
-              interpret: bool):
+              word_shifts: bool, interpret: bool):
   n = lax.axis_index("n")
   s = lax.axis_index("s")
   per = -(-n_steps // num_splits)
@@ -312,7 +331,9 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
 
   if interpret:
     def step(_, x_smem, w_smem, acc):
-      for i, a in enumerate(slot_operands(w_smem[...], dtype)):
+      words = w_smem[...]
+      for i in range(8):
+        a = slot_operand(words, i, dtype, shift_pairs if word_shifts else None)
         acc = acc + jnp.dot(a, x_smem[:, i * PW:(i + 1) * PW].T,
                             preferred_element_type=jnp.float32)
       return acc
@@ -324,9 +345,17 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
       def step(_, x_smem, w_smem):
         with jax.named_scope("load"):
           words = mgpu_util.load(w_smem, wgmma_layout)
+        shifted = {}    # one shift a slot group, not one a slot
+
+        def shift(w, n):
+          if n not in shifted:
+            shifted[n] = (mgpu_util.shift_right_words(w, n, wgmma_layout) if word_shifts
+                          else lax.shift_right_logical(w, jnp.uint16(n)))
+          return shifted[n]
+
         for i in range(8):
           with jax.named_scope("decode"):
-            a = slot_operand(words, i, dtype)
+            a = slot_operand(words, i, dtype, shift)
           with jax.named_scope("mma"):
             plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[:, pl.ds(i * PW, PW)]))
             plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one runs on
@@ -347,9 +376,10 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "profile",
-                                             "interpret"))
+                                             "word_shifts", "interpret"))
 def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, stages: int,
-                   profile: tuple[str, int] | None = None, interpret: bool = False):
+                   profile: tuple[str, int] | None = None, word_shifts: bool = False,
+                   interpret: bool = False):
   """float32 [num_splits, N, MR] split-K sums of (x @ t)^T for an i2_t weight's packed words
   [N, rows / 8] (MR = M rounded up to 8, the wgmma's N)."""
   M, K = x_MK.shape
@@ -360,7 +390,7 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
-                        n_steps=rows // KT_T, interpret=interpret),
+                        n_steps=rows // KT_T, word_shifts=word_shifts, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
       grid=(N // block_n, num_splits),
       grid_names=("n", "s"),
@@ -398,7 +428,7 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
                         num_splits=int(num_splits), stages=int(stages),
                         profile=None if config.profile_dir is None else (
                             config.profile_dir, config.profile_space),
-                        interpret=bool(interpret))
+                        word_shifts=bool(config.word_shifts), interpret=bool(interpret))
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]

@@ -47,7 +47,8 @@ def test_interpret_matches_the_xla_paths(M, K, N, cfg):
 @pytest.mark.parametrize("M,K,N,cfg", [(1, 1000, 128, dict(num_splits=2)),
                                        (13, 1536, 192, dict(block_n=64, num_splits=2,
                                                             pipeline_depth=1)),
-                                       (64, 512, 256, {})])
+                                       (64, 512, 256, {}),
+                                       (5, 1024, 128, dict(word_shifts=True))])
 def test_i2t_interpret_matches_the_xla_paths(M, K, N, cfg):
   """The i2_t kernel (the weight as the wgmma's register operand): ragged K, 64-column tiles,
   several splits, M up to 64."""
@@ -66,12 +67,31 @@ def test_i2t_slot_operands_are_exact():
       np.testing.assert_array_equal(np.asarray(got[i], np.float64), want[i])
 
 
-@pytest.mark.parametrize("block_n,M,dtype", [(128, 1, jnp.bfloat16), (64, 16, jnp.float16)])
-def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype):
+@pytest.mark.parametrize("high", ["complement", "random"])
+def test_i2t_word_shifts_read_only_their_own_word(high):
+  """config.word_shifts shifts two neighbouring words as one 32-bit register: every word (as the
+  low half, whose top bits then hold the neighbour's) still decodes exactly, whatever its
+  neighbour (the complement, or random); the high half's own decoding is checked as well."""
+  low = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+  hi = (~low if high == "complement" else
+        np.random.default_rng(0).integers(0, 1 << 16, low.size).astype(np.uint16))
+  words = jnp.asarray(np.stack([low, hi], -1).reshape(2048, 64))
+  want = [((np.asarray(words, np.int64) >> (2 * i)) & 3) - 1 for i in range(8)]
+  for dtype in (jnp.bfloat16, jnp.float16):
+    for i in range(8):
+      got = mgpu.slot_operand(words, i, dtype, mgpu.shift_pairs)
+      np.testing.assert_array_equal(np.asarray(got, np.float64), want[i])
+
+
+@pytest.mark.parametrize("block_n,M,dtype,word_shifts", [(128, 1, jnp.bfloat16, False),
+                                                         (64, 16, jnp.float16, False),
+                                                         (128, 1, jnp.bfloat16, True),
+                                                         (64, 16, jnp.float16, True)])
+def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
-                                                stages=3))
+                                                stages=3, word_shifts=word_shifts))
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
@@ -145,3 +165,4 @@ def test_gpu_matches_the_xla_paths(M, K, N):
 def test_gpu_i2t_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, "i2_t")
   check(M, K, N, False, "i2_t", block_n=64, num_splits=3, pipeline_depth=2)
+  check(M, K, N, False, "i2_t", word_shifts=True)
