@@ -21,6 +21,14 @@ mode (`fwd`: the forward; `fwdbwd`: forward + the gradients of q, k and v):
   query block i) or `static` (a sink block and a local window ending at the diagonal, same
   counts); at 1.0 both are every causal block (`all`). The XLA path (a scan over the index
   slots) runs the random sets up to --xla-max-seq.
+- `splash_hopper_c<n>` (forward, --splash, where the installed JAX ships
+  `jax.experimental.pallas.ops.gpu.splash_attention`): JAX's Hopper splash attention (Pallas Mosaic
+  GPU, FA3-style warp specialisation) over the same block sets. Its mask is one per sequence,
+  shared by every head, so it gets the first head's sets (its row counts those pairs, for all
+  heads); its two compute warpgroups share one key-block sequence per pair of query blocks (the
+  union of both blocks' sets, the blocks one of them skips masked), and `c<n>` is its
+  `max_concurrent_steps`. `max_abs_err` is its largest difference from
+  `block_sparse_attention` over the same sets.
 
 Timing (benchmarks/devtime.py, as the other suites): one jit runs --calls calls over --copies
 distinct inputs (each behind an optimization barrier, so nothing is hoisted or shared), wall
@@ -50,6 +58,12 @@ from effjax.sparse.prefill_selection import select_nz_ratio
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.causal_attention import causal_attention
 from pallas_kernels.flash_attention import flash_attention
+
+try:  # JAX's Hopper splash attention (Pallas Mosaic GPU), a peer where the installed JAX has it
+  from jax.experimental.pallas.ops.gpu.splash_attention import attention_mask as splash_mask
+  from jax.experimental.pallas.ops.gpu.splash_attention import hopper_splash_attention as splash
+except Exception:  # noqa: BLE001  (absent, or failing to import, in this JAX)
+  splash = splash_mask = None
 
 BWD_FLOP_FACTOR = 3.5        # forward + backward = 2 + 5 matmuls over 2 (FlashAttention-2's count)
 FALLBACK_PEAK = "H100"       # the floor's peak where the card is unknown (CPU smoke runs)
@@ -88,6 +102,56 @@ def block_indices(key, B: int, N: int, nq: int, density: float, pattern: str) ->
   return jnp.where(ids == nq, -1, ids).astype(jnp.int32)
 
 
+def splash_mask_info(ids_BQM: np.ndarray, block_size: int, data_tiling: int = 2) -> dict:
+  """The forward `MaskInfo` fields of JAX's Hopper splash attention for one block set per
+  (sequence, query block): ids_BQM int [B, nQ, M], -1 padded, causal (j <= i). Built directly
+  (`attention_mask.process_dynamic_mask` would materialise the [S, S] mask): every kept
+  off-diagonal block is full (2), a kept diagonal block is partial (1) under the one causal
+  [bs, bs] block, a block of the pair's union that this query block skips is 0. Per pair of
+  query blocks (the `data_tiling` warpgroups share one key-block sequence) the union of their
+  blocks, ascending, -1 padded; `num_nonzero_blocks` its length."""
+  B, nq, _ = ids_BQM.shape
+  if nq % data_tiling:
+    raise ValueError(f"{nq} query blocks do not split into groups of {data_tiling}")
+  keep = np.zeros((B, nq, nq + 1), bool)
+  np.put_along_axis(keep, np.where(ids_BQM >= 0, ids_BQM, nq), True, axis=-1)
+  keep = keep[..., :nq]
+  union = keep.reshape(B, nq // data_tiling, data_tiling, nq).any(axis=2)
+  cols = np.arange(nq)
+  order = np.argsort(np.where(union, cols, nq + cols), axis=-1, kind="stable")
+  n_nonzero = union.sum(-1)
+  data_next = np.where(cols < n_nonzero[..., None], order, -1)            # [B, nQ/t, nKV]
+  dn_rows = np.repeat(data_next, data_tiling, axis=1)                      # [B, nQ, nKV]
+  kept = np.take_along_axis(keep, np.maximum(dn_rows, 0), axis=-1) & (dn_rows >= 0)
+  diag = dn_rows == np.arange(nq)[None, :, None]
+  block_mask = np.where(kept, np.where(diag, 1, 2), 0).astype(np.int8)
+  return dict(data_next=data_next[:, None].astype(np.int32),
+              mask_next=np.zeros((B, 1, nq, nq), np.int32),
+              block_mask=block_mask[:, None],
+              num_nonzero_blocks=n_nonzero[:, None].astype(np.int32),
+              partial_mask_blocks=np.tril(np.ones((block_size, block_size), bool))[None, None, None]
+              .repeat(B, axis=0))
+
+
+def splash_visible(info: dict, block_size: int, data_tiling: int = 2) -> np.ndarray:
+  """The [B, S, S] bool mask a `splash_mask_info` dict makes the kernel attend (decoded the way
+  the forward kernel walks it: steps below num_nonzero_blocks, block_mask per query block)."""
+  dn, bm = info["data_next"][:, 0], info["block_mask"][:, 0]
+  nnz, part = info["num_nonzero_blocks"][:, 0], info["partial_mask_blocks"][:, 0]
+  B, nq, nkv = bm.shape
+  bs = block_size
+  out = np.zeros((B, nq * bs, nkv * bs), bool)
+  for b in range(B):
+    for r in range(nq):
+      p = r // data_tiling
+      for step in range(int(nnz[b, p])):
+        c, t = int(dn[b, p, step]), int(bm[b, r, step])
+        if t:
+          blk = np.ones((bs, bs), bool) if t == 2 else part[b, int(info["mask_next"][b, 0, r, step])]
+          out[b, r * bs:(r + 1) * bs, c * bs:(c + 1) * bs] |= blk
+  return out
+
+
 def visible_pairs(idx_BNQM: np.ndarray, block_size: int, T: int) -> int:
   """Query-key pairs the selection makes visible (causal inside the diagonal block; T a block
   multiple): full blocks bs^2, diagonal ones bs (bs + 1) / 2."""
@@ -121,6 +185,9 @@ def main():
   ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
                   help="also time the gated forward (gate scores + top-k + the first backend)")
   ap.add_argument("--d-gate", type=int, default=64)
+  ap.add_argument("--splash", default="2,4", metavar="STEPS",
+                  help="JAX's Hopper splash attention peer (where installed): its "
+                       "max_concurrent_steps values, comma-separated; '' skips it")
   ap.add_argument("--no-target", action="store_true", help="skip the flash+target row")
   ap.add_argument("--mem-frac", type=float, default=0.5,
                   help="share of device memory a row's largest buffer may take")
@@ -234,6 +301,39 @@ def main():
                                       interpret=args.interpret)
       return fn
 
+    def splash_row(idx, pairs_plan):
+      """JAX's Hopper splash attention over the first head's block sets (forward)."""
+      steps = [int(x) for x in args.splash.split(",") if x]
+      if not steps or "fwd" not in modes:
+        return
+      ids0 = np.asarray(idx)[:, 0]
+      shared = np.broadcast_to(ids0[:, None], idx.shape)
+      pairs0 = visible_pairs(shared, bs, S)
+      if splash is None:
+        for c in steps:
+          row(f"splash_hopper_c{c}", "fwd", None, pairs0, **pairs_plan,
+              skip="this JAX has no jax.experimental.pallas.ops.gpu.splash_attention")
+        return
+      info = splash_mask.MaskInfo(**{k: jnp.asarray(v) for k, v in
+                                      splash_mask_info(ids0, bs).items()},
+                                  data_tiling=2, is_dkv=False)
+      q0, k0, v0, _ = copies[0]
+      ours = block_sparse_attention(q0, k0, v0, jnp.asarray(shared), block_size=bs,
+                                    implementation=args.sparse_impls.split(",")[0])
+      for c in steps:
+        cfg = splash.TuningConfig(block_q=bs, block_kv=bs, max_concurrent_steps=c)
+        fn = lambda q, k, v, info, cfg=cfg: splash.attention(q, k, v, info, None, config=cfg,
+                                                             scale=H ** -0.5)
+        try:
+          err = float(jnp.max(jnp.abs(fn(q0, k0, v0, info).astype(jnp.float32)
+                                      - ours.astype(jnp.float32))))
+        except Exception as e:  # noqa: BLE001  (a peer that cannot run here is reported)
+          row(f"splash_hopper_c{c}", "fwd", None, pairs0, **pairs_plan,
+              skip=f"{type(e).__name__}: {str(e)[:300]}")
+          continue
+        row(f"splash_hopper_c{c}", "fwd", fn, pairs0, operands=(info,), **pairs_plan,
+            heads_share_blocks=True, max_abs_err=err)
+
     for density in parse_ints_f(args.densities):
       patterns = ["all"] if density >= 1.0 else args.patterns.split(",")
       for pattern in patterns:
@@ -248,6 +348,8 @@ def main():
           if args.gate and mode == "fwd" and pattern == patterns[0] != "all":   # once a density
             row(f"{args.sparse_impls.split(',')[0]}_sparse+gate", mode,
                 gated(args.sparse_impls.split(",")[0], density), pairs, **plan)
+          if mode == "fwd" and on_gpu and args.splash and pattern in ("random", "all"):
+            splash_row(idx, plan)
           if not args.no_xla and pattern in ("random", "all"):
             row("xla_sparse", mode, sparse("xla"), pairs, operands=(idx,), **plan,
                 skip=None if S <= args.xla_max_seq else f"S > --xla-max-seq {args.xla_max_seq}")

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.bench_seer_prefill import block_counts, block_indices, visible_pairs
+from benchmarks.bench_seer_prefill import (block_counts, block_indices, splash_mask_info,
+                                           splash_visible, visible_pairs)
 from pallas_kernels.block_sparse_attention import check_block_indices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,3 +71,38 @@ def test_block_sets_are_valid_and_keep_the_promised_counts(pattern, density):
   assert visible_pairs(idx, bs, nq * bs) <= full
   if pattern == "all":
     assert visible_pairs(idx, bs, nq * bs) == full
+
+
+@pytest.mark.parametrize("pattern,density", [("random", 0.2), ("random", 0.5), ("static", 0.3),
+                                             ("all", 1.0)])
+def test_splash_mask_info_attends_exactly_the_block_sets(pattern, density):
+  """The Hopper splash peer's MaskInfo, walked as its forward kernel walks it, makes visible
+  exactly the causal pairs of the first head's block sets, nothing more."""
+  B, N, nq, bs = 2, 3, 10, 4
+  idx = np.asarray(block_indices(jax.random.key(3), B, N, nq, density, pattern))
+  info = splash_mask_info(idx[:, 0], bs)
+  assert info["data_next"].shape == (B, 1, nq // 2, nq)
+  assert info["block_mask"].shape == info["mask_next"].shape == (B, 1, nq, nq)
+  assert info["partial_mask_blocks"].shape == (B, 1, 1, bs, bs)
+  S = nq * bs
+  want = np.zeros((B, S, S), bool)
+  for b in range(B):
+    for i in range(nq):
+      for j in idx[b, 0, i]:
+        if j >= 0:
+          want[b, i * bs:(i + 1) * bs, j * bs:(j + 1) * bs] = True
+  want &= np.tril(np.ones((S, S), bool))
+  got = splash_visible(info, bs)
+  np.testing.assert_array_equal(got, want)
+  assert visible_pairs(np.broadcast_to(idx[:, :1], idx.shape), bs, S) == int(want.sum()) * N
+  # the shared sequence of a query-block pair is ascending, its live prefix has no -1
+  dn, nnz = info["data_next"][:, 0], info["num_nonzero_blocks"][:, 0]
+  for b in range(B):
+    for p in range(nq // 2):
+      live = dn[b, p, :nnz[b, p]]
+      assert np.all(live >= 0) and np.all(np.diff(live) > 0) and np.all(dn[b, p, nnz[b, p]:] == -1)
+
+
+def test_splash_mask_info_refuses_an_odd_block_count():
+  with pytest.raises(ValueError, match="groups of 2"):
+    splash_mask_info(np.zeros((1, 3, 1), np.int32), 4)
