@@ -100,3 +100,57 @@ def shift_right_words(x, shift: int, layout):
     return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=a.is_signed)
 
   return body(x)
+
+
+def _i32(v: int):
+  """An i32 MLIR constant from a 32-bit pattern (values >= 2^31 as their two's complement)."""
+  from jax._src.lib.mlir import ir
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  v &= 0xFFFFFFFF
+  return mgpu_utils.c(v - (1 << 32) if v >= 1 << 31 else v, ir.IntegerType.get_signless(32))
+
+
+def fma_from_words(x, *, shift: int, mask: int, magic: int, mul: float, add: float, dtype,
+                   layout):
+  """x (a 16-bit unsigned array in registers, `layout`, two elements a 32-bit register) ->
+  bitcast((x >> shift & mask) | magic, dtype) * mul + add in `dtype` (bfloat16 / float16), the
+  same layout, computed a whole register at a time: a 32-bit shift (skipped for 0), one and/or
+  (ptxas merges them into one LOP3) and one packed fma (`fma.rn.bf16x2` / `fma.rn.f16x2`, inline
+  PTX, so it is neither split nor left as a multiply and an add). mask and magic are 16-bit
+  patterns applied to both halves; as in `shift_right_words`, the caller's mask must keep only
+  bits below 16 - shift."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm
+  import numpy as np
+
+  dtype = jnp.dtype(dtype)
+  ptx = {jnp.dtype(jnp.bfloat16): "bf16x2", jnp.dtype(jnp.float16): "f16x2"}.get(dtype)
+  if ptx is None:
+    raise NotImplementedError(f"fma_from_words makes bfloat16 / float16, not {dtype}")
+  if not (0 <= shift < 16 and 0 <= mask < 1 << 16 and 0 <= magic < 1 << 16):
+    raise ValueError(f"shift {shift}, mask {mask:#x}, magic {magic:#x}: 16-bit fields expected")
+  pair = lambda v: int(np.asarray([v, v], dtype).view(np.uint32)[0])
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, dtype, layout=layout))
+  def body(ctx, a):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    out_t = ir.VectorType.get([2], mgpu_utils.dtype_to_ir_type(dtype))
+    regs = np.empty_like(a.registers)
+    for idx, reg in np.ndenumerate(a.registers):
+      r = ir.VectorType(reg.type)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
+        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
+      word = mgpu_utils.bitcast(reg, i32)
+      if shift:
+        word = arith.shrui(word, _i32(shift))
+      word = arith.ori(arith.andi(word, _i32(mask * 0x10001)), _i32(magic * 0x10001))
+      out = llvm.inline_asm(i32, [word, _i32(pair(mul)), _i32(pair(add))],
+                            f"fma.rn.{ptx} $0, $1, $2, $3;", "=r,r,r,r")
+      regs[idx] = mgpu_utils.bitcast(out, out_t)
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+
+  return body(x)

@@ -75,7 +75,9 @@ class MosaicGPUConfig:
   --kernel ternary` sums them), with room for profile_space phases a warpgroup; word_shifts
   (I2_T): shift the packed words as whole 32-bit registers (two words each; one instruction
   where a shift of 16-bit pairs takes several), exact since a slot reads only bits the
-  neighbouring word cannot reach."""
+  neighbouring word cannot reach; fused_decode (I2_T): decode a whole 32-bit register (two words)
+  a slot with a 32-bit shift, one and/or and one packed fma (`mgpu_util.fma_from_words`: about
+  one instruction a code where the 16-bit vector ops may be split), the same values."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -83,6 +85,7 @@ class MosaicGPUConfig:
   profile_dir: str | None = None
   profile_space: int = 4096
   word_shifts: bool = False
+  fused_decode: bool = False
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -95,7 +98,7 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "word_shifts"):
+    for name in ("overlap", "word_shifts", "fused_decode"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -288,21 +291,30 @@ def slot_operands(words, dtype):
   return [slot_operand(words, i, dtype) for i in range(8)]
 
 
+def slot_fields(i: int, dtype) -> dict:
+  """How slot i of a word decodes in dtype: shift the word right by `shift`, keep `mask`, or in
+  `magic` (a float whose mantissa unit is 1.0, so the result is magic + q 4^j), then * `mul` +
+  `add` gives q - 1 exactly (`slot_operand`, `mgpu_util.fma_from_words`). The mask keeps only
+  bits below 16 - shift."""
+  bits, base = _MAGIC[jnp.dtype(dtype)]
+  h, j = divmod(i, _SLOTS_PER_SHIFT[jnp.dtype(dtype)])
+  unit = 0.25 ** j
+  return dict(shift=2 * _SLOTS_PER_SHIFT[jnp.dtype(dtype)] * h, mask=3 << 2 * j, magic=bits,
+              mul=unit, add=-(base * unit + 1.0))
+
+
 def slot_operand(words, i: int, dtype, shift=None):
   """Slot i of `slot_operands`. shift(words, n): the words shifted right by n bits (default a
   per-element shift); only the bits below 16 - n of each shifted word are read, so a shift of
   whole 32-bit registers (`mgpu_util.shift_right_words`) gives the same operand."""
-  bits, base = _MAGIC[jnp.dtype(dtype)]
-  per = _SLOTS_PER_SHIFT[jnp.dtype(dtype)]
-  h, j = divmod(i, per)
-  if h:
-    n = 2 * per * h
+  f = slot_fields(i, dtype)
+  n = f["shift"]
+  if n:
     words = (lax.shift_right_logical(words, jnp.uint16(n)) if shift is None
              else shift(words, n))
   # bits [2 j, 2 j + 2) with 2 (per h + j) + 2 = 2 i + 2 <= 16: below 16 - n
-  f = lax.bitcast_convert_type((words & jnp.uint16(3 << 2 * j)) | jnp.uint16(bits), dtype)
-  unit = 0.25 ** j
-  return f * unit - (base * unit + 1.0)
+  v = lax.bitcast_convert_type((words & jnp.uint16(f["mask"])) | jnp.uint16(f["magic"]), dtype)
+  return v * f["mul"] + f["add"]
 
 
 def shift_pairs(words, n: int):
@@ -314,7 +326,7 @@ def shift_pairs(words, n: int):
 
 
 def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int, n_steps: int,
-              word_shifts: bool, interpret: bool):
+              word_shifts: bool, fused_decode: bool, interpret: bool):
   n = lax.axis_index("n")
   s = lax.axis_index("s")
   per = -(-n_steps // num_splits)
@@ -333,7 +345,7 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
     def step(_, x_smem, w_smem, acc):
       words = w_smem[...]
       for i in range(8):
-        a = slot_operand(words, i, dtype, shift_pairs if word_shifts else None)
+        a = slot_operand(words, i, dtype, shift_pairs if word_shifts or fused_decode else None)
         acc = acc + jnp.dot(a, x_smem[:, i * PW:(i + 1) * PW].T,
                             preferred_element_type=jnp.float32)
       return acc
@@ -355,7 +367,11 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
 
         for i in range(8):
           with jax.named_scope("decode"):
-            a = slot_operand(words, i, dtype, shift)
+            if fused_decode:
+              a = mgpu_util.fma_from_words(words, **slot_fields(i, dtype), dtype=dtype,
+                                           layout=wgmma_layout)
+            else:
+              a = slot_operand(words, i, dtype, shift)
           with jax.named_scope("mma"):
             plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[:, pl.ds(i * PW, PW)]))
             plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one runs on
@@ -376,10 +392,10 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "profile",
-                                             "word_shifts", "interpret"))
+                                             "word_shifts", "fused_decode", "interpret"))
 def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, stages: int,
                    profile: tuple[str, int] | None = None, word_shifts: bool = False,
-                   interpret: bool = False):
+                   fused_decode: bool = False, interpret: bool = False):
   """float32 [num_splits, N, MR] split-K sums of (x @ t)^T for an i2_t weight's packed words
   [N, rows / 8] (MR = M rounded up to 8, the wgmma's N)."""
   M, K = x_MK.shape
@@ -390,7 +406,8 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
-                        n_steps=rows // KT_T, word_shifts=word_shifts, interpret=interpret),
+                        n_steps=rows // KT_T, word_shifts=word_shifts,
+                        fused_decode=fused_decode, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
       grid=(N // block_n, num_splits),
       grid_names=("n", "s"),
@@ -428,7 +445,8 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
                         num_splits=int(num_splits), stages=int(stages),
                         profile=None if config.profile_dir is None else (
                             config.profile_dir, config.profile_space),
-                        word_shifts=bool(config.word_shifts), interpret=bool(interpret))
+                        word_shifts=bool(config.word_shifts),
+                        fused_decode=bool(config.fused_decode), interpret=bool(interpret))
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]

@@ -48,7 +48,8 @@ def test_interpret_matches_the_xla_paths(M, K, N, cfg):
                                        (13, 1536, 192, dict(block_n=64, num_splits=2,
                                                             pipeline_depth=1)),
                                        (64, 512, 256, {}),
-                                       (5, 1024, 128, dict(word_shifts=True))])
+                                       (5, 1024, 128, dict(word_shifts=True)),
+                                       (7, 1000, 192, dict(block_n=64, fused_decode=True))])
 def test_i2t_interpret_matches_the_xla_paths(M, K, N, cfg):
   """The i2_t kernel (the weight as the wgmma's register operand): ragged K, 64-column tiles,
   several splits, M up to 64."""
@@ -83,15 +84,35 @@ def test_i2t_word_shifts_read_only_their_own_word(high):
       np.testing.assert_array_equal(np.asarray(got, np.float64), want[i])
 
 
-@pytest.mark.parametrize("block_n,M,dtype,word_shifts", [(128, 1, jnp.bfloat16, False),
-                                                         (64, 16, jnp.float16, False),
-                                                         (128, 1, jnp.bfloat16, True),
-                                                         (64, 16, jnp.float16, True)])
-def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts):
+def test_i2t_fused_decode_fields_are_exact_per_register():
+  """config.fused_decode decodes a 32-bit register (two words) at a time
+  (`mgpu_util.fma_from_words`): shift, and / or with both halves' mask / magic, then one packed
+  fma. Emulated on the register pairs in numpy with `slot_fields`' constants, every word (the low
+  half, whose neighbour is its complement or random) and its neighbour decode exactly."""
+  low = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+  for hi in (~low, np.random.default_rng(1).integers(0, 1 << 16, low.size).astype(np.uint16)):
+    regs = np.stack([low, hi], -1).view(np.uint32)[:, 0]          # little endian: low first
+    for dtype in (jnp.bfloat16, jnp.float16):
+      for i in range(8):
+        f = mgpu.slot_fields(i, dtype)
+        assert f["mask"] >> (16 - f["shift"]) == 0                  # below 16 - shift
+        r = ((regs >> f["shift"]) & (f["mask"] * 0x10001)) | (f["magic"] * 0x10001)
+        v = r.astype(np.uint32).view(np.uint16).view(jnp.dtype(dtype)).astype(np.float64)
+        got = v * f["mul"] + f["add"]                                 # exact in dtype
+        want = ((np.stack([low, hi], -1).reshape(-1).astype(np.int64) >> (2 * i)) & 3) - 1
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("block_n,M,dtype,word_shifts,fused", [
+    (128, 1, jnp.bfloat16, False, False), (64, 16, jnp.float16, False, False),
+    (128, 1, jnp.bfloat16, True, False), (64, 16, jnp.float16, True, False),
+    (128, 1, jnp.bfloat16, False, True), (64, 16, jnp.float16, False, True)])
+def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts, fused):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
-                                                stages=3, word_shifts=word_shifts))
+                                                stages=3, word_shifts=word_shifts,
+                                                fused_decode=fused))
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
@@ -166,3 +187,4 @@ def test_gpu_i2t_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, "i2_t")
   check(M, K, N, False, "i2_t", block_n=64, num_splits=3, pipeline_depth=2)
   check(M, K, N, False, "i2_t", word_shifts=True)
+  check(M, K, N, False, "i2_t", fused_decode=True)
