@@ -142,7 +142,9 @@ def test_report_merges_runs_and_computes_paired_t_intervals(tmp_path):
   for seed in range(5):
     conv[seed], lqs[seed] = _losses(seed)
     d = a if seed < 3 else b
-    _write(d, _result("fp", 1, "conventional", seed, conv[seed], conv[seed] + 1))
+    _write(d, _result("fp", 1, "conventional", seed, conv[seed], conv[seed] + 1, score_validity={
+        "spearman_lqs_vs_loss": 0.1 * seed, "lqs_bin_mean_loss": [2.0 + i / 10 for i in range(10)],
+        "pool_mean_loss": 2.5, "examples": 100}))
     _write(d, _result("fp", 1, "folding_lqs_L3", seed, lqs[seed], lqs[seed] + 1))
   _write(b, _result("fp", 1, "conventional", 0, conv[0], conv[0] + 1))   # the same run twice: fine
   out = tmp_path / "rep"
@@ -163,7 +165,31 @@ def test_report_merges_runs_and_computes_paired_t_intervals(tmp_path):
   assert f"--results {a} --results {b} --report-out {out}" in md          # the regenerating command
   assert "python experiments/delt/fair.py run --tiny" in md
   assert "scoring costs **" in md                                           # 3 s vs 7 x 0.01 s
+  assert "| 1 | 5 | +0.200 | 2.000 | 2.100 |" in md                          # mean rho over seeds
   assert (out / "fair_curves.png").stat().st_size > 0 and (out / "fair_deltas.png").stat().st_size > 0
+
+
+def test_score_validity_ranks_the_pool_by_the_trained_loss():
+  """score_validity: per-example losses of the given params on the pool against the scores; scores
+  equal to those losses give rho = 1 and increasing decile means, their negation rho = -1."""
+  import jax
+
+  from effjax.config import ModelConfig
+  from effjax.data.packing import Examples
+  from effjax.data.scoring import ScoringFns, loss_scores
+  from effjax.model import init_params
+  mcfg = ModelConfig(vocab_size=256, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=32,
+                     max_seq_len=16)
+  params = init_params(mcfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  pool = Examples(tokens=rng.integers(0, 256, (40, 17)).astype(np.int32),
+                  mask=(rng.random((40, 16)) < 0.9).astype(np.float32))
+  losses = loss_scores(ScoringFns(mcfg), params, pool, chunk=512)
+  v = fair.score_validity(mcfg, params, pool, losses)
+  assert v["spearman_lqs_vs_loss"] == pytest.approx(1.0) and v["examples"] == 40
+  assert np.all(np.diff(v["lqs_bin_mean_loss"]) > 0)
+  assert v["pool_mean_loss"] == pytest.approx(float(losses.mean()), rel=1e-6)
+  assert fair.score_validity(mcfg, params, pool, -losses)["spearman_lqs_vs_loss"] == pytest.approx(-1.0)
 
 
 def test_report_refuses_conflicts(tmp_path):
@@ -271,6 +297,13 @@ def test_tiny_study_end_to_end(tmp_path, corpora, capsys):
                 "random top-50% + Folding L=3, same epochs", "sorted by LQS (ascending)"):
     assert label in md
   assert "| extra | delta | notes | delta |" in md and "scoring costs **" in md
+  for seed in (0, 1):                # the trained model's per-example pool losses against LQS
+    for b in (1, 3):
+      v = json.loads(fair.result_path(out / "results", b, "conventional", seed).read_text())[
+          "score_validity"]
+      assert -1 <= v["spearman_lqs_vs_loss"] <= 1 and v["examples"] == lqs["n"]
+      assert len(v["lqs_bin_mean_loss"]) == 10 and all(map(math.isfinite, v["lqs_bin_mean_loss"]))
+  assert "## Do the LQS scores rank what training fits?" in md
   assert "DONE: all 40 runs" in log
   assert fair.main(argv) == 0                                          # rerun: nothing to do
   assert "40 runs: 40 done, 0 to do" in capsys.readouterr().out

@@ -377,6 +377,11 @@ def cmd_run(args) -> int:
     if c.scoring != "none":
       s, _ = delt.load_or_compute_scores(cfg, pool, log=lambda *_: None, progress=False)
       scores_crc = int(zlib.crc32(s.tobytes()))
+    validity = None
+    if c.name == "conventional" and "lqs" in need:
+      lqs_cfg = load_config(args.config, ovs + ["delt.scoring=lqs", f"delt.cache_dir={scores_dir}"])
+      lqs, _ = delt.load_or_compute_scores(lqs_cfg, pool, log=lambda *_: None, progress=False)
+      validity = score_validity(cfg.model, params, pool, lqs)
     result = {
         "fingerprint": fp, "condition": c.name, "label": c.label, "budget": b, "seed": seed,
         "epochs": cfg.data.epochs, "examples_per_epoch": n_epoch, "pool_examples": len(pool),
@@ -389,6 +394,7 @@ def cmd_run(args) -> int:
         "curve": _thin([(r["step"], r["loss"]) for r in rows if "loss" in r]),
         "valid_curve": [(r["step"], r["valid_loss"]) for r in rows if "valid_loss" in r],
         "delt": {k: v for k, v in info.items() if k not in ("lam_norms",)},
+        "score_validity": validity,
         "scores_crc32": scores_crc, "order_crc32": None if order is None else int(
             zlib.crc32(np.ascontiguousarray(order).tobytes())),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -412,6 +418,27 @@ def cmd_run(args) -> int:
     return INCOMPLETE
   log(f"DONE: all {len(plan)} runs in {results_dir}; report in {out / 'report'}")
   return 0
+
+
+_LOSS_FNS: dict = {}
+
+
+def score_validity(mcfg, params, pool, lqs: np.ndarray, bins: int = 10) -> dict:
+  """Do the LQS scores rank the pool the way training fits it? The trained (conventional) model's
+  per-example loss on every pool example, against the example's LQS: Spearman's rho and the mean
+  loss per LQS decile (lowest scores first). LQS keeps what it expects to be learnable and
+  reference-like; a rho near 0 says the ordering cannot be explained by how well training fits
+  the examples."""
+  from scipy import stats
+
+  from effjax.data.scoring import ScoringFns, loss_scores
+  fns = _LOSS_FNS.get(mcfg) or _LOSS_FNS.setdefault(mcfg, ScoringFns(mcfg))
+  losses = loss_scores(fns, params, pool, chunk=512)
+  order = np.argsort(lqs, kind="stable")
+  deciles = [float(losses[ix].mean()) for ix in np.array_split(order, bins)]
+  return {"spearman_lqs_vs_loss": float(stats.spearmanr(lqs, losses).statistic),
+          "lqs_bin_mean_loss": deciles, "pool_mean_loss": float(losses.mean()),
+          "examples": int(len(losses))}
 
 
 def _evaluate(eval_fn, params, ex, mesh) -> dict:
@@ -609,6 +636,21 @@ def report(dirs: list[pathlib.Path], out: pathlib.Path, log=print, command: str 
       L += ["", f"One training epoch over the pool (median conventional step time x steps per "
             f"epoch): {cost['epoch_seconds']:.1f} s, so scoring costs **{cost['ratio']:.1f}x** one "
             "epoch."]
+    L.append("")
+  val = [r for r in runs if r["condition"] == "conventional" and r.get("score_validity")]
+  if val:
+    L += ["## Do the LQS scores rank what training fits?", "",
+          "Each conventional run's final per-example loss on every pool example (nats / token), "
+          "against the example's LQS: Spearman's rho, and the mean loss per LQS decile (lowest "
+          "scores first; Folding puts the low-score folds first and top-50% selection keeps "
+          "deciles 6-10). Mean over seeds.", "",
+          "| budget | seeds | rho(LQS, loss) | " + " | ".join(f"d{i + 1}" for i in range(10))
+          + " |", "|---|---|---|" + "---|" * 10]
+    for b in sorted({r["budget"] for r in val}):
+      vb = [r["score_validity"] for r in val if r["budget"] == b]
+      rho = np.mean([v["spearman_lqs_vs_loss"] for v in vb])
+      dec = np.mean([v["lqs_bin_mean_loss"] for v in vb], axis=0)
+      L.append(f"| {b} | {len(vb)} | {rho:+.3f} | " + " | ".join(f"{x:.3f}" for x in dec) + " |")
     L.append("")
   for k, v in crcs.items():
     if len(v) > 1:
