@@ -93,6 +93,10 @@ def read_dump(d: str) -> dict:
   if reports:
     out["ptxas"] = [l.strip() for r in reports for l in r.splitlines()
                     if "registers" in l or "spill" in l][-4:]
+    # e.g. "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
+    warn = [l.strip() for r in reports for l in r.splitlines() if "Performance Loss" in l]
+    if warn:
+      out["ptxas_warnings"] = warn[:8]
   if not out:
     out["sass_error"] = f"nothing dumped into {d} (no CUDA toolkit tools on this machine?)"
   return out

@@ -45,6 +45,19 @@ def test_sass_histogram_counts_opcodes_with_their_first_modifier():
   assert "sass_error" in profile_mgpu.read_dump(str(pathlib.Path(__file__).parent / "nothing"))
 
 
+def test_read_dump_keeps_the_ptxas_report_and_its_performance_warnings(tmp_path):
+  (tmp_path / "k.ptxas").write_text(
+      "ptxas info    : Compiling entry function 'k'\n"
+      "ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are "
+      "serialized due to the presence of Extern calls in the function 'k'.\n"
+      "ptxas info    : Used 128 registers, used 2 barriers\n"
+      "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n")
+  out = profile_mgpu.read_dump(str(tmp_path))
+  assert out["ptxas"] == ["ptxas info    : Used 128 registers, used 2 barriers",
+                          "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"]
+  assert len(out["ptxas_warnings"]) == 1 and "serialized" in out["ptxas_warnings"][0]
+
+
 @pytest.mark.gpu
 def test_profile_ternary_on_a_gpu(tmp_path):
   out = tmp_path / "t.json"

@@ -175,7 +175,9 @@ def _kernel(x_ref, w_ref, o_ref, b_smem, *, num_splits: int, stages: int, n_step
       return acc_ref[...]
     acc = pl.run_scoped(accumulate, plgpu.ACC((ROWS, NT), jnp.float32))
   else:
-    b = b_smem.at[0]
+    # one B tile, the scratch itself: a constant index into a stacked scratch (b_smem.at[0])
+    # fails to lower inside the pipeline's loop on JAX 0.11
+    b = b_smem
 
     def step(_, x_smem, w_smem, acc):
       unpack(w_smem, b)
@@ -219,7 +221,7 @@ def partial_sums(x_MK, packed_u8, *, N: int, num_splits: int, stages: int, overl
       functools.partial(_kernel, num_splits=num_splits, stages=stages, n_steps=rows // KT,
                         overlap=overlap and not interpret, interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, RO, N), jnp.float32),
-      scratch_types=(plgpu.SMEM((2 if overlap and not interpret else 1, KT, NT), dtype,
+      scratch_types=(plgpu.SMEM((2, KT, NT) if overlap and not interpret else (KT, NT), dtype,
                                 transforms=mgpu_util.tiles(dtype, 64)),),
       grid=(N // NT, num_splits),
       grid_names=("n", "s"),
@@ -401,8 +403,10 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   M, K = x_MK.shape
   rows = packed_u16.shape[1] * 8
   MR = launch.round_up(M, 8)
-  # x is read in place: the TMA fills the rows past M and the columns past K with zeros
-  x = x_MK
+  # x is read in place where the TMA allows it (it fills the rows past M and the columns past K
+  # with zeros); otherwise padded once in XLA
+  Mp, Kp = x_padded_shape(M, K, x_MK.dtype)
+  x = x_MK if (Mp, Kp) == (M, K) else jnp.pad(x_MK, ((0, Mp - M), (0, Kp - K)))
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
       functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
@@ -415,6 +419,15 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
       interpret=interp,
   )
   return call(x, packed_u16)
+
+
+def x_padded_shape(M: int, K: int, dtype) -> tuple[int, int]:
+  """The shape x must have for the i2_t kernel's TMA: a dimension of the global array must be
+  smaller than its shared-memory tile's (8 rows, 128 bytes of columns) or a multiple of it (the
+  TMA then zero-fills past the end). (M, K) where x is read in place."""
+  cols = 128 // jnp.dtype(dtype).itemsize
+  fit = lambda n, t: n if n < t or n % t == 0 else launch.round_up(n, t)
+  return fit(M, 8), fit(K, cols)
 
 
 def smem_bytes_t(block_n: int, MR: int, stages: int) -> int:

@@ -180,9 +180,20 @@ def test_gpu_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, num_splits=5, pipeline_depth=3, overlap=True)
 
 
+def test_i2t_x_is_padded_only_where_the_tma_needs_it():
+  """x is read in place when each dimension is below its shared-memory tile (8 rows, 128 bytes)
+  or a multiple of it; otherwise padded up to the next multiple (both measured on the GPU: K =
+  1000 failed to lower in place)."""
+  assert mgpu.x_padded_shape(1, 4096, jnp.bfloat16) == (1, 4096)
+  assert mgpu.x_padded_shape(3, 1000, jnp.bfloat16) == (3, 1024)
+  assert mgpu.x_padded_shape(13, 8192, jnp.float16) == (16, 8192)
+  assert mgpu.x_padded_shape(16, 40, jnp.bfloat16) == (16, 40)
+  assert mgpu.x_padded_shape(64, 14336, jnp.bfloat16) == (64, 14336)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 14336), (16, 14336, 4096), (64, 8192, 8192),
-                                   (3, 1000, 192)])
+                                   (3, 1000, 192), (13, 1536, 256)])
 def test_gpu_i2t_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, "i2_t")
   check(M, K, N, False, "i2_t", block_n=64, num_splits=3, pipeline_depth=2)
