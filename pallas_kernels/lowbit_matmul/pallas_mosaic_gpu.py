@@ -77,7 +77,10 @@ class MosaicGPUConfig:
   where a shift of 16-bit pairs takes several), exact since a slot reads only bits the
   neighbouring word cannot reach; fused_decode (I2_T): decode a whole 32-bit register (two words)
   a slot with a 32-bit shift, one and/or and one packed fma (`mgpu_util.fma_from_words`: about
-  one instruction a code where the 16-bit vector ops may be split), the same values."""
+  one instruction a code where the 16-bit vector ops may be split), the same values;
+  hold_operands (I2_T): keep the register operand of the wgmma in flight live while the next
+  slot decodes (an optimization barrier over both), so the compiler cannot reuse its registers
+  for the next slot and make the decoding wait for that wgmma."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -86,6 +89,7 @@ class MosaicGPUConfig:
   profile_space: int = 4096
   word_shifts: bool = False
   fused_decode: bool = False
+  hold_operands: bool = False
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -98,7 +102,7 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "word_shifts", "fused_decode"):
+    for name in ("overlap", "word_shifts", "fused_decode", "hold_operands"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -328,7 +332,7 @@ def shift_pairs(words, n: int):
 
 
 def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int, n_steps: int,
-              word_shifts: bool, fused_decode: bool, interpret: bool):
+              word_shifts: bool, fused_decode: bool, hold_operands: bool, interpret: bool):
   n = lax.axis_index("n")
   s = lax.axis_index("s")
   per = -(-n_steps // num_splits)
@@ -367,6 +371,7 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
                           else lax.shift_right_logical(w, jnp.uint16(n)))
           return shifted[n]
 
+        held = None     # the operand of the wgmma in flight
         for i in range(8):
           with jax.named_scope("decode"):
             if fused_decode:
@@ -374,6 +379,11 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
                                            layout=wgmma_layout)
             else:
               a = slot_operand(words, i, dtype, shift)
+            if hold_operands and held is not None:
+              # keeps the in-flight wgmma's registers live until this slot is decoded, so
+              # the decoding cannot be given those registers (and wait for that wgmma)
+              a, _ = lax.optimization_barrier((a, held))
+            held = a
           with jax.named_scope("mma"):
             plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem.at[:, pl.ds(i * PW, PW)]))
             plgpu.wgmma_wait(1)  # the previous slot's wgmma is done; this one runs on
@@ -394,10 +404,12 @@ def _kernel_t(x_ref, w_ref, o_ref, *, block_n: int, num_splits: int, stages: int
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_n", "num_splits", "stages", "profile",
-                                             "word_shifts", "fused_decode", "interpret"))
+                                             "word_shifts", "fused_decode", "hold_operands",
+                                             "interpret"))
 def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, stages: int,
                    profile: tuple[str, int] | None = None, word_shifts: bool = False,
-                   fused_decode: bool = False, interpret: bool = False):
+                   fused_decode: bool = False, hold_operands: bool = False,
+                   interpret: bool = False):
   """float32 [num_splits, N, MR] split-K sums of (x @ t)^T for an i2_t weight's packed words
   [N, rows / 8] (MR = M rounded up to 8, the wgmma's N)."""
   M, K = x_MK.shape
@@ -411,7 +423,8 @@ def partial_sums_t(x_MK, packed_u16, *, N: int, block_n: int, num_splits: int, s
   call = plgpu.kernel(
       functools.partial(_kernel_t, block_n=block_n, num_splits=num_splits, stages=stages,
                         n_steps=rows // KT_T, word_shifts=word_shifts,
-                        fused_decode=fused_decode, interpret=interpret),
+                        fused_decode=fused_decode, hold_operands=hold_operands,
+                        interpret=interpret),
       out_type=jax.ShapeDtypeStruct((num_splits, N, MR), jnp.float32),
       grid=(N // block_n, num_splits),
       grid_names=("n", "s"),
@@ -459,7 +472,8 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
                         profile=None if config.profile_dir is None else (
                             config.profile_dir, config.profile_space),
                         word_shifts=bool(config.word_shifts),
-                        fused_decode=bool(config.fused_decode), interpret=bool(interpret))
+                        fused_decode=bool(config.fused_decode),
+                        hold_operands=bool(config.hold_operands), interpret=bool(interpret))
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]

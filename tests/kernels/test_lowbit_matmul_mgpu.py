@@ -103,16 +103,17 @@ def test_i2t_fused_decode_fields_are_exact_per_register():
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("block_n,M,dtype,word_shifts,fused", [
-    (128, 1, jnp.bfloat16, False, False), (64, 16, jnp.float16, False, False),
-    (128, 1, jnp.bfloat16, True, False), (64, 16, jnp.float16, True, False),
-    (128, 1, jnp.bfloat16, False, True), (64, 16, jnp.float16, False, True)])
-def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts, fused):
+@pytest.mark.parametrize("block_n,M,dtype,word_shifts,fused,hold", [
+    (128, 1, jnp.bfloat16, False, False, False), (64, 16, jnp.float16, False, False, False),
+    (128, 1, jnp.bfloat16, True, False, False), (64, 16, jnp.float16, True, False, False),
+    (128, 1, jnp.bfloat16, False, True, False), (64, 16, jnp.float16, False, True, False),
+    (128, 1, jnp.bfloat16, False, True, True), (64, 16, jnp.float16, True, False, True)])
+def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts, fused, hold):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
                                                 stages=3, word_shifts=word_shifts,
-                                                fused_decode=fused))
+                                                fused_decode=fused, hold_operands=hold))
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
@@ -199,3 +200,4 @@ def test_gpu_i2t_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, "i2_t", block_n=64, num_splits=3, pipeline_depth=2)
   check(M, K, N, False, "i2_t", word_shifts=True)
   check(M, K, N, False, "i2_t", fused_decode=True)
+  check(M, K, N, False, "i2_t", fused_decode=True, hold_operands=True)
