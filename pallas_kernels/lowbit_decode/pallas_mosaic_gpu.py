@@ -71,21 +71,26 @@ class MosaicGPUConfig:
   2.930; profile_dir: write a Mosaic GPU
   profiler trace of every launch there (per-warpgroup timelines of the named phases
   dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
-  room for profile_space phases a warpgroup."""
+  room for profile_space phases a warpgroup; defer_sums (token-rows form): keep the softmax's
+  running sums as a [64 tokens, NR] tile, rescaled and added to elementwise, and reduce it over
+  the tokens once at the end, instead of a cross-warp sum every block (one of the two cross-warp
+  reductions of the block's softmax; the same values up to float32 summation order)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
   token_rows: bool | None = None
   profile_dir: str | None = None
   profile_space: int = 4096
+  defer_sums: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    if not isinstance(self.overlap, bool):
-      raise ValueError(f"config.overlap must be a bool, got {self.overlap!r}")
+    for name in ("overlap", "defer_sums"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
       raise ValueError(f"config.token_rows must be a bool or None, got {self.token_rows!r}")
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -263,7 +268,7 @@ def decode_codes(codes, dtype):
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar, *, bits: int,
                 group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
-                interpret: bool):
+                defer_sums: bool, interpret: bool):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
@@ -334,7 +339,10 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
       m_new = jnp.maximum(m_i, s.max(axis=0))
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
-      l_new = l_i * alpha + p.sum(axis=0)
+      if defer_sums:   # l_i: [T, NR] per-token partial sums, reduced once after the loop
+        l_new = l_i * bcast(alpha, s.shape, 1) + p
+      else:
+        l_new = l_i * alpha + p.sum(axis=0)
       acc = acc * bcast(alpha, acc.shape, 1)
       p_smem[...] = p.astype(dtype)
       plgpu.commit_smem()
@@ -358,11 +366,14 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
            plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
   init = (cast(jnp.zeros((H, NR), jnp.float32), wgmma_layout),
           cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
+          cast(jnp.zeros((T, NR), jnp.float32), wgmma_layout) if defer_sums else
           cast(jnp.zeros((NR,), jnp.float32), col))
   acc, m_i, l_i = plgpu.emit_pipeline(
       step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(
           kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
           vs_ref.at[b, kh], vz_ref.at[b, kh])
+  if defer_sums:
+    l_i = l_i.sum(axis=0)
 
   def store(o_smem, m_smem, l_smem):
     o_smem[...] = acc
@@ -379,11 +390,11 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
-                                             "interpret"))
+                                             "defer_sums", "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
-                        interpret: bool = False):
+                        defer_sums: bool = False, interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
   (RO = G rounded up to 8)."""
   B, K, G, H = q_BKGH.shape
@@ -399,7 +410,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
-                             interpret=interpret)
+                             defer_sums=defer_sums, interpret=interpret)
   f32 = jnp.float32
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
@@ -536,7 +547,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),
                                   block_indices_BKM, bits=int(bits), group=int(group),
                                   num_splits=int(num_splits), stages=int(stages),
-                                  profile=profile, interpret=bool(interpret))
+                                  profile=profile, defer_sums=bool(config.defer_sums),
+                                  interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
                               lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),

@@ -51,6 +51,12 @@ def test_interpret_matches_oracle(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_interpret_deferred_sums_match_oracle(case):
+  """defer_sums=True (the token-rows softmax keeps per-token partial sums, reduced once)."""
+  check_case(case, jnp.bfloat16, True, num_splits=2, pipeline_depth=2, defer_sums=True)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_interpret_query_rows_matches_oracle(case):
   """token_rows=False (the query rows padded to 64, K and V dequantised into shared tiles): the
   same results as the default token-rows form (S^T = K Q^T with K dequantised as the register
@@ -105,7 +111,8 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
           S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
               ((), dict(overlap=True)))                                    # overlapped
-  variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)))
+  variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)),
+               ((), dict(token_rows=True, defer_sums=True)))
   for extra, kw in variants:
     part = mgpu.packed_partials_tok if kw.pop("token_rows", False) else mgpu.packed_partials
     fn = jax.jit(lambda *a, kw=kw, part=part: part(*a, bits=bits, group=group, num_splits=2,
@@ -201,6 +208,7 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, overlap=True)
   check_case(case, dtype, False, token_rows=False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
+  check_case(case, dtype, False, defer_sums=True)
 
 
 @pytest.mark.gpu
