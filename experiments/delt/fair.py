@@ -642,8 +642,8 @@ def report(dirs: list[pathlib.Path], out: pathlib.Path, log=print, command: str 
     L += ["## Do the LQS scores rank what training fits?", "",
           "Each conventional run's final per-example loss on every pool example (nats / token), "
           "against the example's LQS: Spearman's rho, and the mean loss per LQS decile (lowest "
-          "scores first; Folding puts the low-score folds first and top-50% selection keeps "
-          "deciles 6-10). Mean over seeds.", "",
+          "scores first; each Folding sweep and the sorted order run from d1 to d10, and top-50% "
+          "selection keeps d6-d10). Mean over seeds.", "",
           "| budget | seeds | rho(LQS, loss) | " + " | ".join(f"d{i + 1}" for i in range(10))
           + " |", "|---|---|---|" + "---|" * 10]
     for b in sorted({r["budget"] for r in val}):
