@@ -9,6 +9,13 @@
 #   compare    python -m benchmarks compare --baseline baseline (this tree vs an earlier checkout
 #              in ./baseline: the S128K decode grid and the 350m train step, same run)
 #   <suite>    python -m benchmarks <suite> $ARGS_<suite> (decode, train, generate, selector, ...)
+#   delt       continue the DELT fair study (experiments/delt/fair.py) from the repository's scores
+#              and results (experiments/delt/fair_results), seeds 0-4, starting no run that would
+#              end after T_delt - 60 s; $OUT/delt_results.tgz holds every result so far
+#   seer_quality  the 4K long-context model (configs/longctx.yaml, 2,500 steps, runs/lc; resumes),
+#              then the SeerAttention selector table (experiments/seer_prefill/run.py) and YaRN
+#              fine-tuning at 4x context (yarn.py); each phase resumes, so calls on one warm
+#              machine continue where the last stopped; results under $OUT/seer_quality
 #   pack       tar + gzip everything under $OUT into $OUT/results.tgz (few files travel back)
 # Set EFFJAX_COMMIT=<commit> when the tree is a copy whose git metadata is not its own, so the
 # results name the right commit. A run longer than one command may take: start it with `setsid nohup bash benchmarks/run_device.sh
@@ -30,6 +37,30 @@ for job in "$@"; do
       timeout "$T" python3 -m pytest -m gpu -q -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40 ;;
     compare)
       timeout "$T" python3 -m benchmarks compare --baseline baseline --out "$OUT/compare.json" ${ARGS_compare:-} 2>&1 | tee "$OUT/compare.log" ;;
+    delt)
+      export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
+      mkdir -p runs/delt_fair /tmp/evals && cp data/tinyshakespeare/input.txt /tmp/evals/tinyshakespeare.txt
+      cp -rn experiments/delt/fair_results/scores experiments/delt/fair_results/results runs/delt_fair/
+      timeout "$T" python3 experiments/delt/fair.py run --out runs/delt_fair --seeds 0 1 2 3 4 \
+        --time-limit $((T - 60)) --eval-source /tmp/evals/tinyshakespeare.txt 2>&1 \
+        | tee "$OUT/delt.log" | grep -v "^    " | tail -30
+      tar czf "$OUT/delt_results.tgz" -C runs/delt_fair results ;;
+    seer_quality)
+      export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
+      wiki="$EFFJAX_DATA_ROOT/wikitext-2/valid.txt"
+      timeout "$T" bash -c "python3 train.py --config configs/longctx.yaml train.steps=2500 \
+          train.out_dir=runs/lc train.progress=false \
+        && python3 experiments/seer_prefill/run.py --run runs/lc --out runs/seer_quality \
+          --gate-steps 300 --n-eval 16 --eval-source $wiki \
+          --selectors gate,oracle,static,gate+local,recency+local,oracle+local \
+        && python3 experiments/seer_prefill/yarn.py --run runs/lc --out runs/seer_yarn \
+          --steps 150 --eval-source $wiki" 2>&1 | tee "$OUT/seer_quality.log" | grep -v Warn | tail -40
+      mkdir -p "$OUT/seer_quality/table" "$OUT/seer_quality/yarn"
+      cp runs/lc/metrics.jsonl runs/lc/summary.json "$OUT/seer_quality/" 2>/dev/null
+      cp runs/seer_quality/*.json runs/seer_quality/*.md runs/seer_quality/*.png runs/seer_quality/run.log \
+        "$OUT/seer_quality/table/" 2>/dev/null
+      cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
+        "$OUT/seer_quality/yarn/" 2>/dev/null ;;
     pack)
       tar -czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/results.tgz" && ls -la "$OUT" ;;
     *)
