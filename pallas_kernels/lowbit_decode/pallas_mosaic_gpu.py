@@ -74,7 +74,12 @@ class MosaicGPUConfig:
   room for profile_space phases a warpgroup; defer_sums (token-rows form): keep the softmax's
   running sums as a [64 tokens, NR] tile, rescaled and added to elementwise, and reduce it over
   the tokens once at the end, instead of a cross-warp sum every block (one of the two cross-warp
-  reductions of the block's softmax; the same values up to float32 summation order)."""
+  reductions of the block's softmax; the same values up to float32 summation order); max_bound
+  (token-rows form, bfloat16 caches): use as each block's softmax max an upper bound of its
+  scores from its K group's scales and zeros (`block_bounds`, computed in XLA), instead of a
+  cross-warp max (the other reduction). Softmax is invariant to that choice; P stays <= ~1 and
+  keeps bf16's relative precision however loose the bound. float16 keeps the true max (its 5-bit
+  exponent would flush small P to zero)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -82,13 +87,14 @@ class MosaicGPUConfig:
   profile_dir: str | None = None
   profile_space: int = 4096
   defer_sums: bool = False
+  max_bound: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "defer_sums"):
+    for name in ("overlap", "defer_sums", "max_bound"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
@@ -266,15 +272,23 @@ def decode_codes(codes, dtype):
 
 
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
-                vs_ref, vz_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar, *, bits: int,
-                group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
-                defer_sums: bool, interpret: bool):
+                vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
+                scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
+                interpret: bool):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
   and O^T [H, NR] +=
   V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
-  NR = W (the query rows padded to one swizzle of the slabs), not the 64 rows of the other form."""
+  NR = W (the query rows padded to one swizzle of the slabs), not the 64 rows of the other form.
+  max_bound: rest starts with mb_ref, f32 [B, K, n, rep, NR], each block's (dense) or slot's
+  (sparse) score bound (`block_bounds`, rep copies: a TMA copy is a multiple of 128 bytes), used
+  as the softmax's running max instead of a cross-warp max."""
+  if max_bound:
+    mb_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
+  else:
+    mb_ref = None
+    o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
   NR, H = q_smem.shape
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
@@ -302,7 +316,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     """Sub-word i of the [64, W] words: channels [i W, (i + 1) W), as dtype codes."""
     return decode_codes(lax.shift_right_logical(words, jnp.int32(bits * i)) & mask, dtype)
 
-  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
+  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, *mb_and_carry):
+    *mb_smem, carry = mb_and_carry
     acc, m_i, l_i = carry
     with jax.named_scope("dequant_k"):
       kwords = load(kw_smem, wgmma_layout)
@@ -336,7 +351,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 plgpu.broadcasted_iota(jnp.int32, (T, NR), 0, layout=wgmma_layout))
       valid = tokens < length - blk(indices[0]) * T
       s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
-      m_new = jnp.maximum(m_i, s.max(axis=0))
+      # the block's bound (>= its scores up to the rounding of K) or its true max
+      m_new = jnp.maximum(m_i, load(mb_smem[0].at[0], col) if max_bound else s.max(axis=0))
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
       if defer_sums:   # l_i: [T, NR] per-token partial sums, reduced once after the loop
@@ -364,14 +380,18 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
            plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K zeros
            plgpu.BlockSpec((T,), lambda i: (blk(i),)),                      # V scales of the tokens
            plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
+  refs = [kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
+          vs_ref.at[b, kh], vz_ref.at[b, kh]]
+  if max_bound:       # a bound per block (dense) or per selection slot (sparse)
+    rep = mb_ref.shape[-2]   # rows repeated so that a copy is a multiple of 128 bytes
+    specs.append(plgpu.BlockSpec((None, rep, NR), lambda i: (start + i, 0, 0)))
+    refs.append(mb_ref.at[b, kh])
   init = (cast(jnp.zeros((H, NR), jnp.float32), wgmma_layout),
           cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
           cast(jnp.zeros((T, NR), jnp.float32), wgmma_layout) if defer_sums else
           cast(jnp.zeros((NR,), jnp.float32), col))
   acc, m_i, l_i = plgpu.emit_pipeline(
-      step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(
-          kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
-          vs_ref.at[b, kh], vz_ref.at[b, kh])
+      step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(*refs)
   if defer_sums:
     l_i = l_i.sum(axis=0)
 
@@ -389,12 +409,34 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 plgpu.SMEM((NR,), jnp.float32))
 
 
+def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: float,
+                 block_indices_BKM=None) -> jax.Array:
+  """float32 [B, K, n, R]: for every 64-token block (n = S / 64) or, with a selection, every
+  slot of it (n = M), an upper bound of scale_log2 * q . k over the block's keys, per query row:
+  a K channel's dequantised values lie in [zero, zero + levels * scale] (its group's), so q . k
+  <= sum_c q_c mid_c + |q_c| half_c, mid and half the middle and half-width of that range. (The
+  kernel rounds K to the cache dtype, so a score can exceed its bound by that rounding.)"""
+  f32 = jnp.float32
+  half = 0.5 * layout.levels(bits) * k_scale.astype(f32)      # [B, K, groups, H]
+  mid = k_zero.astype(f32) + half
+  half = jnp.abs(half)
+  if block_indices_BKM is not None:
+    g = (jnp.maximum(block_indices_BKM, 0) * T // group)[..., None]
+    mid, half = (jnp.take_along_axis(x, g, axis=2) for x in (mid, half))
+  q = q_BKRH.astype(f32)
+  hi = jax.lax.Precision.HIGHEST
+  bound = (jnp.einsum("bkrh,bkgh->bkgr", q, mid, precision=hi)
+           + jnp.einsum("bkrh,bkgh->bkgr", jnp.abs(q), half, precision=hi)) * scale_log2
+  return bound if block_indices_BKM is not None else jnp.repeat(bound, group // T, axis=2)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
-                                             "defer_sums", "interpret"))
+                                             "defer_sums", "max_bound", "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
-                        defer_sums: bool = False, interpret: bool = False):
+                        defer_sums: bool = False, max_bound: bool = False,
+                        interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
   (RO = G rounded up to 8)."""
   B, K, G, H = q_BKGH.shape
@@ -408,9 +450,15 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   qp = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, NR - G), (0, 0)))
   sparse = block_indices_BKM is not None
   idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
+  scale_log2 = H ** -0.5 * LOG2E
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
-                             stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
-                             defer_sums=defer_sums, interpret=interpret)
+                             stages=stages, scale_log2=scale_log2, sparse=sparse,
+                             defer_sums=defer_sums, max_bound=max_bound, interpret=interpret)
+  extra = ()
+  if max_bound:
+    bound = block_bounds(qp, k_scale, k_zero, bits, group, scale_log2, block_indices_BKM)
+    rep = max(1, 32 // NR)              # 128 bytes a copy (the pipeline's TMA granularity)
+    extra = (jnp.repeat(bound[:, :, :, None], rep, axis=3),)
   f32 = jnp.float32
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
@@ -431,7 +479,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                  k_packed, v_packed,
                  k_scale.reshape(B, K, S // group, subs, W),
                  k_zero.reshape(B, K, S // group, subs, W),
-                 v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
+                 v_scale.reshape(B, K, S), v_zero.reshape(B, K, S), *extra)
   return o.transpose(0, 1, 2, 4, 3)[..., :RO, :], m[..., :RO], l[..., :RO]
 
 
@@ -548,6 +596,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   block_indices_BKM, bits=int(bits), group=int(group),
                                   num_splits=int(num_splits), stages=int(stages),
                                   profile=profile, defer_sums=bool(config.defer_sums),
+                                  max_bound=bool(config.max_bound)
+                                  and jnp.dtype(q_BKGH.dtype) == jnp.dtype(jnp.bfloat16),
                                   interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,

@@ -57,6 +57,52 @@ def test_interpret_deferred_sums_match_oracle(case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_interpret_max_bound_matches_oracle(case):
+  """max_bound=True (each block's softmax max is its score bound from the K scales / zeros),
+  with and without defer_sums; f16 ignores it (the true max) and matches too."""
+  check_case(case, jnp.bfloat16, True, num_splits=2, pipeline_depth=2, max_bound=True)
+  check_case(case, jnp.bfloat16, True, num_splits=3, max_bound=True, defer_sums=True)
+  if case is CASES[0]:
+    check_case(case, jnp.float16, True, num_splits=2, max_bound=True)
+
+
+def test_interpret_sparse_max_bound_matches_oracle():
+  case = CASES[0]
+  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, 5)
+  out = run(q, cache, lengths, packed, st, True, num_splits=2, max_bound=True, defer_sums=True,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_block_bounds_bound_every_score(case):
+  """block_bounds >= every packed key's scaled score q . k of its block (dense) or slot
+  (sparse), computed in float64 from the independently dequantised cache; and not absurdly loose."""
+  q, cache, st = make_case(case, jnp.bfloat16, seed=3)
+  B, K, G, H = q.shape
+  S, group, bits = case[4], case[8], case[7]
+  scale = H ** -0.5 * mgpu.LOG2E
+  k, _ = dequant_np(cache, [S] * B, [S] * B, **st)                 # every row as packed
+  qs = np.asarray(q, np.float64)
+  scores = np.einsum("bkgh,bksh->bkgs", qs, k) * scale               # [B, K, G, S]
+  per_block = scores.reshape(B, K, G, S // 64, 64).max(-1)           # [B, K, G, n]
+  got = np.asarray(mgpu.block_bounds(q, cache[1], cache[2], bits, group, scale))
+  got = got.transpose(0, 1, 3, 2)                                    # [B, K, G, n]
+  assert got.shape == per_block.shape
+  assert np.all(got >= per_block - 1e-4 * np.abs(per_block).max())
+  assert np.all(got - per_block < 10 * np.abs(per_block).max() + 1)
+  idx = random_blocks(2, B, K, S // 64, 4)
+  got_s = np.asarray(mgpu.block_bounds(q, cache[1], cache[2], bits, group, scale,
+                                       jnp.asarray(idx))).transpose(0, 1, 3, 2)
+  want = np.take_along_axis(np.asarray(got), np.maximum(idx, 0)[:, :, None, :], axis=-1)
+  np.testing.assert_allclose(got_s, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_interpret_query_rows_matches_oracle(case):
   """token_rows=False (the query rows padded to 64, K and V dequantised into shared tiles): the
   same results as the default token-rows form (S^T = K Q^T with K dequantised as the register
@@ -112,7 +158,9 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
               ((), dict(overlap=True)))                                    # overlapped
   variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)),
-               ((), dict(token_rows=True, defer_sums=True)))
+               ((), dict(token_rows=True, defer_sums=True)),
+               ((), dict(token_rows=True, max_bound=True)),
+               ((S_((B, K, 5), jnp.int32),), dict(token_rows=True, max_bound=True)))
   for extra, kw in variants:
     part = mgpu.packed_partials_tok if kw.pop("token_rows", False) else mgpu.packed_partials
     fn = jax.jit(lambda *a, kw=kw, part=part: part(*a, bits=bits, group=group, num_splits=2,
@@ -209,6 +257,7 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, token_rows=False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
   check_case(case, dtype, False, defer_sums=True)
+  check_case(case, dtype, False, defer_sums=True, max_bound=True)
 
 
 @pytest.mark.gpu
