@@ -73,33 +73,43 @@ def store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, index) -> None:
                 plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
 
 
+def _map_words(x, layout, dtype, fn):
+  """x (a 16-bit array in registers, `layout`, two elements a 32-bit register) -> the array of
+  `dtype` (16 bits) whose every register is fn(that register as an i32 MLIR value), bitcast
+  back: whole-register instructions through `plgpu.inline_mgpu`."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  import numpy as np
+
+  dtype = jnp.dtype(dtype)
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, dtype, layout=layout))
+  def body(ctx, a):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    out_t = ir.VectorType.get([2], mgpu_utils.dtype_to_ir_type(dtype))
+    regs = np.empty_like(a.registers)
+    for idx, reg in np.ndenumerate(a.registers):
+      r = ir.VectorType(reg.type)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
+        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
+      regs[idx] = mgpu_utils.bitcast(fn(mgpu_utils.bitcast(reg, i32)), out_t)
+    signed = a.is_signed if jnp.issubdtype(dtype, jnp.integer) else None
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=signed)
+
+  return body(x)
+
+
 def shift_right_words(x, shift: int, layout):
   """x (a 16-bit unsigned array in registers, `layout`) shifted right by `shift` bits as whole
   32-bit registers, each holding two neighbouring elements: one instruction a register, where
   LLVM splits a shift of a 2 x 16-bit vector into two 16-bit shifts and a repack. The low element
   receives the high one's low bits in its top `shift` bits, so this is a per-element shift only
   under a mask of the bits below 16 - shift (the caller's job)."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith
-  import numpy as np
-
-  @plgpu.inline_mgpu(arg_types=(layout,),
-                     return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout=layout))
-  def body(ctx, a):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    regs = np.empty_like(a.registers)
-    for idx, reg in np.ndenumerate(a.registers):
-      r = ir.VectorType(reg.type)
-      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
-        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
-      word = mgpu_utils.bitcast(reg, i32)
-      regs[idx] = mgpu_utils.bitcast(arith.shrui(word, mgpu_utils.c(shift, i32)), reg.type)
-    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=a.is_signed)
-
-  return body(x)
+  return _map_words(x, layout, x.dtype, lambda w: arith.shrui(w, _i32(shift)))
 
 
 def _i32(v: int):
@@ -119,8 +129,6 @@ def fma_from_words(x, *, shift: int, mask: int, magic: int, mul: float, add: flo
   PTX, so it is neither split nor left as a multiply and an add). mask and magic are 16-bit
   patterns applied to both halves; as in `shift_right_words`, the caller's mask must keep only
   bits below 16 - shift."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm
   import numpy as np
@@ -133,24 +141,11 @@ def fma_from_words(x, *, shift: int, mask: int, magic: int, mul: float, add: flo
     raise ValueError(f"shift {shift}, mask {mask:#x}, magic {magic:#x}: 16-bit fields expected")
   pair = lambda v: int(np.asarray([v, v], dtype).view(np.uint32)[0])
 
-  @plgpu.inline_mgpu(arg_types=(layout,),
-                     return_type=plgpu.ShapeDtypeStruct(x.shape, dtype, layout=layout))
-  def body(ctx, a):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    out_t = ir.VectorType.get([2], mgpu_utils.dtype_to_ir_type(dtype))
-    regs = np.empty_like(a.registers)
-    for idx, reg in np.ndenumerate(a.registers):
-      r = ir.VectorType(reg.type)
-      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
-        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
-      word = mgpu_utils.bitcast(reg, i32)
-      if shift:
-        word = arith.shrui(word, _i32(shift))
-      word = arith.ori(arith.andi(word, _i32(mask * 0x10001)), _i32(magic * 0x10001))
-      out = llvm.inline_asm(i32, [word, _i32(pair(mul)), _i32(pair(add))],
-                            f"fma.rn.{ptx} $0, $1, $2, $3;", "=r,r,r,r")
-      regs[idx] = mgpu_utils.bitcast(out, out_t)
-    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
-
-  return body(x)
+  def fn(word):
+    if shift:
+      word = arith.shrui(word, _i32(shift))
+    word = arith.ori(arith.andi(word, _i32(mask * 0x10001)), _i32(magic * 0x10001))
+    return llvm.inline_asm(ir.IntegerType.get_signless(32),
+                           [word, _i32(pair(mul)), _i32(pair(add))],
+                           f"fma.rn.{ptx} $0, $1, $2, $3;", "=r,r,r,r")
+  return _map_words(x, layout, dtype, fn)
