@@ -16,6 +16,8 @@ mode (`fwd`: the forward; `fwdbwd`: forward + the gradients of q, k and v):
 - `<impl>_sparse+gate` (forward, --gate): the whole SeerAttention forward at that density: the
   prefill gate's scores (random gate params), the nz-ratio top-k, the first --sparse-impls
   backend over the chosen blocks;
+- `pallas_mosaic_gpu_sparse[k=v,...]` (each config of --mosaic-configs): the Mosaic GPU
+  backend with those `MosaicGPUConfig` fields (schedule options to A/B against its default);
 - `pallas_triton_sparse` (each of --sparse-impls) / `xla_sparse`: `block_sparse_attention` over per-query-head block
   sets of the density: `random` (the diagonal plus random causal blocks, ceil(d (i + 1)) per
   query block i) or `static` (a sink block and a local window ending at the diagonal, same
@@ -189,6 +191,10 @@ def main():
                   help="JAX's Hopper splash attention peer (where installed): its "
                        "max_concurrent_steps values, comma-separated; '' skips it")
   ap.add_argument("--no-target", action="store_true", help="skip the flash+target row")
+  ap.add_argument("--mosaic-configs", default="", metavar="K=V,K=V;...",
+                  help="one pallas_mosaic_gpu_sparse row per ';'-separated MosaicGPUConfig "
+                       "(fields k=v, comma-separated; bools as 0/1/true/false), e.g. "
+                       "'overlap_qk=1;pingpong=1;overlap_qk=1,pingpong=1'")
   ap.add_argument("--mem-frac", type=float, default=0.5,
                   help="share of device memory a row's largest buffer may take")
   ap.add_argument("--trace", action=argparse.BooleanOptionalAction, default=None,
@@ -201,6 +207,10 @@ def main():
   N, K = parse_ints(args.heads)
   B, H, bs, dtype = args.batch, args.head_dim, args.block_size, jnp.dtype(args.dtype)
   modes = args.modes.split(",")
+  try:
+    mosaic_configs = parse_mosaic_configs(args.mosaic_configs)
+  except ValueError as e:
+    ap.error(f"--mosaic-configs: {e}")
   kind = jax.devices()[0].device_kind
   peak = peak_tflops(kind)
   peak_src = f"{kind} dense bf16 datasheet" if peak else f"{FALLBACK_PEAK} (card unknown)"
@@ -340,11 +350,15 @@ def main():
         idx = block_indices(jax.random.fold_in(key, 99), B, N, nq, density, pattern)
         pairs = visible_pairs(np.asarray(idx), bs, S)
         plan = dict(pattern=pattern, density=density, slots=int(idx.shape[-1]))
-        sparse = lambda impl: (lambda q, k, v, idx: block_sparse_attention(
-            q, k, v, idx, block_size=bs, implementation=impl, interpret=args.interpret))
+        sparse = lambda impl, cfg=None: (lambda q, k, v, idx: block_sparse_attention(
+            q, k, v, idx, block_size=bs, implementation=impl, interpret=args.interpret,
+            config=cfg))
         for mode in modes:
           for impl in args.sparse_impls.split(","):
             row(f"{impl}_sparse", mode, sparse(impl), pairs, operands=(idx,), **plan)
+          for label, cfg in mosaic_configs:
+            row(f"pallas_mosaic_gpu_sparse[{label}]", mode, sparse("pallas_mosaic_gpu", cfg),
+                pairs, operands=(idx,), **plan)
           if args.gate and mode == "fwd" and pattern == patterns[0] != "all":   # once a density
             row(f"{args.sparse_impls.split(',')[0]}_sparse+gate", mode,
                 gated(args.sparse_impls.split(",")[0], density), pairs, **plan)
@@ -361,6 +375,40 @@ def main():
             f"({peak_src})")
   path = common.output_path(args, "seer_prefill.json")
   return common.finish(path, common.meta(timing=timing, peak_tflops=peak), results)
+
+
+def parse_mosaic_configs(spec: str) -> list[tuple[str, object]]:
+  """'k=v,k=v;k=v' -> [(label, MosaicGPUConfig)], one per ';'-separated group; values are
+  bools (0 / 1 / true / false), ints or none, field names checked against the dataclass."""
+  if not spec.strip():
+    return []
+  import dataclasses
+  from pallas_kernels.block_sparse_attention import pallas_mosaic_gpu
+  fields = {f.name for f in dataclasses.fields(pallas_mosaic_gpu.MosaicGPUConfig)}
+  out = []
+  for group in (g.strip() for g in spec.split(";")):
+    if not group:
+      continue
+    kw = {}
+    for item in group.split(","):
+      key, sep, val = (x.strip() for x in item.partition("="))
+      if not sep or key not in fields or key == "backward":
+        raise ValueError(f"{item!r}: expected k=v with k one of {sorted(fields - {'backward'})}")
+      low = val.lower()
+      if low in ("1", "true", "0", "false") and key != "pipeline_depth":
+        kw[key] = low in ("1", "true")
+      elif low == "none":
+        kw[key] = None
+      else:
+        try:
+          kw[key] = int(val)
+        except ValueError:
+          raise ValueError(f"{item!r}: {val!r} is not a bool, int or none") from None
+    cfg = pallas_mosaic_gpu.MosaicGPUConfig(**kw)
+    cfg.validate()
+    out.append((",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                         for k, v in kw.items()), cfg))
+  return out
 
 
 def parse_ints_f(s: str) -> list[float]:

@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from benchmarks.bench_seer_prefill import (block_counts, block_indices, splash_mask_info,
-                                           splash_visible, visible_pairs)
+from benchmarks.bench_seer_prefill import (block_counts, block_indices, parse_mosaic_configs,
+                                           splash_mask_info, splash_visible, visible_pairs)
 from pallas_kernels.block_sparse_attention import check_block_indices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -47,6 +47,41 @@ def test_bench_seer_prefill_smoke(tmp_path):
     assert math.isfinite(r["ms"]) and r["ms"] > 0 and 0 < r["frac_of_floor"] < 1
   sparse = [r for r in rows if r["impl"] == "pallas_triton_sparse"]
   assert all(0.4 < r["density_of_causal"] < 0.75 for r in sparse)
+
+
+@pytest.mark.slow
+def test_bench_seer_prefill_mosaic_configs_smoke(tmp_path):
+  """--mosaic-configs: one Mosaic GPU row per config (interpret mode), timed like the rest."""
+  out = tmp_path / "out.json"
+  cmd = [sys.executable, "-m", "benchmarks", "seer_prefill", "--interpret", "--seqs", "128",
+         "--heads", "2,1", "--head-dim", "64", "--block-size", "64", "--densities", "1.0",
+         "--modes", "fwd", "--no-xla", "--no-target", "--no-gate", "--splash", "",
+         "--sparse-impls", "pallas_mosaic_gpu",
+         "--mosaic-configs", "overlap_qk=1;overlap_qk=1,pingpong=1",
+         "--calls", "1", "--copies", "1", "--windows", "1", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["results"]
+  sparse = {r["impl"]: r for r in rows if r["impl"].startswith("pallas_mosaic_gpu_sparse")}
+  assert set(sparse) == {"pallas_mosaic_gpu_sparse", "pallas_mosaic_gpu_sparse[overlap_qk=1]",
+                         "pallas_mosaic_gpu_sparse[overlap_qk=1,pingpong=1]"}
+  for r in sparse.values():
+    assert "skipped" not in r, r
+    assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["density_of_causal"] == 1.0
+
+
+def test_parse_mosaic_configs():
+  got = parse_mosaic_configs("overlap_qk=1; pingpong=true ;overlap_qk=1,pingpong=1,pipeline_depth=3")
+  assert [label for label, _ in got] == ["overlap_qk=1", "pingpong=1",
+                                         "overlap_qk=1,pingpong=1,pipeline_depth=3"]
+  cfg = got[2][1]
+  assert cfg.overlap_qk and cfg.pingpong and cfg.pipeline_depth == 3
+  assert not got[0][1].pingpong and got[1][1].pingpong and not got[1][1].overlap_qk
+  assert parse_mosaic_configs("") == []
+  for bad in ("nope=1", "overlap_qk", "pipeline_depth=x", "pipeline_depth=0", "overlap_qk=2",
+              "backward=1"):
+    with pytest.raises(ValueError):
+      parse_mosaic_configs(bad)
 
 
 @pytest.mark.parametrize("pattern,density", [("random", 0.2), ("random", 0.5), ("static", 0.1),
