@@ -162,11 +162,14 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
     def slot_of(s):
       return wg * depth + lax.rem(s, jnp.int32(depth))
 
+    def qk_dot(slot):           # the interpreter's product (no transposed wgmma operand in 0.10)
+      return jnp.dot(my_q[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
+
     def qk_of(slot, after_issue=lambda: None):
       """S = Q K^T of the K tile in `slot` (f32 [bs, bs]); after_issue runs while the wgmma
       is in flight."""
       if interpret:
-        qk = jnp.dot(my_q[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
+        qk = qk_dot(slot)
         after_issue()
         return qk
 
@@ -243,7 +246,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
         if prefetch:
           plgpu.barrier_wait(k_ready.at[nslot])
           if interpret:
-            nxt = jnp.dot(my_q[...], k_smem.at[nslot][...].T, preferred_element_type=jnp.float32)
+            nxt = qk_dot(nslot)
           else:
             plgpu.wgmma(qk_ref, my_q, mgpu_util.transposed(k_smem.at[nslot]))
         after_qk()
