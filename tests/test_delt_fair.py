@@ -192,6 +192,75 @@ def test_score_validity_ranks_the_pool_by_the_trained_loss():
   assert fair.score_validity(mcfg, params, pool, -losses)["spearman_lqs_vs_loss"] == pytest.approx(-1.0)
 
 
+def _two_source_pool(tmp_path):
+  """24 documents of two sources of different lengths (so windows straddle documents), as the
+  data overrides of --tiny."""
+  rng = np.random.default_rng(1)
+  rows = []
+  for i in range(24):
+    src = "news" if i % 3 else "web"
+    n = 90 if src == "news" else 30
+    rows.append({"text": "".join(rng.choice(list("abcdefgh "), n)), "source": src})
+  pool = tmp_path / "pool.jsonl"
+  pool.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return pool, ["data.source=" + str(pool), "data.max_documents=null", "data.valid_fraction=0.1"]
+
+
+def test_composition_labels_the_pool_and_shares_the_score_bins(tmp_path, capsys):
+  """composition: every pool example gets the source of most of its tokens (checked by rebuilding
+  the token windows with the source as the token); scores that put one source on top give it the
+  whole top half, and the report shows the table."""
+  from effjax.data import delt, load_splits
+  from effjax.data.tokenizer import ByteTokenizer
+  pool_file, ovs = _two_source_pool(tmp_path)
+  args = fair.parse_args(["composition", "--tiny", "--out", str(tmp_path / "o"), *ovs])
+  base, all_ovs = fair.base_config(args)
+  names, label, share = fair.pool_labels(base.data, "source")
+  assert names == ["news", "web"]
+  pool = load_splits(base.data)["train"]
+  assert label.shape == (len(pool),) and np.all((share > 0.5) & (share <= 1.0))
+  # an independent labelling: the same documents with each byte replaced by its source's letter
+  from effjax.data.pipeline import split_documents, to_examples
+  docs = [json.loads(l) for l in pool_file.read_text().splitlines()]
+  marked = [np.full(len(ByteTokenizer().encode(d["text"])), ord("n" if d["source"] == "news"
+                                                              else "w"), np.int32) for d in docs]
+  train, _ = split_documents(marked, base.data.valid_fraction, base.data.seed)
+  win = to_examples(train, base.data).tokens
+  web = (win == ord("w")).sum(1) > (win == ord("n")).sum(1)
+  np.testing.assert_array_equal(label, web.astype(np.int32))
+  assert 0 < web.sum() < len(web)
+  # fake cached scores: web examples score high (LQS), news high (PDS)
+  from effjax.config import load_config
+  ramp = np.linspace(0, 0.1, len(web), dtype=np.float32)              # distinct scores
+  for kind, s in (("lqs", web + ramp), ("pds", ~web + ramp[::-1])):
+    cfg = load_config(args.config, all_ovs + [f"delt.scoring={kind}",
+                                             f"delt.cache_dir={tmp_path / 'o' / 'scores'}"])
+    d = tmp_path / "o" / "scores" / delt._cache_key(cfg, pool)
+    d.mkdir(parents=True)
+    np.save(d / "scores.npy", s.astype(np.float32))
+  assert fair.main(["composition", "--tiny", "--out", str(tmp_path / "o"), *ovs]) == 0
+  doc = json.loads((tmp_path / "o" / "report" / "composition.json").read_text())
+  n_web, h = int(web.sum()), int(np.floor(0.5 * len(web) + 0.5))
+  assert doc["pool_share"] == pytest.approx([1 - n_web / len(web), n_web / len(web)])
+  assert doc["scores"]["lqs"]["top50_share"][1] == pytest.approx(min(n_web, h) / h)
+  assert doc["scores"]["pds"]["top50_share"][0] == pytest.approx(min(len(web) - n_web, h) / h)
+  assert doc["scores"]["lqs"]["bin_share"][-1] == pytest.approx([0.0, 1.0])
+  assert doc["lqs_vs_pds"]["spearman"] < 0
+  md = fair._composition_md(doc)
+  assert any(l.startswith("| web |") for l in md) and any("Spearman" in l for l in md)
+
+
+def test_composition_errors_are_one_line(tmp_path, capsys):
+  pool_file, ovs = _two_source_pool(tmp_path)
+  out = str(tmp_path / "o")
+  assert fair.main(["composition", "--tiny", "--out", out, *ovs]) == 2    # nothing scored yet
+  assert "no cached LQS / PDS scores" in _one_error_line(capsys)
+  txt = tmp_path / "pool.txt"
+  txt.write_text("\n".join(json.loads(l)["text"] for l in pool_file.read_text().splitlines()))
+  assert fair.main(["composition", "--tiny", "--out", out, *ovs, f"data.source={txt}"]) == 2
+  assert "no cached" in _one_error_line(capsys)          # the scores are checked first
+
+
 def test_report_refuses_conflicts(tmp_path):
   a, b = tmp_path / "a", tmp_path / "b"
   _write(a, _result("fp", 1, "conventional", 0, 3.0, 4.0))

@@ -9,6 +9,8 @@ its data for whole epochs, and the scores come straight from a strong proxy?
   python experiments/delt/fair.py report [--out DIR | --results DIR [--results DIR ...]]
                                          [--report-out DIR]
   python experiments/delt/fair.py plan   [--tiny] [--pool-examples N] [--tflops 120]
+  python experiments/delt/fair.py composition [--tiny] [--out DIR] [--scores DIR] [--field source]
+                                         [--report-out DIR] [key.sub=value ...]
 
 The study's size and settings are configs/delt_fair.yaml (--config), `--tiny` (a CPU-sized model,
 pool and proxy) and key.sub=value overrides; experiments/delt/REPORT.md gives its time arithmetic.
@@ -656,6 +658,9 @@ def report(dirs: list[pathlib.Path], out: pathlib.Path, log=print, command: str 
     if len(v) > 1:
       L += [f"Note: the runs used {len(v)} different sets of {k} scores (scored again on another "
             "machine; GPU scoring is not bit-reproducible).", ""]
+  comp = out / "composition.json"
+  if comp.exists():
+    L += _composition_md(json.loads(comp.read_text()))
   L += ["![loss curves](fair_curves.png)", "", "![paired differences](fair_deltas.png)", "",
         "## Regenerate", "", "```bash", cmd]
   L += [f"# runs: {c}" for c in doc["run_commands"]]
@@ -732,6 +737,153 @@ def cmd_report(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# composition: what the scores select, by a field of the pool's documents
+
+
+def pool_labels(dcfg, field: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """The pool's examples labelled by a field of the .jsonl documents they come from: (names,
+  label int [n] (the value holding most of the example's tokens), share float [n] (that value's
+  share of them)). The pool is rebuilt as `load_splits` builds it, with the field carried along,
+  and its tokens must equal the pool's: a mismatch is an error, never a silent mislabelling."""
+  from effjax.data import load_splits
+  from effjax.data.pipeline import split_documents, to_examples
+  from effjax.data.sources import load_documents, resolve_source
+  from effjax.data.tokenizer import ByteTokenizer
+  import glob as _glob
+
+  src = resolve_source(dcfg.source, dcfg.root)
+  path = pathlib.Path(src).expanduser()
+  if path.is_dir():
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl"))
+  elif path.is_file():
+    files = [path]
+  else:
+    files = sorted(pathlib.Path(f) for f in _glob.glob(str(path), recursive=True))
+  if not files or any(f.suffix.lower() != ".jsonl" for f in files):
+    raise FairError(f"composition needs a pool of .jsonl files with a {field!r} field; "
+                    f"{dcfg.source} is not one")
+  texts, values = [], []
+  for f in files:
+    with open(f, encoding="utf-8", errors="replace") as fh:
+      for lineno, line in enumerate(fh, start=1):
+        if not line.strip():
+          continue
+        obj = json.loads(line)
+        text = obj.get(dcfg.text_field)
+        if not (isinstance(text, str) and text.strip()):
+          continue
+        if field not in obj:
+          raise FairError(f"{f}, line {lineno}: no field {field!r} to label the pool by")
+        texts.append(text)
+        values.append(str(obj[field]))
+  docs = load_documents(dcfg.source, text_field=dcfg.text_field, root=dcfg.root,
+                        max_documents=dcfg.max_documents)
+  if texts[:len(docs)] != docs:
+    raise FairError(f"the documents read with their {field!r} field differ from the loader's")
+  values = values[:len(docs)]
+  names = sorted(set(values))
+  tok = ByteTokenizer()
+  ids = [tok.encode(d) for d in docs]
+  labs = [np.full(d.shape[0], names.index(v), np.int32) for d, v in zip(ids, values)]
+  train, _ = split_documents(ids, dcfg.valid_fraction, dcfg.seed)
+  train_l, _ = split_documents(labs, dcfg.valid_fraction, dcfg.seed)  # same lengths, same cut
+  keep = [i for i, d in enumerate(train) if d.shape[0] > 0]
+  train, train_l = [train[i] for i in keep], [train_l[i] for i in keep]
+  pool = load_splits(dcfg)["train"]
+  rebuilt = to_examples(train, dcfg)
+  if rebuilt.tokens.shape != pool.tokens.shape or not np.array_equal(rebuilt.tokens, pool.tokens):
+    raise FairError("the rebuilt pool differs from the training pool: cannot label it")
+  L = dcfg.seq_len + 1
+  if dcfg.packing == "pad":
+    label = np.array([l[0] for l in train_l], np.int32)
+    return names, label, np.ones(len(label))
+  # pack: BOS doc EOS per document, cut into windows of seq_len + 1 (the short tail dropped)
+  stream = np.concatenate([np.concatenate([l[:1], l, l[:1]]) for l in train_l])
+  win = stream[: len(pool) * L].reshape(len(pool), L)
+  counts = np.stack([(win == k).sum(1) for k in range(len(names))], 1)
+  return names, counts.argmax(1).astype(np.int32), counts.max(1) / L
+
+
+def composition(names: list[str], label: np.ndarray, scores: dict[str, np.ndarray],
+                bins: int = 10) -> dict:
+  """Each label's share of the pool, of every score bin (lowest scores first: the order of a
+  Folding sweep) and of the top half (what top-50% selection keeps)."""
+  k = len(names)
+  share = lambda ix: np.bincount(label[ix], minlength=k) / max(len(ix), 1)
+  out = {"names": names, "pool_share": share(np.arange(len(label))).tolist(), "scores": {}}
+  for name, s in scores.items():
+    order = np.argsort(s, kind="stable")
+    half = order[len(order) - int(math.floor(0.5 * len(order) + 0.5)):]
+    out["scores"][name] = {"bin_share": [share(ix).tolist() for ix in np.array_split(order, bins)],
+                           "top50_share": share(half).tolist()}
+  if "lqs" in scores and "pds" in scores:      # does the learnability factor change the ranking?
+    from scipy import stats
+    a, b = scores["lqs"], scores["pds"]
+    h = int(math.floor(0.5 * len(a) + 0.5))
+    top = lambda s: set(np.argsort(s, kind="stable")[len(s) - h:].tolist())
+    out["lqs_vs_pds"] = {"spearman": float(stats.spearmanr(a, b).statistic),
+                         "top50_overlap": len(top(a) & top(b)) / h}
+  return out
+
+
+def cmd_composition(args) -> int:
+  from effjax.config import load_config
+  from effjax.data import delt, load_splits
+  base, ovs = base_config(args)
+  scores_dir = pathlib.Path(args.scores or pathlib.Path(args.out) / "scores")
+  try:
+    pool = load_splits(base.data)["train"]
+  except (OSError, ValueError) as e:
+    raise FairError(f"data: {e}") from None
+  scores = {}
+  for kind in ("lqs", "pds"):
+    cfg = load_config(args.config, ovs + [f"delt.scoring={kind}", f"delt.cache_dir={scores_dir}"])
+    f = scores_dir / delt._cache_key(cfg, pool) / "scores.npy"
+    if f.exists():
+      s = np.load(f)
+      if s.shape != (len(pool),):
+        raise FairError(f"{f} holds {s.shape[0]} scores for a pool of {len(pool)}")
+      scores[kind] = s
+  if not scores:
+    raise FairError(f"no cached LQS / PDS scores of this setup under {scores_dir} (composition "
+                    f"never scores: `fair.py run` does)")
+  names, label, purity = pool_labels(base.data, args.field)
+  doc = {"field": args.field, "examples": int(len(label)),
+         "mean_majority_share": float(purity.mean()), **composition(names, label, scores)}
+  out = pathlib.Path(args.report_out or pathlib.Path(args.out) / "report") / "composition.json"
+  _atomic_json(out, doc)
+  print(f"composition of {len(label)} pool examples by {args.field!r} "
+        f"({', '.join(scores)} scores) in {out}")
+  return 0
+
+
+def _composition_md(doc: dict) -> list[str]:
+  names, pool = doc["names"], doc["pool_share"]
+  L = [f"## What the scores select, by `{doc['field']}`", "",
+       f"Each pool example labelled by the `{doc['field']}` of the document holding most of its "
+       f"tokens (on average {100 * doc['mean_majority_share']:.1f}% of them), then each label's "
+       "share of the pool, of each LQS decile (lowest first: the order of a Folding sweep) and of "
+       "the top half (what top-50% selection keeps; its ratio to the pool share in brackets).",
+       "", "| " + doc["field"] + " | pool | " + " | ".join(f"d{i + 1}" for i in range(10))
+       + " | LQS top 50% | PDS top 50% |", "|---|---|" + "---|" * 12]
+  lqs, pds = doc["scores"].get("lqs"), doc["scores"].get("pds")
+  for j, nm in enumerate(names):
+    row = f"| {nm} | {pool[j]:.3f} |"
+    row += "".join(f" {b[j]:.3f} |" for b in lqs["bin_share"]) if lqs else " |" * 10
+    for s in (lqs, pds):
+      row += f" {s['top50_share'][j]:.3f} ({s['top50_share'][j] / max(pool[j], 1e-12):.2f}x) |" \
+          if s else " |"
+    L.append(row)
+  L.append("")
+  if "lqs_vs_pds" in doc:
+    c = doc["lqs_vs_pds"]
+    L += [f"LQS against PDS (the same trajectory without the learnability factor): Spearman's rho "
+          f"{c['spearman']:+.4f}; the two top halves share {100 * c['top50_overlap']:.2f}% of "
+          "their examples.", ""]
+  return L
+
+
+# ---------------------------------------------------------------------------------------------
 # plan: the arithmetic of a study's size
 
 
@@ -792,17 +944,18 @@ def cmd_plan(args) -> int:
 def _parser(cmd: str) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog=f"fair.py {cmd}", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  if cmd in ("run", "plan"):
+  if cmd in ("run", "plan", "composition"):
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--tiny", action="store_true",
                    help="CPU-sized model, pool and proxy (a full pass in minutes); seeds 0 1")
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+  if cmd in ("run", "plan"):
     p.add_argument("--seeds", type=int, nargs="+", default=None)
     p.add_argument("--budgets", type=int, nargs="+", default=[1, 3],
                    help="epochs over the whole pool")
     p.add_argument("--folds", type=int, nargs="+", default=[3, 5],
                    help="Folding L values; the first is used with selection")
     p.add_argument("--conditions", nargs="+", default=None)
-    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
   if cmd == "run":
     p.add_argument("--out", default=str(ROOT / "runs/delt_fair"))
     p.add_argument("--eval-source", action="append", default=[], metavar="PATH",
@@ -825,6 +978,13 @@ def _parser(cmd: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "runs/delt_fair"),
                    help="with no --results: the run's --out")
     p.add_argument("--report-out", default=None, help="where the report goes (default <out>/report)")
+  elif cmd == "composition":
+    p.add_argument("--out", default=str(ROOT / "runs/delt_fair"))
+    p.add_argument("--scores", default=None, metavar="DIR",
+                   help="the score cache (default <out>/scores)")
+    p.add_argument("--field", default="source", help="the .jsonl field to label the pool by")
+    p.add_argument("--report-out", default=None,
+                   help="where composition.json goes (default <out>/report; `report` reads it)")
   elif cmd == "plan":
     p.add_argument("--pool-examples", type=int, default=None,
                    help="skip loading the pool (83171 for nltk-english-mix at seq 256)")
@@ -840,7 +1000,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   # key=value overrides may come anywhere, also after a list option such as --conditions
   overrides = [a for a in argv[1:] if "=" in a and not a.startswith("-")]
   args = _parser(argv[0]).parse_intermixed_args([a for a in argv[1:] if a not in overrides])
-  if argv[0] in ("run", "plan"):
+  if argv[0] in ("run", "plan", "composition"):
     args.overrides = overrides
   elif overrides:
     raise SystemExit(f"error: {argv[0]} takes no key=value overrides: {' '.join(overrides)}")
@@ -854,9 +1014,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] not in ("run", "report", "plan"):
+  if not argv or argv[0] not in ("run", "report", "plan", "composition"):
     print(__doc__, file=sys.stderr)
-    print("error: the first argument must be run, report or plan", file=sys.stderr)
+    print("error: the first argument must be run, report, plan or composition", file=sys.stderr)
     return 2
   args = parse_args(argv)
   args.argv = argv
@@ -868,6 +1028,8 @@ def main(argv=None) -> int:
       return cmd_run(args)
     if args.cmd == "report":
       return cmd_report(args)
+    if args.cmd == "composition":
+      return cmd_composition(args)
     return cmd_plan(args)
   except (FairError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
