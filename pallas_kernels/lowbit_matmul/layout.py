@@ -375,6 +375,24 @@ def _unpack_ternary(pw: PackedWeight) -> jax.Array:
   return (t[:K] - 1).astype(jnp.int8)
 
 
+@jax.jit
+def unpack_ternary_nk(pw: PackedWeight) -> jax.Array:
+  """A ternary weight -> int8 codes [N, K] (W^T: K minor, the layout of an integer GEMM's weight
+  operand on the GPU, which takes both int8 operands K-major). i2_t stores N major, so its
+  words unpack straight into rows of W^T (contiguous reads and writes, no transpose); the other
+  formats are unpacked and transposed."""
+  if pw.fmt not in TERNARY_FORMATS:
+    raise ValueError(f"unpack_ternary_nk takes a ternary format ({', '.join(TERNARY_FORMATS)}), "
+                     f"got {pw.fmt!r}")
+  K, N = pw.shape
+  if pw.fmt != "i2_t":
+    return _unpack_ternary(pw).T
+  W = pw.block // 8                                    # words a block
+  u = pw.packed.astype(jnp.uint32).reshape(N, -1, 1, W)
+  q = (u >> _slot_shifts(2, 16, False)[:, None]) & np.uint32(3)      # [N, blocks, 8, W]
+  return q.reshape(N, pw.rows)[:, :K].astype(jnp.int8) - jnp.int8(1)
+
+
 def pack_i2s(codes_KN: jax.Array, scale, *, block: int = DEFAULT_BLOCK["i2_s"]) -> PackedWeight:
   """Ternary codes int [K, N] in {-1, 0, 1} and the float per-tensor scale -> an i2_s weight:
   packed uint8 [rows / 4, N], q = t + 1 four a byte (module docstring)."""

@@ -49,7 +49,13 @@ def _group_rows(x_MK: jax.Array, packed: layout.PackedWeight) -> jax.Array:
 def int_group_sums(x_int8_MK: jax.Array, packed: layout.PackedWeight) -> jax.Array:
   """int32 [M, G, N]: sum over the rows k of weight group g of x[m, k] * c[k, n], c the integer
   codes (ternary t, G = 1; or bit-plane q, G = rows / block), from int8 x [M, K]. Exact: int8
-  operands, int32 accumulation (|sum| <= 127 * 15 * K)."""
+  operands, int32 accumulation (|sum| <= 127 * 15 * K). Above REDUCE_MAX_ROWS rows a ternary
+  weight is unpacked as W^T [N, K] (`layout.unpack_ternary_nk`) and contracted on its minor axis:
+  the GPU's int8 GEMM takes both operands K-major, so [K, N] codes would be transposed first."""
+  if packed.fmt in layout.TERNARY_FORMATS and x_int8_MK.shape[0] > REDUCE_MAX_ROWS:
+    acc_MN = lax.dot_general(x_int8_MK, layout.unpack_ternary_nk(packed), (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.int32)
+    return acc_MN[:, None, :]
   c_KN = layout.unpack(packed).astype(jnp.int8)
   c_GRN = jnp.pad(c_KN, ((0, packed.rows - c_KN.shape[0]), (0, 0))).reshape(
     packed.groups, -1, c_KN.shape[1])

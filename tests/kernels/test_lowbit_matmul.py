@@ -241,10 +241,22 @@ def test_quantize_activations():
   assert s[3] == 0 and not np.any(q[3])
 
 
-@pytest.mark.parametrize("fmt", ["tl1", "bits3"])
-def test_int_group_sums_are_int64_exact(fmt):
+@pytest.mark.parametrize("fmt", ["i2_s", "i2_t", "tl1", "tl2"])
+def test_unpack_ternary_nk_is_the_transposed_unpack(fmt):
+  for K, N in ((101, 9), (1024, 3)):                # ragged K; K a multiple of every block
+    pw, _ = make_weight(11, K, N, fmt)
+    got = np.asarray(layout.unpack_ternary_nk(pw))
+    assert got.dtype == np.int8 and got.shape == (N, K)
+    np.testing.assert_array_equal(got, np.asarray(layout.unpack(pw)).T)
+  with pytest.raises(ValueError, match="ternary format"):
+    layout.unpack_ternary_nk(make_weight(11, 64, 8, "bits3")[0])
+
+
+@pytest.mark.parametrize("M", [4, 13])     # multiply + reduce; the dot (ternary: on W^T)
+@pytest.mark.parametrize("fmt", ["i2_s", "i2_t", "tl1", "tl2", "bits3"])
+def test_int_group_sums_are_int64_exact(fmt, M):
   """Per weight group (the op tests check the totals of every format)."""
-  M, K, N = 4, 101, 9
+  K, N = 101, 9
   pw, _ = make_weight(7, K, N, fmt)
   x = random_x_int8(8, M, K)
   got = np.asarray(int_group_sums(jnp.asarray(x), pw))
