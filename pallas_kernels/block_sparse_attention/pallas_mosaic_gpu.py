@@ -17,7 +17,9 @@ unlike dense FlashAttention-3 they do not share K / V tiles, and each has its ow
 barriers; by default they run independently. Two opt-in schedules (`MosaicGPUConfig`) bring in
 FlashAttention-3's: `overlap_qk` (the next slot's QK^T wgmma in flight under this slot's
 softmax) and `pingpong` (a rendezvous barrier alternating the consumers' softmax and wgmmas;
-the consumer with fewer steps makes up the count with empty meetings).
+the consumer with fewer steps makes up the count with empty meetings). A third, `pair_blocks`,
+takes two selected blocks a step (FlashAttention-3's 128-wide key tiles at H=128): the producer
+copies them into the two halves of one [128, H] buffer, and a row's last pair alone is masked.
 Ids ascend, so a row's live slots are the blocks below the diagonal (no mask: they end before
 the length whenever the query block holds a valid row) and then the diagonal, the only step that
 applies the causal and length mask (col <= row, col < length). Rows past the length, or that
@@ -51,6 +53,7 @@ from pallas_kernels.dispatch import NotSupported, require_platform
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 CONSUMERS = 2        # query blocks (compute warpgroups) per program
+REDUCTION_SCRATCH = 2048   # plgpu.CompilerParams' default reduction_scratch_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +75,26 @@ class MosaicGPUConfig:
     The consumers walk their own index rows, so their step counts differ: the one that
     finishes first (or a second query block past the last) keeps meeting the other with empty
     rendezvous until both have met 2 * max(steps) + 1 times, so neither waits forever.
+  pair_blocks: each consumer step takes two selected key blocks (slots 2s and 2s + 1, any ids),
+    as FlashAttention-3's 128-wide key tiles: QK^T a [64, 128] wgmma and PV one with K = 128,
+    half the steps' online-softmax work (row max / sum, acc rescale, barrier waits). The
+    producer copies the two blocks into the halves of a [128, H] buffer; an odd slot count's
+    last step copies its one block into both halves and masks the second. The buffers double:
+    K and V rings get their own depths (`fit_depths`; H=128 keeps two K buffers and one V,
+    or with overlap_qk + pingpong one K and two V), and H=256 does not fit (refused). With
+    overlap_qk the carried scores are [64, 128] f32 (64 more registers a thread).
   """
   pipeline_depth: int | None = None
   backward: object | None = None
   overlap_qk: bool = False
   pingpong: bool = False
+  pair_blocks: bool = False
 
   def validate(self) -> None:
     d = self.pipeline_depth
     if d is not None and (not isinstance(d, int) or d < 1):
       raise ValueError(f"config.pipeline_depth must be a positive int or None, got {d!r}")
-    for name in ("overlap_qk", "pingpong"):
+    for name in ("overlap_qk", "pingpong", "pair_blocks"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -101,11 +113,20 @@ def mgpu_supported(H: int, block_size: int, dtype) -> str | None:
   return None
 
 
-def smem_bytes(H: int, block_size: int, depth: int, dtype) -> int:
-  """Shared memory of one program: two Q / O tiles, two rings of depth K and V buffers, lse."""
+def smem_bytes(H: int, block_size: int, depth: int, dtype, *, v_depth: int | None = None,
+               blocks_per_step: int = 1) -> int:
+  """Shared memory of one program as Mosaic GPU allocates it: two Q / O tiles, per consumer a
+  ring of `depth` K buffers and one of `v_depth` (default: depth) V buffers of blocks_per_step
+  key blocks each, the lse tile (1 KiB-aligned), 8 bytes a barrier (the rendezvous counted),
+  and Pallas's cross-warp reduction scratch (2 KiB; `pair_blocks` turns it off)."""
   isz = jnp.dtype(dtype).itemsize
   tile = block_size * H * isz
-  return CONSUMERS * tile + 2 * CONSUMERS * depth * tile + CONSUMERS * block_size * 4 + 1024
+  v_depth = depth if v_depth is None else v_depth
+  kv = CONSUMERS * (depth + v_depth) * blocks_per_step * tile
+  lse = -(-CONSUMERS * block_size * 4 // 1024) * 1024
+  barriers = 8 * (2 * CONSUMERS * (depth + v_depth) + CONSUMERS + 1)
+  scratch = 0 if blocks_per_step > 1 else REDUCTION_SCRATCH
+  return CONSUMERS * tile + kv + lse + barriers + scratch
 
 
 def fit_depth(H: int, block_size: int, depth: int, dtype) -> int:
@@ -115,9 +136,27 @@ def fit_depth(H: int, block_size: int, depth: int, dtype) -> int:
   return depth
 
 
+def fit_depths(H: int, block_size: int, depth: int, dtype, *,
+               keep_v: bool = False) -> tuple[int, int] | None:
+  """(K depth, V depth) of `pair_blocks` rings (two key blocks a buffer) that fit an SM, from
+  `depth` each, lowering the deeper ring first and, on a tie, V's (K is waited for first in a
+  step) or with keep_v K's (overlap_qk + pingpong needs two V buffers); None if one each does
+  not fit."""
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  kd = vd = depth
+  while smem_bytes(H, block_size, kd, dtype, v_depth=vd, blocks_per_step=2) > limit:
+    if kd == vd == 1:
+      return None
+    if vd > kd or (vd == kd and not keep_v):
+      vd -= 1
+    else:
+      kd -= 1
+  return kd, vd
+
+
 def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
-            bs: int, G: int, hdiv: int, nq: int, depth: int, scale_log2: float,
-            overlap_qk: bool, pingpong: bool, interpret: bool):
+            bs: int, G: int, hdiv: int, nq: int, depth: int, v_depth: int, scale_log2: float,
+            overlap_qk: bool, pingpong: bool, pair_blocks: bool, interpret: bool):
   (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped[:3]
   sched = scoped[3] if pingpong else None     # the consumers' rendezvous (2 arrivals)
   b = lax.axis_index("b")
@@ -131,6 +170,8 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
   dtype = q_smem.dtype
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
+  kw = 2 * bs if pair_blocks else bs            # keys a step (a K / V buffer's rows)
+  M = idx_ref.shape[-1]
 
   def cast(x, layout):
     return x if interpret else plgpu.layout_cast(x, layout)
@@ -146,6 +187,20 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
     i = pair * CONSUMERS + w
     return jnp.where(i < nq, ref[b, hi, jnp.minimum(i, nq - 1)], 0)
 
+  def n_steps(w):
+    """Consumer w's steps: its live slots, or with pair_blocks their pairs."""
+    return lax.div(live(w) + 1, jnp.int32(2)) if pair_blocks else live(w)
+
+  def pair_ids(w, s, n_slots):
+    """The two block ids of consumer w's step s (pair_blocks): slots 2s and 2s + 1, the second
+    the first again past the live slots (a real block, so the unused half holds finite
+    values; never a -1 pad), and whether the second is live."""
+    row = (b, hi, pair * CONSUMERS + w)
+    second = 2 * s + 1 < n_slots
+    b0 = idx_ref[(*row, 2 * s)]
+    b1 = jnp.where(second, idx_ref[(*row, jnp.minimum(2 * s + 1, M - 1))], b0)
+    return b0, b1, second
+
   def rendezvous():
     plgpu.barrier_arrive(sched)
     plgpu.barrier_wait(sched)
@@ -156,17 +211,21 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       plgpu.set_max_registers(232, action="increase")
     i = pair * CONSUMERS + wg
     q0 = i * bs
-    steps = live(wg)
+    steps = n_steps(wg)
     my_q = q_smem.at[wg]
 
     def slot_of(s):
       return wg * depth + lax.rem(s, jnp.int32(depth))
 
+    def v_slot_of(s, slot):
+      """V's buffer of step s (K's is `slot`; the rings differ only with pair_blocks)."""
+      return slot if v_depth == depth else wg * v_depth + lax.rem(s, jnp.int32(v_depth))
+
     def qk_dot(slot):           # the interpreter's product (no transposed wgmma operand in 0.10)
       return jnp.dot(my_q[...], k_smem.at[slot][...].T, preferred_element_type=jnp.float32)
 
     def qk_of(slot, after_issue=lambda: None):
-      """S = Q K^T of the K tile in `slot` (f32 [bs, bs]); after_issue runs while the wgmma
+      """S = Q K^T of the K tile in `slot` (f32 [bs, kw]); after_issue runs while the wgmma
       is in flight."""
       if interpret:
         qk = qk_dot(slot)
@@ -177,17 +236,37 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
         plgpu.wgmma(acc_ref, my_q, mgpu_util.transposed(k_smem.at[slot]))
         after_issue()
         return acc_ref[...]
-      return pl.run_scoped(compute_qk, plgpu.ACC((bs, bs), jnp.float32))
+      return pl.run_scoped(compute_qk, plgpu.ACC((bs, kw), jnp.float32))
 
-    def softmax(qk, acc, m_i, l_i, block, mask):
-      """One slot's online-softmax update (base 2): (acc rescaled, m, l, p in q's dtype);
-      mask: None, or the (rows, offs) iotas of the causal and length mask."""
-      s_ = qk * scale_log2
-      masked = mask is not None
-      if masked:                # the diagonal block (the only one that can cross the length)
+    def valid_of(s, block, mask):
+      """None (no mask), or a function giving step s's causal and length mask (bool [bs, kw]);
+      block: the slot's id (one block a step); mask: the (rows, offs) iotas, or with
+      pair_blocks True (the pair's iotas and ids are made here, in its one masked step)."""
+      if mask is None:
+        return None
+      if not pair_blocks:
         rows, offs = mask
-        cols = block * bs + offs
-        valid = (cols <= rows) & (cols < length)
+
+        def single():
+          cols = block * bs + offs
+          return (cols <= rows) & (cols < length)
+        return single
+
+      def paired():
+        rows, offs = q0 + iota((bs, kw), 0), iota((bs, kw), 1)
+        b0, b1, second = pair_ids(wg, s, live(wg))
+        cols = jnp.where(offs < bs, b0 * bs + offs, (b1 - 1) * bs + offs)
+        width = jnp.where(second, kw, bs)         # an odd count's second half: no key
+        return (cols <= rows) & (cols < length) & (offs < width)
+      return paired
+
+    def softmax(qk, acc, m_i, l_i, valid_fn):
+      """One step's online-softmax update (base 2): (acc rescaled, m, l, p in q's dtype);
+      valid_fn: None, or `valid_of`'s mask function."""
+      s_ = qk * scale_log2
+      masked = valid_fn is not None
+      if masked:                # the diagonal block (the only one that can cross the length)
+        valid = valid_fn()
         s_ = jnp.where(valid, s_, online_softmax.MASK_VALUE)
       m_new = jnp.maximum(m_i, s_.max(axis=1))
       alpha = jnp.exp2(m_i - m_new)
@@ -226,14 +305,15 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
     def step(s, carry, mask):
       acc, m_i, l_i = carry
       slot = slot_of(s)
-      block = idx_ref[b, hi, i, s]
+      vslot = v_slot_of(s, slot)
+      block = None if pair_blocks else idx_ref[b, hi, i, s]
       plgpu.barrier_wait(k_ready.at[slot])
       qk = qk_of(slot, after_qk)
       plgpu.barrier_arrive(k_free.at[slot])
-      acc, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, block, mask)
-      wait_v(slot)
-      acc = pv(acc, p16, slot)
-      plgpu.barrier_arrive(v_free.at[slot])
+      acc, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
+      wait_v(vslot)
+      acc = pv(acc, p16, vslot)
+      plgpu.barrier_arrive(v_free.at[vslot])
       return acc, m_new, l_new
 
     def step_overlapped(s, carry, prefetch, mask):
@@ -241,6 +321,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       wgmma is issued first and runs under this slot's softmax."""
       acc, m_i, l_i, qk = carry
       slot, nslot = slot_of(s), slot_of(s + 1)
+      vslot = v_slot_of(s, slot)
 
       def body(qk_ref):
         if prefetch:
@@ -250,16 +331,17 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
           else:
             plgpu.wgmma(qk_ref, my_q, mgpu_util.transposed(k_smem.at[nslot]))
         after_qk()
-        acc2, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, idx_ref[b, hi, i, s], mask)
-        wait_v(slot)
-        acc2 = pv(acc2, p16, slot)                 # waits for the next QK^T too
-        plgpu.barrier_arrive(v_free.at[slot])
+        block = None if pair_blocks else idx_ref[b, hi, i, s]
+        acc2, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
+        wait_v(vslot)
+        acc2 = pv(acc2, p16, vslot)                # waits for the next QK^T too
+        plgpu.barrier_arrive(v_free.at[vslot])
         if prefetch and not interpret:
           nxt = qk_ref[...]
         return acc2, m_new, l_new, nxt if prefetch else qk
 
       if prefetch and not interpret:
-        out = pl.run_scoped(body, plgpu.ACC((bs, bs), jnp.float32))
+        out = pl.run_scoped(body, plgpu.ACC((bs, kw), jnp.float32))
       else:
         out = body(None)
       if prefetch:
@@ -272,7 +354,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       plgpu.barrier_wait(q_ready.at[wg])
       if pingpong:
         pl.when(wg == 1)(rendezvous)      # consumer 1 starts half a step behind consumer 0
-      mask = (q0 + iota((bs, bs), 0), iota((bs, bs), 1))
+      mask = True if pair_blocks else (q0 + iota((bs, bs), 0), iota((bs, bs), 1))
       init = (cast(jnp.zeros((bs, H), jnp.float32), wgmma_layout),
               cast(jnp.full((bs,), online_softmax.MASK_VALUE, jnp.float32), row_layout),
               cast(jnp.zeros((bs,), jnp.float32), row_layout))
@@ -284,7 +366,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
           plgpu.barrier_arrive(k_free.at[slot])
           return qk
         qk0 = lax.fori_loop(0, jnp.minimum(steps, 1), first,
-                            cast(jnp.zeros((bs, bs), jnp.float32), wgmma_layout))
+                            cast(jnp.zeros((bs, kw), jnp.float32), wgmma_layout))
         # Every slot but the last prefetches (the slots before the last lie below the
         # diagonal: unmasked); the last is masked whether or not it is the diagonal (a block
         # below it is wholly visible to every valid row, so the mask changes nothing there).
@@ -296,7 +378,9 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       else:
         # Ascending ids: the slots below the diagonal come first and need no mask (a block
         # j < i of a query block holding a valid row ends before the length); then the diagonal.
-        n_full = live(wg, nfull_ref)
+        # With pair_blocks every pair but the last lies below it (the last holds the last
+        # live slot, and an odd count's empty half): only the last is masked.
+        n_full = jnp.maximum(steps - 1, 0) if pair_blocks else live(wg, nfull_ref)
         carry = lax.fori_loop(0, n_full, functools.partial(step, mask=None), init)
         acc, m_i, l_i = lax.fori_loop(n_full, steps, functools.partial(step, mask=mask), carry)
       row_ids = q0 + (lax.broadcasted_iota(jnp.int32, (bs,), 0) if interpret else
@@ -322,29 +406,40 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
         rendezvous()
         rendezvous()
         return carry
-      lax.fori_loop(steps, live(1 - wg), empty, 0)
+      lax.fori_loop(steps, n_steps(1 - wg), empty, 0)
       pl.when(wg == 0)(rendezvous)
 
   @pl.when(wg == CONSUMERS)
   def _producer():
     if not interpret:
       plgpu.set_max_registers(40, action="decrease")
-    counts = [live(w) for w in range(CONSUMERS)]
+    counts = [n_steps(w) for w in range(CONSUMERS)]
 
     def issue(w, s):
       slot = w * depth + lax.rem(s, jnp.int32(depth))
-      block = jnp.maximum(idx_ref[b, hi, pair * CONSUMERS + w, s], 0)
-      src = (b, pl.ds(block * bs, bs), kvh)
+      vslot = slot if v_depth == depth else w * v_depth + lax.rem(s, jnp.int32(v_depth))
+      if pair_blocks:             # two copies a buffer, one a half (the barriers count two)
+        ids = pair_ids(w, s, live(w))[:2]
+        parts = [((b, pl.ds(jnp.maximum(j, 0) * bs, bs), kvh), pl.ds(h * bs, bs))
+                 for h, j in enumerate(ids)]
+      else:
+        block = jnp.maximum(idx_ref[b, hi, pair * CONSUMERS + w, s], 0)
+        parts = [((b, pl.ds(block * bs, bs), kvh), None)]
+
+      def copy(ref, smem, ready, slot):
+        for src, half in parts:
+          dst = smem.at[slot] if half is None else smem.at[slot, half]
+          plgpu.copy_gmem_to_smem(ref.at[src], dst, ready.at[slot])
 
       @pl.when(s >= depth)
       def _():
         plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_ready.at[slot])
+      copy(k_ref, k_smem, k_ready, slot)
 
-      @pl.when(s >= depth)
+      @pl.when(s >= v_depth)
       def _():
-        plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_ready.at[slot])
+        plgpu.barrier_wait(v_free.at[vslot])
+      copy(v_ref, v_smem, v_ready, vslot)
 
     def step(s, carry):
       for w in range(CONSUMERS):
@@ -356,24 +451,31 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
     # Drain: wait for the consumers to free the buffers of their last steps, so that every
     # phase of the free barriers is observed before they are released (the interpreter checks
     # it; on the GPU the producer has nothing else to do).
+    rings = ([(depth, (k_free, v_free))] if v_depth == depth else
+             [(depth, (k_free,)), (v_depth, (v_free,))])
     for w in range(CONSUMERS):
-      def drain(s, carry, w=w):
-        slot = w * depth + lax.rem(s, jnp.int32(depth))
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        return carry
-      lax.fori_loop(jnp.maximum(counts[w] - depth, 0), counts[w], drain, 0)
+      for d, frees in rings:
+        def drain(s, carry, w=w, d=d, frees=frees):
+          slot = w * d + lax.rem(s, jnp.int32(d))
+          for free in frees:
+            plgpu.barrier_wait(free.at[slot])
+          return carry
+        lax.fori_loop(jnp.maximum(counts[w] - d, 0), counts[w], drain, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "depth", "overlap_qk", "pingpong",
-                                             "interpret"))
+                                             "v_depth", "pair_blocks", "interpret"))
 def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, depth: int,
-            overlap_qk: bool = False, pingpong: bool = False, interpret: bool = False):
+            overlap_qk: bool = False, pingpong: bool = False, v_depth: int | None = None,
+            pair_blocks: bool = False, interpret: bool = False):
   """(o [B, T, N, H] in q's dtype, lse f32 [B, N, Tp] natural log, +inf on rows that see no
-  key), Tp = nQ * block_size (the Triton forward's outputs, o unpadded). overlap_qk, pingpong:
-  as `MosaicGPUConfig`'s."""
-  if overlap_qk and pingpong and depth < 2:
-    raise NotSupported("overlap_qk with pingpong needs pipeline_depth >= 2 (with one buffer a "
+  key), Tp = nQ * block_size (the Triton forward's outputs, o unpadded). depth / v_depth: K / V
+  buffers a consumer (v_depth None: depth). overlap_qk, pingpong, pair_blocks: as
+  `MosaicGPUConfig`'s."""
+  v_depth = depth if v_depth is None else v_depth
+  if overlap_qk and pingpong and v_depth < 2:
+    # the producer's wait for a consumer's one V buffer sits between the other's K copies
+    raise NotSupported("overlap_qk with pingpong needs pipeline_depth >= 2 (with one V buffer a "
                        "consumer's prefetch and the other's rendezvous wait on each other)")
   B, T, N, H = q_BTNH.shape
   K, Hi, nq = k_BTKH.shape[2], idx_BHQM.shape[1], idx_BHQM.shape[2]
@@ -381,8 +483,10 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
   n_full, n_live = slot_counts(idx_BHQM, lengths_B, bs)
   dtype = q_BTNH.dtype
   kernel = functools.partial(_kernel, bs=bs, G=N // K, hdiv=N // Hi, nq=nq, depth=depth,
-                             scale_log2=H ** -0.5 * LOG2E, overlap_qk=overlap_qk,
-                             pingpong=pingpong, interpret=interpret)
+                             v_depth=v_depth, scale_log2=H ** -0.5 * LOG2E,
+                             overlap_qk=overlap_qk, pingpong=pingpong, pair_blocks=pair_blocks,
+                             interpret=interpret)
+  kps = 2 if pair_blocks else 1                 # key blocks a buffer (TMA copies a barrier)
   tiles = mgpu_util.tiles(dtype)
 
   def entry(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
@@ -390,17 +494,23 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
         lambda *scoped: kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref,
                                lse_ref, scoped),
         (plgpu.SMEM((CONSUMERS, bs, H), dtype, transforms=tiles),
-         plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
-         plgpu.SMEM((CONSUMERS * depth, bs, H), dtype, transforms=tiles),
+         plgpu.SMEM((CONSUMERS * depth, kps * bs, H), dtype, transforms=tiles),
+         plgpu.SMEM((CONSUMERS * v_depth, kps * bs, H), dtype, transforms=tiles),
          plgpu.SMEM((CONSUMERS, bs), jnp.float32)),
-        (plgpu.Barrier(num_barriers=CONSUMERS * depth),
-         plgpu.Barrier(num_barriers=CONSUMERS * depth),
+        (plgpu.Barrier(num_arrivals=kps, num_barriers=CONSUMERS * depth),
+         plgpu.Barrier(num_arrivals=kps, num_barriers=CONSUMERS * v_depth),
          plgpu.Barrier(num_barriers=CONSUMERS)),
-        (plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS * depth),) * 2,
+        (plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS * depth),
+         plgpu.Barrier(num_arrivals=1, num_barriers=CONSUMERS * v_depth)),
         *((plgpu.Barrier(num_arrivals=CONSUMERS),) if pingpong else ()),
         collective_axes="wg",
     )
 
+  params = mgpu_util.compiler_params()
+  if pair_blocks and hasattr(params, "reduction_scratch_bytes"):
+    # The softmax's row max / sum reduce within a warp (a row's columns never span warps in
+    # the wgmma layout): no cross-warp scratch, 2 KiB for H=128's second K buffer.
+    params = dataclasses.replace(params, reduction_scratch_bytes=0)
   # reads past T (the last block of a ragged length) are zero-filled, as the TMA unit does
   interp = mgpu_util.interpret_params(interpret)
   Tp = nq * bs
@@ -413,7 +523,7 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
       grid_names=("b", "n", "q"),
       num_threads=CONSUMERS + 1,
       thread_name="wg",
-      compiler_params=mgpu_util.compiler_params(),
+      compiler_params=params,
       interpret=interp,
   )(lengths_B.astype(jnp.int32), n_full, n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH,
     v_BTKH)
@@ -455,13 +565,24 @@ def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B
     raise NotSupported(why)
   config = config or MosaicGPUConfig()
   config.validate()
-  depth = fit_depth(H, block_size, config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H],
-                    q_BTNH.dtype)
+  depth = config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H]
+  if config.pair_blocks:
+    fit = fit_depths(H, block_size, depth, q_BTNH.dtype,
+                     keep_v=config.overlap_qk and config.pingpong)
+    if fit is None:
+      raise NotSupported(
+          f"pair_blocks with H={H}: one [128, H] K and V buffer a consumer takes "
+          f"{smem_bytes(H, block_size, 1, q_BTNH.dtype, blocks_per_step=2)} bytes of shared "
+          "memory, more than an SM has")
+    depth, v_depth = fit
+  else:
+    depth = v_depth = fit_depth(H, block_size, depth, q_BTNH.dtype)
   try:                                          # the backward pass is the Triton kernels'
     from pallas_kernels.block_sparse_attention import pallas_triton
   except ImportError as e:
     raise NotSupported(f"its backward needs the Pallas Triton kernels ({e})") from e
   _, bwd = pallas_triton.resolve(config.backward, block_size, H, interpret)
-  launch = (("depth", depth), ("overlap_qk", config.overlap_qk), ("pingpong", config.pingpong))
+  launch = (("depth", depth), ("overlap_qk", config.overlap_qk), ("pingpong", config.pingpong),
+            ("v_depth", v_depth), ("pair_blocks", config.pair_blocks))
   return _attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM.astype(jnp.int32),
                     lengths_B.astype(jnp.int32), int(block_size), launch, bwd, bool(interpret))

@@ -5,8 +5,11 @@ blocks, ragged lengths, per-head and per-group indices, rows that see no key; gr
 the Triton backward; the compiled path lowered for CUDA on the CPU; refusals. The schedule
 options (`overlap_qk`, `pingpong`) the same ways, with the two consumers of a program given very
 different step counts (the ping-pong's empty meetings), under a watchdog that fails a run
-that deadlocks (the interpreter would wait forever). On a GPU (`pytest -m gpu`): the wgmma
-kernel against the XLA backend at scale, and each schedule against the default and XLA."""
+that deadlocks (the interpreter would wait forever). `pair_blocks` (two key blocks a step) alone
+and with each schedule, with odd and even live-slot counts, unequal K / V rings, and shared
+memory that starts as NaN (an odd count's empty half must not reach the output). On a GPU
+(`pytest -m gpu`): the wgmma kernel against the XLA backend at scale, and each schedule
+against the default and XLA."""
 
 import contextlib
 import faulthandler
@@ -27,6 +30,9 @@ BS = 64
 # (overlap_qk, pingpong): the schedule options of MosaicGPUConfig
 SCHEDULES = [(True, False), (False, True), (True, True)]
 SCHEDULE_IDS = ["overlap_qk", "pingpong", "overlap_qk+pingpong"]
+# (overlap_qk, pingpong) with pair_blocks: alone and with each schedule
+PAIR_SCHEDULES = [(False, False), *SCHEDULES]
+PAIR_IDS = ["pair_blocks", *(f"pair_blocks+{name}" for name in SCHEDULE_IDS)]
 
 
 @contextlib.contextmanager
@@ -121,14 +127,104 @@ def test_interpret_schedules_match_the_loop(overlap_qk, pingpong, B, T, N, K, H,
   np.testing.assert_allclose(lse[..., :T][fin], ref[fin], atol=2e-2, rtol=1e-2)
 
 
-def test_interpret_config_reaches_the_kernel():
+def pair_cases():
+  """(overlap_qk, pingpong, case, K depth, V depth) of the pair_blocks interpreter tests: case A
+  with unequal rings (one V buffer, or with overlap_qk + pingpong one K buffer, the deadlock-free
+  way round), case B with the rings `fit_depths` gives H=128."""
+  for (ov, pp), name in zip(PAIR_SCHEDULES, PAIR_IDS):
+    kd, vd = (1, 2) if ov and pp else (2, 1)
+    fast = not ov and not pp or ov and pp
+    yield pytest.param(ov, pp, *_CASE_A[:-1], kd, vd, id=f"{name}-A",
+                       marks=() if fast else pytest.mark.slow)
+    kd, vd = mgpu.fit_depths(128, BS, 2, jnp.bfloat16, keep_v=ov and pp)
+    yield pytest.param(ov, pp, *_CASE_B[:-1], kd, vd, id=f"{name}-B", marks=pytest.mark.slow)
+
+
+def pair_indices(seed, B, Hi, nb):
+  """Random sparse sets (test_interpret_schedules_match_the_loop's rows) and in row 1 of the
+  first sequence fixed odd and even live counts: 1 slot (the diagonal), 2, then an odd count
+  ending below the diagonal, and 3 ending on it (the last pair half empty)."""
+  idx = random_indices(seed, B, Hi, nb, nb)
+  idx[0, 0, 1] = -1
+  idx[0, 0, 1, 0] = 2                           # only a block above the diagonal: no key
+  idx[0, 0, nb - 2] = -1                        # no live slot ...
+  idx[0, 0, nb - 1] = np.arange(nb)             # ... beside every causal block
+  if Hi > 1:
+    for i, row in enumerate([[0], [0, 1], [1], [0, 2, 3]][:nb]):
+      idx[0, 1, i] = -1
+      idx[0, 1, i, :len(row)] = row
+  return idx
+
+
+@pytest.mark.parametrize("overlap_qk,pingpong,B,T,N,K,H,per_group,lengths,depth,v_depth",
+                         list(pair_cases()))
+def test_interpret_pair_blocks_match_the_loop(overlap_qk, pingpong, B, T, N, K, H, per_group,
+                                              lengths, depth, v_depth):
+  """pair_blocks (alone and with each schedule) against the float64 loop, o and lse: the
+  schedule tests' random sets and empty / full rows, and odd and even live counts (an odd one's
+  last step copies its block into both halves and masks the second)."""
+  q, k, v = rand_qkv(T + H + 2, B, T, N, K, H, jnp.bfloat16)
+  nb = -(-T // BS)
+  idx = pair_indices(T + B + 1, B, K if per_group else N, nb)
+  lengths = np.asarray(lengths, np.int32)
+  with deadlock_guard():
+    o, lse = mgpu.forward(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), block_size=BS,
+                          depth=depth, v_depth=v_depth, overlap_qk=overlap_qk,
+                          pingpong=pingpong, pair_blocks=True, interpret=True)
+    o, lse = np.asarray(o, np.float32), np.asarray(lse)
+  want = oracle(q, k, v, idx, lengths, BS)
+  np.testing.assert_allclose(o, want, atol=2e-2, rtol=2e-2)
+  assert np.all(o[0, BS:2 * BS, 0] == 0) and np.all(o[0, (nb - 2) * BS:(nb - 1) * BS, 0] == 0)
+  ref = lse_reference(q, k, idx, lengths, BS)
+  fin = np.isfinite(ref)
+  assert np.array_equal(np.isfinite(lse[..., :T]), fin)
+  np.testing.assert_allclose(lse[..., :T][fin], ref[fin], atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("overlap_qk,pingpong", [
+    (False, False),
+    pytest.param(True, True, marks=pytest.mark.slow)],
+    ids=["pair_blocks", "pair_blocks+overlap_qk+pingpong"])
+def test_interpret_pair_blocks_read_no_uninitialised_memory(monkeypatch, overlap_qk, pingpong):
+  """With shared memory allocated as NaN and reads past a buffer refused (T a multiple of the
+  block, so no TMA read is ragged), the output is finite and the loop's: every row's odd last
+  step fills its empty half with a real block, and no buffer is read before a copy lands."""
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  from pallas_kernels import mgpu_util
+  poisoned = InterpretGPUParams(out_of_bounds_reads="raise", uninitialized_memory="nan")
+  monkeypatch.setattr(mgpu_util, "interpret_params", lambda interpret: poisoned)
+  mgpu.forward.clear_cache()                    # no trace made with the zero-filled settings
+  B, T, N, K, H = 1, 192, 2, 1, 64
+  q, k, v = rand_qkv(41, B, T, N, K, H, jnp.bfloat16)
+  idx = np.full((B, N, 3, 3), -1, np.int32)
+  idx[0, 0] = [[0, -1, -1], [0, -1, -1], [0, 1, 2]]     # odd counts, one in the first step
+  idx[0, 1] = [[0, -1, -1], [0, 1, -1], [1, 2, -1]]     # 1, 2, 2
+  lengths = np.asarray([181], np.int32)
+  try:
+    with deadlock_guard():
+      o, lse = mgpu.forward(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), block_size=BS,
+                            depth=1, v_depth=2, overlap_qk=overlap_qk, pingpong=pingpong,
+                            pair_blocks=True, interpret=True)
+      o, lse = np.asarray(o, np.float32), np.asarray(lse)
+  finally:
+    mgpu.forward.clear_cache()
+  assert np.all(np.isfinite(o))
+  np.testing.assert_allclose(o, oracle(q, k, v, idx, lengths, BS), atol=2e-2, rtol=2e-2)
+  ref = lse_reference(q, k, idx, lengths, BS)
+  fin = np.isfinite(ref)
+  assert np.array_equal(np.isfinite(lse), fin)
+  np.testing.assert_allclose(lse[fin], ref[fin], atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("pair_blocks", [False, True], ids=["schedules", "pair_blocks"])
+def test_interpret_config_reaches_the_kernel(pair_blocks):
   """MosaicGPUConfig's schedule options through `block_sparse_attention` (the custom_vjp's
-  static launch tuple) give the loop's output."""
+  static launch tuple, pair_blocks' ring depths) give the loop's output."""
   B, T, N, K, H = 1, 130, 2, 1, 64
   q, k, v = rand_qkv(11, B, T, N, K, H, jnp.bfloat16)
   idx = random_indices(12, B, N, 3, 3, causal_only=True)
   lengths = np.asarray([130], np.int32)
-  cfg = mgpu.MosaicGPUConfig(overlap_qk=True, pingpong=True)
+  cfg = mgpu.MosaicGPUConfig(overlap_qk=True, pingpong=True, pair_blocks=pair_blocks)
   with deadlock_guard():
     o = block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), block_size=BS,
                                implementation="pallas_mosaic_gpu", interpret=True, config=cfg)
@@ -158,24 +254,33 @@ def test_interpret_gradients_through_the_triton_backward():
     assert rel < 3e-2, rel
 
 
+@pytest.mark.parametrize("pair_blocks", [False, True], ids=["", "pair_blocks"])
 @pytest.mark.parametrize("overlap_qk,pingpong", [(False, False), *SCHEDULES],
                          ids=["default", *SCHEDULE_IDS])
 @pytest.mark.parametrize("H", [64, 128, 256])
-def test_compiled_kernel_lowers_for_cuda(H, overlap_qk, pingpong):
-  """The wgmma / TMA kernel's Pallas -> Mosaic GPU lowering (layouts, barriers, transforms),
-  checked on the CPU, with each schedule option; only its compilation to PTX is left for
-  `pytest -m gpu`."""
+def test_compiled_kernel_lowers_for_cuda(H, overlap_qk, pingpong, pair_blocks):
+  """The wgmma / TMA kernel's Pallas -> Mosaic GPU lowering (layouts, barriers, transforms,
+  and Mosaic's own shared-memory check at the depths the wrapper picks), checked on the CPU,
+  with each schedule option, alone and with pair_blocks; only its compilation to PTX is left
+  for `pytest -m gpu`."""
   from jax import export
   S = jax.ShapeDtypeStruct
   B, T, N, K = 1, 1000, 8, 2
   nb = -(-T // BS)
   args = (S((B, T, N, H), jnp.bfloat16), S((B, T, K, H), jnp.bfloat16),
           S((B, T, K, H), jnp.bfloat16), S((B, N, nb, 6), jnp.int32), S((B,), jnp.int32))
-  depth = mgpu.fit_depth(H, BS, {64: 4, 128: 2, 256: 1}[H], jnp.bfloat16)
-  if overlap_qk and pingpong and depth < 2:
+  depth = v_depth = mgpu.fit_depth(H, BS, {64: 4, 128: 2, 256: 1}[H], jnp.bfloat16)
+  if pair_blocks:
+    fit = mgpu.fit_depths(H, BS, {64: 4, 128: 2, 256: 1}[H], jnp.bfloat16,
+                          keep_v=overlap_qk and pingpong)
+    if fit is None:
+      pytest.skip("refused: does not fit (test_shared_memory_and_refusals)")
+    depth, v_depth = fit
+  if overlap_qk and pingpong and v_depth < 2:
     pytest.skip("refused with one buffer (test_shared_memory_and_refusals)")
   fn = jax.jit(lambda q, k, v, i, n: mgpu.forward(q, k, v, i, n, block_size=BS, depth=depth,
-                                                  overlap_qk=overlap_qk, pingpong=pingpong))
+                                                  v_depth=v_depth, overlap_qk=overlap_qk,
+                                                  pingpong=pingpong, pair_blocks=pair_blocks))
   with lowering_for("gpu"):
     text = export.export(fn, platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args).mlir_module()
@@ -185,9 +290,18 @@ def test_compiled_kernel_lowers_for_cuda(H, overlap_qk, pingpong):
 def test_shared_memory_and_refusals():
   bf16 = jnp.bfloat16
   assert mgpu.fit_depth(64, 64, 4, bf16) == 4
-  assert mgpu.fit_depth(128, 64, 4, bf16) == 3      # 2 x 16 KB Q + 2 x 2 x 3 x 16 KB K / V
-  assert mgpu.smem_bytes(128, 64, 3, bf16) <= 227 * 1024 < mgpu.smem_bytes(128, 64, 4, bf16)
+  # 2 x 16 KB Q + 2 x 2 x 2 x 16 KB K / V; 3 buffers (232,656 bytes as Mosaic GPU lowers it,
+  # with its 2 KiB reduction scratch and the barriers) exceed the SM's 232,448
+  assert mgpu.fit_depth(128, 64, 4, bf16) == 2
+  assert mgpu.smem_bytes(128, 64, 2, bf16) <= 227 * 1024 < mgpu.smem_bytes(128, 64, 3, bf16)
   assert mgpu.fit_depth(256, 64, 4, bf16) == 1
+  # pair_blocks: [128, H] buffers, no reduction scratch; H=128 fits 2 + 1 (or 1 + 2) buffers
+  assert mgpu.fit_depths(64, 64, 4, bf16) == (3, 3)
+  assert mgpu.fit_depths(128, 64, 2, bf16) == (2, 1)
+  assert mgpu.fit_depths(128, 64, 2, bf16, keep_v=True) == (1, 2)
+  assert mgpu.fit_depths(256, 64, 1, bf16) is None
+  assert (mgpu.smem_bytes(128, 64, 2, bf16, v_depth=1, blocks_per_step=2) <= 227 * 1024
+          < mgpu.smem_bytes(128, 64, 2, bf16, v_depth=2, blocks_per_step=2))
   q, k, v = rand_qkv(0, 1, 64, 2, 1, 64, jnp.float32)
   idx, n = jnp.zeros((1, 2, 1, 1), jnp.int32), jnp.asarray([64], jnp.int32)
   with pytest.raises(NotSupported, match="bfloat16 / float16"):
@@ -200,13 +314,25 @@ def test_shared_memory_and_refusals():
     mgpu.MosaicGPUConfig(pipeline_depth=0).validate()
   with pytest.raises(ValueError, match="pingpong"):
     mgpu.MosaicGPUConfig(pingpong=1).validate()
-  assert mgpu.MosaicGPUConfig() == mgpu.MosaicGPUConfig(overlap_qk=False, pingpong=False)
+  with pytest.raises(ValueError, match="pair_blocks"):
+    mgpu.MosaicGPUConfig(pair_blocks="yes").validate()
+  assert mgpu.MosaicGPUConfig() == mgpu.MosaicGPUConfig(overlap_qk=False, pingpong=False,
+                                                        pair_blocks=False)
   # H=256 has one buffer a consumer: the overlap's prefetch and the ping-pong would deadlock
   q2, k2, v2 = rand_qkv(1, 1, 64, 2, 1, 256, bf16)
   with pytest.raises(NotSupported, match="pipeline_depth >= 2"):
     mgpu.block_sparse_attention(q2, k2, v2, jnp.zeros((1, 2, 1, 1), jnp.int32), n,
                                 block_size=64, interpret=True,
                                 config=mgpu.MosaicGPUConfig(overlap_qk=True, pingpong=True))
+  # pair_blocks: H=256's [128, 256] K and V buffers do not fit; one V buffer with both schedules
+  with pytest.raises(NotSupported, match="pair_blocks with H=256"):
+    mgpu.block_sparse_attention(q2, k2, v2, jnp.zeros((1, 2, 1, 1), jnp.int32), n,
+                                block_size=64, interpret=True,
+                                config=mgpu.MosaicGPUConfig(pair_blocks=True))
+  q1, k1, v1 = (x.astype(bf16) for x in (q, k, v))
+  with pytest.raises(NotSupported, match="pipeline_depth >= 2"):
+    mgpu.forward(q1, k1, v1, idx, n, block_size=64, depth=2, v_depth=1, overlap_qk=True,
+                 pingpong=True, pair_blocks=True, interpret=True)
 
 
 @pytest.mark.gpu
@@ -218,13 +344,16 @@ def test_gpu_forward_and_gradients_at_scale(H):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("overlap_qk,pingpong", SCHEDULES, ids=SCHEDULE_IDS)
+@pytest.mark.parametrize("overlap_qk,pingpong,pair_blocks", [
+    *((*sched, False) for sched in SCHEDULES), *((*sched, True) for sched in PAIR_SCHEDULES)],
+    ids=[*SCHEDULE_IDS, *PAIR_IDS])
 @pytest.mark.parametrize("H", [64, 128])
-def test_gpu_schedules_match_the_default_and_xla(H, overlap_qk, pingpong):
-  """Each schedule option compiled (wgmma, async groups, the rendezvous barrier) against the
-  default schedule (same products and softmax steps: o and lse within bf16 rounding) and the
-  XLA backend in float32 (2% relative L2), at 2 x 2000 ragged tokens, 16 / 4 heads, random
-  causal block sets of 0..all blocks per query block (step counts differing within a pair)."""
+def test_gpu_schedules_match_the_default_and_xla(H, overlap_qk, pingpong, pair_blocks):
+  """Each schedule option compiled (wgmma, async groups, the rendezvous barrier; pair_blocks'
+  [64, 128] scores, K = 128 PV and unequal rings) against the default schedule (o and lse
+  within bf16 rounding; pair_blocks sums the same keys in another order) and the XLA backend in
+  float32 (2% relative L2), at 2 x 2000 ragged tokens, 16 / 4 heads, random causal block sets
+  of 0..all blocks per query block (step counts, odd and even, differing within a pair)."""
   B, T, N, K = 2, 2000, 16, 4
   q, k, v = rand_qkv(H + 7, B, T, N, K, H, jnp.bfloat16)
   nb = -(-T // BS)
@@ -232,8 +361,12 @@ def test_gpu_schedules_match_the_default_and_xla(H, overlap_qk, pingpong):
   lengths = jnp.asarray([2000, 1337], jnp.int32)
   depth = mgpu.fit_depth(H, BS, {64: 4, 128: 2}[H], jnp.bfloat16)
   base_o, base_lse = mgpu.forward(q, k, v, idx, lengths, block_size=BS, depth=depth)
-  o, lse = mgpu.forward(q, k, v, idx, lengths, block_size=BS, depth=depth,
-                        overlap_qk=overlap_qk, pingpong=pingpong)
+  v_depth = depth
+  if pair_blocks:
+    depth, v_depth = mgpu.fit_depths(H, BS, {64: 4, 128: 2}[H], jnp.bfloat16,
+                                     keep_v=overlap_qk and pingpong)
+  o, lse = mgpu.forward(q, k, v, idx, lengths, block_size=BS, depth=depth, v_depth=v_depth,
+                        overlap_qk=overlap_qk, pingpong=pingpong, pair_blocks=pair_blocks)
   np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(base_o, np.float32),
                              atol=1e-2, rtol=1e-2)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(base_lse), atol=1e-3, rtol=1e-3)
