@@ -270,14 +270,21 @@ def test_compiled_kernel_lowers_for_cuda(H, overlap_qk, pingpong, pair_blocks):
   args = (S((B, T, N, H), jnp.bfloat16), S((B, T, K, H), jnp.bfloat16),
           S((B, T, K, H), jnp.bfloat16), S((B, N, nb, 6), jnp.int32), S((B,), jnp.int32))
   depth = v_depth = mgpu.fit_depth(H, BS, {64: 4, 128: 2, 256: 1}[H], jnp.bfloat16)
+  fit = (depth, v_depth)
   if pair_blocks:
     fit = mgpu.fit_depths(H, BS, {64: 4, 128: 2, 256: 1}[H], jnp.bfloat16,
                           keep_v=overlap_qk and pingpong)
-    if fit is None:
-      pytest.skip("refused: does not fit (test_shared_memory_and_refusals)")
-    depth, v_depth = fit
-  if overlap_qk and pingpong and v_depth < 2:
-    pytest.skip("refused with one buffer (test_shared_memory_and_refusals)")
+  if fit is None or (overlap_qk and pingpong and fit[1] < 2):
+    # a combination that cannot fit or would deadlock: the public entry point refuses it
+    # before anything is built (test_shared_memory_and_refusals checks the messages)
+    q, k, v = rand_qkv(2, 1, 64, 2, 1, H, jnp.bfloat16)
+    cfg = mgpu.MosaicGPUConfig(overlap_qk=overlap_qk, pingpong=pingpong, pair_blocks=pair_blocks)
+    with pytest.raises(NotSupported):
+      mgpu.block_sparse_attention(q, k, v, jnp.zeros((1, 2, 1, 1), jnp.int32),
+                                  jnp.asarray([64], jnp.int32), block_size=BS, interpret=True,
+                                  config=cfg)
+    return
+  depth, v_depth = fit
   fn = jax.jit(lambda q, k, v, i, n: mgpu.forward(q, k, v, i, n, block_size=BS, depth=depth,
                                                   v_depth=v_depth, overlap_qk=overlap_qk,
                                                   pingpong=pingpong, pair_blocks=pair_blocks))
