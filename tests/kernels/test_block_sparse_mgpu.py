@@ -87,6 +87,32 @@ def test_interpret_forward_matches_the_loop(B, T, N, K, H, per_group, lengths):
   np.testing.assert_allclose(got[fin], ref[fin], atol=2e-2, rtol=1e-2)
 
 
+def edge_indices(seed, B, Hi, nb):
+  """Random sparse block sets (some above the diagonal) with, in the first row of the first
+  sequence, a query block that sees only a block above the diagonal (no key), and a query
+  block with no live slot beside one with every causal block (a pair whose step counts differ
+  most)."""
+  idx = random_indices(seed, B, Hi, nb, nb)
+  idx[0, 0, 1] = -1
+  idx[0, 0, 1, 0] = 2                           # only a block above the diagonal: no key
+  idx[0, 0, nb - 2] = -1                        # no live slot ...
+  idx[0, 0, nb - 1] = np.arange(nb)             # ... beside every causal block
+  return idx
+
+
+def assert_matches_loop(q, k, v, idx, lengths, o, lse):
+  """o and lse of a forward over `edge_indices` sets against the float64 loop; the rows with no
+  key are 0 (o) and +inf (lse)."""
+  T, nb = q.shape[1], idx.shape[2]
+  want = oracle(q, k, v, idx, lengths, BS)
+  np.testing.assert_allclose(o, want, atol=2e-2, rtol=2e-2)
+  assert np.all(o[0, BS:2 * BS, 0] == 0) and np.all(o[0, (nb - 2) * BS:(nb - 1) * BS, 0] == 0)
+  ref = lse_reference(q, k, idx, lengths, BS)
+  fin = np.isfinite(ref)
+  assert np.array_equal(np.isfinite(lse[..., :T]), fin)
+  np.testing.assert_allclose(lse[..., :T][fin], ref[fin], atol=2e-2, rtol=1e-2)
+
+
 _CASE_A = (1, 250, 4, 2, 64, False, (237,), 2)     # 4 query blocks (two pairs), ragged, GQA
 _CASE_B = (2, 150, 2, 1, 128, True, (150, 70), 1)  # 3 (an odd pair), per-group rows, one buffer
 
@@ -108,23 +134,13 @@ def test_interpret_schedules_match_the_loop(overlap_qk, pingpong, B, T, N, K, H,
     depth = 2                                   # one buffer is refused (test_shared_memory...)
   q, k, v = rand_qkv(T + H + 1, B, T, N, K, H, jnp.bfloat16)
   nb = -(-T // BS)
-  idx = random_indices(T + B, B, K if per_group else N, nb, nb)
-  idx[0, 0, 1] = -1
-  idx[0, 0, 1, 0] = 2                           # only a block above the diagonal: no key
-  idx[0, 0, nb - 2] = -1                        # no live slot ...
-  idx[0, 0, nb - 1] = np.arange(nb)             # ... beside every causal block
+  idx = edge_indices(T + B, B, K if per_group else N, nb)
   lengths = np.asarray(lengths, np.int32)
   with deadlock_guard():
     o, lse = mgpu.forward(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), block_size=BS,
                           depth=depth, overlap_qk=overlap_qk, pingpong=pingpong, interpret=True)
     o, lse = np.asarray(o, np.float32), np.asarray(lse)
-  want = oracle(q, k, v, idx, lengths, BS)
-  np.testing.assert_allclose(o, want, atol=2e-2, rtol=2e-2)
-  assert np.all(o[0, BS:2 * BS, 0] == 0) and np.all(o[0, (nb - 2) * BS:(nb - 1) * BS, 0] == 0)
-  ref = lse_reference(q, k, idx, lengths, BS)
-  fin = np.isfinite(ref)
-  assert np.array_equal(np.isfinite(lse[..., :T]), fin)
-  np.testing.assert_allclose(lse[..., :T][fin], ref[fin], atol=2e-2, rtol=1e-2)
+  assert_matches_loop(q, k, v, idx, lengths, o, lse)
 
 
 def pair_cases():
@@ -144,11 +160,7 @@ def pair_indices(seed, B, Hi, nb):
   """Random sparse sets (test_interpret_schedules_match_the_loop's rows) and in row 1 of the
   first sequence fixed odd and even live counts: 1 slot (the diagonal), 2, then an odd count
   ending below the diagonal, and 3 ending on it (the last pair half empty)."""
-  idx = random_indices(seed, B, Hi, nb, nb)
-  idx[0, 0, 1] = -1
-  idx[0, 0, 1, 0] = 2                           # only a block above the diagonal: no key
-  idx[0, 0, nb - 2] = -1                        # no live slot ...
-  idx[0, 0, nb - 1] = np.arange(nb)             # ... beside every causal block
+  idx = edge_indices(seed, B, Hi, nb)
   if Hi > 1:
     for i, row in enumerate([[0], [0, 1], [1], [0, 2, 3]][:nb]):
       idx[0, 1, i] = -1
@@ -172,13 +184,7 @@ def test_interpret_pair_blocks_match_the_loop(overlap_qk, pingpong, B, T, N, K, 
                           depth=depth, v_depth=v_depth, overlap_qk=overlap_qk,
                           pingpong=pingpong, pair_blocks=True, interpret=True)
     o, lse = np.asarray(o, np.float32), np.asarray(lse)
-  want = oracle(q, k, v, idx, lengths, BS)
-  np.testing.assert_allclose(o, want, atol=2e-2, rtol=2e-2)
-  assert np.all(o[0, BS:2 * BS, 0] == 0) and np.all(o[0, (nb - 2) * BS:(nb - 1) * BS, 0] == 0)
-  ref = lse_reference(q, k, idx, lengths, BS)
-  fin = np.isfinite(ref)
-  assert np.array_equal(np.isfinite(lse[..., :T]), fin)
-  np.testing.assert_allclose(lse[..., :T][fin], ref[fin], atol=2e-2, rtol=1e-2)
+  assert_matches_loop(q, k, v, idx, lengths, o, lse)
 
 
 @pytest.mark.parametrize("overlap_qk,pingpong", [
