@@ -13,7 +13,8 @@
 #              and results (experiments/delt/fair_results), seeds 0-4, starting no run that would
 #              end after T_delt - 60 s; $OUT/delt_results.tgz holds every result so far
 #   delt_proxy the DELT ablation with a weaker proxy (PROXY_STEPS pretraining steps, default
-#              260): conventional, Folding L3 and sorted at 1 epoch, seeds 0-4, its own folder;
+#              260): conventional, Folding L3, sorted and LQS top-50% (same steps) at 1 epoch,
+#              seeds 0-4, its own folder;
 #              $OUT/delt_proxy_results.tgz holds its scores and results
 #   seer_quality  the 4K long-context model (configs/longctx.yaml, 2,500 steps, runs/lc; resumes),
 #              then the SeerAttention selector table (experiments/seer_prefill/run.py) and YaRN
@@ -50,14 +51,16 @@ for job in "$@"; do
       tar czf "$OUT/delt_results.tgz" -C runs/delt_fair results ;;
     delt_proxy)
       # the weaker-proxy ablation: LQS from a proxy pretrained PROXY_STEPS steps (default 260, a
-      # tenth of the main study's), conventional / Folding L3 / sorted at 1 epoch, seeds 0-4, in
-      # its own study folder (resumes from experiments/delt/fair_results_proxy<steps>)
+      # tenth of the main study's), conventional / Folding L3 / sorted / LQS top-50% (same steps)
+      # at 1 epoch, seeds 0-4, in its own study folder (resumes from
+      # experiments/delt/fair_results_proxy<steps>; a second call finishes what the scoring left)
       export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
       ps=${PROXY_STEPS:-260}; d=runs/delt_proxy$ps; src=experiments/delt/fair_results_proxy$ps
       mkdir -p $d /tmp/evals && cp data/tinyshakespeare/input.txt /tmp/evals/tinyshakespeare.txt
       [ -d $src ] && cp -rn $src/scores $src/results $d/ 2>/dev/null
       timeout "$T" python3 experiments/delt/fair.py run --out $d --seeds 0 1 2 3 4 --budgets 1 \
-        --conditions conventional folding_lqs_L3 sorted_lqs delt.proxy_pretrain_steps=$ps \
+        --conditions conventional folding_lqs_L3 sorted_lqs lqs_top50_L3_same_steps \
+        delt.proxy_pretrain_steps=$ps \
         --time-limit $((T - 60)) --eval-source /tmp/evals/tinyshakespeare.txt 2>&1 \
         | tee "$OUT/delt_proxy.log" | grep -v "^    " | tail -30
       tar czf "$OUT/delt_proxy_results.tgz" -C $d results scores ;;
