@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from effjax.data.sources import BUNDLED_DIR, load_documents, parse_tfds_source
+from effjax.data.sources import (BUNDLED_DIR, load_document_field, load_documents,
+                                 parse_tfds_source)
 
 
 def _write_jsonl(path, rows):
@@ -36,6 +37,24 @@ def test_jsonl(tmp_path):
   assert load_documents(str(p)) == ["one", "two ☃"]
   q = _write_jsonl(tmp_path / "b.jsonl", [{"body": "alpha"}, {"body": "beta"}])
   assert load_documents(str(q), text_field="body") == ["alpha", "beta"]
+
+
+def test_document_field_follows_the_documents(tmp_path):
+  """One value per document load_documents returns (empty texts skipped on both sides), files
+  of a directory in the same order, max_documents alike; a document without the field, and
+  .txt sources, are errors."""
+  _write_jsonl(tmp_path / "b.jsonl", [{"text": "b1", "src": "web"}, {"text": " ", "src": "x"},
+                                      {"text": "b2", "src": 3}])
+  _write_jsonl(tmp_path / "a.jsonl", [{"text": "a1", "src": "news"}])
+  assert load_documents(str(tmp_path)) == ["a1", "b1", "b2"]
+  assert load_document_field(str(tmp_path), "src") == ["news", "web", "3"]
+  assert load_document_field(str(tmp_path), "src", max_documents=2) == ["news", "web"]
+  _write_jsonl(tmp_path / "c.jsonl", [{"text": "c1"}])
+  with pytest.raises(ValueError, match=r"c\.jsonl, line 1: no field 'src'"):
+    load_document_field(str(tmp_path), "src")
+  (tmp_path / "d.txt").write_text("plain\n")
+  with pytest.raises(ValueError, match="need .jsonl files"):
+    load_document_field(str(tmp_path), "src")
 
 
 def test_jsonl_bad_line_names_file_and_line(tmp_path):

@@ -106,6 +106,12 @@ def read_text_file(path: str | pathlib.Path) -> Iterator[str]:
 
 def read_jsonl_file(path: str | pathlib.Path, text_field: str = "text") -> Iterator[str]:
   """One document per line of a .jsonl file, taken from `text_field`; empty texts are skipped."""
+  for _, _, text in _jsonl_records(path, text_field):
+    yield text
+
+
+def _jsonl_records(path, text_field: str) -> Iterator[tuple[int, dict, str]]:
+  """(line number, object, text) of every document of a .jsonl file (empty texts skipped)."""
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, start=1):
       if not line.strip():
@@ -124,7 +130,28 @@ def read_jsonl_file(path: str | pathlib.Path, text_field: str = "text") -> Itera
         raise ValueError(f"{path}, line {lineno}: field {text_field!r} is "
                          f"{type(text).__name__}, expected a string")
       if text.strip():
-        yield text
+        yield lineno, obj, text
+
+
+def load_document_field(source: str, field: str, *, text_field: str = "text",
+                        max_documents: Optional[int] = None,
+                        root: Optional[str] = None) -> list[str]:
+  """`field` of each document `load_documents` returns for the same arguments, in the same order
+  (str of the value), for local .jsonl sources: e.g. the `source` of every document of a mixed
+  corpus. A ValueError names the file and line of a document without the field, and any source
+  that is not .jsonl files."""
+  files = _local_files(resolve_source(source, root))
+  if any(f.suffix.lower() != ".jsonl" for f in files):
+    raise ValueError(f"data source {source!r}: document fields need .jsonl files")
+  out = []
+  for f in files:
+    for lineno, obj, _ in _jsonl_records(f, text_field):
+      if max_documents is not None and len(out) >= max_documents:
+        return out
+      if field not in obj:
+        raise ValueError(f"{f}, line {lineno}: no field {field!r}")
+      out.append(str(obj[field]))
+  return out
 
 
 def read_file(path: str | pathlib.Path, text_field: str = "text") -> Iterator[str]:
@@ -138,6 +165,12 @@ def read_file(path: str | pathlib.Path, text_field: str = "text") -> Iterator[st
 
 
 def _local(source: str, text_field: str) -> Iterator[str]:
+  for f in _local_files(source):
+    yield from read_file(f, text_field)
+
+
+def _local_files(source: str) -> list[pathlib.Path]:
+  """The .txt / .jsonl files of a local source (a file, a directory or a glob), in read order."""
   path = pathlib.Path(source).expanduser()
   if any(c in source for c in "*?[") and not path.exists():
     files = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True))
@@ -152,8 +185,7 @@ def _local(source: str, text_field: str) -> Iterator[str]:
     files = [path]
   else:
     raise FileNotFoundError(f"data source {source!r}: no such file or directory")
-  for f in files:
-    yield from read_file(f, text_field)
+  return files
 
 
 # ---------------------------------------------------------------------------------------------

@@ -747,40 +747,15 @@ def pool_labels(dcfg, field: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   and its tokens must equal the pool's: a mismatch is an error, never a silent mislabelling."""
   from effjax.data import load_splits
   from effjax.data.pipeline import split_documents, to_examples
-  from effjax.data.sources import load_documents, resolve_source
+  from effjax.data.sources import load_document_field, load_documents
   from effjax.data.tokenizer import ByteTokenizer
-  import glob as _glob
 
-  src = resolve_source(dcfg.source, dcfg.root)
-  path = pathlib.Path(src).expanduser()
-  if path.is_dir():
-    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in (".txt", ".jsonl"))
-  elif path.is_file():
-    files = [path]
-  else:
-    files = sorted(pathlib.Path(f) for f in _glob.glob(str(path), recursive=True))
-  if not files or any(f.suffix.lower() != ".jsonl" for f in files):
-    raise FairError(f"composition needs a pool of .jsonl files with a {field!r} field; "
-                    f"{dcfg.source} is not one")
-  texts, values = [], []
-  for f in files:
-    with open(f, encoding="utf-8", errors="replace") as fh:
-      for lineno, line in enumerate(fh, start=1):
-        if not line.strip():
-          continue
-        obj = json.loads(line)
-        text = obj.get(dcfg.text_field)
-        if not (isinstance(text, str) and text.strip()):
-          continue
-        if field not in obj:
-          raise FairError(f"{f}, line {lineno}: no field {field!r} to label the pool by")
-        texts.append(text)
-        values.append(str(obj[field]))
-  docs = load_documents(dcfg.source, text_field=dcfg.text_field, root=dcfg.root,
-                        max_documents=dcfg.max_documents)
-  if texts[:len(docs)] != docs:
-    raise FairError(f"the documents read with their {field!r} field differ from the loader's")
-  values = values[:len(docs)]
+  kw = dict(text_field=dcfg.text_field, root=dcfg.root, max_documents=dcfg.max_documents)
+  try:
+    values = load_document_field(dcfg.source, field, **kw)
+    docs = load_documents(dcfg.source, **kw)
+  except (OSError, ValueError) as e:
+    raise FairError(f"labelling the pool by {field!r}: {e}") from None
   names = sorted(set(values))
   tok = ByteTokenizer()
   ids = [tok.encode(d) for d in docs]
@@ -793,11 +768,11 @@ def pool_labels(dcfg, field: str) -> tuple[list[str], np.ndarray, np.ndarray]:
   rebuilt = to_examples(train, dcfg)
   if rebuilt.tokens.shape != pool.tokens.shape or not np.array_equal(rebuilt.tokens, pool.tokens):
     raise FairError("the rebuilt pool differs from the training pool: cannot label it")
-  L = dcfg.seq_len + 1
   if dcfg.packing == "pad":
     label = np.array([l[0] for l in train_l], np.int32)
     return names, label, np.ones(len(label))
   # pack: BOS doc EOS per document, cut into windows of seq_len + 1 (the short tail dropped)
+  L = dcfg.seq_len + 1
   stream = np.concatenate([np.concatenate([l[:1], l, l[:1]]) for l in train_l])
   win = stream[: len(pool) * L].reshape(len(pool), L)
   counts = np.stack([(win == k).sum(1) for k in range(len(names))], 1)
@@ -808,21 +783,19 @@ def composition(names: list[str], label: np.ndarray, scores: dict[str, np.ndarra
                 bins: int = 10) -> dict:
   """Each label's share of the pool, of every score bin (lowest scores first: the order of a
   Folding sweep) and of the top half (what top-50% selection keeps)."""
-  k = len(names)
+  k, n = len(names), len(label)
+  h = int(math.floor(0.5 * n + 0.5))                  # what top-50% selection keeps
   share = lambda ix: np.bincount(label[ix], minlength=k) / max(len(ix), 1)
-  out = {"names": names, "pool_share": share(np.arange(len(label))).tolist(), "scores": {}}
-  for name, s in scores.items():
-    order = np.argsort(s, kind="stable")
-    half = order[len(order) - int(math.floor(0.5 * len(order) + 0.5)):]
+  out = {"names": names, "pool_share": share(np.arange(n)).tolist(), "scores": {}}
+  orders = {name: np.argsort(s, kind="stable") for name, s in scores.items()}
+  for name, order in orders.items():
     out["scores"][name] = {"bin_share": [share(ix).tolist() for ix in np.array_split(order, bins)],
-                           "top50_share": share(half).tolist()}
+                           "top50_share": share(order[n - h:]).tolist()}
   if "lqs" in scores and "pds" in scores:      # does the learnability factor change the ranking?
     from scipy import stats
-    a, b = scores["lqs"], scores["pds"]
-    h = int(math.floor(0.5 * len(a) + 0.5))
-    top = lambda s: set(np.argsort(s, kind="stable")[len(s) - h:].tolist())
-    out["lqs_vs_pds"] = {"spearman": float(stats.spearmanr(a, b).statistic),
-                         "top50_overlap": len(top(a) & top(b)) / h}
+    out["lqs_vs_pds"] = {
+        "spearman": float(stats.spearmanr(scores["lqs"], scores["pds"]).statistic),
+        "top50_overlap": len(np.intersect1d(orders["lqs"][n - h:], orders["pds"][n - h:])) / h}
   return out
 
 
