@@ -26,7 +26,6 @@ bandwidth measured in the same run; a row faster than its floor fails the run.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -71,21 +70,10 @@ def random_cache(key, B: int, S: int, bits: int, window: int):
           scale(ks[4], vshape), zero(ks[5], vshape), res(ks[6]), res(ks[7]))
 
 
-def parse_variant(base, text: str):
+def parse_variant(base, text: str, flag: str = "--variants"):
   """'magic=0,block_k=128' -> base (a TritonConfig or MosaicGPUConfig) with those fields replaced
-  (ints; 0/1 for the bool fields: magic, overlap, token_rows, word_shifts; profile_dir a path)."""
-  fields = {f.name: f for f in dataclasses.fields(type(base))}
-  kw = {}
-  for item in text.split(","):
-    key, sep, value = item.strip().partition("=")
-    if not sep or key not in fields:
-      raise SystemExit(f"--variants: bad item {item!r}: want key=value with key in "
-                       f"{sorted(fields)}")
-    kw[key] = (bool(int(value)) if "bool" in str(fields[key].type) else value if key == "profile_dir"
-               else None if value == "None" else int(value))
-  cfg = dataclasses.replace(base, **kw)
-  cfg.validate()
-  return cfg
+  (`common.parse_fields`: ints, 0 / 1 for the bools, profile_dir a path)."""
+  return common.parse_fields(text, type(base), flag, names=("profile_dir",), base=base)
 
 
 def main():
@@ -142,7 +130,8 @@ def main():
   variants = [("", kcfg)] + [(v.strip(), parse_variant(kcfg, v)) for v in args.variants.split(";")
                              if v.strip()]
   mosaic = [] if args.mosaic is None else [
-      (v.strip(), parse_variant(MosaicGPUConfig(), v) if v.strip() else MosaicGPUConfig())
+      (v.strip(), parse_variant(MosaicGPUConfig(), v, "--mosaic") if v.strip()
+       else MosaicGPUConfig())
       for v in dict.fromkeys(args.mosaic.split(";"))]          # '' (an empty item): the defaults
 
   def record(row):

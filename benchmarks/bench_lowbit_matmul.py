@@ -62,33 +62,6 @@ LUT_GROUP = 128            # rows a scale group of the bits4 LUT weights
 TERNARY_ROW_FORMATS = ("i2_s", "i2_t")
 
 
-def _parse_fields(text: str, cls, flag: str, names=()):
-  """'key=value,...' -> cls(**fields) (validated): ints, except `names` (strings) and the bool
-  fields (0 / 1); 'None' for None. Bad items exit naming `flag`."""
-  fields = {f.name for f in dataclasses.fields(cls)}
-  bools = {f.name for f in dataclasses.fields(cls) if "bool" in str(f.type)}
-  kw = {}
-  for item in text.split(","):
-    key, sep, value = (v.strip() for v in item.partition("="))
-    if not sep or key not in fields:
-      raise SystemExit(f"{flag}: bad item {item!r}: want key=value with key in {sorted(fields)}")
-    if value == "None":
-      kw[key] = None
-    elif key in names:
-      kw[key] = value
-    else:
-      try:
-        kw[key] = bool(int(value)) if key in bools else int(value)
-      except ValueError:
-        raise SystemExit(f"{flag}: {key} wants an int, got {value!r}") from None
-  cfg = cls(**kw)
-  try:
-    cfg.validate()
-  except ValueError as e:
-    raise SystemExit(f"{flag}: {e}") from None
-  return cfg
-
-
 def parse_config(text: str, lut: bool = False):
   """'num_splits=4,unpack=asm' -> a pallas_triton TritonConfig (lowbit_matmul's, or
   lut_matmul's with lut=True) with those fields (the others None: tuned); ints, 0 / 1 for
@@ -97,8 +70,8 @@ def parse_config(text: str, lut: bool = False):
     from pallas_kernels.lut_matmul.pallas_triton import TritonConfig
   else:
     from pallas_kernels.lowbit_matmul.pallas_triton import TritonConfig
-  return _parse_fields(text, TritonConfig, "--lut-configs" if lut else "--configs",
-                       names=("unpack", "rowsum", "lookup"))
+  return common.parse_fields(text, TritonConfig, "--lut-configs" if lut else "--configs",
+                             names=("unpack", "rowsum", "lookup"))
 
 
 def parse_choices(text: str, flag: str, choices) -> list[str]:
@@ -113,7 +86,7 @@ def parse_mosaic_config(text: str):
   """'num_splits=4,overlap=1' -> a lowbit_matmul pallas_mosaic_gpu MosaicGPUConfig (ints; 0 / 1
   for the bools overlap and word_shifts)."""
   from pallas_kernels.lowbit_matmul.pallas_mosaic_gpu import MosaicGPUConfig
-  return _parse_fields(text, MosaicGPUConfig, "--mosaic-configs")
+  return common.parse_fields(text, MosaicGPUConfig, "--mosaic-configs")
 
 
 def launch_plan(op: str, M: int, K: int, w: layout.PackedWeight, cfg, impl: str,

@@ -209,10 +209,7 @@ def main():
   N, K = parse_ints(args.heads)
   B, H, bs, dtype = args.batch, args.head_dim, args.block_size, jnp.dtype(args.dtype)
   modes = args.modes.split(",")
-  try:
-    mosaic_configs = parse_mosaic_configs(args.mosaic_configs)
-  except ValueError as e:
-    ap.error(f"--mosaic-configs: {e}")
+  mosaic_configs = parse_mosaic_configs(args.mosaic_configs)
   kind = jax.devices()[0].device_kind
   peak = peak_tflops(kind)
   peak_src = f"{kind} dense bf16 datasheet" if peak else f"{FALLBACK_PEAK} (card unknown)"
@@ -389,36 +386,17 @@ def main():
 
 
 def parse_mosaic_configs(spec: str) -> list[tuple[str, object]]:
-  """'k=v,k=v;k=v' -> [(label, MosaicGPUConfig)], one per ';'-separated group; values are
-  bools (0 / 1 / true / false), ints or none, field names checked against the dataclass."""
-  if not spec.strip():
-    return []
-  import dataclasses
+  """'k=v,k=v;k=v' -> [(label, MosaicGPUConfig)], one per ';'-separated group
+  (`common.parse_fields`; bad items exit naming --mosaic-configs)."""
   from pallas_kernels.block_sparse_attention import pallas_mosaic_gpu
-  fields = {f.name for f in dataclasses.fields(pallas_mosaic_gpu.MosaicGPUConfig)}
   out = []
   for group in (g.strip() for g in spec.split(";")):
-    if not group:
-      continue
-    kw = {}
-    for item in group.split(","):
-      key, sep, val = (x.strip() for x in item.partition("="))
-      if not sep or key not in fields or key == "backward":
-        raise ValueError(f"{item!r}: expected k=v with k one of {sorted(fields - {'backward'})}")
-      low = val.lower()
-      if low in ("1", "true", "0", "false") and key != "pipeline_depth":
-        kw[key] = low in ("1", "true")
-      elif low == "none":
-        kw[key] = None
-      else:
-        try:
-          kw[key] = int(val)
-        except ValueError:
-          raise ValueError(f"{item!r}: {val!r} is not a bool, int or none") from None
-    cfg = pallas_mosaic_gpu.MosaicGPUConfig(**kw)
-    cfg.validate()
-    out.append((",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
-                         for k, v in kw.items()), cfg))
+    if group:
+      cfg = common.parse_fields(group, pallas_mosaic_gpu.MosaicGPUConfig, "--mosaic-configs",
+                                skip=("backward",))
+      keys = [item.partition("=")[0].strip() for item in group.split(",")]
+      out.append((",".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                           for k, v in ((k, getattr(cfg, k)) for k in keys)), cfg))
   return out
 
 

@@ -9,6 +9,7 @@ version and the command that made it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -84,3 +85,36 @@ def finish(path: pathlib.Path, meta_: dict, results: list) -> int:
     print("error: rows faster than their byte floor:\n  " + "\n  ".join(bad), file=sys.stderr)
     return 1
   return 0
+
+
+def parse_fields(text: str, cls, flag: str, *, names=(), skip=(), base=None):
+  """'key=value,...' -> cls(**fields), or `base` with those fields replaced; validated. Values:
+  0 / 1 / true / false for the bool fields, strings for `names`, 'none' for None, ints for the
+  rest; `skip` names fields that take no value here. Bad items exit naming `flag`."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  allowed = sorted(k for k in fields if k not in skip)
+  kw = {}
+  for item in text.split(","):
+    key, sep, value = (v.strip() for v in item.partition("="))
+    if not sep or key not in allowed:
+      raise SystemExit(f"{flag}: bad item {item!r}: want key=value with key in {allowed}")
+    low = value.lower()
+    if low == "none":
+      kw[key] = None
+    elif key in names:
+      kw[key] = value
+    elif "bool" in str(fields[key].type):
+      if low not in ("0", "1", "true", "false"):
+        raise SystemExit(f"{flag}: {key} wants 0 / 1 / true / false, got {value!r}")
+      kw[key] = low in ("1", "true")
+    else:
+      try:
+        kw[key] = int(value)
+      except ValueError:
+        raise SystemExit(f"{flag}: {key} wants an int, got {value!r}") from None
+  cfg = cls(**kw) if base is None else dataclasses.replace(base, **kw)
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise SystemExit(f"{flag}: {e}") from None
+  return cfg

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     def launch(cfg):
       return lowbit_decode_attention(q, *cache, lengths, packed, **st,
                                      implementation="pallas_mosaic_gpu", config=cfg)
-  configs = [(v.strip(), bl.parse_variant(MosaicGPUConfig(), v) if v.strip() else MosaicGPUConfig())
+  configs = [(v.strip(), bl.parse_variant(MosaicGPUConfig(), v, "--configs") if v.strip() else MosaicGPUConfig())
              for v in dict.fromkeys(args.configs.split(";"))]
   rows = []
   for name, cfg in configs:

@@ -80,7 +80,7 @@ def test_parse_mosaic_configs():
   assert parse_mosaic_configs("") == []
   for bad in ("nope=1", "overlap_qk", "pipeline_depth=x", "pipeline_depth=0", "overlap_qk=2",
               "backward=1"):
-    with pytest.raises(ValueError):
+    with pytest.raises(SystemExit, match="--mosaic-configs"):
       parse_mosaic_configs(bad)
 
 
