@@ -66,10 +66,10 @@ WR, WC = KT // 4, NT // 4      # the step's packed words: [64 rows, 32 words]
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
   """num_splits: programs per column tile along K (None: about two programs per SM);
-  pipeline_depth: K steps in flight (None: 2 for I2_S, 3 for I2_T); overlap (I2_S): unpack step
-  k's weights while step k - 1's wgmma runs (two B tiles in turn, the wgmma left in flight across
-  the step; x tiles released a step late), instead of waiting for each wgmma before the next
-  unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows);
+  pipeline_depth: K steps in flight (None: 2 for I2_S, 3 for I2_T; fewer where shared memory
+  cannot hold them); overlap (I2_S): unpack step k's weights while step k - 1's wgmma runs (two
+  B tiles in turn, the wgmma left in flight across the step; x tiles released a step late),
+  instead of waiting for each wgmma before the next unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows);
   profile_dir (I2_T): write a Mosaic GPU profiler trace of every launch there (per-warpgroup
   timelines of the named phases load / decode / mma / drain; `python -m benchmarks profile_mgpu
   --kernel ternary` sums them), with room for profile_space phases a warpgroup; word_shifts
@@ -243,6 +243,14 @@ def unpermute_columns(y_MN: jax.Array) -> jax.Array:
   return y_MN.reshape(M, N // NT, 4, WC).transpose(0, 1, 3, 2).reshape(M, N)
 
 
+def smem_bytes(stages: int, overlap: bool, dtype=jnp.bfloat16) -> int:
+  """Shared memory of the I2_S kernel: `stages` x (x tile [64, 256] + packed words [64, 32] int32
+  + a barrier) + one B tile [256, 128] (two with overlap); the output tile's scope comes after the
+  pipeline's and is smaller. Equal to what Mosaic GPU allocates (checked by lowering for CUDA)."""
+  item = jnp.dtype(dtype).itemsize
+  return stages * (ROWS * KT * item + WR * WC * 4 + 8) + (2 if overlap else 1) * KT * NT * item
+
+
 def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   require_platform("gpu", interpret, "the Mosaic GPU ternary matmul")
   M = x_MK.shape[0]
@@ -260,8 +268,14 @@ def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   dtype = x_MK.dtype if x_MK.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
   n_steps = packed.rows // KT
   num_splits = config.num_splits or max(1, min(n_steps, launch.target_programs(2) // (N // NT)))
+  # the deepest pipeline up to the requested one that fits shared memory (overlap's second B
+  # tile leaves room for 2 steps, not 3)
+  stages = config.pipeline_depth or 2
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  while stages > 1 and smem_bytes(stages, config.overlap, dtype) > limit:
+    stages -= 1
   sums = partial_sums(x_MK.astype(dtype), packed.packed, N=N, num_splits=int(num_splits),
-                      stages=int(config.pipeline_depth or 2), overlap=config.overlap,
+                      stages=int(stages), overlap=config.overlap,
                       interpret=bool(interpret))
   y = unpermute_columns(jnp.sum(sums, axis=0)[:M]) * packed.scale
   if x_scale_M is not None:

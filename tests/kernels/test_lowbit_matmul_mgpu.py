@@ -135,6 +135,23 @@ def test_compiled_kernel_lowers_for_cuda(overlap):
   assert "mosaic_gpu" in text
 
 
+def test_pipeline_depth_is_cut_to_what_shared_memory_holds():
+  """overlap's second B tile leaves room for two K steps: a requested depth of 3 runs at 2 and
+  lowers for CUDA (Mosaic refuses kernels over 227 KiB of shared memory while lowering)."""
+  from jax import export
+  bf16 = jnp.bfloat16
+  assert mgpu.smem_bytes(2, True, bf16) <= 227 * 1024 < mgpu.smem_bytes(3, True, bf16)
+  assert mgpu.smem_bytes(3, False, bf16) <= 227 * 1024
+  pw, _ = weight(0, 1024, 256)
+  config = mgpu.MosaicGPUConfig(num_splits=2, pipeline_depth=3, overlap=True)
+  fn = jax.jit(lambda x: lowbit_matmul(x, pw, implementation="pallas_mosaic_gpu", config=config))
+  with lowering_for("gpu"):
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
+            jax.ShapeDtypeStruct((1, 1024), bf16)).mlir_module()
+  assert "mosaic_gpu" in text
+
+
 def test_layout_bookkeeping_and_refusals():
   perm = mgpu.row_permutation()
   assert sorted(perm.tolist()) == list(range(mgpu.KT))
