@@ -155,9 +155,14 @@ def test_select_threshold_matches_loop(dense_rows):
     assert rows_of(capped[b, n, i:i + 1])[0] == sorted(set(top.tolist()) | {i})
 
 
-@pytest.mark.parametrize("ratio,dense_rows", [(0.3, 0), (0.5, 1), (1.0, 0)])
-def test_select_nz_ratio_matches_loop(ratio, dense_rows):
+@pytest.mark.parametrize("ratio,dense_rows,ties", [(0.3, 0, False), (0.5, 1, False),
+                                                   (1.0, 0, False), (0.3, 0, True)])
+def test_select_nz_ratio_matches_loop(ratio, dense_rows, ties):
+  """ties: scores on 3 levels, so most rows hold equal scores at the cut; the lower block wins."""
   q, k, scores, lengths, bs, nb = setup_sel(1)
+  if ties:
+    scores = jnp.round(scores)
+    assert len(np.unique(np.asarray(scores))) <= 9
   idx = np.asarray(sel.select_nz_ratio(scores, lengths, bs, ratio, dense_rows))
   assert idx.shape[-1] == sel.nz_ratio_width(nb, ratio, dense_rows)
   s = np.asarray(scores)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from effjax.config import ModelConfig
 from effjax.sparse import gate
@@ -13,11 +14,15 @@ def rand(shape, seed):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def test_pool_blocks_matches_loop():
+@pytest.mark.parametrize("token_major", [False, True])
+def test_pool_blocks_matches_loop(token_major):
+  """The cache layout [B, K, S, H] and a prompt's [B, S, K, H] (token_major) pool alike."""
   B, K, S, H, bs = 2, 2, 48, 8, 16
   k = rand((B, K, S, H), 0)
   lengths = np.array([48, 20])
-  p = np.asarray(gate.pool_blocks(jnp.asarray(k), jnp.asarray(lengths), bs))
+  arg = k.transpose(0, 2, 1, 3) if token_major else k
+  p = np.asarray(gate.pool_blocks(jnp.asarray(arg), jnp.asarray(lengths), bs,
+                                  token_major=token_major))
   assert p.shape == (B, K, 3, 3 * H)
   for b in range(B):
     for h in range(K):

@@ -90,22 +90,53 @@ def check_params(mcfg: ModelConfig, d_gate: int, gate_params) -> None:
                        f"d_gate={d_gate}] for this model and SparseConfig, got {got}")
 
 
-def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
+def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int,
+                token_major: bool = False) -> jax.Array:
   """max / min / mean of each block's valid keys, concatenated: float32 [B, K, Nb, 3H]. Empty
-  blocks give zeros (they are masked from scores)."""
-  B, K, S, H = k_BKSH.shape
+  blocks give zeros (they are masked from scores).
+
+  k_BKSH is the cache layout [B, K, S, H]; with token_major, the prompt's [B, S, K, H] (a
+  prefill's keys), pooled where they lie: the reductions run over a middle axis of the array as
+  it is, so the keys are read once and never transposed (a transpose of the whole prompt's keys
+  to the cache layout was its own kernel); only the pooled blocks are transposed."""
+  if token_major:
+    B, S, K, H = k_BKSH.shape
+  else:
+    B, K, S, H = k_BKSH.shape
   if S % block_size:
     raise ValueError(f"cache capacity {S} must be a multiple of block_size {block_size}")
   nb = S // block_size
-  k = k_BKSH.astype(jnp.float32).reshape(B, K, nb, block_size, H)
-  valid = (jnp.arange(S).reshape(nb, block_size)[None] < lengths_B[:, None, None])[:, None, :, :, None]
-  cnt = jnp.maximum(jnp.sum(valid, axis=3), 1)
-  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=3)
-  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=3)
-  mean = jnp.sum(jnp.where(valid, k, 0.0), axis=3) / cnt
-  any_valid = jnp.any(valid, axis=3)
-  pooled = jnp.concatenate([kmax, kmin, mean], axis=-1)
-  return jnp.where(any_valid, pooled, 0.0)
+  tok = jnp.arange(S).reshape(nb, block_size)[None] < lengths_B[:, None, None]    # [B, Nb, bs]
+  if token_major:
+    k = k_BKSH.reshape(B, nb, block_size, K, H)
+    valid, axis = tok[:, :, :, None, None], 2
+  else:
+    k = k_BKSH.reshape(B, K, nb, block_size, H)
+    valid, axis = tok[:, None, :, :, None], 3
+  k = k.astype(jnp.float32)
+  cnt = jnp.maximum(jnp.sum(valid, axis=axis), 1)
+  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=axis)
+  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=axis)
+  mean = jnp.sum(jnp.where(valid, k, 0.0), axis=axis) / cnt
+  any_valid = jnp.any(valid, axis=axis)
+  pooled = jnp.where(any_valid, jnp.concatenate([kmax, kmin, mean], axis=-1), 0.0)
+  return pooled.transpose(0, 2, 1, 3) if token_major else pooled
+
+
+def project_blocks(wk_KCD: jax.Array, pooled_BKNC: jax.Array, block_size: int, rope_theta: float,
+                   first_block_B: jax.Array | None = None) -> jax.Array:
+  """Pooled blocks [B, K, Nb, 3H] -> projected, RoPE'd block keys float32 [B, K, Nb, Dg], RoPE at
+  each block's absolute start (blocks counted from first_block_B)."""
+  if pooled_BKNC.shape[2] <= SMALL_PROJECTION_ROWS:   # a decode step's window of a block or two
+    kc = jnp.sum(pooled_BKNC[..., :, None] * wk_KCD[None, :, None], axis=-2)
+  else:
+    kc = jnp.einsum("bknc,kcd->bknd", pooled_BKNC, wk_KCD)
+  B, nb = kc.shape[0], kc.shape[2]
+  first = jnp.zeros((B,), jnp.int32) if first_block_B is None else first_block_B
+  starts = (first[:, None] + jnp.arange(nb, dtype=jnp.int32)[None]) * block_size
+  cos, sin = rope_tables(starts, kc.shape[-1], rope_theta)                  # [B, Nb, 1, Dg/2]
+  # apply_rope expects [B, T, N, H]: blocks play T, kv heads play N
+  return apply_rope(kc.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
 
 
 def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int,
@@ -113,17 +144,8 @@ def compress_blocks(wk_KCD: jax.Array, k_BKSH: jax.Array, lengths_B: jax.Array, 
   """The K-compression cache of one layer: projected, RoPE'd block keys float32 [B, K, Nb, Dg].
   k_BKSH may be a slice of the cache starting at block first_block_B (lengths then count from the
   slice start); RoPE uses the absolute block start positions."""
-  pooled = pool_blocks(k_BKSH, lengths_B, block_size)                     # [B, K, Nb, 3H]
-  if pooled.shape[2] <= SMALL_PROJECTION_ROWS:   # a decode step's window of a block or two
-    kc = jnp.sum(pooled[..., :, None] * wk_KCD[None, :, None], axis=-2)
-  else:
-    kc = jnp.einsum("bknc,kcd->bknd", pooled, wk_KCD)
-  B, nb = kc.shape[0], kc.shape[2]
-  first = jnp.zeros((B,), jnp.int32) if first_block_B is None else first_block_B
-  starts = (first[:, None] + jnp.arange(nb, dtype=jnp.int32)[None]) * block_size
-  cos, sin = rope_tables(starts, kc.shape[-1], rope_theta)                  # [B, Nb, 1, Dg/2]
-  # apply_rope expects [B, T, N, H]: blocks play T, kv heads play N
-  return apply_rope(kc.transpose(0, 2, 1, 3), cos, sin).transpose(0, 2, 1, 3)
+  return project_blocks(wk_KCD, pool_blocks(k_BKSH, lengths_B, block_size), block_size,
+                        rope_theta, first_block_B)
 
 
 def gate_logits(wq_KCD: jax.Array, q_BKGH: jax.Array, kc_BKND: jax.Array, pos_B: jax.Array,

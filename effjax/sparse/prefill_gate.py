@@ -6,7 +6,7 @@ Per layer, for query head n (of KV head k = n // G) and blocks of `block_size` t
   gate key    k_g[j] = RoPE(concat(max, min, avg)_j(k_k) @ Wk_k)          [Dg], at position j * bs
   score       s[i, j] = q_g[i] . k_g[j] / sqrt(Dg), block-causal (j <= i)
   probs       softmax over j                                             [B, N, nQ, nK]
-The key side is the decode gate's K-compression (`gate.compress_blocks`, the same pooling,
+The key side is the decode gate's K-compression (`gate.compress_blocks`: the same pooling,
 projection and RoPE), so a prefill gate's Wk has the decode gate's shape. The query side pools by
 average and keeps one projection per query head (no GQA grouping of queries: SeerAttention's
 prefill gate decides per head). Pooling counts only tokens below each sequence's length.
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from effjax.config import ModelConfig
 from effjax.model.layers import apply_rope, rope_tables
-from effjax.sparse.gate import GateConfig, compress_blocks
+from effjax.sparse.gate import GateConfig, pool_blocks, project_blocks
 
 __all__ = ["GateConfig", "block_causal", "gate_keys", "gate_logits", "gate_probs", "gate_queries",
            "init_prefill_gate_params", "kl_loss", "num_blocks", "pool_queries", "row_valid"]
@@ -45,10 +45,11 @@ def init_prefill_gate_params(mcfg: ModelConfig, gcfg: GateConfig, rng: jax.Array
 
 
 def _pad_tokens(x_BTXH: jax.Array, block_size: int) -> jax.Array:
-  """[B, T, X, H] -> [B, X, S, H] with S = T rounded up to a block multiple (zeros after T)."""
+  """[B, T, X, H] -> [B, S, X, H] with S = T rounded up to a block multiple (zeros after T; no
+  copy when T is a multiple already)."""
   T = x_BTXH.shape[1]
   S = num_blocks(T, block_size) * block_size
-  return jnp.pad(x_BTXH, ((0, 0), (0, S - T), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+  return x_BTXH if S == T else jnp.pad(x_BTXH, ((0, 0), (0, S - T), (0, 0), (0, 0)))
 
 
 def row_valid(lengths_B: jax.Array, nq: int, block_size: int) -> jax.Array:
@@ -63,13 +64,15 @@ def block_causal(nq: int, nk: int) -> jax.Array:
 
 def pool_queries(q_BTNH: jax.Array, lengths_B: jax.Array, block_size: int) -> jax.Array:
   """Average of each query block's valid tokens: float32 [B, N, nQ, H]; zeros for blocks with
-  none."""
+  none. The sum runs over the block's tokens where q lies ([B, nQ, bs, N, H]), so q is read once
+  and only the pooled blocks are transposed."""
   B, T, N, H = q_BTNH.shape
   nq = num_blocks(T, block_size)
-  q = _pad_tokens(q_BTNH.astype(jnp.float32), block_size).reshape(B, N, nq, block_size, H)
-  valid = (jnp.arange(nq * block_size) < lengths_B[:, None]).reshape(B, 1, nq, block_size, 1)
-  total = jnp.sum(jnp.where(valid, q, 0.0), axis=3)
-  return total / jnp.maximum(jnp.sum(valid, axis=3), 1)
+  q = _pad_tokens(q_BTNH, block_size).reshape(B, nq, block_size, N, H).astype(jnp.float32)
+  valid = (jnp.arange(nq * block_size) < lengths_B[:, None]).reshape(B, nq, block_size, 1, 1)
+  total = jnp.sum(jnp.where(valid, q, 0.0), axis=2)                         # [B, nQ, N, H]
+  pooled = total / jnp.maximum(jnp.sum(valid, axis=2), 1)
+  return pooled.transpose(0, 2, 1, 3)
 
 
 def _block_starts(B: int, nb: int, block_size: int) -> jax.Array:
@@ -93,8 +96,8 @@ def gate_keys(wk_KCD: jax.Array, k_BTKH: jax.Array, lengths_B: jax.Array, block_
               rope_theta: float) -> jax.Array:
   """Gate keys of one layer: max / min / mean pooled, projected, RoPE'd at each block's first
   position (the decode gate's K-compression of the whole prompt): float32 [B, K, nK, Dg]."""
-  return compress_blocks(wk_KCD.astype(jnp.float32), _pad_tokens(k_BTKH, block_size), lengths_B,
-                         block_size, rope_theta)
+  pooled = pool_blocks(_pad_tokens(k_BTKH, block_size), lengths_B, block_size, token_major=True)
+  return project_blocks(wk_KCD.astype(jnp.float32), pooled, block_size, rope_theta)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "rope_theta"))

@@ -71,7 +71,9 @@ def _top(scores_BHQN: jax.Array, keep_BHQN: jax.Array, force_BHQN: jax.Array, co
   s = jnp.where(force_BHQN, jnp.inf,
                 jnp.where(keep_BHQN, jnp.nan_to_num(scores_BHQN.astype(jnp.float32), nan=-jnp.inf),
                           -jnp.inf))
-  order = jnp.argsort(-s, axis=-1, stable=True)[..., :width]               # best first
+  # best first, ties to the lower block (lax.top_k's order): a top-k, not a sort of every row.
+  # top_k orders floats totally (-0 below +0), so zeros are made one value first
+  order = jax.lax.top_k(jnp.where(s == 0, 0.0, s), width)[1]
   live = jnp.take_along_axis(force_BHQN | keep_BHQN, order, axis=-1)
   if count_BHQ is not None:
     live &= jnp.arange(width) < count_BHQ[..., None]
