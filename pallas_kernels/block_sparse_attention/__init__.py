@@ -16,11 +16,11 @@ there give zeros, as do rows that see no key.
 
 Implementations (pallas_kernels.dispatch): `xla` (xla.py: a scan over the index slots with an
 online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memory per head),
-`pallas_triton` (pallas_triton.py, the GPU default: a forward kernel looping over the live slots
+`pallas_mosaic_gpu` (pallas_mosaic_gpu.py, the GPU default: a warp-specialised TMA + wgmma
+forward for block_size 64, H in {64, 128, 256}, bf16 / f16, with the Triton backward),
+`pallas_triton` (pallas_triton.py, the GPU fallback: a forward kernel looping over the live slots
 and dq / dk-dv kernels, the latter over the transposed index lists; H and block_size powers of
 2, H <= 256, 16 <= block_size <= 128).
-`pallas_mosaic_gpu` (pallas_mosaic_gpu.py, named only until timed on a GPU: a warp-specialised
-TMA + wgmma forward for block_size 64, H in {64, 128, 256}, bf16 / f16, with the Triton backward).
 `block_sparse_attention_reference` (reference.py) is the dense masked oracle the tests hold
 every backend to; gradients flow to q, k and v (indices and lengths are not differentiable).
 """
@@ -38,12 +38,14 @@ from pallas_kernels.block_sparse_attention.reference import (block_mask,
 from pallas_kernels.dispatch import Op
 from pallas_kernels.flash_attention import check_prefill_args
 
-# `auto` on a GPU: the Triton kernels (H100, 32K tokens, 32 / 8 heads, every causal block:
-# forward 21.0 ms against the XLA scan's 787 ms).
+# `auto` on a GPU: the Mosaic GPU forward (with the Triton backward), then the Triton kernels
+# where it refuses (block_size != 64, float32, ...). H100, 32K tokens, 32 / 8 heads, head dim 128,
+# bf16 forward (docs/results/seer_prefill.md): every causal block 18.4 ms Mosaic GPU, 21.3 Triton,
+# 787 the XLA scan; 10% random blocks 2.24 ms Mosaic GPU, 2.58 Triton.
 _OP = Op("block_sparse_attention", __name__,
          backends={"xla": "xla", "pallas_triton": "pallas_triton",
                    "pallas_mosaic_gpu": "pallas_mosaic_gpu"},
-         defaults={"gpu": ("pallas_triton",)})
+         defaults={"gpu": ("pallas_mosaic_gpu", "pallas_triton")})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "block_mask", "block_sparse_attention",
