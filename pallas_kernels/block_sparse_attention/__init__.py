@@ -20,7 +20,9 @@ online softmax and a FlashAttention-2 backward as a `jax.custom_vjp`; O(T) memor
 forward for block_size 64, H in {64, 128, 256}, bf16 / f16, with the Triton backward),
 `pallas_triton` (pallas_triton.py, the GPU fallback: a forward kernel looping over the live slots
 and dq / dk-dv kernels, the latter over the transposed index lists; H and block_size powers of
-2, H <= 256, 16 <= block_size <= 128).
+2, H <= 256, 16 <= block_size <= 128), `pallas_mosaic_tpu` (pallas_mosaic_tpu.py, the TPU
+default: forward, dq and dk / dv kernels walking the block lists through scalar prefetch;
+block_size a multiple of 8; tested in the TPU interpreter).
 `block_sparse_attention_reference` (reference.py) is the dense masked oracle the tests hold
 every backend to; gradients flow to q, k and v (indices and lengths are not differentiable).
 """
@@ -44,8 +46,9 @@ from pallas_kernels.flash_attention import check_prefill_args
 # 787 the XLA scan; 10% random blocks 2.24 ms Mosaic GPU, 2.58 Triton.
 _OP = Op("block_sparse_attention", __name__,
          backends={"xla": "xla", "pallas_triton": "pallas_triton",
-                   "pallas_mosaic_gpu": "pallas_mosaic_gpu"},
-         defaults={"gpu": ("pallas_mosaic_gpu", "pallas_triton")})
+                   "pallas_mosaic_gpu": "pallas_mosaic_gpu",
+                   "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
+         defaults={"gpu": ("pallas_mosaic_gpu", "pallas_triton"), "tpu": ("pallas_mosaic_tpu",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "block_mask", "block_sparse_attention",

@@ -32,7 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import launch
-from pallas_kernels.block_sparse_attention.reference import per_query_head, slot_counts
+from pallas_kernels.block_sparse_attention.reference import (per_query_head, slot_counts,
+                                                             transpose_indices)
 from pallas_kernels.dispatch import require_platform
 from pallas_kernels.flash_attention import pallas_triton as flash
 
@@ -67,49 +68,6 @@ class TritonConfig:
 
 
 CONFIG = TritonConfig
-
-
-# -- index bookkeeping (XLA) --
-
-def transpose_indices(idx_BNQM: jax.Array, lengths_B: jax.Array, n_kv_heads: int,
-                      block_size: int):
-  """The dk / dv kernel's lists: for each (sequence, KV head, key block j) the query
-  (block, head) pairs that selected it, as entries r = i * G + g, int32 [B, K, nK, G * nQ]
-  (-1 padded), entries with i > j first and i == j last; with (n_full, n_live) int32
-  [B, K, nK]. Pairs with i < j (above the diagonal) or query blocks past the length are
-  dropped: they contribute nothing. Memory O(B N nQ^2) (the selection as a dense mask; at
-  S128K, 64-token blocks and 32 heads, ~3 GB of temporaries)."""
-  return jax.vmap(functools.partial(_transpose_one, n_kv_heads=n_kv_heads,
-                                    block_size=block_size))(idx_BNQM, lengths_B)
-
-
-def _transpose_one(idx_NQM, length, *, n_kv_heads: int, block_size: int):
-  """`transpose_indices` of one sequence. Scatters take flat int32 indices (one index array,
-  not one per dimension); N nQ (nQ + 1) < 2^31 holds to 512K tokens of 64 at 32 heads."""
-  N, nq, M = idx_NQM.shape
-  K = n_kv_heads
-  G, R = N // K, (N // K) * nq
-  i = jnp.arange(nq, dtype=jnp.int32)
-  live = (idx_NQM >= 0) & (idx_NQM <= i[:, None]) & (i[:, None] * block_size < length)
-  # sel[n, i, j]: column nq takes the dropped slots
-  row = jnp.arange(N, dtype=jnp.int32)[:, None, None] * nq + i[:, None]
-  flat = row * (nq + 1) + jnp.where(live, idx_NQM, nq)
-  sel = jnp.zeros(N * nq * (nq + 1), bool).at[flat.reshape(-1)].set(True)
-  sel = sel.reshape(N, nq, nq + 1)[..., :nq]
-  # [K, G, i, j] -> [K, j, i, g]: rows of key blocks, entries r = i * G + g
-  sel = sel.reshape(K, G, nq, nq).transpose(0, 3, 2, 1).reshape(K, nq, R)
-  r = jnp.arange(R, dtype=jnp.int32)
-  diag = (r // G)[None, :] == i[:, None]                                            # [nK, R]
-  full, part = sel & ~diag, sel & diag
-  n_full = jnp.sum(full, axis=-1, dtype=jnp.int32)
-  n_live = n_full + jnp.sum(part, axis=-1, dtype=jnp.int32)
-  pos = jnp.where(full, jnp.cumsum(full, axis=-1, dtype=jnp.int32) - 1,
-                  jnp.where(part, n_full[..., None] + jnp.cumsum(part, axis=-1, dtype=jnp.int32)
-                            - 1, R))                                 # R: the trash column
-  rows = jnp.arange(K * nq, dtype=jnp.int32).reshape(K, nq, 1)
-  tidx = jnp.full(K * nq * (R + 1), -1, jnp.int32).at[(rows * (R + 1) + pos).reshape(-1)].set(
-      jnp.broadcast_to(r, pos.shape).reshape(-1))
-  return tidx.reshape(K, nq, R + 1)[..., :R], n_full, n_live
 
 
 # -- kernels --
