@@ -56,7 +56,7 @@ from benchmarks.bench_decode import device_bytes_limit, measure, parse_ints
 from benchmarks.bench_train import PEAK_BF16, peak_tflops
 from effjax.config import ModelConfig
 from effjax.sparse.gate import GateConfig
-from effjax.sparse.prefill_gate import gate_probs, init_prefill_gate_params
+from effjax.sparse.prefill_gate import gate_logits, init_prefill_gate_params
 from effjax.sparse.prefill_selection import select_nz_ratio
 from pallas_kernels.block_sparse_attention import block_sparse_attention
 from pallas_kernels.causal_attention import causal_attention
@@ -312,8 +312,10 @@ def main():
       """The whole SeerAttention forward: gate scores of every (head, query block), the nz-ratio
       top-k, then block-sparse attention over the chosen blocks (one gate layer's params)."""
       def fn(q, k, v):
-        probs = gate_probs(gate_params["wq"][0], gate_params["wk"][0], q, k, lengths, bs, 10000.0)
-        idx = select_nz_ratio(probs, lengths, bs, density)
+        # the model's nz-ratio path: a top-k of the gate logits (softmax keeps each row's order)
+        logits = gate_logits(gate_params["wq"][0], gate_params["wk"][0], q, k, lengths, bs,
+                             10000.0)
+        idx = select_nz_ratio(logits, lengths, bs, density)
         return block_sparse_attention(q, k, v, idx, lengths, block_size=bs, implementation=impl,
                                       interpret=args.interpret)
       return fn

@@ -82,6 +82,10 @@ def test_gate_logits_match_the_formula(B, T, N, K, H, Dg, bs, lengths):
   p = np.asarray(pg.gate_probs(*args))
   np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
   assert np.all(p[~fin] == 0)
+  # the nz-ratio top-k of the logits (what the model selects with) is that of the probabilities
+  L = jnp.asarray(lengths, jnp.int32)
+  np.testing.assert_array_equal(sel.select_nz_ratio(jnp.asarray(got), L, bs, 0.4),
+                                sel.select_nz_ratio(jnp.asarray(p), L, bs, 0.4))
 
 
 def test_kl_loss():

@@ -118,12 +118,14 @@ class SeerSparseAttention:
       i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
       near = jnp.broadcast_to((j - i).astype(jnp.float32), (B, N, nb, nb))
       return sel.select_nz_ratio(near, lengths, bs, s.density, s.dense_rows, **keep)
-    probs = pg.gate_probs(self.gate_params["wq"][layer], self.gate_params["wk"][layer], q_BTNH,
-                          k_BTKH, lengths, bs, self.mcfg.rope_theta)
+    logits = pg.gate_logits(self.gate_params["wq"][layer], self.gate_params["wk"][layer],
+                            q_BTNH, k_BTKH, lengths, bs, self.mcfg.rope_theta)
     if s.threshold is not None:
-      return sel.select_threshold(probs, lengths, bs, s.threshold, dense_rows=s.dense_rows,
-                                  **keep)
-    return sel.select_nz_ratio(probs, lengths, bs, s.density, s.dense_rows, **keep)
+      return sel.select_threshold(jax.nn.softmax(logits, axis=-1), lengths, bs, s.threshold,
+                                  dense_rows=s.dense_rows, **keep)
+    # a top-k per row: the softmax keeps each row's order, so the logits choose the same blocks
+    # without a pass over the [B, N, nQ, nK] probabilities
+    return sel.select_nz_ratio(logits, lengths, bs, s.density, s.dense_rows, **keep)
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     idx = self.select(layer, q_BTNH, k_BTKH, v_BTKH)
