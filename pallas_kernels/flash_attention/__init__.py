@@ -16,7 +16,9 @@ Implementations (pallas_kernels.dispatch): `xla` (reference.py, the full attenti
 float32; memory O(T^2) per head), `pallas_triton` (pallas_triton.py, the GPU default: a flash
 kernel keeping each (row, key block)'s max logit, pooled after the pass; O(T^2 / block_size)
 memory per head with a target, O(T) without; H and block_size powers of 2, H <= 256,
-16 <= block_size <= 128; forward only).
+16 <= block_size <= 128; forward only), `pallas_mosaic_tpu` (pallas_mosaic_tpu.py, the TPU
+default: the same pass over a (query block, key block) grid, the per-block row maxima in VMEM;
+block_size a multiple of 8; forward only; tested in the TPU interpreter).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from pallas_kernels.flash_attention.reference import (attention_probs, block_tar
 # `auto` on a GPU: the Triton kernel (H100, 32K tokens, 32 / 8 heads: 19.7 ms; the XLA
 # reference cannot hold the [T, T] map there).
 _OP = Op("flash_attention", __name__,
-         backends={"xla": "reference", "pallas_triton": "pallas_triton"},
-         defaults={"gpu": ("pallas_triton",)})
+         backends={"xla": "reference", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
+         defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "attention_probs", "block_target_from_probs",

@@ -25,6 +25,14 @@ class TestPallasMosaicTPUInterpret(BlockSparseAttentionBase):
   CASES = [(2, 21, 4, 2, 16, 8, (21, 9), False), (1, 32, 2, 1, 8, 8, (32,), True),
            (3, 37, 3, 3, 8, 16, (37, 1, 12), False), (2, 24, 6, 2, 8, 8, (17, 24), True)]
 
+  @pytest.mark.slow
+  def test_gradients_match_masked_dense_autodiff(self, case):
+    super().test_gradients_match_masked_dense_autodiff(case)
+
+  def test_gradients_per_group_gqa_ragged(self):
+    """The default suite's gradient case: per-group indices, 3 query heads per KV head, ragged."""
+    super().test_gradients_match_masked_dense_autodiff(self.CASES[3])
+
   def test_per_group_indices_equal_repeated_per_head(self):
     B, T, N, K, H, bs = 2, 32, 4, 2, 8, 8
     q, k, v = rand_qkv(5, B, T, N, K, H, jnp.float32)
