@@ -69,7 +69,8 @@ class MosaicGPUConfig:
   pipeline_depth: K steps in flight (None: 2 for I2_S, 3 for I2_T; fewer where shared memory
   cannot hold them); overlap (I2_S): unpack step k's weights while step k - 1's wgmma runs (two
   B tiles in turn, the wgmma left in flight across the step; x tiles released a step late),
-  instead of waiting for each wgmma before the next unpacking; block_n (I2_T): output columns a program, 64 or 128 (None: 128 where N allows);
+  instead of waiting for each wgmma before the next unpacking; block_n (I2_T): output columns a
+  program, 64 or 128 (None: 128 where N allows);
   profile_dir (I2_T): write a Mosaic GPU profiler trace of every launch there (per-warpgroup
   timelines of the named phases load / decode / mma / drain; `python -m benchmarks profile_mgpu
   --kernel ternary` sums them), with room for profile_space phases a warpgroup; word_shifts
