@@ -78,9 +78,9 @@ def transpose_indices(idx_BNQM: jax.Array, lengths_B: jax.Array, n_kv_heads: int
   """The dk / dv kernels' lists (the Triton and Mosaic TPU backends): for each (sequence, KV
   head, key block j) the query (block, head) pairs that selected it, as entries r = i * G + g,
   int32 [B, K, nK, G * nQ] (-1 padded), entries with i > j first and i == j last; with (n_full,
-  n_live) int32 [B, K, nK]. Pairs with i < j (above the diagonal) or query blocks past the length are
-  dropped: they contribute nothing. Memory O(B N nQ^2) (the selection as a dense mask; at
-  S128K, 64-token blocks and 32 heads, ~3 GB of temporaries)."""
+  n_live) int32 [B, K, nK]. Pairs with i < j (above the diagonal) or query blocks past the
+  length are dropped: they contribute nothing. Memory O(B N nQ^2) (the selection as a dense
+  mask; at S128K, 64-token blocks and 32 heads, ~3 GB of temporaries)."""
   return jax.vmap(functools.partial(_transpose_one, n_kv_heads=n_kv_heads,
                                     block_size=block_size))(idx_BNQM, lengths_B)
 
