@@ -134,6 +134,15 @@ def _live_slot(j, n_live):
   return jnp.maximum(jnp.minimum(j, n_live - 1), 0)
 
 
+def _kv_map(G: int):
+  """The index map of K / V along a query block's list (forward and dq): KV head n // G, the
+  listed block of slot j (the last live one past them)."""
+  def kv_map(b, n, i, j, len_ref, live_ref, idx_ref):
+    del len_ref
+    return b, n // G, jnp.maximum(idx_ref[b, n, i, _live_slot(j, live_ref[b, n, i])], 0), 0
+  return kv_map
+
+
 def _heads_major(x_BTXH: jax.Array, bs: int) -> jax.Array:
   """[B, T, X, H] -> [B, X, Tp, H], Tp = T rounded up to a block multiple (zeros after T)."""
   return launch.pad_axis(x_BTXH, 1, bs).transpose(0, 2, 1, 3)
@@ -156,11 +165,7 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BNQM, lengths_B, *, block_size: int, int
   q, k, v = (_heads_major(x, bs) for x in (q_BTNH, k_BTKH, v_BTKH))
   Tp = nq * bs
   _, n_live = slot_counts(idx_BNQM, lengths_B, bs)
-
-  def kv_map(b, n, i, j, len_ref, live_ref, idx_ref):
-    return b, n // G, jnp.maximum(idx_ref[b, n, i, _live_slot(j, live_ref[b, n, i])], 0), 0
-
-  q_map = lambda b, n, i, j, *_: (b, n, i, 0)
+  q_map, kv_map = (lambda b, n, i, j, *_: (b, n, i, 0)), _kv_map(G)
   tile = (None, None, bs, H)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, bs=bs, scale=H ** -0.5,
@@ -197,10 +202,7 @@ def backward(q_BTNH, k_BTKH, v_BTKH, idx_BNQM, lengths_B, o_BNTH, lse_BNT1, do_B
   tile, row1 = (None, None, bs, H), (None, None, bs, 1)
 
   _, n_live = slot_counts(idx_BNQM, lengths_B, bs)
-  q_map = lambda b, n, i, j, *_: (b, n, i, 0)
-
-  def kv_map(b, n, i, j, len_ref, live_ref, idx_ref):
-    return b, n // G, jnp.maximum(idx_ref[b, n, i, _live_slot(j, live_ref[b, n, i])], 0), 0
+  q_map, kv_map = (lambda b, n, i, j, *_: (b, n, i, 0)), _kv_map(G)
 
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, bs=bs, scale=scale, precision=precision),
