@@ -300,6 +300,23 @@ def test_compiled_kernel_lowers_for_cuda(H, overlap_qk, pingpong, pair_blocks):
   assert "mosaic_gpu" in text
 
 
+def test_auto_on_a_gpu_is_the_mosaic_forward_where_it_applies():
+  """`auto` lowered for CUDA: the Mosaic GPU forward for bf16 64-token blocks; the Triton
+  kernels for 16-token blocks and float32, which the Mosaic forward refuses."""
+  from jax import export
+  idx = jnp.asarray(random_indices(13, 1, 2, 2, 2))
+  for dtype, bs, T, kernel in ((jnp.bfloat16, 64, 128, "mosaic"), (jnp.bfloat16, 16, 32, "triton"),
+                               (jnp.float32, 64, 128, "triton")):
+    q, k, v = rand_qkv(12, 1, T, 2, 1, 64, dtype)
+    fn = jax.jit(lambda q, k, v, bs=bs: block_sparse_attention(q, k, v, idx, block_size=bs))
+    with lowering_for("gpu"):
+      text = export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(q, k, v).mlir_module()
+    assert ("mosaic_gpu" in text) == (kernel == "mosaic"), (dtype, bs)
+    assert ("xla.gpu.triton" in text) == (kernel == "triton"), (dtype, bs)
+
+
 def test_shared_memory_and_refusals():
   bf16 = jnp.bfloat16
   assert mgpu.fit_depth(64, 64, 4, bf16) == 4

@@ -24,6 +24,7 @@ class TestPallasMosaicTPUInterpret(BlockSparseAttentionBase):
   # (B, T, N, K, H, block_size, lengths, per_group): block sizes a multiple of 8
   CASES = [(2, 21, 4, 2, 16, 8, (21, 9), False), (1, 32, 2, 1, 8, 8, (32,), True),
            (3, 37, 3, 3, 8, 16, (37, 1, 12), False), (2, 24, 6, 2, 8, 8, (17, 24), True)]
+  SMALL_BLOCK = 8                          # the TPU's sublane tile
 
   @pytest.mark.slow
   def test_gradients_match_masked_dense_autodiff(self, case):
@@ -32,35 +33,6 @@ class TestPallasMosaicTPUInterpret(BlockSparseAttentionBase):
   def test_gradients_per_group_gqa_ragged(self):
     """The default suite's gradient case: per-group indices, 3 query heads per KV head, ragged."""
     super().test_gradients_match_masked_dense_autodiff(self.CASES[3])
-
-  def test_per_group_indices_equal_repeated_per_head(self):
-    B, T, N, K, H, bs = 2, 32, 4, 2, 8, 8
-    q, k, v = rand_qkv(5, B, T, N, K, H, jnp.float32)
-    idx = jnp.asarray(random_indices(6, B, K, 4, 3))
-    a = block_sparse_attention(q, k, v, idx, block_size=bs, **self.kw)
-    b = block_sparse_attention(q, k, v, jnp.repeat(idx, N // K, axis=1), block_size=bs, **self.kw)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
-
-  def test_empty_rows_are_zero_with_finite_gradients(self):
-    B, T, N, K, H, bs = 1, 24, 2, 1, 8, 8
-    q, k, v = rand_qkv(7, B, T, N, K, H, jnp.float32)
-    idx = np.full((B, N, 3, 2), -1, np.int32)
-    idx[0, 0, 1] = [2, -1]           # only a block above the diagonal: nothing visible
-    idx[0, 1, 2] = [0, 2]
-    fn = lambda q: block_sparse_attention(q, k, v, jnp.asarray(idx), block_size=bs, **self.kw)
-    out = np.asarray(fn(q))
-    assert np.all(out[0, :16, :] == 0) and np.all(out[0, 16:, 0] == 0)
-    assert np.all(np.abs(out[0, 16:, 1]) > 0)
-    g = jax.grad(lambda q: jnp.sum(fn(q)))(q)
-    assert np.all(np.isfinite(np.asarray(g)))
-
-  def test_jit_with_traced_indices(self):
-    B, T, N, K, H, bs = 2, 24, 2, 1, 8, 8
-    q, k, v = rand_qkv(8, B, T, N, K, H, jnp.float32)
-    idx, lengths = jnp.asarray(random_indices(9, B, N, 3, 2)), jnp.asarray([24, 11], jnp.int32)
-    fn = jax.jit(lambda *a: block_sparse_attention(*a, block_size=bs, **self.kw))
-    want = oracle(q, k, v, np.asarray(idx), np.asarray(lengths), bs)
-    np.testing.assert_allclose(np.asarray(fn(q, k, v, idx, lengths)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_saves_the_rows_log_sum_exp():

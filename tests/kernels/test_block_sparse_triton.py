@@ -40,6 +40,7 @@ def triangle(B, H, nb):
 class TestPallasTritonInterpret(BlockSparseAttentionBase):
   IMPLEMENTATION, INTERPRET = "pallas_triton", True
   CASES = CASES
+  SMALL_BLOCK, SMALL_H = 16, 16            # Triton tiles: powers of 2 >= 16
 
   @pytest.mark.slow
   def test_gradients_match_masked_dense_autodiff(self, case):
@@ -71,37 +72,6 @@ class TestPallasTritonInterpret(BlockSparseAttentionBase):
     out = block_sparse_attention(q, k, v, triangle(B, K, nb), lengths, block_size=bs, **self.kw)
     want = flash_attention(q, k, v, lengths, implementation="xla")
     check_close(out, np.asarray(jnp.asarray(want, jnp.float32), np.float64), dtype)
-
-  def test_per_group_indices_equal_repeated_per_head(self):
-    B, T, N, K, H, bs = 2, 64, 4, 2, 16, 16
-    q, k, v = rand_qkv(5, B, T, N, K, H, jnp.float32)
-    idx = jnp.asarray(random_indices(6, B, K, 4, 3))
-    a = block_sparse_attention(q, k, v, idx, block_size=bs, **self.kw)
-    b = block_sparse_attention(q, k, v, jnp.repeat(idx, N // K, axis=1), block_size=bs, **self.kw)
-    chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-6)
-
-  def test_empty_rows_are_zero_with_finite_gradients(self):
-    B, T, N, K, H, bs = 1, 48, 2, 1, 16, 16
-    q, k, v = rand_qkv(7, B, T, N, K, H, jnp.float32)
-    idx = np.full((B, N, 3, 2), -1, np.int32)
-    idx[0, 0, 1] = [2, -1]           # only a block above the diagonal: nothing visible
-    idx[0, 1, 2] = [0, 2]
-    fn = lambda q: block_sparse_attention(q, k, v, jnp.asarray(idx), block_size=bs, **self.kw)
-    out = np.asarray(fn(q))
-    assert np.all(out[0, :32, :] == 0) and np.all(out[0, 32:, 0] == 0)
-    assert np.all(np.abs(out[0, 32:, 1]) > 0)
-    g = jax.grad(lambda q: jnp.sum(fn(q)))(q)
-    assert np.all(np.isfinite(np.asarray(g)))
-
-  def test_jit_with_traced_indices(self):
-    B, T, N, K, H, bs = 2, 48, 2, 1, 16, 16
-    q, k, v = rand_qkv(8, B, T, N, K, H, jnp.float32)
-    idx, lengths = jnp.asarray(random_indices(9, B, N, 3, 2)), jnp.asarray([48, 23], jnp.int32)
-    fn = jax.jit(lambda *a: block_sparse_attention(*a, block_size=bs, **self.kw))
-    chex.assert_trees_all_close(fn(q, k, v, idx, lengths),
-                                block_sparse_attention_reference(q, k, v, idx, lengths,
-                                                                 block_size=bs),
-                                rtol=1e-5, atol=1e-5)
 
   @pytest.mark.parametrize("prefetch", [pytest.param(False, marks=pytest.mark.slow), True],
                            ids=["load", "prefetch"])
@@ -137,7 +107,8 @@ class TestPallasTritonGPU(TestPallasTritonInterpret):
   INTERPRET, GPU = False, True
   DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-  def test_auto_is_the_triton_kernel_on_a_gpu(self):
+  def test_auto_is_the_triton_kernel_where_the_mosaic_kernel_refuses(self):
+    """16-token blocks: the Mosaic GPU forward (64-token blocks only) refuses, Triton runs."""
     q, k, v = rand_qkv(12, 1, 64, 2, 1, 64, jnp.bfloat16)
     idx = jnp.asarray(random_indices(13, 1, 2, 4, 2))
     lowered = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, idx, block_size=16)).lower(

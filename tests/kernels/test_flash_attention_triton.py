@@ -27,6 +27,7 @@ CASES = [(2, 45, 4, 2, 16, 16, (45, 20)), (1, 64, 3, 1, 32, 16, (64,)),
 class TestPallasTritonInterpret(FlashAttentionBase):
   IMPLEMENTATION, INTERPRET = "pallas_triton", True
   CASES = CASES
+  SMALL_BLOCK, SMALL_H = 16, 16            # Triton tiles: powers of 2 >= 16
 
   def test_full_lengths_match_causal_attention(self):
     self._full_lengths(jnp.float32)
@@ -41,14 +42,6 @@ class TestPallasTritonInterpret(FlashAttentionBase):
     check_close(o, np.asarray(causal_attention(q, k, v, implementation="xla"), np.float64), dtype)
     o2, _ = flash_attention(q, k, v, jnp.full((2,), 40, jnp.int32), block_size=16, **self.kw)
     chex.assert_trees_all_close(o, o2, **TOLERANCES[dtype])
-
-  def test_jits(self):
-    q, k, v = rand_qkv((2, 36, 2, 1, 16), jnp.float32)
-    lengths = jnp.asarray([36, 5], jnp.int32)
-    fn = jax.jit(lambda q, k, v, n: flash_attention(q, k, v, n, block_size=16, **self.kw))
-    chex.assert_trees_all_close(fn(q, k, v, lengths),
-                                flash_attention(q, k, v, lengths, block_size=16, **self.kw),
-                                rtol=1e-6, atol=1e-6)
 
   @pytest.mark.parametrize("cfg", [TritonConfig(block_q=16, block_k=32),
                                    TritonConfig(block_q=32, block_k=16),
