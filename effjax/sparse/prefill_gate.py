@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from effjax.config import ModelConfig
 from effjax.model.layers import apply_rope, rope_tables
 from effjax.sparse.gate import GateConfig, pool_blocks, project_blocks
+from pallas_kernels.launch import pad_axis
 
 __all__ = ["GateConfig", "block_causal", "gate_keys", "gate_logits", "gate_probs", "gate_queries",
            "init_prefill_gate_params", "kl_loss", "num_blocks", "pool_queries", "row_valid"]
@@ -42,14 +43,6 @@ def init_prefill_gate_params(mcfg: ModelConfig, gcfg: GateConfig, rng: jax.Array
   kq, kk = jax.random.split(rng)
   return {"wq": jax.random.normal(kq, (L, N, H, D), jnp.float32) * H ** -0.5,
           "wk": jax.random.normal(kk, (L, K, 3 * H, D), jnp.float32) * (3 * H) ** -0.5}
-
-
-def _pad_tokens(x_BTXH: jax.Array, block_size: int) -> jax.Array:
-  """[B, T, X, H] -> [B, S, X, H] with S = T rounded up to a block multiple (zeros after T; no
-  copy when T is a multiple already)."""
-  T = x_BTXH.shape[1]
-  S = num_blocks(T, block_size) * block_size
-  return x_BTXH if S == T else jnp.pad(x_BTXH, ((0, 0), (0, S - T), (0, 0), (0, 0)))
 
 
 def row_valid(lengths_B: jax.Array, nq: int, block_size: int) -> jax.Array:
@@ -68,7 +61,7 @@ def pool_queries(q_BTNH: jax.Array, lengths_B: jax.Array, block_size: int) -> ja
   and only the pooled blocks are transposed."""
   B, T, N, H = q_BTNH.shape
   nq = num_blocks(T, block_size)
-  q = _pad_tokens(q_BTNH, block_size).reshape(B, nq, block_size, N, H).astype(jnp.float32)
+  q = pad_axis(q_BTNH, 1, block_size).reshape(B, nq, block_size, N, H).astype(jnp.float32)
   valid = (jnp.arange(nq * block_size) < lengths_B[:, None]).reshape(B, nq, block_size, 1, 1)
   total = jnp.sum(jnp.where(valid, q, 0.0), axis=2)                         # [B, nQ, N, H]
   pooled = total / jnp.maximum(jnp.sum(valid, axis=2), 1)
@@ -96,7 +89,8 @@ def gate_keys(wk_KCD: jax.Array, k_BTKH: jax.Array, lengths_B: jax.Array, block_
               rope_theta: float) -> jax.Array:
   """Gate keys of one layer: max / min / mean pooled, projected, RoPE'd at each block's first
   position (the decode gate's K-compression of the whole prompt): float32 [B, K, nK, Dg]."""
-  pooled = pool_blocks(_pad_tokens(k_BTKH, block_size), lengths_B, block_size, token_major=True)
+  pooled = pool_blocks(pad_axis(k_BTKH, 1, block_size), lengths_B, block_size,
+                       token_major=True)
   return project_blocks(wk_KCD.astype(jnp.float32), pooled, block_size, rope_theta)
 
 
