@@ -20,6 +20,7 @@ Suites:
   scoring     DELT / LQS scoring throughput
   tune        launch-parameter sweep of the decode kernels
   profile     per-kernel device time of a gated sparse step
+  profile_gate  the prefill gate's kernels, and formulations of its pooling and top-k
   profile_mgpu  the Mosaic GPU low-bit decode kernel's phases (dequantisation, wgmmas, softmax)
               under the Mosaic GPU profiler
   compare     this tree against another checkout of effjax, same run (decode grid + train step)
@@ -35,7 +36,7 @@ SUITES = {"decode": "bench_decode", "lowbit": "bench_lowbit", "lowbit_matmul": "
           "seer_prefill": "bench_seer_prefill",
           "gate_layout": "bench_gate_layout", "generate": "bench_generate", "train": "bench_train",
           "scoring": "bench_scoring", "tune": "tune_decode", "profile": "profile_decode",
-          "profile_mgpu": "profile_mgpu",
+          "profile_mgpu": "profile_mgpu", "profile_gate": "profile_gate",
           "compare": "compare", "plot": "plot_decode"}
 
 

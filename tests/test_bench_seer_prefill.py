@@ -141,3 +141,24 @@ def test_splash_mask_info_attends_exactly_the_block_sets(pattern, density):
 def test_splash_mask_info_refuses_an_odd_block_count():
   with pytest.raises(ValueError, match="groups of 2"):
     splash_mask_info(np.zeros((1, 3, 1), np.int32), 4)
+
+
+def test_profile_gate_smoke(tmp_path):
+  """The gate profile on the CPU at a tiny size: every row profiled, the formulations checked
+  equal before timing, the metadata of a result file."""
+  out = tmp_path / "gate.json"
+  cmd = [sys.executable, "-m", "benchmarks", "profile_gate", "--seq", "256", "--heads", "4",
+         "--kv-heads", "2", "--head-dim", "16", "--block-size", "16", "--d-gate", "8",
+         "--density", "0.25", "--impl", "xla", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  data = json.loads(out.read_text())
+  assert [r["row"] for r in data["results"]] == [
+      "gate", "gated", "select", "topk", "topk_int32_keys", "pool_q", "pool_q_dot", "pool_q_sum",
+      "pool_k", "pool_k_bf16"]
+  assert all(r["kernels"] and r["busy_us"] > 0 for r in data["results"])
+  assert data["meta"]["shape"]["top_k_width"] == 4 and data["meta"]["commit"]
+  assert 0.9 <= data["meta"]["topk_int32_keys_agreement"] <= 1.0
+  bad = subprocess.run(cmd[:-2] + ["--seq", "250"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+  assert bad.returncode == 2 and "multiple of --block-size" in bad.stderr

@@ -84,6 +84,21 @@ def test_static_window_matches_the_density():
     assert abs(kept - d) < 2.0 / nb, (nb, d, w, kept)
 
 
+def test_sparse_nll_scores_from_a_position(setup):
+  """score_from keeps the loss of the predictions from that position on: the same sum as the
+  per-token losses of the dense forward over those positions."""
+  params, tokens, _ = setup
+  lengths = jnp.asarray([64, 50], jnp.int32)
+  logp = jax.nn.log_softmax(forward(MCFG, params, tokens)[:, :-1], axis=-1)
+  nll = -np.asarray(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0])
+  scfg = ps.PrefillSparseConfig("dense", BS)
+  for start in (0, 20):
+    tot, n, _ = ps.sparse_nll(MCFG, scfg, params, tokens, lengths, None, start)
+    want = nll[0, start:63].sum() + nll[1, start:49].sum()
+    assert int(n) == (63 - start) + (49 - start)
+    np.testing.assert_allclose(float(tot), want, rtol=1e-4)
+
+
 @pytest.mark.slow  # also run end to end by experiments/seer_prefill's test
 def test_evaluate_densities_rows(setup):
   params, tokens, gate = setup

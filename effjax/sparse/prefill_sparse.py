@@ -205,14 +205,15 @@ def sparse_forward(mcfg: ModelConfig, scfg: PrefillSparseConfig, params, tokens_
 
 @functools.partial(jax.jit, static_argnames=("mcfg", "scfg"))
 def sparse_nll(mcfg: ModelConfig, scfg: PrefillSparseConfig, params, tokens_BT: jax.Array,
-               lengths_B: jax.Array, gate_params=None):
-  """(summed NLL of tokens 1..length-1 of each sequence, number of those tokens, mean density
-  over layers): next-token loss with block-sparse prefill attention."""
+               lengths_B: jax.Array, gate_params=None, score_from: int = 0):
+  """(summed NLL of tokens score_from + 1..length-1 of each sequence, number of those tokens,
+  mean density over layers): next-token loss with block-sparse prefill attention."""
   logits, dens = sparse_forward(mcfg, scfg, params, tokens_BT, lengths_B, gate_params)
   logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   tgt = tokens_BT[:, 1:]
   nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-  valid = jnp.arange(tokens_BT.shape[1] - 1)[None] < (lengths_B[:, None] - 1)
+  pos = jnp.arange(tokens_BT.shape[1] - 1)[None]
+  valid = (pos < (lengths_B[:, None] - 1)) & (pos >= score_from)
   return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid), jnp.mean(dens)
 
 
@@ -220,9 +221,10 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
                        densities=(1.0, 0.5, 0.2, 0.1), selectors=("gate", "oracle", "static"),
                        block_size: int = 64, dense_rows: int = 0, gate_params=None,
                        batch_size: int = 4, implementation=None, local_blocks: int = 2,
-                       sink_blocks: int = 1, log=None) -> dict:
+                       sink_blocks: int = 1, score_from: int = 0, log=None) -> dict:
   """Perplexity of the frozen model on tokens_NT (int32 [N, T], full-length sequences) with
-  block-sparse prefill at each density for each selector, plus the dense reference. A selector
+  block-sparse prefill at each density for each selector, plus the dense reference; only the
+  predictions from position score_from on are scored (e.g. the second copy of a repeated text). A selector
   "gate+local" / "oracle+local" is the gate / oracle top-k with the first sink_blocks and the
   local_blocks blocks ending at the diagonal always kept (inside the same budget). Returns
   {"dense": row, "<selector>@<density>": row}, row = {"nll", "ppl", "ppl_increase" (over dense),
@@ -234,7 +236,7 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
     tot, cnt, dsum = 0.0, 0, 0.0
     for i in range(0, N, batch_size):
       t, n, d = sparse_nll(mcfg, scfg, params, jnp.asarray(tokens_NT[i:i + batch_size]),
-                           jnp.asarray(lengths[i:i + batch_size]), gate_params)
+                           jnp.asarray(lengths[i:i + batch_size]), gate_params, score_from)
       tot, cnt, dsum = tot + float(t), cnt + int(n), dsum + float(d) * len(tokens_NT[i:i + batch_size])
     nll = tot / max(cnt, 1)
     return {"nll": nll, "ppl": math.exp(nll), "density": dsum / N, "tokens": cnt}

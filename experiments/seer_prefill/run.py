@@ -82,6 +82,10 @@ def parse_args(argv=None):
   ap.add_argument("--eval-packing", choices=("pack", "pad"), default="pack",
                   help="how --eval-source documents fill the windows: pack (concatenated, so short "
                        "documents count) or pad (one document per window, as the run's own data)")
+  ap.add_argument("--repeat-eval", action="store_true",
+                  help="also evaluate every set as repeated text: each window's first half twice, "
+                       "scored on the second copy only (retrieval: the answer is half a window "
+                       "back, which a local pattern cannot see)")
   ap.add_argument("--implementation", default=None, help="block-sparse attention backend")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
@@ -105,6 +109,14 @@ def parse_args(argv=None):
   if args.gate_steps < 0 or args.dense_rows < 0:
     ap.error("--gate-steps and --dense-rows must be >= 0")
   return args
+
+
+def repeat_halves(tokens_NT):
+  """Each window's first half, twice: [N, T] -> [N, 2 (T // 2)]. The second copy's tokens are
+  predictable exactly from T // 2 positions back."""
+  import numpy as np
+  half = tokens_NT[:, :tokens_NT.shape[1] // 2]
+  return np.concatenate([half, half], axis=1)
 
 
 def table(results: dict, densities, selectors) -> str:
@@ -214,18 +226,27 @@ def main(argv=None) -> int:
   results = saved.get("results", {}) if saved.get("settings") == settings else {}
   sets = [("valid", "valid")] + [(pathlib.Path(p).name, p) for p in args.eval_source]
   for name, src in sets:
-    if name in results:
+    if name in results and (not args.repeat_eval or f"{name} repeated" in results):
       log(f"{name}: done earlier")
       continue
     scfg = cfg if src == "valid" else dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, packing=args.eval_packing))
     toks = evaluation.full_windows(evaluation.split_examples(scfg, src), seq, args.n_eval)
-    log(f"{name}: {len(toks)} windows")
-    results[name] = ps.evaluate_densities(
-        mcfg, params, toks, densities=args.density_list, selectors=args.selector_list,
-        block_size=args.block_size, dense_rows=args.dense_rows, gate_params=gate,
-        batch_size=args.eval_batch, implementation=args.implementation,
-        local_blocks=args.local_blocks, sink_blocks=args.sink_blocks, log=log)
+    variants = [(name, toks, 0)]
+    if args.repeat_eval:
+      half = seq // 2
+      variants.append((f"{name} repeated", repeat_halves(toks), half))
+    for vname, vtoks, score_from in variants:
+      if vname in results:
+        continue
+      log(f"{vname}: {len(vtoks)} windows" + (f", scored from token {score_from}"
+                                              if score_from else ""))
+      results[vname] = ps.evaluate_densities(
+          mcfg, params, vtoks, densities=args.density_list, selectors=args.selector_list,
+          block_size=args.block_size, dense_rows=args.dense_rows, gate_params=gate,
+          batch_size=args.eval_batch, implementation=args.implementation,
+          local_blocks=args.local_blocks, sink_blocks=args.sink_blocks, score_from=score_from,
+          log=log)
     atomic_write_text(res_path, json.dumps({"settings": settings, "results": results}, indent=2))
     cmd = "python3 experiments/seer_prefill/run.py " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv)

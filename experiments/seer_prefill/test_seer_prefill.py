@@ -68,6 +68,16 @@ def test_seer_prefill_tiny(tiny, tmp_path):
   # a rerun reuses the gate and every finished set
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "gate: reusing" in r.stdout and "done earlier" in r.stdout
+  # --repeat-eval adds each set as repeated text (scored on the second copy), keeping the rest
+  r = subprocess.run(cmd + ["--repeat-eval"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep = json.loads((out / "results.json").read_text())["results"]
+  assert set(rep) == {"valid", "extra.txt", "valid repeated", "extra.txt repeated"}
+  assert rep["valid"] == res["valid"]
+  # windows of 64 tokens: the second copy's 31 predictions from position 32 on, per window
+  assert rep["valid repeated"]["dense"]["tokens"] == 2 * 31
+  assert "**valid repeated**" in (out / "REPORT.md").read_text()
   # clear errors before any compute
   r = subprocess.run(cmd[:-1] + [str(tmp_path / "missing.txt")], cwd=ROOT, capture_output=True,
                      text=True, timeout=120)
