@@ -113,11 +113,15 @@ def pool_blocks(k_BKSH: jax.Array, lengths_B: jax.Array, block_size: int,
   else:
     k = k_BKSH.reshape(B, K, nb, block_size, H)
     valid, axis = tok[:, None, :, :, None], 3
-  k = k.astype(jnp.float32)
+  if not token_major:
+    k = k.astype(jnp.float32)
+  # token_major: max / min in the keys' dtype (exact) and the sum accumulated in float32 without
+  # a float32 copy of the keys -- converting first made XLA on the GPU lay the keys out anew (a
+  # transpose fusion 3.4x the reductions' time on an H100 at 32K tokens)
   cnt = jnp.maximum(jnp.sum(valid, axis=axis), 1)
-  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=axis)
-  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=axis)
-  mean = jnp.sum(jnp.where(valid, k, 0.0), axis=axis) / cnt
+  kmax = jnp.max(jnp.where(valid, k, -jnp.inf), axis=axis).astype(jnp.float32)
+  kmin = jnp.min(jnp.where(valid, k, jnp.inf), axis=axis).astype(jnp.float32)
+  mean = jnp.sum(jnp.where(valid, k, 0), axis=axis, dtype=jnp.float32) / cnt
   any_valid = jnp.any(valid, axis=axis)
   pooled = jnp.where(any_valid, jnp.concatenate([kmax, kmin, mean], axis=-1), 0.0)
   return pooled.transpose(0, 2, 1, 3) if token_major else pooled
