@@ -189,6 +189,9 @@ def main():
   ap.add_argument("--gate", action=argparse.BooleanOptionalAction, default=True,
                   help="also time the gated forward (gate scores + top-k + the first backend)")
   ap.add_argument("--d-gate", type=int, default=64)
+  ap.add_argument("--select-impl", default=None,
+                  help="the gated row's top-k (`prefix_topk`): xla or pallas_triton (default: its "
+                       "default)")
   ap.add_argument("--splash", default="2,4", metavar="STEPS",
                   help="JAX's Hopper splash attention peer (where installed): its "
                        "max_concurrent_steps values, comma-separated; '' skips it")
@@ -315,7 +318,8 @@ def main():
         # the model's nz-ratio path: a top-k of the gate logits (softmax keeps each row's order)
         logits = gate_logits(gate_params["wq"][0], gate_params["wk"][0], q, k, lengths, bs,
                              10000.0)
-        idx = select_nz_ratio(logits, lengths, bs, density)
+        idx = select_nz_ratio(logits, lengths, bs, density, implementation=args.select_impl,
+                              interpret=args.interpret)
         return block_sparse_attention(q, k, v, idx, lengths, block_size=bs, implementation=impl,
                                       interpret=args.interpret)
       return fn

@@ -8,6 +8,8 @@ same inputs, so that the layouts XLA chooses for them can be compared in one run
 Rows (each the profiler's kernels of one jitted call, largest first):
   gate, gated      the gate as `select_nz_ratio(gate_logits(...))`, and with the attention after it
   select           the selection alone, on precomputed scores
+  select_triton, gated_triton  (on a GPU) the same with the top-k as the Pallas Triton
+                   `prefix_topk` kernel (an exact bracket search per row, no sort)
   topk             `lax.top_k` of the row width the selection uses (XLA lowers k > 16 to a sort)
   topk_int32_keys  the same top-k over one int32 key a block (the score's order-preserving bits,
                    the block index in the low bits): one sorted operand instead of two
@@ -112,7 +114,17 @@ def main(argv=None) -> int:
           ("pool_q_dot", pool_q_dot, (q,)), ("pool_q_sum", pool_q_sum, (q,)),
           ("pool_k", lambda k: pool_blocks(k, lengths, bs, token_major=True), (k,)),
           ("pool_k_bf16", pool_k_bf16, (k,))]
+  if jax.default_backend() == "gpu":
+    tri = dict(implementation="pallas_triton")
+    rows[3:3] = [
+        ("select_triton", lambda s: select_nz_ratio(s, lengths, bs, args.density, **tri), (s0,)),
+        ("gated_triton", lambda q, k, v: block_sparse_attention(
+            q, k, v, select_nz_ratio(scores(q, k), lengths, bs, args.density, **tri), lengths,
+            block_size=bs, implementation=args.impl), (q, k, v))]
   fns = {name: jax.jit(fn) for name, fn, _ in rows}
+  if "select_triton" in fns:
+    np.testing.assert_array_equal(np.asarray(fns["select_triton"](s0)),
+                                  np.asarray(fns["select"](s0)), err_msg="select_triton")
 
   # the formulations agree before anything is timed
   ref_q = np.asarray(fns["pool_q"](q))

@@ -24,7 +24,8 @@ def test_bench_seer_prefill_smoke(tmp_path):
   out = tmp_path / "out.json"
   cmd = [sys.executable, "-m", "benchmarks", "seer_prefill", "--interpret", "--seqs", "64",
          "--heads", "4,2", "--head-dim", "16", "--block-size", "16", "--densities", "0.5",
-         "--calls", "1", "--copies", "1", "--windows", "1", "--out", str(out)]
+         "--calls", "1", "--copies", "1", "--windows", "1", "--select-impl", "pallas_triton",
+         "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = json.loads(out.read_text())

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.block_sparse_attention import block_mask, per_query_head, token_mask
+from pallas_kernels.block_topk import prefix_topk
 from pallas_kernels.flash_attention import attention_probs, flash_attention
 
 
@@ -109,16 +110,20 @@ def nz_ratio_width(nb: int, nz_ratio: float, dense_rows: int = 0) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "nz_ratio", "dense_rows",
-                                             "sink_blocks", "local_blocks"))
+                                             "sink_blocks", "local_blocks", "implementation",
+                                             "interpret"))
 def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: int,
                     nz_ratio: float, dense_rows: int = 0, sink_blocks: int = 0,
-                    local_blocks: int = 1) -> jax.Array:
+                    local_blocks: int = 1, implementation=None,
+                    interpret: bool = False) -> jax.Array:
   """Per-row top-k: query block i keeps k_i = ceil(nz_ratio * (i + 1)) of its i + 1 visible
   blocks (at least the forced ones: the diagonal, or with local_blocks > 1 the local window
   ending at it, and the first sink_blocks; all of them in dense rows), the rest of its budget
   the highest scores. scores [B, H, nQ, nK] (gate logits or probabilities, or a target) ->
   int32 [B, H, nQ, M], M = nz_ratio_width(nK, nz_ratio, dense_rows), widened to hold the forced
-  blocks."""
+  blocks. The top-k runs as `pallas_kernels.block_topk.prefix_topk` (a row's visible blocks are
+  a prefix) with the given `implementation` (None: its default) and `interpret`. NaN scores rank lowest and +inf
+  ones just below the forced blocks."""
   if not 0 < nz_ratio <= 1:
     raise ValueError(f"nz_ratio must be in (0, 1], got {nz_ratio}")
   nb = scores_BHQN.shape[-1]
@@ -129,7 +134,13 @@ def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: in
   n_forced = jnp.sum(force, axis=-1)
   count = jnp.maximum(jnp.broadcast_to(k_Q, scores_BHQN.shape[:-1]), n_forced)
   width = max(nz_ratio_width(nb, nz_ratio, dense_rows), min(nb, sink_blocks + local_blocks))
-  return _top(scores_BHQN, vis, force, count, width)
+  s = jnp.minimum(scores_BHQN.astype(jnp.float32), jnp.finfo(jnp.float32).max)
+  s = jnp.where(force, jnp.inf, s)
+  n_vis = jnp.sum(vis, axis=-1)                                           # a prefix: j <= i
+  shape = scores_BHQN.shape
+  idx = prefix_topk(s.reshape(-1, nb), n_vis.reshape(-1), count.reshape(-1), width=width,
+                    implementation=implementation, interpret=interpret)
+  return idx.reshape(*shape[:-1], width)
 
 
 def select_oracle(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array, lengths_B: jax.Array,

@@ -22,16 +22,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.block_topk.reference import (block_topk_reference, check_budget,
-                                                 forced_blocks_max, output_width, valid_forced)
+                                                 forced_blocks_max, output_width,
+                                                 prefix_topk_reference, valid_forced)
 from pallas_kernels.dispatch import Op
 
 _OP = Op("block_topk", __name__,
          backends={"xla": "reference", "pallas_triton": "pallas_triton"},
          defaults={"gpu": ("pallas_triton",)})
 IMPLEMENTATIONS = _OP.implementations
+# The GPU default stays XLA until the kernel is timed against it on a GPU.
+_PREFIX_OP = Op("prefix_topk", __name__,
+                backends={"xla": "reference", "pallas_triton": "pallas_triton"}, defaults={})
+PREFIX_IMPLEMENTATIONS = _PREFIX_OP.implementations
 
-__all__ = ["IMPLEMENTATIONS", "block_topk", "block_topk_reference", "check_budget",
-           "forced_blocks_max", "output_width", "valid_forced"]
+__all__ = ["IMPLEMENTATIONS", "PREFIX_IMPLEMENTATIONS", "block_topk", "block_topk_reference",
+           "check_budget", "forced_blocks_max", "output_width", "prefix_topk",
+           "prefix_topk_reference", "valid_forced"]
 
 
 def _check(scores_BKN, lengths_B, block_size: int, k: int, local_tokens: int) -> None:
@@ -73,3 +79,28 @@ def block_topk(scores_BKN: jax.Array, lengths_B: jax.Array, *, block_size: int, 
   _check(scores_BKN, lengths_B, block_size, k, local_tokens)
   return _OP(implementation, scores_BKN, lengths_B, block_size=int(block_size), k=int(k),
              local_tokens=int(local_tokens), interpret=interpret, config=config)
+
+
+def prefix_topk(scores_RN: jax.Array, n_valid_R: jax.Array, count_R: jax.Array, *, width: int,
+                implementation=None, interpret: bool = False, config=None) -> jax.Array:
+  """Per row, the count_R[r] highest of the first n_valid_R[r] scores (ties to the lower index;
+  NaN as -inf; +inf ranks above every finite score, so a caller forces blocks by setting them to
+  +inf and clipping the others), as ascending ids padded with -1: int32 [R, width]. count_R is
+  capped at width; a row keeps min(count, n_valid) ids. The prefill selectors' top-k
+  (`effjax.sparse.prefill_selection.select_nz_ratio`): there the valid prefix is the causally
+  visible blocks j <= i.
+
+  Implementations: `xla` (`lax.top_k` + a sort of the winners) and `pallas_triton` (the decode
+  kernel's exact bracket search, one program per row); identical integers."""
+  if getattr(scores_RN, "ndim", None) != 2 or not jnp.issubdtype(scores_RN.dtype, jnp.floating):
+    raise ValueError(f"scores_RN must be floating [R, N], got "
+                     f"{getattr(scores_RN, 'dtype', None)} {getattr(scores_RN, 'shape', None)}")
+  R = scores_RN.shape[0]
+  for name, a in (("n_valid_R", n_valid_R), ("count_R", count_R)):
+    if getattr(a, "shape", None) != (R,) or not jnp.issubdtype(a.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integer [R]=({R},), got {getattr(a, 'dtype', None)} "
+                       f"{getattr(a, 'shape', None)}")
+  if not isinstance(width, (int, np.integer)) or width < 1:
+    raise ValueError(f"width must be a positive int, got {width!r}")
+  return _PREFIX_OP(implementation, scores_RN, n_valid_R, count_R, width=int(width),
+                    interpret=interpret, config=config)

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import launch, tuned
-from pallas_kernels.block_topk.reference import output_width
+from pallas_kernels.block_topk.reference import output_width, prefix_output_width
 from pallas_kernels.dispatch import NotSupported, require_platform
 
 INT32_MIN = np.int32(-2**31)
@@ -45,25 +45,11 @@ class TritonConfig:
 CONFIG = TritonConfig
 
 
-def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int,
-                 local_tokens: int = 1):
-  """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
-  idx_ref int32 [M]; n_ref int32 []."""
-  length = len_ref[()]
-  n_pad = s_ref.shape[0]
-  ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
-  nb = (length + block_size - 1) // block_size
-  valid = (ar < nb) & (ar < n_blocks)
-  first_local = jnp.maximum(length - local_tokens, 0) // block_size   # nb - 1 for local_tokens 1
-  forced = valid & ((ar == 0) | (ar >= first_local))
-  s = s_ref[...].astype(jnp.float32)
-  s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
-  # a +inf score must not tie with (and, by a lower id, displace) a forced block
-  s = jnp.minimum(s, FLOAT32_MAX)
-  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
-  bits = lax.bitcast_convert_type(s, jnp.int32)
-  # int32 key with the float order: negative floats have their magnitude bits flipped
-  key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
+def _select(key, valid, k, few, n_pad):
+  """(sel bool [Np], pos int32 [Np]): the k largest keys (ties to the lower index) among the
+  valid ones, and each selected key's rank among the selected in index order. The valid keys
+  must be a prefix of the row (the invalid ones, -inf, after it); `few` (at most k valid)
+  selects every valid key without a search."""
   # The k-th largest key T is the largest t with #(key >= t) >= k. The search keeps a bracket
   # lo <= T < hi (#(key >= lo) >= k > #(key >= hi)) and cuts it in three per pass: two candidate
   # thresholds at about 1/3 and 2/3 of [lo, hi), both counted by ONE row reduction (the two
@@ -100,7 +86,6 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   # With at most k valid blocks every valid one is selected: the loop is skipped (count_lo = k
   # stands for "take all at or above INT32_MIN", and `& valid` below keeps the valid ones, a
   # prefix), where the search would run its maximum ~21 passes to separate the -inf padding.
-  few = jnp.minimum(nb, n_blocks) <= k
   init = (INT32_MIN, jnp.int32(KEY_ABOVE_ALL), jnp.where(few, jnp.int32(k), jnp.int32(n_pad)),
           jnp.int32(0))
   t, hi, count_lo, count_hi = lax.while_loop(more, pass_step, init)
@@ -116,6 +101,31 @@ def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: i
   sel = (above | (tie & (cum_tie <= need))) & valid
   # position among the selected = selected at or before it - 1 (the taken ties are a prefix)
   pos = cum_above + jnp.minimum(cum_tie, need) - 1
+  return sel, pos
+
+
+def _topk_kernel(len_ref, s_ref, idx_ref, n_ref, *, block_size: int, n_blocks: int, k: int,
+                 local_tokens: int = 1):
+  """Program (b, h). len_ref int32 []; s_ref f32 [Np] (Np a power of 2 >= N, padding ignored);
+  idx_ref int32 [M]; n_ref int32 []."""
+  length = len_ref[()]
+  n_pad = s_ref.shape[0]
+  ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+  nb = (length + block_size - 1) // block_size
+  valid = (ar < nb) & (ar < n_blocks)
+  first_local = jnp.maximum(length - local_tokens, 0) // block_size   # nb - 1 for local_tokens 1
+  forced = valid & ((ar == 0) | (ar >= first_local))
+  s = s_ref[...].astype(jnp.float32)
+  s = jnp.where(s != s, -jnp.inf, s)                                   # NaN -> -inf
+  # a +inf score must not tie with (and, by a lower id, displace) a forced block
+  s = jnp.minimum(s, FLOAT32_MAX)
+  s = jnp.where(forced, jnp.inf, jnp.where(valid, s, -jnp.inf))
+  bits = lax.bitcast_convert_type(s, jnp.int32)
+  # int32 key with the float order: negative floats have their magnitude bits flipped
+  key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
+  # With at most k valid blocks every valid one is selected: the search is skipped.
+  few = jnp.minimum(nb, n_blocks) <= k
+  sel, pos = _select(key, valid, k, few, n_pad)
   # k keys are selected before `& valid`; invalid blocks are -inf and sit after every valid one,
   # so the valid among them are min(k, valid blocks) -- no reduction needed to count them.
   count = jnp.minimum(k, jnp.clip(nb, 0, n_blocks))
@@ -177,3 +187,68 @@ def block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, local_tokens: 
   return _block_topk(scores_BKN, lengths_B, block_size=int(block_size), k=int(k),
                      interpret=bool(interpret), num_warps=int(warps),
                      local_tokens=int(local_tokens))
+
+
+def _prefix_topk_kernel(nv_ref, cnt_ref, s_ref, idx_ref, *, width: int):
+  """Program r. nv_ref / cnt_ref int32 []: the row's valid prefix and how many to keep (capped at
+  width); s_ref f32 [Np]; idx_ref int32 [Mp] (Mp > width: the last slot stays -1 and takes the
+  masked lanes)."""
+  n_pad = s_ref.shape[0]
+  m = idx_ref.shape[0]
+  nv = nv_ref[()]
+  k = jnp.clip(cnt_ref[()], 0, width)
+  ar = lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+  valid = ar < nv
+  s = s_ref[...].astype(jnp.float32)
+  s = jnp.where(valid & (s == s), s, -jnp.inf)                          # NaN, past the prefix
+  s = jnp.where(s == 0, 0.0, s)                          # -0 and +0 one value, as the reference
+  bits = lax.bitcast_convert_type(s, jnp.int32)
+  key = jnp.where(bits < 0, bits ^ INT32_MAX_POSITIVE, bits)
+  sel, pos = _select(key, valid, k, nv <= k, n_pad)
+  count = jnp.minimum(k, jnp.maximum(nv, 0))
+  slots = lax.broadcasted_iota(jnp.int32, (m,), 0)
+  plgpu.store(idx_ref.at[slots], jnp.full((m,), -1, jnp.int32), mask=slots >= count)
+  plgpu.store(idx_ref.at[jnp.where(sel, pos, m - 1)], ar, mask=sel)
+
+
+@functools.partial(jax.jit, static_argnames=("width", "interpret", "num_warps"))
+def _prefix_topk(scores_RN, n_valid_R, count_R, *, width: int, interpret: bool, num_warps: int):
+  R, N = scores_RN.shape
+  n_pad = launch.next_power_of_2(N)
+  m = prefix_output_width(width)
+  scores_RN = launch.pad_axis(scores_RN.astype(jnp.float32), 1, n_pad)
+  sq = pl.squeezed
+  compiler_params = None
+  if not interpret:
+    compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+  idx = pl.pallas_call(
+      functools.partial(_prefix_topk_kernel, width=width),
+      grid=(R,),
+      in_specs=[pl.BlockSpec((sq,), lambda r: (r,)), pl.BlockSpec((sq,), lambda r: (r,)),
+                pl.BlockSpec((sq, n_pad), lambda r: (r, 0))],
+      out_specs=pl.BlockSpec((sq, m), lambda r: (r, 0)),
+      out_shape=jax.ShapeDtypeStruct((R, m), jnp.int32),
+      compiler_params=compiler_params,
+      interpret=interpret,
+      name="prefix_topk",
+  )(n_valid_R.astype(jnp.int32), count_R.astype(jnp.int32), scores_RN)
+  return idx[:, :width]
+
+
+def prefix_topk(scores_RN, n_valid_R, count_R, *, width: int, interpret: bool = False,
+                config: TritonConfig | None = None):
+  """Shapes as `pallas_kernels.block_topk.prefix_topk`."""
+  require_platform("gpu", interpret, "the Pallas Triton prefix top-k kernel")
+  N = scores_RN.shape[-1]
+  if launch.next_power_of_2(N) > MAX_BLOCKS:
+    raise NotSupported(f"takes at most {MAX_BLOCKS} blocks per row (padded to a power of 2), "
+                       f"got N={N}")
+  warps = (config or TritonConfig()).num_warps
+  if warps is None:
+    n_pad = launch.next_power_of_2(N)
+    table = tuned.lookup("block_topk", "pallas_triton")["num_warps_by_blocks"]
+    warps = next(w for limit, w in table if n_pad <= limit)
+  if not launch.is_power_of_2(warps):
+    raise ValueError(f"num_warps must be a power of 2, got {warps!r}")
+  return _prefix_topk(scores_RN, n_valid_R, count_R, width=int(width), interpret=bool(interpret),
+                      num_warps=int(warps))

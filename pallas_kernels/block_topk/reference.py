@@ -70,3 +70,36 @@ def block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, local_tokens: 
   del interpret
   return block_topk_reference(scores_BKN, lengths_B.astype(jnp.int32), block_size=block_size,
                               k=k, local_tokens=local_tokens)
+
+
+def prefix_output_width(width: int) -> int:
+  """The padded row width the `prefix_topk` Triton kernel stores (a power of 2 with at least one
+  slot past `width`); every backend returns `width` columns."""
+  return launch.next_power_of_2(width + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def prefix_topk_reference(scores_RN: jax.Array, n_valid_R: jax.Array, count_R: jax.Array, *,
+                          width: int) -> jax.Array:
+  """`prefix_topk` in XLA: `lax.top_k` of every row (a sort on the GPU for width > 16), then a
+  sort of the winners. int32 [R, width]."""
+  N = scores_RN.shape[-1]
+  ar = jnp.arange(N)
+  valid = ar[None] < n_valid_R[:, None]
+  s = scores_RN.astype(jnp.float32)
+  s = jnp.where(valid & ~jnp.isnan(s), s, -jnp.inf)
+  # top_k orders floats totally (-0 below +0): zeros made one value first
+  kk = min(width, N)
+  order = lax.top_k(jnp.where(s == 0, 0.0, s), kk)[1]               # ties: lower index first
+  live = jnp.take_along_axis(valid, order, axis=-1)
+  live &= jnp.arange(kk)[None] < jnp.minimum(count_R, width)[:, None]
+  idx = jnp.sort(jnp.where(live, order, N), axis=-1)
+  idx = jnp.where(idx < N, idx, -1).astype(jnp.int32)
+  return jnp.pad(idx, ((0, 0), (0, width - kk)), constant_values=-1)
+
+
+def prefix_topk(scores_RN, n_valid_R, count_R, *, width: int, interpret: bool = False):
+  """The `xla` implementation of `prefix_topk`."""
+  del interpret
+  return prefix_topk_reference(scores_RN, n_valid_R.astype(jnp.int32), count_R.astype(jnp.int32),
+                               width=width)
