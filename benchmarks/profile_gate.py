@@ -43,7 +43,8 @@ def main(argv=None) -> int:
   from benchmarks import common
   common.add_output_args(ap)
   args = ap.parse_args(argv)
-  B, S, N, K, H, bs = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim, args.block_size
+  B, S, N, K = args.batch, args.seq, args.heads, args.kv_heads
+  H, bs = args.head_dim, args.block_size
   if S % bs or N % K or not 0 < args.density <= 1:
     ap.error(f"need --seq a multiple of --block-size, --heads a multiple of --kv-heads and "
              f"--density in (0, 1]; got {S}, {bs}, {N}, {K}, {args.density}")

@@ -122,8 +122,8 @@ def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: in
   the highest scores. scores [B, H, nQ, nK] (gate logits or probabilities, or a target) ->
   int32 [B, H, nQ, M], M = nz_ratio_width(nK, nz_ratio, dense_rows), widened to hold the forced
   blocks. The top-k runs as `pallas_kernels.block_topk.prefix_topk` (a row's visible blocks are
-  a prefix) with the given `implementation` (None: its default) and `interpret`. NaN scores rank lowest and +inf
-  ones just below the forced blocks."""
+  a prefix) with the given `implementation` (None: its default) and `interpret`. NaN scores
+  rank lowest and +inf ones just below the forced blocks."""
   if not 0 < nz_ratio <= 1:
     raise ValueError(f"nz_ratio must be in (0, 1], got {nz_ratio}")
   nb = scores_BHQN.shape[-1]
