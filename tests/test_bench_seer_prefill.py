@@ -144,6 +144,7 @@ def test_splash_mask_info_refuses_an_odd_block_count():
     splash_mask_info(np.zeros((1, 3, 1), np.int32), 4)
 
 
+@pytest.mark.slow
 def test_profile_gate_smoke(tmp_path):
   """The gate profile on the CPU at a tiny size: every row profiled, the formulations checked
   equal before timing, the metadata of a result file."""
