@@ -224,9 +224,9 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
                        sink_blocks: int = 1, score_from: int = 0, log=None) -> dict:
   """Perplexity of the frozen model on tokens_NT (int32 [N, T], full-length sequences) with
   block-sparse prefill at each density for each selector, plus the dense reference; only the
-  predictions from position score_from on are scored (e.g. the second copy of a repeated text). A selector
-  "gate+local" / "oracle+local" is the gate / oracle top-k with the first sink_blocks and the
-  local_blocks blocks ending at the diagonal always kept (inside the same budget). Returns
+  predictions from position score_from on are scored (e.g. the second copy of a repeated text).
+  A selector "gate+local" / "oracle+local" is the gate / oracle top-k with the first sink_blocks
+  and the local_blocks blocks ending at the diagonal always kept (inside the same budget). Returns
   {"dense": row, "<selector>@<density>": row}, row = {"nll", "ppl", "ppl_increase" (over dense),
   "density" (measured), "tokens"}."""
   N, T = tokens_NT.shape
