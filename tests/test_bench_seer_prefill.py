@@ -156,8 +156,8 @@ def test_profile_gate_smoke(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   data = json.loads(out.read_text())
   assert [r["row"] for r in data["results"]] == [
-      "gate", "gated", "select", "topk", "topk_int32_keys", "pool_q", "pool_q_dot", "pool_q_sum",
-      "pool_k", "pool_k_bf16"]
+      "gate", "gated", "select", "topk", "topk_int32_keys", "pool_q", "pool_q_f32_copy",
+      "pool_q_dot", "pool_k", "pool_k_f32_copy"]
   assert all(r["kernels"] and r["busy_us"] > 0 for r in data["results"])
   assert data["meta"]["shape"]["top_k_width"] == 4 and data["meta"]["commit"]
   assert 0.9 <= data["meta"]["topk_int32_keys_agreement"] <= 1.0
