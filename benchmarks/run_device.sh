@@ -20,6 +20,12 @@
 #              then the SeerAttention selector table (experiments/seer_prefill/run.py) and YaRN
 #              fine-tuning at 4x context (yarn.py); each phase resumes, so calls on one warm
 #              machine continue where the last stopped; results under $OUT/seer_quality
+#   seer_retrieval  the SeerAttention selector table on a model that uses distant context:
+#              configs/longctx.yaml trained 9,000 steps on real text with 30% passkey and 30% copy
+#              documents (experiments/sparse_quality's data + train phases, runs/sq9k; a call
+#              that runs out of time pauses the training and the next call continues), then
+#              experiments/seer_prefill/run.py on it with the repeated-text sets (--repeat-eval);
+#              results under $OUT/seer_retrieval. About three calls of 600 s on an H100.
 #   pack       tar + gzip everything under $OUT into $OUT/results.tgz (few files travel back)
 # Set EFFJAX_COMMIT=<commit> when the tree is a copy whose git metadata is not its own, so the
 # results name the right commit. A run longer than one command may take: start it with `setsid nohup bash benchmarks/run_device.sh
@@ -80,6 +86,19 @@ for job in "$@"; do
         "$OUT/seer_quality/table/" 2>/dev/null
       cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
         "$OUT/seer_quality/yarn/" 2>/dev/null ;;
+    seer_retrieval)
+      export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
+      d=runs/sq9k
+      timeout "$T" bash -c "python3 experiments/sparse_quality/run.py --out $d --steps 9000 \
+          --batch 16 --seq 4096 --phases data train --train-seconds $((T - 40)) --resume-later \
+        && test -f $d/train/train_done.json \
+        && python3 experiments/seer_prefill/run.py --run $d/train --out runs/seer_retrieval \
+          --gate-steps 300 --n-eval 16 --eval-source $d/data/heldout.txt --repeat-eval \
+          --selectors gate,oracle,static,gate+local,recency+local,oracle+local" 2>&1 \
+        | tee "$OUT/seer_retrieval.log" | grep -v Warn | tail -40
+      mkdir -p "$OUT/seer_retrieval"
+      cp runs/seer_retrieval/*.json runs/seer_retrieval/*.md runs/seer_retrieval/*.png \
+        runs/seer_retrieval/run.log "$OUT/seer_retrieval/" 2>/dev/null ;;
     pack)
       tar -czf /tmp/results.tgz -C "$OUT" . && mv /tmp/results.tgz "$OUT/results.tgz" && ls -la "$OUT" ;;
     *)
