@@ -127,7 +127,6 @@ def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: in
   if not 0 < nz_ratio <= 1:
     raise ValueError(f"nz_ratio must be in (0, 1], got {nz_ratio}")
   nb = scores_BHQN.shape[-1]
-  vis = jnp.broadcast_to(visible(lengths_B, nb, block_size), scores_BHQN.shape)
   force = jnp.broadcast_to(forced(lengths_B, nb, block_size, dense_rows, sink_blocks,
                                   local_blocks), scores_BHQN.shape)
   k_Q = jnp.maximum(_ceil_ratio(nz_ratio, jnp.arange(1, nb + 1)), 1)        # [nQ]
@@ -136,7 +135,10 @@ def select_nz_ratio(scores_BHQN: jax.Array, lengths_B: jax.Array, block_size: in
   width = max(nz_ratio_width(nb, nz_ratio, dense_rows), min(nb, sink_blocks + local_blocks))
   s = jnp.minimum(scores_BHQN.astype(jnp.float32), jnp.finfo(jnp.float32).max)
   s = jnp.where(force, jnp.inf, s)
-  n_vis = jnp.sum(vis, axis=-1)                                           # a prefix: j <= i
+  # the visible blocks of row i are the prefix j <= i, none past the length
+  row = jnp.arange(nb, dtype=jnp.int32)
+  n_vis = jnp.where(row[None] * block_size < lengths_B[:, None], row[None] + 1, 0)   # [B, nQ]
+  n_vis = jnp.broadcast_to(n_vis[:, None], count.shape)
   shape = scores_BHQN.shape
   idx = prefix_topk(s.reshape(-1, nb), n_vis.reshape(-1), count.reshape(-1), width=width,
                     implementation=implementation, interpret=interpret)

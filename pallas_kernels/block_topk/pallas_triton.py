@@ -169,11 +169,9 @@ def _block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, interpret: bo
   )(lengths_B.astype(jnp.int32), scores_BKN)
 
 
-def block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, local_tokens: int = 1,
-               interpret: bool = False, config: TritonConfig | None = None):
-  """Shapes as `pallas_kernels.block_topk`."""
-  require_platform("gpu", interpret, "the Pallas Triton top-k kernel")
-  N = scores_BKN.shape[-1]
+def _row_warps(N: int, config: TritonConfig | None) -> int:
+  """num_warps of a program holding one row of N scores (config's, or tuned by the padded row
+  length); NotSupported past the packed prefix sum's MAX_BLOCKS."""
   if launch.next_power_of_2(N) > MAX_BLOCKS:
     raise NotSupported(f"takes at most {MAX_BLOCKS} blocks per row (padded to a power of 2), "
                        f"got N={N}")
@@ -184,6 +182,14 @@ def block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, local_tokens: 
     warps = next(w for limit, w in table if n_pad <= limit)
   if not launch.is_power_of_2(warps):
     raise ValueError(f"num_warps must be a power of 2, got {warps!r}")
+  return warps
+
+
+def block_topk(scores_BKN, lengths_B, *, block_size: int, k: int, local_tokens: int = 1,
+               interpret: bool = False, config: TritonConfig | None = None):
+  """Shapes as `pallas_kernels.block_topk`."""
+  require_platform("gpu", interpret, "the Pallas Triton top-k kernel")
+  warps = _row_warps(scores_BKN.shape[-1], config)
   return _block_topk(scores_BKN, lengths_B, block_size=int(block_size), k=int(k),
                      interpret=bool(interpret), num_warps=int(warps),
                      local_tokens=int(local_tokens))
@@ -239,16 +245,6 @@ def prefix_topk(scores_RN, n_valid_R, count_R, *, width: int, interpret: bool = 
                 config: TritonConfig | None = None):
   """Shapes as `pallas_kernels.block_topk.prefix_topk`."""
   require_platform("gpu", interpret, "the Pallas Triton prefix top-k kernel")
-  N = scores_RN.shape[-1]
-  if launch.next_power_of_2(N) > MAX_BLOCKS:
-    raise NotSupported(f"takes at most {MAX_BLOCKS} blocks per row (padded to a power of 2), "
-                       f"got N={N}")
-  warps = (config or TritonConfig()).num_warps
-  if warps is None:
-    n_pad = launch.next_power_of_2(N)
-    table = tuned.lookup("block_topk", "pallas_triton")["num_warps_by_blocks"]
-    warps = next(w for limit, w in table if n_pad <= limit)
-  if not launch.is_power_of_2(warps):
-    raise ValueError(f"num_warps must be a power of 2, got {warps!r}")
+  warps = _row_warps(scores_RN.shape[-1], config)
   return _prefix_topk(scores_RN, n_valid_R, count_R, width=int(width), interpret=bool(interpret),
                       num_warps=int(warps))
