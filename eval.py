@@ -78,6 +78,8 @@ def main(argv=None) -> int:
                        "(the nearest blocks at the gate's per-row budget), recency+local")
   pg.add_argument("--prefill-windows", type=int, default=8, help="valid windows evaluated")
   pg.add_argument("--prefill-block-size", type=int, default=64)
+  pg.add_argument("--prefill-topk-impl", default=None,
+                  help="the selectors' top-k: xla or pallas_triton (default: prefix_topk's)")
   pg.add_argument("--prefill-gate", default=None, help="prefill gate params .npz")
   pg.add_argument("--train-prefill-gate", type=int, default=0, metavar="STEPS",
                   help="distil a prefill gate for STEPS steps on the train split, save "
@@ -173,6 +175,10 @@ def check_decoding_args(ap, args) -> None:
       ap.error("gate selectors need --prefill-gate PATH or --train-prefill-gate STEPS")
     if args.prefill_windows < 1 or args.prefill_block_size < 1:
       ap.error("--prefill-windows and --prefill-block-size must be >= 1")
+    from pallas_kernels.block_topk import PREFIX_IMPLEMENTATIONS
+    if args.prefill_topk_impl not in (None, *PREFIX_IMPLEMENTATIONS):
+      ap.error(f"--prefill-topk-impl: choose from {', '.join(PREFIX_IMPLEMENTATIONS)}; got "
+               f"{args.prefill_topk_impl!r}")
   if args.prefill_gate and not pathlib.Path(args.prefill_gate).is_file():
     ap.error(f"--prefill-gate {args.prefill_gate}: no such file")
   if args.local_tokens < 1:
@@ -316,7 +322,8 @@ def run_prefill_evals(args, cfg, params, run: pathlib.Path) -> dict:
                                    args.prefill_windows)
     r = ps.evaluate_densities(cfg.model, params, toks, densities=args.prefill_density_list,
                               selectors=args.prefill_selector_list,
-                              block_size=args.prefill_block_size, gate_params=gate)
+                              block_size=args.prefill_block_size, gate_params=gate,
+                              topk_implementation=args.prefill_topk_impl)
     out["prefill_sparse"] = {"windows": len(toks), "seq": seq,
                              "block_size": args.prefill_block_size, "results": r}
     print(f"block-sparse prefill ({len(toks)} valid windows of {seq} tokens), dense ppl "

@@ -2,6 +2,8 @@
 selector and the oracle at density 1 are the model's causal forward; the selectors hit their
 densities; perplexity rows at several densities; clear errors."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -111,6 +113,21 @@ def test_evaluate_densities_rows(setup):
   assert abs(r["oracle@1.0"]["ppl_increase"]) < 1e-4 and abs(r["gate@1.0"]["ppl_increase"]) < 1e-4
   for k in ("gate@0.25", "oracle@0.25", "static@0.25"):
     assert r[k]["density"] < 0.5 and np.isfinite(r[k]["ppl"])
+
+
+def test_topk_implementation_reaches_the_selection(setup):
+  """PrefillSparseConfig.topk_implementation is what select_nz_ratio's prefix_topk runs: XLA
+  gives the default's rows; the Triton kernel, uncompiled here without a GPU, refuses by name."""
+  params, tokens, gate = setup
+  lengths = jnp.full((2,), 64, jnp.int32)
+  base = ps.PrefillSparseConfig("gate", BS, 0.25)
+  want = ps.sparse_nll(MCFG, base, params, tokens, lengths, gate)
+  got = ps.sparse_nll(MCFG, dataclasses.replace(base, topk_implementation="xla"), params, tokens,
+                      lengths, gate)
+  chex.assert_trees_all_close(got, want)
+  with pytest.raises(ValueError, match="prefix_topk"):
+    ps.sparse_nll(MCFG, dataclasses.replace(base, topk_implementation="pallas_triton"), params,
+                  tokens, lengths, gate)
 
 
 def test_bad_settings_raise():

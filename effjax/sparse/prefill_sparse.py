@@ -60,6 +60,7 @@ class PrefillSparseConfig:
   keep_sink_blocks: int = 0       # top-k selectors: the first blocks always kept (both count
                                   # against the row's budget; the scores fill the rest)
   implementation: str | None = None  # block-sparse attention backend (None: auto)
+  topk_implementation: str | None = None  # the nz-ratio top-k (`block_topk.prefix_topk`)
 
   def __post_init__(self):
     if self.selector not in SELECTORS:
@@ -117,7 +118,8 @@ class SeerSparseAttention:
     if s.selector == "recency":                           # nearer blocks score higher
       i, j = jnp.arange(nb)[:, None], jnp.arange(nb)[None, :]
       near = jnp.broadcast_to((j - i).astype(jnp.float32), (B, N, nb, nb))
-      return sel.select_nz_ratio(near, lengths, bs, s.density, s.dense_rows, **keep)
+      return sel.select_nz_ratio(near, lengths, bs, s.density, s.dense_rows, **keep,
+                                 implementation=s.topk_implementation)
     logits = pg.gate_logits(self.gate_params["wq"][layer], self.gate_params["wk"][layer],
                             q_BTNH, k_BTKH, lengths, bs, self.mcfg.rope_theta)
     if s.threshold is not None:
@@ -125,7 +127,8 @@ class SeerSparseAttention:
                                   dense_rows=s.dense_rows, **keep)
     # a top-k per row: the softmax keeps each row's order, so the logits choose the same blocks
     # without a pass over the [B, N, nQ, nK] probabilities
-    return sel.select_nz_ratio(logits, lengths, bs, s.density, s.dense_rows, **keep)
+    return sel.select_nz_ratio(logits, lengths, bs, s.density, s.dense_rows, **keep,
+                               implementation=s.topk_implementation)
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     idx = self.select(layer, q_BTNH, k_BTKH, v_BTKH)
@@ -158,7 +161,8 @@ class SeerTrainingAttention(SeerSparseAttention):
                             lengths, bs, self.mcfg.rope_theta)
     probs = jax.lax.stop_gradient(jax.nn.softmax(logits, axis=-1))
     idx = sel.select_nz_ratio(probs, lengths, bs, s.density, s.dense_rows,
-                              s.keep_sink_blocks, s.keep_local_blocks)
+                              s.keep_sink_blocks, s.keep_local_blocks,
+                              implementation=s.topk_implementation)
     o = block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, idx, lengths, block_size=bs,
                                implementation=s.implementation)
     _, target = flash_attention(qs, ks, vs, lengths, block_size=bs,
@@ -221,7 +225,8 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
                        densities=(1.0, 0.5, 0.2, 0.1), selectors=("gate", "oracle", "static"),
                        block_size: int = 64, dense_rows: int = 0, gate_params=None,
                        batch_size: int = 4, implementation=None, local_blocks: int = 2,
-                       sink_blocks: int = 1, score_from: int = 0, log=None) -> dict:
+                       sink_blocks: int = 1, score_from: int = 0, topk_implementation=None,
+                       log=None) -> dict:
   """Perplexity of the frozen model on tokens_NT (int32 [N, T], full-length sequences) with
   block-sparse prefill at each density for each selector, plus the dense reference; only the
   predictions from position score_from on are scored (e.g. the second copy of a repeated text).
@@ -241,7 +246,8 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
     nll = tot / max(cnt, 1)
     return {"nll": nll, "ppl": math.exp(nll), "density": dsum / N, "tokens": cnt}
 
-  out = {"dense": run(PrefillSparseConfig("dense", block_size, implementation=implementation))}
+  out = {"dense": run(PrefillSparseConfig("dense", block_size, implementation=implementation,
+                                          topk_implementation=topk_implementation))}
   out["dense"]["ppl_increase"] = 0.0
   if log:
     log(f"dense: ppl {out['dense']['ppl']:.4f}")
@@ -254,7 +260,8 @@ def evaluate_densities(mcfg: ModelConfig, params, tokens_NT: np.ndarray, *,
     keep = dict(keep_local_blocks=local_blocks, keep_sink_blocks=sink_blocks) if variant else {}
     for d in densities:
       row = run(PrefillSparseConfig(base, block_size, density=float(d), dense_rows=dense_rows,
-                                    implementation=implementation, **keep))
+                                    implementation=implementation,
+                                    topk_implementation=topk_implementation, **keep))
       row["ppl_increase"] = row["ppl"] / out["dense"]["ppl"] - 1.0
       out[f"{s}@{d}"] = row
       if log:

@@ -65,6 +65,10 @@ def test_seer_prefill_tiny(tiny, tmp_path):
                       "--prefill-windows", "2", "eval.num_samples=0", "eval.max_batches=1"],
                      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "gate@0.5" in r.stdout, r.stderr[-2000:]
+  r = subprocess.run([sys.executable, "eval.py", "--run", str(run), "--prefill-densities", "0.5",
+                      "--prefill-selectors", "static", "--prefill-topk-impl", "cuda"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "--prefill-topk-impl" in r.stderr
   # a rerun reuses the gate and every finished set
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "gate: reusing" in r.stdout and "done earlier" in r.stdout
