@@ -16,6 +16,15 @@ transposed from shared memory (a 64-column slice of the x tile) into a float32 a
 the next slot decodes (`wgmma_wait(1)`). The split-K partial sums [splits, N, MR] are added,
 transposed, scaled and cast in XLA. Shapes: I2_T in 512-row blocks, N a multiple of 64, M <= 64.
 
+I2_T GEMM (W2A8, M > 64; named only until timed): the same y^T = W^T x^T with the weight as the
+register operand of s8 wgmmas (int8 x int8 -> int32, twice bf16's tensor-core rate on Hopper).
+One program per (64 output columns, 256 x rows); per 128-row K step the pipeline brings in the
+block's words [64, 64] and x's [256, 128] int8 tile. Slots 2 t and 2 t + 1 of every word
+(`mgpu_util.s8_pairs_from_words`: shift, two masks, one shift-or a 32-bit register) are the
+codes q = t + 1 of a [64, 128] s8 operand, whose column order x's columns are permuted to once in
+XLA (`gemm_x_permutation`, with the padding); the kernel's int32 sums of q x lose the offset
+(sum_k x, per row) and gain the scales in XLA, exactly as the integer reference.
+
 I2_S (named only; slower than the Triton kernel on the H100):
 
 y [M, N] = x [M, K] @ t [K, N] * scale. One program per (128-column tile, share of K): for each
@@ -255,6 +264,11 @@ def smem_bytes(stages: int, overlap: bool, dtype=jnp.bfloat16) -> int:
 def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   require_platform("gpu", interpret, "the Mosaic GPU ternary matmul")
   M = x_MK.shape[0]
+  if packed.fmt == "i2_t" and M > ROWS:
+    why = mgpu_supported_g(M, packed, x_MK.dtype)
+    if why is not None:
+      raise NotSupported(why)
+    return _run_g(x_MK, packed, x_scale_M, out_dtype, interpret, config)
   if packed.fmt == "i2_t":
     why = mgpu_supported_t(M, packed, x_MK.dtype)
     if why is not None:
@@ -494,6 +508,135 @@ def _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config):
   y = jnp.sum(sums, axis=0)[:, :M].T * packed.scale
   if x_scale_M is not None:
     y = y * x_scale_M.astype(jnp.float32)[:, None]
+  return y.astype(out_dtype)
+
+
+# ------------------------------------------------- i2_t GEMM: s8 wgmma, W2A8 for M > 64 rows
+
+KS_G = 128        # K rows a step: slots (2 t, 2 t + 1) of a block's 64 words; one s8 wgmma K
+BN_G = 64         # output columns a program: the wgmma's M (the weight is its register operand)
+BM_MAX_G = 256    # x rows a program at most: the wgmma's N
+
+
+def gemm_x_permutation() -> np.ndarray:
+  """int [KS_G]: position p = 16 g + 4 c + 2 e + s of a step's x tile holds K row s * 64 + 8 g +
+  2 c + e of the step's 128 rows (`mgpu_util.s8_pairs_from_words`' column order: field s of word
+  8 g + 2 c + e); step 4 b + t covers rows [128 t, 128 t + 128) of 512-row block b, slots 2 t
+  and 2 t + 1 of its words."""
+  p = np.arange(KS_G)
+  g, c, e, s = p // 16, (p // 4) % 4, (p // 2) % 2, p % 2
+  return s * 64 + 8 * g + 2 * c + e
+
+
+def gemm_block_m(M: int) -> int:
+  """x rows a GEMM program: 256, or M rounded up to 64 below that."""
+  return min(BM_MAX_G, launch.round_up(M, 64))
+
+
+def _kernel_g(x_ref, w_ref, o_ref, *, block_m: int, stages: int, n_steps: int,
+              interpret: bool):
+  n = lax.axis_index("n")
+  m = lax.axis_index("m")
+  x_spec = lambda delay: plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
+                                         transforms=mgpu_util.tiles(jnp.int8),
+                                         delay_release=delay)
+  w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, k // 4),
+                           transforms=mgpu_util.tiles(jnp.uint16))
+
+  if interpret:
+    def step(idx, x_smem, w_smem, acc):
+      words = w_smem[...]
+      t = lax.rem(idx[0], 4)
+      q = [lax.shift_right_logical(words, (4 * t + 2 * s).astype(jnp.uint16)) & jnp.uint16(3)
+           for s in (0, 1)]
+      a = jnp.stack(q, axis=-1).reshape(BN_G, KS_G).astype(jnp.int32)   # column 2 j + s
+      return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T,
+                           preferred_element_type=jnp.int32)
+    acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec(0), w_spec],
+                              max_concurrent_steps=stages,
+                              init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
+  else:
+    wgmma_layout = plgpu.Layout.WGMMA
+
+    def accumulate(acc_ref):
+      def step(idx, x_smem, w_smem):
+        with jax.named_scope("decode"):
+          words = mgpu_util.load(w_smem, wgmma_layout)
+          a = mgpu_util.s8_pairs_from_words(words, 4 * lax.rem(idx[0], 4), wgmma_layout)
+        with jax.named_scope("mma"):
+          plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem))
+          plgpu.wgmma_wait(1)    # the previous step's wgmma is done: its x tile is released
+      plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec(1), w_spec],
+                          max_concurrent_steps=max(stages, 2))(x_ref, w_ref)
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+    acc = pl.run_scoped(accumulate, plgpu.ACC((BN_G, block_m), jnp.int32))
+
+  def store(o_smem):
+    o_smem[...] = acc
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(n * BN_G, BN_G), pl.ds(m * block_m, block_m)])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(store, plgpu.SMEM((BN_G, block_m), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "interpret"))
+def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int,
+              interpret: bool = False):
+  """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
+  (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
+  its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op."""
+  M, K = x_int8_MK.shape
+  rows = packed_u16.shape[1] * 8
+  Mp = launch.round_up(M, block_m)
+  x = jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K)))
+  x = x.reshape(Mp, rows // KS_G, KS_G)[:, :, gemm_x_permutation()].reshape(Mp, rows)
+  call = plgpu.kernel(
+      functools.partial(_kernel_g, block_m=block_m, stages=stages, n_steps=rows // KS_G,
+                        interpret=interpret),
+      out_type=jax.ShapeDtypeStruct((N, Mp), jnp.int32),
+      grid=(N // BN_G, Mp // block_m),
+      grid_names=("n", "m"),
+      compiler_params=mgpu_util.compiler_params(),
+      interpret=mgpu_util.interpret_params(interpret),
+  )
+  return call(x, packed_u16)
+
+
+def smem_bytes_g(block_m: int, stages: int) -> int:
+  """Shared memory of the i2_t GEMM: `stages` x (x tile [block_m, 128] int8 + words [64, 64]
+  uint16) + barriers; the output tile [64, block_m] int32 has its own scope after the pipeline."""
+  return max(stages * (block_m * KS_G + BN_G * PW * 2 + 16), BN_G * block_m * 4) + 1024
+
+
+def mgpu_supported_g(M: int, packed, dtype) -> str | None:
+  if packed.fmt != "i2_t" or packed.block != KT_T:
+    return f"format {packed.fmt} (block {packed.block}): this kernel reads i2_t in {KT_T}-row blocks"
+  if packed.shape[1] % BN_G:
+    return f"N={packed.shape[1]} must be a multiple of {BN_G}"
+  if jnp.dtype(dtype) != jnp.dtype(jnp.int8):
+    return (f"activations in {jnp.dtype(dtype).name} with M={M} rows: the GEMM kernel is W2A8 "
+            f"(int8 x, s8 wgmma); float x with M > {ROWS} takes the XLA path")
+  return None
+
+
+def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
+  config = config or MosaicGPUConfig()
+  config.validate()
+  M = x_int8_MK.shape[0]
+  N = packed.shape[1]
+  block_m = gemm_block_m(M)
+  stages = config.pipeline_depth or 4
+  limit = tuned.lookup("device", "gpu")["smem_per_sm"]
+  while stages > 2 and smem_bytes_g(block_m, stages) > limit:
+    stages -= 1
+  sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
+                   interpret=bool(interpret))
+  # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
+  xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
+  acc = sums[:, :M].T - xsum[:, None]
+  y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
   return y.astype(out_dtype)
 
 

@@ -218,3 +218,67 @@ def test_gpu_i2t_matches_the_xla_paths(M, K, N):
   check(M, K, N, False, "i2_t", word_shifts=True, fused_decode=False)
   check(M, K, N, False, "i2_t", fused_decode=False)                       # 16-bit decoding
   check(M, K, N, False, "i2_t", hold_operands=True)
+
+
+# ------------------------------------------------ the i2_t GEMM (W2A8, M > 64: s8 wgmma)
+
+def check_gemm(M, K, N, interpret, **cfg):
+  """The GEMM kernel's W2A8 output equals the XLA integer path bit for bit."""
+  pw, _ = weight(M + K + N, K, N, "i2_t")
+  rng = np.random.default_rng(K + 1)
+  xi = jnp.asarray(rng.integers(-127, 128, size=(M, K)), jnp.int8)
+  xs = jnp.asarray(rng.random(M) + 0.5, jnp.float32)
+  config = mgpu.MosaicGPUConfig(**cfg) if cfg else None
+  got = lowbit_matmul_int8(xi, xs, pw, implementation="pallas_mosaic_gpu", interpret=interpret,
+                           config=config)
+  want = lowbit_matmul_int8(xi, xs, pw, implementation="xla")
+  assert got.shape == (M, N)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [(65, 1000, 128, {}), (300, 600, 64, {}),
+                                       (130, 1536, 192, dict(pipeline_depth=2))])
+def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
+  """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
+  tiles, a two-stage pipeline."""
+  check_gemm(M, K, N, True, **cfg)
+
+
+def test_i2t_gemm_layout_bookkeeping_and_refusals():
+  perm = mgpu.gemm_x_permutation()
+  assert sorted(perm.tolist()) == list(range(mgpu.KS_G))
+  # position 16 g + 4 c + 2 e + s <- row s * 64 + 8 g + 2 c + e (g 3, c 1, e 1, s 1)
+  assert perm[16 * 3 + 4 + 2 + 1] == 64 + 24 + 2 + 1 and perm[0] == 0 and perm[1] == 64
+  assert [mgpu.gemm_block_m(m) for m in (65, 128, 200, 300, 4096)] == [128, 128, 256, 256, 256]
+  pt, _ = weight(0, 1024, 128, "i2_t")
+  assert mgpu.mgpu_supported_g(100, pt, jnp.int8) is None
+  assert "W2A8" in mgpu.mgpu_supported_g(100, pt, jnp.bfloat16)
+  assert "N=96" in mgpu.mgpu_supported_g(100, weight(0, 512, 96, "i2_t")[0], jnp.int8)
+  assert "i2_t" in mgpu.mgpu_supported_g(100, weight(0, 512, 128)[0], jnp.int8)
+  with pytest.raises(NotSupported, match="W2A8"):
+    mgpu.lowbit_matmul(jnp.ones((100, 1024), jnp.bfloat16), pt, jnp.bfloat16, interpret=True)
+  # float x past 64 rows falls through to XLA in a chain
+  y = lowbit_matmul(jnp.ones((100, 1024), jnp.float32), pt, implementation=("pallas_mosaic_gpu",
+                                                                            "xla"))
+  assert y.shape == (100, 128)
+  assert mgpu.smem_bytes_g(256, 4) <= 227 * 1024
+
+
+@pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 2)])
+def test_i2t_gemm_lowers_for_cuda(block_m, stages):
+  from jax import export
+  S_ = jax.ShapeDtypeStruct
+  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages))
+  with lowering_for("gpu"):
+    text = export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
+            S_((300, 2048), jnp.int8), S_((1024, 256), jnp.uint16)).mlir_module()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(2048, 8192, 8192), (2048, 4096, 14336), (513, 14336, 4096),
+                                   (100, 1000, 192)])
+def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
+  check_gemm(M, K, N, False)
+  check_gemm(M, K, N, False, pipeline_depth=2)
