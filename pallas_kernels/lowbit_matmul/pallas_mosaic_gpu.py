@@ -528,6 +528,14 @@ def gemm_x_permutation() -> np.ndarray:
   return s * 64 + 8 * g + 2 * c + e
 
 
+def permute_x_gemm(x_MK: jax.Array) -> jax.Array:
+  """x [M, K] (K a multiple of 128) with each 128 columns in `gemm_x_permutation`'s order, as a
+  reshape and transpose (rows s * 64 + 8 g + 2 c + e -> position ((g * 4 + c) * 2 + e) * 2 + s),
+  which XLA fuses into the op producing x."""
+  M, K = x_MK.shape
+  return x_MK.reshape(M, K // KS_G, 2, 8, 4, 2).transpose(0, 1, 3, 4, 5, 2).reshape(M, K)
+
+
 def gemm_block_m(M: int) -> int:
   """x rows a GEMM program: 256, or M rounded up to 64 below that."""
   return min(BM_MAX_G, launch.round_up(M, 64))
@@ -591,7 +599,7 @@ def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int,
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
   x = jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K)))
-  x = x.reshape(Mp, rows // KS_G, KS_G)[:, :, gemm_x_permutation()].reshape(Mp, rows)
+  x = permute_x_gemm(x)
   call = plgpu.kernel(
       functools.partial(_kernel_g, block_m=block_m, stages=stages, n_steps=rows // KS_G,
                         interpret=interpret),

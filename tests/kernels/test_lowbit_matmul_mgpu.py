@@ -249,6 +249,9 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
   assert sorted(perm.tolist()) == list(range(mgpu.KS_G))
   # position 16 g + 4 c + 2 e + s <- row s * 64 + 8 g + 2 c + e (g 3, c 1, e 1, s 1)
   assert perm[16 * 3 + 4 + 2 + 1] == 64 + 24 + 2 + 1 and perm[0] == 0 and perm[1] == 64
+  x = np.arange(3 * 256).reshape(3, 256)
+  np.testing.assert_array_equal(np.asarray(mgpu.permute_x_gemm(jnp.asarray(x))),
+                                x.reshape(3, 2, 128)[:, :, perm].reshape(3, 256))
   assert [mgpu.gemm_block_m(m) for m in (65, 128, 200, 300, 4096)] == [128, 128, 256, 256, 256]
   pt, _ = weight(0, 1024, 128, "i2_t")
   assert mgpu.mgpu_supported_g(100, pt, jnp.int8) is None
