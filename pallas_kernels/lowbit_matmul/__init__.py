@@ -17,9 +17,9 @@ table-lookup form over bit planes) reproduces them.
 Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU for M > 16),
 `pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
 or tiled GEMM, pallas_triton.py; `auto` on a GPU for M <= 16), `pallas_mosaic_gpu`
-(pallas_mosaic_gpu.py: i2_t weights, `auto` on a GPU for them at M <= 64 -- y^T = W^T x^T with
-the weight decoded in registers as the wgmma's register operand; for M > 64 and int8 x an s8
-wgmma GEMM of the same form, named only until timed; i2_s weights (M <= 64) named only, slower than the
+(pallas_mosaic_gpu.py: i2_t weights, `auto` on a GPU for them -- y^T = W^T x^T with the weight
+decoded in registers as the wgmma's register operand, M <= 64; for M > 64 and int8 x an s8
+wgmma GEMM of the same form; i2_s weights (M <= 64) named only, slower than the
 Triton kernel on the H100 -- unpacking into swizzled shared-memory tiles, one wgmma a 256-row
 step) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
 lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
@@ -48,7 +48,6 @@ _BACKENDS = {"xla": "reference", "pallas_triton": "pallas_triton",
 # 111.7 and 52.6; at M = 16 37.9 against 124.8. At M = 2048 the XLA path is faster (357 against
 # 1,572 us). On a TPU `auto` tries the Mosaic TPU kernel first (not yet measured on a TPU).
 _DEFAULTS = {"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)}
-_MGPU_GEMV_ROWS = 64     # pallas_mosaic_gpu.ROWS: the i2_t GEMV kernel's rows
 
 
 def _auto_rows(implementation, M: int, packed=None):
@@ -57,8 +56,10 @@ def _auto_rows(implementation, M: int, packed=None):
   rows take the XLA path."""
   if (implementation is None or implementation == dispatch.AUTO) and dispatch.platform() == "gpu":
     if packed is not None and packed.fmt == "i2_t":
-      # the GEMV kernel (M <= 64); past it the s8-wgmma GEMM (W2A8) is named only until timed
-      return ("pallas_mosaic_gpu", "xla") if M <= _MGPU_GEMV_ROWS else "xla"
+      # the GEMV kernel (M <= 64); past it the s8-wgmma GEMM for int8 x (W2A8: on the H100 at
+      # M = 2048 0.366 ms against XLA's 0.417 at 8192 x 8192, 0.378 against 0.429 at 4096 x
+      # 14336), XLA for float x
+      return ("pallas_mosaic_gpu", "xla")
     if M > tuned.lookup("lowbit_matmul", "pallas_triton")["max_gemv_rows"]:
       return "xla"
   return implementation
