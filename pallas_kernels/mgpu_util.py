@@ -175,11 +175,13 @@ def s8_pairs_from_words(x, shift, layout):
   def body(ctx, a, s):
     del ctx
     i32 = ir.IntegerType.get_signless(32)
-    sh = s.registers.item()
-    if isinstance(sh.type, ir.VectorType):
-      sh = _extract0(sh)
-    if ir.IntegerType(sh.type).width != 32:
-      sh = arith.extui(i32, sh) if ir.IntegerType(sh.type).width < 32 else arith.trunci(i32, sh)
+    sh = s.registers.item()      # a splat scalar's one register: the integer value itself
+    try:
+      width = ir.IntegerType(sh.type).width
+    except (ValueError, TypeError) as e:
+      raise NotImplementedError(f"a scalar integer shift expected, got {sh.type}") from e
+    if width != 32:
+      sh = arith.extui(i32, sh) if width < 32 else arith.trunci(i32, sh)
     out_t = ir.VectorType.get([4], ir.IntegerType.get_signless(8))
     out_layout = plgpu.Layout.WGMMA_8BIT.to_mgpu()
     if out_layout.registers_shape((R, 2 * C)) != a.registers.shape:
@@ -198,9 +200,3 @@ def s8_pairs_from_words(x, shift, layout):
 
   return body(x, jnp.asarray(shift, jnp.int32))
 
-
-def _extract0(v):
-  from jax._src.lib.mlir.dialects import vector
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  return vector.extract(v, dynamic_position=[], static_position=[0]) if hasattr(
-      vector, "extract") else mgpu_utils.vector_slice(v, slice(0, 1))

@@ -93,7 +93,9 @@ class MosaicGPUConfig:
   every shape measured;
   hold_operands (I2_T): keep the register operand of the wgmma in flight live while the next
   slot decodes (an optimization barrier over both), so the compiler cannot reuse its registers
-  for the next slot and make the decoding wait for that wgmma."""
+  for the next slot and make the decoding wait for that wgmma; gemm_block_m (I2_T GEMM, M > 64):
+  x rows a program, 64 / 128 / 256 (None: 256; at 128 with three stages two programs fit an SM's
+  shared memory, 72 KB each, where one 256-row program at four stages takes 164 KB)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -103,6 +105,7 @@ class MosaicGPUConfig:
   word_shifts: bool = False
   fused_decode: bool = True
   hold_operands: bool = False
+  gemm_block_m: int | None = None
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -111,6 +114,9 @@ class MosaicGPUConfig:
       raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
     if self.block_n is not None and self.block_n not in (64, 128):
       raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
+    if self.gemm_block_m is not None and self.gemm_block_m not in (64, 128, 256):
+      raise ValueError(f"config.gemm_block_m must be 64, 128, 256 or None, got "
+                       f"{self.gemm_block_m!r}")
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
@@ -537,9 +543,10 @@ def permute_x_gemm(x_MK: jax.Array) -> jax.Array:
   return x_MK.reshape(M, K // KS_G, 2, 8, 4, 2).transpose(0, 1, 3, 4, 5, 2).reshape(M, K)
 
 
-def gemm_block_m(M: int) -> int:
-  """x rows a GEMM program: 256, or M rounded up to 64 below that."""
-  return min(BM_MAX_G, launch.round_up(M, 64))
+def gemm_block_m(M: int, requested: int | None = None) -> int:
+  """x rows a GEMM program: the request (64, 128 or 256; `MosaicGPUConfig.gemm_block_m`) or
+  256, never more than M rounded up to 64."""
+  return min(requested or BM_MAX_G, launch.round_up(M, 64))
 
 
 def _kernel_g(x_ref, w_ref, o_ref, *, block_m: int, stages: int, n_steps: int,
@@ -647,7 +654,7 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
   config.validate()
   M = x_int8_MK.shape[0]
   N = packed.shape[1]
-  block_m = gemm_block_m(M)
+  block_m = gemm_block_m(M, config.gemm_block_m)
   stages = gemm_stages(block_m, config.pipeline_depth)
   sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
                    interpret=bool(interpret))

@@ -245,7 +245,8 @@ def check_gemm(M, K, N, interpret, **cfg):
 
 
 @pytest.mark.parametrize("M,K,N,cfg", [(65, 1000, 128, {}), (300, 600, 64, {}),
-                                       (130, 1536, 192, dict(pipeline_depth=3))])
+                                       (130, 1536, 192, dict(pipeline_depth=3)),
+                                       (200, 1024, 128, dict(gemm_block_m=64))])
 def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
   tiles, a two-stage pipeline."""
@@ -261,6 +262,10 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
   np.testing.assert_array_equal(np.asarray(mgpu.permute_x_gemm(jnp.asarray(x))),
                                 x.reshape(3, 2, 128)[:, :, perm].reshape(3, 256))
   assert [mgpu.gemm_block_m(m) for m in (65, 128, 200, 300, 4096)] == [128, 128, 256, 256, 256]
+  assert [mgpu.gemm_block_m(m, 128) for m in (65, 300)] == [128, 128]
+  assert mgpu.gemm_block_m(65, 256) == 128 and mgpu.gemm_block_m(300, 64) == 64
+  with pytest.raises(ValueError, match="gemm_block_m"):
+    mgpu.MosaicGPUConfig(gemm_block_m=96).validate()
   pt, _ = weight(0, 1024, 128, "i2_t")
   assert mgpu.mgpu_supported_g(100, pt, jnp.int8) is None
   assert "W2A8" in mgpu.mgpu_supported_g(100, pt, jnp.bfloat16)
@@ -277,7 +282,7 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
   assert [mgpu.gemm_stages(256, d) for d in (None, 1, 2, 3, 5)] == [4, 3, 3, 3, 5]
 
 
-@pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 2)])
+@pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 3), (64, 5)])
 def test_i2t_gemm_lowers_for_cuda(block_m, stages):
   from jax import export
   S_ = jax.ShapeDtypeStruct
@@ -296,3 +301,5 @@ def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
   check_gemm(M, K, N, False)
   check_gemm(M, K, N, False, pipeline_depth=2)     # runs at 3 (gemm_stages)
   check_gemm(M, K, N, False, pipeline_depth=3)
+  check_gemm(M, K, N, False, gemm_block_m=128, pipeline_depth=3)
+  check_gemm(M, K, N, False, gemm_block_m=64)
