@@ -222,7 +222,7 @@ def test_gpu_i2t_matches_the_xla_paths(M, K, N):
 
 # ------------------------------------------------ the i2_t GEMM (W2A8, M > 64: s8 wgmma)
 
-def check_gemm(M, K, N, interpret, **cfg):
+def check_gemm(M, K, N, interpret, out_dtype=None, **cfg):
   """The GEMM kernel's W2A8 output equals the exact integer product (float64 sums of integer
   products below 2^53, then the same float32 scaling as the XLA integer path) bit for bit; in
   the interpreter also the XLA integer path itself. (On the H100 under the tests' "highest"
@@ -233,23 +233,27 @@ def check_gemm(M, K, N, interpret, **cfg):
   xi = jnp.asarray(rng.integers(-127, 128, size=(M, K)), jnp.int8)
   xs = jnp.asarray(rng.random(M) + 0.5, jnp.float32)
   config = mgpu.MosaicGPUConfig(**cfg) if cfg else None
-  got = lowbit_matmul_int8(xi, xs, pw, implementation="pallas_mosaic_gpu", interpret=interpret,
-                           config=config)
+  got = lowbit_matmul_int8(xi, xs, pw, out_dtype=out_dtype, implementation="pallas_mosaic_gpu",
+                           interpret=interpret, config=config)
   exact = np.asarray(xi, np.float64) @ codes.astype(np.float64)
-  want = exact.astype(np.float32) * np.float32(0.37) * np.asarray(xs)[:, None]
-  assert got.shape == (M, N)
-  np.testing.assert_array_equal(np.asarray(got), want)
+  want = jnp.asarray(exact.astype(np.float32) * np.float32(0.37) * np.asarray(xs)[:, None])
+  want = want.astype(out_dtype or jnp.float32)     # one rounding of the same float32 values
+  assert got.shape == (M, N) and got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   if interpret:
-    np.testing.assert_array_equal(
-        np.asarray(got), np.asarray(lowbit_matmul_int8(xi, xs, pw, implementation="xla")))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(lowbit_matmul_int8(
+        xi, xs, pw, out_dtype=out_dtype, implementation="xla"), np.float32))
 
 
 @pytest.mark.parametrize("M,K,N,cfg", [(65, 1000, 128, {}), (300, 600, 64, {}),
                                        (130, 1536, 192, dict(pipeline_depth=3)),
-                                       (200, 1024, 128, dict(gemm_block_m=64))])
+                                       (200, 1024, 128, dict(gemm_block_m=64)),
+                                       (70, 1000, 128, dict(fused_epilogue=True)),
+                                       (300, 600, 64, dict(fused_epilogue=True,
+                                                           out_dtype=jnp.bfloat16))])
 def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
-  tiles, a two-stage pipeline."""
+  tiles, three stages, 64-row programs, the epilogue in the kernel (float32 and bf16 y)."""
   check_gemm(M, K, N, True, **cfg)
 
 
@@ -266,6 +270,8 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
   assert mgpu.gemm_block_m(65, 256) == 128 and mgpu.gemm_block_m(300, 64) == 64
   with pytest.raises(ValueError, match="gemm_block_m"):
     mgpu.MosaicGPUConfig(gemm_block_m=96).validate()
+  with pytest.raises(ValueError, match="fused_epilogue"):
+    mgpu.MosaicGPUConfig(fused_epilogue=1).validate()
   pt, _ = weight(0, 1024, 128, "i2_t")
   assert mgpu.mgpu_supported_g(100, pt, jnp.int8) is None
   assert "W2A8" in mgpu.mgpu_supported_g(100, pt, jnp.bfloat16)
@@ -287,11 +293,16 @@ def test_i2t_gemm_lowers_for_cuda(block_m, stages):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages))
+  Mp = -(-300 // block_m) * block_m
+  fused = jax.jit(lambda x, p, v: mgpu.gemm_fused(
+      x, p, v, N=1024, block_m=block_m, stages=stages,
+      out_dtype=jnp.dtype(jnp.bfloat16 if block_m == 128 else jnp.float32)))
   with lowering_for("gpu"):
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-            S_((300, 2048), jnp.int8), S_((1024, 256), jnp.uint16)).mlir_module()
-  assert "mosaic_gpu" in text
+    for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),))):
+      text = export.export(f, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
+              S_((300, 2048), jnp.int8), S_((1024, 256), jnp.uint16), *args).mlir_module()
+      assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
@@ -303,3 +314,5 @@ def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
   check_gemm(M, K, N, False, pipeline_depth=3)
   check_gemm(M, K, N, False, gemm_block_m=128, pipeline_depth=3)
   check_gemm(M, K, N, False, gemm_block_m=64)
+  check_gemm(M, K, N, False, fused_epilogue=True)
+  check_gemm(M, K, N, False, jnp.bfloat16, fused_epilogue=True, gemm_block_m=128)
