@@ -99,7 +99,10 @@ class MosaicGPUConfig:
   fused_epilogue (I2_T GEMM): subtract the offset, scale and cast in the kernel and write y
   [M, N] transposed through shared memory (the same float32 operations in the same order, so
   the same bits), instead of the int32 sums [N, M] and an XLA epilogue (44 / 79 us of 350 /
-  363 at 8192 x 8192 / 4096 x 14336, M = 2048, on the H100)."""
+  363 at 8192 x 8192 / 4096 x 14336, M = 2048, on the H100); gemm_warpgroups (I2_T GEMM): 1
+  (one warpgroup a program, 64 output columns) or 2 (two consumer warpgroups of 64 columns each
+  sharing every x tile and a producer warpgroup issuing the loads: a warp-specialised pipeline;
+  at most 128 x rows a program; N must be a multiple of 128, else one warpgroup)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -111,6 +114,7 @@ class MosaicGPUConfig:
   hold_operands: bool = False
   gemm_block_m: int | None = None
   fused_epilogue: bool = False
+  gemm_warpgroups: int = 1
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -119,6 +123,8 @@ class MosaicGPUConfig:
       raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
     if self.block_n is not None and self.block_n not in (64, 128):
       raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
+    if self.gemm_warpgroups not in (1, 2):
+      raise ValueError(f"config.gemm_warpgroups must be 1 or 2, got {self.gemm_warpgroups!r}")
     if self.gemm_block_m is not None and self.gemm_block_m not in (64, 128, 256):
       raise ValueError(f"config.gemm_block_m must be 64, 128, 256 or None, got "
                        f"{self.gemm_block_m!r}")
@@ -568,11 +574,7 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      words = w_smem[...]
-      t = lax.rem(idx[0], 4)
-      q = [lax.shift_right_logical(words, (4 * t + 2 * s).astype(jnp.uint16)) & jnp.uint16(3)
-           for s in (0, 1)]
-      a = jnp.stack(q, axis=-1).reshape(BN_G, KS_G).astype(jnp.int32)   # column 2 j + s
+      a = _decode_interpret(w_smem[...], lax.rem(idx[0], 4))
       return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T,
                            preferred_element_type=jnp.int32)
     acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec(0), w_spec],
@@ -596,105 +598,185 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
     acc = pl.run_scoped(accumulate, plgpu.ACC((BN_G, block_m), jnp.int32))
 
   if v_ref is None:
-    def store(o_smem):
-      o_smem[...] = acc
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(o_smem,
-                              o_ref.at[pl.ds(n * BN_G, BN_G), pl.ds(m * block_m, block_m)])
-      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(lambda o_smem: _store_g(acc, o_ref, None, o_smem, None, None, n * BN_G, m,
+                                          block_m, interpret),
+                  plgpu.SMEM((BN_G, block_m), jnp.int32))
+  else:
+    pl.run_scoped(lambda v_smem, o_smem, barrier: _store_g(
+        acc, o_ref, v_ref, o_smem, v_smem, barrier, n * BN_G, m, block_m, interpret),
+                  plgpu.SMEM((3, block_m), jnp.float32),
+                  plgpu.SMEM((block_m, BN_G), o_ref.dtype,
+                             transforms=mgpu_util.tiles(o_ref.dtype)),
+                  plgpu.Barrier())
 
-    pl.run_scoped(store, plgpu.SMEM((BN_G, block_m), jnp.int32))
-    return
 
-  out_dtype = o_ref.dtype
-
-  def epilogue(v_smem, o_smem, barrier):
-    # y^T tile = ((q^T x^T - sum_k x) * w_scale * x_scale) in the reference's order, written
-    # transposed through shared memory, so y leaves the kernel in its own layout and dtype
-    plgpu.copy_gmem_to_smem(v_ref.at[:, pl.ds(m * block_m, block_m)], v_smem, barrier)
-    plgpu.barrier_wait(barrier)
-    if interpret:
-      vec = lambda i: v_smem[i][None, :]
-    else:
-      col = plgpu.Layout.WGMMA.reduce(0)
-      vec = lambda i: lax.broadcast_in_dim(mgpu_util.load(v_smem.at[i], col),
-                                           (BN_G, block_m), [1])
-    t = acc.astype(jnp.float32) - vec(0)        # exact: integers below 2^24
-    y = (t * vec(1) * vec(2)).astype(out_dtype)
-    if interpret:
-      o_smem[...] = y.T
-    else:
-      mgpu_util.transposed(o_smem)[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+def _store_g(acc, o_ref, v_ref, o_smem, v_smem, barrier, row0, m, block_m: int,
+             interpret: bool):
+  """A GEMM program's int32 tile acc [64, block_m] (weight rows row0.., x rows m * block_m..)
+  out through shared memory: as is into o_ref [N, Mp] (v_ref None), or with the epilogue fused
+  into y [Mp, N]: ((acc - sum_k x) * w_scale * x_scale) in the reference's order (v_ref float32
+  [3, Mp]), written transposed, so y leaves the kernel in its own layout and dtype."""
+  cols = pl.ds(m * block_m, block_m)
+  if v_ref is None:
+    o_smem[...] = acc
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(m * block_m, block_m), pl.ds(n * BN_G, BN_G)])
+    plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(row0, BN_G), cols])
     plgpu.wait_smem_to_gmem(0)
-
-  pl.run_scoped(epilogue, plgpu.SMEM((3, block_m), jnp.float32),
-                plgpu.SMEM((block_m, BN_G), out_dtype, transforms=mgpu_util.tiles(out_dtype)),
-                plgpu.Barrier())
-
-
-@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "interpret"))
-def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int,
-              interpret: bool = False):
-  """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
-  (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
-  its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op."""
-  M, K = x_int8_MK.shape
-  rows = packed_u16.shape[1] * 8
-  Mp = launch.round_up(M, block_m)
-  x = jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K)))
-  x = permute_x_gemm(x)
-  call = plgpu.kernel(
-      functools.partial(_kernel_g, block_m=block_m, stages=stages, n_steps=rows // KS_G,
-                        interpret=interpret),
-      out_type=jax.ShapeDtypeStruct((N, Mp), jnp.int32),
-      grid=(N // BN_G, Mp // block_m),
-      grid_names=("n", "m"),
-      compiler_params=mgpu_util.compiler_params(),
-      interpret=mgpu_util.interpret_params(interpret),
-  )
-  return call(x, packed_u16)
+    return
+  plgpu.copy_gmem_to_smem(v_ref.at[:, cols], v_smem, barrier)
+  plgpu.barrier_wait(barrier)
+  if interpret:
+    vec = lambda i: v_smem[i][None, :]
+  else:
+    col = plgpu.Layout.WGMMA.reduce(0)
+    vec = lambda i: lax.broadcast_in_dim(mgpu_util.load(v_smem.at[i], col), (BN_G, block_m),
+                                         [1])
+  t = acc.astype(jnp.float32) - vec(0)          # exact: integers below 2^24
+  y = (t * vec(1) * vec(2)).astype(o_ref.dtype)
+  if interpret:
+    o_smem[...] = y.T
+  else:
+    mgpu_util.transposed(o_smem)[...] = plgpu.layout_cast(y, plgpu.Layout.WGMMA_TRANSPOSED)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[cols, pl.ds(row0, BN_G)])
+  plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "interpret"))
-def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               interpret: bool = False):
-  """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
-  float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
-  per row (zero rows past M). Same x preparation as `gemm_sums`."""
+def _decode_interpret(words, t):
+  """The interpreter's s8 operand: slots 2 t, 2 t + 1 of words [R, 64] as int32 [R, 128],
+  column 2 j + s = slot 2 t + s of word j (`mgpu_util.s8_pairs_from_words`' order)."""
+  q = [lax.shift_right_logical(words, (4 * t + 2 * s).astype(jnp.uint16)) & jnp.uint16(3)
+       for s in (0, 1)]
+  return jnp.stack(q, axis=-1).reshape(words.shape[0], KS_G).astype(jnp.int32)
+
+
+def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, interpret: bool):
+  """The GEMM with two consumer warpgroups a program and a producer one (warp-specialised
+  pipeline): 128 output columns a program, each consumer the wgmmas of 64 of them against the
+  same x tile. refs: as `_kernel_g`'s, then the scratch (out tiles [2, ...], and with the fused
+  epilogue the vectors [2, 3, block_m] and two barriers)."""
+  fused = len(refs) == 5
+  if fused:
+    v_ref, o_ref, o_smem2, v_smem2, barriers = refs
+  else:
+    (o_ref, o_smem2), v_ref, v_smem2, barriers = refs, None, None, None
+  n = lax.axis_index("n")
+  m = lax.axis_index("m")
+  wg = lax.axis_index("wg")
+  rows = pl.ds(wg * BN_G, BN_G)
+  x_spec = plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
+                           transforms=mgpu_util.tiles(jnp.int8))
+  w_spec = plgpu.BlockSpec((2 * BN_G, PW), lambda k: (n, k // 4),
+                           transforms=mgpu_util.tiles(jnp.uint16))
+
+  def finish(acc):
+    _store_g(acc, o_ref, v_ref, o_smem2.at[wg], None if v_smem2 is None else v_smem2.at[wg],
+             None if barriers is None else barriers.at[wg], n * 2 * BN_G + wg * BN_G, m,
+             block_m, interpret)
+
+  if interpret:
+    def step(idx, x_smem, w_smem, acc):
+      a = _decode_interpret(w_smem[rows], lax.rem(idx[0], 4))
+      return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T, preferred_element_type=jnp.int32)
+
+    def compute(run):
+      finish(run(jnp.zeros((BN_G, block_m), jnp.int32)))
+  else:
+    def step(idx, x_smem, w_smem, acc_ref):
+      with jax.named_scope("decode"):
+        words = mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA)
+        a = mgpu_util.s8_pairs_from_words(words, 4 * lax.rem(idx[0], 4), plgpu.Layout.WGMMA)
+      with jax.named_scope("mma"):
+        plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem))
+        plgpu.wgmma_wait(0)      # the step's tiles are released when it returns
+      return acc_ref
+
+    def compute(run):
+      def scope(acc_ref):
+        run(acc_ref)
+        finish(acc_ref[...])
+      pl.run_scoped(scope, plgpu.ACC((BN_G, block_m), jnp.int32))
+
+  plgpu.emit_pipeline_warp_specialized(
+      step, grid=(n_steps,), memory_registers=40, max_concurrent_steps=stages,
+      num_compute_wgs=2, wg_axis="wg", compute_context=compute,
+      in_specs=[x_spec, w_spec])(x_ref, w_ref)
+
+
+def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
+               warpgroups: int, interpret: bool):
   M, K = x_int8_MK.shape
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
   x = permute_x_gemm(jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K))))
+  fused = vecs_3M is not None
+  out_type = (jax.ShapeDtypeStruct((Mp, N), out_dtype) if fused
+              else jax.ShapeDtypeStruct((N, Mp), jnp.int32))
+  kw = dict(block_m=block_m, stages=stages, n_steps=rows // KS_G, interpret=interpret)
+  if warpgroups == 1:
+    body, extra = functools.partial(_kernel_g, **kw), {}
+  else:
+    out_dtype = jnp.dtype(out_dtype) if fused else jnp.dtype(jnp.int32)
+    tile = (2, block_m, BN_G) if fused else (2, BN_G, block_m)
+    scratch = [plgpu.SMEM(tile, out_dtype,
+                          transforms=mgpu_util.tiles(out_dtype) if fused else ())]
+    if fused:
+      scratch += [plgpu.SMEM((2, 3, block_m), jnp.float32), plgpu.Barrier(num_barriers=2)]
+    body = functools.partial(_kernel_g2, **kw)
+    extra = dict(scratch_types=scratch, num_threads=3, thread_name="wg")
   call = plgpu.kernel(
-      functools.partial(_kernel_g, block_m=block_m, stages=stages, n_steps=rows // KS_G,
-                        interpret=interpret),
-      out_type=jax.ShapeDtypeStruct((Mp, N), out_dtype),
-      grid=(N // BN_G, Mp // block_m),
+      body, out_type=out_type,
+      grid=(N // (BN_G * warpgroups), Mp // block_m),
       grid_names=("n", "m"),
       compiler_params=mgpu_util.compiler_params(),
       interpret=mgpu_util.interpret_params(interpret),
+      **extra,
   )
-  return call(x, packed_u16, vecs_3M)
+  return call(x, packed_u16, *(() if vecs_3M is None else (vecs_3M,)))
 
 
-def smem_bytes_g(block_m: int, stages: int) -> int:
-  """Shared memory of the i2_t GEMM: `stages` x (x tile [block_m, 128] int8 + words [64, 64]
-  uint16) + barriers; the output tile ([64, block_m] int32, or the fused epilogue's y tile of at
-  most 4 bytes an element and its [3, block_m] vectors) has its own scope after the pipeline."""
-  return max(stages * (block_m * KS_G + BN_G * PW * 2 + 16),
-             BN_G * block_m * 4 + 3 * block_m * 4 + 16) + 1024
+@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups",
+                                             "interpret"))
+def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
+              interpret: bool = False):
+  """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
+  (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
+  its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
+  (64 output columns a program) or 2 (128: two consumer warpgroups sharing each x tile, a
+  producer warpgroup issuing the loads)."""
+  return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
+                    out_dtype=None, warpgroups=warpgroups, interpret=interpret)
 
 
-def gemm_stages(block_m: int, requested: int | None) -> int:
+@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
+                                             "interpret"))
+def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
+               warpgroups: int = 1, interpret: bool = False):
+  """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
+  float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
+  per row (zero rows past M). Same x preparation and warpgroups as `gemm_sums`."""
+  return _gemm_call(x_int8_MK, packed_u16, vecs_3M, N=N, block_m=block_m, stages=stages,
+                    out_dtype=out_dtype, warpgroups=warpgroups, interpret=interpret)
+
+
+def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1) -> int:
+  """Shared memory of the i2_t GEMM: `stages` x (x tile [block_m, 128] int8 + words [64 x
+  warpgroups, 64] uint16 + a barrier), and the output tile ([64, block_m] int32, or the fused
+  epilogue's y tile of at most 4 bytes an element and its [3, block_m] vectors): after the
+  pipeline in its own scope with one warpgroup, one per consumer beside it with two."""
+  pipe = stages * (block_m * KS_G + BN_G * warpgroups * PW * 2 + 16)
+  out = BN_G * block_m * 4 + 3 * block_m * 4 + 16
+  return (max(pipe, out) if warpgroups == 1 else pipe + 2 * out) + 1024
+
+
+def gemm_stages(block_m: int, requested: int | None, warpgroups: int = 1) -> int:
   """Pipeline stages of the GEMM: the request (default 4), at least 3, at most what shared
-  memory holds. A step's wgmma is left in flight across the next step, so its x tile is
-  released a step late; with two stages the next TMA overwrote a tile the wgmma was still
-  reading (on the H100: 15% of the outputs wrong), three are safe."""
+  memory holds. With one warpgroup a step's wgmma is left in flight across the next step, so
+  its x tile is released a step late; with two stages the next TMA overwrote a tile the wgmma
+  was still reading (on the H100: 15% of the outputs wrong), three are safe."""
   stages = max(3, requested or 4)
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
-  while stages > 3 and smem_bytes_g(block_m, stages) > limit:
+  while stages > 3 and smem_bytes_g(block_m, stages, warpgroups) > limit:
     stages -= 1
   return stages
 
@@ -715,8 +797,11 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
   config.validate()
   M = x_int8_MK.shape[0]
   N = packed.shape[1]
+  warpgroups = config.gemm_warpgroups if N % (BN_G * config.gemm_warpgroups) == 0 else 1
   block_m = gemm_block_m(M, config.gemm_block_m)
-  stages = gemm_stages(block_m, config.pipeline_depth)
+  if warpgroups == 2:
+    block_m = min(block_m, 128)      # two consumers' output tiles beside the pipeline
+  stages = gemm_stages(block_m, config.pipeline_depth, warpgroups)
   if config.fused_epilogue:
     Mp = launch.round_up(M, block_m)
     pad = lambda v: jnp.pad(v, (0, Mp - M))
@@ -724,10 +809,11 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
                       jnp.broadcast_to(jnp.asarray(packed.scale, jnp.float32), (Mp,)),
                       pad(x_scale_M.astype(jnp.float32))])
     y = gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
-                   stages=int(stages), out_dtype=jnp.dtype(out_dtype), interpret=bool(interpret))
+                   stages=int(stages), out_dtype=jnp.dtype(out_dtype), warpgroups=warpgroups,
+                   interpret=bool(interpret))
     return y[:M]
   sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
-                   interpret=bool(interpret))
+                   warpgroups=warpgroups, interpret=bool(interpret))
   # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   acc = sums[:, :M].T - xsum[:, None]

@@ -250,10 +250,14 @@ def check_gemm(M, K, N, interpret, out_dtype=None, **cfg):
                                        (200, 1024, 128, dict(gemm_block_m=64)),
                                        (70, 1000, 128, dict(fused_epilogue=True)),
                                        (300, 600, 64, dict(fused_epilogue=True,
-                                                           out_dtype=jnp.bfloat16))])
+                                                           out_dtype=jnp.bfloat16)),
+                                       (100, 600, 256, dict(gemm_warpgroups=2)),
+                                       (70, 512, 128, dict(gemm_warpgroups=2,
+                                                            fused_epilogue=True))])
 def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
-  tiles, three stages, 64-row programs, the epilogue in the kernel (float32 and bf16 y)."""
+  tiles, three stages, 64-row programs, the epilogue in the kernel (float32 and bf16 y), two
+  consumer warpgroups (a warp-specialised pipeline), alone and with the fused epilogue."""
   check_gemm(M, K, N, True, **cfg)
 
 
@@ -272,6 +276,11 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
     mgpu.MosaicGPUConfig(gemm_block_m=96).validate()
   with pytest.raises(ValueError, match="fused_epilogue"):
     mgpu.MosaicGPUConfig(fused_epilogue=1).validate()
+  with pytest.raises(ValueError, match="gemm_warpgroups"):
+    mgpu.MosaicGPUConfig(gemm_warpgroups=3).validate()
+  # two warpgroups: 128-row programs, their two output tiles beside a four-stage pipeline
+  assert mgpu.smem_bytes_g(128, 4, 2) <= 227 * 1024 < mgpu.smem_bytes_g(128, 5, 2)
+  assert mgpu.gemm_stages(128, 6, 2) == 4
   pt, _ = weight(0, 1024, 128, "i2_t")
   assert mgpu.mgpu_supported_g(100, pt, jnp.int8) is None
   assert "W2A8" in mgpu.mgpu_supported_g(100, pt, jnp.bfloat16)
@@ -297,8 +306,13 @@ def test_i2t_gemm_lowers_for_cuda(block_m, stages):
   fused = jax.jit(lambda x, p, v: mgpu.gemm_fused(
       x, p, v, N=1024, block_m=block_m, stages=stages,
       out_dtype=jnp.dtype(jnp.bfloat16 if block_m == 128 else jnp.float32)))
+  two = jax.jit(lambda x, p, v: mgpu.gemm_fused(
+      x, p, v, N=1024, block_m=min(block_m, 128), stages=4, warpgroups=2,
+      out_dtype=jnp.dtype(jnp.float32)))
+  Mp2 = -(-300 // min(block_m, 128)) * min(block_m, 128)
   with lowering_for("gpu"):
-    for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),))):
+    for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),)),
+                    (two, (S_((3, Mp2), jnp.float32),))):
       text = export.export(f, platforms=["cuda"], disabled_checks=[
           export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
               S_((300, 2048), jnp.int8), S_((1024, 256), jnp.uint16), *args).mlir_module()
@@ -316,3 +330,5 @@ def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
   check_gemm(M, K, N, False, gemm_block_m=64)
   check_gemm(M, K, N, False, fused_epilogue=True)
   check_gemm(M, K, N, False, jnp.bfloat16, fused_epilogue=True, gemm_block_m=128)
+  check_gemm(M, K, N, False, gemm_warpgroups=2)
+  check_gemm(M, K, N, False, jnp.bfloat16, gemm_warpgroups=2, fused_epilogue=True)
