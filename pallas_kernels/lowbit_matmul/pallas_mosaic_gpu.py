@@ -24,7 +24,9 @@ block's words [64, 64] and x's [256, 128] int8 tile. Slots 2 t and 2 t + 1 of ev
 (`mgpu_util.s8_pairs_from_words`: shift, two masks, one shift-or a 32-bit register) are the
 codes q = t + 1 of a [64, 128] s8 operand, whose column order x's columns are permuted to once in
 XLA (`gemm_x_permutation`, with the padding); the kernel's int32 sums of q x lose the offset
-(sum_k x, per row) and gain the scales in XLA, exactly as the integer reference.
+(sum_k x, per row) and gain the scales in XLA, exactly as the integer reference. Variants
+(`MosaicGPUConfig`, not yet timed): the epilogue in the kernel (`fused_epilogue`), two consumer
+warpgroups sharing each x tile (`gemm_warpgroups=2`), 64 / 128-row programs (`gemm_block_m`).
 
 I2_S (named only; slower than the Triton kernel on the H100):
 
