@@ -332,3 +332,18 @@ def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
   check_gemm(M, K, N, False, jnp.bfloat16, fused_epilogue=True, gemm_block_m=128)
   check_gemm(M, K, N, False, gemm_warpgroups=2)
   check_gemm(M, K, N, False, jnp.bfloat16, gemm_warpgroups=2, fused_epilogue=True)
+
+
+def test_i2t_gemm_register_decoding_matches_the_interpreter_operand():
+  """`mgpu_util.s8_pairs_from_words`' per-register formula, emulated in numpy on the 32-bit
+  registers of word pairs (2 j, 2 j + 1) (the 16-bit WGMMA layout's vectors), gives bytes that,
+  placed at s8 columns 4 j .. 4 j + 3 (the 8-bit layout's vector of the same thread and rows),
+  equal the interpreter's operand (`_decode_interpret`) for every slot pair."""
+  words = np.random.default_rng(0).integers(0, 1 << 16, (64, 64)).astype(np.uint16)
+  regs = words.view(np.uint32)                        # little endian: word 2 j in the low half
+  for t in range(4):
+    v = regs >> np.uint32(4 * t)
+    q = (v & np.uint32(0x00030003)) | ((v & np.uint32(0x000C000C)) << np.uint32(6))
+    emulated = q.view(np.uint8).reshape(64, 128)      # byte b of register j -> column 4 j + b
+    want = np.asarray(mgpu._decode_interpret(jnp.asarray(words), jnp.int32(t)))
+    np.testing.assert_array_equal(emulated.astype(np.int32), want)
