@@ -14,6 +14,15 @@ from pallas_kernels.lowbit_matmul import layout, lowbit_matmul, lowbit_matmul_in
 from pallas_kernels.lowbit_matmul import pallas_mosaic_gpu as mgpu
 
 
+def lower_for_cuda(fn, *args) -> str:
+  """StableHLO text of fn (jitted) lowered for CUDA on any host: the Pallas -> Mosaic GPU
+  lowering runs (layouts, shared-memory fit), Mosaic's own compilation is left to a GPU."""
+  from jax import export
+  with lowering_for("gpu"):
+    return export.export(fn, platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args).mlir_module()
+
+
 def weight(seed, K, N, fmt="i2_s"):
   codes = np.random.default_rng(seed).integers(-1, 2, size=(K, N)).astype(np.int8)
   return layout.pack_ternary(codes, 0.37, fmt), codes
@@ -109,47 +118,33 @@ def test_i2t_fused_decode_fields_are_exact_per_register():
     (128, 1, jnp.bfloat16, False, True, False), (64, 16, jnp.float16, False, True, False),
     (128, 1, jnp.bfloat16, False, True, True), (64, 16, jnp.float16, True, False, True)])
 def test_i2t_kernel_lowers_for_cuda(block_n, M, dtype, word_shifts, fused, hold):
-  from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums_t(x, p, N=1024, block_n=block_n, num_splits=2,
                                                 stages=3, word_shifts=word_shifts,
                                                 fused_decode=fused, hold_operands=hold))
-  with lowering_for("gpu"):
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-            S_((M, 2048), dtype), S_((1024, 256), jnp.uint16)).mlir_module()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in lower_for_cuda(fn, S_((M, 2048), dtype), S_((1024, 256), jnp.uint16))
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_compiled_kernel_lowers_for_cuda(overlap):
   """Both schedules (overlap: two B tiles, the wgmma in flight across steps) lower for CUDA."""
-  from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.partial_sums(x, p, N=1024, num_splits=4, stages=2,
                                               overlap=overlap))
-  with lowering_for("gpu"):
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-            S_((1, 2048), jnp.bfloat16), S_((512, 1024), jnp.uint8)).mlir_module()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in lower_for_cuda(fn, S_((1, 2048), jnp.bfloat16),
+                                        S_((512, 1024), jnp.uint8))
 
 
 def test_pipeline_depth_is_cut_to_what_shared_memory_holds():
   """overlap's second B tile leaves room for two K steps: a requested depth of 3 runs at 2 and
   lowers for CUDA (Mosaic refuses kernels over 227 KiB of shared memory while lowering)."""
-  from jax import export
   bf16 = jnp.bfloat16
   assert mgpu.smem_bytes(2, True, bf16) <= 227 * 1024 < mgpu.smem_bytes(3, True, bf16)
   assert mgpu.smem_bytes(3, False, bf16) <= 227 * 1024
   pw, _ = weight(0, 1024, 256)
   config = mgpu.MosaicGPUConfig(num_splits=2, pipeline_depth=3, overlap=True)
   fn = jax.jit(lambda x: lowbit_matmul(x, pw, implementation="pallas_mosaic_gpu", config=config))
-  with lowering_for("gpu"):
-    text = export.export(fn, platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-            jax.ShapeDtypeStruct((1, 1024), bf16)).mlir_module()
-  assert "mosaic_gpu" in text
+  assert "mosaic_gpu" in lower_for_cuda(fn, jax.ShapeDtypeStruct((1, 1024), bf16))
 
 
 def test_layout_bookkeeping_and_refusals():
@@ -299,7 +294,6 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
 
 @pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 3), (64, 5)])
 def test_i2t_gemm_lowers_for_cuda(block_m, stages):
-  from jax import export
   S_ = jax.ShapeDtypeStruct
   fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages))
   Mp = -(-300 // block_m) * block_m
@@ -310,13 +304,10 @@ def test_i2t_gemm_lowers_for_cuda(block_m, stages):
       x, p, v, N=1024, block_m=min(block_m, 128), stages=4, warpgroups=2,
       out_dtype=jnp.dtype(jnp.float32)))
   Mp2 = -(-300 // min(block_m, 128)) * min(block_m, 128)
-  with lowering_for("gpu"):
-    for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),)),
-                    (two, (S_((3, Mp2), jnp.float32),))):
-      text = export.export(f, platforms=["cuda"], disabled_checks=[
-          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(
-              S_((300, 2048), jnp.int8), S_((1024, 256), jnp.uint16), *args).mlir_module()
-      assert "mosaic_gpu" in text
+  for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),)),
+                  (two, (S_((3, Mp2), jnp.float32),))):
+    assert "mosaic_gpu" in lower_for_cuda(f, S_((300, 2048), jnp.int8),
+                                          S_((1024, 256), jnp.uint16), *args)
 
 
 @pytest.mark.gpu
