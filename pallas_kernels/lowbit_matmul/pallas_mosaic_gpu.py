@@ -115,8 +115,8 @@ class MosaicGPUConfig:
   fused_decode: bool = True
   hold_operands: bool = False
   gemm_block_m: int | None = None
-  fused_epilogue: bool = False
-  gemm_warpgroups: int = 1
+  fused_epilogue: bool = True
+  gemm_warpgroups: int = 2
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
