@@ -16,17 +16,20 @@ transposed from shared memory (a 64-column slice of the x tile) into a float32 a
 the next slot decodes (`wgmma_wait(1)`). The split-K partial sums [splits, N, MR] are added,
 transposed, scaled and cast in XLA. Shapes: I2_T in 512-row blocks, N a multiple of 64, M <= 64.
 
-I2_T GEMM (W2A8, M > 64; `auto` for i2_t weights with int8 x; on the H100 at M = 2048 1.14x
-XLA's W2A8, 0.87-0.99x bf16, docs/results/ternary.md): the same y^T = W^T x^T with the weight as the
-register operand of s8 wgmmas (int8 x int8 -> int32, twice bf16's tensor-core rate on Hopper).
-One program per (64 output columns, 256 x rows); per 128-row K step the pipeline brings in the
-block's words [64, 64] and x's [256, 128] int8 tile. Slots 2 t and 2 t + 1 of every word
-(`mgpu_util.s8_pairs_from_words`: shift, two masks, one shift-or a 32-bit register) are the
-codes q = t + 1 of a [64, 128] s8 operand, whose column order x's columns are permuted to once in
-XLA (`gemm_x_permutation`, with the padding); the kernel's int32 sums of q x lose the offset
-(sum_k x, per row) and gain the scales in XLA, exactly as the integer reference. Variants
-(`MosaicGPUConfig`, not yet timed): the epilogue in the kernel (`fused_epilogue`), two consumer
-warpgroups sharing each x tile (`gemm_warpgroups=2`), 64 / 128-row programs (`gemm_block_m`).
+I2_T GEMM (W2A8, M > 64; `auto` for i2_t weights with int8 x; on the H100 at M = 2048 1.20-1.31x
+bf16, docs/results/ternary.md): the same y^T = W^T x^T with the weight as the register operand of
+s8 wgmmas (int8 x int8 -> int32, twice bf16's tensor-core rate on Hopper). Per 128-row K step
+the pipeline brings in the words [64, 64] of a block of 64 output columns and x's [block_m, 128]
+int8 tile. Slots 2 t and 2 t + 1 of every word (`mgpu_util.s8_pairs_from_words`: shift, two
+masks, one shift-or a 32-bit register) are the codes q = t + 1 of a [64, 128] s8 operand, whose
+column order x's columns are permuted to once in XLA (`gemm_x_permutation`, with the padding).
+By default a program is two consumer warpgroups of 64 output columns each sharing every x tile
+of 128 rows, and a producer warpgroup issuing the loads (a warp-specialised pipeline), and the
+epilogue runs in the kernel: the offset sum_k x subtracted, the scales applied, y written
+transposed through shared memory in its dtype, the same float32 operations as the integer
+reference. `MosaicGPUConfig` selects one warpgroup a program (`gemm_warpgroups=1`, up to 256
+rows), the int32 sums out with the epilogue in XLA (`fused_epilogue=False`) and the rows a
+program (`gemm_block_m`).
 
 I2_S (named only; slower than the Triton kernel on the H100):
 
@@ -96,15 +99,15 @@ class MosaicGPUConfig:
   hold_operands (I2_T): keep the register operand of the wgmma in flight live while the next
   slot decodes (an optimization barrier over both), so the compiler cannot reuse its registers
   for the next slot and make the decoding wait for that wgmma; gemm_block_m (I2_T GEMM, M > 64):
-  x rows a program, 64 / 128 / 256 (None: 256; at 128 with three stages two programs fit an SM's
-  shared memory, 72 KB each, where one 256-row program at four stages takes 164 KB);
-  fused_epilogue (I2_T GEMM): subtract the offset, scale and cast in the kernel and write y
-  [M, N] transposed through shared memory (the same float32 operations in the same order, so
-  the same bits), instead of the int32 sums [N, M] and an XLA epilogue (44 / 79 us of 350 /
-  363 at 8192 x 8192 / 4096 x 14336, M = 2048, on the H100); gemm_warpgroups (I2_T GEMM): 1
-  (one warpgroup a program, 64 output columns) or 2 (two consumer warpgroups of 64 columns each
-  sharing every x tile and a producer warpgroup issuing the loads: a warp-specialised pipeline;
-  at most 128 x rows a program; N must be a multiple of 128, else one warpgroup)."""
+  x rows a program, 64 / 128 / 256 (None: 256, at most 128 with two warpgroups);
+  fused_epilogue (I2_T GEMM, the default): subtract the offset, scale and cast in the kernel and
+  write y [M, N] transposed through shared memory (the same float32 operations in the same
+  order, so the same bits), instead of the int32 sums [N, M] and an XLA epilogue (44 / 79 us at
+  8192 x 8192 / 4096 x 14336, M = 2048, on the H100); gemm_warpgroups (I2_T GEMM): 2, the
+  default (two consumer warpgroups of 64 columns each sharing every x tile and a producer
+  warpgroup issuing the loads: a warp-specialised pipeline; 251 / 240 us where one warpgroup
+  takes 292 / 277 at those shapes; at most 128 x rows a program; N must be a multiple of 128,
+  else one warpgroup) or 1 (one warpgroup a program, 64 output columns)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -568,9 +571,8 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
   v_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
   n = lax.axis_index("n")
   m = lax.axis_index("m")
-  x_spec = lambda delay: plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
-                                         transforms=mgpu_util.tiles(jnp.int8),
-                                         delay_release=delay)
+  x_spec = plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
+                           transforms=mgpu_util.tiles(jnp.int8))
   w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, k // 4),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
@@ -579,7 +581,7 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
       a = _decode_interpret(w_smem[...], lax.rem(idx[0], 4))
       return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T,
                            preferred_element_type=jnp.int32)
-    acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec(0), w_spec],
+    acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
                               init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
   else:
@@ -592,10 +594,12 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
           a = mgpu_util.s8_pairs_from_words(words, 4 * lax.rem(idx[0], 4), wgmma_layout)
         with jax.named_scope("mma"):
           plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem))
-          plgpu.wgmma_wait(1)    # the previous step's wgmma is done: its x tile is released
-      plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec(1), w_spec],
-                          max_concurrent_steps=stages)(x_ref, w_ref)   # >= 3: gemm_stages
-      plgpu.wgmma_wait(0)
+          # drained every step: left in flight into the next step (x and the words released a
+          # step late, `delay_release=1` + `wgmma_wait(1)`) it gave wrong sums on the H100 at
+          # some (block_m, stages), 0.2-50% of the outputs, exact at others
+          plgpu.wgmma_wait(0)
+      plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
+                          max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
     acc = pl.run_scoped(accumulate, plgpu.ACC((BN_G, block_m), jnp.int32))
 
@@ -772,13 +776,13 @@ def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1) -> int:
 
 
 def gemm_stages(block_m: int, requested: int | None, warpgroups: int = 1) -> int:
-  """Pipeline stages of the GEMM: the request (default 4), at least 3, at most what shared
-  memory holds. With one warpgroup a step's wgmma is left in flight across the next step, so
-  its x tile is released a step late; with two stages the next TMA overwrote a tile the wgmma
-  was still reading (on the H100: 15% of the outputs wrong), three are safe."""
-  stages = max(3, requested or 4)
+  """Pipeline stages of the GEMM: the request (default 4), at most what shared memory holds,
+  at least 2 with one warpgroup (every step's wgmma is done when the step returns, so its
+  tiles are free: exact at two on the H100) and 3 with two (the fewest run on the H100)."""
+  least = 2 if warpgroups == 1 else 3
+  stages = max(least, requested or 4)
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
-  while stages > 3 and smem_bytes_g(block_m, stages, warpgroups) > limit:
+  while stages > least and smem_bytes_g(block_m, stages, warpgroups) > limit:
     stages -= 1
   return stages
 

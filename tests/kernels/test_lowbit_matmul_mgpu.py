@@ -240,19 +240,23 @@ def check_gemm(M, K, N, interpret, out_dtype=None, **cfg):
         xi, xs, pw, out_dtype=out_dtype, implementation="xla"), np.float32))
 
 
+ONE_WG = dict(gemm_warpgroups=1, fused_epilogue=False)
+
+
 @pytest.mark.parametrize("M,K,N,cfg", [(65, 1000, 128, {}), (300, 600, 64, {}),
                                        (130, 1536, 192, dict(pipeline_depth=3)),
                                        (200, 1024, 128, dict(gemm_block_m=64)),
-                                       (70, 1000, 128, dict(fused_epilogue=True)),
-                                       (300, 600, 64, dict(fused_epilogue=True,
-                                                           out_dtype=jnp.bfloat16)),
-                                       (100, 600, 256, dict(gemm_warpgroups=2)),
-                                       (70, 512, 128, dict(gemm_warpgroups=2,
-                                                            fused_epilogue=True))])
+                                       (300, 600, 64, dict(out_dtype=jnp.bfloat16)),
+                                       (65, 1000, 128, ONE_WG),
+                                       (130, 1536, 192, dict(pipeline_depth=2, **ONE_WG)),
+                                       (200, 1024, 128, dict(gemm_block_m=64, **ONE_WG)),
+                                       (100, 600, 256, dict(fused_epilogue=False)),
+                                       (70, 512, 128, dict(gemm_warpgroups=1))])
 def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
-  tiles, three stages, 64-row programs, the epilogue in the kernel (float32 and bf16 y), two
-  consumer warpgroups (a warp-specialised pipeline), alone and with the fused epilogue."""
+  tiles, two and three stages, 64-row programs; the default (two consumer warpgroups in a
+  warp-specialised pipeline, the epilogue in the kernel: float32 and bf16 y; one warpgroup
+  where N is not a multiple of 128), one warpgroup with the int32 sums out, each alone."""
   check_gemm(M, K, N, True, **cfg)
 
 
@@ -288,8 +292,9 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
                                                                             "xla"))
   assert y.shape == (100, 128)
   assert mgpu.smem_bytes_g(256, 4) <= 227 * 1024
-  # a step's wgmma outlives the step: at least three stages (two raced on the H100)
-  assert [mgpu.gemm_stages(256, d) for d in (None, 1, 2, 3, 5)] == [4, 3, 3, 3, 5]
+  # one warpgroup: at least two stages; two warpgroups: three
+  assert [mgpu.gemm_stages(256, d) for d in (None, 1, 2, 3, 5)] == [4, 2, 2, 3, 5]
+  assert [mgpu.gemm_stages(128, d, 2) for d in (None, 1, 2, 3)] == [4, 3, 3, 3]
 
 
 @pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 3), (64, 5)])
@@ -314,15 +319,18 @@ def test_i2t_gemm_lowers_for_cuda(block_m, stages):
 @pytest.mark.parametrize("M,K,N", [(2048, 8192, 8192), (2048, 4096, 14336), (513, 14336, 4096),
                                    (100, 1000, 192)])
 def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
-  check_gemm(M, K, N, False)
+  check_gemm(M, K, N, False)                       # two warpgroups, the epilogue fused
+  check_gemm(M, K, N, False, jnp.bfloat16)
   check_gemm(M, K, N, False, pipeline_depth=2)     # runs at 3 (gemm_stages)
-  check_gemm(M, K, N, False, pipeline_depth=3)
-  check_gemm(M, K, N, False, gemm_block_m=128, pipeline_depth=3)
   check_gemm(M, K, N, False, gemm_block_m=64)
-  check_gemm(M, K, N, False, fused_epilogue=True)
-  check_gemm(M, K, N, False, jnp.bfloat16, fused_epilogue=True, gemm_block_m=128)
-  check_gemm(M, K, N, False, gemm_warpgroups=2)
-  check_gemm(M, K, N, False, jnp.bfloat16, gemm_warpgroups=2, fused_epilogue=True)
+  check_gemm(M, K, N, False, fused_epilogue=False)
+  # one warpgroup: the (block_m, stages) pairs that gave wrong sums while a step's wgmma was
+  # left in flight into the next step (128 / 3, 128 / 4, 256 / 3, 64 / 3), and two stages
+  one = dict(gemm_warpgroups=1, fused_epilogue=False)
+  for block_m, depth in ((256, 4), (256, 3), (256, 2), (128, 3), (128, 4), (64, 3)):
+    check_gemm(M, K, N, False, gemm_block_m=block_m, pipeline_depth=depth, **one)
+  check_gemm(M, K, N, False, gemm_warpgroups=1)
+  check_gemm(M, K, N, False, jnp.bfloat16, gemm_warpgroups=1, gemm_block_m=128)
 
 
 def test_i2t_gemm_register_decoding_matches_the_interpreter_operand():
