@@ -28,8 +28,10 @@ of 128 rows, and a producer warpgroup issuing the loads (a warp-specialised pipe
 epilogue runs in the kernel: the offset sum_k x subtracted, the scales applied, y written
 transposed through shared memory in its dtype, the same float32 operations as the integer
 reference. `MosaicGPUConfig` selects one warpgroup a program (`gemm_warpgroups=1`, up to 256
-rows), the int32 sums out with the epilogue in XLA (`fused_epilogue=False`) and the rows a
-program (`gemm_block_m`).
+rows), the int32 sums out with the epilogue in XLA (`fused_epilogue=False`), the rows a
+program (`gemm_block_m`) and 256 / 512 K rows a pipeline step (`gemm_k_slots`: each 512-row
+block's words fetched fewer times, and a slot pair decoding while the previous one's wgmma runs;
+exact in the interpreter, not yet run on a GPU).
 
 I2_S (named only; slower than the Triton kernel on the H100):
 
@@ -107,7 +109,11 @@ class MosaicGPUConfig:
   default (two consumer warpgroups of 64 columns each sharing every x tile and a producer
   warpgroup issuing the loads: a warp-specialised pipeline; 251 / 240 us where one warpgroup
   takes 292 / 277 at those shapes; at most 128 x rows a program; N must be a multiple of 128,
-  else one warpgroup) or 1 (one warpgroup a program, 64 output columns)."""
+  else one warpgroup) or 1 (one warpgroup a program, 64 output columns); gemm_k_slots (I2_T
+  GEMM): slot pairs a pipeline step, 1 / 2 / 4 (128 / 256 / 512 K rows, x tiles [block_m, 128 x
+  slots]): a block's words are fetched 4 / slots times (each step needs all 64 words of its
+  512-row block), and within a step the next pair decodes while the previous pair's wgmma
+  runs."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -120,6 +126,7 @@ class MosaicGPUConfig:
   gemm_block_m: int | None = None
   fused_epilogue: bool = True
   gemm_warpgroups: int = 2
+  gemm_k_slots: int = 1
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -130,6 +137,8 @@ class MosaicGPUConfig:
       raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
     if self.gemm_warpgroups not in (1, 2):
       raise ValueError(f"config.gemm_warpgroups must be 1 or 2, got {self.gemm_warpgroups!r}")
+    if self.gemm_k_slots not in (1, 2, 4):
+      raise ValueError(f"config.gemm_k_slots must be 1, 2 or 4, got {self.gemm_k_slots!r}")
     if self.gemm_block_m is not None and self.gemm_block_m not in (64, 128, 256):
       raise ValueError(f"config.gemm_block_m must be 64, 128, 256 or None, got "
                        f"{self.gemm_block_m!r}")
@@ -565,22 +574,21 @@ def gemm_block_m(M: int, requested: int | None = None) -> int:
   return min(requested or BM_MAX_G, launch.round_up(M, 64))
 
 
-def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, interpret: bool):
+def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
+              interpret: bool):
   # refs: (o_ref,): the int32 sums [N, Mp]; or (v_ref, o_ref) with the epilogue fused: v_ref
   # float32 [3, Mp] (sum_k x, the weight scale, x's scale per row) and o_ref y [Mp, N]
   v_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
   n = lax.axis_index("n")
   m = lax.axis_index("m")
-  x_spec = plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
+  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, k),
                            transforms=mgpu_util.tiles(jnp.int8))
-  w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, k // 4),
+  w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, k // (4 // k_slots)),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      a = _decode_interpret(w_smem[...], lax.rem(idx[0], 4))
-      return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T,
-                           preferred_element_type=jnp.int32)
+      return acc + _step_interpret(w_smem[...], x_smem, idx[0], k_slots)
     acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
                               init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
@@ -589,15 +597,10 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, inte
 
     def accumulate(acc_ref):
       def step(idx, x_smem, w_smem):
-        with jax.named_scope("decode"):
-          words = mgpu_util.load(w_smem, wgmma_layout)
-          a = mgpu_util.s8_pairs_from_words(words, 4 * lax.rem(idx[0], 4), wgmma_layout)
-        with jax.named_scope("mma"):
-          plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem))
-          # drained every step: left in flight into the next step (x and the words released a
-          # step late, `delay_release=1` + `wgmma_wait(1)`) it gave wrong sums on the H100 at
-          # some (block_m, stages), 0.2-50% of the outputs, exact at others
-          plgpu.wgmma_wait(0)
+        # drained every step: left in flight into the next step (x and the words released a
+        # step late, `delay_release=1` + `wgmma_wait(1)`) it gave wrong sums on the H100 at
+        # some (block_m, stages), 0.2-50% of the outputs, exact at others
+        _step_wgmmas(acc_ref, mgpu_util.load(w_smem, wgmma_layout), x_smem, idx[0], k_slots)
       plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                           max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
@@ -656,7 +659,31 @@ def _decode_interpret(words, t):
   return jnp.stack(q, axis=-1).reshape(words.shape[0], KS_G).astype(jnp.int32)
 
 
-def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, interpret: bool):
+def _step_interpret(words, x_smem, k, k_slots: int):
+  """The interpreter's int32 [R, block_m] sums of pipeline step k: slot pairs t = k_slots * (k
+  mod 4 / k_slots) + j of the words [R, 64] against the x tile's 128-column slab j."""
+  first = k_slots * lax.rem(k, 4 // k_slots)
+  return sum(jnp.dot(_decode_interpret(words, first + j),
+                     x_smem[:, j * KS_G:(j + 1) * KS_G].astype(jnp.int32).T,
+                     preferred_element_type=jnp.int32) for j in range(k_slots))
+
+
+def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int):
+  """Pipeline step k on the GPU: per slot pair of the step, its s8 operand decoded from the
+  words (registers, WGMMA layout) and one wgmma against the x tile's 128-column slab; a pair
+  decodes while the previous pair's wgmma runs (`wgmma_wait(1)`); drained at the end."""
+  first = k_slots * lax.rem(k, 4 // k_slots)
+  for j in range(k_slots):
+    with jax.named_scope("decode"):
+      a = mgpu_util.s8_pairs_from_words(words, 4 * (first + j), plgpu.Layout.WGMMA)
+    with jax.named_scope("mma"):
+      x = x_smem if k_slots == 1 else x_smem.at[:, pl.ds(j * KS_G, KS_G)]
+      plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x))
+      plgpu.wgmma_wait(1 if j + 1 < k_slots else 0)
+
+
+def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
+               interpret: bool):
   """The GEMM with two consumer warpgroups a program and a producer one (warp-specialised
   pipeline): 128 output columns a program, each consumer the wgmmas of 64 of them against the
   same x tile. refs: as `_kernel_g`'s, then the scratch (out tiles [2, ...], and with the fused
@@ -670,9 +697,9 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, int
   m = lax.axis_index("m")
   wg = lax.axis_index("wg")
   rows = pl.ds(wg * BN_G, BN_G)
-  x_spec = plgpu.BlockSpec((block_m, KS_G), lambda k: (m, k),
+  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, k),
                            transforms=mgpu_util.tiles(jnp.int8))
-  w_spec = plgpu.BlockSpec((2 * BN_G, PW), lambda k: (n, k // 4),
+  w_spec = plgpu.BlockSpec((2 * BN_G, PW), lambda k: (n, k // (4 // k_slots)),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
   def finish(acc):
@@ -682,19 +709,15 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, int
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      a = _decode_interpret(w_smem[rows], lax.rem(idx[0], 4))
-      return acc + jnp.dot(a, x_smem[...].astype(jnp.int32).T, preferred_element_type=jnp.int32)
+      return acc + _step_interpret(w_smem[rows], x_smem, idx[0], k_slots)
 
     def compute(run):
       finish(run(jnp.zeros((BN_G, block_m), jnp.int32)))
   else:
     def step(idx, x_smem, w_smem, acc_ref):
-      with jax.named_scope("decode"):
-        words = mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA)
-        a = mgpu_util.s8_pairs_from_words(words, 4 * lax.rem(idx[0], 4), plgpu.Layout.WGMMA)
-      with jax.named_scope("mma"):
-        plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x_smem))
-        plgpu.wgmma_wait(0)      # the step's tiles are released when it returns
+      # the step's tiles are released when it returns: its wgmmas are drained
+      _step_wgmmas(acc_ref, mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA), x_smem, idx[0],
+                   k_slots)
       return acc_ref
 
     def compute(run):
@@ -710,7 +733,7 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, int
 
 
 def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               warpgroups: int, interpret: bool):
+               warpgroups: int, k_slots: int, interpret: bool):
   M, K = x_int8_MK.shape
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
@@ -718,7 +741,8 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
   fused = vecs_3M is not None
   out_type = (jax.ShapeDtypeStruct((Mp, N), out_dtype) if fused
               else jax.ShapeDtypeStruct((N, Mp), jnp.int32))
-  kw = dict(block_m=block_m, stages=stages, n_steps=rows // KS_G, interpret=interpret)
+  kw = dict(block_m=block_m, stages=stages, n_steps=rows // (KS_G * k_slots), k_slots=k_slots,
+            interpret=interpret)
   if warpgroups == 1:
     body, extra = functools.partial(_kernel_g, **kw), {}
   else:
@@ -741,49 +765,57 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
   return call(x, packed_u16, *(() if vecs_3M is None else (vecs_3M,)))
 
 
-@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups",
+@functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups", "k_slots",
                                              "interpret"))
 def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
-              interpret: bool = False):
+              k_slots: int = 1, interpret: bool = False):
   """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
   (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
   its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
   (64 output columns a program) or 2 (128: two consumer warpgroups sharing each x tile, a
-  producer warpgroup issuing the loads)."""
+  producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step."""
   return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
-                    out_dtype=None, warpgroups=warpgroups, interpret=interpret)
+                    out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
-                                             "interpret"))
+                                             "k_slots", "interpret"))
 def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               warpgroups: int = 1, interpret: bool = False):
+               warpgroups: int = 1, k_slots: int = 1, interpret: bool = False):
   """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
   float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
-  per row (zero rows past M). Same x preparation and warpgroups as `gemm_sums`."""
+  per row (zero rows past M). Same x preparation, warpgroups and k_slots as `gemm_sums`."""
   return _gemm_call(x_int8_MK, packed_u16, vecs_3M, N=N, block_m=block_m, stages=stages,
-                    out_dtype=out_dtype, warpgroups=warpgroups, interpret=interpret)
+                    out_dtype=out_dtype, warpgroups=warpgroups, k_slots=k_slots,
+                    interpret=interpret)
 
 
-def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1) -> int:
-  """Shared memory of the i2_t GEMM: `stages` x (x tile [block_m, 128] int8 + words [64 x
-  warpgroups, 64] uint16 + a barrier), and the output tile ([64, block_m] int32, or the fused
+def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1, k_slots: int = 1) -> int:
+  """Shared memory of the i2_t GEMM: `stages` x (x tile [block_m, 128 k_slots] int8 + words [64
+  x warpgroups, 64] uint16 + a barrier), and the output tile ([64, block_m] int32, or the fused
   epilogue's y tile of at most 4 bytes an element and its [3, block_m] vectors): after the
   pipeline in its own scope with one warpgroup, one per consumer beside it with two."""
-  pipe = stages * (block_m * KS_G + BN_G * warpgroups * PW * 2 + 16)
+  pipe = stages * (block_m * KS_G * k_slots + BN_G * warpgroups * PW * 2 + 16)
   out = BN_G * block_m * 4 + 3 * block_m * 4 + 16
   return (max(pipe, out) if warpgroups == 1 else pipe + 2 * out) + 1024
 
 
-def gemm_stages(block_m: int, requested: int | None, warpgroups: int = 1) -> int:
+def gemm_stages(block_m: int, requested: int | None, warpgroups: int = 1,
+                k_slots: int = 1) -> int:
   """Pipeline stages of the GEMM: the request (default 4), at most what shared memory holds,
   at least 2 with one warpgroup (every step's wgmma is done when the step returns, so its
-  tiles are free: exact at two on the H100) and 3 with two (the fewest run on the H100)."""
+  tiles are free: exact at two on the H100) and 3 with two (the fewest run on the H100).
+  NotSupported where even the fewest do not fit (large k_slots with large block_m)."""
   least = 2 if warpgroups == 1 else 3
   stages = max(least, requested or 4)
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
-  while stages > least and smem_bytes_g(block_m, stages, warpgroups) > limit:
+  while stages > least and smem_bytes_g(block_m, stages, warpgroups, k_slots) > limit:
     stages -= 1
+  need = smem_bytes_g(block_m, stages, warpgroups, k_slots)
+  if need > limit:
+    raise NotSupported(f"the i2_t GEMM with {warpgroups} warpgroup(s), {block_m}-row programs "
+                       f"and {k_slots} slot pairs a step needs {need} bytes of shared memory at "
+                       f"{stages} stages ({limit} available): lower gemm_block_m or gemm_k_slots")
   return stages
 
 
@@ -807,7 +839,8 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
   block_m = gemm_block_m(M, config.gemm_block_m)
   if warpgroups == 2:
     block_m = min(block_m, 128)      # two consumers' output tiles beside the pipeline
-  stages = gemm_stages(block_m, config.pipeline_depth, warpgroups)
+  k_slots = config.gemm_k_slots
+  stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, k_slots)
   if config.fused_epilogue:
     Mp = launch.round_up(M, block_m)
     pad = lambda v: jnp.pad(v, (0, Mp - M))
@@ -816,10 +849,10 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
                       pad(x_scale_M.astype(jnp.float32))])
     y = gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
                    stages=int(stages), out_dtype=jnp.dtype(out_dtype), warpgroups=warpgroups,
-                   interpret=bool(interpret))
+                   k_slots=int(k_slots), interpret=bool(interpret))
     return y[:M]
   sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
-                   warpgroups=warpgroups, interpret=bool(interpret))
+                   warpgroups=warpgroups, k_slots=int(k_slots), interpret=bool(interpret))
   # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   acc = sums[:, :M].T - xsum[:, None]

@@ -251,12 +251,17 @@ ONE_WG = dict(gemm_warpgroups=1, fused_epilogue=False)
                                        (130, 1536, 192, dict(pipeline_depth=2, **ONE_WG)),
                                        (200, 1024, 128, dict(gemm_block_m=64, **ONE_WG)),
                                        (100, 600, 256, dict(fused_epilogue=False)),
-                                       (70, 512, 128, dict(gemm_warpgroups=1))])
+                                       (70, 512, 128, dict(gemm_warpgroups=1)),
+                                       (200, 1536, 256, dict(gemm_k_slots=2)),
+                                       (70, 1000, 128, dict(gemm_k_slots=4, gemm_block_m=64)),
+                                       (130, 1000, 192, dict(gemm_k_slots=2, **ONE_WG)),
+                                       (65, 600, 64, dict(gemm_k_slots=4))])
 def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   """Ragged K (padded to 512-row blocks), M past a program's 64 / 256 rows, several column
   tiles, two and three stages, 64-row programs; the default (two consumer warpgroups in a
   warp-specialised pipeline, the epilogue in the kernel: float32 and bf16 y; one warpgroup
-  where N is not a multiple of 128), one warpgroup with the int32 sums out, each alone."""
+  where N is not a multiple of 128), one warpgroup with the int32 sums out, each alone; two and
+  four slot pairs a pipeline step (256 / 512 K rows), with two warpgroups and with one."""
   check_gemm(M, K, N, True, **cfg)
 
 
@@ -277,6 +282,12 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
     mgpu.MosaicGPUConfig(fused_epilogue=1).validate()
   with pytest.raises(ValueError, match="gemm_warpgroups"):
     mgpu.MosaicGPUConfig(gemm_warpgroups=3).validate()
+  with pytest.raises(ValueError, match="gemm_k_slots"):
+    mgpu.MosaicGPUConfig(gemm_k_slots=3).validate()
+  # four slot pairs a step: [128, 512] x tiles do not fit two warpgroups' three stages
+  assert mgpu.gemm_stages(64, None, 2, 4) == 4 and mgpu.gemm_stages(128, None, 2, 2) == 3
+  with pytest.raises(NotSupported, match="gemm_k_slots"):
+    mgpu.gemm_stages(128, None, 2, 4)
   # two warpgroups: 128-row programs, their two output tiles beside a four-stage pipeline
   assert mgpu.smem_bytes_g(128, 4, 2) <= 227 * 1024 < mgpu.smem_bytes_g(128, 5, 2)
   assert mgpu.gemm_stages(128, 6, 2) == 4
@@ -297,18 +308,21 @@ def test_i2t_gemm_layout_bookkeeping_and_refusals():
   assert [mgpu.gemm_stages(128, d, 2) for d in (None, 1, 2, 3)] == [4, 3, 3, 3]
 
 
-@pytest.mark.parametrize("block_m,stages", [(256, 4), (128, 3), (64, 5)])
-def test_i2t_gemm_lowers_for_cuda(block_m, stages):
+@pytest.mark.parametrize("block_m,stages,k_slots", [(256, 4, 1), (128, 3, 1), (64, 5, 1),
+                                                    (128, 3, 2), (64, 3, 4)])
+def test_i2t_gemm_lowers_for_cuda(block_m, stages, k_slots):
   S_ = jax.ShapeDtypeStruct
-  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages))
+  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages,
+                                           k_slots=k_slots))
   Mp = -(-300 // block_m) * block_m
   fused = jax.jit(lambda x, p, v: mgpu.gemm_fused(
-      x, p, v, N=1024, block_m=block_m, stages=stages,
+      x, p, v, N=1024, block_m=block_m, stages=stages, k_slots=k_slots,
       out_dtype=jnp.dtype(jnp.bfloat16 if block_m == 128 else jnp.float32)))
+  bm2 = min(block_m, 128)
   two = jax.jit(lambda x, p, v: mgpu.gemm_fused(
-      x, p, v, N=1024, block_m=min(block_m, 128), stages=4, warpgroups=2,
-      out_dtype=jnp.dtype(jnp.float32)))
-  Mp2 = -(-300 // min(block_m, 128)) * min(block_m, 128)
+      x, p, v, N=1024, block_m=bm2, stages=mgpu.gemm_stages(bm2, 4, 2, k_slots), warpgroups=2,
+      k_slots=k_slots, out_dtype=jnp.dtype(jnp.float32)))
+  Mp2 = -(-300 // bm2) * bm2
   for f, args in ((fn, ()), (fused, (S_((3, Mp), jnp.float32),)),
                   (two, (S_((3, Mp2), jnp.float32),))):
     assert "mosaic_gpu" in lower_for_cuda(f, S_((300, 2048), jnp.int8),
@@ -331,6 +345,10 @@ def test_gpu_i2t_gemm_matches_the_xla_integer_path(M, K, N):
     check_gemm(M, K, N, False, gemm_block_m=block_m, pipeline_depth=depth, **one)
   check_gemm(M, K, N, False, gemm_warpgroups=1)
   check_gemm(M, K, N, False, jnp.bfloat16, gemm_warpgroups=1, gemm_block_m=128)
+  # two / four slot pairs a pipeline step
+  check_gemm(M, K, N, False, gemm_k_slots=2)
+  check_gemm(M, K, N, False, gemm_k_slots=4, gemm_block_m=64)
+  check_gemm(M, K, N, False, gemm_k_slots=2, **one)
 
 
 def test_i2t_gemm_register_decoding_matches_the_interpreter_operand():
