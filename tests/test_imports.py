@@ -2,6 +2,7 @@
 another package's underscore module, and no lowering imported by importing an op package."""
 
 import ast
+import gc
 import pathlib
 import subprocess
 import sys
@@ -20,11 +21,24 @@ def _modules() -> dict[str, pathlib.Path]:
   return out
 
 
+def _parse(path: pathlib.Path) -> ast.Module:
+  """ast.parse with the garbage collector paused: on CPython 3.11 a finaliser run by a
+  collection in the middle of parsing (an earlier test's orbax coroutine, raising on close) broke
+  the parser's recursion bookkeeping ("AST constructor recursion depth mismatch")."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return ast.parse(path.read_text())
+  finally:
+    if enabled:
+      gc.enable()
+
+
 def _imports(path: pathlib.Path, name: str, modules) -> set[str]:
   """Internal modules `name` imports anywhere in its file (top level or inside functions)."""
   is_pkg = path.name == "__init__.py"
   found = set()
-  for node in ast.walk(ast.parse(path.read_text())):
+  for node in ast.walk(_parse(path)):
     if isinstance(node, ast.Import):
       targets = [a.name for a in node.names]
     elif isinstance(node, ast.ImportFrom):
