@@ -200,3 +200,28 @@ def s8_pairs_from_words(x, shift, layout):
 
   return body(x, jnp.asarray(shift, jnp.int32))
 
+
+
+def concat_columns(a, b, layout):
+  """a, b ([R, C] in registers, `layout` = the WGMMA layout, C a multiple of 8) -> [R, 2 C], a's
+  columns then b's, in the same layout. The layout's registers come in tiles of 8 columns (the
+  second axis of its register array), so this is a re-indexing of registers: no value moves
+  between threads and no instruction is emitted."""
+  from jax.experimental.mosaic import gpu as mgpu
+  import numpy as np
+
+  if a.shape != b.shape or a.dtype != b.dtype:
+    raise ValueError(f"concat_columns: operands differ: {a.dtype}{a.shape} and {b.dtype}{b.shape}")
+  R, C = a.shape
+
+  @plgpu.inline_mgpu(arg_types=(layout, layout),
+                     return_type=plgpu.ShapeDtypeStruct((R, 2 * C), a.dtype, layout=layout))
+  def body(ctx, x, y):
+    del ctx
+    regs = np.concatenate([x.registers, y.registers], axis=1)
+    want = layout.to_mgpu().registers_shape((R, 2 * C))
+    if regs.shape != want:
+      raise NotImplementedError(f"concat_columns: registers {regs.shape}, the layout wants {want}")
+    return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
+
+  return body(a, b)

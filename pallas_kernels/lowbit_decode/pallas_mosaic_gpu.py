@@ -29,7 +29,9 @@ read transposed from shared memory and P^T [64, NR] stored there. The query rows
 = W (16 or 32) instead of 64, which shrinks the softmax work and the accumulators 4x or more, and
 codes become floats without a conversion instruction (`decode_codes`: or into a float's mantissa,
 one subtraction). Shapes: 4-bit with H in {128,
-256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step), k_mode
+256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step; with
+`paired_slabs` the token-rows form also takes 4-bit H 64 and 2-bit H 128, two 8-channel sub-words
+a register operand), k_mode
 "channel", v_group = H, groups of a multiple of 64 tokens, selections of 64-token blocks,
 bfloat16 / float16. Others raise
 NotSupported and the dispatcher moves on (Triton, then XLA). Interpret mode (the Mosaic GPU
@@ -82,7 +84,10 @@ class MosaicGPUConfig:
   cross-warp max (the other reduction). Softmax is invariant to that choice; P stays <= ~1 and
   keeps bf16's relative precision however loose the bound. float16 keeps the true max (its 5-bit
   exponent would flush small P to zero). Measured slower (B8: 0.992 ms dense, 0.151 sparse),
-  so off."""
+  so off; paired_slabs (token-rows form): take rows of 8 words (2-bit H 128, 4-bit H 64), whose
+  sub-words hold 8 channels each, as 16-channel register operands of two sub-words
+  (`slab_width`); off by default, so `auto` keeps such caches on the Triton kernel: exact in
+  the interpreter and lowered for CUDA, not yet run on a GPU."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -91,13 +96,14 @@ class MosaicGPUConfig:
   profile_space: int = 4096
   defer_sums: bool = True
   max_bound: bool = False
+  paired_slabs: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "defer_sums", "max_bound"):
+    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
@@ -119,9 +125,10 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"dtype {jnp.dtype(dtype).name}: the wgmma kernel takes bfloat16 / float16 only"
   W = layout.words_per_row(H, bits)
-  if W not in (16, 32) or H > 256:
+  if W not in (8, 16, 32) or H > 256:
     return (f"H={H} at {bits} bits gives slabs of W={W} channels; the kernel takes 16 or 32 "
-            f"(4-bit H 128 / 256, 2-bit H 256)")
+            f"(4-bit H 128 / 256, 2-bit H 256), or 8 as pairs (`paired_slabs`: 4-bit H 64, "
+            f"2-bit H 128)")
   if k_mode != "channel" or v_group != H:
     return f"k_mode={k_mode!r}, v_group={v_group}: the kernel takes K per channel, V per token"
   if group % T:
@@ -274,6 +281,12 @@ def decode_codes(codes, dtype):
   return lax.bitcast_convert_type(u, dtype) - base
 
 
+def slab_width(W: int) -> int:
+  """Channels of the token-rows form's register operand: a wgmma K step takes 16, so rows of 8
+  words (2-bit H 128, 4-bit H 64) pair sub-words 2 i and 2 i + 1 (contiguous channels)."""
+  return max(W, 16)
+
+
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
                 scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
@@ -295,6 +308,9 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   NR, H = q_smem.shape
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
+  SW = slab_width(W)            # channels a register operand: W, or two sub-words' 2 W
+  pairs = SW // W
+  slabs_n = subs // pairs
   mask = layout.levels(bits)
   dtype = q_smem.dtype
   wgmma_layout = plgpu.Layout.WGMMA
@@ -316,36 +332,43 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   plgpu.barrier_wait(q_bar)
 
   def slabs(words, i):
-    """Sub-word i of the [64, W] words: channels [i W, (i + 1) W), as dtype codes."""
-    return decode_codes(lax.shift_right_logical(words, jnp.int32(bits * i)) & mask, dtype)
+    """Slab i of the [64, W] words: channels [i SW, (i + 1) SW), as dtype codes: sub-word i, or
+    with 8-word rows sub-words 2 i and 2 i + 1 side by side (channels [16 i, 16 i + 16):
+    `mgpu_util.concat_columns`, each thread already holds both halves)."""
+    parts = [lax.shift_right_logical(words, jnp.int32(bits * (pairs * i + h))) & mask
+             for h in range(pairs)]
+    if pairs > 1:
+      parts = [jnp.concatenate(parts, axis=1) if interpret
+               else mgpu_util.concat_columns(*parts, wgmma_layout)]
+    return decode_codes(parts[0], dtype)
 
   def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, *mb_and_carry):
     *mb_smem, carry = mb_and_carry
     acc, m_i, l_i = carry
     with jax.named_scope("dequant_k"):
       kwords = load(kw_smem, wgmma_layout)
-      k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, W), 1)
-                 + bcast(load(kz_smem.at[i], col), (T, W), 1) for i in range(subs)]
+      k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, SW), 1)
+                 + bcast(load(kz_smem.at[i], col), (T, SW), 1) for i in range(slabs_n)]
 
     def dequant_v():
       with jax.named_scope("dequant_v"):
         vwords = load(vw_smem, wgmma_layout)
         vscale, vzero = load(vs_smem, row), load(vz_smem, row)
-        for i in range(subs):
-          x = slabs(vwords, i) * bcast(vscale, (T, W), 0) + bcast(vzero, (T, W), 0)
-          v_smem.at[:, pl.ds(i * W, W)][...] = x
+        for i in range(slabs_n):
+          x = slabs(vwords, i) * bcast(vscale, (T, SW), 0) + bcast(vzero, (T, SW), 0)
+          v_smem.at[:, pl.ds(i * SW, SW)][...] = x
         plgpu.commit_smem()
 
     if interpret:
-      s = sum(jnp.dot(k_slabs[i], q_smem[:, i * W:(i + 1) * W].T,
-                      preferred_element_type=jnp.float32) for i in range(subs))
+      s = sum(jnp.dot(k_slabs[i], q_smem[:, i * SW:(i + 1) * SW].T,
+                      preferred_element_type=jnp.float32) for i in range(slabs_n))
       dequant_v()
     else:
       def compute_qk(acc_ref):
         with jax.named_scope("qk"):
-          for i in range(subs):
+          for i in range(slabs_n):
             plgpu.wgmma(acc_ref, k_slabs[i],
-                        mgpu_util.transposed(q_smem.at[:, pl.ds(i * W, W)]))
+                        mgpu_util.transposed(q_smem.at[:, pl.ds(i * SW, SW)]))
           dequant_v()            # while the tensor cores work on S^T
           return acc_ref[...]
       s = pl.run_scoped(compute_qk, plgpu.ACC((T, NR), jnp.float32))
@@ -379,8 +402,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   words = mgpu_util.tiles(jnp.int32, W * 4)
   specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
            plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # V words
-           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K scales of the group
-           plgpu.BlockSpec((None, subs, W), lambda i: (grp(i), 0, 0)),     # K zeros
+           plgpu.BlockSpec((None, slabs_n, SW), lambda i: (grp(i), 0, 0)),  # K scales, group
+           plgpu.BlockSpec((None, slabs_n, SW), lambda i: (grp(i), 0, 0)),  # K zeros
            plgpu.BlockSpec((T,), lambda i: (blk(i),)),                      # V scales of the tokens
            plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
   refs = [kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
@@ -446,10 +469,10 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   S = k_packed.shape[2]
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
-  NR = W
+  NR = slab_width(W)
   RO = launch.round_up(G, 8)
   dtype = q_BKGH.dtype
-  swz = W * jnp.dtype(dtype).itemsize
+  swz = NR * jnp.dtype(dtype).itemsize
   qp = jnp.pad(q_BKGH, ((0, 0), (0, 0), (0, NR - G), (0, 0)))
   sparse = block_indices_BKM is not None
   idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
@@ -480,8 +503,9 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   )
   o, m, l = call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, qp,
                  k_packed, v_packed,
-                 k_scale.reshape(B, K, S // group, subs, W),
-                 k_zero.reshape(B, K, S // group, subs, W),
+                 # [subs, W] per group -> [slabs, NR]: row i = channels [i NR, (i + 1) NR)
+                 k_scale.reshape(B, K, S // group, subs * W // NR, NR),
+                 k_zero.reshape(B, K, S // group, subs * W // NR, NR),
                  v_scale.reshape(B, K, S), v_zero.reshape(B, K, S), *extra)
   return o.transpose(0, 1, 2, 4, 3)[..., :RO, :], m[..., :RO], l[..., :RO]
 
@@ -579,9 +603,16 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   config = config or MosaicGPUConfig()
   config.validate()
   W = layout.words_per_row(H, bits)
-  if config.token_rows and G > W:
-    raise NotSupported(f"token_rows: G={G} query heads per KV head must be <= W={W}")
-  token_rows = G <= W and not config.overlap if config.token_rows is None else config.token_rows
+  if W < 16 and not config.paired_slabs:
+    raise NotSupported(f"H={H} at {bits} bits gives slabs of W={W} channels: the kernel takes "
+                       f"16 or 32, or 8 as pairs with MosaicGPUConfig(paired_slabs=True)")
+  NR = slab_width(W)
+  if config.token_rows and G > NR:
+    raise NotSupported(f"token_rows: G={G} query heads per KV head must be <= {NR}")
+  token_rows = G <= NR and not config.overlap if config.token_rows is None else config.token_rows
+  if not token_rows and W < 16:
+    raise NotSupported(f"H={H} at {bits} bits (rows of {W} words) runs the token-rows form only "
+                       f"(G <= {NR}, no overlap); the query-rows form takes slabs of 16 or 32")
   stages = config.pipeline_depth or 3
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
   while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:

@@ -25,6 +25,12 @@ CASES = [
 ]
 # the second: an empty sequence and packed rows past the length; the third: 2 bits at H 256, a
 # residual window holding 127 of its 256 slots
+# rows of 8 words, the token-rows form with `paired_slabs`: 2 bits at H 128 (G 8, ragged, a
+# partly full window), 4 bits at H 64 (an empty sequence)
+PAIRED = [
+    (2, 2, 8, 128, 512, [450, 129], [256, 128], 2, 128, 256, "channel", 128),
+    (2, 1, 4, 64, 256, [0, 200], [0, 128], 4, 64, 128, "channel", 64),
+]
 
 
 def run(q, cache, lengths, packed, st, interpret=True, block_indices_BKM=None, block_size=None,
@@ -123,6 +129,27 @@ def test_decode_codes_is_exact():
     np.testing.assert_array_equal(np.asarray(got, np.float64), np.arange(16).reshape(2, 8))
 
 
+@pytest.mark.parametrize("case", PAIRED)
+def test_interpret_paired_slabs_match_oracle(case):
+  """`paired_slabs`: 8-word rows as 16-channel operands of two sub-words, dense (per-block and
+  deferred sums, max_bound) and over selected blocks; without it the kernel refuses them."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, paired_slabs=True)
+  check_case(case, jnp.float16, True, num_splits=2, paired_slabs=True, defer_sums=False)
+  check_case(case, jnp.bfloat16, True, num_splits=2, paired_slabs=True, max_bound=True)
+  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, 3)
+  out = run(q, cache, lengths, packed, st, True, num_splits=2, paired_slabs=True,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+  with pytest.raises(NotSupported, match="paired_slabs"):
+    run(q, cache, lengths, packed, st, True)
+  with pytest.raises(NotSupported, match="token-rows form only"):
+    run(q, cache, lengths, packed, st, True, paired_slabs=True, token_rows=False)
+
+
 def test_interpret_overlapped_matches_oracle():
   """overlap=True (V dequantised while the QK^T wgmma runs): the same results."""
   check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
@@ -145,7 +172,7 @@ def test_interpret_sparse_matches_oracle(case):
   check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
 
 
-@pytest.mark.parametrize("bits,H", [(4, 128), (4, 256), (2, 256)])
+@pytest.mark.parametrize("bits,H", [(4, 128), (4, 256), (2, 256), (2, 128), (4, 64)])
 def test_compiled_kernel_lowers_for_cuda(bits, H):
   """TMA loads of swizzled words, register dequantisation into slab-swizzled tiles, wgmmas: the
   Pallas -> Mosaic GPU lowering, checked on the CPU (PTX compilation is left to the GPU)."""
@@ -163,6 +190,8 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
                ((), dict(token_rows=True, defer_sums=True)),
                ((), dict(token_rows=True, max_bound=True)),
                ((S_((B, K, 5), jnp.int32),), dict(token_rows=True, max_bound=True)))
+  if H * bits // 32 < 16:   # rows of 8 words: the token-rows form only (paired sub-words)
+    variants = tuple(v for v in variants if v[1].get("token_rows"))
   for extra, kw in variants:
     part = mgpu.packed_partials_tok if kw.pop("token_rows", False) else mgpu.packed_partials
     fn = jax.jit(lambda *a, kw=kw, part=part: part(*a, bits=bits, group=group, num_splits=2,
@@ -214,8 +243,8 @@ def test_refusals_name_the_setting():
   bf16 = jnp.bfloat16
   assert "bfloat16 / float16" in mgpu.mgpu_supported(128, 4, 128, "channel", 128, jnp.float32,
                                                      False)
-  assert "W=8" in mgpu.mgpu_supported(128, 2, 128, "channel", 128, bf16, False)
-  assert "W=8" in mgpu.mgpu_supported(64, 4, 128, "channel", 64, bf16, False)
+  assert mgpu.mgpu_supported(128, 2, 128, "channel", 128, bf16, False) is None   # as pairs
+  assert "W=4" in mgpu.mgpu_supported(64, 2, 128, "channel", 64, bf16, False)
   assert "k_mode" in mgpu.mgpu_supported(128, 4, 128, "token", 128, bf16, False)
   assert "k_mode" in mgpu.mgpu_supported(128, 4, 128, "channel", 32, bf16, False)
   assert "group=32" in mgpu.mgpu_supported(128, 4, 32, "channel", 128, bf16, False)
@@ -260,6 +289,24 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
   check_case(case, dtype, False, defer_sums=False)
   check_case(case, dtype, False, defer_sums=True, max_bound=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", PAIRED)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_paired_slabs_match_oracle(case, dtype):
+  check_case(case, dtype, False, paired_slabs=True)
+  check_case(case, dtype, False, paired_slabs=True, num_splits=5, pipeline_depth=1)
+  check_case(case, dtype, False, paired_slabs=True, defer_sums=False)
+  check_case(case, dtype, False, paired_slabs=True, max_bound=True)
+  q, cache, st = make_case(case, dtype, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, 3)
+  out = run(q, cache, lengths, packed, st, False, num_splits=2, paired_slabs=True,
+            block_indices_BKM=jnp.asarray(idx), block_size=64)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), dtype)
 
 
 @pytest.mark.gpu
