@@ -26,7 +26,7 @@ G query rows, fill the 64 rows of every MMA: S^T [64 tokens, NR] = K Q^T with ea
 slab [64, W] as the wgmma's register operand (K never goes through shared memory), the online
 softmax down S^T's columns (cross-warp reductions), and O^T [H, NR] += V^T P^T with the V tile
 read transposed from shared memory and P^T [64, NR] stored there. The query rows are padded to NR
-= W (16 or 32) instead of 64, which shrinks the softmax work and the accumulators 4x or more, and
+= the slab width (16 or 32) instead of 64, which shrinks the softmax work and the accumulators 4x or more, and
 codes become floats without a conversion instruction (`decode_codes`: or into a float's mantissa,
 one subtraction). Shapes: 4-bit with H in {128,
 256}, 2-bit with H = 256 (a slab must be at least the 16 channels of a wgmma K step; with
@@ -296,7 +296,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
   and O^T [H, NR] +=
   V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
-  NR = W (the query rows padded to one swizzle of the slabs), not the 64 rows of the other form.
+  NR = `slab_width(W)` (the query rows padded to one swizzle of the slabs), not the 64 rows of
+  the other form.
   max_bound: rest starts with mb_ref, f32 [B, K, n, rep, NR], each block's (dense) or slot's
   (sparse) score bound (`block_bounds`, rep copies: a TMA copy is a multiple of 128 bytes), used
   as the softmax's running max instead of a cross-warp max."""
