@@ -51,6 +51,20 @@ def check_case(case, dtype, interpret, **cfg):
   check_close(out, oracle(q, k, v, length_valid(lengths, q.shape[1], k.shape[2])), dtype)
 
 
+def check_sparse(case, dtype, interpret, n_sel=5, **cfg):
+  """The kernel over random selections of n_sel 64-token blocks (some past the length, -1
+  padded) against the oracle masked to them; returns the case's (q, cache, st)."""
+  q, cache, st = make_case(case, dtype, seed=5)
+  lengths, packed = case[5], case[6]
+  B, K, S = q.shape[0], q.shape[1], case[4]
+  idx = random_blocks(7, B, K, S // 64, n_sel)
+  out = run(q, cache, lengths, packed, st, interpret, block_indices_BKM=jnp.asarray(idx),
+            block_size=64, **cfg)
+  k, v = dequant_np(cache, lengths, packed, **st)
+  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), dtype)
+  return q, cache, st
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_interpret_matches_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2)
@@ -75,15 +89,7 @@ def test_interpret_max_bound_matches_oracle(case):
 
 
 def test_interpret_sparse_max_bound_matches_oracle():
-  case = CASES[0]
-  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
-  lengths, packed = case[5], case[6]
-  B, K, S = q.shape[0], q.shape[1], case[4]
-  idx = random_blocks(7, B, K, S // 64, 5)
-  out = run(q, cache, lengths, packed, st, True, num_splits=2, max_bound=True, defer_sums=True,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  k, v = dequant_np(cache, lengths, packed, **st)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+  check_sparse(CASES[0], jnp.bfloat16, True, num_splits=2, max_bound=True, defer_sums=True)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -136,14 +142,8 @@ def test_interpret_paired_slabs_match_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, paired_slabs=True)
   check_case(case, jnp.float16, True, num_splits=2, paired_slabs=True, defer_sums=False)
   check_case(case, jnp.bfloat16, True, num_splits=2, paired_slabs=True, max_bound=True)
-  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
+  q, cache, st = check_sparse(case, jnp.bfloat16, True, 3, num_splits=2, paired_slabs=True)
   lengths, packed = case[5], case[6]
-  B, K, S = q.shape[0], q.shape[1], case[4]
-  idx = random_blocks(7, B, K, S // 64, 3)
-  out = run(q, cache, lengths, packed, st, True, num_splits=2, paired_slabs=True,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  k, v = dequant_np(cache, lengths, packed, **st)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
   with pytest.raises(NotSupported, match="paired_slabs"):
     run(q, cache, lengths, packed, st, True)
   with pytest.raises(NotSupported, match="token-rows form only"):
@@ -159,17 +159,8 @@ def test_interpret_overlapped_matches_oracle():
 def test_interpret_sparse_matches_oracle(case):
   """Selected 64-token blocks only: packed ones in the kernel, residual ones in the XLA
   partial, some past the length, -1 padded, rows with nothing selected."""
-  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
-  lengths, packed = case[5], case[6]
-  B, K, S = q.shape[0], q.shape[1], case[4]
-  idx = random_blocks(7, B, K, S // 64, 5)
-  out = run(q, cache, lengths, packed, st, True, num_splits=2, pipeline_depth=2,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  k, v = dequant_np(cache, lengths, packed, **st)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
-  out = run(q, cache, lengths, packed, st, True, num_splits=2, token_rows=False,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, pipeline_depth=2)
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, token_rows=False)
 
 
 @pytest.mark.parametrize("bits,H", [(4, 128), (4, 256), (2, 256), (2, 128), (4, 64)])
@@ -299,25 +290,11 @@ def test_gpu_paired_slabs_match_oracle(case, dtype):
   check_case(case, dtype, False, paired_slabs=True, num_splits=5, pipeline_depth=1)
   check_case(case, dtype, False, paired_slabs=True, defer_sums=False)
   check_case(case, dtype, False, paired_slabs=True, max_bound=True)
-  q, cache, st = make_case(case, dtype, seed=5)
-  lengths, packed = case[5], case[6]
-  B, K, S = q.shape[0], q.shape[1], case[4]
-  idx = random_blocks(7, B, K, S // 64, 3)
-  out = run(q, cache, lengths, packed, st, False, num_splits=2, paired_slabs=True,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  k, v = dequant_np(cache, lengths, packed, **st)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), dtype)
+  check_sparse(case, dtype, False, 3, num_splits=2, paired_slabs=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES[:2])
 @pytest.mark.parametrize("token_rows", [False, True])
 def test_gpu_sparse_matches_oracle(case, token_rows):
-  q, cache, st = make_case(case, jnp.bfloat16, seed=5)
-  lengths, packed = case[5], case[6]
-  B, K, S = q.shape[0], q.shape[1], case[4]
-  idx = random_blocks(7, B, K, S // 64, 5)
-  out = run(q, cache, lengths, packed, st, False, num_splits=2, token_rows=token_rows,
-            block_indices_BKM=jnp.asarray(idx), block_size=64)
-  k, v = dequant_np(cache, lengths, packed, **st)
-  check_close(out, oracle(q, k, v, block_valid(idx, lengths, 64, S)), jnp.bfloat16)
+  check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows)
