@@ -113,7 +113,10 @@ class MosaicGPUConfig:
   GEMM): slot pairs a pipeline step, 1 / 2 / 4 (128 / 256 / 512 K rows, x tiles [block_m, 128 x
   slots]): a block's words are fetched 4 / slots times (each step needs all 64 words of its
   512-row block), and within a step the next pair decodes while the previous pair's wgmma
-  runs."""
+  runs; gemv_s8 (I2_T, W2A8, M <= 64): decode on the GEMM's s8 wgmma instead of the 16-bit
+  operand (`_run_gv`: x rows rounded up to 8 / 16 / 32 / 64, whole 512-row blocks a step, split
+  along K; num_splits / pipeline_depth / fused_epilogue apply), gemv_warpgroups its consumer
+  warpgroups (1: 64 columns a program; 2: 128, with a producer warpgroup)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -127,6 +130,8 @@ class MosaicGPUConfig:
   fused_epilogue: bool = True
   gemm_warpgroups: int = 2
   gemm_k_slots: int = 1
+  gemv_s8: bool = False
+  gemv_warpgroups: int = 1
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -135,8 +140,9 @@ class MosaicGPUConfig:
       raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
     if self.block_n is not None and self.block_n not in (64, 128):
       raise ValueError(f"config.block_n must be 64, 128 or None, got {self.block_n!r}")
-    if self.gemm_warpgroups not in (1, 2):
-      raise ValueError(f"config.gemm_warpgroups must be 1 or 2, got {self.gemm_warpgroups!r}")
+    for name in ("gemm_warpgroups", "gemv_warpgroups"):
+      if getattr(self, name) not in (1, 2):
+        raise ValueError(f"config.{name} must be 1 or 2, got {getattr(self, name)!r}")
     if self.gemm_k_slots not in (1, 2, 4):
       raise ValueError(f"config.gemm_k_slots must be 1, 2 or 4, got {self.gemm_k_slots!r}")
     if self.gemm_block_m is not None and self.gemm_block_m not in (64, 128, 256):
@@ -146,7 +152,8 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "word_shifts", "fused_decode", "hold_operands", "fused_epilogue"):
+    for name in ("overlap", "word_shifts", "fused_decode", "hold_operands", "fused_epilogue",
+                 "gemv_s8"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -305,6 +312,10 @@ def _run(x_MK, packed, x_scale_M, out_dtype, interpret, config):
     why = mgpu_supported_t(M, packed, x_MK.dtype)
     if why is not None:
       raise NotSupported(why)
+    config = config or MosaicGPUConfig()
+    config.validate()
+    if config.gemv_s8 and jnp.dtype(x_MK.dtype) == jnp.dtype(jnp.int8):
+      return _run_gv(x_MK, packed, x_scale_M, out_dtype, interpret, config)
     return _run_t(x_MK, packed, x_scale_M, out_dtype, interpret, config)
   why = mgpu_supported(M, packed, x_MK.dtype)
   if why is not None:
@@ -575,20 +586,26 @@ def gemm_block_m(M: int, requested: int | None = None) -> int:
 
 
 def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
-              interpret: bool):
-  # refs: (o_ref,): the int32 sums [N, Mp]; or (v_ref, o_ref) with the epilogue fused: v_ref
+              interpret: bool, num_splits: int = 1):
+  # refs: (o_ref,): the int32 sums [N, Mp] ([num_splits, N, Mp] split along K: program s takes
+  # steps [s n_steps, (s + 1) n_steps)); or (v_ref, o_ref) with the epilogue fused: v_ref
   # float32 [3, Mp] (sum_k x, the weight scale, x's scale per row) and o_ref y [Mp, N]
   v_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
   n = lax.axis_index("n")
   m = lax.axis_index("m")
-  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, k),
+  start = 0
+  if num_splits > 1:
+    s = lax.axis_index("s")
+    start = s * n_steps
+    o_ref = o_ref.at[s]
+  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, start + k),
                            transforms=mgpu_util.tiles(jnp.int8))
-  w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, k // (4 // k_slots)),
+  w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, (start + k) // (4 // k_slots)),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      return acc + _step_interpret(w_smem[...], x_smem, idx[0], k_slots)
+      return acc + _step_interpret(w_smem[...], x_smem, start + idx[0], k_slots)
     acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
                               init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
@@ -600,7 +617,8 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_sl
         # drained every step: left in flight into the next step (x and the words released a
         # step late, `delay_release=1` + `wgmma_wait(1)`) it gave wrong sums on the H100 at
         # some (block_m, stages), 0.2-50% of the outputs, exact at others
-        _step_wgmmas(acc_ref, mgpu_util.load(w_smem, wgmma_layout), x_smem, idx[0], k_slots)
+        _step_wgmmas(acc_ref, mgpu_util.load(w_smem, wgmma_layout), x_smem, start + idx[0],
+                     k_slots)
       plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                           max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
@@ -683,7 +701,7 @@ def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int):
 
 
 def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
-               interpret: bool):
+               interpret: bool, num_splits: int = 1):
   """The GEMM with two consumer warpgroups a program and a producer one (warp-specialised
   pipeline): 128 output columns a program, each consumer the wgmmas of 64 of them against the
   same x tile. refs: as `_kernel_g`'s, then the scratch (out tiles [2, ...], and with the fused
@@ -696,10 +714,15 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
   n = lax.axis_index("n")
   m = lax.axis_index("m")
   wg = lax.axis_index("wg")
+  start = 0
+  if num_splits > 1:          # split along K, int32 sums only (as `_kernel_g`)
+    s = lax.axis_index("s")
+    start = s * n_steps
+    o_ref = o_ref.at[s]
   rows = pl.ds(wg * BN_G, BN_G)
-  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, k),
+  x_spec = plgpu.BlockSpec((block_m, KS_G * k_slots), lambda k: (m, start + k),
                            transforms=mgpu_util.tiles(jnp.int8))
-  w_spec = plgpu.BlockSpec((2 * BN_G, PW), lambda k: (n, k // (4 // k_slots)),
+  w_spec = plgpu.BlockSpec((2 * BN_G, PW), lambda k: (n, (start + k) // (4 // k_slots)),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
   def finish(acc):
@@ -709,15 +732,15 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      return acc + _step_interpret(w_smem[rows], x_smem, idx[0], k_slots)
+      return acc + _step_interpret(w_smem[rows], x_smem, start + idx[0], k_slots)
 
     def compute(run):
       finish(run(jnp.zeros((BN_G, block_m), jnp.int32)))
   else:
     def step(idx, x_smem, w_smem, acc_ref):
       # the step's tiles are released when it returns: its wgmmas are drained
-      _step_wgmmas(acc_ref, mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA), x_smem, idx[0],
-                   k_slots)
+      _step_wgmmas(acc_ref, mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA), x_smem,
+                   start + idx[0], k_slots)
       return acc_ref
 
     def compute(run):
@@ -733,16 +756,21 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
 
 def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               warpgroups: int, k_slots: int, interpret: bool):
+               warpgroups: int, k_slots: int, interpret: bool, num_splits: int = 1):
   M, K = x_int8_MK.shape
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
   x = permute_x_gemm(jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K))))
   fused = vecs_3M is not None
+  n_steps = rows // (KS_G * k_slots)
+  if n_steps % num_splits or (fused and num_splits > 1):
+    raise ValueError(f"num_splits={num_splits} must divide the {n_steps} pipeline steps, and "
+                     f"the fused epilogue takes no split")
   out_type = (jax.ShapeDtypeStruct((Mp, N), out_dtype) if fused
-              else jax.ShapeDtypeStruct((N, Mp), jnp.int32))
-  kw = dict(block_m=block_m, stages=stages, n_steps=rows // (KS_G * k_slots), k_slots=k_slots,
-            interpret=interpret)
+              else jax.ShapeDtypeStruct((N, Mp) if num_splits == 1 else (num_splits, N, Mp),
+                                        jnp.int32))
+  kw = dict(block_m=block_m, stages=stages, n_steps=n_steps // num_splits, k_slots=k_slots,
+            interpret=interpret, num_splits=num_splits)
   if warpgroups == 1:
     body, extra = functools.partial(_kernel_g, **kw), {}
   else:
@@ -754,10 +782,11 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
       scratch += [plgpu.SMEM((2, 3, block_m), jnp.float32), plgpu.Barrier(num_barriers=2)]
     body = functools.partial(_kernel_g2, **kw)
     extra = dict(scratch_types=scratch, num_threads=3, thread_name="wg")
+  split = num_splits > 1
   call = plgpu.kernel(
       body, out_type=out_type,
-      grid=(N // (BN_G * warpgroups), Mp // block_m),
-      grid_names=("n", "m"),
+      grid=(N // (BN_G * warpgroups), Mp // block_m) + ((num_splits,) if split else ()),
+      grid_names=("n", "m") + (("s",) if split else ()),
       compiler_params=mgpu_util.compiler_params(),
       interpret=mgpu_util.interpret_params(interpret),
       **extra,
@@ -766,16 +795,18 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups", "k_slots",
-                                             "interpret"))
+                                             "num_splits", "interpret"))
 def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
-              k_slots: int = 1, interpret: bool = False):
+              k_slots: int = 1, num_splits: int = 1, interpret: bool = False):
   """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
   (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
   its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
   (64 output columns a program) or 2 (128: two consumer warpgroups sharing each x tile, a
-  producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step."""
+  producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step;
+  num_splits > 1 (dividing the steps): [num_splits, N, Mp], the sums of each share of K."""
   return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
-                    out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret)
+                    out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret,
+                    num_splits=num_splits)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
@@ -855,6 +886,56 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
                    warpgroups=warpgroups, k_slots=int(k_slots), interpret=bool(interpret))
   # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
+  acc = sums[:, :M].T - xsum[:, None]
+  y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
+  return y.astype(out_dtype)
+
+
+def gemv_block_m(M: int) -> int:
+  """x rows a program of the s8 GEMV (M <= 64): M rounded up to 8, 16, 32 or 64 (row counts
+  the s8 wgmma takes as its N)."""
+  return next(b for b in (8, 16, 32, 64) if b >= M)
+
+
+def gemv_splits(n_steps: int, programs: int, requested: int | None = None) -> int:
+  """Programs along K of the s8 GEMV: the request, else the most that divides the 512-row
+  blocks with at most ~2 programs an SM in all (`programs` column tiles)."""
+  if requested is not None:
+    if n_steps % requested:
+      raise NotSupported(f"config.num_splits={requested} must divide the {n_steps} blocks of "
+                         f"512 K rows")
+    return requested
+  target = max(1, launch.target_programs(2) // programs)
+  return max(d for d in range(1, n_steps + 1) if n_steps % d == 0 and d <= target)
+
+
+def _run_gv(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
+  """W2A8 decoding (M <= 64) on the GEMM's s8 wgmma: the codes q in {0, 1, 2} decoded as
+  bytes (a shift and three logic instructions per 4 codes, against ~2.5 instructions per 2 codes
+  for the 16-bit operand of `_run_t`), 8 / 16 / 32 / 64 x rows, a whole 512-row block a
+  pipeline step (words fetched once), split along K; the split sums added, the offset
+  subtracted and the scales applied in XLA (fused into the kernel without a split)."""
+  M = x_int8_MK.shape[0]
+  N = packed.shape[1]
+  warpgroups = config.gemv_warpgroups if N % (BN_G * config.gemv_warpgroups) == 0 else 1
+  block_m = gemv_block_m(M)
+  n_steps = packed.rows // KT_T
+  splits = gemv_splits(n_steps, N // (BN_G * warpgroups), config.num_splits)
+  stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, 4)
+  xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
+  if splits == 1 and config.fused_epilogue:
+    pad = lambda v: jnp.pad(v, (0, block_m - M))
+    vecs = jnp.stack([pad(xsum.astype(jnp.float32)),
+                      jnp.broadcast_to(jnp.asarray(packed.scale, jnp.float32), (block_m,)),
+                      pad(x_scale_M.astype(jnp.float32))])
+    return gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
+                      stages=int(stages), out_dtype=jnp.dtype(out_dtype),
+                      warpgroups=warpgroups, k_slots=4, interpret=bool(interpret))[:M]
+  sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
+                   warpgroups=warpgroups, k_slots=4, num_splits=int(splits),
+                   interpret=bool(interpret))
+  if splits > 1:
+    sums = jnp.sum(sums, axis=0)
   acc = sums[:, :M].T - xsum[:, None]
   y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
   return y.astype(out_dtype)

@@ -265,6 +265,37 @@ def test_i2t_gemm_interpret_matches_the_xla_integer_path(M, K, N, cfg):
   check_gemm(M, K, N, True, **cfg)
 
 
+GV = dict(gemv_s8=True)
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [(1, 1024, 128, GV),                     # split in 2
+                                       (3, 1000, 192, dict(num_splits=1, **GV)),   # fused
+                                       (16, 1536, 256, dict(gemv_warpgroups=2, **GV)),
+                                       (40, 600, 64, dict(pipeline_depth=2, **GV)),
+                                       (13, 2048, 128, dict(num_splits=2, gemv_warpgroups=2,
+                                                            **GV))])
+def test_i2t_s8_gemv_interpret_matches_the_xla_integer_path(M, K, N, cfg):
+  """`gemv_s8`: decoding rows on the GEMM's s8 wgmma, split along K (int32 sums of each share
+  added in XLA) or with the epilogue fused (one split), one or two consumer warpgroups."""
+  check_gemm(M, K, N, True, **cfg)
+  check_gemm(M, K, N, True, jnp.bfloat16, **cfg)
+
+
+def test_i2t_s8_gemv_bookkeeping():
+  assert [mgpu.gemv_block_m(m) for m in (1, 8, 9, 16, 17, 33, 64)] == [8, 8, 16, 16, 32, 64, 64]
+  # 8192 rows = 16 blocks over 128 column tiles: 2 splits (~2 programs an SM on 132 SMs); the
+  # most that divides the blocks
+  assert mgpu.gemv_splits(16, 128) == 2 and mgpu.gemv_splits(28, 64) == 4
+  assert mgpu.gemv_splits(8, 16) == 8 and mgpu.gemv_splits(7, 128) == 1
+  assert mgpu.gemv_splits(16, 128, 4) == 4
+  with pytest.raises(NotSupported, match="num_splits=3"):
+    mgpu.gemv_splits(16, 128, 3)
+  with pytest.raises(ValueError, match="gemv_warpgroups"):
+    mgpu.MosaicGPUConfig(gemv_warpgroups=4).validate()
+  with pytest.raises(ValueError, match="gemv_s8"):
+    mgpu.MosaicGPUConfig(gemv_s8=1).validate()
+
+
 def test_i2t_gemm_layout_bookkeeping_and_refusals():
   perm = mgpu.gemm_x_permutation()
   assert sorted(perm.tolist()) == list(range(mgpu.KS_G))
@@ -327,6 +358,27 @@ def test_i2t_gemm_lowers_for_cuda(block_m, stages, k_slots):
                   (two, (S_((3, Mp2), jnp.float32),))):
     assert "mosaic_gpu" in lower_for_cuda(f, S_((300, 2048), jnp.int8),
                                           S_((1024, 256), jnp.uint16), *args)
+
+
+@pytest.mark.parametrize("block_m,warpgroups,splits", [(8, 1, 4), (16, 2, 2), (64, 1, 1)])
+def test_i2t_s8_gemv_lowers_for_cuda(block_m, warpgroups, splits):
+  S_ = jax.ShapeDtypeStruct
+  stages = mgpu.gemm_stages(block_m, None, warpgroups, 4)
+  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages,
+                                           warpgroups=warpgroups, k_slots=4, num_splits=splits))
+  assert "mosaic_gpu" in lower_for_cuda(fn, S_((block_m - 3, 2048), jnp.int8),
+                                        S_((1024, 256), jnp.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(1, 8192, 8192), (1, 4096, 14336), (16, 14336, 4096),
+                                   (3, 4096, 1024), (40, 1000, 192)])
+def test_gpu_i2t_s8_gemv_matches_the_xla_integer_path(M, K, N):
+  check_gemm(M, K, N, False, **GV)
+  check_gemm(M, K, N, False, jnp.bfloat16, **GV)
+  check_gemm(M, K, N, False, num_splits=1, **GV)                 # the epilogue fused
+  check_gemm(M, K, N, False, gemv_warpgroups=2, **GV)
+  check_gemm(M, K, N, False, pipeline_depth=2, **GV)
 
 
 @pytest.mark.gpu
