@@ -129,8 +129,8 @@ class MosaicGPUConfig:
   gemm_block_m: int | None = None
   fused_epilogue: bool = True
   gemm_warpgroups: int = 2
-  gemm_k_slots: int = 1
-  gemv_s8: bool = False
+  gemm_k_slots: int = 2
+  gemv_s8: bool = True
   gemv_warpgroups: int = 1
 
   def validate(self) -> None:
@@ -898,14 +898,9 @@ def gemv_block_m(M: int) -> int:
 
 
 def gemv_splits(n_steps: int, programs: int, requested: int | None = None) -> int:
-  """Programs along K of the s8 GEMV: the request, else the most that divides the 512-row
-  blocks with at most ~2 programs an SM in all (`programs` column tiles)."""
-  if requested is not None:
-    if n_steps % requested:
-      raise NotSupported(f"config.num_splits={requested} must divide the {n_steps} blocks of "
-                         f"512 K rows")
-    return requested
-  target = max(1, launch.target_programs(2) // programs)
+  """Programs along K of the s8 GEMV: the most that divides the 512-row blocks, at most the
+  request (config.num_splits) or else ~2 programs an SM in all (`programs` column tiles)."""
+  target = requested or max(1, launch.target_programs(2) // programs)
   return max(d for d in range(1, n_steps + 1) if n_steps % d == 0 and d <= target)
 
 

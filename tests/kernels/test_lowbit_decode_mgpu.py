@@ -145,7 +145,7 @@ def test_interpret_paired_slabs_match_oracle(case):
   q, cache, st = check_sparse(case, jnp.bfloat16, True, 3, num_splits=2, paired_slabs=True)
   lengths, packed = case[5], case[6]
   with pytest.raises(NotSupported, match="paired_slabs"):
-    run(q, cache, lengths, packed, st, True)
+    run(q, cache, lengths, packed, st, True, paired_slabs=False)
   with pytest.raises(NotSupported, match="token-rows form only"):
     run(q, cache, lengths, packed, st, True, paired_slabs=True, token_rows=False)
 
@@ -194,11 +194,11 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
 
 
 def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
-  """`auto` lowered for CUDA: the Mosaic GPU kernel for 4-bit H 128; the Triton kernel for
-  2-bit H 128 (8-channel slabs) and per-token K, which the Mosaic kernel refuses."""
+  """`auto` lowered for CUDA: the Mosaic GPU kernel for 4-bit H 128 and 2-bit H 128 (8-word
+  rows as pairs); the Triton kernel for per-token K, which the Mosaic kernel refuses."""
   from jax import export
   for case, kernel in (((1, 2, 4, 128, 512, [300], [256], 4, 128, 128, "channel", 128), "mosaic"),
-                       ((1, 2, 4, 128, 512, [300], [256], 2, 128, 128, "channel", 128), "triton"),
+                       ((1, 2, 4, 128, 512, [300], [256], 2, 128, 128, "channel", 128), "mosaic"),
                        ((1, 2, 4, 128, 512, [300], [256], 4, 128, 128, "token", 32), "triton")):
     q, cache, st = make_case(case, jnp.bfloat16)
     fn = jax.jit(lambda q, *c, st=st: lowbit_decode_attention(
@@ -244,8 +244,13 @@ def test_refusals_name_the_setting():
   q, cache, st = make_case((1, 1, 2, 64, 256, [100], [64], 4, 64, 128, "channel", 64), bf16)
   with pytest.raises(NotSupported, match="W=8"):
     mgpu.lowbit_decode_attention(q, *cache, jnp.asarray([100]), jnp.asarray([64]), **st,
+                                 interpret=True,
+                                 config=mgpu.MosaicGPUConfig(paired_slabs=False))
+  # auto falls through to the next backend rather than failing (2 bits at H 64: rows of 4 words)
+  q, cache, st = make_case((1, 1, 2, 64, 256, [100], [64], 2, 64, 128, "channel", 64), bf16)
+  with pytest.raises(NotSupported, match="W=4"):
+    mgpu.lowbit_decode_attention(q, *cache, jnp.asarray([100]), jnp.asarray([64]), **st,
                                  interpret=True)
-  # auto falls through to the next backend rather than failing
   out = lowbit_decode_attention(q, *cache, jnp.asarray([100], jnp.int32),
                                 jnp.asarray([64], jnp.int32), **st,
                                 implementation=("pallas_mosaic_gpu", "xla"), interpret=True)
