@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--ternary-format", choices=["i2_s", "i2_t"], default="i2_s",
                   help="packed format of --weights ternary (i2_t: the Mosaic GPU register-operand "
                        "kernel's layout)")
+  ap.add_argument("--ternary-fuse", action="store_true",
+                  help="--ternary-format i2_t: q / k / v and gate / up packed as one weight each "
+                       "(pack_model(fuse=True))")
   ap.add_argument("--weights", choices=["dense", "ternary"], default="dense",
                   help="ternary: a BitNet b1.58 model (bitlinear + SubLN) packed to --ternary-format "
                        "(effjax.quant.convert.pack_model); its projections run the W2A8 "
@@ -245,6 +248,8 @@ def main(argv: list[str] | None = None):
     if m not in MODES:
       ap.error(f"unknown mode {m!r}; choose from {MODES}")
 
+  if args.ternary_fuse and (args.weights != "ternary" or args.ternary_format != "i2_t"):
+    raise SystemExit("--ternary-fuse takes --weights ternary --ternary-format i2_t")
   floor_tbps, floor_src = devtime.floor_bandwidth()
   out = common.output_path(args, "generate.json")
 
@@ -267,7 +272,7 @@ def main(argv: list[str] | None = None):
   params = init_params(mcfg, jax.random.key(args.seed))
   if args.weights == "ternary":  # random float weights, then BitNet's absmean quantiser + packing
     from effjax.quant.convert import pack_model
-    cfg, params = pack_model(cfg, params, args.ternary_format)
+    cfg, params = pack_model(cfg, params, args.ternary_format, fuse=args.ternary_fuse)
     mcfg = cfg.model
   p_long, p_short = stop_params(params, mcfg.tie_embeddings)
   del params
@@ -295,7 +300,8 @@ def main(argv: list[str] | None = None):
             "linear_impl": mcfg.linear_impl, "lowbit_impl": mcfg.lowbit_impl},
         "weights": ("random init (init_params); throughput does not depend on the values"
                     + (f"; ternary: absmean-quantised and packed to {args.ternary_format} "
-                       f"(pack_model)" if args.weights == "ternary" else "")),
+                       f"(pack_model{', fused projections' if args.ternary_fuse else ''})"
+                       if args.weights == "ternary" else "")),
         "prompt": f"random byte tokens, every sequence {T} long", "cache_dtype": str(cache_dtype),
         "decode_impl": args.decode_impl, "sparse_kernel": args.sparse_kernel, "sampling": "greedy",
         "prefill_chunk": args.prefill_chunk,

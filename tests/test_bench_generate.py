@@ -62,3 +62,12 @@ def test_bench_generate_ternary_weights(tmp_path, fmt):
   rows = data["results"]
   assert {r["kv_cache"] for r in rows} == {"dense", "int4"}
   assert all(math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 for r in rows)
+
+
+def test_bench_generate_refuses_fused_projections_outside_i2t(tmp_path):
+  cmd = [sys.executable, "-m", "benchmarks", "generate", "--config", "configs/tiny.yaml",
+         "--weights", "ternary", "--ternary-format", "i2_s", "--ternary-fuse",
+         "--out", str(tmp_path / "g.json")]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "--ternary-fuse takes" in proc.stderr
+  assert not (tmp_path / "g.json").exists()

@@ -64,6 +64,29 @@ def test_save_load_and_decode(model, tmp_path, fmt):
     load_packed(out)
 
 
+def test_fused_projections_equal_the_separate_ones(model, tmp_path):
+  """pack_model(fuse=True): q / k / v and gate / up as one i2_t weight each with per-column
+  scales give the same logits bit for bit, save and load, and decode the same tokens."""
+  cfg, params, toks = model
+  pcfg, sep = pack_model(cfg, params, "i2_t")
+  _, fused = pack_model(cfg, params, "i2_t", fuse=True)
+  lp = fused["layers_0"]
+  assert {"wqkv", "w_gate_up"} <= set(lp) and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(lp)
+  H, N, K, F = MCFG.hd, MCFG.n_heads, MCFG.n_kv_heads, MCFG.ff
+  assert lp["wqkv"].shape == (MCFG.d_model, (N + 2 * K) * H)
+  assert lp["w_gate_up"].shape == (MCFG.d_model, 2 * F)
+  want = np.asarray(forward(pcfg.model, sep, toks))
+  np.testing.assert_array_equal(np.asarray(forward(pcfg.model, fused, toks)), want)
+  cfg2, loaded = load_packed(save_packed(tmp_path / "fused", pcfg, fused))
+  np.testing.assert_array_equal(np.asarray(forward(cfg2.model, loaded, toks)), want)
+  lengths = jnp.asarray([40, 23], jnp.int32)
+  run = lambda p: decoding.generate(pcfg.model, p, toks, lengths, jax.random.key(0),
+                                    max_new_tokens=6, decode_impl="xla")[0]
+  np.testing.assert_array_equal(np.asarray(run(loaded)), np.asarray(run(sep)))
+  with pytest.raises(ValueError, match="i2_t"):
+    pack_model(cfg, params, "i2_s", fuse=True)
+
+
 def test_only_bitlinear_models_pack():
   with pytest.raises(ValueError, match="only a bitlinear model"):
     pack_model(Config(model=ModelConfig()), {}, "i2_s")

@@ -15,7 +15,8 @@ layer's updated KV cache). Projections go through the config's `Linear` (model/l
 
 Params: {"embed": [V, D], "layers_<i>" (or, with model.scan_layers, one "layers" stacked over a
 leading [L] axis): {"attn_norm": {"scale": [D]}, "wq", "wk", "wv", "wo", "mlp_norm",
-"w_gate", "w_up", "w_down"} (+ "attn_sub_norm" [N*H], "mlp_sub_norm" [F] with model.sub_norm),
+"w_gate", "w_up", "w_down"} (+ "attn_sub_norm" [N*H], "mlp_sub_norm" [F] with model.sub_norm;
+a packed ternary model may hold "wqkv" and "w_gate_up" instead, effjax.quant.convert),
 "final_norm": {"scale": [D]}, "unembed": [D, V] unless tied}.
 """
 
@@ -97,9 +98,11 @@ def block(cfg: ModelConfig, lp: Params, x_BTD: jax.Array, rope, attention: Atten
   N, K, H = cfg.n_heads, cfg.n_kv_heads, cfg.hd
   cos, sin = rope
   h = rms_norm(x_BTD, lp["attn_norm"]["scale"], cfg.norm_eps, dt)
-  q_BTNH = lin(lp["wq"], h).reshape(B, T, N, H)
-  k_BTKH = lin(lp["wk"], h).reshape(B, T, K, H)
-  v_BTKH = lin(lp["wv"], h).reshape(B, T, K, H)
+  if "wqkv" in lp:   # q / k / v packed as one weight (effjax.quant.convert, fuse=True)
+    q, k, v = jnp.split(lin(lp["wqkv"], h), [N * H, (N + K) * H], axis=-1)
+  else:
+    q, k, v = lin(lp["wq"], h), lin(lp["wk"], h), lin(lp["wv"], h)
+  q_BTNH, k_BTKH, v_BTKH = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
   q_BTNH, k_BTKH = apply_rope(q_BTNH, cos, sin), apply_rope(k_BTKH, cos, sin)
   o_BTNH, aux = attention(layer, q_BTNH, k_BTKH, v_BTKH)
   o = o_BTNH.reshape(B, T, N * H)
@@ -107,7 +110,11 @@ def block(cfg: ModelConfig, lp: Params, x_BTD: jax.Array, rope, attention: Atten
     o = rms_norm(o, lp["attn_sub_norm"]["scale"], cfg.norm_eps, dt)
   x_BTD = x_BTD + lin(lp["wo"], o).astype(x_BTD.dtype)
   h = rms_norm(x_BTD, lp["mlp_norm"]["scale"], cfg.norm_eps, dt)
-  act = jax.nn.silu(lin(lp["w_gate"], h)) * lin(lp["w_up"], h)
+  if "w_gate_up" in lp:
+    gate, up = jnp.split(lin(lp["w_gate_up"], h), 2, axis=-1)
+  else:
+    gate, up = lin(lp["w_gate"], h), lin(lp["w_up"], h)
+  act = jax.nn.silu(gate) * up
   if cfg.sub_norm:
     act = rms_norm(act, lp["mlp_sub_norm"]["scale"], cfg.norm_eps, dt)
   mlp_BTD = lin(lp["w_down"], act)

@@ -2,6 +2,7 @@
 model, saved and loaded with a verified manifest.
 
     python -m effjax.quant.convert --run runs/bitnet_small [--step N] [--format i2_s] [--out DIR]
+        [--fuse-projections]     # i2_t: q / k / v and gate / up as one weight each
 
 Every projection's fp32 master kernel becomes its ternary codes and absmean scale (the quantiser
 training used, `effjax.quant.ternary.absmean_ternary`) packed in one of the formats of
@@ -31,15 +32,23 @@ from effjax.quant.ternary import absmean_ternary
 from pallas_kernels.lowbit_matmul import layout
 
 LINEAR_KEYS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# projections of one input packed as one weight (`pack_model(fuse=True)`, i2_t): the layer runs
+# one matmul and splits its columns (effjax/model/transformer.py)
+FUSED_KEYS = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
 
 
-def pack_model(cfg: Config, params: dict, fmt: str = "i2_s") -> tuple[Config, dict]:
-  """(config with model.linear_impl=ternary_packed, params whose projections are PackedWeight)."""
+def pack_model(cfg: Config, params: dict, fmt: str = "i2_s",
+               fuse: bool = False) -> tuple[Config, dict]:
+  """(config with model.linear_impl=ternary_packed, params whose projections are PackedWeight).
+  fuse (i2_t only): q / k / v as one weight "wqkv" and gate / up as "w_gate_up", with per-column
+  scales (`layout.concat_i2t`): two matmuls a layer fewer, the same outputs bit for bit."""
   if cfg.model.linear_impl != "bitlinear":
     raise ValueError(f"only a bitlinear model packs into ternary weights, this one has "
                      f"model.linear_impl={cfg.model.linear_impl!r}")
   if fmt not in layout.FORMATS:
     raise ValueError(f"format must be one of {', '.join(layout.FORMATS)}, got {fmt!r}")
+  if fuse and fmt != "i2_t":
+    raise ValueError(f"fused projections take the i2_t format (per-column scales), got {fmt!r}")
 
   def pack(kernel):
     codes, scale = absmean_ternary(kernel)
@@ -53,7 +62,11 @@ def pack_model(cfg: Config, params: dict, fmt: str = "i2_s") -> tuple[Config, di
     if name.startswith("layers"):
       if name == "layers":
         raise ValueError("scan-stacked layers (model.scan_layers) are not packed; train unrolled")
-      out[name] = {k: (pack(v["kernel"]) if k in LINEAR_KEYS else v) for k, v in sub.items()}
+      layer = {k: (pack(v["kernel"]) if k in LINEAR_KEYS else v) for k, v in sub.items()}
+      if fuse:
+        for key, parts in FUSED_KEYS.items():
+          layer[key] = layout.concat_i2t([layer.pop(k) for k in parts])
+      out[name] = layer
     else:
       out[name] = sub
   new = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, linear_impl="ternary_packed"))
@@ -101,7 +114,7 @@ def load_packed(path: str | pathlib.Path) -> tuple[Config, dict]:
   packed: dict = {}
   for key, arr in items.items():
     parts = key.split("/")
-    if parts[0].startswith("layers") and parts[1] in LINEAR_KEYS:
+    if parts[0].startswith("layers") and (parts[1] in LINEAR_KEYS or parts[1] in FUSED_KEYS):
       packed.setdefault((parts[0], parts[1]), {})[parts[2]] = arr
     elif parts[0].startswith("layers"):
       params.setdefault(parts[0], {})[parts[1]] = {"scale": jnp.asarray(arr)}
@@ -120,6 +133,8 @@ def main(argv=None) -> int:
   ap.add_argument("--run", required=True, help="a training run directory of a bitlinear model")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--format", default="i2_s", choices=list(layout.FORMATS))
+  ap.add_argument("--fuse-projections", action="store_true",
+                  help="i2_t: q / k / v and gate / up as one weight each (per-column scales)")
   ap.add_argument("--out", default=None, help="output directory (default: <run>/packed_<format>)")
   ap.add_argument("--eval", action="store_true",
                   help="also report the loss of the trained and the packed model on eval.splits")
@@ -130,9 +145,11 @@ def main(argv=None) -> int:
   try:
     if (out / "weights.npz").exists():
       raise FileExistsError(f"{out} already holds a packed model; choose another --out")
+    if args.fuse_projections and args.format != "i2_t":
+      raise ValueError(f"--fuse-projections takes --format i2_t, got {args.format}")
     cfg = load_config(run / "config.yaml")
     params, step = evaluation.load_params(cfg, run, args.step)
-    pcfg, pparams = pack_model(cfg, params, args.format)
+    pcfg, pparams = pack_model(cfg, params, args.format, fuse=args.fuse_projections)
     save_packed(out, pcfg, pparams)
   except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

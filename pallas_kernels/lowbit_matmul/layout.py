@@ -118,7 +118,8 @@ class PackedWeight:
   (ternary formats) or a scale group (bitplanes); K is padded to `rows`, a multiple of it.
   bits: planes (bitplanes); None for the ternary formats.
   packed: the codes (uint8 / int32, per format: module docstring). scale: float32 [] (ternary
-  formats) or [rows / block, N] (bitplanes). signs: uint8 [rows / 24, N] (tl2 only). zero: float32
+  formats; i2_t also [N], a scale per output column: `concat_i2t`) or [rows / block, N]
+  (bitplanes). signs: uint8 [rows / 24, N] (tl2 only). zero: float32
   [rows / block, N] (bitplanes only).
   """
   fmt: str
@@ -242,7 +243,9 @@ def check_packed(pw, *, values: bool = False) -> None:
     per_byte = 6 if pw.fmt == "tl2" else 4
     packed = ((jnp.dtype(jnp.uint16), (N, Kp // 8)) if pw.fmt == "i2_t"
               else (jnp.dtype(jnp.uint8), (Kp // per_byte, N)))
-    want = {"packed": packed, "scale": (f32, ()),
+    # i2_t: a per-tensor scale, or one per output column (`concat_i2t`: fused projections)
+    scale_shape = (N,) if pw.fmt == "i2_t" and _shape(pw.scale) == (N,) else ()
+    want = {"packed": packed, "scale": (f32, scale_shape),
             "zero": None,
             "signs": (jnp.dtype(jnp.uint8), (Kp // 24, N)) if pw.fmt == "tl2" else None}
   for name, spec in want.items():
@@ -535,9 +538,39 @@ def pack_ternary_bitplanes(codes_KN: jax.Array, scale) -> PackedWeight:
 
 
 def to_bitplanes(pw: PackedWeight) -> PackedWeight:
-  """Any packed weight as bitplanes (a ternary one through `pack_ternary_bitplanes`)."""
+  """Any packed weight as bitplanes (a ternary one through `pack_ternary_bitplanes`; per-column
+  scales become the group scales of its one group)."""
   check_packed(pw)
-  return pw if pw.fmt == "bitplanes" else pack_ternary_bitplanes(unpack(pw), pw.scale)
+  if pw.fmt == "bitplanes":
+    return pw
+  if jnp.ndim(pw.scale) == 0:
+    return pack_ternary_bitplanes(unpack(pw), pw.scale)
+  K, N = pw.shape
+  return pack_bitplanes(unpack(pw).astype(jnp.int32) + 1, pw.scale[None, :],
+                        jnp.ones((1, N), jnp.float32), bits=2, group=round_up(K, PLANE_WORD))
+
+
+def concat_i2t(weights) -> PackedWeight:
+  """I2_T weights of one K (e.g. a layer's q / k / v projections) as one [K, sum N] weight
+  whose scale is per output column (each weight's per-tensor scale over its columns), so one
+  matmul computes them all: its columns equal each weight's own product bit for bit (the same
+  int32 sums and the same float32 scalings)."""
+  weights = list(weights)
+  if not weights:
+    raise ValueError("concat_i2t needs at least one weight")
+  for w in weights:
+    check_packed(w)
+  first = weights[0]
+  bad = [(w.fmt, w.shape[0], w.block) for w in weights
+         if w.fmt != "i2_t" or (w.shape[0], w.block) != (first.shape[0], first.block)]
+  if bad:
+    raise ValueError(f"concat_i2t takes i2_t weights of one K and block, got (format, K, block) "
+                     f"{[(w.fmt, w.shape[0], w.block) for w in weights]}")
+  scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(w.scale, jnp.float32), (w.shape[1],))
+                           for w in weights])
+  return PackedWeight(fmt="i2_t", shape=(first.shape[0], sum(w.shape[1] for w in weights)),
+                      packed=jnp.concatenate([w.packed for w in weights], axis=0), scale=scale,
+                      block=first.block)
 
 
 # ------------------------------------------------------------------------ any format, quantisers

@@ -102,7 +102,8 @@ class MosaicGPUConfig:
   slot decodes (an optimization barrier over both), so the compiler cannot reuse its registers
   for the next slot and make the decoding wait for that wgmma; gemm_block_m (I2_T GEMM, M > 64):
   x rows a program, 64 / 128 / 256 (None: 256, at most 128 with two warpgroups);
-  fused_epilogue (I2_T GEMM, the default): subtract the offset, scale and cast in the kernel and
+  fused_epilogue (I2_T GEMM, the default; per-tensor scales only, per-column ones go to XLA):
+  subtract the offset, scale and cast in the kernel and
   write y [M, N] transposed through shared memory (the same float32 operations in the same
   order, so the same bits), instead of the int32 sums [N, M] and an XLA epilogue (44 / 79 us at
   8192 x 8192 / 4096 x 14336, M = 2048, on the H100); gemm_warpgroups (I2_T GEMM): 2, the
@@ -872,7 +873,7 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
     block_m = min(block_m, 128)      # two consumers' output tiles beside the pipeline
   k_slots = config.gemm_k_slots
   stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, k_slots)
-  if config.fused_epilogue:
+  if config.fused_epilogue and jnp.ndim(packed.scale) == 0:   # per-column scales: in XLA
     Mp = launch.round_up(M, block_m)
     pad = lambda v: jnp.pad(v, (0, Mp - M))
     vecs = jnp.stack([pad(jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32).astype(jnp.float32)),
@@ -918,7 +919,7 @@ def _run_gv(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
   splits = gemv_splits(n_steps, N // (BN_G * warpgroups), config.num_splits)
   stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, 4)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
-  if splits == 1 and config.fused_epilogue:
+  if splits == 1 and config.fused_epilogue and jnp.ndim(packed.scale) == 0:
     pad = lambda v: jnp.pad(v, (0, block_m - M))
     vecs = jnp.stack([pad(xsum.astype(jnp.float32)),
                       jnp.broadcast_to(jnp.asarray(packed.scale, jnp.float32), (block_m,)),

@@ -419,3 +419,73 @@ def test_i2t_gemm_register_decoding_matches_the_interpreter_operand():
     emulated = q.view(np.uint8).reshape(64, 128)      # byte b of register j -> column 4 j + b
     want = np.asarray(mgpu._decode_interpret(jnp.asarray(words), jnp.int32(t)))
     np.testing.assert_array_equal(emulated.astype(np.int32), want)
+
+
+# ------------------------------------- fused projections: i2_t weights with per-column scales
+
+def fused_weights(K, Ns, seed=0):
+  """I2_T weights of one K with distinct per-tensor scales, and their `concat_i2t`."""
+  rng = np.random.default_rng(seed)
+  ws = [layout.pack_ternary(rng.integers(-1, 2, size=(K, n)).astype(np.int8),
+                            np.float32(0.2 + 0.1 * i), "i2_t") for i, n in enumerate(Ns)]
+  return ws, layout.concat_i2t(ws)
+
+
+@pytest.mark.parametrize("M,cfg", [(1, {}), (1, dict(num_splits=1)), (3, dict(gemv_s8=False)),
+                                   (70, {}), (70, dict(gemm_warpgroups=1))])
+def test_interpret_concatenated_weights_equal_each_weights_product(M, cfg):
+  """`layout.concat_i2t` (q / k / v as one projection): every backend path (the s8 GEMV split and
+  unsplit, the 16-bit operand path, the GEMM) gives each weight's columns bit for bit, W2A8 and
+  W2A16, with per-column scales in the XLA epilogue."""
+  K, Ns = 1000, (128, 64, 64)
+  ws, cat = fused_weights(K, Ns, seed=M)
+  assert cat.shape == (K, sum(Ns)) and cat.scale.shape == (sum(Ns),)
+  rng = np.random.default_rng(1)
+  xi = jnp.asarray(rng.integers(-127, 128, size=(M, K)), jnp.int8)
+  xs = jnp.asarray(rng.random(M) + 0.5, jnp.float32)
+  xf = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+  kw = dict(implementation="pallas_mosaic_gpu", interpret=True,
+            config=mgpu.MosaicGPUConfig(**cfg))
+  for impl_kw in (kw, dict(implementation="xla")):
+    got = np.asarray(lowbit_matmul_int8(xi, xs, cat, **impl_kw))
+    want = np.concatenate([np.asarray(lowbit_matmul_int8(xi, xs, w, **impl_kw)) for w in ws], 1)
+    np.testing.assert_array_equal(got, want)
+    if M <= 64:
+      got = np.asarray(lowbit_matmul(xf, cat, **impl_kw), np.float32)
+      want = np.concatenate([np.asarray(lowbit_matmul(xf, w, **impl_kw), np.float32) for w in ws], 1)
+      np.testing.assert_array_equal(got, want)
+
+
+def test_concat_i2t_refusals_and_bitplanes():
+  ws, cat = fused_weights(512, (64, 64))
+  with pytest.raises(ValueError, match="one K and block"):
+    layout.concat_i2t([ws[0], fused_weights(1024, (64,))[0][0]])
+  with pytest.raises(ValueError, match="one K and block"):
+    layout.concat_i2t([ws[0], layout.pack_ternary(np.zeros((512, 64), np.int8), 0.5, "i2_s")])
+  with pytest.raises(ValueError, match="at least one"):
+    layout.concat_i2t([])
+  with pytest.raises(ValueError, match="scale"):     # a scale of neither shape
+    layout.check_packed(layout.PackedWeight(fmt="i2_t", shape=cat.shape, packed=cat.packed,
+                                            scale=jnp.ones((3,), jnp.float32), block=cat.block))
+  # as bit planes (the LUT path): the same dequantised weight
+  np.testing.assert_array_equal(np.asarray(layout.dequantize_weight(layout.to_bitplanes(cat))),
+                                np.asarray(layout.dequantize_weight(cat)))
+  np.testing.assert_array_equal(
+      np.asarray(layout.dequantize_weight(cat)),
+      np.concatenate([np.asarray(layout.dequantize_weight(w)) for w in ws], 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_concatenated_weights_equal_each_weights_product(M):
+  """q / k / v of an 8B-shaped layer as one weight on the GPU: each weight's columns bit for bit
+  (W2A8; the defaults: the s8 GEMV split along K, the GEMM with its epilogue in XLA)."""
+  K, Ns = 4096, (4096, 1024, 1024)
+  ws, cat = fused_weights(K, Ns, seed=M)
+  rng = np.random.default_rng(2)
+  xi = jnp.asarray(rng.integers(-127, 128, size=(M, K)), jnp.int8)
+  xs = jnp.asarray(rng.random(M) + 0.5, jnp.float32)
+  kw = dict(implementation="pallas_mosaic_gpu")
+  got = np.asarray(lowbit_matmul_int8(xi, xs, cat, **kw))
+  want = np.concatenate([np.asarray(lowbit_matmul_int8(xi, xs, w, **kw)) for w in ws], 1)
+  np.testing.assert_array_equal(got, want)
