@@ -18,8 +18,8 @@ Implementations (pallas_kernels.dispatch): `xla` (reference.py; `auto` on a GPU 
 `pallas_triton` (i2_s weights: unpacking by bit operations into the dot's operand, split-K GEMV
 or tiled GEMM, pallas_triton.py; `auto` on a GPU for M <= 16), `pallas_mosaic_gpu`
 (pallas_mosaic_gpu.py: i2_t weights, `auto` on a GPU for them -- y^T = W^T x^T with the weight
-decoded in registers as the wgmma's register operand, M <= 64; for M > 64 and int8 x an s8
-wgmma GEMM of the same form; i2_s weights (M <= 64) named only, slower than the
+decoded in registers as the wgmma's register operand: int8 x at any M on s8 wgmmas (decoding rows
+split along K), bf16 / f16 x at M <= 64 on 16-bit ones; i2_s weights (M <= 64) named only, slower than the
 Triton kernel on the H100 -- unpacking into swizzled shared-memory tiles, one wgmma a 256-row
 step) and `pallas_mosaic_tpu` (i2_s weights, the TPU default: N on the
 lanes, shift / mask unpacking in VMEM, one MXU dot a K step, pallas_mosaic_tpu.py); other formats
@@ -56,9 +56,9 @@ def _auto_rows(implementation, M: int, packed=None):
   rows take the XLA path."""
   if (implementation is None or implementation == dispatch.AUTO) and dispatch.platform() == "gpu":
     if packed is not None and packed.fmt == "i2_t":
-      # the GEMV kernel (M <= 64); past it the s8-wgmma GEMM for int8 x (W2A8: on the H100 at
-      # M = 2048 0.366 ms against XLA's 0.417 at 8192 x 8192, 0.378 against 0.429 at 4096 x
-      # 14336), XLA for float x
+      # the s8-wgmma kernel for int8 x (W2A8: on the H200 at M = 2048 226 us against bf16's 352
+      # at 8192 x 8192; at M = 1 11.4 against 34.3), the 16-bit GEMV for float x at M <= 64,
+      # XLA for float x past it
       return ("pallas_mosaic_gpu", "xla")
     if M > tuned.lookup("lowbit_matmul", "pallas_triton")["max_gemv_rows"]:
       return "xla"

@@ -1,4 +1,4 @@
-"""Packed ternary matmul for few rows (decoding: M <= 64) as Pallas Mosaic GPU kernels (Hopper:
+"""Packed ternary matmul as Pallas Mosaic GPU kernels (Hopper:
 TMA loads, unpacking in registers, wgmma): the `pallas_mosaic_gpu` implementation of
 `lowbit_matmul` and `lowbit_matmul_int8` for I2_T and I2_S weights.
 
@@ -15,9 +15,12 @@ transposed from shared memory (a 64-column slice of the x tile) into a float32 a
 [NT, MR]. Each slot's wgmma runs while
 the next slot decodes (`wgmma_wait(1)`). The split-K partial sums [splits, N, MR] are added,
 transposed, scaled and cast in XLA. Shapes: I2_T in 512-row blocks, N a multiple of 64, M <= 64.
+This is the bf16 / f16 (W2A16) path; int8 x (W2A8) at M <= 64 takes the GEMM below by default
+(`gemv_s8`: x rows rounded up to 8 / 16 / 32 / 64, whole 512-row blocks a step, the blocks split
+over programs along K and their int32 sums added in XLA; 8-29% less kernel time on the H200).
 
-I2_T GEMM (W2A8, M > 64; `auto` for i2_t weights with int8 x; on the H100 at M = 2048 1.20-1.31x
-bf16, docs/results/ternary.md): the same y^T = W^T x^T with the weight as the register operand of
+I2_T GEMM (W2A8, M > 64, and M <= 64 with `gemv_s8`; `auto` for i2_t weights with int8 x; on the
+H200 at M = 2048 1.42-1.76x bf16, docs/results/ternary.md): the same y^T = W^T x^T with the weight as the register operand of
 s8 wgmmas (int8 x int8 -> int32, twice bf16's tensor-core rate on Hopper). Per 128-row K step
 the pipeline brings in the words [64, 64] of a block of 64 output columns and x's [block_m, 128]
 int8 tile. Slots 2 t and 2 t + 1 of every word (`mgpu_util.s8_pairs_from_words`: shift, two
@@ -29,9 +32,10 @@ epilogue runs in the kernel: the offset sum_k x subtracted, the scales applied, 
 transposed through shared memory in its dtype, the same float32 operations as the integer
 reference. `MosaicGPUConfig` selects one warpgroup a program (`gemm_warpgroups=1`, up to 256
 rows), the int32 sums out with the epilogue in XLA (`fused_epilogue=False`), the rows a
-program (`gemm_block_m`) and 256 / 512 K rows a pipeline step (`gemm_k_slots`: each 512-row
-block's words fetched fewer times, and a slot pair decoding while the previous one's wgmma runs;
-exact in the interpreter, not yet run on a GPU).
+program (`gemm_block_m`) and 128 / 256 / 512 K rows a pipeline step (`gemm_k_slots`, default 2
+pairs: each 512-row block's words fetched 4 / 2 / 1 times, and within a step a slot pair decoding
+while the previous one's wgmma runs). A weight with per-column scales (`layout.concat_i2t`)
+takes the XLA epilogue.
 
 I2_S (named only; slower than the Triton kernel on the H100):
 
