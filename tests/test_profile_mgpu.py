@@ -61,9 +61,11 @@ def test_read_dump_keeps_the_ptxas_report_and_its_performance_warnings(tmp_path)
 @pytest.mark.gpu
 def test_profile_ternary_on_a_gpu(tmp_path):
   out = tmp_path / "t.json"
-  assert profile_mgpu.main(["--kernel", "ternary", "--shape", "4096x4096", "--out", str(out)]) == 0
-  (row,) = json.loads(out.read_text())["results"]
-  assert {"load", "decode", "mma", "drain"} <= set(row)
+  assert profile_mgpu.main(["--kernel", "ternary", "--shape", "4096x4096", "--configs",
+                            ";gemv_s8=0", "--out", str(out)]) == 0
+  s8, f16 = json.loads(out.read_text())["results"]    # the s8 GEMV (default), the 16-bit one
+  assert {"load", "decode", "mma"} <= set(s8)
+  assert {"load", "decode", "mma", "drain"} <= set(f16)
 
 
 @pytest.mark.gpu

@@ -92,9 +92,10 @@ class MosaicGPUConfig:
   B tiles in turn, the wgmma left in flight across the step; x tiles released a step late),
   instead of waiting for each wgmma before the next unpacking; block_n (I2_T): output columns a
   program, 64 or 128 (None: 128 where N allows);
-  profile_dir (I2_T): write a Mosaic GPU profiler trace of every launch there (per-warpgroup
-  timelines of the named phases load / decode / mma / drain; `python -m benchmarks profile_mgpu
-  --kernel ternary` sums them), with room for profile_space phases a warpgroup; word_shifts
+  profile_dir (I2_T, every path): write a Mosaic GPU profiler trace of every launch there
+  (per-warpgroup timelines of the named phases load / decode / mma / drain; `python -m
+  benchmarks profile_mgpu --kernel ternary` sums them), with room for profile_space phases a
+  warpgroup; word_shifts
   (I2_T): shift the packed words as whole 32-bit registers (two words each; one instruction
   where a shift of 16-bit pairs takes several), exact since a slot reads only bits the
   neighbouring word cannot reach; fused_decode (I2_T, the default): decode a whole 32-bit
@@ -622,8 +623,9 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_sl
         # drained every step: left in flight into the next step (x and the words released a
         # step late, `delay_release=1` + `wgmma_wait(1)`) it gave wrong sums on the H100 at
         # some (block_m, stages), 0.2-50% of the outputs, exact at others
-        _step_wgmmas(acc_ref, mgpu_util.load(w_smem, wgmma_layout), x_smem, start + idx[0],
-                     k_slots)
+        with jax.named_scope("load"):
+          words = mgpu_util.load(w_smem, wgmma_layout)
+        _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots)
       plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                           max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
@@ -744,8 +746,9 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
   else:
     def step(idx, x_smem, w_smem, acc_ref):
       # the step's tiles are released when it returns: its wgmmas are drained
-      _step_wgmmas(acc_ref, mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA), x_smem,
-                   start + idx[0], k_slots)
+      with jax.named_scope("load"):
+        words = mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA)
+      _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots)
       return acc_ref
 
     def compute(run):
@@ -761,7 +764,8 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
 
 def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               warpgroups: int, k_slots: int, interpret: bool, num_splits: int = 1):
+               warpgroups: int, k_slots: int, interpret: bool, num_splits: int = 1,
+               profile: tuple[str, int] | None = None):
   M, K = x_int8_MK.shape
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
@@ -792,7 +796,7 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
       body, out_type=out_type,
       grid=(N // (BN_G * warpgroups), Mp // block_m) + ((num_splits,) if split else ()),
       grid_names=("n", "m") + (("s",) if split else ()),
-      compiler_params=mgpu_util.compiler_params(),
+      compiler_params=mgpu_util.compiler_params(profile),
       interpret=mgpu_util.interpret_params(interpret),
       **extra,
   )
@@ -800,30 +804,33 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups", "k_slots",
-                                             "num_splits", "interpret"))
+                                             "num_splits", "profile", "interpret"))
 def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
-              k_slots: int = 1, num_splits: int = 1, interpret: bool = False):
+              k_slots: int = 1, num_splits: int = 1, profile: tuple[str, int] | None = None,
+              interpret: bool = False):
   """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
   (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
   its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
   (64 output columns a program) or 2 (128: two consumer warpgroups sharing each x tile, a
   producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step;
-  num_splits > 1 (dividing the steps): [num_splits, N, Mp], the sums of each share of K."""
+  num_splits > 1 (dividing the steps): [num_splits, N, Mp], the sums of each share of K;
+  profile (dir, space): the Mosaic GPU profiler's trace of each launch (phases decode / mma)."""
   return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
                     out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret,
-                    num_splits=num_splits)
+                    num_splits=num_splits, profile=profile)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
-                                             "k_slots", "interpret"))
+                                             "k_slots", "profile", "interpret"))
 def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
-               warpgroups: int = 1, k_slots: int = 1, interpret: bool = False):
+               warpgroups: int = 1, k_slots: int = 1, profile: tuple[str, int] | None = None,
+               interpret: bool = False):
   """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
   float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
   per row (zero rows past M). Same x preparation, warpgroups and k_slots as `gemm_sums`."""
   return _gemm_call(x_int8_MK, packed_u16, vecs_3M, N=N, block_m=block_m, stages=stages,
                     out_dtype=out_dtype, warpgroups=warpgroups, k_slots=k_slots,
-                    interpret=interpret)
+                    interpret=interpret, profile=profile)
 
 
 def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1, k_slots: int = 1) -> int:
@@ -885,15 +892,21 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
                       pad(x_scale_M.astype(jnp.float32))])
     y = gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
                    stages=int(stages), out_dtype=jnp.dtype(out_dtype), warpgroups=warpgroups,
-                   k_slots=int(k_slots), interpret=bool(interpret))
+                   k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret))
     return y[:M]
   sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
-                   warpgroups=warpgroups, k_slots=int(k_slots), interpret=bool(interpret))
+                   warpgroups=warpgroups, k_slots=int(k_slots), profile=_profile(config),
+                   interpret=bool(interpret))
   # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   acc = sums[:, :M].T - xsum[:, None]
   y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
   return y.astype(out_dtype)
+
+
+def _profile(config) -> tuple[str, int] | None:
+  """The profiler's (dir, space) of a config, or None."""
+  return None if config.profile_dir is None else (config.profile_dir, config.profile_space)
 
 
 def gemv_block_m(M: int) -> int:
@@ -930,10 +943,11 @@ def _run_gv(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
                       pad(x_scale_M.astype(jnp.float32))])
     return gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
                       stages=int(stages), out_dtype=jnp.dtype(out_dtype),
-                      warpgroups=warpgroups, k_slots=4, interpret=bool(interpret))[:M]
+                      warpgroups=warpgroups, k_slots=4, profile=_profile(config),
+                      interpret=bool(interpret))[:M]
   sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
                    warpgroups=warpgroups, k_slots=4, num_splits=int(splits),
-                   interpret=bool(interpret))
+                   profile=_profile(config), interpret=bool(interpret))
   if splits > 1:
     sums = jnp.sum(sums, axis=0)
   acc = sums[:, :M].T - xsum[:, None]
