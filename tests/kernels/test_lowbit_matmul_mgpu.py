@@ -275,7 +275,9 @@ GV = dict(gemv_s8=True)
 
 @pytest.mark.parametrize("M,K,N,cfg", [(1, 1024, 128, GV),                     # split in 2
                                        (3, 1000, 192, dict(num_splits=1, **GV)),   # fused
-                                       (16, 1536, 256, dict(gemv_warpgroups=2, **GV)),
+                                       pytest.param(16, 1536, 256,
+                                                    dict(gemv_warpgroups=2, **GV),
+                                                    marks=pytest.mark.slow),   # ~11 s
                                        (40, 600, 64, dict(pipeline_depth=2, **GV)),
                                        (13, 2048, 128, dict(num_splits=2, gemv_warpgroups=2,
                                                             **GV))])
