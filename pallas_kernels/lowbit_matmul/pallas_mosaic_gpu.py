@@ -884,21 +884,32 @@ def _run_g(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
     block_m = min(block_m, 128)      # two consumers' output tiles beside the pipeline
   k_slots = config.gemm_k_slots
   stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, k_slots)
-  if config.fused_epilogue and jnp.ndim(packed.scale) == 0:   # per-column scales: in XLA
+  return _s8_matmul(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config,
+                    block_m=block_m, stages=stages, warpgroups=warpgroups, k_slots=k_slots)
+
+
+def _s8_matmul(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config, *, block_m: int,
+               stages: int, warpgroups: int, k_slots: int, splits: int = 1):
+  """y [M, N] of the s8 GEMM kernel (`_run_g`, `_run_gv`): with one split and a per-tensor
+  weight scale the epilogue in the kernel (`gemm_fused`, when config.fused_epilogue), else the
+  int32 sums (of each share of K, added) and the epilogue in XLA."""
+  M = x_int8_MK.shape[0]
+  N = packed.shape[1]
+  kw = dict(N=N, block_m=int(block_m), stages=int(stages), warpgroups=warpgroups,
+            k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret))
+  xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
+  if splits == 1 and config.fused_epilogue and jnp.ndim(packed.scale) == 0:
     Mp = launch.round_up(M, block_m)
     pad = lambda v: jnp.pad(v, (0, Mp - M))
-    vecs = jnp.stack([pad(jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32).astype(jnp.float32)),
+    vecs = jnp.stack([pad(xsum.astype(jnp.float32)),
                       jnp.broadcast_to(jnp.asarray(packed.scale, jnp.float32), (Mp,)),
                       pad(x_scale_M.astype(jnp.float32))])
-    y = gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
-                   stages=int(stages), out_dtype=jnp.dtype(out_dtype), warpgroups=warpgroups,
-                   k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret))
-    return y[:M]
-  sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
-                   warpgroups=warpgroups, k_slots=int(k_slots), profile=_profile(config),
-                   interpret=bool(interpret))
+    return gemm_fused(x_int8_MK, packed.packed, vecs, out_dtype=jnp.dtype(out_dtype), **kw)[:M]
+  # per-column scales (`layout.concat_i2t`) take this path too
+  sums = gemm_sums(x_int8_MK, packed.packed, num_splits=int(splits), **kw)
+  if splits > 1:
+    sums = jnp.sum(sums, axis=0)
   # the kernel's codes are q = t + 1: sum_k q x = sum_k t x + sum_k x (exact in int32)
-  xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   acc = sums[:, :M].T - xsum[:, None]
   y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
   return y.astype(out_dtype)
@@ -935,24 +946,9 @@ def _run_gv(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config):
   n_steps = packed.rows // KT_T
   splits = gemv_splits(n_steps, N // (BN_G * warpgroups), config.num_splits)
   stages = gemm_stages(block_m, config.pipeline_depth, warpgroups, 4)
-  xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
-  if splits == 1 and config.fused_epilogue and jnp.ndim(packed.scale) == 0:
-    pad = lambda v: jnp.pad(v, (0, block_m - M))
-    vecs = jnp.stack([pad(xsum.astype(jnp.float32)),
-                      jnp.broadcast_to(jnp.asarray(packed.scale, jnp.float32), (block_m,)),
-                      pad(x_scale_M.astype(jnp.float32))])
-    return gemm_fused(x_int8_MK, packed.packed, vecs, N=N, block_m=int(block_m),
-                      stages=int(stages), out_dtype=jnp.dtype(out_dtype),
-                      warpgroups=warpgroups, k_slots=4, profile=_profile(config),
-                      interpret=bool(interpret))[:M]
-  sums = gemm_sums(x_int8_MK, packed.packed, N=N, block_m=int(block_m), stages=int(stages),
-                   warpgroups=warpgroups, k_slots=4, num_splits=int(splits),
-                   profile=_profile(config), interpret=bool(interpret))
-  if splits > 1:
-    sums = jnp.sum(sums, axis=0)
-  acc = sums[:, :M].T - xsum[:, None]
-  y = acc.astype(jnp.float32) * packed.scale * x_scale_M.astype(jnp.float32)[:, None]
-  return y.astype(out_dtype)
+  return _s8_matmul(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config,
+                    block_m=block_m, stages=stages, warpgroups=warpgroups, k_slots=4,
+                    splits=splits)
 
 
 def lowbit_matmul(x_MK, packed, out_dtype, *, interpret: bool = False,
