@@ -561,9 +561,8 @@ def concat_i2t(weights) -> PackedWeight:
   for w in weights:
     check_packed(w)
   first = weights[0]
-  bad = [(w.fmt, w.shape[0], w.block) for w in weights
-         if w.fmt != "i2_t" or (w.shape[0], w.block) != (first.shape[0], first.block)]
-  if bad:
+  if any(w.fmt != "i2_t" or (w.shape[0], w.block) != (first.shape[0], first.block)
+         for w in weights):
     raise ValueError(f"concat_i2t takes i2_t weights of one K and block, got (format, K, block) "
                      f"{[(w.fmt, w.shape[0], w.block) for w in weights]}")
   scale = jnp.concatenate([jnp.broadcast_to(jnp.asarray(w.scale, jnp.float32), (w.shape[1],))
