@@ -122,7 +122,8 @@ _CASE_B = (2, 150, 2, 1, 128, True, (150, 70), 1)  # 3 (an odd pair), per-group 
     *(pytest.param(*sched, *_CASE_A, id=f"{name}-A",
                    marks=() if sched == (True, True) else pytest.mark.slow)
       for sched, name in zip(SCHEDULES, SCHEDULE_IDS)),
-    pytest.param(True, False, *_CASE_B, id="overlap_qk-B"),     # one buffer: the prefetch waits
+    # one buffer (the prefetch waits): slow-marked too, the GPU tests run it compiled
+    pytest.param(True, False, *_CASE_B, id="overlap_qk-B", marks=pytest.mark.slow),
     *(pytest.param(*sched, *_CASE_B, id=f"{name}-B", marks=pytest.mark.slow)
       for sched, name in zip(SCHEDULES[1:], SCHEDULE_IDS[1:])),
 ])
@@ -151,7 +152,9 @@ def pair_cases():
   way round), case B with the rings `fit_depths` gives H=128."""
   for (ov, pp), name in zip(PAIR_SCHEDULES, PAIR_IDS):
     kd, vd = (1, 2) if ov and pp else (2, 1)
-    fast = not ov and not pp or ov and pp
+    # the default suite runs pair_blocks with both schedules (plain pair_blocks against the loop:
+    # test_interpret_pair_blocks_read_no_uninitialised_memory)
+    fast = ov and pp
     yield pytest.param(ov, pp, *_CASE_A[:-1], kd, vd, id=f"{name}-A",
                        marks=() if fast else pytest.mark.slow)
     kd, vd = mgpu.fit_depths(128, BS, 2, jnp.bfloat16, keep_v=ov and pp)
@@ -224,7 +227,8 @@ def test_interpret_pair_blocks_read_no_uninitialised_memory(monkeypatch, overlap
   np.testing.assert_allclose(lse[fin], ref[fin], atol=2e-2, rtol=1e-2)
 
 
-@pytest.mark.parametrize("pair_blocks", [False, True], ids=["schedules", "pair_blocks"])
+@pytest.mark.parametrize("pair_blocks", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["schedules", "pair_blocks"])   # both set overlap_qk and pingpong
 def test_interpret_config_reaches_the_kernel(pair_blocks):
   """MosaicGPUConfig's schedule options through `block_sparse_attention` (the custom_vjp's
   static launch tuple, pair_blocks' ring depths) give the loop's output."""
