@@ -189,6 +189,23 @@ def timed(call, *args) -> tuple[float, np.ndarray]:
   return time.perf_counter() - t0, n
 
 
+
+def kv_spec(kind: str) -> KVCacheSpec:
+  """--kv-caches item -> KVCacheSpec: "int4", or with fields, "int4:flush=step:window=256"."""
+  name, *fields = kind.split(":")
+  kw = {}
+  for f in fields:
+    key, sep, value = f.partition("=")
+    if not sep or key not in ("group", "window", "k_mode", "v_group", "flush"):
+      raise SystemExit(f"--kv-caches: expected name=value with name in group, window, k_mode, "
+                       f"v_group, flush after {name!r}, got {f!r}")
+    kw[key] = value
+  try:
+    kw = {k: int(v) if k in ("group", "window", "v_group") else v for k, v in kw.items()}
+    return KVCacheSpec(name, **kw)
+  except (ValueError, TypeError) as e:
+    raise SystemExit(f"--kv-caches {kind!r}: {e}") from None
+
 def main(argv: list[str] | None = None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/350m.yaml")
@@ -223,7 +240,8 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--cache-dtype", default="bfloat16")
   ap.add_argument("--kv-caches", default="dense",
                   help="cache kinds, each row repeated per kind: dense (--cache-dtype), int4, int2 "
-                       "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens)")
+                       "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens), "
+                       "with KVCacheSpec fields after colons, e.g. int4:flush=step:window=256")
   ap.add_argument("--prefill-chunk", type=int, default=None,
                   help="prefill the prompt in chunks of this many tokens (default: one call)")
   ap.add_argument("--repeats", type=int, default=3)
@@ -348,6 +366,9 @@ def main(argv: list[str] | None = None):
                if m in modes]
 
     kinds = [k for k in args.kv_caches.split(",") if k]
+    for k in kinds:
+      if k != "dense":
+        kv_spec(k)                       # bad kinds fail before any compile
     for (mode, label, budget), kind in [(r, k) for r in rows for k in kinds]:
       row_base = dict(base, mode=mode, kv_cache=kind)
       kw = dict(max_new_tokens=N, stop_tokens=(STOP,), decode_impl=args.decode_impl,
@@ -355,7 +376,7 @@ def main(argv: list[str] | None = None):
       # bytes a step reads per cached token and KV head, relative to the dense cache
       kv_ratio = 1.0
       if kind != "dense":
-        spec = KVCacheSpec(kind)
+        spec = kv_spec(kind)
         kw["kv_cache"] = spec
         per_token = 2 * H * spec.bits / 8 + 2 * 2 + 2 * 2 * H / spec.group   # codes, V, K params
         kv_ratio = per_token / (2 * H * cache_dtype.itemsize)

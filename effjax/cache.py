@@ -120,6 +120,15 @@ class KVCache:
   def dtype(self):
     return self.layers[0].dtype
 
+  def rewrite_needed(self, start_B: jax.Array, T: int) -> jax.Array | None:
+    """bool []: whether a write of T tokens at start_B takes its storage's general path in some
+    layer whose entry leaves that decision to the step (`flush == "step"`, e.g.
+    `effjax.quant.kv.QuantKV`); None when no layer does (a dense cache). The step then runs its
+    layers under one `lax.cond`, writing with path "rewrite" or "append"."""
+    needs = [e.rewrite_needed(start_B, T) for e in self.layers
+             if getattr(e, "flush", None) == "step"]
+    return jnp.any(jnp.stack(needs)) if needs else None
+
 
 @struct.dataclass
 class BlockMinMax:

@@ -82,12 +82,30 @@ class CachedAttention:
   causally over the cache (decode_attention for one token, extend_attention for more). aux: the
   layer's updated cache entry."""
 
-  def __init__(self, cache: KVCache, start_B: jax.Array, implementation=None):
-    self.cache, self.start, self.impl = cache, start_B, implementation
+  def __init__(self, cache: KVCache, start_B: jax.Array, implementation=None,
+               path: str | None = None):
+    self.cache, self.start, self.impl, self.path = cache, start_B, implementation, path
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
-    entry = self.cache.layers[layer].write(k_BTKH, v_BTKH, self.start)
+    entry = self.cache.layers[layer]
+    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) == "step" else {}
+    entry = entry.write(k_BTKH, v_BTKH, self.start, **kw)
     return entry.attend(q_BTNH, self.start, self.impl), entry
+
+
+def cached_layers(cfg: ModelConfig, params, x_BTD: jax.Array, cache: KVCache, start_B: jax.Array,
+                  decode_impl):
+  """The layers over T new tokens a sequence at [start_b, start_b + T) with `CachedAttention`:
+  (x_BTD, updated layer entries). Where entries leave the write's path to the step
+  (`KVCache.rewrite_needed`), one `lax.cond` picks it for all layers."""
+  T = x_BTD.shape[1]
+  positions = _positions(start_B, T)
+  run = lambda path=None: model_lib.run_layers(cfg, params, x_BTD, positions,
+                                               CachedAttention(cache, start_B, decode_impl, path))
+  need = cache.rewrite_needed(start_B, T)
+  if need is None:
+    return run()
+  return jax.lax.cond(need, lambda: run("rewrite"), lambda: run("append"))
 
 
 class RecordQKV:
@@ -171,8 +189,7 @@ def decode_step(cfg: ModelConfig, params, cache: KVCache, token_B: jax.Array,
   returns (logits float32 [B, V], cache with lengths + 1)."""
   pos = cache.lengths
   x = model_lib.embed(cfg, params, token_B[:, None])
-  x, layers = model_lib.run_layers(cfg, params, x, pos[:, None],
-                                   CachedAttention(cache, pos, decode_impl))
+  x, layers = cached_layers(cfg, params, x, cache, pos, decode_impl)
   return model_lib.logits(cfg, params, x[:, 0]), KVCache(layers=tuple(layers), lengths=pos + 1)
 
 
@@ -193,8 +210,7 @@ def _extend_layers(cfg: ModelConfig, params, cache: KVCache, tokens_BF, start_B,
   """extend's layers: (residual stream [B, F, D], cache with lengths max(lengths, start + F))."""
   F = tokens_BF.shape[1]
   x = model_lib.embed(cfg, params, tokens_BF)
-  x, layers = model_lib.run_layers(cfg, params, x, _positions(start_B, F),
-                                   CachedAttention(cache, start_B, decode_impl))
+  x, layers = cached_layers(cfg, params, x, cache, start_B, decode_impl)
   lengths = jnp.maximum(cache.lengths, start_B + F)
   return x, KVCache(layers=tuple(layers), lengths=lengths)
 

@@ -312,6 +312,61 @@ def test_model_decodes_on_the_quant_cache():
   assert err[0] < 1e-4 and max(err) < 0.05, err
 
 
+def test_step_flush_decides_once_and_writes_the_same_cache():
+  """flush="step": decode_step / extend run all layers under one lax.cond (the jaxpr has one cond,
+  "layer" one per layer) and give bit-for-bit the logits and cache of "layer", across steps that
+  only append, steps whose residual fills (one sequence, or both), and an extend whose rows roll
+  packed groups back."""
+  cfg = ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                    max_seq_len=96, compute_dtype="float32", attention_impl="xla")
+  params = init_params(cfg, jax.random.key(1))
+  toks = np.random.default_rng(1).integers(0, 256, (2, 80)).astype(np.int32)
+  lengths = np.asarray([21, 6], np.int32)
+
+  def run(flush):
+    cache = init_cache(cfg, 2, 96, jnp.float32, bits=4, group=16, window=32, flush=flush)
+    out, cache = decoding.prefill(cfg, params, jnp.asarray(toks[:, :21]), jnp.asarray(lengths),
+                                  cache)
+    outs = [out]
+    for s in range(40):
+      out, cache = decoding.decode_step(cfg, params, cache,
+                                        jnp.asarray(toks[[0, 1], lengths + s]), "xla")
+      outs.append(out)
+    # rewrite the last 5 tokens of each sequence (back across a packed group boundary in one)
+    start = cache.lengths - 5
+    out, cache = decoding.extend(cfg, params, cache, jnp.asarray(toks[:, 60:65]), start, "xla")
+    outs.append(out)
+    return outs, cache
+
+  def conds(flush):
+    cache = init_cache(cfg, 2, 96, jnp.float32, bits=4, group=16, window=32, flush=flush)
+    jaxpr = jax.make_jaxpr(decoding.decode_step.__wrapped__, static_argnums=(0, 4))(
+        cfg, params, cache, jnp.zeros((2,), jnp.int32), "xla")
+
+    def count(jx):                      # cond equations, nested jaxprs included (not branches')
+      n = 0
+      for eqn in jx.eqns:
+        n += eqn.primitive.name == "cond"
+        for v in eqn.params.values():
+          if hasattr(v, "jaxpr") and eqn.primitive.name != "cond":
+            n += count(v.jaxpr)
+      return n
+    return count(jaxpr.jaxpr)
+
+  assert conds("step") == 1 and conds("layer") == cfg.n_layers
+  (a, ca), (b, cb) = run("layer"), run("step")
+  assert [np.asarray(c.packed_B).tolist() for c in cb.layers] == [[48, 32]] * 2
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  with pytest.raises(ValueError, match="flush must be one of step, layer"):
+    init_cache(cfg, 2, 96, bits=4, group=16, flush="token")
+  with pytest.raises(ValueError, match="path must be None"):
+    cb.layers[0].write(jnp.zeros((2, 1, 2, 16)), jnp.zeros((2, 1, 2, 16)), cb.lengths,
+                       path="later")
+
+
 # --------------------------------------------------------------------------------- validation
 
 

@@ -54,7 +54,13 @@ last f tokens):
     below packed_b rolls that group back (correct; the rolled-back rows carry the error of a scale
     fitted with the padding).
 Under jit each sequence takes its own branch through selects; the common decode step (no rollback,
-no flush in the whole batch) only writes its rows into the residual (`lax.cond` on the batch).
+no flush in the whole batch) only writes its rows into the residual. Who decides (`flush`):
+  - "layer" (the default): each layer's write decides for itself (`lax.cond` on the batch).
+  - "step": `decoding.decode_step` / `extend` ask every layer's entry `rewrite_needed` once and
+    run the whole step's layers under one `lax.cond`: every layer appends, or every layer takes
+    the general path. An XLA:GPU conditional copies its predicate to the host and waits for it,
+    so this is one wait a step instead of one a layer; XLA:CPU (JAX 0.10) copies each layer's
+    packed arrays around that conditional, so it is not the default.
 """
 
 from __future__ import annotations
@@ -106,14 +112,17 @@ class QuantKV:
   group: int = struct.field(pytree_node=False)
   k_mode: str = struct.field(pytree_node=False)
   v_group: int = struct.field(pytree_node=False)
+  flush: str = struct.field(pytree_node=False, default="layer")
 
   @classmethod
   def init(cls, batch: int, n_kv_heads: int, capacity: int, head_dim: int, dtype=jnp.bfloat16,
            bits: int = 4, group: int = 128, window: int | None = None, k_mode: str = "channel",
-           v_group: int | None = None) -> QuantKV:
+           v_group: int | None = None, flush: str = "layer") -> QuantKV:
     """An empty entry for `batch` sequences of up to `capacity` tokens (a multiple of group).
     window: residual tokens R (None: 128 at 4 bits, 256 at 2, rounded up to a multiple of group);
-    v_group: channels per V scale (None: head_dim). Invalid settings raise ValueError."""
+    v_group: channels per V scale (None: head_dim); flush: who decides a write's path, "step" or
+    "layer" (module docstring). Invalid settings raise ValueError."""
+    check_flush(flush)
     v_group = head_dim if v_group is None else v_group
     if bits in layout.BITS and isinstance(group, int) and group > 0 and window is None:
       window = layout.default_window(bits, group)
@@ -128,7 +137,7 @@ class QuantKV:
                words(), jnp.zeros(v_params, dtype), jnp.zeros(v_params, dtype),
                jnp.zeros((B, K, window, H), dtype), jnp.zeros((B, K, window, H), dtype),
                jnp.zeros((B,), jnp.int32), bits=bits, group=group, k_mode=k_mode,
-               v_group=v_group)
+               v_group=v_group, flush=flush)
 
   # ------------------------------------------------------------------------------ properties
 
@@ -170,13 +179,27 @@ class QuantKV:
 
   # ------------------------------------------------------------------------------ writing
 
+  def rewrite_needed(self, start_B: jax.Array, T: int) -> jax.Array:
+    """bool []: whether a write of T tokens at start_B takes the general path in some sequence
+    (it rolls packed rows back, or its window reaches R tokens); False: every sequence only
+    appends to its residual."""
+    if T >= self.window:
+      return jnp.bool_(True)
+    start_B = start_B.astype(jnp.int32)
+    return jnp.any((start_B < self.packed_B) | (start_B + T - self.packed_B >= self.window))
+
   def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, start_B: jax.Array | None, *,
-            lengths_B: jax.Array | None = None) -> QuantKV:
+            lengths_B: jax.Array | None = None, path: str | None = None) -> QuantKV:
     """Stores T new tokens per sequence at positions [start_b, start_b + T), which become the
     sequence's last (module docstring: rows already packed are rolled back and re-quantised; a
     window of R tokens or more is packed). start_B None: a prefill from position 0 whose prompts
     hold lengths_B (int [B] in [1, T]; None: T) tokens; every full group is packed.
-    k_BTKH, v_BTKH: [B, T, K, H], any float dtype (stored in the cache dtype)."""
+    k_BTKH, v_BTKH: [B, T, K, H], any float dtype (stored in the cache dtype).
+    path (with start_B): None decides here (`lax.cond`); "rewrite" takes the general path (always
+    correct); "append" only writes the residual, for a caller that checked `rewrite_needed` is
+    False."""
+    if path not in (None, "rewrite", "append"):
+      raise ValueError(f"path must be None, 'rewrite' or 'append', got {path!r}")
     B, K, S, _ = self.k_packed.shape
     H = self.res_k.shape[3]
     for name, x in (("k_BTKH", k_BTKH), ("v_BTKH", v_BTKH)):
@@ -200,7 +223,7 @@ class QuantKV:
                        "at start_B + T")
     checks.check_positions("start_B", start_B, B, S - T, "S - T")
     start_B = start_B.astype(jnp.int32)
-    return _store(self, k_BTKH, v_BTKH, start_B, start_B + T, fresh=False)
+    return _store(self, k_BTKH, v_BTKH, start_B, start_B + T, fresh=False, path=path)
 
   def _append(self, k_BKTH, v_BKTH, start_B) -> QuantKV:
     """Rows into residual slots [start_b - packed_b, + T) (the caller checked they fit)."""
@@ -299,15 +322,18 @@ class QuantKV:
 
 # jitted so that eager use (tests, notebooks) runs one program, not hundreds of small ones; inside
 # a jitted step they are inlined.
-@functools.partial(jax.jit, static_argnames=("fresh",))
-def _store(entry: QuantKV, k_BTKH, v_BTKH, start_B, end_B, *, fresh: bool) -> QuantKV:
+@functools.partial(jax.jit, static_argnames=("fresh", "path"))
+def _store(entry: QuantKV, k_BTKH, v_BTKH, start_B, end_B, *, fresh: bool,
+           path: str | None = None) -> QuantKV:
   k_BKTH = k_BTKH.transpose(0, 2, 1, 3).astype(entry.dtype)
   v_BKTH = v_BTKH.transpose(0, 2, 1, 3).astype(entry.dtype)
-  if fresh or k_BKTH.shape[2] >= entry.window:
+  T = k_BKTH.shape[2]
+  if fresh or T >= entry.window or path == "rewrite":
     return entry._rewrite(k_BKTH, v_BKTH, start_B, end_B, fresh=fresh)
+  if path == "append":
+    return entry._append(k_BKTH, v_BKTH, start_B)
   # The common step: every sequence's rows land in its residual without filling it.
-  rewrite = jnp.any((start_B < entry.packed_B) | (end_B - entry.packed_B >= entry.window))
-  return lax.cond(rewrite,
+  return lax.cond(entry.rewrite_needed(start_B, T),
                   lambda e: e._rewrite(k_BKTH, v_BKTH, start_B, end_B, fresh=False),
                   lambda e: e._append(k_BKTH, v_BKTH, start_B),
                   entry)
@@ -323,15 +349,24 @@ def _keys(k_packed, k_scale, k_zero, res_k, packed_B, **kw):
   return layout.splice_residual(k, res_k, packed_B)
 
 
+def check_flush(flush) -> None:
+  if flush not in FLUSH:
+    raise ValueError(f"flush must be one of {', '.join(FLUSH)}, got {flush!r}")
+
+
+FLUSH = ("step", "layer")
+
+
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, *, bits: int = 4,
                group: int = 128, window: int | None = None, k_mode: str = "channel",
-               v_group: int | None = None) -> KVCache:
+               v_group: int | None = None, flush: str = "layer") -> KVCache:
   """An empty low-bit `KVCache` (one `QuantKV` per layer) for `batch` sequences of up to
   `capacity` tokens; settings as `QuantKV.init`."""
   if capacity > cfg.max_seq_len:
     raise ValueError(f"cache capacity {capacity} exceeds model.max_seq_len={cfg.max_seq_len}")
   entry = lambda: QuantKV.init(batch, cfg.n_kv_heads, capacity, cfg.hd, dtype, bits=bits,
-                               group=group, window=window, k_mode=k_mode, v_group=v_group)
+                               group=group, window=window, k_mode=k_mode, v_group=v_group,
+                               flush=flush)
   return KVCache(layers=tuple(entry() for _ in range(cfg.n_layers)),
                  lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -346,16 +381,19 @@ class KVCacheSpec:
   kind: "bf16" / "float32" (a dense `DenseKV` cache) or "int4" / "int2" (`QuantKV`: K per channel
   in groups of `group` tokens, or per token with k_mode "token"; V per token in groups of
   `v_group` channels (None: the head); a full-precision residual window of `window` tokens (None:
-  128 at 4 bits, 256 at 2); scales, zeros and the window in bfloat16)."""
+  128 at 4 bits, 256 at 2); scales, zeros and the window in bfloat16). flush: who decides a
+  write's path, "step" or "layer" (module docstring)."""
   kind: str = "bf16"
   group: int = 128
   window: int | None = None
   k_mode: str = "channel"
   v_group: int | None = None
+  flush: str = "layer"
 
   def __post_init__(self):
     if self.kind not in KV_CACHE_KINDS:
       raise ValueError(f"kv cache must be one of {', '.join(KV_CACHE_KINDS)}, got {self.kind!r}")
+    check_flush(self.flush)
     if self.bits:
       layout.check_settings(bits=self.bits, group=self.group, k_mode=self.k_mode,
                             v_group=self.v_group or 128, head_dim=128, window=self.window)
@@ -381,4 +419,5 @@ class KVCacheSpec:
     if not self.bits:
       return KVCache.init(cfg, batch, capacity, jnp.bfloat16 if self.kind == "bf16" else jnp.float32)
     return init_cache(cfg, batch, capacity, jnp.bfloat16, bits=self.bits, group=self.group,
-                      window=self.window, k_mode=self.k_mode, v_group=self.v_group)
+                      window=self.window, k_mode=self.k_mode, v_group=self.v_group,
+                      flush=self.flush)
