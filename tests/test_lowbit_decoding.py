@@ -1,5 +1,6 @@
 """Generation, teacher-forced scoring and ReSA over a 4 / 2-bit KV cache (`KVCacheSpec`)."""
 
+import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +76,11 @@ def test_generate_and_sparse_resa_run_on_a_low_bit_cache(setup):
   assert out.shape == (2, 20) and np.all(np.asarray(n) == 20)
   lp = score(setup, spec, sparse=True, scfg=scfg)
   assert np.all(np.isfinite(lp))
+  # one write decision a step for all layers (sparse steps and rectifications): the same tokens
+  # and, teacher-forced, bit-for-bit the same log-probs
+  step, _ = resa.generate(CFG, scfg, params, prompts, lengths, jax.random.key(0),
+                          max_new_tokens=20, decode_impl="xla",
+                          kv_cache=dataclasses.replace(spec, flush="step"))
+  np.testing.assert_array_equal(np.asarray(step), np.asarray(out))
+  np.testing.assert_array_equal(score(setup, dataclasses.replace(spec, flush="step"), sparse=True,
+                                      scfg=scfg), lp)

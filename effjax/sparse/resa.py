@@ -176,16 +176,18 @@ class SparseAttention:
   entry, its summaries)."""
 
   def __init__(self, cfg: ModelConfig, scfg: SparseConfig, cache: KVCache, summ: tuple,
-               gate_params, decode_impl: str):
+               gate_params, decode_impl: str, path: str | None = None):
     self.cfg, self.scfg, self.cache, self.summ = cfg, scfg, cache, summ
-    self.gate_params, self.decode_impl = gate_params, decode_impl
+    self.gate_params, self.decode_impl, self.path = gate_params, decode_impl, path
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     cfg, scfg = self.cfg, self.scfg
     pos = self.cache.lengths
     B, _, N, H = q_BTNH.shape
     K = cfg.n_kv_heads
-    entry = self.cache.layers[layer].write(k_BTKH, v_BTKH, pos)
+    entry = self.cache.layers[layer]
+    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) == "step" else {}
+    entry = entry.write(k_BTKH, v_BTKH, pos, **kw)
     blk = (pos // scfg.block_size).astype(jnp.int32)          # the block of the new token
     s_l = _refresh_window(cfg, scfg, self.summ[layer], entry.keys(), pos + 1, blk, 1,
                           _layer_gate(self.gate_params, layer, "wk"))
@@ -206,8 +208,12 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: KVCa
   scfg.check_gate_params(cfg, gate_params)
   pos = cache.lengths
   x = model_lib.embed(cfg, params, token_B[:, None])
-  x, aux = model_lib.run_layers(cfg, params, x, pos[:, None],
-                                SparseAttention(cfg, scfg, cache, summ, gate_params, decode_impl))
+  run = lambda path=None: model_lib.run_layers(
+      cfg, params, x, pos[:, None],
+      SparseAttention(cfg, scfg, cache, summ, gate_params, decode_impl, path))
+  need = cache.rewrite_needed(pos, 1)     # one write decision a step (QuantKV flush "step")
+  x, aux = run() if need is None else jax.lax.cond(need, lambda: run("rewrite"),
+                                                   lambda: run("append"))
   cache = KVCache(layers=tuple(a[0] for a in aux), lengths=pos + 1)
   return model_lib.logits(cfg, params, x[:, 0]), cache, tuple(a[1] for a in aux)
 
