@@ -122,12 +122,32 @@ class KVCache:
 
   def rewrite_needed(self, start_B: jax.Array, T: int) -> jax.Array | None:
     """bool []: whether a write of T tokens at start_B takes its storage's general path in some
-    layer whose entry leaves that decision to the step (`flush == "step"`, e.g.
+    layer whose entry leaves that decision to the step (flush "step" or "loop", e.g.
     `effjax.quant.kv.QuantKV`); None when no layer does (a dense cache). The step then runs its
     layers under one `lax.cond`, writing with path "rewrite" or "append"."""
     needs = [e.rewrite_needed(start_B, T) for e in self.layers
-             if getattr(e, "flush", None) == "step"]
+             if getattr(e, "flush", None) in STEP_FLUSH]
     return jnp.any(jnp.stack(needs)) if needs else None
+
+  def loop_flush(self) -> bool:
+    """Whether a generation loop should run append-only steps and flush between them (some
+    layer's entry has flush "loop")."""
+    return any(getattr(e, "flush", None) == "loop" for e in self.layers)
+
+  def flush_needed(self) -> jax.Array:
+    """bool []: some "loop" layer's residual is full (`QuantKV.flush_needed`)."""
+    return jnp.any(jnp.stack([e.flush_needed(self.lengths) for e in self.layers
+                              if getattr(e, "flush", None) == "loop"]))
+
+  def flush_full(self) -> "KVCache":
+    """Every "loop" layer's full residual windows packed (`QuantKV.flush_full`)."""
+    layers = tuple(e.flush_full(self.lengths) if getattr(e, "flush", None) == "loop" else e
+                   for e in self.layers)
+    return KVCache(layers=layers, lengths=self.lengths)
+
+
+# entries whose write path a step decides for all layers at once (`KVCache.rewrite_needed`)
+STEP_FLUSH = ("step", "loop")
 
 
 @struct.dataclass

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from effjax import model as model_lib
-from effjax.cache import DenseKV, KVCache
+from effjax.cache import STEP_FLUSH, DenseKV, KVCache
 from effjax.config import ModelConfig
 
 # XLA options of the generation loops (`generate` here, `resa.generate` / `score_continuation`).
@@ -88,20 +88,23 @@ class CachedAttention:
 
   def __call__(self, layer, q_BTNH, k_BTKH, v_BTKH):
     entry = self.cache.layers[layer]
-    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) == "step" else {}
+    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) in STEP_FLUSH else {}
     entry = entry.write(k_BTKH, v_BTKH, self.start, **kw)
     return entry.attend(q_BTNH, self.start, self.impl), entry
 
 
 def cached_layers(cfg: ModelConfig, params, x_BTD: jax.Array, cache: KVCache, start_B: jax.Array,
-                  decode_impl):
+                  decode_impl, path: str | None = None):
   """The layers over T new tokens a sequence at [start_b, start_b + T) with `CachedAttention`:
   (x_BTD, updated layer entries). Where entries leave the write's path to the step
-  (`KVCache.rewrite_needed`), one `lax.cond` picks it for all layers."""
+  (`KVCache.rewrite_needed`), one `lax.cond` picks it for all layers; `path` ("append" /
+  "rewrite") gives it instead (a caller that knows, e.g. `generate`'s append-only steps)."""
   T = x_BTD.shape[1]
   positions = _positions(start_B, T)
   run = lambda path=None: model_lib.run_layers(cfg, params, x_BTD, positions,
                                                CachedAttention(cache, start_B, decode_impl, path))
+  if path is not None:
+    return run(path)
   need = cache.rewrite_needed(start_B, T)
   if need is None:
     return run()
@@ -181,15 +184,17 @@ def _hidden_at(x_BTD: jax.Array, pos_B: jax.Array, start: int | jax.Array, prev_
   return jnp.where(((i_B >= 0) & (i_B < T))[:, None], x_BD, prev_BD)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "decode_impl"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "decode_impl", "path"),
+                   donate_argnames=("cache",))
 def decode_step(cfg: ModelConfig, params, cache: KVCache, token_B: jax.Array,
-                decode_impl: str = "auto"):
+                decode_impl: str = "auto", path: str | None = None):
   """One new token per sequence (int32 [B]) at position cache.lengths: writes its K/V, attends
   over the cache through `pallas_kernels.decode_attention` (implementation `decode_impl`) and
-  returns (logits float32 [B, V], cache with lengths + 1)."""
+  returns (logits float32 [B, V], cache with lengths + 1). path: the write path of entries that
+  leave it to the step (`cached_layers`; None: decided here)."""
   pos = cache.lengths
   x = model_lib.embed(cfg, params, token_B[:, None])
-  x, layers = cached_layers(cfg, params, x, cache, pos, decode_impl)
+  x, layers = cached_layers(cfg, params, x, cache, pos, decode_impl, path)
   return model_lib.logits(cfg, params, x[:, 0]), KVCache(layers=tuple(layers), lengths=pos + 1)
 
 
@@ -376,6 +381,8 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
     step, _, _, _, done, _, _ = c
     return (step < max_new_tokens) & ~jnp.all(done)
 
+  loop_flush = cache.loop_flush()
+
   def body(c):
     step, cache, logits, out, done, n, rng = c
     rng, sub = jax.random.split(rng)
@@ -384,10 +391,19 @@ def generate(cfg: ModelConfig, params, tokens_BT: jax.Array, lengths_B: jax.Arra
     out = out.at[:, step].set(tok)
     n = n + (~done).astype(jnp.int32)
     done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
-    logits, cache = decode_step(cfg, params, cache, jnp.where(done, 0, tok), decode_impl)
+    logits, cache = decode_step(cfg, params, cache, jnp.where(done, 0, tok), decode_impl,
+                                "append" if loop_flush else None)
     return step + 1, cache, logits, out, done, n, rng
 
   out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
   init = (jnp.int32(0), cache, logits, out, jnp.zeros((B,), bool), jnp.zeros((B,), jnp.int32), rng)
-  _, _, _, out, _, n, _ = jax.lax.while_loop(cond, body, init)
+  if loop_flush:
+    # A low-bit cache with flush "loop" (effjax.quant.kv): runs of steps that only append (no
+    # conditional in the step) while every residual window has room; a full one ends the run and
+    # is packed before the next. Runs last ~R steps, so the flush is amortised over them.
+    run = lambda c: jax.lax.while_loop(lambda c: cond(c) & ~c[1].flush_needed(), body, c)
+    flush = lambda c: (c[0], c[1].flush_full()) + c[2:]
+    _, _, _, out, _, n, _ = jax.lax.while_loop(cond, lambda c: run(flush(c)), init)
+  else:
+    _, _, _, out, _, n, _ = jax.lax.while_loop(cond, body, init)
   return out, n

@@ -13,6 +13,7 @@ from effjax import decoding
 from effjax.config import ModelConfig
 from effjax.model import forward, init_params
 from effjax.quant import QuantKV, init_cache
+from effjax.quant.kv import KVCacheSpec
 from pallas_kernels.extend_attention.reference import extend_attention_reference
 from pallas_kernels.lowbit_decode import layout
 from tests.kernels._oracle import TOLERANCES
@@ -360,11 +361,69 @@ def test_step_flush_decides_once_and_writes_the_same_cache():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   for x, y in zip(jax.tree.leaves(ca), jax.tree.leaves(cb)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  with pytest.raises(ValueError, match="flush must be one of step, layer"):
+  with pytest.raises(ValueError, match="flush must be one of layer, step, loop"):
     init_cache(cfg, 2, 96, bits=4, group=16, flush="token")
   with pytest.raises(ValueError, match="path must be None"):
     cb.layers[0].write(jnp.zeros((2, 1, 2, 16)), jnp.zeros((2, 1, 2, 16)), cb.lengths,
                        path="later")
+
+
+def test_loop_flush_appends_until_full_then_packs():
+  """flush="loop": steps that only append let a residual fill to R tokens, then `flush_full`
+  packs it. Against the per-layer path, a host loop of such steps gives bit-for-bit the same
+  logits until the first step whose token fills a window (attended in full precision there,
+  quantised in the other path), close ones after it, and the same packed first layer (its K / V
+  do not depend on attention); `generate` runs that loop on the device (runs of append-only
+  steps, a flush between) and produces its greedy tokens."""
+  cfg = ModelConfig(vocab_size=259, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                    max_seq_len=96, compute_dtype="float32", attention_impl="xla")
+  params = init_params(cfg, jax.random.key(2))
+  toks = np.random.default_rng(2).integers(0, 256, (2, 80)).astype(np.int32)
+  lengths = np.asarray([21, 6], np.int32)
+  make = lambda flush: decoding.prefill(
+      cfg, params, jnp.asarray(toks[:, :21]), jnp.asarray(lengths),
+      init_cache(cfg, 2, 96, jnp.float32, bits=4, group=16, window=32, flush=flush))[1]
+  ref, loop = make("layer"), make("loop")
+  fills, flushes, first_fill = 0, 0, None
+  for s in range(40):
+    tok = jnp.asarray(toks[[0, 1], lengths + s])
+    full = np.asarray(ref.lengths) + 1 - np.asarray(ref.layers[0].packed_B) >= 32   # fills now
+    a, ref = decoding.decode_step(cfg, params, ref, tok, "xla")
+    b, loop = decoding.decode_step(cfg, params, loop, tok, "xla", "append")
+    a, b = np.asarray(a), np.asarray(b)
+    if full.any():
+      fills += int(full.sum())
+      first_fill = s if first_fill is None else first_fill
+      assert not np.array_equal(a[full], b[full])
+    if first_fill is None:
+      np.testing.assert_array_equal(a, b)
+    assert np.abs(a - b).max() < 0.05
+    if bool(loop.flush_needed()):
+      flushes += 1
+      loop = loop.flush_full()
+      assert not bool(loop.flush_needed())
+      L = np.asarray(loop.lengths)
+      er, el = ref.layers[0], loop.layers[0]
+      np.testing.assert_array_equal(np.asarray(er.packed_B), np.asarray(el.packed_B))
+      for xr, xl in zip(er.dequantize(), el.dequantize()):    # what is stored up to each length
+        for i in range(2):
+          np.testing.assert_array_equal(np.asarray(xr)[i, :, :L[i]], np.asarray(xl)[i, :, :L[i]])
+  assert fills == 2 and flushes == 2            # one window filled in each sequence
+  # generate: its greedy tokens are those of the same loop fed its own argmax
+  out, _ = decoding.generate(cfg, params, jnp.asarray(toks[:, :21]), jnp.asarray(lengths),
+                             jax.random.key(0), max_new_tokens=30, decode_impl="xla",
+                             kv_cache=KVCacheSpec("int4", group=16, window=32, flush="loop"))
+  cache = make("loop")
+  logits = decoding.prefill(cfg, params, jnp.asarray(toks[:, :21]), jnp.asarray(lengths),
+                            init_cache(cfg, 2, 96, jnp.float32, bits=4, group=16, window=32))[0]
+  want = []
+  for s in range(30):
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    want.append(np.asarray(tok))
+    logits, cache = decoding.decode_step(cfg, params, cache, tok, "xla", "append")
+    if bool(cache.flush_needed()):
+      cache = cache.flush_full()
+  np.testing.assert_array_equal(np.asarray(out), np.stack(want, axis=1))
 
 
 # --------------------------------------------------------------------------------- validation

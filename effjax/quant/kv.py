@@ -59,8 +59,14 @@ no flush in the whole batch) only writes its rows into the residual. Who decides
   - "step": `decoding.decode_step` / `extend` ask every layer's entry `rewrite_needed` once and
     run the whole step's layers under one `lax.cond`: every layer appends, or every layer takes
     the general path. An XLA:GPU conditional copies its predicate to the host and waits for it,
-    so this is one wait a step instead of one a layer; XLA:CPU (JAX 0.10) copies each layer's
-    packed arrays around that conditional, so it is not the default.
+    so this is one wait a step instead of one a layer; but XLA copies each layer's scales and
+    zeros around that conditional (seen on XLA:GPU and XLA:CPU).
+  - "loop": as "step" for a lone `decode_step` / `extend`; `decoding.generate`'s loop runs decode
+    steps that only append (no conditional at all) while every residual has room, letting a
+    window fill to R tokens, and packs full windows (`flush_full`) between such runs. The token that
+    fills a window is attended in full precision in its own step (quantised from the next step
+    on), where the other modes attend it quantised: that step's logits, and the deeper layers'
+    K / V of its token, differ slightly from theirs (tests/test_quant_kv.py).
 """
 
 from __future__ import annotations
@@ -120,8 +126,8 @@ class QuantKV:
            v_group: int | None = None, flush: str = "layer") -> QuantKV:
     """An empty entry for `batch` sequences of up to `capacity` tokens (a multiple of group).
     window: residual tokens R (None: 128 at 4 bits, 256 at 2, rounded up to a multiple of group);
-    v_group: channels per V scale (None: head_dim); flush: who decides a write's path, "step" or
-    "layer" (module docstring). Invalid settings raise ValueError."""
+    v_group: channels per V scale (None: head_dim); flush: who decides a write's path, "layer",
+    "step" or "loop" (module docstring). Invalid settings raise ValueError."""
     check_flush(flush)
     v_group = head_dim if v_group is None else v_group
     if bits in layout.BITS and isinstance(group, int) and group > 0 and window is None:
@@ -188,6 +194,20 @@ class QuantKV:
     start_B = start_B.astype(jnp.int32)
     return jnp.any((start_B < self.packed_B) | (start_B + T - self.packed_B >= self.window))
 
+  def flush_needed(self, lengths_B: jax.Array) -> jax.Array:
+    """bool []: whether some sequence's residual window is full (holds R tokens; only after
+    appends with flush "loop")."""
+    return jnp.any(lengths_B.astype(jnp.int32) - self.packed_B >= self.window)
+
+  def flush_full(self, lengths_B: jax.Array) -> QuantKV:
+    """Packs the full groups of every sequence whose residual holds R tokens (positions up to
+    lengths_b); other sequences are unchanged. The general write with no new rows."""
+    B, K, _, _ = self.k_packed.shape
+    H = self.res_k.shape[3]
+    end = lengths_B.astype(jnp.int32)
+    none = jnp.zeros((B, K, 1, H), self.dtype)      # one row, never taken (start = end)
+    return self._rewrite(none, none, end, end, fresh=False)
+
   def write(self, k_BTKH: jax.Array, v_BTKH: jax.Array, start_B: jax.Array | None, *,
             lengths_B: jax.Array | None = None, path: str | None = None) -> QuantKV:
     """Stores T new tokens per sequence at positions [start_b, start_b + T), which become the
@@ -197,7 +217,8 @@ class QuantKV:
     k_BTKH, v_BTKH: [B, T, K, H], any float dtype (stored in the cache dtype).
     path (with start_B): None decides here (`lax.cond`); "rewrite" takes the general path (always
     correct); "append" only writes the residual, for a caller that checked `rewrite_needed` is
-    False."""
+    False (or, flush "loop", that the residual has room: it may then hold R tokens until
+    `flush_full`)."""
     if path not in (None, "rewrite", "append"):
       raise ValueError(f"path must be None, 'rewrite' or 'append', got {path!r}")
     B, K, S, _ = self.k_packed.shape
@@ -354,7 +375,7 @@ def check_flush(flush) -> None:
     raise ValueError(f"flush must be one of {', '.join(FLUSH)}, got {flush!r}")
 
 
-FLUSH = ("step", "layer")
+FLUSH = ("layer", "step", "loop")
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.bfloat16, *, bits: int = 4,
@@ -382,7 +403,7 @@ class KVCacheSpec:
   in groups of `group` tokens, or per token with k_mode "token"; V per token in groups of
   `v_group` channels (None: the head); a full-precision residual window of `window` tokens (None:
   128 at 4 bits, 256 at 2); scales, zeros and the window in bfloat16). flush: who decides a
-  write's path, "step" or "layer" (module docstring)."""
+  write's path, "layer", "step" or "loop" (module docstring)."""
   kind: str = "bf16"
   group: int = 128
   window: int | None = None

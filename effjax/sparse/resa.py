@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from effjax import decoding
 from effjax import model as model_lib
-from effjax.cache import BlockMinMax, GateKCache, KVCache
+from effjax.cache import STEP_FLUSH, BlockMinMax, GateKCache, KVCache
 from effjax.config import ModelConfig
 from effjax.sparse import gate as gate_lib
 from effjax.sparse import selection
@@ -186,7 +186,7 @@ class SparseAttention:
     B, _, N, H = q_BTNH.shape
     K = cfg.n_kv_heads
     entry = self.cache.layers[layer]
-    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) == "step" else {}
+    kw = {"path": self.path} if self.path and getattr(entry, "flush", None) in STEP_FLUSH else {}
     entry = entry.write(k_BTKH, v_BTKH, pos, **kw)
     blk = (pos // scfg.block_size).astype(jnp.int32)          # the block of the new token
     s_l = _refresh_window(cfg, scfg, self.summ[layer], entry.keys(), pos + 1, blk, 1,
@@ -211,7 +211,7 @@ def sparse_decode_step(cfg: ModelConfig, scfg: SparseConfig, params, cache: KVCa
   run = lambda path=None: model_lib.run_layers(
       cfg, params, x, pos[:, None],
       SparseAttention(cfg, scfg, cache, summ, gate_params, decode_impl, path))
-  need = cache.rewrite_needed(pos, 1)     # one write decision a step (QuantKV flush "step")
+  need = cache.rewrite_needed(pos, 1)     # one write decision a step (QuantKV flush step / loop)
   x, aux = run() if need is None else jax.lax.cond(need, lambda: run("rewrite"),
                                                    lambda: run("append"))
   cache = KVCache(layers=tuple(a[0] for a in aux), lengths=pos + 1)
