@@ -452,7 +452,8 @@ def main(argv: list[str] | None = None):
         if args.dump_hlo:
           d = pathlib.Path(args.dump_hlo)
           d.mkdir(parents=True, exist_ok=True)
-          (d / f"generate_B{B}_{mode}_{label or 'dense'}.hlo.txt".replace("=", "")).write_text(hlo)
+          name = f"generate_B{B}_{mode}_{label or 'dense'}_{kind}".replace("=", "").replace(":", "_")
+          (d / f"{name}.hlo.txt").write_text(hlo)
       if args.trace:
         row["trace"] = step_trace(call, dyn(p_long), dyn(p_short), N)
         tr = row["trace"]

@@ -311,3 +311,45 @@ def test_low_bit_cache_decoding_with_the_triton_kernel_matches_xla():
             for impl in ("xla", "auto")}
       assert np.all(np.isfinite(lp["auto"]))
       assert np.max(np.abs(lp["auto"] - lp["xla"])) < 5e-2, (kind, sparse)
+
+
+def test_low_bit_cache_loop_flush_on_the_gpu_kernel():
+  """flush="loop" on the GPU: append-only decode steps whose residual windows fill to R tokens
+  (the attention kernel then reads a full window) give the XLA path's logits, a flush between
+  runs included, and `generate`'s on-device loop of such runs yields the host loop's tokens."""
+  from effjax import decoding
+  from effjax.quant.kv import KVCacheSpec, init_cache
+  cfg = ModelConfig(d_model=256, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=1024,
+                    compute_dtype="bfloat16")
+  params = init_params(cfg, jax.random.key(0))
+  toks = jax.random.randint(jax.random.key(1), (2, 400), 0, 256)
+  lengths = jnp.asarray([300, 129])
+  new = lambda: init_cache(cfg, 2, 512, bits=4, group=64, window=128, flush="loop")
+  caches, logits = {}, {}
+  for impl in ("xla", "auto"):
+    logits[impl], caches[impl] = decoding.prefill(cfg, params, toks[:, :300], lengths, new())
+  fills = 0
+  for s in range(140):                                  # both sequences fill a window
+    tok = jnp.argmax(logits["xla"], axis=-1).astype(jnp.int32)
+    for impl in ("xla", "auto"):
+      logits[impl], caches[impl] = decoding.decode_step(cfg, params, caches[impl], tok, impl,
+                                                        "append")
+    assert np.max(np.abs(np.asarray(logits["auto"]) - np.asarray(logits["xla"]))) < 5e-2, s
+    if bool(caches["xla"].flush_needed()):
+      fills += 1
+      caches = {k: c.flush_full() for k, c in caches.items()}
+  assert fills == 2
+  spec = KVCacheSpec("int4", group=64, window=128, flush="loop")
+  out, n = decoding.generate(cfg, params, toks[:, :300], lengths, jax.random.key(0),
+                             max_new_tokens=140, kv_cache=spec)
+  cache = new()
+  lg, cache = decoding.prefill(cfg, params, toks[:, :300], lengths, cache)
+  want = []
+  for s in range(140):
+    tok = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+    want.append(np.asarray(tok))
+    lg, cache = decoding.decode_step(cfg, params, cache, tok, "auto", "append")
+    if bool(cache.flush_needed()):
+      cache = cache.flush_full()
+  agree = np.mean(np.asarray(out) == np.stack(want, axis=1))
+  assert np.all(np.asarray(n) == 140) and agree > 0.95, agree
