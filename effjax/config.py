@@ -248,6 +248,7 @@ class DecodeConfig:
   kv_window: Optional[int] = None          # full-precision residual window (None: 128 at 4 bits, 256 at 2)
   kv_k_mode: str = "channel"               # channel (K per channel, per group of tokens) | token
   kv_v_group: Optional[int] = None         # V channels per scale (None: the whole head)
+  kv_flush: str = "layer"                  # who decides a write's path: layer | step | loop (effjax.quant.kv)
 
   def __post_init__(self):
     _check(self.kv_cache in KV_CACHES, "decode.kv_cache",
@@ -255,6 +256,8 @@ class DecodeConfig:
     _check(self.kv_group > 0, "decode.kv_group", f"must be > 0, got {self.kv_group}")
     _check(self.kv_k_mode in ("channel", "token"), "decode.kv_k_mode",
            f"must be channel|token, got {self.kv_k_mode!r}")
+    _check(self.kv_flush in ("layer", "step", "loop"), "decode.kv_flush",
+           f"must be layer|step|loop, got {self.kv_flush!r}")
 
   def check_head(self, head_dim: int) -> None:
     """ConfigError for low-bit settings that do not fit a head of `head_dim` channels (bits x

@@ -68,6 +68,7 @@ def test_unknown_top_level_and_nested_keys_name_the_key(tmp_path):
     ("decode.kv_cache=int3", "decode.kv_cache"),
     ("decode.kv_k_mode=row", "decode.kv_k_mode"),
     ("decode.kv_group=0", "decode.kv_group"),
+    ("decode.kv_flush=token", "decode.kv_flush"),
 ])
 def test_impossible_values_name_the_key(override, key):
   with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -126,5 +127,6 @@ def test_decode_section_gives_the_cache_spec():
   from effjax.quant.kv import KVCacheSpec
   assert KVCacheSpec.from_config(load_config("configs/tiny.yaml").decode) is None
   cfg = load_config("configs/tiny.yaml", ["decode.kv_cache=int2", "decode.kv_group=64",
-                                          "decode.kv_k_mode=token"])
-  assert KVCacheSpec.from_config(cfg.decode) == KVCacheSpec("int2", group=64, k_mode="token")
+                                          "decode.kv_k_mode=token", "decode.kv_flush=loop"])
+  assert KVCacheSpec.from_config(cfg.decode) == KVCacheSpec("int2", group=64, k_mode="token",
+                                                            flush="loop")

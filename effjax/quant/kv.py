@@ -429,7 +429,7 @@ class KVCacheSpec:
     if decode.kv_cache == "bf16":
       return None
     return cls(decode.kv_cache, group=decode.kv_group, window=decode.kv_window,
-               k_mode=decode.kv_k_mode, v_group=decode.kv_v_group)
+               k_mode=decode.kv_k_mode, v_group=decode.kv_v_group, flush=decode.kv_flush)
 
   @property
   def capacity_multiple(self) -> int:
