@@ -73,7 +73,7 @@ def random_cache(key, B: int, S: int, bits: int, window: int):
 def parse_variant(base, text: str, flag: str = "--variants"):
   """'magic=0,block_k=128' -> base (a TritonConfig or MosaicGPUConfig) with those fields replaced
   (`common.parse_fields`: ints, 0 / 1 for the bools, profile_dir a path)."""
-  return common.parse_fields(text, type(base), flag, names=("profile_dir",), base=base)
+  return common.parse_fields(text, type(base), flag, names=("profile_dir", "residual"), base=base)
 
 
 def main():

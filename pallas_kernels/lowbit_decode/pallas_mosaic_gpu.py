@@ -87,7 +87,11 @@ class MosaicGPUConfig:
   so off; paired_slabs (token-rows form): take rows of 8 words (2-bit H 128, 4-bit H 64), whose
   sub-words hold 8 channels each, as 16-channel register operands of two sub-words
   (`slab_width`); the default (on the H200 at S128K, 2-bit H 128: B1 / B8 0.148 / 0.968 ms,
-  where the Triton kernel takes 0.244 / 1.890); False refuses such caches."""
+  where the Triton kernel takes 0.244 / 1.890); False refuses such caches; residual: how the
+  residual window's partial (computed in XLA) joins the kernel's split partials: "concat" (the
+  default: as one more split, concatenated to them, then `combine_splits`) or "merge" (its scores
+  and sums as elementwise products and reductions, merged with the splits in one XLA reduction:
+  no GEMM launches and no concatenation of the partials; to be timed)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -97,6 +101,7 @@ class MosaicGPUConfig:
   defer_sums: bool = True
   max_bound: bool = False
   paired_slabs: bool = True
+  residual: str = "concat"
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
@@ -112,6 +117,8 @@ class MosaicGPUConfig:
       raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
     if not isinstance(self.profile_space, int) or self.profile_space < 1:
       raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
+    if self.residual not in ("concat", "merge"):
+      raise ValueError(f"config.residual must be 'concat' or 'merge', got {self.residual!r}")
 
 
 CONFIG = MosaicGPUConfig
@@ -580,6 +587,34 @@ def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int,
           jnp.pad(jnp.sum(p, axis=-1), pad)[:, :, None])
 
 
+def residual_merged(q_BKGH, res_k, res_v, lengths_B, packed_B, o, m, l, block_indices_BKM=None,
+                    block_size: int | None = None) -> jax.Array:
+  """MosaicGPUConfig(residual="merge"): the residual window's partial as elementwise products and
+  reductions (float32), merged with the kernel's split partials o [B, K, N, rows, H], m / l
+  [B, K, N, rows] in one pass (the `combine_splits` merge with one more term). Returns
+  [B, K, G, H] in q's dtype; rows with no valid token are zeros."""
+  B, K, G, H = q_BKGH.shape
+  R = res_k.shape[2]
+  q = q_BKGH.astype(jnp.float32)
+  s = jnp.sum(q[:, :, :, None, :] * res_k.astype(jnp.float32)[:, :, None], axis=-1) * H ** -0.5
+  r = jnp.arange(R)
+  valid = (r[None, :] < (lengths_B - packed_B)[:, None])[:, None, :]               # [B, 1, R]
+  if block_indices_BKM is not None:
+    blocks = (packed_B[:, None] + r[None, :]) // block_size                          # [B, R]
+    chosen = jnp.any(block_indices_BKM[:, :, :, None] == blocks[:, None, None, :], axis=2)
+    valid = valid & chosen                                                          # [B, K, R]
+  valid = valid[:, :, None, :]                                                      # [B, K, 1, R]
+  s = jnp.where(valid, s, online_softmax.MASK_VALUE)
+  m_s, l_s, o_s = m[:, :, :, :G], l[:, :, :, :G], o[:, :, :, :G]
+  mx = jnp.maximum(jnp.max(m_s, axis=2), jnp.max(s, axis=-1))                        # [B, K, G]
+  p = jnp.where(valid, jnp.exp(s - mx[..., None]), 0.0)                               # [B, K, G, R]
+  w = jnp.exp(m_s - mx[:, :, None])                                                 # [B, K, N, G]
+  den = jnp.sum(w * l_s, axis=2) + jnp.sum(p, axis=-1)
+  num = (jnp.sum(w[..., None] * o_s, axis=2)
+         + jnp.sum(p[..., None] * res_v.astype(jnp.float32)[:, :, None], axis=3))
+  return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q_BKGH.dtype)
+
+
 def smem_bytes(H: int, stages: int, bits: int, dtype) -> int:
   isz = jnp.dtype(dtype).itemsize
   W = layout.words_per_row(H, bits)
@@ -641,6 +676,9 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                               num_splits=int(num_splits), stages=int(stages),
                               overlap=config.overlap, profile=profile,
                               interpret=bool(interpret))
+  if config.residual == "merge":
+    return residual_merged(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
+                           packed_B.astype(jnp.int32), o, m, l, block_indices_BKM, T)
   ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
                                 packed_B.astype(jnp.int32), o.shape[-2], block_indices_BKM, T)
   o = jnp.concatenate([o, ro], axis=2)

@@ -151,6 +151,16 @@ def test_interpret_paired_slabs_match_oracle(case):
     run(q, cache, lengths, packed, st, True, paired_slabs=True, token_rows=False)
 
 
+@pytest.mark.parametrize("case", CASES[:2])
+def test_interpret_residual_merge_matches_oracle(case):
+  """residual="merge" (the window's partial as products and sums, merged with the splits in one
+  XLA pass): the oracle's result, both kernel forms, dense and over selected blocks; the second
+  case has an empty sequence and one whose window holds every valid token."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, residual="merge")
+  check_case(case, jnp.bfloat16, True, num_splits=2, token_rows=False, residual="merge")
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, residual="merge")
+
+
 def test_interpret_overlapped_matches_oracle():
   """overlap=True (V dequantised while the QK^T wgmma runs): the same results."""
   check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
@@ -260,6 +270,8 @@ def test_refusals_name_the_setting():
     mgpu.MosaicGPUConfig(num_splits=0).validate()
   with pytest.raises(ValueError, match="overlap"):
     mgpu.MosaicGPUConfig(overlap=1).validate()
+  with pytest.raises(ValueError, match="residual must be 'concat' or 'merge'"):
+    mgpu.MosaicGPUConfig(residual="fold").validate()
   with pytest.raises(ValueError, match="token_rows"):
     mgpu.MosaicGPUConfig(token_rows=1).validate()
   # G > W: the default falls back to the query-rows form; asking for token rows is refused
@@ -286,6 +298,7 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
   check_case(case, dtype, False, defer_sums=False)
   check_case(case, dtype, False, defer_sums=True, max_bound=True)
+  check_case(case, dtype, False, residual="merge")
 
 
 @pytest.mark.gpu
@@ -304,3 +317,4 @@ def test_gpu_paired_slabs_match_oracle(case, dtype):
 @pytest.mark.parametrize("token_rows", [False, True])
 def test_gpu_sparse_matches_oracle(case, token_rows):
   check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows)
+  check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows, residual="merge")
