@@ -151,7 +151,7 @@ def test_interpret_paired_slabs_match_oracle(case):
     run(q, cache, lengths, packed, st, True, paired_slabs=True, token_rows=False)
 
 
-@pytest.mark.parametrize("case", CASES[:2])
+@pytest.mark.parametrize("case", [pytest.param(CASES[0], marks=pytest.mark.slow), CASES[1]])
 def test_interpret_residual_merge_matches_oracle(case):
   """residual="merge" (the window's partial as products and sums, merged with the splits in one
   XLA pass): the oracle's result, both kernel forms, dense and over selected blocks; the second
