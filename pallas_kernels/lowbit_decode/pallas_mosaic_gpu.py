@@ -562,22 +562,27 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
               v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
 
 
-def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int,
-                     block_indices_BKM=None, block_size: int | None = None):
-  """The residual window's partial in XLA (tokens [packed_b, length_b) in residual slots
-  [0, length_b - packed_b); with block_indices_BKM, only those of the selected blocks):
-  o f32 [B, K, 1, rows, H], m / l f32 [B, K, 1, rows]."""
-  B, K, G, H = q_BKGH.shape
-  R = res_k.shape[2]
-  s = jnp.einsum("bkgh,bkrh->bkgr", q_BKGH.astype(jnp.float32), res_k.astype(jnp.float32),
-                 precision=lax.Precision.HIGHEST) * H ** -0.5
+def _residual_valid(R: int, lengths_B, packed_B, block_indices_BKM, block_size):
+  """bool [B, 1 or K, 1, R]: residual slots holding a valid token ([0, length_b - packed_b)),
+  with block_indices_BKM only those of the selected blocks."""
   r = jnp.arange(R)
   valid = (r[None, :] < (lengths_B - packed_B)[:, None])[:, None, :]               # [B, 1, R]
   if block_indices_BKM is not None:
     blocks = (packed_B[:, None] + r[None, :]) // block_size                          # [B, R]
     chosen = jnp.any(block_indices_BKM[:, :, :, None] == blocks[:, None, None, :], axis=2)
     valid = valid & chosen                                                          # [B, K, R]
-  valid = valid[:, :, None, :]
+  return valid[:, :, None, :]
+
+
+def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int,
+                     block_indices_BKM=None, block_size: int | None = None):
+  """The residual window's partial in XLA (tokens [packed_b, length_b) in residual slots
+  [0, length_b - packed_b); with block_indices_BKM, only those of the selected blocks):
+  o f32 [B, K, 1, rows, H], m / l f32 [B, K, 1, rows]."""
+  B, K, G, H = q_BKGH.shape
+  s = jnp.einsum("bkgh,bkrh->bkgr", q_BKGH.astype(jnp.float32), res_k.astype(jnp.float32),
+                 precision=lax.Precision.HIGHEST) * H ** -0.5
+  valid = _residual_valid(res_k.shape[2], lengths_B, packed_B, block_indices_BKM, block_size)
   s = jnp.where(valid, s, online_softmax.MASK_VALUE)
   m = jnp.max(s, axis=-1)
   p = jnp.where(valid, jnp.exp(s - m[..., None]), 0.0)
@@ -594,16 +599,9 @@ def residual_merged(q_BKGH, res_k, res_v, lengths_B, packed_B, o, m, l, block_in
   [B, K, N, rows] in one pass (the `combine_splits` merge with one more term). Returns
   [B, K, G, H] in q's dtype; rows with no valid token are zeros."""
   B, K, G, H = q_BKGH.shape
-  R = res_k.shape[2]
   q = q_BKGH.astype(jnp.float32)
   s = jnp.sum(q[:, :, :, None, :] * res_k.astype(jnp.float32)[:, :, None], axis=-1) * H ** -0.5
-  r = jnp.arange(R)
-  valid = (r[None, :] < (lengths_B - packed_B)[:, None])[:, None, :]               # [B, 1, R]
-  if block_indices_BKM is not None:
-    blocks = (packed_B[:, None] + r[None, :]) // block_size                          # [B, R]
-    chosen = jnp.any(block_indices_BKM[:, :, :, None] == blocks[:, None, None, :], axis=2)
-    valid = valid & chosen                                                          # [B, K, R]
-  valid = valid[:, :, None, :]                                                      # [B, K, 1, R]
+  valid = _residual_valid(res_k.shape[2], lengths_B, packed_B, block_indices_BKM, block_size)
   s = jnp.where(valid, s, online_softmax.MASK_VALUE)
   m_s, l_s, o_s = m[:, :, :, :G], l[:, :, :, :G], o[:, :, :, :G]
   mx = jnp.maximum(jnp.max(m_s, axis=2), jnp.max(s, axis=-1))                        # [B, K, G]
