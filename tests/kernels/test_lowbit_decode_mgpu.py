@@ -152,13 +152,14 @@ def test_interpret_paired_slabs_match_oracle(case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(CASES[0], marks=pytest.mark.slow), CASES[1]])
-def test_interpret_residual_merge_matches_oracle(case):
-  """residual="merge" (the window's partial as products and sums, merged with the splits in one
-  XLA pass): the oracle's result, both kernel forms, dense and over selected blocks; the second
-  case has an empty sequence and one whose window holds every valid token."""
-  check_case(case, jnp.bfloat16, True, num_splits=3, residual="merge")
-  check_case(case, jnp.bfloat16, True, num_splits=2, token_rows=False, residual="merge")
-  check_sparse(case, jnp.bfloat16, True, num_splits=2, residual="merge")
+def test_interpret_residual_concat_matches_oracle(case):
+  """residual="concat" (the window's partial as one more split, concatenated, then
+  combine_splits; the other tests run the default "merge"): the oracle's result, both kernel
+  forms, dense and over selected blocks; the second case has an empty sequence and one whose
+  window holds every valid token."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, residual="concat")
+  check_case(case, jnp.bfloat16, True, num_splits=2, token_rows=False, residual="concat")
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, residual="concat")
 
 
 def test_interpret_overlapped_matches_oracle():
@@ -298,7 +299,7 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
   check_case(case, dtype, False, defer_sums=False)
   check_case(case, dtype, False, defer_sums=True, max_bound=True)
-  check_case(case, dtype, False, residual="merge")
+  check_case(case, dtype, False, residual="concat")
 
 
 @pytest.mark.gpu
@@ -317,4 +318,4 @@ def test_gpu_paired_slabs_match_oracle(case, dtype):
 @pytest.mark.parametrize("token_rows", [False, True])
 def test_gpu_sparse_matches_oracle(case, token_rows):
   check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows)
-  check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows, residual="merge")
+  check_sparse(case, jnp.bfloat16, False, num_splits=2, token_rows=token_rows, residual="concat")
