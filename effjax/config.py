@@ -248,7 +248,7 @@ class DecodeConfig:
   kv_window: Optional[int] = None          # full-precision residual window (None: 128 at 4 bits, 256 at 2)
   kv_k_mode: str = "channel"               # channel (K per channel, per group of tokens) | token
   kv_v_group: Optional[int] = None         # V channels per scale (None: the whole head)
-  kv_flush: str = "layer"                  # who decides a write's path: layer | step | loop (effjax.quant.kv)
+  kv_flush: str = "loop"                   # who decides a write's path: loop | step | layer (effjax.quant.kv)
 
   def __post_init__(self):
     _check(self.kv_cache in KV_CACHES, "decode.kv_cache",

@@ -127,6 +127,9 @@ def test_decode_section_gives_the_cache_spec():
   from effjax.quant.kv import KVCacheSpec
   assert KVCacheSpec.from_config(load_config("configs/tiny.yaml").decode) is None
   cfg = load_config("configs/tiny.yaml", ["decode.kv_cache=int2", "decode.kv_group=64",
-                                          "decode.kv_k_mode=token", "decode.kv_flush=loop"])
+                                          "decode.kv_k_mode=token", "decode.kv_flush=layer"])
   assert KVCacheSpec.from_config(cfg.decode) == KVCacheSpec("int2", group=64, k_mode="token",
-                                                            flush="loop")
+                                                            flush="layer")
+  # generate's loop packs full windows between append-only steps unless told otherwise
+  int4 = load_config("configs/tiny.yaml", ["decode.kv_cache=int4"]).decode
+  assert KVCacheSpec.from_config(int4).flush == "loop" == KVCacheSpec("int4").flush

@@ -63,7 +63,7 @@ def test_low_bit_caches_score_close_to_the_dense_cache(setup):
 
 def test_generate_and_sparse_resa_run_on_a_low_bit_cache(setup):
   params, prompts, lengths, _ = setup
-  spec = KVCacheSpec("int4", group=16, window=32)
+  spec = KVCacheSpec("int4", group=16, window=32, flush="layer")
   out, n = decoding.generate(CFG, params, prompts, lengths, jax.random.key(0), max_new_tokens=20,
                              decode_impl="xla", kv_cache=spec)
   ref, _ = decoding.generate(CFG, params, prompts, lengths, jax.random.key(0), max_new_tokens=20,

@@ -55,13 +55,15 @@ last f tokens):
     fitted with the padding).
 Under jit each sequence takes its own branch through selects; the common decode step (no rollback,
 no flush in the whole batch) only writes its rows into the residual. Who decides (`flush`):
-  - "layer" (the default): each layer's write decides for itself (`lax.cond` on the batch).
+  - "layer" (`QuantKV.init` / `init_cache`'s default): each layer's write decides for itself
+    (`lax.cond` on the batch).
   - "step": `decoding.decode_step` / `extend` ask every layer's entry `rewrite_needed` once and
     run the whole step's layers under one `lax.cond`: every layer appends, or every layer takes
     the general path. An XLA:GPU conditional copies its predicate to the host and waits for it,
     so this is one wait a step instead of one a layer; but XLA copies each layer's scales and
     zeros around that conditional (seen on XLA:GPU and XLA:CPU).
-  - "loop": as "step" for a lone `decode_step` / `extend`; `decoding.generate`'s loop runs decode
+  - "loop" (`KVCacheSpec`'s and the config's default): as "step" for a lone `decode_step` /
+    `extend`; `decoding.generate`'s loop runs decode
     steps that only append (no conditional at all) while every residual has room, letting a
     window fill to R tokens, and packs full windows (`flush_full`) between such runs. The token that
     fills a window is attended in full precision in its own step (quantised from the next step
@@ -409,7 +411,7 @@ class KVCacheSpec:
   window: int | None = None
   k_mode: str = "channel"
   v_group: int | None = None
-  flush: str = "layer"
+  flush: str = "loop"
 
   def __post_init__(self):
     if self.kind not in KV_CACHE_KINDS:
