@@ -26,6 +26,8 @@
 #              that runs out of time pauses the training and the next call continues), then
 #              experiments/seer_prefill/run.py on it with the repeated-text sets (--repeat-eval);
 #              results under $OUT/seer_retrieval. About three calls of 600 s on an H100.
+#              SEER_ARGS: more run.py arguments, last (e.g. "--d-gate 128 --gate-steps 1500
+#              --gate-batch 8"; a later flag wins)
 #   pack       tar + gzip everything under $OUT into $OUT/results.tgz (few files travel back)
 # Set EFFJAX_COMMIT=<commit> when the tree is a copy whose git metadata is not its own, so the
 # results name the right commit. A run longer than one command may take: start it with `setsid nohup bash benchmarks/run_device.sh
@@ -94,7 +96,7 @@ for job in "$@"; do
         && test -f $d/train/train_done.json \
         && python3 experiments/seer_prefill/run.py --run $d/train --out runs/seer_retrieval \
           --gate-steps 300 --n-eval 16 --eval-source $d/data/heldout.txt --repeat-eval \
-          --selectors gate,oracle,static,gate+local,recency+local,oracle+local" 2>&1 \
+          --selectors gate,oracle,static,gate+local,recency+local,oracle+local ${SEER_ARGS:-}" 2>&1 \
         | tee "$OUT/seer_retrieval.log" | grep -v Warn | tail -40
       mkdir -p "$OUT/seer_retrieval"
       cp runs/seer_retrieval/*.json runs/seer_retrieval/*.md runs/seer_retrieval/*.png \
