@@ -240,8 +240,9 @@ def main(argv: list[str] | None = None):
   ap.add_argument("--cache-dtype", default="bfloat16")
   ap.add_argument("--kv-caches", default="dense",
                   help="cache kinds, each row repeated per kind: dense (--cache-dtype), int4, int2 "
-                       "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens), "
-                       "with KVCacheSpec fields after colons, e.g. int4:flush=step:window=256")
+                       "(effjax.quant.kv.KVCacheSpec: K per channel in groups of 128 tokens, "
+                       "flush loop), with KVCacheSpec fields after colons, e.g. "
+                       "int4:flush=layer:window=256")
   ap.add_argument("--prefill-chunk", type=int, default=None,
                   help="prefill the prompt in chunks of this many tokens (default: one call)")
   ap.add_argument("--repeats", type=int, default=3)
