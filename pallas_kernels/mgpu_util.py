@@ -202,6 +202,50 @@ def s8_pairs_from_words(x, shift, layout):
 
 
 
+def s8_planes_from_words(x, shift, layout):
+  """As `s8_pairs_from_words`, but the two fields a word gives are slots p and p + 4 (bits
+  [shift, shift + 2) and [shift + 8, shift + 10), shift = 2 p, p < 4): per 32-bit register one
+  shift and one mask, (v >> shift) & 0x03030303, give the bytes (word 0's slot p, word 0's slot
+  p + 4, word 1's slot p, word 1's slot p + 4), so output column 16 g + 4 c + 2 e + s is slot
+  p + 4 s of input column 8 g + 2 c + e."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith
+  import numpy as np
+
+  R, C = x.shape
+
+  @plgpu.inline_mgpu(arg_types=(layout, plgpu.Layout.WG_SPLAT(())),
+                     return_type=plgpu.ShapeDtypeStruct((R, 2 * C), jnp.int8,
+                                                        layout=plgpu.Layout.WGMMA_8BIT))
+  def body(ctx, a, s):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    sh = s.registers.item()
+    try:
+      width = ir.IntegerType(sh.type).width
+    except (ValueError, TypeError) as e:
+      raise NotImplementedError(f"a scalar integer shift expected, got {sh.type}") from e
+    if width != 32:
+      sh = arith.extui(i32, sh) if width < 32 else arith.trunci(i32, sh)
+    out_t = ir.VectorType.get([4], ir.IntegerType.get_signless(8))
+    out_layout = plgpu.Layout.WGMMA_8BIT.to_mgpu()
+    if out_layout.registers_shape((R, 2 * C)) != a.registers.shape:
+      raise NotImplementedError(f"register shapes differ: {a.registers.shape} -> "
+                                f"{out_layout.registers_shape((R, 2 * C))}")
+    regs = np.empty_like(a.registers)
+    for idx, reg in np.ndenumerate(a.registers):
+      r = ir.VectorType(reg.type)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
+        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
+      v = arith.shrui(mgpu_utils.bitcast(reg, i32), sh)
+      regs[idx] = mgpu_utils.bitcast(arith.andi(v, _i32(0x03030303)), out_t)
+    return mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=True)
+
+  return body(x, jnp.asarray(shift, jnp.int32))
+
+
 def concat_columns(a, b, layout):
   """a, b ([R, C] in registers, `layout` = the WGMMA layout, C a multiple of 8) -> [R, 2 C], a's
   columns then b's, in the same layout. The layout's registers come in tiles of 8 columns (the

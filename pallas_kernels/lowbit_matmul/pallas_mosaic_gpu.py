@@ -122,7 +122,12 @@ class MosaicGPUConfig:
   runs; gemv_s8 (I2_T, W2A8, M <= 64): decode on the GEMM's s8 wgmma instead of the 16-bit
   operand (`_run_gv`: x rows rounded up to 8 / 16 / 32 / 64, whole 512-row blocks a step, split
   along K; num_splits / pipeline_depth / fused_epilogue apply), gemv_warpgroups its consumer
-  warpgroups (1: 64 columns a program; 2: 128, with a producer warpgroup)."""
+  warpgroups (1: 64 columns a program; 2: 128, with a producer warpgroup); planar_decode
+  (I2_T s8 GEMM and GEMV): a step takes slots p and p + 4 of every word instead of 2 t and
+  2 t + 1, so one 32-bit shift and one mask (`mgpu_util.s8_planes_from_words`; the mask alone
+  for p = 0) decode 4 codes where the pair form takes a shift, two masks and a shift-or; x's
+  columns permuted per 512-row block instead (`gemm_x_permutation(planar=True)`); the packed
+  words are the same. To be timed on a GPU, so off."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -138,6 +143,7 @@ class MosaicGPUConfig:
   gemm_k_slots: int = 2
   gemv_s8: bool = True
   gemv_warpgroups: int = 1
+  planar_decode: bool = False
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -159,7 +165,7 @@ class MosaicGPUConfig:
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
     for name in ("overlap", "word_shifts", "fused_decode", "hold_operands", "fused_epilogue",
-                 "gemv_s8"):
+                 "gemv_s8", "planar_decode"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -567,21 +573,32 @@ BN_G = 64         # output columns a program: the wgmma's M (the weight is its r
 BM_MAX_G = 256    # x rows a program at most: the wgmma's N
 
 
-def gemm_x_permutation() -> np.ndarray:
+def gemm_x_permutation(planar: bool = False) -> np.ndarray:
   """int [KS_G]: position p = 16 g + 4 c + 2 e + s of a step's x tile holds K row s * 64 + 8 g +
   2 c + e of the step's 128 rows (`mgpu_util.s8_pairs_from_words`' column order: field s of word
   8 g + 2 c + e); step 4 b + t covers rows [128 t, 128 t + 128) of 512-row block b, slots 2 t
   and 2 t + 1 of its words."""
+  if planar:
+    # int [4 KS_G] over a 512-row block: position 128 j + 16 g + 4 c + 2 e + s holds row
+    # 64 (j + 4 s) + 8 g + 2 c + e (`mgpu_util.s8_planes_from_words`: slot j + 4 s of word
+    # 8 g + 2 c + e); step j of the block takes slots j and j + 4
+    p = np.arange(4 * KS_G)
+    j, p = p // KS_G, p % KS_G
+    g, c, e, s = p // 16, (p // 4) % 4, (p // 2) % 2, p % 2
+    return 64 * (j + 4 * s) + 8 * g + 2 * c + e
   p = np.arange(KS_G)
   g, c, e, s = p // 16, (p // 4) % 4, (p // 2) % 2, p % 2
   return s * 64 + 8 * g + 2 * c + e
 
 
-def permute_x_gemm(x_MK: jax.Array) -> jax.Array:
+def permute_x_gemm(x_MK: jax.Array, planar: bool = False) -> jax.Array:
   """x [M, K] (K a multiple of 128) with each 128 columns in `gemm_x_permutation`'s order, as a
   reshape and transpose (rows s * 64 + 8 g + 2 c + e -> position ((g * 4 + c) * 2 + e) * 2 + s),
   which XLA fuses into the op producing x."""
   M, K = x_MK.shape
+  if planar:    # per 512 columns (K a multiple of 512): rows 256 s + 64 j + 8 g + 2 c + e
+    return (x_MK.reshape(M, K // (4 * KS_G), 2, 4, 8, 4, 2).transpose(0, 1, 3, 4, 5, 6, 2)
+            .reshape(M, K))
   return x_MK.reshape(M, K // KS_G, 2, 8, 4, 2).transpose(0, 1, 3, 4, 5, 2).reshape(M, K)
 
 
@@ -592,7 +609,7 @@ def gemm_block_m(M: int, requested: int | None = None) -> int:
 
 
 def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
-              interpret: bool, num_splits: int = 1):
+              interpret: bool, num_splits: int = 1, planar: bool = False):
   # refs: (o_ref,): the int32 sums [N, Mp] ([num_splits, N, Mp] split along K: program s takes
   # steps [s n_steps, (s + 1) n_steps)); or (v_ref, o_ref) with the epilogue fused: v_ref
   # float32 [3, Mp] (sum_k x, the weight scale, x's scale per row) and o_ref y [Mp, N]
@@ -611,7 +628,7 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_sl
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      return acc + _step_interpret(w_smem[...], x_smem, start + idx[0], k_slots)
+      return acc + _step_interpret(w_smem[...], x_smem, start + idx[0], k_slots, planar)
     acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
                               init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
@@ -625,7 +642,7 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_sl
         # some (block_m, stages), 0.2-50% of the outputs, exact at others
         with jax.named_scope("load"):
           words = mgpu_util.load(w_smem, wgmma_layout)
-        _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots)
+        _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots, planar)
       plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                           max_concurrent_steps=stages)(x_ref, w_ref)
       return acc_ref[...]
@@ -676,31 +693,35 @@ def _store_g(acc, o_ref, v_ref, o_smem, v_smem, barrier, row0, m, block_m: int,
   plgpu.wait_smem_to_gmem(0)
 
 
-def _decode_interpret(words, t):
+def _decode_interpret(words, t, planar: bool = False):
   """The interpreter's s8 operand: slots 2 t, 2 t + 1 of words [R, 64] as int32 [R, 128],
-  column 2 j + s = slot 2 t + s of word j (`mgpu_util.s8_pairs_from_words`' order)."""
-  q = [lax.shift_right_logical(words, (4 * t + 2 * s).astype(jnp.uint16)) & jnp.uint16(3)
+  column 2 j + s = slot 2 t + s of word j (`mgpu_util.s8_pairs_from_words`' order); planar:
+  slots t and t + 4 (`mgpu_util.s8_planes_from_words`)."""
+  first, stride = (2 * t, 8) if planar else (4 * t, 2)
+  q = [lax.shift_right_logical(words, (first + stride * s).astype(jnp.uint16)) & jnp.uint16(3)
        for s in (0, 1)]
   return jnp.stack(q, axis=-1).reshape(words.shape[0], KS_G).astype(jnp.int32)
 
 
-def _step_interpret(words, x_smem, k, k_slots: int):
+def _step_interpret(words, x_smem, k, k_slots: int, planar: bool = False):
   """The interpreter's int32 [R, block_m] sums of pipeline step k: slot pairs t = k_slots * (k
   mod 4 / k_slots) + j of the words [R, 64] against the x tile's 128-column slab j."""
   first = k_slots * lax.rem(k, 4 // k_slots)
-  return sum(jnp.dot(_decode_interpret(words, first + j),
+  return sum(jnp.dot(_decode_interpret(words, first + j, planar),
                      x_smem[:, j * KS_G:(j + 1) * KS_G].astype(jnp.int32).T,
                      preferred_element_type=jnp.int32) for j in range(k_slots))
 
 
-def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int):
+def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int, planar: bool = False):
   """Pipeline step k on the GPU: per slot pair of the step, its s8 operand decoded from the
   words (registers, WGMMA layout) and one wgmma against the x tile's 128-column slab; a pair
   decodes while the previous pair's wgmma runs (`wgmma_wait(1)`); drained at the end."""
   first = k_slots * lax.rem(k, 4 // k_slots)
   for j in range(k_slots):
     with jax.named_scope("decode"):
-      a = mgpu_util.s8_pairs_from_words(words, 4 * (first + j), plgpu.Layout.WGMMA)
+      a = (mgpu_util.s8_planes_from_words(words, 2 * (first + j), plgpu.Layout.WGMMA)
+           if planar else
+           mgpu_util.s8_pairs_from_words(words, 4 * (first + j), plgpu.Layout.WGMMA))
     with jax.named_scope("mma"):
       x = x_smem if k_slots == 1 else x_smem.at[:, pl.ds(j * KS_G, KS_G)]
       plgpu.wgmma(acc_ref, a, mgpu_util.transposed(x))
@@ -708,7 +729,7 @@ def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int):
 
 
 def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
-               interpret: bool, num_splits: int = 1):
+               interpret: bool, num_splits: int = 1, planar: bool = False):
   """The GEMM with two consumer warpgroups a program and a producer one (warp-specialised
   pipeline): 128 output columns a program, each consumer the wgmmas of 64 of them against the
   same x tile. refs: as `_kernel_g`'s, then the scratch (out tiles [2, ...], and with the fused
@@ -739,7 +760,7 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
   if interpret:
     def step(idx, x_smem, w_smem, acc):
-      return acc + _step_interpret(w_smem[rows], x_smem, start + idx[0], k_slots)
+      return acc + _step_interpret(w_smem[rows], x_smem, start + idx[0], k_slots, planar)
 
     def compute(run):
       finish(run(jnp.zeros((BN_G, block_m), jnp.int32)))
@@ -748,7 +769,7 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
       # the step's tiles are released when it returns: its wgmmas are drained
       with jax.named_scope("load"):
         words = mgpu_util.load(w_smem.at[rows], plgpu.Layout.WGMMA)
-      _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots)
+      _step_wgmmas(acc_ref, words, x_smem, start + idx[0], k_slots, planar)
       return acc_ref
 
     def compute(run):
@@ -765,11 +786,11 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
 def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
                warpgroups: int, k_slots: int, interpret: bool, num_splits: int = 1,
-               profile: tuple[str, int] | None = None):
+               profile: tuple[str, int] | None = None, planar: bool = False):
   M, K = x_int8_MK.shape
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
-  x = permute_x_gemm(jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K))))
+  x = permute_x_gemm(jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K))), planar)
   fused = vecs_3M is not None
   n_steps = rows // (KS_G * k_slots)
   if n_steps % num_splits or (fused and num_splits > 1):
@@ -779,7 +800,7 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
               else jax.ShapeDtypeStruct((N, Mp) if num_splits == 1 else (num_splits, N, Mp),
                                         jnp.int32))
   kw = dict(block_m=block_m, stages=stages, n_steps=n_steps // num_splits, k_slots=k_slots,
-            interpret=interpret, num_splits=num_splits)
+            interpret=interpret, num_splits=num_splits, planar=planar)
   if warpgroups == 1:
     body, extra = functools.partial(_kernel_g, **kw), {}
   else:
@@ -804,33 +825,34 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups", "k_slots",
-                                             "num_splits", "profile", "interpret"))
+                                             "num_splits", "profile", "interpret", "planar"))
 def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
               k_slots: int = 1, num_splits: int = 1, profile: tuple[str, int] | None = None,
-              interpret: bool = False):
+              interpret: bool = False, planar: bool = False):
   """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
   (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
   its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
   (64 output columns a program) or 2 (128: two consumer warpgroups sharing each x tile, a
   producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step;
   num_splits > 1 (dividing the steps): [num_splits, N, Mp], the sums of each share of K;
-  profile (dir, space): the Mosaic GPU profiler's trace of each launch (phases decode / mma)."""
+  profile (dir, space): the Mosaic GPU profiler's trace of each launch (phases decode / mma);
+  planar: `MosaicGPUConfig.planar_decode`."""
   return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
                     out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret,
-                    num_splits=num_splits, profile=profile)
+                    num_splits=num_splits, profile=profile, planar=planar)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
-                                             "k_slots", "profile", "interpret"))
+                                             "k_slots", "profile", "interpret", "planar"))
 def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
                warpgroups: int = 1, k_slots: int = 1, profile: tuple[str, int] | None = None,
-               interpret: bool = False):
+               interpret: bool = False, planar: bool = False):
   """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
   float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
   per row (zero rows past M). Same x preparation, warpgroups and k_slots as `gemm_sums`."""
   return _gemm_call(x_int8_MK, packed_u16, vecs_3M, N=N, block_m=block_m, stages=stages,
                     out_dtype=out_dtype, warpgroups=warpgroups, k_slots=k_slots,
-                    interpret=interpret, profile=profile)
+                    interpret=interpret, profile=profile, planar=planar)
 
 
 def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1, k_slots: int = 1) -> int:
@@ -896,7 +918,8 @@ def _s8_matmul(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config, *, bl
   M = x_int8_MK.shape[0]
   N = packed.shape[1]
   kw = dict(N=N, block_m=int(block_m), stages=int(stages), warpgroups=warpgroups,
-            k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret))
+            k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret),
+            planar=bool(config.planar_decode))
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   if splits == 1 and config.fused_epilogue and jnp.ndim(packed.scale) == 0:
     Mp = launch.round_up(M, block_m)

@@ -495,3 +495,71 @@ def test_gpu_concatenated_weights_equal_each_weights_product(M):
   got = np.asarray(lowbit_matmul_int8(xi, xs, cat, **kw))
   want = np.concatenate([np.asarray(lowbit_matmul_int8(xi, xs, w, **kw)) for w in ws], 1)
   np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------- planar_decode: slots p and p + 4 a step, one mask a register
+
+def test_i2t_planar_register_decoding_and_x_order():
+  """`mgpu_util.s8_planes_from_words`' formula, (v >> 2 p) & 0x03030303 on the 32-bit registers
+  of word pairs, gives the interpreter's planar operand for every p; `gemm_x_permutation(True)`
+  and `permute_x_gemm(..., True)` put x's rows where those bytes are: K row 64 f + w of a 512-row
+  block is slot f of word w."""
+  words = np.random.default_rng(1).integers(0, 1 << 16, (64, 64)).astype(np.uint16)
+  regs = words.view(np.uint32)
+  for p in range(4):
+    q = (regs >> np.uint32(2 * p)) & np.uint32(0x03030303)
+    emulated = q.view(np.uint8).reshape(64, 128)
+    want = np.asarray(mgpu._decode_interpret(jnp.asarray(words), jnp.int32(p), True))
+    np.testing.assert_array_equal(emulated.astype(np.int32), want)
+    # column 4 j + b of step p's operand is slot (p if b even... ) of word 2 j + b // 2, the slot
+    # p + 4 (b % 2); the x row it multiplies is the permutation's entry at 128 p + 4 j + b
+    perm = mgpu.gemm_x_permutation(True)
+    j, b = np.meshgrid(np.arange(32), np.arange(4), indexing="ij")
+    slot, word = p + 4 * (b % 2), 2 * j + b // 2
+    np.testing.assert_array_equal(perm[128 * p + 4 * j + b], 64 * slot + word)
+    np.testing.assert_array_equal(want[:, 4 * j + b], (words[:, word] >> (2 * slot)) & 3)
+  perm = mgpu.gemm_x_permutation(True)
+  assert sorted(perm.tolist()) == list(range(4 * mgpu.KS_G))
+  x = np.arange(3 * 1024).reshape(3, 1024)
+  np.testing.assert_array_equal(np.asarray(mgpu.permute_x_gemm(jnp.asarray(x), True)),
+                                x.reshape(3, 2, 512)[:, :, perm].reshape(3, 1024))
+  with pytest.raises(ValueError, match="planar_decode"):
+    mgpu.MosaicGPUConfig(planar_decode=1).validate()
+
+
+PL = dict(planar_decode=True)
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [(65, 1000, 128, PL), (70, 1000, 128, dict(gemm_k_slots=4,
+                                                                                gemm_block_m=64,
+                                                                                **PL)),
+                                       (130, 1000, 192, dict(gemm_k_slots=1, **ONE_WG, **PL)),
+                                       (1, 1024, 128, dict(**GV, **PL)),
+                                       (13, 2048, 128, dict(num_splits=2, gemv_warpgroups=2,
+                                                            **GV, **PL))])
+def test_i2t_planar_decode_interpret_matches_the_xla_integer_path(M, K, N, cfg):
+  """planar_decode on the GEMM (two warpgroups with the fused epilogue, four and one slot pairs
+  a step, one warpgroup) and the s8 GEMV (split, two warpgroups): the exact integer product."""
+  check_gemm(M, K, N, True, **cfg)
+
+
+@pytest.mark.parametrize("warpgroups,k_slots,splits", [(1, 1, 1), (2, 2, 1), (1, 4, 4)])
+def test_i2t_planar_decode_lowers_for_cuda(warpgroups, k_slots, splits):
+  S_ = jax.ShapeDtypeStruct
+  block_m = 128 if warpgroups == 2 else 64
+  stages = mgpu.gemm_stages(block_m, None, warpgroups, k_slots)
+  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=block_m, stages=stages,
+                                           warpgroups=warpgroups, k_slots=k_slots,
+                                           num_splits=splits, planar=True))
+  assert "mosaic_gpu" in lower_for_cuda(fn, S_((block_m - 3, 2048), jnp.int8),
+                                        S_((1024, 256), jnp.uint16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N", [(1, 8192, 8192), (16, 14336, 4096), (2048, 4096, 14336),
+                                   (100, 1000, 192)])
+def test_gpu_i2t_planar_decode_matches_the_xla_integer_path(M, K, N):
+  check_gemm(M, K, N, False, **PL)
+  check_gemm(M, K, N, False, jnp.bfloat16, **PL)
+  check_gemm(M, K, N, False, gemm_warpgroups=1, gemm_k_slots=1, **PL)
+  check_gemm(M, K, N, False, num_splits=1, **PL)
