@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A GPU run in one command: install, then the named jobs; logs and JSON under $OUT (default
-# out/device). Each job gets T_<job> (or JOB_TIMEOUT, default 900) seconds.
+# out/device). Each job gets T_<job> (or JOB_TIMEOUT, default 900) seconds. A ./wheels folder
+# (benchmarks/fetch_wheels.sh, on a machine with network) is installed first: the data jobs
+# need grain and tensorflow-datasets.
 #
 #   bash benchmarks/run_device.sh JOB [JOB ...]
 #
