@@ -151,16 +151,13 @@ def fma_from_words(x, *, shift: int, mask: int, magic: int, mul: float, add: flo
   return _map_words(x, layout, dtype, fn)
 
 
-def s8_pairs_from_words(x, shift, layout):
+def _s8_from_words(x, shift, layout, fold):
   """x (uint16 [R, C] in registers, `layout` = the 16-bit WGMMA layout, two neighbouring words a
-  32-bit register) and a scalar int32 shift (a multiple of 4, < 16) -> int8 [R, 2 C] in the
-  8-bit WGMMA layout (the s8 wgmma's register operand): per register, the two 2-bit fields at
-  bits [shift, shift + 4) of each word, q0 (low) and q1, as the bytes (word 0's q0, word 0's q1,
-  word 1's q0, word 1's q1). Both layouts give a thread the same rows and column groups, a
-  16-bit register holding columns (2 c, 2 c + 1) of an 8-column group and an 8-bit one columns
-  4 c .. 4 c + 3 of a 16-column group, so output column 16 g + 4 c + 2 e + s is field s of input
-  column 8 g + 2 c + e. Three instructions a register past the shift: (v & 0x00030003) |
-  ((v & 0x000C000C) << 6)."""
+  32-bit register) and a scalar int32 shift -> int8 [R, 2 C] in the 8-bit WGMMA layout (the s8
+  wgmma's register operand): per 32-bit register v, the bytes fold(v >> shift) (`fold` builds
+  the mask / shift instructions on an i32 value). Both layouts give a thread the same rows and
+  column groups, a 16-bit register holding columns (2 c, 2 c + 1) of an 8-column group and an
+  8-bit one columns 4 c .. 4 c + 3 of a 16-column group: no value moves between threads."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
@@ -193,57 +190,33 @@ def s8_pairs_from_words(x, shift, layout):
       if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
         raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
       v = arith.shrui(mgpu_utils.bitcast(reg, i32), sh)
-      q = arith.ori(arith.andi(v, _i32(0x00030003)),
-                    arith.shli(arith.andi(v, _i32(0x000C000C)), _i32(6)))
-      regs[idx] = mgpu_utils.bitcast(q, out_t)
+      regs[idx] = mgpu_utils.bitcast(fold(v), out_t)
     return mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=True)
 
   return body(x, jnp.asarray(shift, jnp.int32))
 
+
+def s8_pairs_from_words(x, shift, layout):
+  """`_s8_from_words` with shift a multiple of 4 (< 16): per register, the two 2-bit fields at
+  bits [shift, shift + 4) of each word, q0 (low) and q1, as the bytes (word 0's q0, word 0's q1,
+  word 1's q0, word 1's q1), so output column 16 g + 4 c + 2 e + s is field s of input column
+  8 g + 2 c + e. Three instructions a register past the shift: (v & 0x00030003) |
+  ((v & 0x000C000C) << 6)."""
+  from jax._src.lib.mlir.dialects import arith
+
+  return _s8_from_words(x, shift, layout, lambda v: arith.ori(
+      arith.andi(v, _i32(0x00030003)), arith.shli(arith.andi(v, _i32(0x000C000C)), _i32(6))))
 
 
 def s8_planes_from_words(x, shift, layout):
-  """As `s8_pairs_from_words`, but the two fields a word gives are slots p and p + 4 (bits
-  [shift, shift + 2) and [shift + 8, shift + 10), shift = 2 p, p < 4): per 32-bit register one
-  shift and one mask, (v >> shift) & 0x03030303, give the bytes (word 0's slot p, word 0's slot
-  p + 4, word 1's slot p, word 1's slot p + 4), so output column 16 g + 4 c + 2 e + s is slot
-  p + 4 s of input column 8 g + 2 c + e."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-  from jax._src.lib.mlir import ir
+  """`_s8_from_words` with shift = 2 p (p < 4): the two fields a word gives are slots p and
+  p + 4 (bits [shift, shift + 2) and [shift + 8, shift + 10)); one mask a register past the
+  shift, (v >> shift) & 0x03030303, gives the bytes (word 0's slot p, word 0's slot p + 4, word
+  1's slot p, word 1's slot p + 4), so output column 16 g + 4 c + 2 e + s is slot p + 4 s of
+  input column 8 g + 2 c + e."""
   from jax._src.lib.mlir.dialects import arith
-  import numpy as np
 
-  R, C = x.shape
-
-  @plgpu.inline_mgpu(arg_types=(layout, plgpu.Layout.WG_SPLAT(())),
-                     return_type=plgpu.ShapeDtypeStruct((R, 2 * C), jnp.int8,
-                                                        layout=plgpu.Layout.WGMMA_8BIT))
-  def body(ctx, a, s):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    sh = s.registers.item()
-    try:
-      width = ir.IntegerType(sh.type).width
-    except (ValueError, TypeError) as e:
-      raise NotImplementedError(f"a scalar integer shift expected, got {sh.type}") from e
-    if width != 32:
-      sh = arith.extui(i32, sh) if width < 32 else arith.trunci(i32, sh)
-    out_t = ir.VectorType.get([4], ir.IntegerType.get_signless(8))
-    out_layout = plgpu.Layout.WGMMA_8BIT.to_mgpu()
-    if out_layout.registers_shape((R, 2 * C)) != a.registers.shape:
-      raise NotImplementedError(f"register shapes differ: {a.registers.shape} -> "
-                                f"{out_layout.registers_shape((R, 2 * C))}")
-    regs = np.empty_like(a.registers)
-    for idx, reg in np.ndenumerate(a.registers):
-      r = ir.VectorType(reg.type)
-      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
-        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
-      v = arith.shrui(mgpu_utils.bitcast(reg, i32), sh)
-      regs[idx] = mgpu_utils.bitcast(arith.andi(v, _i32(0x03030303)), out_t)
-    return mgpu.FragmentedArray(_registers=regs, _layout=out_layout, _is_signed=True)
-
-  return body(x, jnp.asarray(shift, jnp.int32))
+  return _s8_from_words(x, shift, layout, lambda v: arith.andi(v, _i32(0x03030303)))
 
 
 def concat_columns(a, b, layout):
