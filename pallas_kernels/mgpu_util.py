@@ -36,11 +36,13 @@ def interpret_params(interpret: bool):
   return InterpretGPUParams(out_of_bounds_reads="uninitialized", uninitialized_memory="zero")
 
 
-def compiler_params(profile: tuple[str, int] | None = None):
-  """CompilerParams with approximate math; profile (dir, space) turns on the profiler."""
+def compiler_params(profile: tuple[str, int] | None = None, auto_barriers: bool = True):
+  """CompilerParams with approximate math; profile (dir, space) turns on the profiler;
+  auto_barriers=False: Pallas inserts no warpgroup barrier around shared-memory stores and copy
+  issues (`unsafe_no_auto_barriers`), so the kernel must place the ones it needs itself."""
   return plgpu.CompilerParams(
-      approx_math=True, **({} if profile is None else
-                           dict(profile_dir=profile[0], profile_space=profile[1])))
+      approx_math=True, unsafe_no_auto_barriers=not auto_barriers,
+      **({} if profile is None else dict(profile_dir=profile[0], profile_space=profile[1])))
 
 
 def load(ref, layout):

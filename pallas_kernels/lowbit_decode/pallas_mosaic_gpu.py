@@ -92,7 +92,14 @@ class MosaicGPUConfig:
   default: its scores and sums as elementwise products and reductions, merged with the splits in
   one XLA reduction: no GEMM launches and no concatenation of the partials; on the H100, int4
   S32K / S128K: B1 47.6 / 139.4 us against 56.1 / 146.3, B8 equal) or "concat" (as one more
-  split, concatenated to them, then `combine_splits`)."""
+  split, concatenated to them, then `combine_splits`); auto_barriers: let Pallas put a warpgroup
+  barrier before and after every shared-memory store and before every copy issue (the default),
+  or (False) compile with `unsafe_no_auto_barriers` and place only the barriers the kernel needs:
+  one before a block's first store into the dequantised tiles (the previous block's wgmmas, which
+  other warps may still be waiting on, read them) and the `commit_smem` after its stores (which
+  also orders every read of the pipeline slot before the copy that refills it). The token-rows
+  loop then has 4 barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py`
+  counts them in the lowered kernel)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -103,13 +110,14 @@ class MosaicGPUConfig:
   max_bound: bool = False
   paired_slabs: bool = True
   residual: str = "merge"
+  auto_barriers: bool = True
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs"):
+    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs", "auto_barriers"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
@@ -176,7 +184,7 @@ def _selection(block_indices_BKM, lengths_B, packed_B, B: int, K: int):
 def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref, vs_ref,
             vz_ref, o_ref, m_ref, l_ref, q_smem, kt_smem, vt_smem, q_bar, *, bits: int,
             group: int, num_splits: int, stages: int, scale_log2: float, sparse: bool,
-            overlap: bool, interpret: bool):
+            overlap: bool, interpret: bool, auto_barriers: bool = True):
   H = q_smem.shape[-1]
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
@@ -210,6 +218,8 @@ def _kernel(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_
     col = wgmma_layout.reduce(0)
     row = wgmma_layout.reduce(1)
     f32 = lambda x: x.astype(jnp.float32)
+    if not auto_barriers:   # the previous block's wgmmas read kt / vt: every warp past its wait
+      plgpu.commit_smem()
 
     def dequant_v():
       with jax.named_scope("dequant_v"):
@@ -298,7 +308,7 @@ def slab_width(W: int) -> int:
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
                 scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
-                interpret: bool):
+                interpret: bool, auto_barriers: bool = True):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
@@ -363,6 +373,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
       with jax.named_scope("dequant_v"):
         vwords = load(vw_smem, wgmma_layout)
         vscale, vzero = load(vs_smem, row), load(vz_smem, row)
+        if not auto_barriers:   # the previous block's PV wgmma read v / p: every warp past it
+          plgpu.commit_smem()
         for i in range(slabs_n):
           x = slabs(vwords, i) * bcast(vscale, (T, SW), 0) + bcast(vzero, (T, SW), 0)
           v_smem.at[:, pl.ds(i * SW, SW)][...] = x
@@ -466,12 +478,13 @@ def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: flo
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
-                                             "defer_sums", "max_bound", "interpret"))
+                                             "defer_sums", "max_bound", "auto_barriers",
+                                             "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
                         defer_sums: bool = False, max_bound: bool = False,
-                        interpret: bool = False):
+                        auto_barriers: bool = True, interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
   (RO = G rounded up to 8)."""
   B, K, G, H = q_BKGH.shape
@@ -488,7 +501,8 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   scale_log2 = H ** -0.5 * LOG2E
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=scale_log2, sparse=sparse,
-                             defer_sums=defer_sums, max_bound=max_bound, interpret=interpret)
+                             defer_sums=defer_sums, max_bound=max_bound, interpret=interpret,
+                             auto_barriers=auto_barriers)
   extra = ()
   if max_bound:
     bound = block_bounds(qp, k_scale, k_zero, bits, group, scale_log2, block_indices_BKM)
@@ -507,7 +521,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=mgpu_util.compiler_params(profile),
+      compiler_params=mgpu_util.compiler_params(profile, auto_barriers),
       interpret=interp,
   )
   o, m, l = call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, qp,
@@ -520,11 +534,11 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "overlap",
-                                             "profile", "interpret"))
+                                             "profile", "auto_barriers", "interpret"))
 def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                     packed_B, block_indices_BKM=None, *, bits: int, group: int, num_splits: int,
                     stages: int, overlap: bool = False, profile: tuple[str, int] | None = None,
-                    interpret: bool = False):
+                    auto_barriers: bool = True, interpret: bool = False):
   """The kernel's partials over the packed tokens below the length (with block_indices_BKM, int32
   [B, K, M] of 64-token blocks: over the selected packed blocks only): o f32 [B, K, N, RO, H],
   m / l f32 [B, K, N, RO] (N = num_splits, RO = G rounded up to 8)."""
@@ -540,7 +554,8 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
   idx, nslots = _selection(block_indices_BKM, lengths_B, packed_B, B, K)
   kernel = functools.partial(_kernel, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=H ** -0.5 * LOG2E, sparse=sparse,
-                             overlap=overlap, interpret=interpret)
+                             overlap=overlap, interpret=interpret,
+                             auto_barriers=auto_barriers)
   f32 = jnp.float32
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
@@ -554,7 +569,7 @@ def packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
-      compiler_params=mgpu_util.compiler_params(profile),
+      compiler_params=mgpu_util.compiler_params(profile, auto_barriers),
       interpret=interp,
   )
   return call(packed_B.astype(jnp.int32), lengths_B.astype(jnp.int32), nslots, idx, q64,
@@ -667,6 +682,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   profile=profile, defer_sums=bool(config.defer_sums),
                                   max_bound=bool(config.max_bound)
                                   and jnp.dtype(q_BKGH.dtype) == jnp.dtype(jnp.bfloat16),
+                                  auto_barriers=bool(config.auto_barriers),
                                   interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
@@ -674,6 +690,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                               block_indices_BKM, bits=int(bits), group=int(group),
                               num_splits=int(num_splits), stages=int(stages),
                               overlap=config.overlap, profile=profile,
+                              auto_barriers=bool(config.auto_barriers),
                               interpret=bool(interpret))
   if config.residual == "merge":
     return residual_merged(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),

@@ -120,3 +120,47 @@ def lower_for_cuda(fn, *args) -> str:
   with lowering_for("gpu"):
     exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[triton_call])(*args)
   return exported.mlir_module()
+
+
+def mosaic_gpu_modules(fn, *args) -> list[str]:
+  """The MLIR text of every Mosaic GPU kernel in fn (jitted) lowered for CUDA on any host: the
+  modules as Mosaic GPU hands them to its compiler (thread-level ops: arithmetic, shared-memory
+  loads / stores, inline PTX such as `bar.sync`), captured at their serialisation."""
+  from jax import export
+  from jax.experimental.mosaic.gpu import core
+  if not hasattr(core, "_run_serde_pass"):
+    raise AssertionError("jax.experimental.mosaic.gpu.core._run_serde_pass is gone: update "
+                         "mosaic_gpu_modules to capture the kernels elsewhere")
+  texts, serde = [], core._run_serde_pass
+
+  def capture(module, *a, **k):
+    texts.append(module.operation.get_asm(enable_debug_info=False))
+    return serde(module, *a, **k)
+
+  core._run_serde_pass = capture
+  try:
+    with lowering_for("gpu"):
+      export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args)
+  finally:
+    core._run_serde_pass = serde
+  return texts
+
+
+def loop_barriers(text: str) -> int:
+  """Warpgroup barriers (`bar.sync`) in the body of the longest `scf.for` of a Mosaic GPU module
+  (a pipelined kernel's main loop): what every loop iteration synchronises on."""
+  lines = text.splitlines()
+  best = (0, 0)
+  for i, line in enumerate(lines):
+    if "scf.for" not in line:
+      continue
+    depth, j = 0, i
+    while True:
+      depth += lines[j].count("{") - lines[j].count("}")
+      j += 1
+      if depth <= 0 and j > i + 1:
+        break
+    body = lines[i:j]
+    best = max(best, (len(body), sum(l.count("bar.sync") for l in body)))
+  return best[1]

@@ -14,7 +14,7 @@ from pallas_kernels.dispatch import NotSupported, lowering_for
 from pallas_kernels.lowbit_decode import lowbit_decode_attention
 from pallas_kernels.lowbit_decode import pallas_mosaic_gpu as mgpu
 
-from ._oracle import check_close, length_valid, oracle
+from ._oracle import check_close, length_valid, loop_barriers, mosaic_gpu_modules, oracle
 from .test_lowbit_decode import block_valid, dequant_np, make_case, random_blocks
 
 # (B, K, G, H, S, lengths, packed, bits, group, window, k_mode, v_group)
@@ -167,6 +167,40 @@ def test_interpret_overlapped_matches_oracle():
   check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
 
 
+def test_interpret_without_auto_barriers_matches_oracle():
+  """auto_barriers=False: the interpreter ignores the compiler setting, so this checks the
+  explicitly placed barrier runs and changes no result (the race-free placement itself is checked
+  by the barrier counts below and by the compiled tests under `pytest -m gpu`)."""
+  check_case(CASES[0], jnp.bfloat16, True, num_splits=2, auto_barriers=False)
+  check_case(CASES[0], jnp.bfloat16, True, num_splits=2, token_rows=False, auto_barriers=False)
+  check_sparse(CASES[0], jnp.bfloat16, True, num_splits=2, auto_barriers=False)
+
+
+@pytest.mark.parametrize("bits,H", [(4, 128), (2, 128)])
+def test_explicit_barriers_leave_few_in_the_loop(bits, H):
+  """auto_barriers=False, lowered for CUDA: the main loop of the token-rows form synchronises its
+  warpgroup 5 times a 64-token block (the barrier before the V stores, the two commits, two in
+  the cross-warp max) instead of 28 (two around each of the 9 shared-memory stores, one before each
+  of the 6 copy issues, ...); the query-rows form twice instead of 39."""
+  S_ = jax.ShapeDtypeStruct
+  B, K, G, S, group = 2, 2, 4, 1024, 128
+  W = H * bits // 32
+  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
+          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
+          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  forms = [(mgpu.packed_partials_tok, 5, dict(defer_sums=True))]    # the defaults
+  forms += [(mgpu.packed_partials, 2, {})] if W >= 16 else []
+  for part, most, kw in forms:
+    counts = {}
+    for auto in (True, False):
+      fn = jax.jit(lambda *a, part=part, auto=auto, kw=kw: part(
+          *a, bits=bits, group=group, num_splits=2, stages=2, auto_barriers=auto, **kw))
+      (text,) = mosaic_gpu_modules(fn, *args)
+      counts[auto] = loop_barriers(text)
+    assert counts[False] == most and counts[True] >= 20, (part.__name__, counts)
+
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_interpret_sparse_matches_oracle(case):
   """Selected 64-token blocks only: packed ones in the kernel, residual ones in the XLA
@@ -300,6 +334,31 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, defer_sums=False)
   check_case(case, dtype, False, defer_sums=True, max_bound=True)
   check_case(case, dtype, False, residual="concat")
+
+
+# many blocks a program (S 8K, one or two splits): the pipeline refills every slot many times
+STRESS = (4, 8, 4, 128, 8192, [8000, 5000, 7777, 64], [7936, 4992, 7680, 0], 4, 128, 128,
+          "channel", 128)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [STRESS, *CASES, *PAIRED])
+def test_gpu_without_auto_barriers_matches_oracle(case):
+  """auto_barriers=False compiled (only the kernel's own barriers): both forms where they apply,
+  a refill of the pipeline slot every block (depth 1) and deeper pipelines, dense and over
+  selected blocks, each run three times (a missing barrier shows as a race, not every run)."""
+  paired = case in PAIRED
+  for _ in range(3):
+    check_case(case, jnp.bfloat16, False, auto_barriers=False, num_splits=1, pipeline_depth=1)
+    check_case(case, jnp.float16, False, auto_barriers=False, num_splits=2, pipeline_depth=3)
+    check_case(case, jnp.bfloat16, False, auto_barriers=False, defer_sums=False)
+    if not paired:
+      check_case(case, jnp.bfloat16, False, auto_barriers=False, token_rows=False,
+                 num_splits=1, pipeline_depth=1)
+      check_case(case, jnp.bfloat16, False, auto_barriers=False, token_rows=False,
+                 overlap=True)
+    check_sparse(case, jnp.bfloat16, False, 5 if case is not STRESS else 40,
+                 auto_barriers=False, num_splits=1)
 
 
 @pytest.mark.gpu
