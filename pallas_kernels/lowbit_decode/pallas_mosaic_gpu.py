@@ -98,8 +98,12 @@ class MosaicGPUConfig:
   one before a block's first store into the dequantised tiles (the previous block's wgmmas, which
   other warps may still be waiting on, read them) and the `commit_smem` after its stores (which
   also orders every read of the pipeline slot before the copy that refills it). The token-rows
-  loop then has 4 barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py`
-  counts them in the lowered kernel)."""
+  loop then has 5 barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py`
+  counts them in the lowered kernel); block_tokens: tokens a pipeline step of the token-rows form
+  takes over every block (no selection, no max_bound, group a multiple of it): 64 (the default)
+  or 128 (S^T and P^T of 128 rows: two wgmma row tiles, one softmax with one cross-warp max, one
+  PV wgmma of K = 128 and half the steps' fixed costs -- barriers, waits, copies -- a token, for
+  twice the registers of K and the shared V tile); selections keep 64-token blocks."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -111,6 +115,7 @@ class MosaicGPUConfig:
   paired_slabs: bool = True
   residual: str = "merge"
   auto_barriers: bool = True
+  block_tokens: int = 64
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
@@ -126,6 +131,8 @@ class MosaicGPUConfig:
       raise ValueError(f"config.profile_dir must be a path (str) or None, got {self.profile_dir!r}")
     if not isinstance(self.profile_space, int) or self.profile_space < 1:
       raise ValueError(f"config.profile_space must be a positive int, got {self.profile_space!r}")
+    if self.block_tokens not in (T, 2 * T):
+      raise ValueError(f"config.block_tokens must be {T} or {2 * T}, got {self.block_tokens!r}")
     if self.residual not in ("concat", "merge"):
       raise ValueError(f"config.residual must be 'concat' or 'merge', got {self.residual!r}")
 
@@ -152,7 +159,8 @@ def mgpu_supported(H: int, bits: int, group: int, k_mode: str, v_group: int, dty
   return None
 
 
-def _program_blocks(packed_ref, len_ref, nslots_ref, sparse: bool, num_splits: int):
+def _program_blocks(packed_ref, len_ref, nslots_ref, sparse: bool, num_splits: int,
+                    tokens: int = T):
   """(b, k, split j, length, first block slot, block count) of this program: its share of the
   packed blocks of (sequence b, KV head k) -- with a selection, the leading slots of the index row
   whose blocks are packed (counted in XLA, `_selection`); else the packed blocks holding a valid
@@ -164,7 +172,7 @@ def _program_blocks(packed_ref, len_ref, nslots_ref, sparse: bool, num_splits: i
   if sparse:
     n_blocks = nslots_ref[b, kh]
   else:
-    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (T - 1), jnp.int32(T))
+    n_blocks = lax.div(jnp.minimum(packed_ref[b], length) + (tokens - 1), jnp.int32(tokens))
   per_split = lax.div(n_blocks + (num_splits - 1), jnp.int32(num_splits))
   start = j * per_split
   return b, kh, j, length, start, jnp.clip(n_blocks - start, 0, per_split)
@@ -308,7 +316,7 @@ def slab_width(W: int) -> int:
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
                 scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
-                interpret: bool, auto_barriers: bool = True):
+                interpret: bool, auto_barriers: bool = True, tokens: int = T):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
@@ -318,12 +326,15 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   the other form.
   max_bound: rest starts with mb_ref, f32 [B, K, n, rep, NR], each block's (dense) or slot's
   (sparse) score bound (`block_bounds`, rep copies: a TMA copy is a multiple of 128 bytes), used
-  as the softmax's running max instead of a cross-warp max."""
+  as the softmax's running max instead of a cross-warp max. tokens: the tokens a pipeline step
+  takes (TB: 64, or 128 without a selection or max_bound: two 64-row wgmma tiles a product, one
+  softmax, one PV wgmma of K = 128)."""
   if max_bound:
     mb_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
   else:
     mb_ref = None
     o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
+  TB = tokens
   NR, H = q_smem.shape
   W = layout.words_per_row(H, bits)
   subs = 32 // bits
@@ -336,7 +347,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   col = wgmma_layout.reduce(0)      # a vector along the columns (one value a query row)
   row = wgmma_layout.reduce(1)      # a vector along the rows (one value a token / channel)
   b, kh, j, length, start, steps = _program_blocks(packed_ref, len_ref, nslots_ref, sparse,
-                                                   num_splits)
+                                                   num_splits, TB)
 
   def cast(x, lay):
     return x if interpret else plgpu.layout_cast(x, lay)
@@ -366,8 +377,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     acc, m_i, l_i = carry
     with jax.named_scope("dequant_k"):
       kwords = load(kw_smem, wgmma_layout)
-      k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (T, SW), 1)
-                 + bcast(load(kz_smem.at[i], col), (T, SW), 1) for i in range(slabs_n)]
+      k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (TB, SW), 1)
+                 + bcast(load(kz_smem.at[i], col), (TB, SW), 1) for i in range(slabs_n)]
 
     def dequant_v():
       with jax.named_scope("dequant_v"):
@@ -376,7 +387,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
         if not auto_barriers:   # the previous block's PV wgmma read v / p: every warp past it
           plgpu.commit_smem()
         for i in range(slabs_n):
-          x = slabs(vwords, i) * bcast(vscale, (T, SW), 0) + bcast(vzero, (T, SW), 0)
+          x = slabs(vwords, i) * bcast(vscale, (TB, SW), 0) + bcast(vzero, (TB, SW), 0)
           v_smem.at[:, pl.ds(i * SW, SW)][...] = x
         plgpu.commit_smem()
 
@@ -392,17 +403,17 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                         mgpu_util.transposed(q_smem.at[:, pl.ds(i * SW, SW)]))
           dequant_v()            # while the tensor cores work on S^T
           return acc_ref[...]
-      s = pl.run_scoped(compute_qk, plgpu.ACC((T, NR), jnp.float32))
+      s = pl.run_scoped(compute_qk, plgpu.ACC((TB, NR), jnp.float32))
     with jax.named_scope("softmax"):
-      tokens = (lax.broadcasted_iota(jnp.int32, (T, NR), 0) if interpret else
-                plgpu.broadcasted_iota(jnp.int32, (T, NR), 0, layout=wgmma_layout))
-      valid = tokens < length - blk(indices[0]) * T
+      rows_t = (lax.broadcasted_iota(jnp.int32, (TB, NR), 0) if interpret else
+                plgpu.broadcasted_iota(jnp.int32, (TB, NR), 0, layout=wgmma_layout))
+      valid = rows_t < length - blk(indices[0]) * TB
       s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
       # the block's bound (>= its scores up to the rounding of K) or its true max
       m_new = jnp.maximum(m_i, load(mb_smem[0].at[0], col) if max_bound else s.max(axis=0))
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
-      if defer_sums:   # l_i: [T, NR] per-token partial sums, reduced once after the loop
+      if defer_sums:   # l_i: [TB, NR] per-token partial sums, reduced once after the loop
         l_new = l_i * bcast(alpha, s.shape, 1) + p
       else:
         l_new = l_i * alpha + p.sum(axis=0)
@@ -419,14 +430,14 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     return acc, m_new, l_new
 
   blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
-  grp = lambda i: lax.div(blk(i) * T, jnp.int32(group))
+  grp = lambda i: lax.div(blk(i) * TB, jnp.int32(group))
   words = mgpu_util.tiles(jnp.int32, W * 4)
-  specs = [plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # K words
-           plgpu.BlockSpec((T, W), lambda i: (blk(i), 0), transforms=words),        # V words
+  specs = [plgpu.BlockSpec((TB, W), lambda i: (blk(i), 0), transforms=words),        # K words
+           plgpu.BlockSpec((TB, W), lambda i: (blk(i), 0), transforms=words),        # V words
            plgpu.BlockSpec((None, slabs_n, SW), lambda i: (grp(i), 0, 0)),  # K scales, group
            plgpu.BlockSpec((None, slabs_n, SW), lambda i: (grp(i), 0, 0)),  # K zeros
-           plgpu.BlockSpec((T,), lambda i: (blk(i),)),                      # V scales of the tokens
-           plgpu.BlockSpec((T,), lambda i: (blk(i),))]                      # V zeros
+           plgpu.BlockSpec((TB,), lambda i: (blk(i),)),                      # V scales of the tokens
+           plgpu.BlockSpec((TB,), lambda i: (blk(i),))]                      # V zeros
   refs = [kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
           vs_ref.at[b, kh], vz_ref.at[b, kh]]
   if max_bound:       # a bound per block (dense) or per selection slot (sparse)
@@ -435,7 +446,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     refs.append(mb_ref.at[b, kh])
   init = (cast(jnp.zeros((H, NR), jnp.float32), wgmma_layout),
           cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
-          cast(jnp.zeros((T, NR), jnp.float32), wgmma_layout) if defer_sums else
+          cast(jnp.zeros((TB, NR), jnp.float32), wgmma_layout) if defer_sums else
           cast(jnp.zeros((NR,), jnp.float32), col))
   acc, m_i, l_i = plgpu.emit_pipeline(
       step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(*refs)
@@ -479,14 +490,20 @@ def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: flo
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
                                              "defer_sums", "max_bound", "auto_barriers",
-                                             "interpret"))
+                                             "tokens", "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
                         defer_sums: bool = False, max_bound: bool = False,
-                        auto_barriers: bool = True, interpret: bool = False):
+                        auto_barriers: bool = True, tokens: int = T, interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
-  (RO = G rounded up to 8)."""
+  (RO = G rounded up to 8). tokens: a pipeline step's tokens, 64 or (dense, without max_bound,
+  group a multiple of 128) 128."""
+  if tokens not in (T, 2 * T):
+    raise ValueError(f"tokens must be {T} or {2 * T}, got {tokens}")
+  if tokens != T and (block_indices_BKM is not None or max_bound or group % tokens):
+    raise ValueError(f"tokens={tokens} takes no block selection and no max_bound, and a group "
+                     f"that is a multiple of it (group={group})")
   B, K, G, H = q_BKGH.shape
   S = k_packed.shape[2]
   W = layout.words_per_row(H, bits)
@@ -502,7 +519,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=scale_log2, sparse=sparse,
                              defer_sums=defer_sums, max_bound=max_bound, interpret=interpret,
-                             auto_barriers=auto_barriers)
+                             auto_barriers=auto_barriers, tokens=tokens)
   extra = ()
   if max_bound:
     bound = block_bounds(qp, k_scale, k_zero, bits, group, scale_log2, block_indices_BKM)
@@ -516,8 +533,8 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                 jax.ShapeDtypeStruct((B, K, num_splits, NR), f32),
                 jax.ShapeDtypeStruct((B, K, num_splits, NR), f32)),
       scratch_types=(plgpu.SMEM((NR, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
-                     plgpu.SMEM((T, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
-                     plgpu.SMEM((T, NR), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((tokens, H), dtype, transforms=mgpu_util.tiles(dtype, swz)),
+                     plgpu.SMEM((tokens, NR), dtype, transforms=mgpu_util.tiles(dtype, swz)),
                      plgpu.Barrier(num_arrivals=1)),
       grid=(B, K, num_splits),
       grid_names=("b", "k", "s"),
@@ -629,11 +646,15 @@ def residual_merged(q_BKGH, res_k, res_v, lengths_B, packed_B, o, m, l, block_in
   return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q_BKGH.dtype)
 
 
-def smem_bytes(H: int, stages: int, bits: int, dtype) -> int:
+def smem_bytes(H: int, stages: int, bits: int, dtype, tokens: int = T) -> int:
+  """Shared memory of a program (an upper bound for either form): the query and two [tokens, H]
+  tiles, and the pipeline's stages (K / V words, the group's K scales / zeros, the V ones) or the
+  epilogue's partial, whichever is larger."""
   isz = jnp.dtype(dtype).itemsize
   W = layout.words_per_row(H, bits)
-  per_stage = 2 * T * W * 4 + 2 * (32 // bits) * W * isz + 2 * T * isz
-  return ROWS * H * isz + 2 * T * H * isz + max(stages * per_stage, ROWS * H * 4 + 512) + 1024
+  per_stage = 2 * tokens * W * 4 + 2 * (32 // bits) * W * isz + 2 * tokens * isz
+  return (ROWS * H * isz + 2 * tokens * H * isz + max(stages * per_stage, ROWS * H * 4 + 512)
+          + 1024)
 
 
 def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, res_k,
@@ -663,12 +684,16 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   if not token_rows and W < 16:
     raise NotSupported(f"H={H} at {bits} bits (rows of {W} words) runs the token-rows form only "
                        f"(G <= {NR}, no overlap); the query-rows form takes slabs of 16 or 32")
+  max_bound = bool(config.max_bound) and jnp.dtype(q_BKGH.dtype) == jnp.dtype(jnp.bfloat16)
+  # 128-token steps: the token-rows form over every block (no selection, no max_bound)
+  tokens = (config.block_tokens if token_rows and block_indices_BKM is None and not max_bound
+            and group % config.block_tokens == 0 else T)
   stages = config.pipeline_depth or 3
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
-  while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype) > limit:
+  while stages > 1 and smem_bytes(H, stages, bits, q_BKGH.dtype, tokens) > limit:
     stages -= 1
   S = k_packed.shape[2]
-  units = block_indices_BKM.shape[-1] if block_indices_BKM is not None else max(1, S // T)
+  units = block_indices_BKM.shape[-1] if block_indices_BKM is not None else max(1, S // tokens)
   num_splits = config.num_splits or launch.default_num_splits(
       B * K, units, launch.target_programs(2))
   if block_indices_BKM is not None:
@@ -680,10 +705,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   block_indices_BKM, bits=int(bits), group=int(group),
                                   num_splits=int(num_splits), stages=int(stages),
                                   profile=profile, defer_sums=bool(config.defer_sums),
-                                  max_bound=bool(config.max_bound)
-                                  and jnp.dtype(q_BKGH.dtype) == jnp.dtype(jnp.bfloat16),
-                                  auto_barriers=bool(config.auto_barriers),
-                                  interpret=bool(interpret))
+                                  max_bound=max_bound, auto_barriers=bool(config.auto_barriers),
+                                  tokens=int(tokens), interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
                               lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),

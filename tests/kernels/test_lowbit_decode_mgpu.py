@@ -201,6 +201,39 @@ def test_explicit_barriers_leave_few_in_the_loop(bits, H):
     assert counts[False] == most and counts[True] >= 20, (part.__name__, counts)
 
 
+# packed rows past the length in a later 128-token step (the first sequence: 300 of 384)
+TOKENS_128 = (2, 2, 4, 128, 512, [300, 457], [384, 384], 4, 128, 128, "channel", 128)
+
+
+@pytest.mark.parametrize("case", [TOKENS_128, CASES[1], PAIRED[0],
+                                  pytest.param(CASES[2], marks=pytest.mark.slow)])
+def test_interpret_block_tokens_128_matches_oracle(case, monkeypatch):
+  """block_tokens=128 (128-token pipeline steps of the token-rows form, groups of 128): the
+  oracle's result with one split (a step partly past the length) and three (split boundaries
+  inside a sequence), and the 128-token kernel is the one that ran."""
+  seen = []
+  real = mgpu.packed_partials_tok
+  monkeypatch.setattr(mgpu, "packed_partials_tok",
+                      lambda *a, **k: seen.append(k["tokens"]) or real(*a, **k))
+  check_case(case, jnp.bfloat16, True, num_splits=1, pipeline_depth=2, block_tokens=128)
+  check_case(case, jnp.bfloat16, True, num_splits=3, block_tokens=128, auto_barriers=False)
+  assert seen == [128, 128]
+  # a selection keeps 64-token blocks
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, block_tokens=128)
+  assert seen[-1] == 64
+
+
+def test_block_tokens_refusals():
+  with pytest.raises(ValueError, match="block_tokens"):
+    mgpu.MosaicGPUConfig(block_tokens=96).validate()
+  q, cache, st = make_case(CASES[1], jnp.bfloat16)
+  kw = dict(bits=4, group=128, num_splits=1, stages=2, tokens=128, interpret=True)
+  lengths, packed = jnp.asarray(CASES[1][5], jnp.int32), jnp.asarray(CASES[1][6], jnp.int32)
+  with pytest.raises(ValueError, match="no block selection"):
+    mgpu.packed_partials_tok(q, *cache[:6], lengths, packed, jnp.zeros((3, 1, 2), jnp.int32),
+                             **kw)
+
+
 @pytest.mark.parametrize("case", CASES[:2])
 def test_interpret_sparse_matches_oracle(case):
   """Selected 64-token blocks only: packed ones in the kernel, residual ones in the XLA
@@ -237,6 +270,29 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
       text = export.export(fn, platforms=["cuda"], disabled_checks=[
           export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2")])(*args, *extra).mlir_module()
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("bits,H", [(4, 128), (2, 128), (4, 256)])
+def test_block_tokens_128_lowers_for_cuda(bits, H):
+  """128-token steps lower for CUDA (two 64-row wgmma tiles with K as the register operand, a
+  PV wgmma of K = 128), with and without the automatic barriers; without them a 128-token step
+  has as many barriers as a 64-token one (half as many a token)."""
+  S_ = jax.ShapeDtypeStruct
+  B, K, G, S, group = 2, 2, 4, 1024, 128
+  W = H * bits // 32
+  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
+          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
+          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  barriers = {}
+  for auto, tokens in ((True, 128), (False, 128), (False, 64)):
+    fn = jax.jit(lambda *a, auto=auto, tokens=tokens: mgpu.packed_partials_tok(
+        *a, bits=bits, group=group, num_splits=2, stages=2, defer_sums=True, tokens=tokens,
+        auto_barriers=auto))
+    (text,) = mosaic_gpu_modules(fn, *args)
+    assert "wgmma" in text
+    barriers[auto, tokens] = loop_barriers(text)
+  assert barriers[False, 128] == barriers[False, 64] < barriers[True, 128], barriers
 
 
 def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
@@ -359,6 +415,19 @@ def test_gpu_without_auto_barriers_matches_oracle(case):
                  overlap=True)
     check_sparse(case, jnp.bfloat16, False, 5 if case is not STRESS else 40,
                  auto_barriers=False, num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [STRESS, TOKENS_128, *CASES, *PAIRED])
+def test_gpu_block_tokens_128_matches_oracle(case):
+  """block_tokens=128 compiled (cases with groups of 64 run 64-token steps), with and without
+  the automatic barriers, one split (a refill every step at depth 1) and several."""
+  for _ in range(2):
+    check_case(case, jnp.bfloat16, False, block_tokens=128)
+    check_case(case, jnp.float16, False, block_tokens=128, auto_barriers=False, num_splits=1,
+               pipeline_depth=1)
+    check_case(case, jnp.bfloat16, False, block_tokens=128, auto_barriers=False,
+               defer_sums=False, num_splits=3)
 
 
 @pytest.mark.gpu
