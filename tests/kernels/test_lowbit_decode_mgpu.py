@@ -205,8 +205,8 @@ def test_explicit_barriers_leave_few_in_the_loop(bits, H):
 TOKENS_128 = (2, 2, 4, 128, 512, [300, 457], [384, 384], 4, 128, 128, "channel", 128)
 
 
-@pytest.mark.parametrize("case", [TOKENS_128, CASES[1], PAIRED[0],
-                                  pytest.param(CASES[2], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", [TOKENS_128, PAIRED[0],
+                                  *(pytest.param(c, marks=pytest.mark.slow) for c in CASES[1:])])
 def test_interpret_block_tokens_128_matches_oracle(case, monkeypatch):
   """block_tokens=128 (128-token pipeline steps of the token-rows form, groups of 128): the
   oracle's result with one split (a step partly past the length) and three (split boundaries
