@@ -244,3 +244,56 @@ def concat_columns(a, b, layout):
     return mgpu.FragmentedArray(_registers=regs, _layout=x.layout, _is_signed=x.is_signed)
 
   return body(a, b)
+
+
+def magic_pair_recipe(sub: int, bits: int, magic: int) -> tuple[int, int, int, int]:
+  """How `magic_from_words` builds one 32-bit register from a register pair (w0, w1) of packed
+  words: (prmt selector, shift, and-mask, or-pattern). The selector takes the 16-bit halves of
+  w0 and w1 holding sub-word `sub` (the low halves for the first 16 / bits sub-words, the high
+  ones after) as the low and high half of one register; one shift brings the sub-word's field to
+  bit 0 of both halves, and one and / or (a LOP3) leaves magic | code in each: two float16 /
+  bfloat16 values base + code."""
+  per_half = 16 // bits
+  if not 0 <= sub < 2 * per_half:
+    raise ValueError(f"sub-word {sub} of {bits}-bit codes: 0 .. {2 * per_half - 1}")
+  selector = 0x5410 if sub < per_half else 0x7632
+  return selector, bits * (sub % per_half), ((1 << bits) - 1) * 0x10001, magic * 0x10001
+
+
+def magic_from_words(x, sub: int, bits: int, magic: int, dtype, layout):
+  """x (int32 [R, C] packed words in registers, `layout`, two neighbouring columns a register
+  pair) -> dtype [R, C] (16-bit), element (r, c) = the bit pattern magic | code where code is
+  sub-word `sub` (bits [bits * sub, bits * (sub + 1))) of x[r, c]: per output register one
+  byte permute of the pair, one shift and one and / or (`magic_pair_recipe`), where the generic
+  form shifts and masks both words and packs them (five or more). With magic the pattern of a
+  float whose mantissa unit is 1.0 (`lowbit_decode.pallas_mosaic_gpu._MAGIC`), subtracting its
+  value leaves the codes."""
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, llvm, vector
+  import numpy as np
+
+  dtype = jnp.dtype(dtype)
+  selector, shift, mask, pattern = magic_pair_recipe(sub, bits, magic)
+
+  @plgpu.inline_mgpu(arg_types=(layout,),
+                     return_type=plgpu.ShapeDtypeStruct(x.shape, dtype, layout=layout))
+  def body(ctx, a):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    out_t = ir.VectorType.get([2], mgpu_utils.dtype_to_ir_type(dtype))
+    regs = np.empty_like(a.registers)
+    for idx, reg in np.ndenumerate(a.registers):
+      r = ir.VectorType(reg.type)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 32:
+        raise NotImplementedError(f"registers of 2 x 32 bits expected, got {reg.type}")
+      w0, w1 = (vector.extract(reg, [], [e]) for e in (0, 1))
+      v = llvm.inline_asm(i32, [w0, w1], f"prmt.b32 $0, $1, $2, {selector:#06x};", "=r,r,r")
+      if shift:
+        v = arith.shrui(v, _i32(shift))
+      v = arith.ori(arith.andi(v, _i32(mask)), _i32(pattern))
+      regs[idx] = mgpu_utils.bitcast(v, out_t)
+    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
+
+  return body(x)

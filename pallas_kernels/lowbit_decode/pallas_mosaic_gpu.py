@@ -103,7 +103,11 @@ class MosaicGPUConfig:
   takes over every block (no selection, no max_bound, group a multiple of it): 64 (the default)
   or 128 (S^T and P^T of 128 rows: two wgmma row tiles, one softmax with one cross-warp max, one
   PV wgmma of K = 128 and half the steps' fixed costs -- barriers, waits, copies -- a token, for
-  twice the registers of K and the shared V tile); selections keep 64-token blocks."""
+  twice the registers of K and the shared V tile); selections keep 64-token blocks;
+  magic_pairs (token-rows form, slabs of 16 or 32 channels): decode a register of two codes
+  from the register pair of their words with one byte permute, one shift and one and / or
+  (`mgpu_util.magic_from_words`) instead of shifting and masking both words and packing them
+  (about half the integer instructions of the dequantisation)."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -116,13 +120,15 @@ class MosaicGPUConfig:
   residual: str = "merge"
   auto_barriers: bool = True
   block_tokens: int = 64
+  magic_pairs: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs", "auto_barriers"):
+    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs", "auto_barriers",
+                 "magic_pairs"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
@@ -316,7 +322,8 @@ def slab_width(W: int) -> int:
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
                 scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
-                interpret: bool, auto_barriers: bool = True, tokens: int = T):
+                interpret: bool, auto_barriers: bool = True, tokens: int = T,
+                magic_pairs: bool = False):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
@@ -365,6 +372,9 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     """Slab i of the [64, W] words: channels [i SW, (i + 1) SW), as dtype codes: sub-word i, or
     with 8-word rows sub-words 2 i and 2 i + 1 side by side (channels [16 i, 16 i + 16):
     `mgpu_util.concat_columns`, each thread already holds both halves)."""
+    if magic_pairs and pairs == 1 and not interpret:   # one permute, shift and LOP3 a register
+      pattern, base = _MAGIC[jnp.dtype(dtype)]
+      return mgpu_util.magic_from_words(words, i, bits, pattern, dtype, wgmma_layout) - base
     parts = [lax.shift_right_logical(words, jnp.int32(bits * (pairs * i + h))) & mask
              for h in range(pairs)]
     if pairs > 1:
@@ -490,12 +500,13 @@ def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: flo
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
                                              "defer_sums", "max_bound", "auto_barriers",
-                                             "tokens", "interpret"))
+                                             "tokens", "magic_pairs", "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
                         defer_sums: bool = False, max_bound: bool = False,
-                        auto_barriers: bool = True, tokens: int = T, interpret: bool = False):
+                        auto_barriers: bool = True, tokens: int = T, magic_pairs: bool = False,
+                        interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
   (RO = G rounded up to 8). tokens: a pipeline step's tokens, 64 or (dense, without max_bound,
   group a multiple of 128) 128."""
@@ -519,7 +530,8 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=scale_log2, sparse=sparse,
                              defer_sums=defer_sums, max_bound=max_bound, interpret=interpret,
-                             auto_barriers=auto_barriers, tokens=tokens)
+                             auto_barriers=auto_barriers, tokens=tokens,
+                             magic_pairs=magic_pairs)
   extra = ()
   if max_bound:
     bound = block_bounds(qp, k_scale, k_zero, bits, group, scale_log2, block_indices_BKM)
@@ -706,7 +718,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   num_splits=int(num_splits), stages=int(stages),
                                   profile=profile, defer_sums=bool(config.defer_sums),
                                   max_bound=max_bound, auto_barriers=bool(config.auto_barriers),
-                                  tokens=int(tokens), interpret=bool(interpret))
+                                  tokens=int(tokens), magic_pairs=bool(config.magic_pairs),
+                                  interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
                               lengths_B.astype(jnp.int32), packed_B.astype(jnp.int32),

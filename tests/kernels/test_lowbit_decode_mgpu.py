@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, lowering_for
 from pallas_kernels.lowbit_decode import lowbit_decode_attention
 from pallas_kernels.lowbit_decode import pallas_mosaic_gpu as mgpu
@@ -295,6 +296,56 @@ def test_block_tokens_128_lowers_for_cuda(bits, H):
   assert barriers[False, 128] == barriers[False, 64] < barriers[True, 128], barriers
 
 
+def _prmt(a, b, selector):
+  """PTX prmt.b32 (default mode) on uint32 arrays: result byte k is byte (selector >> 4 k) & 7
+  of the 8 bytes of b:a."""
+  src = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+  out = np.zeros_like(a)
+  for k in range(4):
+    byte = (src >> np.uint64(8 * ((selector >> (4 * k)) & 7))) & np.uint64(0xFF)
+    out |= (byte.astype(np.uint32) << np.uint32(8 * k))
+  return out
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_magic_pair_recipe_decodes_every_sub_word(bits):
+  """`magic_from_words`' register recipe (`mgpu_util.magic_pair_recipe`) run in numpy as the GPU
+  runs it on a register pair of random words (byte permute, shift, and / or): the low half holds
+  word 0's sub-word, the high half word 1's, as magic | code, for every sub-word, and the float
+  each half encodes minus the magic's value is the code, in bfloat16 and float16."""
+  rng = np.random.default_rng(4)
+  w = rng.integers(0, 2 ** 32, size=(256, 2), dtype=np.uint64).astype(np.uint32)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    pattern, base = mgpu._MAGIC[jnp.dtype(dtype)]
+    for sub in range(32 // bits):
+      sel, shift, mask, orp = mgpu_util.magic_pair_recipe(sub, bits, pattern)
+      v = ((_prmt(w[:, 0], w[:, 1], sel) >> np.uint32(shift)) & np.uint32(mask)) | np.uint32(orp)
+      halves = np.stack([v & 0xFFFF, v >> 16], axis=-1).astype(np.uint16)
+      got = halves.view(jnp.dtype(dtype)).astype(np.float64) - base
+      want = (w >> np.uint32(bits * sub)) & np.uint32((1 << bits) - 1)
+      np.testing.assert_array_equal(got, want.astype(np.float64))
+  with pytest.raises(ValueError, match="sub-word"):
+    mgpu_util.magic_pair_recipe(32 // bits, bits, 0x4300)
+
+
+@pytest.mark.parametrize("bits,H", [(4, 128), (2, 256)])
+def test_magic_pairs_lower_for_cuda(bits, H):
+  """magic_pairs=True lowers for CUDA with one byte permute a decoded register (64 tokens x
+  H channels of K and of V, two values a register, 128 threads), the generic form with none."""
+  S_ = jax.ShapeDtypeStruct
+  B, K, G, S, group = 2, 2, 4, 1024, 128
+  W = H * bits // 32
+  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
+          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
+          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  for on in (False, True):
+    fn = jax.jit(lambda *a, on=on: mgpu.packed_partials_tok(
+        *a, bits=bits, group=group, num_splits=2, stages=2, defer_sums=True, magic_pairs=on))
+    (text,) = mosaic_gpu_modules(fn, *args)
+    assert text.count("prmt.b32") == (2 * 64 * H // 2 // 128 if on else 0)
+
+
 def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
   """`auto` lowered for CUDA: the Mosaic GPU kernel for 4-bit H 128 and 2-bit H 128 (8-word
   rows as pairs); the Triton kernel for per-token K, which the Mosaic kernel refuses."""
@@ -415,6 +466,17 @@ def test_gpu_without_auto_barriers_matches_oracle(case):
                  overlap=True)
     check_sparse(case, jnp.bfloat16, False, 5 if case is not STRESS else 40,
                  auto_barriers=False, num_splits=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [STRESS, *CASES, *PAIRED])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_magic_pairs_match_oracle(case, dtype):
+  """magic_pairs=True compiled (the paired-slab caches keep the generic decoding), alone and with
+  the other new options, dense and over selected blocks."""
+  check_case(case, dtype, False, magic_pairs=True)
+  check_case(case, dtype, False, magic_pairs=True, auto_barriers=False, block_tokens=128)
+  check_sparse(case, dtype, False, 5, magic_pairs=True, auto_barriers=False)
 
 
 @pytest.mark.gpu
