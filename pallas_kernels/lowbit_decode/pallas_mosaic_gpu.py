@@ -104,7 +104,7 @@ class MosaicGPUConfig:
   or 128 (S^T and P^T of 128 rows: two wgmma row tiles, one softmax with one cross-warp max, one
   PV wgmma of K = 128 and half the steps' fixed costs -- barriers, waits, copies -- a token, for
   twice the registers of K and the shared V tile); selections keep 64-token blocks;
-  magic_pairs (token-rows form, slabs of 16 or 32 channels): decode a register of two codes
+  magic_pairs (token-rows form): decode a register of two codes
   from the register pair of their words with one byte permute, one shift and one and / or
   (`mgpu_util.magic_from_words`) instead of shifting and masking both words and packing them
   (about half the integer instructions of the dequantisation)."""
@@ -372,9 +372,12 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     """Slab i of the [64, W] words: channels [i SW, (i + 1) SW), as dtype codes: sub-word i, or
     with 8-word rows sub-words 2 i and 2 i + 1 side by side (channels [16 i, 16 i + 16):
     `mgpu_util.concat_columns`, each thread already holds both halves)."""
-    if magic_pairs and pairs == 1 and not interpret:   # one permute, shift and LOP3 a register
+    if magic_pairs and not interpret:   # one permute, shift and LOP3 a register
       pattern, base = _MAGIC[jnp.dtype(dtype)]
-      return mgpu_util.magic_from_words(words, i, bits, pattern, dtype, wgmma_layout) - base
+      parts = [mgpu_util.magic_from_words(words, pairs * i + h, bits, pattern, dtype,
+                                          wgmma_layout) for h in range(pairs)]
+      return (parts[0] if pairs == 1 else
+              mgpu_util.concat_columns(*parts, wgmma_layout)) - base
     parts = [lax.shift_right_logical(words, jnp.int32(bits * (pairs * i + h))) & mask
              for h in range(pairs)]
     if pairs > 1:
@@ -500,15 +503,16 @@ def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: flo
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
                                              "defer_sums", "max_bound", "auto_barriers",
-                                             "tokens", "magic_pairs", "interpret"))
+                                             "tokens", "magic_pairs", "transpose_o",
+                                             "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
                         defer_sums: bool = False, max_bound: bool = False,
                         auto_barriers: bool = True, tokens: int = T, magic_pairs: bool = False,
-                        interpret: bool = False):
-  """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H], m / l f32 [B, K, N, RO]
-  (RO = G rounded up to 8). tokens: a pipeline step's tokens, 64 or (dense, without max_bound,
+                        transpose_o: bool = True, interpret: bool = False):
+  """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H] (transpose_o=False: as
+  the kernel writes it, [B, K, N, H, RO]), m / l f32 [B, K, N, RO] (RO = G rounded up to 8). tokens: a pipeline step's tokens, 64 or (dense, without max_bound,
   group a multiple of 128) 128."""
   if tokens not in (T, 2 * T):
     raise ValueError(f"tokens must be {T} or {2 * T}, got {tokens}")
@@ -559,6 +563,8 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                  k_scale.reshape(B, K, S // group, subs * W // NR, NR),
                  k_zero.reshape(B, K, S // group, subs * W // NR, NR),
                  v_scale.reshape(B, K, S), v_zero.reshape(B, K, S), *extra)
+  if not transpose_o:
+    return o[..., :RO], m[..., :RO], l[..., :RO]
   return o.transpose(0, 1, 2, 4, 3)[..., :RO, :], m[..., :RO], l[..., :RO]
 
 
@@ -638,23 +644,27 @@ def residual_partial(q_BKGH, res_k, res_v, lengths_B, packed_B, rows: int,
 
 
 def residual_merged(q_BKGH, res_k, res_v, lengths_B, packed_B, o, m, l, block_indices_BKM=None,
-                    block_size: int | None = None) -> jax.Array:
+                    block_size: int | None = None, o_rows_last: bool = False) -> jax.Array:
   """MosaicGPUConfig(residual="merge"): the residual window's partial as elementwise products and
-  reductions (float32), merged with the kernel's split partials o [B, K, N, rows, H], m / l
-  [B, K, N, rows] in one pass (the `combine_splits` merge with one more term). Returns
-  [B, K, G, H] in q's dtype; rows with no valid token are zeros."""
+  reductions (float32), merged with the kernel's split partials o [B, K, N, rows, H] (o_rows_last:
+  [B, K, N, H, rows], as the token-rows kernel writes it, read in place instead of transposed
+  first), m / l [B, K, N, rows] in one pass (the `combine_splits` merge with one more term).
+  Returns [B, K, G, H] in q's dtype; rows with no valid token are zeros."""
   B, K, G, H = q_BKGH.shape
   q = q_BKGH.astype(jnp.float32)
   s = jnp.sum(q[:, :, :, None, :] * res_k.astype(jnp.float32)[:, :, None], axis=-1) * H ** -0.5
   valid = _residual_valid(res_k.shape[2], lengths_B, packed_B, block_indices_BKM, block_size)
   s = jnp.where(valid, s, online_softmax.MASK_VALUE)
-  m_s, l_s, o_s = m[:, :, :, :G], l[:, :, :, :G], o[:, :, :, :G]
+  m_s, l_s = m[:, :, :, :G], l[:, :, :, :G]
   mx = jnp.maximum(jnp.max(m_s, axis=2), jnp.max(s, axis=-1))                        # [B, K, G]
   p = jnp.where(valid, jnp.exp(s - mx[..., None]), 0.0)                               # [B, K, G, R]
   w = jnp.exp(m_s - mx[:, :, None])                                                 # [B, K, N, G]
   den = jnp.sum(w * l_s, axis=2) + jnp.sum(p, axis=-1)
-  num = (jnp.sum(w[..., None] * o_s, axis=2)
-         + jnp.sum(p[..., None] * res_v.astype(jnp.float32)[:, :, None], axis=3))
+  if o_rows_last:   # sum over the splits in o's own layout; only the [H, G] result moves
+    o_part = jnp.swapaxes(jnp.sum(w[:, :, :, None, :] * o[..., :G], axis=2), -1, -2)
+  else:
+    o_part = jnp.sum(w[..., None] * o[:, :, :, :G], axis=2)
+  num = o_part + jnp.sum(p[..., None] * res_v.astype(jnp.float32)[:, :, None], axis=3)
   return (num / jnp.where(den > 0, den, 1.0)[..., None]).astype(q_BKGH.dtype)
 
 
@@ -719,6 +729,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   profile=profile, defer_sums=bool(config.defer_sums),
                                   max_bound=max_bound, auto_barriers=bool(config.auto_barriers),
                                   tokens=int(tokens), magic_pairs=bool(config.magic_pairs),
+                                  transpose_o=config.residual != "merge",
                                   interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,
@@ -730,7 +741,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                               interpret=bool(interpret))
   if config.residual == "merge":
     return residual_merged(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
-                           packed_B.astype(jnp.int32), o, m, l, block_indices_BKM, T)
+                           packed_B.astype(jnp.int32), o, m, l, block_indices_BKM, T,
+                           o_rows_last=token_rows)
   ro, rm, rl = residual_partial(q_BKGH, res_k, res_v, lengths_B.astype(jnp.int32),
                                 packed_B.astype(jnp.int32), o.shape[-2], block_indices_BKM, T)
   o = jnp.concatenate([o, ro], axis=2)

@@ -328,10 +328,11 @@ def test_magic_pair_recipe_decodes_every_sub_word(bits):
     mgpu_util.magic_pair_recipe(32 // bits, bits, 0x4300)
 
 
-@pytest.mark.parametrize("bits,H", [(4, 128), (2, 256)])
+@pytest.mark.parametrize("bits,H", [(4, 128), (2, 256), (2, 128), (4, 64)])
 def test_magic_pairs_lower_for_cuda(bits, H):
   """magic_pairs=True lowers for CUDA with one byte permute a decoded register (64 tokens x
-  H channels of K and of V, two values a register, 128 threads), the generic form with none."""
+  H channels of K and of V, two values a register, 128 threads), the generic form with none;
+  rows of 8 words (2-bit H 128, 4-bit H 64) too, their sub-word pairs side by side."""
   S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
   W = H * bits // 32
@@ -344,6 +345,36 @@ def test_magic_pairs_lower_for_cuda(bits, H):
         *a, bits=bits, group=group, num_splits=2, stages=2, defer_sums=True, magic_pairs=on))
     (text,) = mosaic_gpu_modules(fn, *args)
     assert text.count("prmt.b32") == (2 * 64 * H // 2 // 128 if on else 0)
+
+
+def test_merged_residual_reads_the_token_rows_partials_in_place():
+  """residual="merge" with the token-rows kernel sums the splits' partials in the layout the
+  kernel writes ([.., H, rows]): the lowered program transposes only the [G, H] result, where
+  "concat" transposes every split's partial first."""
+  import re
+  from jax import export
+  S_ = jax.ShapeDtypeStruct
+  B, K, G, H, S, R, group = 1, 8, 4, 128, 4096, 128, 128
+  W = H * 4 // 32
+  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
+          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
+          S_((B, K, S, 1), jnp.bfloat16), S_((B, K, R, H), jnp.bfloat16),
+          S_((B, K, R, H), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  ranks = {}
+  for residual in ("merge", "concat"):
+    fn = jax.jit(lambda *a, residual=residual: lowbit_decode_attention(
+        *a, bits=4, group=group, implementation="pallas_mosaic_gpu",
+        config=mgpu.MosaicGPUConfig(residual=residual)))
+    with lowering_for("gpu"):
+      text = export.export(fn, platforms=["cuda"], disabled_checks=[
+          export.DisabledSafetyCheck.custom_call("mosaic_gpu_v2"),
+          export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args).mlir_module()
+    ranks[residual] = [t.count("x") for t in re.findall(r"stablehlo\.transpose.*-> tensor<([^>]*)>",
+                                                          text)]
+  # a result type "1x8x4x128xf32" has as many "x" as dimensions
+  assert ranks["merge"] and max(ranks["merge"]) == 4, ranks        # [B, K, G, H] only
+  assert max(ranks["concat"]) == 5, ranks                          # [B, K, N, rows, H]
 
 
 def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
@@ -472,8 +503,8 @@ def test_gpu_without_auto_barriers_matches_oracle(case):
 @pytest.mark.parametrize("case", [STRESS, *CASES, *PAIRED])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_gpu_magic_pairs_match_oracle(case, dtype):
-  """magic_pairs=True compiled (the paired-slab caches keep the generic decoding), alone and with
-  the other new options, dense and over selected blocks."""
+  """magic_pairs=True compiled (slabs of 16 / 32 channels and the paired 8-word rows), alone and
+  with the other new options, dense and over selected blocks."""
   check_case(case, dtype, False, magic_pairs=True)
   check_case(case, dtype, False, magic_pairs=True, auto_barriers=False, block_tokens=128)
   check_sparse(case, dtype, False, 5, magic_pairs=True, auto_barriers=False)
