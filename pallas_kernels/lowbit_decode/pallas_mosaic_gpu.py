@@ -78,13 +78,8 @@ class MosaicGPUConfig:
   the tokens once at the end, instead of a cross-warp sum every block (one of the two cross-warp
   reductions of the block's softmax; the same values up to float32 summation order; the default:
   on the H100 at S128K int4 it takes B1 / B8 from 0.147 / 0.960 ms to 0.144 / 0.955, and the
-  90%-sparse kernel from 0.042 / 0.140 to 0.039 / 0.133); max_bound
-  (token-rows form, bfloat16 caches): use as each block's softmax max an upper bound of its
-  scores from its K group's scales and zeros (`block_bounds`, computed in XLA), instead of a
-  cross-warp max (the other reduction). Softmax is invariant to that choice; P stays <= ~1 and
-  keeps bf16's relative precision however loose the bound. float16 keeps the true max (its 5-bit
-  exponent would flush small P to zero). Measured slower (B8: 0.992 ms dense, 0.151 sparse),
-  so off; paired_slabs (token-rows form): take rows of 8 words (2-bit H 128, 4-bit H 64), whose
+  90%-sparse kernel from 0.042 / 0.140 to 0.039 / 0.133; a per-block max from the K group's
+  score bound instead of the cross-warp max was slower and has been removed); paired_slabs (token-rows form): take rows of 8 words (2-bit H 128, 4-bit H 64), whose
   sub-words hold 8 channels each, as 16-channel register operands of two sub-words
   (`slab_width`); the default (on the H200 at S128K, 2-bit H 128: B1 / B8 0.148 / 0.968 ms,
   where the Triton kernel takes 0.244 / 1.890); False refuses such caches; residual: how the
@@ -100,7 +95,7 @@ class MosaicGPUConfig:
   also orders every read of the pipeline slot before the copy that refills it). The token-rows
   loop then has 5 barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py`
   counts them in the lowered kernel); block_tokens: tokens a pipeline step of the token-rows form
-  takes over every block (no selection, no max_bound, group a multiple of it): 64 (the default)
+  takes over every block (no selection, group a multiple of it): 64 (the default)
   or 128 (S^T and P^T of 128 rows: two wgmma row tiles, one softmax with one cross-warp max, one
   PV wgmma of K = 128 and half the steps' fixed costs -- barriers, waits, copies -- a token, for
   twice the registers of K and the shared V tile); selections keep 64-token blocks;
@@ -115,7 +110,6 @@ class MosaicGPUConfig:
   profile_dir: str | None = None
   profile_space: int = 4096
   defer_sums: bool = True
-  max_bound: bool = False
   paired_slabs: bool = True
   residual: str = "merge"
   auto_barriers: bool = True
@@ -127,7 +121,7 @@ class MosaicGPUConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
-    for name in ("overlap", "defer_sums", "max_bound", "paired_slabs", "auto_barriers",
+    for name in ("overlap", "defer_sums", "paired_slabs", "auto_barriers",
                  "magic_pairs"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
@@ -321,7 +315,7 @@ def slab_width(W: int) -> int:
 
 def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref, ks_ref, kz_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
-                scale_log2: float, sparse: bool, defer_sums: bool, max_bound: bool,
+                scale_log2: float, sparse: bool, defer_sums: bool,
                 interpret: bool, auto_barriers: bool = True, tokens: int = T,
                 magic_pairs: bool = False):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
@@ -330,17 +324,9 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   and O^T [H, NR] +=
   V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
   NR = `slab_width(W)` (the query rows padded to one swizzle of the slabs), not the 64 rows of
-  the other form.
-  max_bound: rest starts with mb_ref, f32 [B, K, n, rep, NR], each block's (dense) or slot's
-  (sparse) score bound (`block_bounds`, rep copies: a TMA copy is a multiple of 128 bytes), used
-  as the softmax's running max instead of a cross-warp max. tokens: the tokens a pipeline step
-  takes (TB: 64, or 128 without a selection or max_bound: two 64-row wgmma tiles a product, one
-  softmax, one PV wgmma of K = 128)."""
-  if max_bound:
-    mb_ref, o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
-  else:
-    mb_ref = None
-    o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
+  the other form. tokens: the tokens a pipeline step takes (TB: 64, or 128 without a
+  selection: two 64-row wgmma tiles a product, one softmax, one PV wgmma of K = 128)."""
+  o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
   TB = tokens
   NR, H = q_smem.shape
   W = layout.words_per_row(H, bits)
@@ -385,8 +371,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                else mgpu_util.concat_columns(*parts, wgmma_layout)]
     return decode_codes(parts[0], dtype)
 
-  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, *mb_and_carry):
-    *mb_smem, carry = mb_and_carry
+  def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
     acc, m_i, l_i = carry
     with jax.named_scope("dequant_k"):
       kwords = load(kw_smem, wgmma_layout)
@@ -422,8 +407,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 plgpu.broadcasted_iota(jnp.int32, (TB, NR), 0, layout=wgmma_layout))
       valid = rows_t < length - blk(indices[0]) * TB
       s = jnp.where(valid, s * scale_log2, online_softmax.MASK_VALUE)
-      # the block's bound (>= its scores up to the rounding of K) or its true max
-      m_new = jnp.maximum(m_i, load(mb_smem[0].at[0], col) if max_bound else s.max(axis=0))
+      m_new = jnp.maximum(m_i, s.max(axis=0))
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.where(valid, jnp.exp2(s - bcast(m_new, s.shape, 1)), 0.0)
       if defer_sums:   # l_i: [TB, NR] per-token partial sums, reduced once after the loop
@@ -453,10 +437,6 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
            plgpu.BlockSpec((TB,), lambda i: (blk(i),))]                      # V zeros
   refs = [kw_ref.at[b, kh], vw_ref.at[b, kh], ks_ref.at[b, kh], kz_ref.at[b, kh],
           vs_ref.at[b, kh], vz_ref.at[b, kh]]
-  if max_bound:       # a bound per block (dense) or per selection slot (sparse)
-    rep = mb_ref.shape[-2]   # rows repeated so that a copy is a multiple of 128 bytes
-    specs.append(plgpu.BlockSpec((None, rep, NR), lambda i: (start + i, 0, 0)))
-    refs.append(mb_ref.at[b, kh])
   init = (cast(jnp.zeros((H, NR), jnp.float32), wgmma_layout),
           cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
           cast(jnp.zeros((TB, NR), jnp.float32), wgmma_layout) if defer_sums else
@@ -480,44 +460,23 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 plgpu.SMEM((NR,), jnp.float32))
 
 
-def block_bounds(q_BKRH, k_scale, k_zero, bits: int, group: int, scale_log2: float,
-                 block_indices_BKM=None) -> jax.Array:
-  """float32 [B, K, n, R]: for every 64-token block (n = S / 64) or, with a selection, every
-  slot of it (n = M), an upper bound of scale_log2 * q . k over the block's keys, per query row:
-  a K channel's dequantised values lie in [zero, zero + levels * scale] (its group's), so q . k
-  <= sum_c q_c mid_c + |q_c| half_c, mid and half the middle and half-width of that range. (The
-  kernel rounds K to the cache dtype, so a score can exceed its bound by that rounding.)"""
-  f32 = jnp.float32
-  half = 0.5 * layout.levels(bits) * k_scale.astype(f32)      # [B, K, groups, H]
-  mid = k_zero.astype(f32) + half
-  half = jnp.abs(half)
-  if block_indices_BKM is not None:
-    g = (jnp.maximum(block_indices_BKM, 0) * T // group)[..., None]
-    mid, half = (jnp.take_along_axis(x, g, axis=2) for x in (mid, half))
-  q = q_BKRH.astype(f32)
-  hi = jax.lax.Precision.HIGHEST
-  bound = (jnp.einsum("bkrh,bkgh->bkgr", q, mid, precision=hi)
-           + jnp.einsum("bkrh,bkgh->bkgr", jnp.abs(q), half, precision=hi)) * scale_log2
-  return bound if block_indices_BKM is not None else jnp.repeat(bound, group // T, axis=2)
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
-                                             "defer_sums", "max_bound", "auto_barriers",
+                                             "defer_sums", "auto_barriers",
                                              "tokens", "magic_pairs", "transpose_o",
                                              "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
-                        defer_sums: bool = False, max_bound: bool = False,
+                        defer_sums: bool = False,
                         auto_barriers: bool = True, tokens: int = T, magic_pairs: bool = False,
                         transpose_o: bool = True, interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H] (transpose_o=False: as
-  the kernel writes it, [B, K, N, H, RO]), m / l f32 [B, K, N, RO] (RO = G rounded up to 8). tokens: a pipeline step's tokens, 64 or (dense, without max_bound,
-  group a multiple of 128) 128."""
+  the kernel writes it, [B, K, N, H, RO]), m / l f32 [B, K, N, RO] (RO = G rounded up to 8).
+  tokens: a pipeline step's tokens, 64 or (dense, group a multiple of 128) 128."""
   if tokens not in (T, 2 * T):
     raise ValueError(f"tokens must be {T} or {2 * T}, got {tokens}")
-  if tokens != T and (block_indices_BKM is not None or max_bound or group % tokens):
-    raise ValueError(f"tokens={tokens} takes no block selection and no max_bound, and a group "
+  if tokens != T and (block_indices_BKM is not None or group % tokens):
+    raise ValueError(f"tokens={tokens} takes no block selection, and a group "
                      f"that is a multiple of it (group={group})")
   B, K, G, H = q_BKGH.shape
   S = k_packed.shape[2]
@@ -533,14 +492,9 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
   scale_log2 = H ** -0.5 * LOG2E
   kernel = functools.partial(_kernel_tok, bits=bits, group=group, num_splits=num_splits,
                              stages=stages, scale_log2=scale_log2, sparse=sparse,
-                             defer_sums=defer_sums, max_bound=max_bound, interpret=interpret,
+                             defer_sums=defer_sums, interpret=interpret,
                              auto_barriers=auto_barriers, tokens=tokens,
                              magic_pairs=magic_pairs)
-  extra = ()
-  if max_bound:
-    bound = block_bounds(qp, k_scale, k_zero, bits, group, scale_log2, block_indices_BKM)
-    rep = max(1, 32 // NR)              # 128 bytes a copy (the pipeline's TMA granularity)
-    extra = (jnp.repeat(bound[:, :, :, None], rep, axis=3),)
   f32 = jnp.float32
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
@@ -562,7 +516,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                  # [subs, W] per group -> [slabs, NR]: row i = channels [i NR, (i + 1) NR)
                  k_scale.reshape(B, K, S // group, subs * W // NR, NR),
                  k_zero.reshape(B, K, S // group, subs * W // NR, NR),
-                 v_scale.reshape(B, K, S), v_zero.reshape(B, K, S), *extra)
+                 v_scale.reshape(B, K, S), v_zero.reshape(B, K, S))
   if not transpose_o:
     return o[..., :RO], m[..., :RO], l[..., :RO]
   return o.transpose(0, 1, 2, 4, 3)[..., :RO, :], m[..., :RO], l[..., :RO]
@@ -706,9 +660,8 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   if not token_rows and W < 16:
     raise NotSupported(f"H={H} at {bits} bits (rows of {W} words) runs the token-rows form only "
                        f"(G <= {NR}, no overlap); the query-rows form takes slabs of 16 or 32")
-  max_bound = bool(config.max_bound) and jnp.dtype(q_BKGH.dtype) == jnp.dtype(jnp.bfloat16)
-  # 128-token steps: the token-rows form over every block (no selection, no max_bound)
-  tokens = (config.block_tokens if token_rows and block_indices_BKM is None and not max_bound
+  # 128-token steps: the token-rows form over every block (no selection)
+  tokens = (config.block_tokens if token_rows and block_indices_BKM is None
             and group % config.block_tokens == 0 else T)
   stages = config.pipeline_depth or 3
   limit = tuned.lookup("device", "gpu")["smem_per_sm"]
@@ -727,7 +680,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   block_indices_BKM, bits=int(bits), group=int(group),
                                   num_splits=int(num_splits), stages=int(stages),
                                   profile=profile, defer_sums=bool(config.defer_sums),
-                                  max_bound=max_bound, auto_barriers=bool(config.auto_barriers),
+                                  auto_barriers=bool(config.auto_barriers),
                                   tokens=int(tokens), magic_pairs=bool(config.magic_pairs),
                                   transpose_o=config.residual != "merge",
                                   interpret=bool(interpret))

@@ -78,46 +78,6 @@ def test_interpret_per_block_sums_match_oracle(case):
   check_case(case, jnp.bfloat16, True, num_splits=2, pipeline_depth=2, defer_sums=False)
 
 
-@pytest.mark.parametrize("case", [CASES[0], *(pytest.param(c, marks=pytest.mark.slow)
-                                            for c in CASES[1:])])   # all three on the GPU
-def test_interpret_max_bound_matches_oracle(case):
-  """max_bound=True (each block's softmax max is its score bound from the K scales / zeros),
-  with and without defer_sums; f16 ignores it (the true max) and matches too."""
-  check_case(case, jnp.bfloat16, True, num_splits=2, pipeline_depth=2, max_bound=True,
-             defer_sums=False)
-  check_case(case, jnp.bfloat16, True, num_splits=3, max_bound=True, defer_sums=True)
-  if case is CASES[0]:
-    check_case(case, jnp.float16, True, num_splits=2, max_bound=True)
-
-
-def test_interpret_sparse_max_bound_matches_oracle():
-  check_sparse(CASES[0], jnp.bfloat16, True, num_splits=2, max_bound=True, defer_sums=True)
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_block_bounds_bound_every_score(case):
-  """block_bounds >= every packed key's scaled score q . k of its block (dense) or slot
-  (sparse), computed in float64 from the independently dequantised cache; and not absurdly loose."""
-  q, cache, st = make_case(case, jnp.bfloat16, seed=3)
-  B, K, G, H = q.shape
-  S, group, bits = case[4], case[8], case[7]
-  scale = H ** -0.5 * mgpu.LOG2E
-  k, _ = dequant_np(cache, [S] * B, [S] * B, **st)                 # every row as packed
-  qs = np.asarray(q, np.float64)
-  scores = np.einsum("bkgh,bksh->bkgs", qs, k) * scale               # [B, K, G, S]
-  per_block = scores.reshape(B, K, G, S // 64, 64).max(-1)           # [B, K, G, n]
-  got = np.asarray(mgpu.block_bounds(q, cache[1], cache[2], bits, group, scale))
-  got = got.transpose(0, 1, 3, 2)                                    # [B, K, G, n]
-  assert got.shape == per_block.shape
-  assert np.all(got >= per_block - 1e-4 * np.abs(per_block).max())
-  assert np.all(got - per_block < 10 * np.abs(per_block).max() + 1)
-  idx = random_blocks(2, B, K, S // 64, 4)
-  got_s = np.asarray(mgpu.block_bounds(q, cache[1], cache[2], bits, group, scale,
-                                       jnp.asarray(idx))).transpose(0, 1, 3, 2)
-  want = np.take_along_axis(np.asarray(got), np.maximum(idx, 0)[:, :, None, :], axis=-1)
-  np.testing.assert_allclose(got_s, want, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_interpret_query_rows_matches_oracle(case):
   """token_rows=False (the query rows padded to 64, K and V dequantised into shared tiles): the
@@ -140,10 +100,9 @@ def test_decode_codes_is_exact():
 @pytest.mark.parametrize("case", PAIRED)
 def test_interpret_paired_slabs_match_oracle(case):
   """`paired_slabs`: 8-word rows as 16-channel operands of two sub-words, dense (per-block and
-  deferred sums, max_bound) and over selected blocks; without it the kernel refuses them."""
+  deferred sums) and over selected blocks; without it the kernel refuses them."""
   check_case(case, jnp.bfloat16, True, num_splits=3, pipeline_depth=2, paired_slabs=True)
   check_case(case, jnp.float16, True, num_splits=2, paired_slabs=True, defer_sums=False)
-  check_case(case, jnp.bfloat16, True, num_splits=2, paired_slabs=True, max_bound=True)
   q, cache, st = check_sparse(case, jnp.bfloat16, True, 3, num_splits=2, paired_slabs=True)
   lengths, packed = case[5], case[6]
   with pytest.raises(NotSupported, match="paired_slabs"):
@@ -258,9 +217,7 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
               ((), dict(overlap=True)))                                    # overlapped
   variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)),
-               ((), dict(token_rows=True, defer_sums=True)),
-               ((), dict(token_rows=True, max_bound=True)),
-               ((S_((B, K, 5), jnp.int32),), dict(token_rows=True, max_bound=True)))
+               ((), dict(token_rows=True, defer_sums=True)))
   if H * bits // 32 < 16:   # rows of 8 words: the token-rows form only (paired sub-words)
     variants = tuple(v for v in variants if v[1].get("token_rows"))
   for extra, kw in variants:
@@ -470,7 +427,6 @@ def test_gpu_matches_oracle(case, dtype):
   check_case(case, dtype, False, token_rows=False)
   check_case(case, dtype, False, num_splits=5, pipeline_depth=2, token_rows=False)
   check_case(case, dtype, False, defer_sums=False)
-  check_case(case, dtype, False, defer_sums=True, max_bound=True)
   check_case(case, dtype, False, residual="concat")
 
 
@@ -530,7 +486,6 @@ def test_gpu_paired_slabs_match_oracle(case, dtype):
   check_case(case, dtype, False, paired_slabs=True)
   check_case(case, dtype, False, paired_slabs=True, num_splits=5, pipeline_depth=1)
   check_case(case, dtype, False, paired_slabs=True, defer_sums=False)
-  check_case(case, dtype, False, paired_slabs=True, max_bound=True)
   check_sparse(case, dtype, False, 3, num_splits=2, paired_slabs=True)
 
 
