@@ -102,7 +102,10 @@ class MosaicGPUConfig:
   magic_pairs (token-rows form): decode a register of two codes
   from the register pair of their words with one byte permute, one shift and one and / or
   (`mgpu_util.magic_from_words`) instead of shifting and masking both words and packing them
-  (about half the integer instructions of the dequantisation)."""
+  (about half the integer instructions of the dequantisation); fold_v (token-rows form): store
+  V's codes and fold each token's scale into P and its zero into a per-token sum (`_kernel_tok`):
+  V's dequantisation loses its multiply and add (64 float operations a thread and block) for 8
+  multiplies and 8 multiply-adds on the softmax tile."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -115,6 +118,7 @@ class MosaicGPUConfig:
   auto_barriers: bool = True
   block_tokens: int = 64
   magic_pairs: bool = False
+  fold_v: bool = False
 
   def validate(self) -> None:
     for name in ("num_splits", "pipeline_depth"):
@@ -122,7 +126,7 @@ class MosaicGPUConfig:
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
     for name in ("overlap", "defer_sums", "paired_slabs", "auto_barriers",
-                 "magic_pairs"):
+                 "magic_pairs", "fold_v"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
     if self.token_rows is not None and not isinstance(self.token_rows, bool):
@@ -317,7 +321,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
                 vs_ref, vz_ref, *rest, bits: int, group: int, num_splits: int, stages: int,
                 scale_log2: float, sparse: bool, defer_sums: bool,
                 interpret: bool, auto_barriers: bool = True, tokens: int = T,
-                magic_pairs: bool = False):
+                magic_pairs: bool = False, fold_v: bool = False):
   """Tokens as the rows of every MMA (`MosaicGPUConfig.token_rows`): S^T [64 tokens, NR] = K Q^T
   with the dequantised K slabs [64, W] as the wgmma's register operand (K never touches shared
   memory), the online softmax over the tokens (down each column of S^T: cross-warp reductions),
@@ -325,7 +329,10 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
   V^T P^T with V dequantised into a [64, H] shared tile read transposed and P^T stored [64, NR].
   NR = `slab_width(W)` (the query rows padded to one swizzle of the slabs), not the 64 rows of
   the other form. tokens: the tokens a pipeline step takes (TB: 64, or 128 without a
-  selection: two 64-row wgmma tiles a product, one softmax, one PV wgmma of K = 128)."""
+  selection: two 64-row wgmma tiles a product, one softmax, one PV wgmma of K = 128). fold_v:
+  the V tile holds the codes; each token's scale multiplies P instead (P' = P s_t, what the PV
+  wgmma reads) and its zero enters as sum_t P z_t, kept as a per-token tile like the deferred
+  sums and added to every channel at the end: O^T = codes^T P'^T + 1 (z^T P^T)."""
   o_ref, m_ref, l_ref, q_smem, v_smem, p_smem, q_bar = rest
   TB = tokens
   NR, H = q_smem.shape
@@ -372,7 +379,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     return decode_codes(parts[0], dtype)
 
   def step(indices, kw_smem, vw_smem, ks_smem, kz_smem, vs_smem, vz_smem, carry):
-    acc, m_i, l_i = carry
+    acc, m_i, l_i, *zl = carry
     with jax.named_scope("dequant_k"):
       kwords = load(kw_smem, wgmma_layout)
       k_slabs = [slabs(kwords, i) * bcast(load(ks_smem.at[i], col), (TB, SW), 1)
@@ -385,7 +392,9 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
         if not auto_barriers:   # the previous block's PV wgmma read v / p: every warp past it
           plgpu.commit_smem()
         for i in range(slabs_n):
-          x = slabs(vwords, i) * bcast(vscale, (TB, SW), 0) + bcast(vzero, (TB, SW), 0)
+          x = slabs(vwords, i)
+          if not fold_v:
+            x = x * bcast(vscale, (TB, SW), 0) + bcast(vzero, (TB, SW), 0)
           v_smem.at[:, pl.ds(i * SW, SW)][...] = x
         plgpu.commit_smem()
 
@@ -415,6 +424,11 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
       else:
         l_new = l_i * alpha + p.sum(axis=0)
       acc = acc * bcast(alpha, acc.shape, 1)
+      if fold_v:   # P' = P s_t for the codes' PV wgmma; sum_t P z_t deferred per token
+        vs_t = bcast(load(vs_smem, row).astype(jnp.float32), s.shape, 0)
+        zl = [zl[0] * bcast(alpha, s.shape, 1)
+              + p * bcast(load(vz_smem, row).astype(jnp.float32), s.shape, 0)]
+        p = p * vs_t
       p_smem[...] = p.astype(dtype)
       plgpu.commit_smem()
     with jax.named_scope("pv"):
@@ -424,7 +438,7 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
         def compute_pv(acc_ref):
           plgpu.wgmma(acc_ref, mgpu_util.transposed(v_smem), p_smem)
         acc = pl.run_state(compute_pv)(plgpu.ACC.init(acc))
-    return acc, m_new, l_new
+    return (acc, m_new, l_new, *zl)
 
   blk = (lambda i: idx_ref[b, kh, start + i]) if sparse else (lambda i: start + i)
   grp = lambda i: lax.div(blk(i) * TB, jnp.int32(group))
@@ -441,10 +455,14 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
           cast(jnp.full((NR,), online_softmax.MASK_VALUE, jnp.float32), col),
           cast(jnp.zeros((TB, NR), jnp.float32), wgmma_layout) if defer_sums else
           cast(jnp.zeros((NR,), jnp.float32), col))
-  acc, m_i, l_i = plgpu.emit_pipeline(
+  if fold_v:
+    init += (cast(jnp.zeros((TB, NR), jnp.float32), wgmma_layout),)
+  acc, m_i, l_i, *zl = plgpu.emit_pipeline(
       step, grid=(steps,), in_specs=specs, max_concurrent_steps=stages, init_carry=init)(*refs)
   if defer_sums:
     l_i = l_i.sum(axis=0)
+  if fold_v:   # the zeros' term, the same for every channel of a query row
+    acc = acc + bcast(zl[0].sum(axis=0), acc.shape, 1)
 
   def store(o_smem, m_smem, l_smem):
     o_smem[...] = acc
@@ -463,13 +481,14 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
 @functools.partial(jax.jit, static_argnames=("bits", "group", "num_splits", "stages", "profile",
                                              "defer_sums", "auto_barriers",
                                              "tokens", "magic_pairs", "transpose_o",
-                                             "interpret"))
+                                             "fold_v", "interpret"))
 def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero, lengths_B,
                         packed_B, block_indices_BKM=None, *, bits: int, group: int,
                         num_splits: int, stages: int, profile: tuple[str, int] | None = None,
                         defer_sums: bool = False,
                         auto_barriers: bool = True, tokens: int = T, magic_pairs: bool = False,
-                        transpose_o: bool = True, interpret: bool = False):
+                        transpose_o: bool = True, fold_v: bool = False,
+                        interpret: bool = False):
   """`packed_partials` of the token-rows kernel: o f32 [B, K, N, RO, H] (transpose_o=False: as
   the kernel writes it, [B, K, N, H, RO]), m / l f32 [B, K, N, RO] (RO = G rounded up to 8).
   tokens: a pipeline step's tokens, 64 or (dense, group a multiple of 128) 128."""
@@ -494,7 +513,7 @@ def packed_partials_tok(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_
                              stages=stages, scale_log2=scale_log2, sparse=sparse,
                              defer_sums=defer_sums, interpret=interpret,
                              auto_barriers=auto_barriers, tokens=tokens,
-                             magic_pairs=magic_pairs)
+                             magic_pairs=magic_pairs, fold_v=fold_v)
   f32 = jnp.float32
   interp = mgpu_util.interpret_params(interpret)
   call = plgpu.kernel(
@@ -683,6 +702,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
                                   auto_barriers=bool(config.auto_barriers),
                                   tokens=int(tokens), magic_pairs=bool(config.magic_pairs),
                                   transpose_o=config.residual != "merge",
+                                  fold_v=bool(config.fold_v),
                                   interpret=bool(interpret))
   else:
     o, m, l = packed_partials(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale, v_zero,

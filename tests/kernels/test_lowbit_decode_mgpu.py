@@ -183,6 +183,18 @@ def test_interpret_block_tokens_128_matches_oracle(case, monkeypatch):
   assert seen[-1] == 64
 
 
+@pytest.mark.parametrize("case", [CASES[0], *(pytest.param(c, marks=pytest.mark.slow)
+                                            for c in (PAIRED[0], TOKENS_128))])
+def test_interpret_fold_v_matches_oracle(case):
+  """fold_v=True (the V tile holds codes; the per-token scales multiply P, the zeros enter as a
+  deferred per-token sum): the oracle's result in bf16 and f16, with per-block sums and 128-token
+  steps, and over selected blocks."""
+  check_case(case, jnp.bfloat16, True, num_splits=3, fold_v=True)
+  check_case(case, jnp.float16, True, num_splits=2, fold_v=True, defer_sums=False,
+             block_tokens=128)
+  check_sparse(case, jnp.bfloat16, True, num_splits=2, fold_v=True)
+
+
 def test_block_tokens_refusals():
   with pytest.raises(ValueError, match="block_tokens"):
     mgpu.MosaicGPUConfig(block_tokens=96).validate()
@@ -334,6 +346,30 @@ def test_merged_residual_reads_the_token_rows_partials_in_place():
   assert max(ranks["concat"]) == 5, ranks                          # [B, K, N, rows, H]
 
 
+@pytest.mark.parametrize("bits,H", [(4, 128), (2, 128)])
+def test_fold_v_drops_the_v_tile_arithmetic(bits, H):
+  """fold_v lowered for CUDA: the loop's packed float multiplies / adds lose V's scale and zero
+  (one of each per register of the [64, H] tile: 64 x H / 256 a thread) and gain the softmax
+  tile's few (P s_t, the zeros' sum)."""
+  import re
+  S_ = jax.ShapeDtypeStruct
+  B, K, G, S, group = 2, 2, 4, 1024, 128
+  W = H * bits // 32
+  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
+          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
+          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  ops = {}
+  for on in (False, True):
+    fn = jax.jit(lambda *a, on=on: mgpu.packed_partials_tok(
+        *a, bits=bits, group=group, num_splits=2, stages=2, defer_sums=True, fold_v=on))
+    (text,) = mosaic_gpu_modules(fn, *args)
+    ops[on] = sum(len(re.findall(rf"= arith\.{op} .*vector<2x(?:bf16|f16)>", text))
+                  for op in ("mulf", "addf"))
+  per_thread = 64 * H // 256          # registers of two values a thread in the [64, H] tile
+  assert ops[False] - ops[True] == 2 * per_thread, ops
+
+
 def test_auto_on_a_gpu_is_the_mosaic_kernel_where_it_applies():
   """`auto` lowered for CUDA: the Mosaic GPU kernel for 4-bit H 128 and 2-bit H 128 (8-word
   rows as pairs); the Triton kernel for per-token K, which the Mosaic kernel refuses."""
@@ -464,6 +500,18 @@ def test_gpu_magic_pairs_match_oracle(case, dtype):
   check_case(case, dtype, False, magic_pairs=True)
   check_case(case, dtype, False, magic_pairs=True, auto_barriers=False, block_tokens=128)
   check_sparse(case, dtype, False, 5, magic_pairs=True, auto_barriers=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [STRESS, *CASES, *PAIRED])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_fold_v_matches_oracle(case, dtype):
+  """fold_v=True compiled, alone and with the other new options, dense and over selected
+  blocks."""
+  check_case(case, dtype, False, fold_v=True)
+  check_case(case, dtype, False, fold_v=True, magic_pairs=True, auto_barriers=False,
+             block_tokens=128)
+  check_sparse(case, dtype, False, 5, fold_v=True, auto_barriers=False)
 
 
 @pytest.mark.gpu
