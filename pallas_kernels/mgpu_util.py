@@ -75,10 +75,12 @@ def store_partial(acc, m_i, l_i, o_ref, m_ref, l_ref, index) -> None:
                 plgpu.SMEM((R,), jnp.float32), plgpu.SMEM((R,), jnp.float32))
 
 
-def _map_words(x, layout, dtype, fn):
-  """x (a 16-bit array in registers, `layout`, two elements a 32-bit register) -> the array of
-  `dtype` (16 bits) whose every register is fn(that register as an i32 MLIR value), bitcast
-  back: whole-register instructions through `plgpu.inline_mgpu`."""
+def _map_words(x, layout, dtype, fn, in_bits: int = 16):
+  """x (an array in registers, `layout`, two elements a register: 16-bit elements, or with
+  in_bits=32 32-bit ones) -> the array of `dtype` (16 bits) whose every register is fn(that
+  register: as one i32 MLIR value for 16-bit elements, as the vector<2 x i32> itself for 32-bit
+  ones), bitcast to two `dtype` values: whole-register instructions through
+  `plgpu.inline_mgpu`."""
   from jax.experimental.mosaic import gpu as mgpu
   from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
@@ -95,9 +97,10 @@ def _map_words(x, layout, dtype, fn):
     regs = np.empty_like(a.registers)
     for idx, reg in np.ndenumerate(a.registers):
       r = ir.VectorType(reg.type)
-      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 16:
-        raise NotImplementedError(f"registers of 2 x 16 bits expected, got {reg.type}")
-      regs[idx] = mgpu_utils.bitcast(fn(mgpu_utils.bitcast(reg, i32)), out_t)
+      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != in_bits:
+        raise NotImplementedError(f"registers of 2 x {in_bits} bits expected, got {reg.type}")
+      regs[idx] = mgpu_utils.bitcast(fn(mgpu_utils.bitcast(reg, i32) if in_bits == 16 else reg),
+                                     out_t)
     signed = a.is_signed if jnp.issubdtype(dtype, jnp.integer) else None
     return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=signed)
 
@@ -268,32 +271,16 @@ def magic_from_words(x, sub: int, bits: int, magic: int, dtype, layout):
   form shifts and masks both words and packs them (five or more). With magic the pattern of a
   float whose mantissa unit is 1.0 (`lowbit_decode.pallas_mosaic_gpu._MAGIC`), subtracting its
   value leaves the codes."""
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, llvm, vector
-  import numpy as np
 
-  dtype = jnp.dtype(dtype)
   selector, shift, mask, pattern = magic_pair_recipe(sub, bits, magic)
 
-  @plgpu.inline_mgpu(arg_types=(layout,),
-                     return_type=plgpu.ShapeDtypeStruct(x.shape, dtype, layout=layout))
-  def body(ctx, a):
-    del ctx
-    i32 = ir.IntegerType.get_signless(32)
-    out_t = ir.VectorType.get([2], mgpu_utils.dtype_to_ir_type(dtype))
-    regs = np.empty_like(a.registers)
-    for idx, reg in np.ndenumerate(a.registers):
-      r = ir.VectorType(reg.type)
-      if r.shape != [2] or mgpu_utils.bitwidth(r.element_type) != 32:
-        raise NotImplementedError(f"registers of 2 x 32 bits expected, got {reg.type}")
-      w0, w1 = (vector.extract(reg, [], [e]) for e in (0, 1))
-      v = llvm.inline_asm(i32, [w0, w1], f"prmt.b32 $0, $1, $2, {selector:#06x};", "=r,r,r")
-      if shift:
-        v = arith.shrui(v, _i32(shift))
-      v = arith.ori(arith.andi(v, _i32(mask)), _i32(pattern))
-      regs[idx] = mgpu_utils.bitcast(v, out_t)
-    return mgpu.FragmentedArray(_registers=regs, _layout=a.layout, _is_signed=None)
-
-  return body(x)
+  def fn(reg):
+    w0, w1 = (vector.extract(reg, [], [e]) for e in (0, 1))
+    v = llvm.inline_asm(ir.IntegerType.get_signless(32), [w0, w1],
+                        f"prmt.b32 $0, $1, $2, {selector:#06x};", "=r,r,r")
+    if shift:
+      v = arith.shrui(v, _i32(shift))
+    return arith.ori(arith.andi(v, _i32(mask)), _i32(pattern))
+  return _map_words(x, layout, dtype, fn, in_bits=32)

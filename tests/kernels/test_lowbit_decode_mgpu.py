@@ -34,6 +34,19 @@ PAIRED = [
 ]
 
 
+def partials_args(bits, H, B, K, G, S, group, R=None):
+  """Shapes of `packed_partials[_tok]`'s arguments (q, K words, scales, zeros, V words, scales,
+  zeros, lengths, packed), or with R a residual window of R rows, `lowbit_decode_attention`'s."""
+  S_ = jax.ShapeDtypeStruct
+  W = H * bits // 32
+  cache = (S_((B, K, S, W), jnp.int32), S_((B, K, S // group, H), jnp.bfloat16),
+           S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
+           S_((B, K, S, 1), jnp.bfloat16), S_((B, K, S, 1), jnp.bfloat16))
+  window = () if R is None else (S_((B, K, R, H), jnp.bfloat16),) * 2
+  return (S_((B, K, G, H), jnp.bfloat16), *cache, *window, S_((B,), jnp.int32),
+          S_((B,), jnp.int32))
+
+
 def run(q, cache, lengths, packed, st, interpret=True, block_indices_BKM=None, block_size=None,
         **cfg):
   return lowbit_decode_attention(q, *cache, jnp.asarray(lengths, jnp.int32),
@@ -127,6 +140,7 @@ def test_interpret_overlapped_matches_oracle():
   check_case(CASES[0], jnp.bfloat16, True, num_splits=2, overlap=True)
 
 
+@pytest.mark.slow    # the 128-token interpreter test runs auto_barriers=False as well
 def test_interpret_without_auto_barriers_matches_oracle():
   """auto_barriers=False: the interpreter ignores the compiler setting, so this checks the
   explicitly placed barrier runs and changes no result (the race-free placement itself is checked
@@ -142,13 +156,9 @@ def test_explicit_barriers_leave_few_in_the_loop(bits, H):
   warpgroup 5 times a 64-token block (the barrier before the V stores, the two commits, two in
   the cross-warp max) instead of 28 (two around each of the 9 shared-memory stores, one before each
   of the 6 copy issues, ...); the query-rows form twice instead of 39."""
-  S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
   W = H * bits // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(bits, H, B, K, G, S, group)
   forms = [(mgpu.packed_partials_tok, 5, dict(defer_sums=True))]    # the defaults
   forms += [(mgpu.packed_partials, 2, {})] if W >= 16 else []
   for part, most, kw in forms:
@@ -221,11 +231,7 @@ def test_compiled_kernel_lowers_for_cuda(bits, H):
   from jax import export
   S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
-  W = H * bits // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(bits, H, B, K, G, S, group)
   variants = (((), {}), ((S_((B, K, 5), jnp.int32),), {}),   # dense, and over selected blocks
               ((), dict(overlap=True)))                                    # overlapped
   variants += (((), dict(token_rows=True)), ((S_((B, K, 5), jnp.int32),), dict(token_rows=True)),
@@ -247,13 +253,8 @@ def test_block_tokens_128_lowers_for_cuda(bits, H):
   """128-token steps lower for CUDA (two 64-row wgmma tiles with K as the register operand, a
   PV wgmma of K = 128), with and without the automatic barriers; without them a 128-token step
   has as many barriers as a 64-token one (half as many a token)."""
-  S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
-  W = H * bits // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(bits, H, B, K, G, S, group)
   barriers = {}
   for auto, tokens in ((True, 128), (False, 128), (False, 64)):
     fn = jax.jit(lambda *a, auto=auto, tokens=tokens: mgpu.packed_partials_tok(
@@ -302,13 +303,8 @@ def test_magic_pairs_lower_for_cuda(bits, H):
   """magic_pairs=True lowers for CUDA with one byte permute a decoded register (64 tokens x
   H channels of K and of V, two values a register, 128 threads), the generic form with none;
   rows of 8 words (2-bit H 128, 4-bit H 64) too, their sub-word pairs side by side."""
-  S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
-  W = H * bits // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(bits, H, B, K, G, S, group)
   for on in (False, True):
     fn = jax.jit(lambda *a, on=on: mgpu.packed_partials_tok(
         *a, bits=bits, group=group, num_splits=2, stages=2, defer_sums=True, magic_pairs=on))
@@ -322,14 +318,8 @@ def test_merged_residual_reads_the_token_rows_partials_in_place():
   "concat" transposes every split's partial first."""
   import re
   from jax import export
-  S_ = jax.ShapeDtypeStruct
   B, K, G, H, S, R, group = 1, 8, 4, 128, 4096, 128, 128
-  W = H * 4 // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B, K, R, H), jnp.bfloat16),
-          S_((B, K, R, H), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(4, H, B, K, G, S, group, R)
   ranks = {}
   for residual in ("merge", "concat"):
     fn = jax.jit(lambda *a, residual=residual: lowbit_decode_attention(
@@ -352,13 +342,8 @@ def test_fold_v_drops_the_v_tile_arithmetic(bits, H):
   (one of each per register of the [64, H] tile: 64 x H / 256 a thread) and gain the softmax
   tile's few (P s_t, the zeros' sum)."""
   import re
-  S_ = jax.ShapeDtypeStruct
   B, K, G, S, group = 2, 2, 4, 1024, 128
-  W = H * bits // 32
-  args = (S_((B, K, G, H), jnp.bfloat16), S_((B, K, S, W), jnp.int32),
-          S_((B, K, S // group, H), jnp.bfloat16), S_((B, K, S // group, H), jnp.bfloat16),
-          S_((B, K, S, W), jnp.int32), S_((B, K, S, 1), jnp.bfloat16),
-          S_((B, K, S, 1), jnp.bfloat16), S_((B,), jnp.int32), S_((B,), jnp.int32))
+  args = partials_args(bits, H, B, K, G, S, group)
   ops = {}
   for on in (False, True):
     fn = jax.jit(lambda *a, on=on: mgpu.packed_partials_tok(
