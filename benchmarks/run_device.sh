@@ -22,6 +22,9 @@
 #              then the SeerAttention selector table (experiments/seer_prefill/run.py) and YaRN
 #              fine-tuning at 4x context (yarn.py); each phase resumes, so calls on one warm
 #              machine continue where the last stopped; results under $OUT/seer_quality
+#   seer_yarn  only the YaRN part of seer_quality (runs/lc trained first if absent): fine-tuning at
+#              4x context and the selector table there (gate vs static / recency / oracle at
+#              --density); YARN_ARGS: more yarn.py arguments; results under $OUT/seer_yarn
 #   seer_retrieval  the SeerAttention selector table on a model that uses distant context:
 #              configs/longctx.yaml trained 9,000 steps on real text with 30% passkey and 30% copy
 #              documents (experiments/sparse_quality's data + train phases, runs/sq9k; a call
@@ -90,6 +93,18 @@ for job in "$@"; do
         "$OUT/seer_quality/table/" 2>/dev/null
       cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
         "$OUT/seer_quality/yarn/" 2>/dev/null ;;
+    seer_yarn)
+      export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
+      wiki="$EFFJAX_DATA_ROOT/wikitext-2/valid.txt"
+      timeout "$T" bash -c "python3 train.py --config configs/longctx.yaml train.steps=2500 \
+          train.out_dir=runs/lc train.progress=false \
+        && python3 experiments/seer_prefill/yarn.py --run runs/lc --out runs/seer_yarn \
+          --steps 150 --eval-source $wiki ${YARN_ARGS:-}" 2>&1 | tee "$OUT/seer_yarn.log" \
+        | grep -v Warn | tail -40
+      mkdir -p "$OUT/seer_yarn"
+      cp runs/lc/metrics.jsonl runs/lc/summary.json "$OUT/seer_yarn/" 2>/dev/null
+      cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
+        "$OUT/seer_yarn/" 2>/dev/null ;;
     seer_retrieval)
       export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
       d=runs/sq9k

@@ -102,7 +102,19 @@ def test_yarn_fine_tuning_tiny(tiny, tmp_path):
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((out / "results.json").read_text())["phases"]
-  assert set(res) == {"gate", "baselines", "dense", "sparse"}
+  assert set(res) == {"gate", "baselines", "dense", "sparse", "selectors"}
+  # every model against the selectors at --density; the dense arm has no gate of its own
+  table = res["selectors"]["table"]
+  assert set(table) == {"YaRN, no fine-tuning", "YaRN + dense fine-tuning",
+                        "YaRN + sparse fine-tuning"}
+  sel = ["static@0.3", "recency+local@0.3", "oracle+local@0.3"]
+  assert set(table["YaRN + sparse fine-tuning"]["valid"]) == {"dense", "gate+local@0.3", *sel}
+  assert set(table["YaRN + dense fine-tuning"]["extra.txt"]) == {"dense", *sel}
+  for set_name, rows in table["YaRN + sparse fine-tuning"].items():
+    assert all(math.isfinite(r["ppl"]) and 0 < r["density"] <= 1 for r in rows.values())
+    # its dense row is the arm's own dense evaluation
+    assert rows["dense"]["ppl"] == pytest.approx(res["sparse"]["eval"][set_name]["dense"],
+                                                 rel=1e-3)
   for arm in ("dense", "sparse"):
     assert len(res[arm]["curve"]) == 3
     ev = res[arm]["eval"]
@@ -114,8 +126,16 @@ def test_yarn_fine_tuning_tiny(tiny, tmp_path):
   assert all(c[2] > 0 for c in res["sparse"]["curve"])
   report = (out / "REPORT.md").read_text()
   assert "YaRN + sparse fine-tuning" in report and "Command:" in report
+  assert "| YaRN + sparse fine-tuning | static @ 0.3 |" in report
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert r.returncode == 0 and "dense: done earlier" in r.stdout and "gate: reusing" in r.stdout
+  assert "static @ 0.3" not in r.stdout            # the selector phase was kept too
+  # other selectors rerun that phase alone
+  r = subprocess.run(cmd + ["--selectors", "static"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0 and "dense: done earlier" in r.stdout and "static @ 0.3" in r.stdout
+  again = json.loads((out / "results.json").read_text())["phases"]["selectors"]
+  assert again["names"] == ["static"]
   r = subprocess.run(cmd + ["--factor", "0.5"], cwd=ROOT, capture_output=True, text=True,
                      timeout=120)
   assert r.returncode == 2 and "--factor" in r.stderr

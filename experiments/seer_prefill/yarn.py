@@ -3,7 +3,8 @@
 extended to factor * T0 with YaRN RoPE scaling and fine-tuned there, once with dense attention
 and once with block-sparse attention chosen by the prefill gate (model and gate trained together:
 `prefill_sparse.sparse_training_loss`), for the same steps on the same batches. Both are then
-evaluated at the extended context, dense and sparse.
+evaluated at the extended context, dense and sparse, and every model against the --selectors
+(the gate, the static sink + window pattern, recency, the oracle) at --density.
 
   python experiments/seer_prefill/yarn.py --run RUN_DIR --out DIR [--factor 4] [--steps 200]
       [--density 0.1] [--source SRC] [--eval-source PATH ...]
@@ -16,7 +17,8 @@ Phases (each kept in <out>/results.json and skipped when its settings match, so 
 resumes): `baselines` (the T0 model at the long context without YaRN, and with YaRN before any
 fine-tuning, dense; the second also sparse with a gate distilled on it), `gate` (that gate, the
 sparse arm's starting point: <out>/gate0.npz), `dense` and `sparse` (the fine-tuning arms:
-<out>/<arm>.npz params, loss curves), `report` (REPORT.md and loss.png).
+<out>/<arm>.npz params, loss curves), `selectors` (rerun alone when --selectors changes), `report`
+(REPORT.md and loss.png).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def parse_args(argv=None):
   ap.add_argument("--n-eval", type=int, default=8, help="windows per evaluated set")
   ap.add_argument("--eval-batch", type=int, default=1)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--selectors", default="gate+local,static,recency+local,oracle+local",
+                  help="selectors compared at --density on the models at the extended context "
+                       "(gate ones where the model has a gate; '' for none)")
   args = ap.parse_args(argv)
   check_sources(ap, args)
   if args.factor < 1:
@@ -72,6 +77,10 @@ def parse_args(argv=None):
     ap.error("--steps, --batch, --n-eval, --eval-batch and --train-windows must be >= 1")
   if args.gate_steps < 0 or args.local_blocks < 1 or args.sink_blocks < 0:
     ap.error("--gate-steps >= 0, --local-blocks >= 1 and --sink-blocks >= 0 are needed")
+  from effjax.sparse.prefill_sparse import NAMES
+  args.selector_list = [x for x in args.selectors.split(",") if x]
+  if any(x not in NAMES for x in args.selector_list):
+    ap.error(f"--selectors: choose from {', '.join(NAMES)}; got {args.selectors!r}")
   return args
 
 
@@ -127,7 +136,9 @@ def main(argv=None) -> int:
       ", ".join(f"{k} ({len(v)})" for k, v in sets.items()))
 
   res_path = out / "results.json"
-  settings = {k: v for k, v in vars(args).items() if k != "out"} | {"step": step, "T": T}
+  # the selector table is its own phase: changing --selectors reruns only that
+  settings = {k: v for k, v in vars(args).items()
+              if k not in ("out", "selectors", "selector_list")} | {"step": step, "T": T}
   saved = json.loads(res_path.read_text()) if res_path.exists() else {}
   res = saved.get("phases", {}) if saved.get("settings") == settings else {}
 
@@ -242,6 +253,26 @@ def main(argv=None) -> int:
     log(f"{arm}: {json.dumps(info['eval'])} in {info['seconds']:.0f} s")
     save()
 
+  # the selectors at --density on each model: the learned gate against the static pattern
+  if args.selector_list and res.get("selectors", {}).get("names") != args.selector_list:
+    t0 = time.time()
+    sparse_arm = load_tree("sparse", {"model": params0, "gate": gate0})
+    models = {"YaRN, no fine-tuning": (params0, gate0),
+              "YaRN + dense fine-tuning": (load_tree("dense", params0), None),   # no gate of its own
+              "YaRN + sparse fine-tuning": (sparse_arm["model"], sparse_arm["gate"])}
+    table = {}
+    for name, (params, gate) in models.items():
+      table[name] = {}
+      for set_name, toks in sets.items():
+        table[name][set_name] = ps.evaluate_densities(
+            yarn, params, toks, densities=(args.density,), selectors=args.selector_list,
+            block_size=args.block_size, gate_params=gate, batch_size=args.eval_batch,
+            local_blocks=args.local_blocks, sink_blocks=args.sink_blocks,
+            log=lambda m, name=name, set_name=set_name: log(f"{name}, {set_name}: {m}"))
+    res["selectors"] = {"names": args.selector_list, "table": table,
+                        "seconds": time.time() - t0}
+    save()
+
   report(args, res, base, step, T0, T, out, argv)
   log(f"wrote {res_path} and {out / 'REPORT.md'}")
   return 0
@@ -253,6 +284,28 @@ def _nll(model_lib, mcfg, params, toks):
   import jax.numpy as jnp
   logp = jax.nn.log_softmax(model_lib.forward(mcfg, params, toks)[:, :-1], axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], axis=-1))
+
+
+def selector_table(sel: dict, d: str, T: int) -> str:
+  """The selector phase as markdown: perplexity at T tokens per model and selector at nz ratio d
+  (increase over that model's dense perplexity, measured density), one column a set."""
+  models = list(sel["table"])
+  sets = list(sel["table"][models[0]])
+  lines = [f"\nSelectors at nz ratio {d} on each model at {T} tokens (perplexity; increase over "
+           f"the model's dense perplexity, measured density over the causal triangle; `static` is "
+           f"the sink + local window whose density is closest, `recency+local` the nearest blocks "
+           f"at exactly the `+local` selectors' density):\n",
+           "| model | selector | " + " | ".join(sets) + " |", "|---|---|" + "---|" * len(sets)]
+  for m in models:
+    keys = list(sel["table"][m][sets[0]])
+    for k in keys:
+      cells = []
+      for s in sets:
+        row = sel["table"][m][s][k]
+        cells.append(f"{row['ppl']:.3f}" if k == "dense" else
+                     f"{row['ppl']:.3f} ({100 * row['ppl_increase']:+.1f}%, d {row['density']:.2f})")
+      lines.append(f"| {m} | {k.replace('@', ' @ ')} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
 
 
 def report(args, res, base, step, T0, T, out, argv) -> None:
@@ -288,6 +341,8 @@ def report(args, res, base, step, T0, T, out, argv) -> None:
           f"triangle):\n\n" + "\n".join(lines) + "\n\n"
           f"Step time: dense {res['dense']['step_s'] * 1e3:.0f} ms, sparse "
           f"{res['sparse']['step_s'] * 1e3:.0f} ms (first steps include compilation).\n")
+  if "selectors" in res:
+    text += selector_table(res["selectors"], d, T)
   try:
     import matplotlib
     matplotlib.use("Agg")
