@@ -24,7 +24,8 @@
 #              machine continue where the last stopped; results under $OUT/seer_quality
 #   seer_yarn  only the YaRN part of seer_quality (runs/lc trained first if absent): fine-tuning at
 #              4x context and the selector table there (gate vs static / recency / oracle at
-#              --density); YARN_ARGS: more yarn.py arguments; results under $OUT/seer_yarn
+#              --density); YARN_ARGS: more yarn.py arguments (both steps); results under
+#              $OUT/seer_yarn
 #   seer_retrieval  the SeerAttention selector table on a model that uses distant context:
 #              configs/longctx.yaml trained 9,000 steps on real text with 30% passkey and 30% copy
 #              documents (experiments/sparse_quality's data + train phases, runs/sq9k; a call
@@ -77,34 +78,24 @@ for job in "$@"; do
         --time-limit $((T - 60)) --eval-source /tmp/evals/tinyshakespeare.txt 2>&1 \
         | tee "$OUT/delt_proxy.log" | grep -v "^    " | tail -30
       tar czf "$OUT/delt_proxy_results.tgz" -C $d results scores ;;
-    seer_quality)
+    seer_quality|seer_yarn)
       export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
       wiki="$EFFJAX_DATA_ROOT/wikitext-2/valid.txt"
-      timeout "$T" bash -c "python3 train.py --config configs/longctx.yaml train.steps=2500 \
-          train.out_dir=runs/lc train.progress=false \
-        && python3 experiments/seer_prefill/run.py --run runs/lc --out runs/seer_quality \
+      table="python3 experiments/seer_prefill/run.py --run runs/lc --out runs/seer_quality \
           --gate-steps 300 --n-eval 16 --eval-source $wiki \
-          --selectors gate,oracle,static,gate+local,recency+local,oracle+local \
-        && python3 experiments/seer_prefill/yarn.py --run runs/lc --out runs/seer_yarn \
-          --steps 150 --eval-source $wiki" 2>&1 | tee "$OUT/seer_quality.log" | grep -v Warn | tail -40
-      mkdir -p "$OUT/seer_quality/table" "$OUT/seer_quality/yarn"
-      cp runs/lc/metrics.jsonl runs/lc/summary.json "$OUT/seer_quality/" 2>/dev/null
-      cp runs/seer_quality/*.json runs/seer_quality/*.md runs/seer_quality/*.png runs/seer_quality/run.log \
-        "$OUT/seer_quality/table/" 2>/dev/null
-      cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
-        "$OUT/seer_quality/yarn/" 2>/dev/null ;;
-    seer_yarn)
-      export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
-      wiki="$EFFJAX_DATA_ROOT/wikitext-2/valid.txt"
+          --selectors gate,oracle,static,gate+local,recency+local,oracle+local &&"
+      [ "$job" = seer_yarn ] && table=""          # the YaRN part alone
       timeout "$T" bash -c "python3 train.py --config configs/longctx.yaml train.steps=2500 \
-          train.out_dir=runs/lc train.progress=false \
-        && python3 experiments/seer_prefill/yarn.py --run runs/lc --out runs/seer_yarn \
-          --steps 150 --eval-source $wiki ${YARN_ARGS:-}" 2>&1 | tee "$OUT/seer_yarn.log" \
+          train.out_dir=runs/lc train.progress=false && $table \
+        python3 experiments/seer_prefill/yarn.py --run runs/lc --out runs/seer_yarn \
+          --steps 150 --eval-source $wiki ${YARN_ARGS:-}" 2>&1 | tee "$OUT/$job.log" \
         | grep -v Warn | tail -40
-      mkdir -p "$OUT/seer_yarn"
-      cp runs/lc/metrics.jsonl runs/lc/summary.json "$OUT/seer_yarn/" 2>/dev/null
+      mkdir -p "$OUT/$job/table" "$OUT/$job/yarn"
+      cp runs/lc/metrics.jsonl runs/lc/summary.json "$OUT/$job/" 2>/dev/null
+      [ "$job" = seer_quality ] && cp runs/seer_quality/*.json runs/seer_quality/*.md \
+        runs/seer_quality/*.png runs/seer_quality/run.log "$OUT/$job/table/" 2>/dev/null
       cp runs/seer_yarn/*.json runs/seer_yarn/*.md runs/seer_yarn/*.png runs/seer_yarn/run.log \
-        "$OUT/seer_yarn/" 2>/dev/null ;;
+        "$OUT/$job/yarn/" 2>/dev/null ;;
     seer_retrieval)
       export EFFJAX_DATA_ROOT=${EFFJAX_DATA_ROOT:-$PWD/shared_data}
       d=runs/sq9k

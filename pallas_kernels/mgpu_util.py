@@ -224,6 +224,26 @@ def s8_planes_from_words(x, shift, layout):
   return _s8_from_words(x, shift, layout, lambda v: arith.andi(v, _i32(0x03030303)))
 
 
+# the factor each plane's bytes carry in `s8_planes_scaled_from_words`
+PLANE_SCALES = (1, 4, 16, 1)
+
+
+def s8_planes_scaled_from_words(x, p: int, layout):
+  """`s8_planes_from_words`' operand of plane p (slots p and p + 4, the same bytes in the same
+  order) times PLANE_SCALES[p], with one instruction a register for p < 3: the mask in place,
+  v & (0x03030303 << 2 p), leaves each code at bit 2 p of its byte (4^p times the code; at
+  most 2 * 16 = 32, a positive int8); plane 3 (a code of 2 there would read 128, past int8)
+  keeps the shift, (v >> 6) & 0x03030303. A GEMV adds each plane's wgmma into the accumulator
+  of its factor and divides them out at the end (exact: every sum is a multiple of it)."""
+  from jax._src.lib.mlir.dialects import arith
+
+  if p not in range(4):
+    raise ValueError(f"plane {p}: 0 .. 3")
+  mask = 0x03030303 if p == 3 else 0x03030303 << (2 * p)
+  return _s8_from_words(x, 6 if p == 3 else 0, layout,
+                        lambda v: arith.andi(v, _i32(mask)))
+
+
 def concat_columns(a, b, layout):
   """a, b ([R, C] in registers, `layout` = the WGMMA layout, C a multiple of 8) -> [R, 2 C], a's
   columns then b's, in the same layout. The layout's registers come in tiles of 8 columns (the

@@ -127,7 +127,11 @@ class MosaicGPUConfig:
   2 t + 1, so one 32-bit shift and one mask (`mgpu_util.s8_planes_from_words`; the mask alone
   for p = 0) decode 4 codes where the pair form takes a shift, two masks and a shift-or; x's
   columns permuted per 512-row block instead (`gemm_x_permutation(planar=True)`); the packed
-  words are the same. To be timed on a GPU, so off."""
+  words are the same. To be timed on a GPU, so off; planar_scaled (with planar_decode, the s8
+  GEMV with one warpgroup): planes 1 and 2 decoded by a mask alone, their codes left 4 and 16
+  times too large (`mgpu_util.s8_planes_scaled_from_words`), each plane's wgmma into the
+  accumulator of its factor (three chains instead of one), divided out at the end: 5 integer
+  instructions a register pair of planes instead of 7. Off until timed."""
   num_splits: int | None = None
   pipeline_depth: int | None = None
   overlap: bool = False
@@ -144,6 +148,7 @@ class MosaicGPUConfig:
   gemv_s8: bool = True
   gemv_warpgroups: int = 1
   planar_decode: bool = False
+  planar_scaled: bool = False
 
   def validate(self) -> None:
     if self.profile_dir is not None and not isinstance(self.profile_dir, str):
@@ -165,9 +170,11 @@ class MosaicGPUConfig:
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"config.{name} must be a positive int or None, got {v!r}")
     for name in ("overlap", "word_shifts", "fused_decode", "hold_operands", "fused_epilogue",
-                 "gemv_s8", "planar_decode"):
+                 "gemv_s8", "planar_decode", "planar_scaled"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
+    if self.planar_scaled and not self.planar_decode:
+      raise ValueError("config.planar_scaled needs planar_decode=True (it scales the planes)")
 
 
 CONFIG = MosaicGPUConfig
@@ -609,7 +616,7 @@ def gemm_block_m(M: int, requested: int | None = None) -> int:
 
 
 def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_slots: int,
-              interpret: bool, num_splits: int = 1, planar: bool = False):
+              interpret: bool, num_splits: int = 1, planar: bool = False, scaled: bool = False):
   # refs: (o_ref,): the int32 sums [N, Mp] ([num_splits, N, Mp] split along K: program s takes
   # steps [s n_steps, (s + 1) n_steps)); or (v_ref, o_ref) with the epilogue fused: v_ref
   # float32 [3, Mp] (sum_k x, the weight scale, x's scale per row) and o_ref y [Mp, N]
@@ -626,12 +633,29 @@ def _kernel_g(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_sl
   w_spec = plgpu.BlockSpec((BN_G, PW), lambda k: (n, (start + k) // (4 // k_slots)),
                            transforms=mgpu_util.tiles(jnp.uint16))
 
-  if interpret:
+  if interpret and scaled:
+    def step(idx, x_smem, w_smem, accs):
+      return tuple(a + d for a, d in zip(accs, _step_interpret_scaled(w_smem[...], x_smem)))
+    zero = jnp.zeros((BN_G, block_m), jnp.int32)
+    acc = _unscale(plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
+                                       max_concurrent_steps=stages,
+                                       init_carry=(zero,) * 3)(x_ref, w_ref))
+  elif interpret:
     def step(idx, x_smem, w_smem, acc):
       return acc + _step_interpret(w_smem[...], x_smem, start + idx[0], k_slots, planar)
     acc = plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
                               max_concurrent_steps=stages,
                               init_carry=jnp.zeros((BN_G, block_m), jnp.int32))(x_ref, w_ref)
+  elif scaled:
+    def accumulate(*acc_refs):
+      def step(idx, x_smem, w_smem):
+        with jax.named_scope("load"):
+          words = mgpu_util.load(w_smem, plgpu.Layout.WGMMA)
+        _step_wgmmas_scaled(acc_refs, words, x_smem)
+      plgpu.emit_pipeline(step, grid=(n_steps,), in_specs=[x_spec, w_spec],
+                          max_concurrent_steps=stages)(x_ref, w_ref)
+      return _unscale(tuple(r[...] for r in acc_refs))
+    acc = pl.run_scoped(accumulate, *(plgpu.ACC((BN_G, block_m), jnp.int32),) * 3)
   else:
     wgmma_layout = plgpu.Layout.WGMMA
 
@@ -712,6 +736,41 @@ def _step_interpret(words, x_smem, k, k_slots: int, planar: bool = False):
                      preferred_element_type=jnp.int32) for j in range(k_slots))
 
 
+def _step_interpret_scaled(words, x_smem):
+  """The interpreter's `_step_wgmmas_scaled`: each plane's operand times its factor
+  (`mgpu_util.PLANE_SCALES`), its sums added to that factor's accumulator (1, 4, 16)."""
+  accs = [0, 0, 0]
+  for p in range(4):
+    a = _decode_interpret(words, jnp.int32(p), True) * mgpu_util.PLANE_SCALES[p]
+    x = x_smem[:, p * KS_G:(p + 1) * KS_G].astype(jnp.int32)
+    accs[_PLANE_ACC[p]] = accs[_PLANE_ACC[p]] + jnp.dot(a, x.T,
+                                                        preferred_element_type=jnp.int32)
+  return tuple(accs)
+
+
+_PLANE_ACC = (0, 1, 2, 0)    # plane p's accumulator: factor 1, 4, 16, 1
+
+
+def _unscale(accs):
+  """The sums of the three accumulators (factors 1, 4, 16) with their factors divided out
+  (arithmetic shifts: every sum there is a multiple of its factor)."""
+  a1, a4, a16 = accs
+  return a1 + lax.shift_right_arithmetic(a4, 2) + lax.shift_right_arithmetic(a16, 4)
+
+
+def _step_wgmmas_scaled(acc_refs, words, x_smem):
+  """A GEMV step (k_slots = 4: planes 0 .. 3 of a 512-row block) with `planar_scaled`: plane p
+  decoded by `mgpu_util.s8_planes_scaled_from_words` into the accumulator of its factor; one
+  wgmma in flight while the next plane decodes, drained at the end."""
+  for p in range(4):
+    with jax.named_scope("decode"):
+      a = mgpu_util.s8_planes_scaled_from_words(words, p, plgpu.Layout.WGMMA)
+    with jax.named_scope("mma"):
+      plgpu.wgmma(acc_refs[_PLANE_ACC[p]], a,
+                  mgpu_util.transposed(x_smem.at[:, pl.ds(p * KS_G, KS_G)]))
+      plgpu.wgmma_wait(1 if p < 3 else 0)
+
+
 def _step_wgmmas(acc_ref, words, x_smem, k, k_slots: int, planar: bool = False):
   """Pipeline step k on the GPU: per slot pair of the step, its s8 operand decoded from the
   words (registers, WGMMA layout) and one wgmma against the x tile's 128-column slab; a pair
@@ -786,8 +845,12 @@ def _kernel_g2(x_ref, w_ref, *refs, block_m: int, stages: int, n_steps: int, k_s
 
 def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
                warpgroups: int, k_slots: int, interpret: bool, num_splits: int = 1,
-               profile: tuple[str, int] | None = None, planar: bool = False):
+               profile: tuple[str, int] | None = None, planar: bool = False,
+               scaled: bool = False):
   M, K = x_int8_MK.shape
+  if scaled and (not planar or k_slots != 4 or warpgroups != 1):
+    raise ValueError("scaled planes take planar decoding, 4 slot pairs a step (the GEMV) and "
+                     "one warpgroup")
   rows = packed_u16.shape[1] * 8
   Mp = launch.round_up(M, block_m)
   x = permute_x_gemm(jnp.pad(x_int8_MK, ((0, Mp - M), (0, rows - K))), planar)
@@ -802,7 +865,7 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
   kw = dict(block_m=block_m, stages=stages, n_steps=n_steps // num_splits, k_slots=k_slots,
             interpret=interpret, num_splits=num_splits, planar=planar)
   if warpgroups == 1:
-    body, extra = functools.partial(_kernel_g, **kw), {}
+    body, extra = functools.partial(_kernel_g, scaled=scaled, **kw), {}
   else:
     out_dtype = jnp.dtype(out_dtype) if fused else jnp.dtype(jnp.int32)
     tile = (2, block_m, BN_G) if fused else (2, BN_G, block_m)
@@ -825,10 +888,11 @@ def _gemm_call(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: 
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "warpgroups", "k_slots",
-                                             "num_splits", "profile", "interpret", "planar"))
+                                             "num_splits", "profile", "interpret", "planar",
+                                             "scaled"))
 def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpgroups: int = 1,
               k_slots: int = 1, num_splits: int = 1, profile: tuple[str, int] | None = None,
-              interpret: bool = False, planar: bool = False):
+              interpret: bool = False, planar: bool = False, scaled: bool = False):
   """int32 [N, Mp] = (q^T x^T) for an i2_t weight's words [N, rows / 8], q = t + 1 in {0, 1, 2}
   (the codes before the offset), x int8 [M, K] (Mp = M rounded up to block_m); x is padded and
   its columns permuted per 128-row step (`gemm_x_permutation`) in one XLA op. warpgroups: 1
@@ -836,23 +900,24 @@ def gemm_sums(x_int8_MK, packed_u16, *, N: int, block_m: int, stages: int, warpg
   producer warpgroup issuing the loads); k_slots: slot pairs (128 K rows each) a pipeline step;
   num_splits > 1 (dividing the steps): [num_splits, N, Mp], the sums of each share of K;
   profile (dir, space): the Mosaic GPU profiler's trace of each launch (phases decode / mma);
-  planar: `MosaicGPUConfig.planar_decode`."""
+  planar / scaled: `MosaicGPUConfig.planar_decode` / `planar_scaled`."""
   return _gemm_call(x_int8_MK, packed_u16, None, N=N, block_m=block_m, stages=stages,
                     out_dtype=None, warpgroups=warpgroups, k_slots=k_slots, interpret=interpret,
-                    num_splits=num_splits, profile=profile, planar=planar)
+                    num_splits=num_splits, profile=profile, planar=planar, scaled=scaled)
 
 
 @functools.partial(jax.jit, static_argnames=("N", "block_m", "stages", "out_dtype", "warpgroups",
-                                             "k_slots", "profile", "interpret", "planar"))
+                                             "k_slots", "profile", "interpret", "planar",
+                                             "scaled"))
 def gemm_fused(x_int8_MK, packed_u16, vecs_3M, *, N: int, block_m: int, stages: int, out_dtype,
                warpgroups: int = 1, k_slots: int = 1, profile: tuple[str, int] | None = None,
-               interpret: bool = False, planar: bool = False):
+               interpret: bool = False, planar: bool = False, scaled: bool = False):
   """y [Mp, N] in out_dtype = ((q^T x^T)^T - s) * w * r, the epilogue in the kernel: vecs_3M
   float32 [3, Mp] holds s = sum_k x (as floats: exact), w = the weight scale and r = x's scale
   per row (zero rows past M). Same x preparation, warpgroups and k_slots as `gemm_sums`."""
   return _gemm_call(x_int8_MK, packed_u16, vecs_3M, N=N, block_m=block_m, stages=stages,
                     out_dtype=out_dtype, warpgroups=warpgroups, k_slots=k_slots,
-                    interpret=interpret, profile=profile, planar=planar)
+                    interpret=interpret, profile=profile, planar=planar, scaled=scaled)
 
 
 def smem_bytes_g(block_m: int, stages: int, warpgroups: int = 1, k_slots: int = 1) -> int:
@@ -919,7 +984,8 @@ def _s8_matmul(x_int8_MK, packed, x_scale_M, out_dtype, interpret, config, *, bl
   N = packed.shape[1]
   kw = dict(N=N, block_m=int(block_m), stages=int(stages), warpgroups=warpgroups,
             k_slots=int(k_slots), profile=_profile(config), interpret=bool(interpret),
-            planar=bool(config.planar_decode))
+            planar=bool(config.planar_decode),
+            scaled=bool(config.planar_scaled) and k_slots == 4 and warpgroups == 1)
   xsum = jnp.sum(x_int8_MK, axis=1, dtype=jnp.int32)
   if splits == 1 and config.fused_epilogue and jnp.ndim(packed.scale) == 0:
     Mp = launch.round_up(M, block_m)

@@ -555,11 +555,53 @@ def test_i2t_planar_decode_lowers_for_cuda(warpgroups, k_slots, splits):
                                         S_((1024, 256), jnp.uint16))
 
 
+def test_i2t_scaled_planes_register_decoding():
+  """`mgpu_util.s8_planes_scaled_from_words`' masks on the 32-bit registers of word pairs: plane
+  p's bytes are the planar operand times `PLANE_SCALES[p]` (codes 0 .. 2 of the ternary weight
+  and every 2-bit pattern), all within int8."""
+  from pallas_kernels import mgpu_util
+  words = np.random.default_rng(2).integers(0, 1 << 16, (64, 64)).astype(np.uint16)
+  regs = words.view(np.uint32)
+  for p in range(4):
+    shift, mask = (6, 0x03030303) if p == 3 else (0, 0x03030303 << (2 * p))
+    got = ((regs >> np.uint32(shift)) & np.uint32(mask)).view(np.uint8).reshape(64, 128)
+    want = np.asarray(mgpu._decode_interpret(jnp.asarray(words), jnp.int32(p), True))
+    np.testing.assert_array_equal(got.astype(np.int32), want * mgpu_util.PLANE_SCALES[p])
+    assert got.max() <= 3 * mgpu_util.PLANE_SCALES[p] <= 127
+  with pytest.raises(ValueError, match="planar_scaled needs planar_decode"):
+    mgpu.MosaicGPUConfig(planar_scaled=True).validate()
+
+
+@pytest.mark.parametrize("M,K,N,cfg", [(1, 1024, 128, dict(**GV, **PL, planar_scaled=True)),
+                                       (13, 2048, 192, dict(num_splits=1, **GV, **PL,
+                                                            planar_scaled=True))])
+def test_i2t_scaled_planes_interpret_match_the_xla_integer_path(M, K, N, cfg):
+  """planar_scaled on the s8 GEMV (split along K, and with the fused epilogue): three
+  accumulators of factors 1, 4, 16, divided out at the end, give the exact integer product."""
+  check_gemm(M, K, N, True, **cfg)
+
+
+def test_i2t_scaled_planes_lower_for_cuda():
+  """The scaled planes lower for CUDA: 3 accumulators, 4 wgmma calls a step."""
+  S_ = jax.ShapeDtypeStruct
+  stages = mgpu.gemm_stages(16, None, 1, 4)
+  fn = jax.jit(lambda x, p: mgpu.gemm_sums(x, p, N=1024, block_m=16, stages=stages,
+                                           warpgroups=1, k_slots=4, num_splits=2, planar=True,
+                                           scaled=True))
+  assert "mosaic_gpu" in lower_for_cuda(fn, S_((13, 2048), jnp.int8),
+                                        S_((1024, 256), jnp.uint16))
+  with pytest.raises(ValueError, match="scaled planes"):
+    mgpu.gemm_sums(jnp.zeros((13, 2048), jnp.int8), jnp.zeros((1024, 256), jnp.uint16),
+                   N=1024, block_m=16, stages=2, k_slots=2, planar=True, scaled=True,
+                   interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N", [(1, 8192, 8192), (16, 14336, 4096), (2048, 4096, 14336),
                                    (100, 1000, 192)])
 def test_gpu_i2t_planar_decode_matches_the_xla_integer_path(M, K, N):
   check_gemm(M, K, N, False, **PL)
+  check_gemm(M, K, N, False, planar_scaled=True, **PL)
   check_gemm(M, K, N, False, jnp.bfloat16, **PL)
   check_gemm(M, K, N, False, gemm_warpgroups=1, gemm_k_slots=1, **PL)
   check_gemm(M, K, N, False, num_splits=1, **PL)
