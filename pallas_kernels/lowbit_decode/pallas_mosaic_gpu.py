@@ -388,7 +388,8 @@ def _kernel_tok(packed_ref, len_ref, nslots_ref, idx_ref, q_ref, kw_ref, vw_ref,
     def dequant_v():
       with jax.named_scope("dequant_v"):
         vwords = load(vw_smem, wgmma_layout)
-        vscale, vzero = load(vs_smem, row), load(vz_smem, row)
+        if not fold_v:          # (fold_v: the scales and zeros act in the softmax instead)
+          vscale, vzero = load(vs_smem, row), load(vz_smem, row)
         if not auto_barriers:   # the previous block's PV wgmma read v / p: every warp past it
           plgpu.commit_smem()
         for i in range(slabs_n):
