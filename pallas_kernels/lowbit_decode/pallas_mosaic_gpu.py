@@ -64,8 +64,8 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
-  """num_splits: programs per (sequence, KV head) (None: from the SM count, as the Triton
-  kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
+  """num_splits: programs per (sequence, KV head) (None: about programs_per_sm programs an SM,
+  rounded down to a power of 2 of splits, as the Triton kernel); pipeline_depth: blocks in flight (TMA copies issued ahead); overlap: dequantise V
   while the QK^T wgmma runs (False, the measured default: after it, in series; the form with query
   rows only); token_rows: the token-rows form (module docstring; G <= W, V always dequantised
   during QK^T), None (the default) where G <= W and overlap is off -- on the H100 at S128K int4 it
@@ -107,6 +107,7 @@ class MosaicGPUConfig:
   V's dequantisation loses its multiply and add (64 float operations a thread and block) for 8
   multiplies and 8 multiply-adds on the softmax tile."""
   num_splits: int | None = None
+  programs_per_sm: int = 2
   pipeline_depth: int | None = None
   overlap: bool = False
   token_rows: bool | None = None
@@ -121,6 +122,9 @@ class MosaicGPUConfig:
   fold_v: bool = False
 
   def validate(self) -> None:
+    if not isinstance(self.programs_per_sm, int) or self.programs_per_sm < 1:
+      raise ValueError(f"config.programs_per_sm must be a positive int, got "
+                       f"{self.programs_per_sm!r}")
     for name in ("num_splits", "pipeline_depth"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
@@ -690,7 +694,7 @@ def lowbit_decode_attention(q_BKGH, k_packed, k_scale, k_zero, v_packed, v_scale
   S = k_packed.shape[2]
   units = block_indices_BKM.shape[-1] if block_indices_BKM is not None else max(1, S // tokens)
   num_splits = config.num_splits or launch.default_num_splits(
-      B * K, units, launch.target_programs(2))
+      B * K, units, launch.target_programs(config.programs_per_sm))
   if block_indices_BKM is not None:
     block_indices_BKM = block_indices_BKM.astype(jnp.int32)
   profile = None if config.profile_dir is None else (config.profile_dir, config.profile_space)

@@ -419,6 +419,8 @@ def test_refusals_name_the_setting():
   assert np.all(np.isfinite(np.asarray(out, np.float32)))
   with pytest.raises(ValueError, match="num_splits"):
     mgpu.MosaicGPUConfig(num_splits=0).validate()
+  with pytest.raises(ValueError, match="programs_per_sm"):
+    mgpu.MosaicGPUConfig(programs_per_sm=0).validate()
   with pytest.raises(ValueError, match="overlap"):
     mgpu.MosaicGPUConfig(overlap=1).validate()
   with pytest.raises(ValueError, match="residual must be 'concat' or 'merge'"):
