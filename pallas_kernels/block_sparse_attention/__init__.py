@@ -40,7 +40,8 @@ from pallas_kernels.block_sparse_attention.reference import (block_mask,
 from pallas_kernels.dispatch import Op
 from pallas_kernels.flash_attention import check_prefill_args
 
-# `auto` on a GPU: the Mosaic GPU forward (with the Triton backward), then the Triton kernels
+# `auto` on a GPU: the Mosaic GPU forward (with the Triton backward, or the Mosaic GPU one with
+# MosaicGPUConfig(mosaic_backward=True) or without Pallas Triton), then the Triton kernels
 # where it refuses (block_size != 64, float32, ...). H100, 32K tokens, 32 / 8 heads, head dim 128,
 # bf16 forward (docs/results/seer_prefill.md): every causal block 18.4 ms Mosaic GPU, 21.3 Triton,
 # 787 the XLA scan; 10% random blocks 2.24 ms Mosaic GPU, 2.58 Triton.

@@ -1,7 +1,9 @@
 """Block-sparse causal prefill attention, forward pass as a Pallas Mosaic GPU kernel (Hopper: TMA
 loads, wgmma, warp specialisation as in FlashAttention-3), the `pallas_mosaic_gpu`
 implementation of `block_sparse_attention`. The backward pass is the Triton kernels'
-(`pallas_triton.backward`, from this kernel's o and lse), tied by a `jax.custom_vjp`.
+(`pallas_triton.backward`, from this kernel's o and lse), or with
+`MosaicGPUConfig(mosaic_backward=True)` the Mosaic GPU ones (`pallas_mosaic_gpu_bwd`), tied by a
+`jax.custom_vjp`.
 
 One program (a CTA of three warpgroups) per (sequence, query head, pair of query blocks):
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import math
 
 import jax
@@ -46,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import online_softmax, tuned
+from pallas_kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as mosaic_bwd
 from pallas_kernels.block_sparse_attention.reference import slot_counts
 from pallas_kernels import mgpu_util
 from pallas_kernels.dispatch import NotSupported, require_platform
@@ -64,6 +68,11 @@ class MosaicGPUConfig:
   pipeline_depth: K / V buffers per consumer (None: as many as fit, at most 4 for H=64 and
     2 for H=128; lowered until the program's shared memory fits an SM).
   backward: the Triton backward kernels' config (`pallas_triton.TritonConfig`; None: tuned).
+  mosaic_backward: the backward pass as the Mosaic GPU kernels (`pallas_mosaic_gpu_bwd`: dq and
+    dk / dv, a producer warpgroup and two consumers each) instead of the Triton ones, where they
+    take the shapes (head dim 64 / 128); off until timed on the GPU. Without Pallas Triton the
+    Mosaic GPU kernels run regardless. backward_depth: their ring buffers a consumer (None: 4 at
+    H 64, 2 at H 128, lowered to fit).
   overlap_qk: FlashAttention-3's intra-warpgroup overlap: each consumer issues the next slot's
     QK^T wgmma before the current slot's softmax and reads it after the PV wgmma, so one wgmma
     is in flight while the softmax runs (the scores of a slot are carried one step, 32 more
@@ -89,12 +98,17 @@ class MosaicGPUConfig:
   overlap_qk: bool = False
   pingpong: bool = False
   pair_blocks: bool = False
+  mosaic_backward: bool = False
+  backward_depth: int | None = None
 
   def validate(self) -> None:
     d = self.pipeline_depth
     if d is not None and (not isinstance(d, int) or d < 1):
       raise ValueError(f"config.pipeline_depth must be a positive int or None, got {d!r}")
-    for name in ("overlap_qk", "pingpong", "pair_blocks"):
+    bd = self.backward_depth
+    if bd is not None and (not isinstance(bd, int) or bd < 1):
+      raise ValueError(f"config.backward_depth must be a positive int or None, got {bd!r}")
+    for name in ("overlap_qk", "pingpong", "pair_blocks", "mosaic_backward"):
       if not isinstance(getattr(self, name), bool):
         raise ValueError(f"config.{name} must be a bool, got {getattr(self, name)!r}")
 
@@ -544,14 +558,38 @@ def _attention_fwd(q, k, v, idx_BHQM, lengths_B, block_size, launch, bwd_launch,
 
 
 def _attention_bwd(block_size, launch, bwd_launch, interpret, res, do):
-  from pallas_kernels.block_sparse_attention import pallas_triton
+  """bwd_launch: ("pallas_mosaic_gpu", ring depth) or ("pallas_triton", its Launch)."""
   q, k, v, idx_BHQM, lengths_B, o, lse = res
-  dq, dk, dv = pallas_triton.backward(q, k, v, idx_BHQM, lengths_B, o, lse, do,
-                                      block_size=block_size, launch_=bwd_launch)
+  impl, params = bwd_launch
+  if impl == "pallas_mosaic_gpu":
+    dq, dk, dv = mosaic_bwd.backward(q, k, v, idx_BHQM, lengths_B, o, lse, do,
+                                     block_size=block_size, depth=params, interpret=interpret)
+  else:
+    from pallas_kernels.block_sparse_attention import pallas_triton
+    dq, dk, dv = pallas_triton.backward(q, k, v, idx_BHQM, lengths_B, o, lse, do,
+                                        block_size=block_size, launch_=params)
   return dq, dk, dv, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _backward_launch(config: MosaicGPUConfig, block_size: int, H: int, dtype, interpret: bool):
+  """The backward pass's kernels: the Mosaic GPU ones with `mosaic_backward` (or when Pallas
+  Triton is missing) where they take the shapes, else the Triton ones."""
+  mosaic_why = mosaic_bwd.bwd_supported(H, block_size, dtype)
+  triton = None
+  if not (config.mosaic_backward and mosaic_why is None):
+    try:
+      triton = importlib.import_module("pallas_kernels.block_sparse_attention.pallas_triton")
+    except ImportError as e:
+      if mosaic_why is not None:
+        raise NotSupported(f"its backward: the Mosaic GPU kernels refuse ({mosaic_why}) and the "
+                           f"Pallas Triton ones are missing ({e})") from e
+  if triton is None:
+    return "pallas_mosaic_gpu", mosaic_bwd.bwd_depth(H, block_size, dtype,
+                                                     config.backward_depth)
+  return "pallas_triton", triton.resolve(config.backward, block_size, H, interpret)[1]
 
 
 def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B, *,
@@ -577,11 +615,7 @@ def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B
     depth, v_depth = fit
   else:
     depth = v_depth = fit_depth(H, block_size, depth, q_BTNH.dtype)
-  try:                                          # the backward pass is the Triton kernels'
-    from pallas_kernels.block_sparse_attention import pallas_triton
-  except ImportError as e:
-    raise NotSupported(f"its backward needs the Pallas Triton kernels ({e})") from e
-  _, bwd = pallas_triton.resolve(config.backward, block_size, H, interpret)
+  bwd = _backward_launch(config, block_size, H, q_BTNH.dtype, interpret)
   launch = (("depth", depth), ("overlap_qk", config.overlap_qk), ("pingpong", config.pingpong),
             ("v_depth", v_depth), ("pair_blocks", config.pair_blocks))
   return _attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM.astype(jnp.int32),

@@ -184,10 +184,10 @@ def test_rejects_bad_indices():
     block_sparse_attention(q, k, v, ok.at[0, 0, 0, 0].set(2), block_size=4)
 
 
-def check_at_scale(impl, H, bs):
-  """A GPU backend against the XLA backend in float32: 16 / 4 heads, T 2000 ragged, ~30% random
-  causal blocks per query head (diagonal kept), bf16; forward and the gradients of q, k, v,
-  within 2% relative L2."""
+def check_at_scale(impl, H, bs, config=None):
+  """A GPU backend (with `config`) against the XLA backend in float32: 16 / 4 heads, T 2000
+  ragged, ~30% random causal blocks per query head (diagonal kept), bf16; forward and the
+  gradients of q, k, v, within 2% relative L2."""
   B, T, N, K = 2, 2000, 16, 4
   q, k, v = rand_qkv(H + bs, B, T, N, K, H, jnp.bfloat16)
   nb = -(-T // bs)
@@ -202,7 +202,8 @@ def check_at_scale(impl, H, bs):
 
   def run(impl, *x):
     f = lambda q, k, v: block_sparse_attention(q, k, v, idx, lengths, block_size=bs,
-                                              implementation=impl)
+                                              implementation=impl,
+                                              config=None if impl == "xla" else config)
     o, vjp = jax.vjp(f, *x)
     return (o, *vjp(w.astype(o.dtype)))
 

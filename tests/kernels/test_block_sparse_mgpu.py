@@ -2,17 +2,20 @@
 interpreter (producer and consumer warpgroups, TMA copies and barriers; dots in place of the
 wgmmas) against the float64 loop, its lse against the masked log-sum-exp, odd numbers of query
 blocks, ragged lengths, per-head and per-group indices, rows that see no key; gradients through
-the Triton backward; the compiled path lowered for CUDA on the CPU; refusals. The schedule
+the Triton backward and through the Mosaic GPU backward kernels (`pallas_mosaic_gpu_bwd`, also
+against the reference gradients directly); the compiled paths lowered for CUDA on the CPU;
+refusals. The schedule
 options (`overlap_qk`, `pingpong`) the same ways, with the two consumers of a program given very
 different step counts (the ping-pong's empty meetings), under a watchdog that fails a run
 that deadlocks (the interpreter would wait forever). `pair_blocks` (two key blocks a step) alone
 and with each schedule, with odd and even live-slot counts, unequal K / V rings, and shared
 memory that starts as NaN (an odd count's empty half must not reach the output). On a GPU
-(`pytest -m gpu`): the wgmma kernel against the XLA backend at scale, and each schedule
+(`pytest -m gpu`): the wgmma kernels against the XLA backend at scale, and each schedule
 against the default and XLA."""
 
 import contextlib
 import faulthandler
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +25,7 @@ import pytest
 from pallas_kernels.block_sparse_attention import (block_sparse_attention,
                                                    block_sparse_attention_reference)
 from pallas_kernels.block_sparse_attention import pallas_mosaic_gpu as mgpu
+from pallas_kernels.block_sparse_attention import pallas_mosaic_gpu_bwd as mbwd
 from pallas_kernels.dispatch import NotSupported, lowering_for
 
 from .test_block_sparse_attention import check_at_scale, oracle, rand_qkv, random_indices
@@ -266,6 +270,105 @@ def test_interpret_gradients_through_the_triton_backward():
     assert rel < 3e-2, rel
 
 
+def reference_grads(q, k, v, idx, lengths, do):
+  """float32 (dq, dk, dv) of the masked dense reference for the cotangent do."""
+  f = lambda q, k, v: block_sparse_attention_reference(q, k, v, jnp.asarray(idx),
+                                                       jnp.asarray(lengths), block_size=BS)
+  _, vjp = jax.vjp(f, *(x.astype(jnp.float32) for x in (q, k, v)))
+  return vjp(do.astype(jnp.float32))
+
+
+@pytest.mark.parametrize("B,T,N,K,H,per_group,lengths,depth", [
+    (1, 250, 4, 2, 64, False, (237,), 2),       # 4 query blocks, GQA, ragged, edge rows
+    pytest.param(2, 150, 2, 1, 128, True, (150, 70), 1, marks=pytest.mark.slow),
+])
+def test_interpret_mosaic_backward_matches_the_reference(B, T, N, K, H, per_group, lengths,
+                                                         depth):
+  """The Mosaic GPU dq and dk / dv kernels, from the forward's o and lse, against the gradients
+  of the masked dense reference: rows with no key (a block above the diagonal only, a query
+  block with no live slot beside one with every causal block), ragged lengths, GQA sums over
+  the group, per-head and per-group index rows, one and two ring buffers."""
+  q, k, v = rand_qkv(T + H + 1, B, T, N, K, H, jnp.bfloat16)
+  nb = -(-T // BS)
+  idx = edge_indices(B + H, B, K if per_group else N, nb)
+  lengths = np.asarray(lengths, np.int32)
+  do = jnp.asarray(np.random.default_rng(T).standard_normal((B, T, N, H)), jnp.bfloat16)
+  o, lse = mgpu.forward(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), block_size=BS,
+                        depth=2, interpret=True)
+  with deadlock_guard():
+    got = mbwd.backward(q, k, v, jnp.asarray(idx), jnp.asarray(lengths), o, lse, do,
+                        block_size=BS, depth=depth, interpret=True)
+  for name, a, b in zip(("dq", "dk", "dv"), got, reference_grads(q, k, v, idx, lengths, do)):
+    assert a.shape == b.shape and a.dtype == jnp.bfloat16, name
+    a, b = np.asarray(a, np.float32), np.asarray(b)
+    rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+    assert rel < 1e-2, (name, rel)
+    np.testing.assert_allclose(a, b, atol=3e-2, rtol=3e-2, err_msg=name)
+
+
+@pytest.mark.slow
+def test_interpret_gradients_through_the_mosaic_backward():
+  """`mosaic_backward` reaches the custom_vjp: jax.grad through the public entry point."""
+  B, T, N, K, H = 1, 128, 2, 1, 64
+  q, k, v = rand_qkv(3, B, T, N, K, H, jnp.bfloat16)
+  idx = random_indices(4, B, N, 2, 2, causal_only=True)
+  lengths = np.asarray([120], np.int32)
+  w = jnp.asarray(np.random.default_rng(5).standard_normal((B, T, N, H)), jnp.bfloat16)
+  cfg = mgpu.MosaicGPUConfig(mosaic_backward=True)
+  f = lambda q, k, v: block_sparse_attention(q, k, v, jnp.asarray(idx), jnp.asarray(lengths),
+                                             block_size=BS, implementation="pallas_mosaic_gpu",
+                                             interpret=True, config=cfg)
+  got = jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)
+                                         * w.astype(jnp.float32)), (0, 1, 2))(q, k, v)
+  for a, b in zip(got, reference_grads(q, k, v, idx, lengths, w)):
+    rel = np.linalg.norm(np.asarray(a, np.float32) - np.asarray(b)) / np.linalg.norm(b)
+    assert rel < 1e-2, rel
+
+
+def test_backward_choice_and_refusals(monkeypatch):
+  bf16 = jnp.bfloat16
+  assert mbwd.bwd_depth(64, BS, bf16) == 4 and mbwd.bwd_depth(128, BS, bf16) == 2
+  assert mbwd.bwd_smem_bytes(128, BS, 2, bf16) <= 227 * 1024
+  assert "H=256" in mbwd.bwd_supported(256, BS, bf16)
+  assert "float32" in mbwd.bwd_supported(128, BS, jnp.float32)
+  assert "block_size=128" in mbwd.bwd_supported(128, 128, bf16)
+  with pytest.raises(ValueError, match="backward_depth"):
+    mgpu.MosaicGPUConfig(backward_depth=0).validate()
+  with pytest.raises(ValueError, match="mosaic_backward"):
+    mgpu.MosaicGPUConfig(mosaic_backward=1).validate()
+  on = mgpu.MosaicGPUConfig(mosaic_backward=True)
+  assert mgpu._backward_launch(on, BS, 128, bf16, True) == ("pallas_mosaic_gpu", 2)
+  assert mgpu._backward_launch(on, BS, 256, bf16, True)[0] == "pallas_triton"   # refused: H 256
+  assert mgpu._backward_launch(mgpu.MosaicGPUConfig(), BS, 128, bf16, True)[0] == "pallas_triton"
+  # without Pallas Triton the Mosaic GPU kernels run regardless, where they take the shapes
+  monkeypatch.setitem(sys.modules, "pallas_kernels.block_sparse_attention.pallas_triton", None)
+  assert mgpu._backward_launch(mgpu.MosaicGPUConfig(), BS, 64, bf16, True)[0] == "pallas_mosaic_gpu"
+  with pytest.raises(NotSupported, match="Pallas Triton ones are missing"):
+    mgpu._backward_launch(mgpu.MosaicGPUConfig(), BS, 256, bf16, True)
+
+
+@pytest.mark.parametrize("H", [64, 128])
+def test_backward_lowers_for_cuda_with_no_loop_barrier(H):
+  """Both backward kernels lowered for CUDA on the CPU (layouts, transforms, Mosaic's own
+  shared-memory check at the picked depth); no warpgroup barrier in either main loop (no
+  shared-memory store there: Pallas adds none)."""
+  from ._oracle import loop_barriers, mosaic_gpu_modules
+  S = jax.ShapeDtypeStruct
+  B, T, N, K = 1, 1000, 8, 2
+  nb = -(-T // BS)
+  bf16 = jnp.bfloat16
+  args = (S((B, T, N, H), bf16), S((B, T, K, H), bf16), S((B, T, K, H), bf16),
+          S((B, N, nb, 6), jnp.int32), S((B,), jnp.int32), S((B, T, N, H), bf16),
+          S((B, N, nb * BS), jnp.float32), S((B, T, N, H), bf16))
+  depth = mbwd.bwd_depth(H, BS, bf16)
+  mods = mosaic_gpu_modules(jax.jit(lambda *a: mbwd.backward(*a, block_size=BS, depth=depth)),
+                            *args)
+  assert len(mods) == 2
+  for text in mods:
+    assert text.count("wgmma") >= 4
+    assert loop_barriers(text) == 0
+
+
 @pytest.mark.parametrize("pair_blocks", [False, True], ids=["", "pair_blocks"])
 @pytest.mark.parametrize("overlap_qk,pingpong", [(False, False), *SCHEDULES],
                          ids=["default", *SCHEDULE_IDS])
@@ -377,6 +480,14 @@ def test_gpu_forward_and_gradients_at_scale(H):
   """As the Triton kernel's test_prefill_scale: forward and gradients (the Triton backward from
   this kernel's o and lse) against the XLA backend in float32."""
   check_at_scale("pallas_mosaic_gpu", H, BS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H", [64, 128])
+def test_gpu_mosaic_backward_at_scale(H):
+  """The Mosaic GPU backward compiled: forward and gradients against the XLA backend in
+  float32, as test_gpu_forward_and_gradients_at_scale."""
+  check_at_scale("pallas_mosaic_gpu", H, BS, config=mgpu.MosaicGPUConfig(mosaic_backward=True))
 
 
 @pytest.mark.gpu
