@@ -170,8 +170,12 @@ def fit_depths(H: int, block_size: int, depth: int, dtype, *,
 
 def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, scoped, *,
             bs: int, G: int, hdiv: int, nq: int, depth: int, v_depth: int, scale_log2: float,
-            overlap_qk: bool, pingpong: bool, pair_blocks: bool, interpret: bool):
-  (q_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scoped[:3]
+            overlap_qk: bool, pingpong: bool, pair_blocks: bool, interpret: bool, mt_ref=None):
+  """mt_ref: None, or f32 [B, N, nK, Tp] taking each step's row maxima of the scaled scores
+  (base 2; the block target's, `flash_attention`), through a ring of two [bs] buffers a
+  consumer (the last scoped buffer); the default schedule only."""
+  (q_smem, k_smem, v_smem, lse_smem, *mt_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = (
+      scoped[:3])
   sched = scoped[3] if pingpong else None     # the consumers' rendezvous (2 arrivals)
   b = lax.axis_index("b")
   n = lax.axis_index("n")
@@ -282,7 +286,8 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       if masked:                # the diagonal block (the only one that can cross the length)
         valid = valid_fn()
         s_ = jnp.where(valid, s_, online_softmax.MASK_VALUE)
-      m_new = jnp.maximum(m_i, s_.max(axis=1))
+      m_tile = s_.max(axis=1)
+      m_new = jnp.maximum(m_i, m_tile)
       alpha = jnp.exp2(m_i - m_new)
       p = jnp.exp2(s_ - lax.broadcast_in_dim(m_new, s_.shape, [0]))
       if masked:
@@ -294,7 +299,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
         # keeps the softmax ahead of the rendezvous that hands the tensor cores back (as
         # attention_mgpu: without it the compiler may sink this work past the barrier)
         acc, l_new, m_new, p16 = lax.optimization_barrier((acc, l_new, m_new, p16))
-      return acc, m_new, l_new, p16
+      return acc, m_new, l_new, p16, m_tile
 
     def wait_v(slot):
       """The end of a softmax: V of `slot` ready (ping-pong: and the other consumer's wgmmas
@@ -316,6 +321,15 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
 
     after_qk = rendezvous if pingpong else (lambda: None)
 
+    def store_row_max(s, block, m_tile):
+      """m_tile [bs] to mt_ref[b, n, block, q0:q0 + bs] through buffer s % 2 of the ring, once
+      the copy that read it two steps ago is done."""
+      buf = mt_smem[0].at[wg * 2 + lax.rem(s, jnp.int32(2))]
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      buf[...] = m_tile
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(buf, mt_ref.at[b, n, block, pl.ds(q0, bs)])
+
     def step(s, carry, mask):
       acc, m_i, l_i = carry
       slot = slot_of(s)
@@ -324,7 +338,9 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
       plgpu.barrier_wait(k_ready.at[slot])
       qk = qk_of(slot, after_qk)
       plgpu.barrier_arrive(k_free.at[slot])
-      acc, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
+      acc, m_new, l_new, p16, m_tile = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
+      if mt_ref is not None:
+        store_row_max(s, block, m_tile)
       wait_v(vslot)
       acc = pv(acc, p16, vslot)
       plgpu.barrier_arrive(v_free.at[vslot])
@@ -346,7 +362,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
             plgpu.wgmma(qk_ref, my_q, mgpu_util.transposed(k_smem.at[nslot]))
         after_qk()
         block = None if pair_blocks else idx_ref[b, hi, i, s]
-        acc2, m_new, l_new, p16 = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
+        acc2, m_new, l_new, p16, _ = softmax(qk, acc, m_i, l_i, valid_of(s, block, mask))
         wait_v(vslot)
         acc2 = pv(acc2, p16, vslot)                # waits for the next QK^T too
         plgpu.barrier_arrive(v_free.at[vslot])
@@ -478,14 +494,19 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "depth", "overlap_qk", "pingpong",
-                                             "v_depth", "pair_blocks", "interpret"))
+                                             "v_depth", "pair_blocks", "row_max", "interpret"))
 def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, depth: int,
             overlap_qk: bool = False, pingpong: bool = False, v_depth: int | None = None,
-            pair_blocks: bool = False, interpret: bool = False):
+            pair_blocks: bool = False, row_max: bool = False, interpret: bool = False):
   """(o [B, T, N, H] in q's dtype, lse f32 [B, N, Tp] natural log, +inf on rows that see no
-  key), Tp = nQ * block_size (the Triton forward's outputs, o unpadded). depth / v_depth: K / V
-  buffers a consumer (v_depth None: depth). overlap_qk, pingpong, pair_blocks: as
-  `MosaicGPUConfig`'s."""
+  key), Tp = nQ * block_size (the Triton forward's outputs, o unpadded); with row_max also mt
+  f32 [B, N, nK, Tp]: row t's largest scaled score (base 2) in each selected key block j of its
+  query block (MASK_VALUE where it sees none; entries of unselected blocks unwritten), the
+  block target's input (`flash_attention.reference.block_target_from_row_max`). depth /
+  v_depth: K / V buffers a consumer (v_depth None: depth). overlap_qk, pingpong, pair_blocks:
+  as `MosaicGPUConfig`'s."""
+  if row_max and (overlap_qk or pingpong or pair_blocks):
+    raise NotSupported("row_max (the block target) runs with the default schedule only")
   v_depth = depth if v_depth is None else v_depth
   if overlap_qk and pingpong and v_depth < 2:
     # the producer's wait for a consumer's one V buffer sits between the other's K copies
@@ -503,14 +524,16 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
   kps = 2 if pair_blocks else 1                 # key blocks a buffer (TMA copies a barrier)
   tiles = mgpu_util.tiles(dtype)
 
-  def entry(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref):
+  def entry(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
+            *mt_ref):
     pl.run_scoped(
         lambda *scoped: kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref,
-                               lse_ref, scoped),
+                               lse_ref, scoped, mt_ref=mt_ref[0] if mt_ref else None),
         (plgpu.SMEM((CONSUMERS, bs, H), dtype, transforms=tiles),
          plgpu.SMEM((CONSUMERS * depth, kps * bs, H), dtype, transforms=tiles),
          plgpu.SMEM((CONSUMERS * v_depth, kps * bs, H), dtype, transforms=tiles),
-         plgpu.SMEM((CONSUMERS, bs), jnp.float32)),
+         plgpu.SMEM((CONSUMERS, bs), jnp.float32),
+         *((plgpu.SMEM((CONSUMERS * 2, bs), jnp.float32),) if row_max else ())),
         (plgpu.Barrier(num_arrivals=kps, num_barriers=CONSUMERS * depth),
          plgpu.Barrier(num_arrivals=kps, num_barriers=CONSUMERS * v_depth),
          plgpu.Barrier(num_barriers=CONSUMERS)),
@@ -529,10 +552,11 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
   interp = mgpu_util.interpret_params(interpret)
   Tp = nq * bs
   # The output rows past T (a ragged last block) land in the padded o, sliced off below.
-  o, lse = plgpu.kernel(
+  outs = plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct((B, Tp, N, H), dtype),
-                jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)),
+                jax.ShapeDtypeStruct((B, N, Tp), jnp.float32),
+                *((jax.ShapeDtypeStruct((B, N, nq, Tp), jnp.float32),) if row_max else ())),
       grid=(B, N, -(-nq // CONSUMERS)),
       grid_names=("b", "n", "q"),
       num_threads=CONSUMERS + 1,
@@ -541,7 +565,9 @@ def forward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, *, block_size: int, dep
       interpret=interp,
   )(lengths_B.astype(jnp.int32), n_full, n_live, idx_BHQM.astype(jnp.int32), q_BTNH, k_BTKH,
     v_BTKH)
-  return o[:, :T], lse
+  if row_max:
+    return outs[0][:, :T], outs[1], outs[2]
+  return outs[0][:, :T], outs[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -592,6 +618,27 @@ def _backward_launch(config: MosaicGPUConfig, block_size: int, H: int, dtype, in
   return "pallas_triton", triton.resolve(config.backward, block_size, H, interpret)[1]
 
 
+def launch_of(config: MosaicGPUConfig, H: int, dtype, block_size: int, interpret: bool):
+  """(the forward's static options, the backward's launch) of a validated config: ring depths
+  fitted to an SM (NotSupported where pair_blocks cannot fit)."""
+  depth = config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H]
+  if config.pair_blocks:
+    fit = fit_depths(H, block_size, depth, dtype,
+                     keep_v=config.overlap_qk and config.pingpong)
+    if fit is None:
+      raise NotSupported(
+          f"pair_blocks with H={H}: one [128, H] K and V buffer a consumer takes "
+          f"{smem_bytes(H, block_size, 1, dtype, blocks_per_step=2)} bytes of shared "
+          "memory, more than an SM has")
+    depth, v_depth = fit
+  else:
+    depth = v_depth = fit_depth(H, block_size, depth, dtype)
+  bwd = _backward_launch(config, block_size, H, dtype, interpret)
+  launch = (("depth", depth), ("overlap_qk", config.overlap_qk), ("pingpong", config.pingpong),
+            ("v_depth", v_depth), ("pair_blocks", config.pair_blocks))
+  return launch, bwd
+
+
 def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B, *,
                            block_size: int, interpret: bool = False,
                            config: MosaicGPUConfig | None = None):
@@ -603,20 +650,6 @@ def block_sparse_attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM, lengths_B
     raise NotSupported(why)
   config = config or MosaicGPUConfig()
   config.validate()
-  depth = config.pipeline_depth or {64: 4, 128: 2, 256: 1}[H]
-  if config.pair_blocks:
-    fit = fit_depths(H, block_size, depth, q_BTNH.dtype,
-                     keep_v=config.overlap_qk and config.pingpong)
-    if fit is None:
-      raise NotSupported(
-          f"pair_blocks with H={H}: one [128, H] K and V buffer a consumer takes "
-          f"{smem_bytes(H, block_size, 1, q_BTNH.dtype, blocks_per_step=2)} bytes of shared "
-          "memory, more than an SM has")
-    depth, v_depth = fit
-  else:
-    depth = v_depth = fit_depth(H, block_size, depth, q_BTNH.dtype)
-  bwd = _backward_launch(config, block_size, H, q_BTNH.dtype, interpret)
-  launch = (("depth", depth), ("overlap_qk", config.overlap_qk), ("pingpong", config.pingpong),
-            ("v_depth", v_depth), ("pair_blocks", config.pair_blocks))
+  launch, bwd = launch_of(config, H, q_BTNH.dtype, block_size, interpret)
   return _attention(q_BTNH, k_BTKH, v_BTKH, block_indices_BHQM.astype(jnp.int32),
                     lengths_B.astype(jnp.int32), int(block_size), launch, bwd, bool(interpret))

@@ -16,7 +16,10 @@ Implementations (pallas_kernels.dispatch): `xla` (reference.py, the full attenti
 float32; memory O(T^2) per head), `pallas_triton` (pallas_triton.py, the GPU default: a flash
 kernel keeping each (row, key block)'s max logit, pooled after the pass; O(T^2 / block_size)
 memory per head with a target, O(T) without; H and block_size powers of 2, H <= 256,
-16 <= block_size <= 128; forward only), `pallas_mosaic_tpu` (pallas_mosaic_tpu.py, the TPU
+16 <= block_size <= 128; forward only), `pallas_mosaic_gpu` (pallas_mosaic_gpu.py, Hopper: the
+block-sparse Mosaic GPU forward over every causal block, writing the same row maxima; block_size
+64, bf16 / f16; its output differentiates through the block-sparse backward kernels),
+`pallas_mosaic_tpu` (pallas_mosaic_tpu.py, the TPU
 default: the same pass over a (query block, key block) grid, the per-block row maxima in VMEM;
 block_size a multiple of 8; forward only; tested in the TPU interpreter).
 """
@@ -34,11 +37,13 @@ from pallas_kernels.flash_attention.reference import (attention_probs, block_tar
                                                       flash_attention_reference, num_blocks)
 
 # `auto` on a GPU: the Triton kernel (H100, 32K tokens, 32 / 8 heads: 19.7 ms; the XLA
-# reference cannot hold the [T, T] map there).
+# reference cannot hold the [T, T] map there), then the Mosaic GPU kernel (not yet timed with
+# the target; the block-sparse kernel it runs took 18.4 ms over every causal block there).
 _OP = Op("flash_attention", __name__,
          backends={"xla": "reference", "pallas_triton": "pallas_triton",
+                   "pallas_mosaic_gpu": "pallas_mosaic_gpu",
                    "pallas_mosaic_tpu": "pallas_mosaic_tpu"},
-         defaults={"gpu": ("pallas_triton",), "tpu": ("pallas_mosaic_tpu",)})
+         defaults={"gpu": ("pallas_triton", "pallas_mosaic_gpu"), "tpu": ("pallas_mosaic_tpu",)})
 IMPLEMENTATIONS = _OP.implementations
 
 __all__ = ["IMPLEMENTATIONS", "attention_probs", "block_target_from_probs",

@@ -31,7 +31,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import launch, online_softmax, triton_splitk, tuned
 from pallas_kernels.dispatch import NotSupported, require_platform
-from pallas_kernels.flash_attention.reference import flash_attention_reference, num_blocks
+from pallas_kernels.flash_attention.reference import (block_target_from_row_max,
+                                                      flash_attention_reference)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -186,26 +187,6 @@ def _flash_kernel(len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *mt_refs, block_
   o_RH, lse_R = finish(state, rows_R < length)
   o_ref[...] = o_RH.astype(o_ref.dtype)
   lse_ref[...] = lse_R
-
-
-def block_target_from_row_max(mt_BNKT, lse_BNT, lengths_B, T: int, block_size: int):
-  """The target float32 [B, N, nQ, nK] from the kernel's per-(key block, row) maxima (base 2,
-  [B, N, nK, Tp]) and the rows' lse (natural log, [B, N, Tp]): max_prob_tj = 2 ** (m_tj -
-  lse_t log2 e) where key block j is visible from row t (j * bs <= t < length; everything
-  else, unwritten entries included, counts 0), max over each query block's rows, rows
-  normalised (reference.block_target_from_probs)."""
-  B, N, nK, Tp = mt_BNKT.shape
-  nq = num_blocks(T, block_size)
-  t = jnp.arange(nq * block_size)
-  vis = ((jnp.arange(nK)[:, None] * block_size <= t[None, :])[None]
-         & (t[None, :] < lengths_B[:, None])[:, None, :])                 # [B, nK, nq * bs]
-  mt = mt_BNKT[..., :nq * block_size]
-  lse2 = lse_BNT[:, :, None, :nq * block_size] * LOG2E
-  p = jnp.where(vis[:, None], jnp.exp2(mt - lse2), 0.0)
-  pooled = jnp.max(p.reshape(B, N, nK, nq, block_size), axis=-1)        # [B, N, nK, nQ]
-  pooled = jnp.swapaxes(pooled, -1, -2)[..., :nq]
-  total = jnp.sum(pooled, axis=-1, keepdims=True)
-  return pooled / jnp.where(total > 0, total, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "block_q", "block_k", "num_warps",

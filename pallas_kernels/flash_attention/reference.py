@@ -12,6 +12,7 @@ max_prob_tj = exp(m_tj - lse_t).
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +71,26 @@ def block_target_reference(q_BTNH: jax.Array, k_BTKH: jax.Array, lengths_B: jax.
   B, T = q_BTNH.shape[:2]
   lengths_B = jnp.full((B,), T, jnp.int32) if lengths_B is None else lengths_B
   return block_target_from_probs(attention_probs(q_BTNH, k_BTKH, lengths_B), block_size)
+
+
+def block_target_from_row_max(mt_BNKT, lse_BNT, lengths_B, T: int, block_size: int):
+  """The target float32 [B, N, nQ, nK] from the kernel's per-(key block, row) maxima (base 2,
+  [B, N, nK, Tp]) and the rows' lse (natural log, [B, N, Tp]): max_prob_tj = 2 ** (m_tj -
+  lse_t log2 e) where key block j is visible from row t (j * bs <= t < length; everything
+  else, unwritten entries included, counts 0), max over each query block's rows, rows
+  normalised (reference.block_target_from_probs)."""
+  B, N, nK, Tp = mt_BNKT.shape
+  nq = num_blocks(T, block_size)
+  t = jnp.arange(nq * block_size)
+  vis = ((jnp.arange(nK)[:, None] * block_size <= t[None, :])[None]
+         & (t[None, :] < lengths_B[:, None])[:, None, :])                 # [B, nK, nq * bs]
+  mt = mt_BNKT[..., :nq * block_size]
+  lse2 = lse_BNT[:, :, None, :nq * block_size] * math.log2(math.e)
+  p = jnp.where(vis[:, None], jnp.exp2(mt - lse2), 0.0)
+  pooled = jnp.max(p.reshape(B, N, nK, nq, block_size), axis=-1)        # [B, N, nK, nQ]
+  pooled = jnp.swapaxes(pooled, -1, -2)[..., :nq]
+  total = jnp.sum(pooled, axis=-1, keepdims=True)
+  return pooled / jnp.where(total > 0, total, 1.0)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))

@@ -128,7 +128,8 @@ def test_refusals_and_the_cpu_default():
 @pytest.mark.parametrize("H", [64, 128, 256])
 def test_kernel_lowers_for_cuda(dtype, H):
   """The compiled path's Pallas -> Triton lowering (checked on CPU, without a GPU), with and
-  without the target; `implementation=None` picks the kernel on a GPU, XLA behind it."""
+  without the target; `implementation=None` picks the kernel on a GPU, the Mosaic GPU one and
+  XLA behind it."""
   S = jax.ShapeDtypeStruct
   q, kv, n = S((1, 300, 8, H), dtype), S((1, 300, 2, H), dtype), S((1,), jnp.int32)
   for bs in (None, 64):
@@ -137,4 +138,4 @@ def test_kernel_lowers_for_cuda(dtype, H):
     assert "xla.gpu.triton" in text and 'name = "flash_attention"' in text
   with lowering_for("gpu"):
     from pallas_kernels.flash_attention import _OP
-    assert _OP.order(None) == ("pallas_triton", "xla")
+    assert _OP.order(None) == ("pallas_triton", "pallas_mosaic_gpu", "xla")
