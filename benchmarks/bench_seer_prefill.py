@@ -11,8 +11,9 @@ mode (`fwd`: the forward; `fwdbwd`: forward + the gradients of q, k and v):
   JAX user runs for dense causal prefill (the peer of every row's `speedup_vs_cudnn`);
 - `xla_dense`: `causal_attention(implementation="xla")` (the [T, T] map: skipped where it
   cannot fit);
-- `pallas_triton_flash` / `pallas_triton_flash+target` (forward only): `flash_attention`'s
-  dense kernel, and with SeerAttention's block target (the gate's distillation target);
+- `<impl>_flash` / `<impl>_flash+target` (forward only, each of --flash-impls):
+  `flash_attention`'s dense kernel, and with SeerAttention's block target (the gate's
+  distillation target);
 - `<impl>_sparse+gate` (forward, --gate): the whole SeerAttention forward at that density: the
   prefill gate's scores (random gate params), the nz-ratio top-k, the first --sparse-impls
   backend over the chosen blocks;
@@ -195,7 +196,10 @@ def main():
   ap.add_argument("--splash", default="2,4", metavar="STEPS",
                   help="JAX's Hopper splash attention peer (where installed): its "
                        "max_concurrent_steps values, comma-separated; '' skips it")
-  ap.add_argument("--no-target", action="store_true", help="skip the flash+target row")
+  ap.add_argument("--no-target", action="store_true", help="skip the flash+target rows")
+  ap.add_argument("--flash-impls", default="pallas_triton",
+                  help="flash_attention backends of the flash rows, comma-separated "
+                       "(pallas_triton, pallas_mosaic_gpu)")
   ap.add_argument("--mosaic-configs", default="", metavar="K=V,K=V;...",
                   help="one pallas_mosaic_gpu_sparse row per ';'-separated MosaicGPUConfig "
                        "(fields k=v, comma-separated; bools as 0/1/true/false), e.g. "
@@ -294,17 +298,19 @@ def main():
             skip=None if fits(map_bytes * (3 if mode == "fwdbwd" else 1)) and S <= args.xla_max_seq
             else f"the [T, T] map ({map_bytes / 2**30:.0f} GiB per copy) or S > --xla-max-seq")
     if "fwd" in modes:
-      row("pallas_triton_flash", "fwd",
-          lambda q, k, v: flash_attention(q, k, v, implementation="pallas_triton",
-                                          interpret=args.interpret), dense_pairs)
-      if not args.no_target:
-        target_bytes = B * N * nq * S * 4
-        row("pallas_triton_flash+target", "fwd",
-            lambda q, k, v: flash_attention(q, k, v, block_size=bs, implementation="pallas_triton",
-                                            interpret=args.interpret)[0], dense_pairs,
-            skip=None if fits(target_bytes * args.copies) else
-            f"the row-max buffers ({args.copies} x {target_bytes / 2**30:.0f} GiB, one per "
-            "copy in the jit) exceed --mem-frac")
+      for fimpl in args.flash_impls.split(","):
+        row(f"{fimpl}_flash", "fwd",
+            lambda q, k, v, fimpl=fimpl: flash_attention(q, k, v, implementation=fimpl,
+                                                         interpret=args.interpret), dense_pairs)
+        if not args.no_target:
+          target_bytes = B * N * nq * S * 4
+          row(f"{fimpl}_flash+target", "fwd",
+              lambda q, k, v, fimpl=fimpl: flash_attention(
+                  q, k, v, block_size=bs, implementation=fimpl, interpret=args.interpret)[0],
+              dense_pairs,
+              skip=None if fits(target_bytes * args.copies) else
+              f"the row-max buffers ({args.copies} x {target_bytes / 2**30:.0f} GiB, one per "
+              "copy in the jit) exceed --mem-frac")
 
     lengths = jnp.full((B,), S, jnp.int32)
     gate_params = init_prefill_gate_params(

@@ -52,12 +52,13 @@ def test_bench_seer_prefill_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_bench_seer_prefill_mosaic_configs_smoke(tmp_path):
-  """--mosaic-configs: one Mosaic GPU row per config (interpret mode), timed like the rest."""
+  """--mosaic-configs: one Mosaic GPU row per config (interpret mode), timed like the rest;
+  --flash-impls: the Mosaic GPU flash rows, with and without the target."""
   out = tmp_path / "out.json"
   cmd = [sys.executable, "-m", "benchmarks", "seer_prefill", "--interpret", "--seqs", "128",
          "--heads", "2,1", "--head-dim", "64", "--block-size", "64", "--densities", "1.0",
-         "--modes", "fwd", "--no-xla", "--no-target", "--no-gate", "--splash", "",
-         "--sparse-impls", "pallas_mosaic_gpu",
+         "--modes", "fwd", "--no-xla", "--no-gate", "--splash", "",
+         "--sparse-impls", "pallas_mosaic_gpu", "--flash-impls", "pallas_mosaic_gpu",
          "--mosaic-configs", "overlap_qk=1;overlap_qk=1,pingpong=1",
          "--calls", "1", "--copies", "1", "--windows", "1", "--out", str(out)]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -69,6 +70,9 @@ def test_bench_seer_prefill_mosaic_configs_smoke(tmp_path):
   for r in sparse.values():
     assert "skipped" not in r, r
     assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["density_of_causal"] == 1.0
+  flash = {r["impl"]: r for r in rows if "_flash" in r["impl"]}
+  assert set(flash) == {"pallas_mosaic_gpu_flash", "pallas_mosaic_gpu_flash+target"}
+  assert all("skipped" not in r and r["ms"] > 0 for r in flash.values()), flash
 
 
 def test_parse_mosaic_configs():
