@@ -279,7 +279,8 @@ def reference_grads(q, k, v, idx, lengths, do):
 
 
 @pytest.mark.parametrize("B,T,N,K,H,per_group,lengths,depth", [
-    (1, 250, 4, 2, 64, False, (237,), 2),       # 4 query blocks, GQA, ragged, edge rows
+    (1, 130, 2, 1, 64, False, (121,), 2),       # 3 query blocks (an odd pair), GQA, ragged
+    pytest.param(1, 250, 4, 2, 64, False, (237,), 2, marks=pytest.mark.slow),   # 4 blocks
     pytest.param(2, 150, 2, 1, 128, True, (150, 70), 1, marks=pytest.mark.slow),
 ])
 def test_interpret_mosaic_backward_matches_the_reference(B, T, N, K, H, per_group, lengths,

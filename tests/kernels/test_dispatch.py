@@ -65,6 +65,7 @@ from pallas_kernels.extend_attention import extend_attention
 from pallas_kernels.sparse_decode import sparse_decode_attention
 from pallas_kernels.block_topk import block_topk
 from pallas_kernels.block_sparse_attention import block_sparse_attention
+from pallas_kernels.flash_attention import flash_attention
 S = jax.ShapeDtypeStruct
 q, kv, n = S((2, 2, 4, 128), jnp.bfloat16), S((2, 2, 512, 128), jnp.bfloat16), S((2,), jnp.int32)
 idx = S((2, 2, 4), jnp.int32)
@@ -78,6 +79,9 @@ ops = {
       q, k, v, i, block_size=64).astype(jnp.float32)), (0, 1, 2)),
       (S((1, 256, 4, 128), jnp.bfloat16), S((1, 256, 2, 128), jnp.bfloat16),
        S((1, 256, 2, 128), jnp.bfloat16), S((1, 4, 4, 4), jnp.int32))),
+  "flash_target": (lambda q, k, v: flash_attention(q, k, v, block_size=64),
+      (S((1, 256, 4, 128), jnp.bfloat16), S((1, 256, 2, 128), jnp.bfloat16),
+       S((1, 256, 2, 128), jnp.bfloat16))),
 }
 for name, (fn, args) in ops.items():
   with lowering_for("gpu"):
@@ -93,16 +97,17 @@ except NotSupported as e:
 
 
 def test_every_op_survives_without_pallas_triton():
-  """With Pallas Triton gone, every op still lowers for a GPU: the sparse decode op and the
-  block-sparse prefill's forward and backward through their Mosaic GPU kernels, the others
-  through the XLA reference; asking for Triton by name says why not."""
+  """With Pallas Triton gone, every op still lowers for a GPU: the sparse decode op, the
+  block-sparse prefill's forward and backward and the flash forward with its block target
+  through their Mosaic GPU kernels, the others through the XLA reference; asking for Triton by
+  name says why not."""
   r = subprocess.run([sys.executable, "-c", _WITHOUT_TRITON], cwd=ROOT, capture_output=True,
                      text=True)
   assert r.returncode == 0, r.stdout + r.stderr[-3000:]
   lines = r.stdout.splitlines()
-  assert lines[:5] == ["decode xla", "extend xla", "sparse mosaic_gpu", "topk xla",
-                       "prefill_grad mosaic_gpu"], lines
-  assert lines[5].startswith("named: decode_attention: implementation pallas_triton: cannot import")
+  assert lines[:6] == ["decode xla", "extend xla", "sparse mosaic_gpu", "topk xla",
+                       "prefill_grad mosaic_gpu", "flash_target mosaic_gpu"], lines
+  assert lines[6].startswith("named: decode_attention: implementation pallas_triton: cannot import")
 
 
 def test_tuned_lookup_merges_device_over_default(tmp_path, monkeypatch):

@@ -38,7 +38,8 @@ def check_against_reference(q, k, v, lengths, *, interpret, config=None, o_tol=2
 
 
 @pytest.mark.parametrize("B,T,N,K,H,lengths", [
-    (2, 150, 2, 1, 64, (150, 70)),             # 3 query blocks (an odd pair), ragged
+    (1, 150, 2, 1, 64, (131,)),                # 3 query blocks (an odd pair), ragged
+    pytest.param(2, 150, 2, 1, 64, (150, 70), marks=pytest.mark.slow),
     pytest.param(1, 250, 4, 2, 128, (237,), marks=pytest.mark.slow),
 ])
 def test_interpret_output_and_target_match_the_reference(B, T, N, K, H, lengths):
@@ -80,7 +81,7 @@ def test_refusals():
     assert _OP.order(None) == ("pallas_triton", "pallas_mosaic_gpu", "xla")
 
 
-@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("H", [64, 128, 256])
 def test_kernel_with_the_target_lowers_for_cuda(H):
   """The compiled path lowered for CUDA on the CPU, with the target (the row-max ring's stores
   and copies; Mosaic's own shared-memory check at the picked depth): the row-max store adds the
