@@ -202,8 +202,7 @@ def _kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, o_ref, 
   def live(w, ref=nlive_ref):
     """Live slots of consumer w's query block (0 past the last block); with nfull_ref, those
     strictly below the diagonal."""
-    i = pair * CONSUMERS + w
-    return jnp.where(i < nq, ref[b, hi, jnp.minimum(i, nq - 1)], 0)
+    return mosaic_bwd.live_slots(ref, b, hi, pair, w, nq)
 
   def n_steps(w):
     """Consumer w's steps: its live slots, or with pair_blocks their pairs."""

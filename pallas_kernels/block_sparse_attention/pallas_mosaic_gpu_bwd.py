@@ -134,6 +134,13 @@ class _Ops:
     return pl.run_state(body)((plgpu.ACC.init(acc1), plgpu.ACC.init(acc2)))
 
 
+def live_slots(ref, b, row, pair, w: int, nq: int):
+  """ref[b, row, i]: the slot count of consumer w's block i = pair * CONSUMERS + w of a program
+  (0 past the last block)."""
+  i = pair * CONSUMERS + w
+  return jnp.where(i < nq, ref[b, row, jnp.minimum(i, nq - 1)], 0)
+
+
 def _producer(counts, issue, free, depth: int, interpret: bool):
   """The producer warpgroup: for step s of each consumer w (s < counts[w]) wait until w's ring
   buffer is free again (after its first `depth` steps), then `issue(w, s, slot)` the step's
@@ -175,8 +182,7 @@ def _dq_kernel(len_ref, nfull_ref, nlive_ref, idx_ref, q_ref, k_ref, v_ref, do_r
   dtype = q_smem.dtype
 
   def live(w, ref=nlive_ref):
-    i = pair * CONSUMERS + w
-    return jnp.where(i < nq, ref[b, hi, jnp.minimum(i, nq - 1)], 0)
+    return live_slots(ref, b, hi, pair, w, nq)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
@@ -242,8 +248,7 @@ def _dkv_kernel(len_ref, tfull_ref, tlive_ref, tidx_ref, q_ref, k_ref, v_ref, do
   dtype = k_smem.dtype
 
   def live(w, ref=tlive_ref):
-    j = pair * CONSUMERS + w
-    return jnp.where(j < nq, ref[b, kvh, jnp.minimum(j, nq - 1)], 0)
+    return live_slots(ref, b, kvh, pair, w, nq)
 
   @pl.when(wg < CONSUMERS)
   def _consumer():
