@@ -67,8 +67,8 @@ class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: about programs_per_sm programs an SM,
   rounded down to a power of 2 of splits, as the Triton kernel); pipeline_depth: blocks in
   flight (TMA copies issued ahead); overlap: dequantise V while the QK^T wgmma runs (False, the
-  measured default: after it, in series; the form with query rows only); token_rows: the token-rows form (module docstring; G <= W, V always dequantised
-  during QK^T), None (the default) where G <= W and overlap is off -- on the H100 at S128K int4 it
+  measured default: after it, in series; the form with query rows only); token_rows: the
+  token-rows form (module docstring; G <= W, V always dequantised during QK^T), None (the default) where G <= W and overlap is off -- on the H100 at S128K int4 it
   takes 0.146 / 0.960 / 1.896 ms at B1 / B8 / B16 against the query-rows form's 0.210 / 1.488 /
   2.930; profile_dir: write a Mosaic GPU
   profiler trace of every launch there (per-warpgroup timelines of the named phases
