@@ -65,46 +65,45 @@ LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class MosaicGPUConfig:
   """num_splits: programs per (sequence, KV head) (None: about programs_per_sm programs an SM,
-  rounded down to a power of 2 of splits, as the Triton kernel); pipeline_depth: blocks in
-  flight (TMA copies issued ahead); overlap: dequantise V while the QK^T wgmma runs (False, the
-  measured default: after it, in series; the form with query rows only); token_rows: the
-  token-rows form (module docstring; G <= W, V always dequantised during QK^T), None (the default) where G <= W and overlap is off -- on the H100 at S128K int4 it
-  takes 0.146 / 0.960 / 1.896 ms at B1 / B8 / B16 against the query-rows form's 0.210 / 1.488 /
-  2.930; profile_dir: write a Mosaic GPU
-  profiler trace of every launch there (per-warpgroup timelines of the named phases
-  dequant_k / qk / dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with
-  room for profile_space phases a warpgroup; defer_sums (token-rows form): keep the softmax's
-  running sums as a [64 tokens, NR] tile, rescaled and added to elementwise, and reduce it over
-  the tokens once at the end, instead of a cross-warp sum every block (one of the two cross-warp
-  reductions of the block's softmax; the same values up to float32 summation order; the default:
-  on the H100 at S128K int4 it takes B1 / B8 from 0.147 / 0.960 ms to 0.144 / 0.955, and the
-  90%-sparse kernel from 0.042 / 0.140 to 0.039 / 0.133; a per-block max from the K group's
-  score bound instead of the cross-warp max was slower and has been removed); paired_slabs (token-rows form): take rows of 8 words (2-bit H 128, 4-bit H 64), whose
-  sub-words hold 8 channels each, as 16-channel register operands of two sub-words
-  (`slab_width`); the default (on the H200 at S128K, 2-bit H 128: B1 / B8 0.148 / 0.968 ms,
-  where the Triton kernel takes 0.244 / 1.890); False refuses such caches; residual: how the
+  rounded down to a power of 2 of splits, as the Triton kernel); pipeline_depth: blocks in flight
+  (TMA copies issued ahead); overlap: dequantise V while the QK^T wgmma runs (False, the measured
+  default: after it, in series; the form with query rows only); token_rows: the token-rows form
+  (module docstring; G <= W, V always dequantised during QK^T), None (the default) where G <= W and
+  overlap is off -- on the H100 at S128K int4 it takes 0.146 / 0.960 / 1.896 ms at B1 / B8 / B16
+  against the query-rows form's 0.210 / 1.488 / 2.930; profile_dir: write a Mosaic GPU profiler
+  trace of every launch there (per-warpgroup timelines of the named phases dequant_k / qk /
+  dequant_v / softmax / pv; `benchmarks/profile_mgpu.py` sums them), with room for profile_space
+  phases a warpgroup; defer_sums (token-rows form): keep the softmax's running sums as a [64 tokens,
+  NR] tile, rescaled and added to elementwise, and reduce it over the tokens once at the end,
+  instead of a cross-warp sum every block (one of the two cross-warp reductions of the block's
+  softmax; the same values up to float32 summation order; the default: on the H100 at S128K int4 it
+  takes B1 / B8 from 0.147 / 0.960 ms to 0.144 / 0.955, and the 90%-sparse kernel from 0.042 / 0.140
+  to 0.039 / 0.133; a per-block max from the K group's score bound instead of the cross-warp max was
+  slower and has been removed); paired_slabs (token-rows form): take rows of 8 words (2-bit H 128,
+  4-bit H 64), whose sub-words hold 8 channels each, as 16-channel register operands of two
+  sub-words (`slab_width`); the default (on the H200 at S128K, 2-bit H 128: B1 / B8 0.148 / 0.968
+  ms, where the Triton kernel takes 0.244 / 1.890); False refuses such caches; residual: how the
   residual window's partial (computed in XLA) joins the kernel's split partials: "merge" (the
-  default: its scores and sums as elementwise products and reductions, merged with the splits in
-  one XLA reduction: no GEMM launches and no concatenation of the partials; on the H100, int4
-  S32K / S128K: B1 47.6 / 139.4 us against 56.1 / 146.3, B8 equal) or "concat" (as one more
-  split, concatenated to them, then `combine_splits`); auto_barriers: let Pallas put a warpgroup
-  barrier before and after every shared-memory store and before every copy issue (the default),
-  or (False) compile with `unsafe_no_auto_barriers` and place only the barriers the kernel needs:
-  one before a block's first store into the dequantised tiles (the previous block's wgmmas, which
-  other warps may still be waiting on, read them) and the `commit_smem` after its stores (which
-  also orders every read of the pipeline slot before the copy that refills it). The token-rows
-  loop then has 5 barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py`
-  counts them in the lowered kernel); block_tokens: tokens a pipeline step of the token-rows form
-  takes over every block (no selection, group a multiple of it): 64 (the default)
-  or 128 (S^T and P^T of 128 rows: two wgmma row tiles, one softmax with one cross-warp max, one
-  PV wgmma of K = 128 and half the steps' fixed costs -- barriers, waits, copies -- a token, for
-  twice the registers of K and the shared V tile); selections keep 64-token blocks;
-  magic_pairs (token-rows form): decode a register of two codes
-  from the register pair of their words with one byte permute, one shift and one and / or
-  (`mgpu_util.magic_from_words`) instead of shifting and masking both words and packing them
-  (about half the integer instructions of the dequantisation); fold_v (token-rows form): store
-  V's codes and fold each token's scale into P and its zero into a per-token sum (`_kernel_tok`):
-  V's dequantisation loses its multiply and add (64 float operations a thread and block) for 8
+  default: its scores and sums as elementwise products and reductions, merged with the splits in one
+  XLA reduction: no GEMM launches and no concatenation of the partials; on the H100, int4 S32K /
+  S128K: B1 47.6 / 139.4 us against 56.1 / 146.3, B8 equal) or "concat" (as one more split,
+  concatenated to them, then `combine_splits`); auto_barriers: let Pallas put a warpgroup barrier
+  before and after every shared-memory store and before every copy issue (the default), or (False)
+  compile with `unsafe_no_auto_barriers` and place only the barriers the kernel needs: one before a
+  block's first store into the dequantised tiles (the previous block's wgmmas, which other warps may
+  still be waiting on, read them) and the `commit_smem` after its stores (which also orders every
+  read of the pipeline slot before the copy that refills it). The token-rows loop then has 5
+  barriers a block instead of 28 (`tests/kernels/test_lowbit_decode_mgpu.py` counts them in the
+  lowered kernel); block_tokens: tokens a pipeline step of the token-rows form takes over every
+  block (no selection, group a multiple of it): 64 (the default) or 128 (S^T and P^T of 128 rows:
+  two wgmma row tiles, one softmax with one cross-warp max, one PV wgmma of K = 128 and half the
+  steps' fixed costs -- barriers, waits, copies -- a token, for twice the registers of K and the
+  shared V tile); selections keep 64-token blocks; magic_pairs (token-rows form): decode a register
+  of two codes from the register pair of their words with one byte permute, one shift and one and /
+  or (`mgpu_util.magic_from_words`) instead of shifting and masking both words and packing them
+  (about half the integer instructions of the dequantisation); fold_v (token-rows form): store V's
+  codes and fold each token's scale into P and its zero into a per-token sum (`_kernel_tok`): V's
+  dequantisation loses its multiply and add (64 float operations a thread and block) for 8
   multiplies and 8 multiply-adds on the softmax tile."""
   num_splits: int | None = None
   programs_per_sm: int = 2
