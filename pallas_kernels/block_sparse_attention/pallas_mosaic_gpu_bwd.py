@@ -35,7 +35,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import mgpu_util, tuned
 from pallas_kernels.block_sparse_attention.reference import (per_query_head, slot_counts,
                                                              transpose_indices)
-from pallas_kernels.dispatch import NotSupported
 
 LOG2E = math.log2(math.e)
 CONSUMERS = 2        # query blocks (dq) or key blocks (dk / dv) a program
@@ -347,49 +346,26 @@ def backward(q_BTNH, k_BTKH, v_BTKH, idx_BHQM, lengths_B, o_BTNH, lse_BNT, do_BT
              plgpu.Barrier(num_arrivals=ring_tiles + ring_rows, num_barriers=ring)),
             (plgpu.Barrier(num_arrivals=1, num_barriers=ring),))
 
+  def launch(kernel, scratch_, out_type, grid, grid_names, *args):
+    """One warp-specialised program a grid point: CONSUMERS + 1 warpgroups sharing `scratch_`."""
+    def entry(*refs):
+      pl.run_scoped(lambda *scoped: kernel(*refs, scoped), *scratch_, collective_axes="wg")
+    return plgpu.kernel(entry, out_type=out_type, grid=grid, grid_names=grid_names,
+                        num_threads=CONSUMERS + 1, thread_name="wg", compiler_params=params,
+                        interpret=interp)(*args)
+
   n_full, n_live = slot_counts(idx, lengths, bs)
-  dq_kernel = functools.partial(_dq_kernel, bs=bs, G=G, hdiv=N // Hi, nq=nq, depth=depth,
-                                scale_log2=scale_log2, interpret=interpret)
-  dq_scratch = scratch(2, 2, 2, 0)
-
-  def dq_entry(*refs):
-    pl.run_scoped(lambda *scoped: dq_kernel(*refs, scoped), *dq_scratch, collective_axes="wg")
-
-  dq = plgpu.kernel(
-      dq_entry,
-      out_type=jax.ShapeDtypeStruct((B, Tp, N, H), dtype),
-      grid=(B, N, -(-nq // CONSUMERS)),
-      grid_names=("b", "n", "q"),
-      num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=params,
-      interpret=interp,
-  )(lengths, n_full, n_live, idx, q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta)
-
+  dq = launch(functools.partial(_dq_kernel, bs=bs, G=G, hdiv=N // Hi, nq=nq, depth=depth,
+                                scale_log2=scale_log2, interpret=interpret),
+              scratch(2, 2, 2, 0), jax.ShapeDtypeStruct((B, Tp, N, H), dtype),
+              (B, N, -(-nq // CONSUMERS)), ("b", "n", "q"),
+              lengths, n_full, n_live, idx, q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta)
   tidx, t_full, t_live = transpose_indices(per_query_head(idx, N), lengths, K, bs)
-  dkv_kernel = functools.partial(_dkv_kernel, bs=bs, G=G, nq=nq, depth=depth,
-                                 scale_log2=scale_log2, interpret=interpret)
-  dkv_scratch = scratch(2, 0, 2, 2)
-
-  def dkv_entry(*refs):
-    pl.run_scoped(lambda *scoped: dkv_kernel(*refs, scoped), *dkv_scratch,
-                  collective_axes="wg")
-
-  dk, dv = plgpu.kernel(
-      dkv_entry,
-      out_type=(jax.ShapeDtypeStruct((B, Tp, K, H), k_BTKH.dtype),
-                jax.ShapeDtypeStruct((B, Tp, K, H), v_BTKH.dtype)),
-      grid=(B, K, -(-nq // CONSUMERS)),
-      grid_names=("b", "k", "j"),
-      num_threads=CONSUMERS + 1,
-      thread_name="wg",
-      compiler_params=params,
-      interpret=interp,
-  )(lengths, t_full, t_live, tidx, q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta)
+  dk, dv = launch(functools.partial(_dkv_kernel, bs=bs, G=G, nq=nq, depth=depth,
+                                    scale_log2=scale_log2, interpret=interpret),
+                  scratch(2, 0, 2, 2),
+                  (jax.ShapeDtypeStruct((B, Tp, K, H), k_BTKH.dtype),
+                   jax.ShapeDtypeStruct((B, Tp, K, H), v_BTKH.dtype)),
+                  (B, K, -(-nq // CONSUMERS)), ("b", "k", "j"),
+                  lengths, t_full, t_live, tidx, q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta)
   return dq[:, :T], dk[:, :T], dv[:, :T]
-
-
-def supported_or_raise(H: int, block_size: int, dtype) -> None:
-  why = bwd_supported(H, block_size, dtype)
-  if why is not None:
-    raise NotSupported(why)
